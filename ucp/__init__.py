@@ -1,0 +1,26 @@
+"""ucp: universal, reshardable checkpoints for distributed training.
+
+The public names are thin: ``ucp.open`` gives a read-only view of a universal checkpoint,
+``ucp.convert`` turns a framework checkpoint into one. Imports are lazy so that ``import
+ucp`` stays cheap for the CLI.
+"""
+from ucp.errors import UcpError
+
+__version__ = "0.1.0"
+
+
+def open(path, **kwargs):  # noqa: A001 - mirrors zarr.open / builtins.open on purpose
+    """Open a committed universal checkpoint (local path or fsspec URL) read-only."""
+    from ucp.format import open_checkpoint
+
+    return open_checkpoint(path, **kwargs)
+
+
+def convert(src, dst, source="auto", spec=None, **kwargs):
+    """Convert a framework checkpoint at ``src`` into a universal checkpoint at ``dst``."""
+    from ucp.convert import convert as _convert
+
+    return _convert(src, dst, source=source, spec=spec, **kwargs)
+
+
+__all__ = ["open", "convert", "UcpError", "__version__"]
