@@ -1,0 +1,5 @@
+import sys
+
+from ucp.cli import main
+
+sys.exit(main())
