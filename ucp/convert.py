@@ -1,0 +1,56 @@
+"""``ucp.convert``: pick the source reader for a checkpoint and run it.
+
+Detection looks only at file names and small index files, never at pickles. Sources that
+have not landed yet fail with a clear message instead of guessing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ucp.errors import UcpError
+
+#: source name -> "module:function"; None = planned, not implemented in this version.
+SOURCES = {
+    "ranks": "ucp.layout_ranks:convert_ranks",
+    "deepspeed": None,
+    "deepspeed-universal": None,
+    "dcp": None,
+    "megatron": None,
+    "hf": None,
+}
+
+
+def detect(src) -> str:
+    """Name the layout of ``src`` from its file names alone."""
+    p = Path(src)
+    if not p.exists():
+        raise UcpError(f"{src}: no such file or directory")
+    if (p / "layout.json").is_file():
+        return "ranks"
+    if (p / ".metadata").is_file() and any(p.glob("*.distcp")):
+        return "dcp"
+    if (p / "metadata.json").is_file() and (p / "common.pt").is_file():
+        return "megatron"
+    if any(p.glob("*model_states.pt")) or (p / "latest").is_file():
+        return "deepspeed"
+    if (p / "zero").is_dir() and any((p / "zero").iterdir()):
+        return "deepspeed-universal"
+    if (p / "model.safetensors.index.json").is_file() or (p / "model.safetensors").is_file():
+        return "hf"
+    raise UcpError(f"{src}: cannot tell which framework wrote this checkpoint; pass --from "
+                   f"({'|'.join(SOURCES)})")
+
+
+def convert(src, dst, source="auto", spec=None, **kwargs):
+    name = detect(src) if source in (None, "auto") else source
+    if name not in SOURCES:
+        raise UcpError(f"unknown source {name!r}; known: {', '.join(SOURCES)}")
+    target = SOURCES[name]
+    if target is None:
+        raise UcpError(f"{src}: source {name!r} is not supported by this version of ucp yet "
+                       f"(supported: {', '.join(k for k, v in SOURCES.items() if v)})")
+    mod, fn = target.split(":")
+    import importlib
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return getattr(importlib.import_module(mod), fn)(src, dst, spec=spec, **kwargs)
