@@ -1,0 +1,100 @@
+"""The `ucp` command as a user runs it: tables, JSON, exit codes, clear errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ucp.cli import main
+from ucp.format import create_checkpoint
+
+
+def _make(path, scale=1.0, extra=False):
+    g = torch.Generator().manual_seed(0)
+    with create_checkpoint(path) as w:
+        for name, shape, dt in [("emb.weight", (37, 12), torch.float32),
+                                ("layers.0.w", (5, 7), torch.bfloat16),
+                                ("layers.0.b", (7,), torch.float32)]:
+            w.add_param(name, meta={"frozen": name.endswith(".b")})
+            t = (torch.randn(shape, generator=g) * scale).to(dt)
+            w.write_tensor(name, "param", t)
+            w.write_tensor(name, "exp_avg", torch.randn(shape, generator=g))
+        if extra:
+            w.add_param("extra", meta={})
+            w.write_tensor("extra", "param", torch.zeros(3))
+        w.set_metadata({"iteration": 7, "lr": 1e-3})
+    return path
+
+
+def test_inspect_table_and_json(tmp_path, capsys):
+    p = _make(tmp_path / "a")
+    assert main(["inspect", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "emb.weight" in out and "bfloat16" in out and "37x12" in out and "frozen" in out
+    assert "3 parameters, 6 arrays" in out
+    assert main(["inspect", str(p), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["num_params"] == 3 and s["num_arrays"] == 6
+    emb = next(x for x in s["params"] if x["name"] == "emb.weight")
+    assert {st["state"] for st in emb["states"]} == {"param", "exp_avg"}
+    assert emb["states"][0]["shape"] == [37, 12]
+    assert s["metadata_keys"] == ["iteration", "lr"]
+
+
+def test_verify_ok_then_corrupt_chunk(tmp_path, capsys):
+    p = _make(tmp_path / "a")
+    assert main(["verify", str(p)]) == 0
+    assert "OK" in capsys.readouterr().out
+    chunk = next(f for f in sorted((p / "emb.weight" / "param").rglob("*")) if f.is_file() and f.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    assert main(["verify", str(p)]) == 1
+    out = capsys.readouterr().out
+    assert "emb.weight" in out and "FAIL" in out
+    assert main(["verify", str(p), "--json"]) == 1
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["ok"] is False and any("emb.weight" in x for x in rep["problems"])
+
+
+def test_verify_missing_manifest_fails(tmp_path, capsys):
+    p = _make(tmp_path / "a")
+    (p / "ucp.manifest.json").unlink()
+    assert main(["verify", str(p)]) != 0
+    out = capsys.readouterr()
+    assert "manifest" in (out.out + out.err)
+    assert main(["inspect", str(p)]) == 2
+    assert "manifest" in capsys.readouterr().err
+
+
+def test_diff_equal_close_and_different(tmp_path, capsys):
+    a, b = _make(tmp_path / "a"), _make(tmp_path / "b")
+    assert main(["diff", str(a), str(b)]) == 0
+    assert "0 differ" in capsys.readouterr().out
+    c = _make(tmp_path / "c", scale=1.0 + 1e-6)
+    assert main(["diff", str(a), str(c)]) == 1
+    out = capsys.readouterr().out
+    assert "emb.weight" in out and "differs" in out
+    assert main(["diff", str(a), str(c), "--atol", "1e-3"]) == 0
+    d = _make(tmp_path / "d", extra=True)
+    assert main(["diff", str(a), str(d), "--json"]) == 1
+    rep = json.loads(capsys.readouterr().out)
+    assert any(r["param"] == "extra" and r["status"] == "only in B" for r in rep["rows"])
+
+
+def test_unsupported_source_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "latest").write_text("global_step1")
+    assert main(["convert", str(tmp_path / "x"), str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "deepspeed" in err and "not supported" in err
+    assert not (tmp_path / "y" / "ucp.manifest.json").exists()
+
+
+def test_console_script_runs(tmp_path):
+    p = _make(tmp_path / "a")
+    r = subprocess.run([sys.executable, "-m", "ucp", "inspect", str(p), "--json"],
+                       capture_output=True, text=True, check=True)
+    assert json.loads(r.stdout)["num_params"] == 3

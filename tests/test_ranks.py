@@ -1,0 +1,194 @@
+"""Rank-files layouts declared by a spec: save at one parallelism, convert, export at
+another, and get every tensor back bit for bit; bad inputs fail with clear errors."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import ucp
+from ucp.demo import DEMO_SPEC
+from ucp.errors import UcpError
+from ucp.export import export
+from ucp.format import verify
+from ucp.layout_ranks import load_ranks_full, save_ranks
+
+
+def _bits(t):
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _states(shapes, dtypes=("float32",), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for st in ("param", "exp_avg", "exp_avg_sq"):
+        out[st] = {n: torch.randn(s, generator=g).to(getattr(torch, dtypes[0]))
+                   for n, s in shapes.items()}
+    return out
+
+
+LLAMA_SHAPES = {
+    "model.embed_tokens.weight": (1003, 24),
+    "model.layers.0.self_attn.q_proj.weight": (24, 24),
+    "model.layers.0.self_attn.k_proj.weight": (12, 24),
+    "model.layers.0.self_attn.v_proj.weight": (12, 24),
+    "model.layers.0.self_attn.o_proj.weight": (24, 24),
+    "model.layers.0.mlp.gate_proj.weight": (50, 24),
+    "model.layers.0.mlp.up_proj.weight": (50, 24),
+    "model.layers.0.mlp.down_proj.weight": (24, 50),
+    "model.layers.0.input_layernorm.weight": (24,),
+    "model.layers.0.post_attention_layernorm.weight": (24,),
+    "model.norm.weight": (24,),
+    "lm_head.weight": (1003, 24),
+}
+
+
+def _assert_same(a, b):
+    for st in a:
+        for n, t in a[st].items():
+            u = b[st][n]
+            assert u.dtype == t.dtype and u.shape == t.shape, (st, n)
+            assert torch.equal(_bits(u), _bits(t)), (st, n)
+
+
+@pytest.mark.parametrize("src_deg,dst_deg", [({"tp": 2, "dp": 2}, {"tp": 3, "dp": 1}),
+                                             ({"tp": 1, "dp": 3}, {"tp": 4, "dp": 2})])
+def test_tp_zero3_roundtrip_across_degrees(tmp_path, src_deg, dst_deg):
+    states = _states(LLAMA_SHAPES)
+    save_ranks(states, tmp_path / "src", spec_text=DEMO_SPEC, degrees=src_deg,
+               scalars={n: {"step": 3.0} for n in LLAMA_SHAPES}, metadata={"iteration": 3})
+    ucp.convert(tmp_path / "src", tmp_path / "uni", source="auto")
+    assert verify(tmp_path / "uni") == []
+    ck = ucp.open(tmp_path / "uni")
+    assert ck.params == list(LLAMA_SHAPES)
+    for n in LLAMA_SHAPES:
+        for st in ("param", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(_bits(ck.read(n, st)), _bits(states[st][n]))
+        assert ck.param_meta(n)["scalars"] == {"step": 3.0}
+        assert ck.param_meta(n)["rule"].startswith("<spec>:")
+    assert ck.metadata["iteration"] == 3
+    export(tmp_path / "uni", tmp_path / "dst", to="ranks", degrees=dst_deg)
+    _assert_same(states, load_ranks_full(tmp_path / "dst"))
+    n_files = len(list((tmp_path / "dst").glob("rank*.pt")))
+    assert n_files == dst_deg["tp"] * dst_deg["dp"]
+
+
+FUSED_SPEC = """
+spec fused
+axes tp, dp
+config heads, kv_heads, head_dim
+param "emb.weight" = pad(0, multiple=8*tp) | shard(0, over=tp)
+param "layers.{i}.qkv.weight" = parts(q, k, v, dim=0, sizes=[heads*head_dim, kv_heads*head_dim, kv_heads*head_dim], groups=kv_heads) | shard(0, over=tp)
+param "layers.{i}.fc1.weight" = parts(gate, up, dim=0) | shard(0, over=tp)
+param "layers.{i}.fc2.weight" = shard(1, over=tp)
+param "layers.{i}.norm.weight" = replicate(over=tp)
+"""
+
+
+def test_fused_padded_tensors_roundtrip(tmp_path):
+    heads, kv, hd = 8, 4, 3
+    shapes = {"emb.weight": (101, 24), "layers.0.qkv.weight": ((heads + 2 * kv) * hd, 24),
+              "layers.0.fc1.weight": (2 * 40, 24), "layers.0.fc2.weight": (24, 40),
+              "layers.0.norm.weight": (24,)}
+    states = _states(shapes)
+    consts = {"heads": heads, "kv_heads": kv, "head_dim": hd}
+    save_ranks(states, tmp_path / "src", spec_text=FUSED_SPEC, degrees={"tp": 2}, constants=consts)
+    # the local fc1 of rank tp0 is [gate_0; up_0], not a contiguous block of the universal tensor
+    r0 = torch.load(tmp_path / "src" / "rank-tp0.pt", weights_only=True)
+    fc1 = states["param"]["layers.0.fc1.weight"]
+    assert torch.equal(r0["param"]["layers.0.fc1.weight"], torch.cat([fc1[:20], fc1[40:60]]))
+    assert r0["param"]["emb.weight"].shape == (52, 24)  # 101 padded to 104, halved
+    ucp.convert(tmp_path / "src", tmp_path / "uni")
+    ck = ucp.open(tmp_path / "uni")
+    for n in shapes:
+        assert torch.equal(ck.read(n), states["param"][n]), n
+    export(tmp_path / "uni", tmp_path / "tp4", to="ranks", degrees={"tp": 4})
+    _assert_same(states, load_ranks_full(tmp_path / "tp4"))
+
+
+ZERO2_SPEC = """
+spec zero2
+axes dp
+param "{name}" = flat(over=dp, group=main, align=2)
+"""
+
+
+def test_grouped_flat_partitions_roundtrip(tmp_path):
+    shapes = {"a": (7, 3), "b": (5,), "c": (2, 2, 3)}
+    states = _states(shapes)
+    save_ranks(states, tmp_path / "src", spec_text=ZERO2_SPEC, degrees={"dp": 3})
+    r1 = torch.load(tmp_path / "src" / "rank-dp1.pt", weights_only=True)
+    flat = torch.cat([states["param"][n].flatten() for n in shapes])
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 6)])
+    (key,) = r1["param"].keys()
+    assert torch.equal(r1["param"][key], flat.chunk(3)[1])
+    ucp.convert(tmp_path / "src", tmp_path / "uni")
+    export(tmp_path / "uni", tmp_path / "dp2", to="ranks", degrees={"dp": 2})
+    _assert_same(states, load_ranks_full(tmp_path / "dp2"))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    states = _states(LLAMA_SHAPES)
+    save_ranks(states, tmp_path / "src", spec_text=DEMO_SPEC, degrees={"tp": 2, "dp": 2})
+    return tmp_path / "src"
+
+
+def test_missing_rank_file(saved, tmp_path):
+    (saved / "rank-tp1-dp0.pt").unlink()
+    with pytest.raises(UcpError, match=r"rank-tp1-dp0\.pt.*missing"):
+        ucp.convert(saved, tmp_path / "out")
+    assert not (tmp_path / "out" / "ucp.manifest.json").exists()
+    with pytest.raises(UcpError):
+        ucp.open(tmp_path / "out")
+
+
+def test_truncated_rank_file(saved, tmp_path):
+    f = saved / "rank-tp0-dp1.pt"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(UcpError, match=r"rank-tp0-dp1\.pt"):
+        ucp.convert(saved, tmp_path / "out")
+    assert not (tmp_path / "out" / "ucp.manifest.json").exists()
+
+
+def test_shape_mismatch_names_file_and_param(saved, tmp_path):
+    f = saved / "rank-tp0-dp0.pt"
+    d = torch.load(f, weights_only=True)
+    d["param"]["model.norm.weight"] = d["param"]["model.norm.weight"][:-1].clone()
+    torch.save(d, f)
+    with pytest.raises(UcpError, match=r"rank-tp0-dp0\.pt.*model\.norm\.weight.*shape"):
+        ucp.convert(saved, tmp_path / "out")
+
+
+def test_unmatched_parameters_all_listed(saved, tmp_path):
+    spec = "\n".join(l for l in DEMO_SPEC.splitlines() if "layernorm" not in l)
+    lay = json.loads((saved / "layout.json").read_text())
+    lay["spec"] = spec
+    (saved / "layout.json").write_text(json.dumps(lay))
+    with pytest.raises(UcpError) as e:
+        ucp.convert(saved, tmp_path / "out")
+    msg = str(e.value)
+    assert "model.layers.0.input_layernorm.weight" in msg
+    assert "model.layers.0.post_attention_layernorm.weight" in msg
+
+
+def test_pickle_payload_in_rank_file_is_refused(saved, tmp_path):
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    f = saved / "rank-tp0-dp0.pt"
+    d = torch.load(f, weights_only=True)
+    d["evil"] = Evil()
+    torch.save(d, f)
+    with pytest.raises(UcpError, match=r"rank-tp0-dp0\.pt"):
+        ucp.convert(saved, tmp_path / "out")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_demo_passes(tmp_path):
+    from ucp.demo import run_demo
+
+    assert run_demo(tmp_path / "demo", quiet=True)
