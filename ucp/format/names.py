@@ -1,0 +1,45 @@
+"""Parameter and state names <-> zarr node names."""
+from __future__ import annotations
+
+from ucp.errors import UcpError
+
+_SAFE = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+RESERVED_FILES = {"zarr.json", "ucp.manifest.json", "ucp.manifest.json.tmp"}
+
+
+def check_param_name(name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise UcpError(f"parameter name must be a non-empty string, got {name!r}")
+    if name.startswith("_ucp") or name.startswith("__"):
+        raise UcpError(f"parameter name {name!r} is reserved: names may not start with '_ucp' or '__'")
+
+
+def encode_param(name: str) -> str:
+    """Percent-encode every byte outside [A-Za-z0-9._-] (UTF-8), and dots of all-dot names."""
+    check_param_name(name)
+    out = []
+    for ch in name:
+        if ch in _SAFE:
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
+    enc = "".join(out)
+    if set(enc) == {"."}:
+        enc = "%2E" * len(enc)
+    if enc in RESERVED_FILES:
+        enc = enc.replace(".", "%2E")
+    return enc
+
+
+def decode_param(enc: str) -> str:
+    from urllib.parse import unquote
+
+    return unquote(enc, encoding="utf-8", errors="strict")
+
+
+def check_state_name(state: str) -> None:
+    if (not isinstance(state, str) or not state or state[0] in "._-" or state.startswith("__")
+            or not set(state) <= _SAFE or state in RESERVED_FILES):
+        raise UcpError(
+            f"state name {state!r} is invalid: use letters, digits, '_', '.', '-' "
+            "(not starting with '.', '_' or '-', not 'zarr.json')")

@@ -1,0 +1,290 @@
+"""Reading universal checkpoints: one manifest read to open, only intersecting chunks per read."""
+from __future__ import annotations
+
+import difflib
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import crc32c
+import numpy as np
+import torch
+
+from ucp.errors import CorruptChunkError, NotFoundError, UcpError
+from ucp.format import dtypes, jsonmeta, layout, manifest
+from ucp.format.layout import CRC_BYTES, chunk_key
+from ucp.format.store import MANIFEST, make_store
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    name: str
+    state: str
+    path: str
+    shape: tuple
+    dtype: torch.dtype
+    storage_dtype: str
+    chunks: tuple
+    nbytes: int
+    nchunks: int
+
+
+class _Array:
+    __slots__ = ("info", "rec", "table", "np", "isz", "chunk_nbytes")
+
+    def __init__(self, name, state, rec):
+        dn = rec["dtype"]
+        shape, chunks = tuple(rec["shape"]), tuple(rec["chunks"])
+        self.rec = rec
+        self.table = rec["chunk_table"]
+        self.np = dtypes.numpy_storage_dtype(dn)
+        self.isz = dtypes.itemsize(dn)
+        self.chunk_nbytes = math.prod(chunks) * self.isz
+        self.info = ArrayInfo(name, state, rec["path"], shape, dtypes.torch_dtype(dn), rec["storage_dtype"],
+                              chunks, math.prod(shape) * self.isz, math.prod(layout.grid(shape, chunks)))
+
+
+class Checkpoint:
+    """Read-only view of a committed universal checkpoint."""
+
+    def __init__(self, path, storage_options=None, workers=2):
+        self.path = path
+        self._store = make_store(path, storage_options)
+        try:
+            raw = self._store.get(MANIFEST)
+        except (FileNotFoundError, NotADirectoryError):
+            raise manifest.not_committed(path) from None
+        self.manifest = manifest.load(raw, f"{path}/{MANIFEST}")
+        self._params = {p["name"]: p for p in self.manifest["params"]}
+        self._arrays: dict[tuple, _Array] = {}
+        self._metadata = None
+        self._meta_loaded = False
+        self._workers = int(workers or 0)
+        self._pool = None
+        self._tls = threading.local()
+        self._slock = threading.Lock()
+        self.bytes_read = 0
+        self.chunks_read = 0
+        self.last_read_stats = {"bytes_read": 0, "bytes_needed": 0, "chunks_read": 0}
+
+    # -- catalogue ---------------------------------------------------------------------------
+    @property
+    def params(self) -> list[str]:
+        return list(self._params)
+
+    def _param(self, name):
+        try:
+            return self._params[name]
+        except KeyError:
+            close = difflib.get_close_matches(str(name), self._params, n=5)
+            hint = f"; close matches: {', '.join(close)}" if close else ""
+            raise NotFoundError(f"{self.path}: no parameter {name!r}{hint}") from None
+
+    def states(self, name) -> list[str]:
+        return list(self._param(name)["states"])
+
+    def param_meta(self, name) -> dict:
+        return jsonmeta.decode(self._param(name)["meta"], _no_tensor)
+
+    def _array(self, name, state) -> _Array:
+        a = self._arrays.get((name, state))
+        if a is not None:
+            return a
+        if name.startswith("_ucp/meta/") and state is None:
+            rec = self.manifest["meta_arrays"][name]
+        else:
+            st = self._param(name)["states"]
+            if state not in st:
+                close = difflib.get_close_matches(str(state), st, n=5) or list(st)
+                raise NotFoundError(f"{self.path}: parameter {name!r} has no state {state!r}; "
+                                    f"it has: {', '.join(close)}")
+            rec = st[state]
+        a = self._arrays[(name, state)] = _Array(name, state, rec)
+        return a
+
+    def array_info(self, name, state="param") -> ArrayInfo:
+        return self._array(name, state).info
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.array_info(p, s).nbytes for p in self._params for s in self._params[p]["states"])
+
+    @property
+    def metadata(self):
+        if not self._meta_loaded:
+            self._metadata = jsonmeta.decode(self.manifest.get("metadata"),
+                                             lambda rel: self.read_box(rel, None, None, None))
+            self._meta_loaded = True
+        return self._metadata
+
+    # -- reading -----------------------------------------------------------------------------
+    def read(self, name, state="param", index=None, out=None) -> torch.Tensor:
+        a = self._array(name, state)
+        start, stop, squeeze = layout.normalize_index(index, a.info.shape)
+        box = [b - s for s, b in zip(start, stop)]
+        rshape = [n for d, n in enumerate(box) if d not in squeeze]
+        if out is not None:
+            if list(out.shape) != rshape:
+                raise UcpError(f"out has shape {tuple(out.shape)}, the index selects {tuple(rshape)}")
+            if not out.is_contiguous():
+                raise UcpError("out must be contiguous")
+            self.read_box(name, state, start, stop, out=out.view(box))
+            return out
+        t = self.read_box(name, state, start, stop)
+        return t.reshape(rshape) if squeeze else t
+
+    def read_box(self, name, state, start, stop, out=None) -> torch.Tensor:
+        a = self._array(name, state)
+        shape = a.info.shape
+        start = [0] * len(shape) if start is None else [int(x) for x in start]
+        stop = list(shape) if stop is None else [int(x) for x in stop]
+        if len(start) != len(shape) or len(stop) != len(shape) or any(
+                not 0 <= s <= e <= n for s, e, n in zip(start, stop, shape)):
+            raise UcpError(f"box {start}..{stop} does not fit {name!r}/{state!r} of shape {shape}")
+        bshape = [e - s for s, e in zip(start, stop)]
+        if out is None:
+            out = torch.empty(bshape, dtype=a.info.dtype)
+        else:
+            if list(out.shape) != bshape or out.dtype != a.info.dtype or not out.is_contiguous() \
+                    or out.device.type != "cpu":
+                raise UcpError(f"out must be a contiguous CPU {a.info.dtype} tensor of shape {tuple(bshape)}")
+        nbytes_needed = out.numel() * a.isz
+        if out.numel() == 0:
+            self.last_read_stats = {"bytes_read": 0, "bytes_needed": 0, "chunks_read": 0}
+            return out
+        onp = dtypes.to_storage_numpy(out)
+        obytes = onp.reshape(-1).view(np.uint8) if onp.ndim else onp.reshape(1).view(np.uint8)
+        ch = a.info.chunks
+        rowfast = self._store.local and len(shape) >= 1 and tuple(ch[1:]) == tuple(shape[1:]) and \
+            all(s == 0 for s in start[1:]) and list(stop[1:]) == list(shape[1:])
+        jobs = list(_product(layout.chunk_ranges(start, stop, ch)))
+        fn = (lambda idx: self._read_rows(a, idx, start, stop, obytes)) if rowfast else \
+            (lambda idx: self._read_generic(a, idx, start, stop, onp))
+        if len(jobs) > 1 and self._workers > 1 and nbytes_needed >= (8 << 20):
+            if self._pool is None:
+                with self._slock:
+                    if self._pool is None:
+                        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="ucp-read")
+            got = sum(self._pool.map(fn, jobs))
+        else:
+            got = sum(fn(idx) for idx in jobs)
+        with self._slock:
+            self.bytes_read += got
+            self.chunks_read += len(jobs)
+        self.last_read_stats = {"bytes_read": got, "bytes_needed": nbytes_needed, "chunks_read": len(jobs)}
+        return out
+
+    def _scratch(self, n):
+        s = getattr(self._tls, "buf", None)
+        if s is None or len(s) < n:
+            s = self._tls.buf = bytearray(max(n, 1 << 16))
+        return memoryview(s)
+
+    def _rec(self, a, key):
+        try:
+            size, crc = a.table[key]
+        except (KeyError, TypeError, ValueError):
+            raise CorruptChunkError(f"{self.path}: {a.info.path}/{key}: no record in the manifest") from None
+        return size, crc
+
+    def _check(self, a, key, got, fsize, size, crc, data_bufs, stored):
+        where = f"{self.path}: param {a.info.name!r} state {a.info.state!r} chunk {key} ({a.info.path}/{key})"
+        if fsize != size or got != size:
+            raise CorruptChunkError(f"{where}: size {fsize} bytes, the manifest records {size}"
+                                    + (" (truncated)" if fsize < size else " (extra bytes)"))
+        c = 0
+        for b in data_bufs:
+            c = crc32c.crc32c(b, c)
+        s = int.from_bytes(stored, "little")
+        if c != s or c != crc:
+            raise CorruptChunkError(f"{where}: crc32c mismatch (computed {c:#010x}, stored {s:#010x}, "
+                                    f"manifest {crc:#010x})")
+
+    def _open_err(self, a, key):
+        return CorruptChunkError(f"{self.path}: param {a.info.name!r} state {a.info.state!r} chunk {key}: "
+                                 f"file {a.info.path}/{key} is missing")
+
+    def _read_rows(self, a, idx, start, stop, obytes):
+        """Row-contiguous chunk: scatter-read the needed rows straight into ``out``."""
+        key = chunk_key(idx)
+        size, crc = self._rec(a, key)
+        r = a.info.chunks[0]
+        rowb = a.chunk_nbytes // r
+        c0 = idx[0] * r
+        i0, i1 = max(start[0], c0), min(stop[0], c0 + r)
+        pre, mid = (i0 - c0) * rowb, (i1 - i0) * rowb
+        post = a.chunk_nbytes - pre - mid
+        scratch = self._scratch(pre + post + CRC_BYTES)
+        o = (i0 - start[0]) * rowb
+        bufs = [obytes[o:o + mid]]
+        if pre:
+            bufs.insert(0, scratch[:pre])
+        if post:
+            bufs.append(scratch[pre:pre + post])
+        crcb = scratch[pre + post:pre + post + CRC_BYTES]
+        try:
+            got, fsize = self._store.readinto(f"{a.info.path}/{key}", bufs + [crcb])
+        except FileNotFoundError:
+            raise self._open_err(a, key) from None
+        self._check(a, key, got, fsize, size, crc, bufs, crcb)
+        return got
+
+    def _read_generic(self, a, idx, start, stop, onp):
+        key = chunk_key(idx)
+        size, crc = self._rec(a, key)
+        n = a.chunk_nbytes
+        rel = f"{a.info.path}/{key}"
+        if self._store.local:
+            buf = self._scratch(n + CRC_BYTES)[:n + CRC_BYTES]
+            try:
+                got, fsize = self._store.readinto(rel, [buf])
+            except FileNotFoundError:
+                raise self._open_err(a, key) from None
+        else:
+            try:
+                buf = memoryview(self._store.get(rel))
+            except FileNotFoundError:
+                raise self._open_err(a, key) from None
+            got = fsize = len(buf)
+        self._check(a, key, got, fsize, size, crc, [buf[:n]], buf[n:n + CRC_BYTES])
+        ch = a.info.chunks
+        cst = [i * c for i, c in zip(idx, ch)]
+        chunk = np.frombuffer(buf[:n], dtype=a.np).reshape(ch)
+        ist = [max(s, c) for s, c in zip(start, cst)]
+        isp = [min(e, c + k) for e, c, k in zip(stop, cst, ch)]
+        src = chunk[tuple(slice(x - c, y - c) for x, y, c in zip(ist, isp, cst))]
+        if onp.ndim == 0:
+            onp[()] = src
+        else:
+            onp[tuple(slice(x - s, y - s) for x, y, s in zip(ist, isp, start))] = src
+        return got
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __repr__(self):
+        return f"<ucp.Checkpoint {self.path!r}: {len(self._params)} params>"
+
+
+def _no_tensor(_p):
+    raise UcpError("unexpected tensor reference in per-parameter metadata")
+
+
+def _product(ranges):
+    import itertools
+
+    return itertools.product(*ranges)
+
+
+def open_checkpoint(path, storage_options=None, workers=2) -> Checkpoint:
+    return Checkpoint(path, storage_options=storage_options, workers=workers)

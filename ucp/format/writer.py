@@ -1,0 +1,405 @@
+"""Writing universal checkpoints: thread-safe boxes in any order, manifest last."""
+from __future__ import annotations
+
+import datetime
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import crc32c
+import numpy as np
+import torch
+
+from ucp.errors import (DestinationNotEmptyError, IncompleteCheckpointError, OverlapError, UcpError)
+from ucp.format import dtypes, jsonmeta, layout, manifest, names
+from ucp.format.layout import CRC_BYTES, chunk_key
+from ucp.format.store import MANIFEST, make_store
+
+PARAM_META_KEYS = ("shape", "dtype", "fragmentation", "parts", "padding", "tied_to", "frozen", "rule", "scalars")
+
+
+def _writer_version():
+    try:
+        import ucp
+
+        return f"ucp {ucp.__version__}"
+    except Exception:  # pragma: no cover
+        return "ucp"
+
+
+def _no_tensor(_t):
+    raise UcpError("tensors are not allowed in per-parameter metadata; store them as a state array")
+
+
+class _Staging:
+    __slots__ = ("buf", "boxes", "filled")
+
+    def __init__(self, chunks, dtype):
+        self.buf = np.zeros(chunks, dtype=dtype)
+        self.boxes = []
+        self.filled = 0
+
+
+class ArrayWriter:
+    """One (parameter, state) array. ``write(offset, tensor)`` may be called from any thread."""
+
+    def __init__(self, ckw, pname, penc, state, shape, dtype_name, chunks, rel=None):
+        self._ckw = ckw
+        self.name, self.state = pname, state
+        self.rel = rel or f"{penc}/{state}"
+        self.shape = tuple(shape)
+        self.dtype_name = dtype_name
+        self.dtype = dtypes.torch_dtype(dtype_name)
+        self.chunks = tuple(chunks)
+        self.grid = layout.grid(self.shape, self.chunks)
+        self.nchunks = math.prod(self.grid)
+        self._np = dtypes.numpy_storage_dtype(dtype_name)
+        self._isz = dtypes.itemsize(dtype_name)
+        self._done: dict[str, list | None] = {}
+        self._staged: dict[tuple, _Staging] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def where(self):
+        return f"param {self.name!r} state {self.state!r}"
+
+    # -- writing -----------------------------------------------------------------------------
+    def write(self, offset, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` as the box of this array starting at ``offset``."""
+        if not isinstance(tensor, torch.Tensor):
+            raise UcpError(f"{self.where}: write() needs a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype != self.dtype:
+            raise UcpError(f"{self.where}: tensor dtype {tensor.dtype} differs from the array's {self.dtype} "
+                           "(ucp never casts implicitly)")
+        offset = tuple(int(o) for o in offset)
+        if len(offset) != len(self.shape) or tensor.dim() != len(self.shape):
+            raise UcpError(f"{self.where}: box of rank {tensor.dim()} at offset {offset} does not fit "
+                           f"array shape {self.shape}")
+        start = offset
+        stop = tuple(o + s for o, s in zip(offset, tensor.shape))
+        if any(a < 0 or b > n for a, b, n in zip(start, stop, self.shape)):
+            raise UcpError(f"{self.where}: box {_fmt_box(start, stop)} lies outside array shape {self.shape}")
+        if any(b == a for a, b in zip(start, stop)):
+            return
+        arr = dtypes.to_storage_numpy(tensor)
+        if self._ckw._closed:
+            raise UcpError(f"{self.where}: the checkpoint writer is closed")
+        jobs = []
+        for idx in _product(layout.chunk_ranges(start, stop, self.chunks)):
+            job = self._place(idx, start, stop, arr)
+            if job is not None:
+                jobs.append(job)
+        self._ckw._run_jobs(self, jobs)
+
+    def _place(self, idx, start, stop, arr):
+        ch, shape = self.chunks, self.shape
+        cst = tuple(i * c for i, c in zip(idx, ch))
+        cvs = tuple(min(a + c, n) for a, c, n in zip(cst, ch, shape))
+        ist = tuple(max(a, b) for a, b in zip(start, cst))
+        isp = tuple(min(a, b) for a, b in zip(stop, cvs))
+        src = arr[tuple(slice(a - o, b - o) for a, b, o in zip(ist, isp, start))]
+        key = chunk_key(idx)
+        if ist == cst and isp == cvs:  # the box covers this chunk's whole (valid) region
+            with self._lock:
+                if key in self._done or idx in self._staged:
+                    raise OverlapError(f"{self.where} chunk {key}: region {_fmt_box(ist, isp)} was already written")
+                self._done[key] = None
+            return key, self._chunk_buffers(src, cst, cvs)
+        with self._lock:
+            if key in self._done:
+                raise OverlapError(f"{self.where} chunk {key}: region {_fmt_box(ist, isp)} overlaps a write "
+                                   "that already completed this chunk")
+            st = self._staged.get(idx)
+            if st is None:
+                st = self._staged[idx] = _Staging(ch, self._np)
+            for a, b in st.boxes:
+                if all(x < y2 and x2 < y for x, y, x2, y2 in zip(ist, isp, a, b)):
+                    raise OverlapError(f"{self.where} chunk {key}: region {_fmt_box(ist, isp)} overlaps "
+                                       f"the earlier write {_fmt_box(a, b)}")
+            st.boxes.append((ist, isp))
+        st.buf[tuple(slice(a - c, b - c) for a, b, c in zip(ist, isp, cst))] = src
+        vol = math.prod(b - a for a, b in zip(ist, isp))
+        valid = math.prod(b - a for a, b in zip(cst, cvs))
+        with self._lock:
+            st.filled += vol
+            if st.filled != valid:
+                return None
+            del self._staged[idx]
+            self._done[key] = None
+        return key, [st.buf]
+
+    def _chunk_buffers(self, src, cst, cvs):
+        ch = self.chunks
+        valid_shape = tuple(b - a for a, b in zip(cst, cvs))
+        if valid_shape == ch:
+            return [src if src.flags.c_contiguous else np.ascontiguousarray(src)]
+        # edge chunk: padded with the fill value (0) to the full chunk shape
+        if valid_shape[1:] == ch[1:] and src.flags.c_contiguous:
+            pad = (math.prod(ch) - src.size) * self._isz
+            return [src, bytes(pad)]
+        buf = np.zeros(ch, dtype=self._np)
+        buf[tuple(slice(0, n) for n in valid_shape)] = src
+        return [buf]
+
+    def _flush(self, key, bufs):
+        try:
+            crc = 0
+            size = CRC_BYTES
+            for b in bufs:
+                mv = memoryview(b).cast("B")
+                crc = crc32c.crc32c(mv, crc)
+                size += len(mv)
+            self._ckw._store.put(f"{self.rel}/{key}", [*bufs, crc.to_bytes(4, "little")],
+                                 fsync=self._ckw._fsync_each)
+        except BaseException:
+            with self._lock:
+                self._done.pop(key, None)
+            raise
+        with self._lock:
+            self._done[key] = [size, crc]
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def missing(self):
+        """Human-readable list of unwritten regions (empty when complete)."""
+        out = []
+        with self._lock:
+            staged = dict(self._staged)
+            done = {k for k, v in self._done.items() if v is not None}
+        for idx in layout.all_chunk_indices(self.shape, self.chunks):
+            key = chunk_key(idx)
+            if key in done:
+                continue
+            cst = tuple(i * c for i, c in zip(idx, self.chunks))
+            cvs = tuple(min(a + c, n) for a, c, n in zip(cst, self.chunks, self.shape))
+            st = staged.get(idx)
+            if st is None:
+                out.append(f"chunk {key} region {_fmt_box(cst, cvs)} not written")
+            else:
+                valid = math.prod(b - a for a, b in zip(cst, cvs))
+                out.append(f"chunk {key} region {_fmt_box(cst, cvs)} only partly written "
+                           f"({st.filled} of {valid} elements)")
+        return out
+
+    def record(self):
+        table = {}
+        for idx in layout.all_chunk_indices(self.shape, self.chunks):
+            key = chunk_key(idx)
+            table[key] = self._done[key]
+        return {
+            "path": self.rel,
+            "dtype": self.dtype_name,
+            "storage_dtype": dtypes.zarr_dtype(self.dtype_name),
+            "shape": list(self.shape),
+            "chunks": list(self.chunks),
+            "chunk_table": table,
+        }
+
+
+def _product(ranges):
+    import itertools
+
+    return itertools.product(*ranges)
+
+
+def _fmt_box(start, stop):
+    return "[" + ", ".join(f"{a}:{b}" for a, b in zip(start, stop)) + "]"
+
+
+class _Param:
+    __slots__ = ("name", "enc", "meta", "arrays")
+
+    def __init__(self, name, enc):
+        self.name, self.enc, self.meta, self.arrays = name, enc, {}, {}
+
+
+class CheckpointWriter:
+    def __init__(self, path, overwrite=False, storage_options=None, chunk_bytes=None, durable=True,
+                 workers=2, fsync_each=False):
+        self.path = path
+        self._store = make_store(path, storage_options)
+        if not self._store.is_empty():
+            if not overwrite:
+                raise DestinationNotEmptyError(f"{path} is not empty; pass overwrite=True to replace it")
+            self._store.clear()
+        self.chunk_bytes = int(chunk_bytes or layout.DEFAULT_CHUNK_BYTES)
+        self.durable = durable
+        self._fsync_each = bool(fsync_each and durable)
+        self._workers = int(workers or 0)
+        self._pool = None
+        self._lock = threading.Lock()
+        self._params: dict[str, _Param] = {}
+        self._encs: dict[str, str] = {}
+        self._metadata = None
+        self._meta_arrays: dict[str, ArrayWriter] = {}
+        self._meta_n = 0
+        self._closed = False
+        self.committed = False
+
+    # -- declaring ---------------------------------------------------------------------------
+    def add_param(self, name, meta=None):
+        with self._lock:
+            self._check_open()
+            p = self._params.get(name)
+            if p is None:
+                enc = names.encode_param(name)
+                p = self._params[name] = _Param(name, enc)
+            if meta:
+                if not isinstance(meta, dict):
+                    raise UcpError(f"param {name!r}: meta must be a dict")
+                p.meta.update(jsonmeta.encode(dict(meta), _no_tensor, f"param {name!r} meta"))
+            return p
+
+    def add_array(self, name, state, shape, dtype, chunks=None) -> ArrayWriter:
+        names.check_state_name(state)
+        dn = dtypes.dtype_name(dtype)
+        shape = tuple(int(s) for s in shape)
+        if any(s < 0 for s in shape):
+            raise UcpError(f"param {name!r} state {state!r}: negative extent in shape {shape}")
+        chunks = (layout.check_chunks(shape, chunks) if chunks is not None
+                  else layout.default_chunks(shape, dtypes.itemsize(dn), self.chunk_bytes))
+        p = self.add_param(name)
+        with self._lock:
+            a = p.arrays.get(state)
+            if a is not None:
+                if (a.shape, a.dtype_name) == (shape, dn) and (chunks is None or a.chunks == chunks):
+                    return a
+                raise UcpError(f"param {name!r} state {state!r} was already declared with shape {a.shape}, "
+                               f"dtype {a.dtype_name}, chunks {a.chunks}")
+            a = p.arrays[state] = ArrayWriter(self, name, p.enc, state, shape, dn, chunks)
+            return a
+
+    def write_tensor(self, name, state, tensor, chunks=None) -> ArrayWriter:
+        a = self.add_array(name, state, tuple(tensor.shape), tensor.dtype, chunks)
+        a.write((0,) * tensor.dim(), tensor)
+        return a
+
+    def set_metadata(self, obj) -> None:
+        """Non-tensor state (JSON-like; tensors inside are stored as small arrays, snapshot now)."""
+        self._check_open()
+        new = {}
+
+        def add_tensor(t):
+            with self._lock:
+                n = self._meta_n
+                self._meta_n += 1
+            rel = f"_ucp/meta/{n}"
+            t = t.detach().cpu()
+            a = ArrayWriter(self, "_ucp", "_ucp", str(n), tuple(t.shape), dtypes.dtype_name(t.dtype),
+                            layout.default_chunks(t.shape, t.element_size(), self.chunk_bytes), rel=rel)
+            a.write((0,) * t.dim(), t)
+            new[rel] = a
+            return rel
+
+        enc = jsonmeta.encode(obj, add_tensor)
+        with self._lock:
+            self._metadata = enc
+            self._meta_arrays = new
+
+    # -- I/O ---------------------------------------------------------------------------------
+    def _run_jobs(self, arr, jobs):
+        if not jobs:
+            return
+        if len(jobs) == 1 or self._workers <= 1:
+            for key, bufs in jobs:
+                arr._flush(key, bufs)
+            return
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="ucp-write")
+            pool = self._pool
+        futs = [pool.submit(arr._flush, key, bufs) for key, bufs in jobs]
+        err = None
+        for f in futs:
+            try:
+                f.result()
+            except BaseException as e:  # wait for all, then raise the first
+                err = err or e
+        if err is not None:
+            raise err
+
+    def _check_open(self):
+        if self._closed:
+            raise UcpError(f"{self.path}: the checkpoint writer is closed (committed or aborted)")
+
+    def _put_doc(self, files, rel, doc):
+        data = layout.doc_bytes(doc)
+        self._store.put(rel, [data])
+        files[rel] = [len(data), crc32c.crc32c(data)]
+
+    def commit(self) -> None:
+        self._check_open()
+        problems = []
+        for p in self._params.values():
+            for a in p.arrays.values():
+                problems += [f"param {p.name!r} state {a.state!r}: {m}" for m in a.missing()]
+        for a in self._meta_arrays.values():
+            problems += [f"metadata tensor {a.rel}: {m}" for m in a.missing()]
+        if problems:
+            more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+            raise IncompleteCheckpointError(
+                f"{self.path}: cannot commit, {len(problems)} chunk(s) unwritten:\n  " + "\n  ".join(problems[:20]) + more)
+        files: dict[str, list] = {}
+        params_rec = []
+        root_attrs = {"ucp": {"format_version": manifest.FORMAT_VERSION, "writer": _writer_version(),
+                              "manifest": MANIFEST, "metadata": self._metadata}}
+        self._put_doc(files, "zarr.json", layout.group_doc(root_attrs))
+        meta_rec = {}
+        if self._meta_arrays:
+            self._put_doc(files, "_ucp/zarr.json", layout.group_doc())
+            self._put_doc(files, "_ucp/meta/zarr.json", layout.group_doc())
+            for rel, a in self._meta_arrays.items():
+                self._put_doc(files, f"{rel}/zarr.json", layout.array_doc(a.shape, a.chunks, a.dtype_name))
+                meta_rec[rel] = a.record()
+        for p in self._params.values():
+            meta = dict(p.meta)
+            pa = p.arrays.get("param")
+            if pa is not None:
+                meta.setdefault("shape", list(pa.shape))
+                meta.setdefault("dtype", pa.dtype_name)
+            self._put_doc(files, f"{p.enc}/zarr.json", layout.group_doc({"ucp": {"name": p.name, **meta}}))
+            states = {}
+            for s, a in p.arrays.items():
+                self._put_doc(files, f"{a.rel}/zarr.json", layout.array_doc(a.shape, a.chunks, a.dtype_name))
+                states[s] = a.record()
+            params_rec.append({"name": p.name, "path": p.enc, "meta": meta, "states": states})
+        body = {
+            "format": "ucp",
+            "format_version": manifest.FORMAT_VERSION,
+            "writer": _writer_version(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "params": params_rec,
+            "metadata": self._metadata,
+            "meta_arrays": meta_rec,
+            "files": files,
+        }
+        if self.durable:
+            self._store.sync()
+        self._store.put_atomic(MANIFEST, manifest.dump(body), fsync=self.durable)
+        self._shutdown()
+        self.committed = True
+
+    def abort(self) -> None:
+        """Stop writing; no manifest is written, so readers refuse the partial directory."""
+        self._shutdown()
+
+    def _shutdown(self):
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if et is None:
+            self.commit()
+        else:
+            self.abort()
+        return False
+
+
+def create_checkpoint(path, overwrite=False, storage_options=None, chunk_bytes=None, durable=True,
+                      workers=2, fsync_each=False) -> CheckpointWriter:
+    return CheckpointWriter(path, overwrite=overwrite, storage_options=storage_options,
+                            chunk_bytes=chunk_bytes, durable=durable, workers=workers, fsync_each=fsync_each)
