@@ -82,7 +82,8 @@ class Checkpoint:
             raise NotFoundError(f"{self.path}: no parameter {name!r}{hint}") from None
 
     def states(self, name) -> list[str]:
-        return list(self._param(name)["states"])
+        p = self._param(name)
+        return list(p.get("state_order") or p["states"])
 
     def param_meta(self, name) -> dict:
         return jsonmeta.decode(self._param(name)["meta"], _no_tensor)
@@ -108,7 +109,7 @@ class Checkpoint:
 
     @property
     def nbytes(self) -> int:
-        return sum(self.array_info(p, s).nbytes for p in self._params for s in self._params[p]["states"])
+        return sum(self.array_info(p, s).nbytes for p in self._params for s in self.states(p))
 
     @property
     def metadata(self):

@@ -361,7 +361,8 @@ class CheckpointWriter:
             for s, a in p.arrays.items():
                 self._put_doc(files, f"{a.rel}/zarr.json", layout.array_doc(a.shape, a.chunks, a.dtype_name))
                 states[s] = a.record()
-            params_rec.append({"name": p.name, "path": p.enc, "meta": meta, "states": states})
+            params_rec.append({"name": p.name, "path": p.enc, "meta": meta, "states": states,
+                               "state_order": list(states)})
         body = {
             "format": "ucp",
             "format_version": manifest.FORMAT_VERSION,

@@ -1,0 +1,72 @@
+"""Non-tensor state round-trips through JSON: NaN/inf, tuples, tensors (RNG states), bytes; the schema holds."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ucp
+from ucp.errors import MetadataEncodingError
+from ucp.format import create_checkpoint, open_checkpoint, verify
+
+
+def test_metadata_roundtrip(tmp_path, check_manifest):
+    torch.manual_seed(1234)
+    rng = torch.get_rng_state()
+    meta = {
+        "iteration": 1000,
+        "args": {"lr": 3e-4, "betas": (0.9, 0.999), "nested": ((1, 2), [3, (4,)]), "name": "gpt", "none": None},
+        "floats": [float("nan"), float("inf"), float("-inf"), -0.0, 1e-300],
+        "np": {"i": np.int64(7), "f": np.float32(0.5), "b": np.bool_(True), "nan": np.float64("nan")},
+        "torch_scalar": torch.tensor(2.5).item(),
+        "rng": {"cpu": rng, "per_rank": [torch.get_rng_state(), torch.arange(4, dtype=torch.int64)]},
+        "blob": b"\x00\xffbinary",
+        "int_keys": {0: {"step": 3}, 1: {"step": 4}},
+        "$weird": 1,
+        "dtype": torch.bfloat16,
+        "bf16": torch.tensor([1.5, float("nan")], dtype=torch.bfloat16),
+        "arr": np.arange(3, dtype=np.float16),
+    }
+    with create_checkpoint(tmp_path / "ck") as w:
+        w.write_tensor("w", "param", torch.ones(3))
+        w.add_param("w", {"scalars": {"step": 10, "loss_scale": float("inf")}, "tied_to": "v",
+                          "parts": [{"name": "q", "dim": 0, "start": 0, "stop": 2}],
+                          "padding": {"dim": 0, "size": 1},
+                          "fragmentation": {"degrees": {"tp": 2}, "boxes": [[[0], [2]], [[2], [3]]]}})
+        w.set_metadata(meta)
+    check_manifest(tmp_path / "ck")
+    raw = (tmp_path / "ck" / "ucp.manifest.json").read_text()
+    assert "NaN" not in raw and "Infinity" not in raw
+    json.loads(raw)  # strict JSON
+    ck = ucp.open(tmp_path / "ck")
+    m = ck.metadata
+    assert m["iteration"] == 1000
+    assert m["args"]["betas"] == [0.9, 0.999] and m["args"]["nested"] == [[1, 2], [3, [4]]]
+    assert math.isnan(m["floats"][0]) and m["floats"][1:3] == [math.inf, -math.inf]
+    assert math.copysign(1, m["floats"][3]) == -1 and m["floats"][4] == 1e-300
+    assert m["np"] == {"i": 7, "f": 0.5, "b": True, "nan": m["np"]["nan"]} and math.isnan(m["np"]["nan"])
+    assert torch.equal(m["rng"]["cpu"], rng) and m["rng"]["cpu"].dtype == torch.uint8
+    torch.set_rng_state(m["rng"]["cpu"])
+    a = torch.rand(3)
+    torch.set_rng_state(rng)
+    assert torch.equal(a, torch.rand(3))
+    assert torch.equal(m["rng"]["per_rank"][1], torch.arange(4))
+    assert m["blob"] == b"\x00\xffbinary"
+    assert m["int_keys"] == {0: {"step": 3}, 1: {"step": 4}}
+    assert m["$weird"] == 1 and m["dtype"] is torch.bfloat16
+    assert m["bf16"].dtype == torch.bfloat16 and m["bf16"].view(torch.int16).tolist() == \
+        meta["bf16"].view(torch.int16).tolist()
+    assert m["arr"].dtype == torch.float16
+    pm = ck.param_meta("w")
+    assert pm["scalars"] == {"step": 10, "loss_scale": math.inf} and pm["tied_to"] == "v"
+    assert pm["shape"] == [3] and pm["dtype"] == "float32"
+    assert verify(tmp_path / "ck") == []
+
+
+def test_unencodable_metadata_is_refused(tmp_path):
+    w = create_checkpoint(tmp_path / "ck")
+    with pytest.raises(MetadataEncodingError, match=r"metadata\.sched"):
+        w.set_metadata({"sched": object()})
+    w.abort()
+
