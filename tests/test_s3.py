@@ -1,0 +1,98 @@
+"""A checkpoint written to and read from a real S3 API (moto server on loopback) through fsspec."""
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+from ucp.errors import CorruptChunkError, NotCommittedError  # noqa: E402
+from ucp.format import create_checkpoint, open_checkpoint, verify  # noqa: E402
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    port = _free_port()
+    exe = shutil.which("moto_server")
+    cmd = [exe] if exe else [sys.executable, "-m", "moto.server"]
+    proc = subprocess.Popen(cmd + ["-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.skip("moto_server did not start")
+                time.sleep(0.1)
+        endpoint = f"http://127.0.0.1:{port}"
+        import botocore.session
+
+        opts = {"endpoint_url": endpoint, "key": "x", "secret": "x"}
+        client = botocore.session.get_session().create_client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+        client.create_bucket(Bucket="ucp-test")
+        yield opts
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_s3_roundtrip_verify_and_zarr(s3):
+    import zarr
+
+    url = "s3://ucp-test/ck"
+    w0 = torch.randn(300, 17)
+    b = torch.randn(50).bfloat16()
+    with create_checkpoint(url, storage_options=s3, chunk_bytes=4096) as w:
+        a = w.add_array("layers.0.w", "param", w0.shape, w0.dtype)
+        a.write((100, 0), w0[100:])       # out of order, partial chunks
+        a.write((0, 0), w0[:100])
+        w.write_tensor("layers.0.w", "exp_avg", w0 * 2)
+        w.write_tensor("b/x", "param", b)
+        w.set_metadata({"iteration": 3, "rng": torch.get_rng_state(), "lr": float("nan")})
+    ck = open_checkpoint(url, storage_options=s3)
+    assert ck.params == ["layers.0.w", "b/x"]
+    assert torch.equal(ck.read("layers.0.w"), w0)
+    assert torch.equal(ck.read("layers.0.w", "exp_avg", index=(slice(10, 20), 3)), (w0 * 2)[10:20, 3])
+    assert ck.read("b/x").view(torch.int16).tolist() == b.view(torch.int16).tolist()
+    assert torch.equal(ck.metadata["rng"], torch.get_rng_state())
+    assert verify(url, storage_options=s3) == []
+    g = zarr.open_group(url, mode="r", storage_options=s3)
+    assert (g["layers.0.w"]["param"][...] == w0.numpy()).all()
+    # create refuses the non-empty prefix; a corrupted object is caught
+    with pytest.raises(Exception, match="not empty"):
+        create_checkpoint(url, storage_options=s3)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3["endpoint_url"]}, key="x", secret="x")
+    key = "ucp-test/ck/layers.0.w/param/c/0/0"
+    data = bytearray(fs.cat_file(key))
+    data[5] ^= 0xFF
+    fs.pipe_file(key, bytes(data))
+    assert any("c/0/0" in p for p in verify(url, storage_options=s3))
+    with pytest.raises(CorruptChunkError):
+        open_checkpoint(url, storage_options=s3).read("layers.0.w")
+    fs.rm_file("ucp-test/ck/ucp.manifest.json")
+    with pytest.raises(NotCommittedError):
+        open_checkpoint(url, storage_options=s3)
+    # overwrite clears the prefix first
+    with create_checkpoint(url, storage_options=s3, overwrite=True) as w:
+        w.write_tensor("z", "param", torch.ones(2))
+    assert open_checkpoint(url, storage_options=s3).params == ["z"]
