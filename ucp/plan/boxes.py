@@ -157,8 +157,9 @@ def flat_to_boxes(a: int, b: int, shape: Sequence[int]) -> list[Box]:
 
 
 def _flat_rec(a: int, b: int, shape: Shape, prefix: tuple[int, ...]) -> list[Box]:
+    pstop = tuple(i + 1 for i in prefix)
     if len(shape) == 1:
-        return [Box(prefix + (a,), prefix + (b,))]
+        return [Box(prefix + (a,), pstop + (b,))]
     inner = math.prod(shape[1:])
     tail = tuple(shape[1:])
     full_st = tuple(0 for _ in tail)
@@ -171,7 +172,7 @@ def _flat_rec(a: int, b: int, shape: Shape, prefix: tuple[int, ...]) -> list[Box
         out += _flat_rec(a % inner, inner, tail, prefix + (r0,))
         r0 += 1
     if r0 < r1:
-        out.append(Box(prefix + (r0,) + full_st, prefix + (r1,) + tail))
+        out.append(Box(prefix + (r0,) + full_st, pstop + (r1,) + tail))
     if b % inner:
         out += _flat_rec(0, b % inner, tail, prefix + (r1,))
     return out
