@@ -262,7 +262,7 @@ class _Builder:
         for call in (pipe_c.children if pipe_c is not None else ()):
             node = self.op(call, pattern)
             axis = getattr(node, "axis", None)
-            if axis in used_axes:
+            if axis is not None and axis in used_axes:
                 raise self.err(call, f"axis {axis!r} is already used by an op at "
                                      f"{used_axes[axis]} of this rule: expected each axis at most once")
             used_axes[axis] = node.pos

@@ -121,8 +121,8 @@ def parse_pattern(text: str, pos: Pos, source: Optional[str], *, typed: bool = T
                 kind = kind.strip()
                 if kind == "int":
                     k = "int"
-                elif kind and all(a and "." not in a and "{" not in a and "*" not in a
-                                  for a in kind.split("|")):
+                elif "|" in kind and all(a.strip() and "." not in a and "{" not in a
+                                         and "*" not in a for a in kind.split("|")):
                     k = "alt"
                     alts = tuple(a.strip() for a in kind.split("|"))
                 else:

@@ -416,6 +416,15 @@ class BoundSpec:
                 return False
         return True
 
+    def holds(self, name: str, coords: Optional[Mapping[str, int]] = None) -> bool:
+        """Whether the rank at ``coords`` holds ``name``: its renumbered indices fall in the
+        rank's range, and no ``first(axis)`` / ``last(axis)`` attribute excludes the rank."""
+        hit = self._match(name)
+        if hit is None:
+            raise UnmatchedError([name], self.name)
+        return (self._holds(hit[0].rule, coords or {})
+                and self.local_name(name, coords) is not None)
+
     def placement(self, name: str) -> dict[str, int]:
         """For a renumbered name: {axis: rank} along each renumbering axis that holds it."""
         hit = self._match(name)
@@ -450,8 +459,6 @@ class BoundSpec:
         if hit is None:
             raise UnmatchedError([name], self.name)
         c, m = hit
-        if not self._holds(c.rule, coords or {}):
-            return None
         caps = dict(m.captures)
         for r, node in zip(c.rule.renumber, c.node.renumber):
             g = self._global_index(name, m, r, node)
@@ -469,7 +476,7 @@ class BoundSpec:
         ``coords``, or None when no rule gives that local name there."""
         for c in self._c:
             m = c.local_regex.fullmatch(local)
-            if not m or not self._holds(c.rule, coords or {}):
+            if not m:
                 continue
             caps = groupdict(m)
             ok = True
