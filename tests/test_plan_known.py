@@ -298,3 +298,11 @@ def test_coverage_overlap_is_reported():
         check_coverage("x", (5, 2), [a, b])
     with pytest.raises(CoverageError, match=r"\[3:5, 0:2\].*not covered"):
         check_coverage("x", (5, 2), [a])
+
+
+def test_fragment_dict_roundtrip():
+    import json
+    rules = {n: R(Shard(0, "tp"), Flat("dp", group="g"), Average("sp"), pattern=n) for n in ("a", "b")}
+    for f in rank_fragments(rules, {"a": (5, 3), "b": (4,)}, {"tp": 2, "dp": 3, "sp": 2},
+                            {"tp": 1, "dp": 1, "sp": 1}):
+        assert type(f).from_dict(json.loads(json.dumps(f.to_dict()))) == f

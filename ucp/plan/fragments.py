@@ -105,6 +105,28 @@ class Fragment:
         cs = ", ".join(f"{a}={c}" for a, c in self.coords)
         return f"{self.local_name} ({cs or 'single rank'})"
 
+    def to_dict(self) -> dict:
+        """JSON-ready form (metadata of the source fragmentation); :meth:`from_dict` inverts it."""
+        return {"name": self.name, "local_name": self.local_name, "coords": dict(self.coords),
+                "local_shape": list(self.local_shape),
+                "pieces": [[list(p.src.start), list(p.src.stop), list(p.dst.start), list(p.dst.stop)]
+                           for p in self.pieces],
+                "replica": self.replica, "weight": self.weight, "global_shape": list(self.global_shape),
+                "replicated": list(self.replicated), "averaged": list(self.averaged),
+                "group": self.group, "origin": self.origin}
+
+    @staticmethod
+    def from_dict(d: Mapping) -> "Fragment":
+        return Fragment(name=d["name"], local_name=d.get("local_name", d["name"]),
+                        coords=tuple((str(a), int(c)) for a, c in dict(d.get("coords", {})).items()),
+                        local_shape=tuple(d["local_shape"]),
+                        pieces=tuple(Piece(Box(tuple(a), tuple(b)), Box(tuple(c), tuple(e)))
+                                     for a, b, c, e in d.get("pieces", ())),
+                        replica=bool(d.get("replica", False)), weight=float(d.get("weight", 1.0)),
+                        global_shape=tuple(d.get("global_shape", ())),
+                        replicated=tuple(d.get("replicated", ())), averaged=tuple(d.get("averaged", ())),
+                        group=d.get("group"), origin=d.get("origin", ""))
+
 
 @dataclass(frozen=True)
 class Read:
@@ -833,6 +855,30 @@ def _runs(piece: Piece, sub: Box) -> list[Box]:
     return [sub] if piece.is_box else contiguous_runs(sub, piece.src)
 
 
+class _PieceIndex:
+    """Pieces sorted by their universal start on dim 0; a query scans only the pieces whose
+    dim-0 range can meet the box (starts in ``[box.start - longest, box.stop)``)."""
+
+    def __init__(self, items):
+        import bisect
+        self._bisect = bisect
+        self.items = sorted(items, key=lambda t: t[2].src.start[:1])
+        self.starts = [t[2].src.start[0] if t[2].src.ndim else 0 for t in self.items]
+        self.longest = max((t[2].src.shape[0] if t[2].src.ndim else 1 for t in self.items), default=0)
+
+    def query(self, box: Box):
+        if not self.items:
+            return
+        if box.ndim == 0:
+            yield from self.items
+            return
+        lo = self._bisect.bisect_left(self.starts, box.start[0] - self.longest + 1)
+        hi = self._bisect.bisect_left(self.starts, box.stop[0])
+        for t in self.items[lo:hi]:
+            if t[2].src.stop[0] > box.start[0]:
+                yield t
+
+
 def plan_reads(saved: Sequence[Fragment], want: Fragment) -> list[Read]:
     """The copies that fill ``want``'s local tensor from saved local tensors.
 
@@ -845,20 +891,21 @@ def plan_reads(saved: Sequence[Fragment], want: Fragment) -> list[Read]:
     groups = dedupe(mine)
     reads: list[Read] = []
     covered = 0
-    for grp in groups:
-        members = [(idx[id(f)], f, w) for f, w in grp]
-        _, f0, _ = members[0]
-        for wi, wp in enumerate(want.pieces):
-            for si, sp in enumerate(f0.pieces):
-                x = wp.src.intersect(sp.src)
-                if x.empty:
-                    continue
-                covered += x.numel
-                for xi in _runs(wp, x):
-                    for xij in _runs(sp, xi):
-                        wd = _dst_of(wp, xij)
-                        for sidx, f, w in members:
-                            reads.append(Read(sidx, _dst_of(f.pieces[si], xij), wd, xij, w))
+    index = _PieceIndex([(gi, si, sp) for gi, grp in enumerate(groups)
+                         for si, sp in enumerate(grp[0][0].pieces)])
+    members_of = [[(idx[id(f)], f, w) for f, w in grp] for grp in groups]
+    for wp in want.pieces:
+        for gi, si, sp in index.query(wp.src):
+            members = members_of[gi]
+            x = wp.src.intersect(sp.src)
+            if x.empty:
+                continue
+            covered += x.numel
+            for xi in _runs(wp, x):
+                for xij in _runs(sp, xi):
+                    wd = _dst_of(wp, xij)
+                    for sidx, f, w in members:
+                        reads.append(Read(sidx, _dst_of(f.pieces[si], xij), wd, xij, w))
     need = want.numel
     if covered != need:
         if covered > need:
