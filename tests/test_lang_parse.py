@@ -176,3 +176,28 @@ def test_include(tmp_path):
     (tmp_path / "cyc.ucp").write_text('include "cyc.ucp"\n')
     with pytest.raises(SpecError, match="include cycle"):
         load(tmp_path / "cyc.ucp")
+
+
+def test_language_md_examples_parse():
+    """Every ```ucp block of spec/LANGUAGE.md parses, alone or after a standard prelude."""
+    import re
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[1] / "spec" / "LANGUAGE.md").read_text()
+    blocks = re.findall(r"```ucp\n(.*?)```", doc, re.S)
+    assert len(blocks) >= 18
+    prelude = ("axes tp, pp, dp, ep\nconfig layers, heads, kv_heads, head_dim\n"
+               "config experts = 8, vocab_multiple = 128, fsdp_unit = 0\n")
+    lets = "let q_size = heads * head_dim\nlet kv_size = kv_heads * head_dim\n"
+    for b in blocks:
+        errors = []
+        for pre in ("", prelude, prelude + lets):
+            try:
+                spec = parse(pre + b, "doc.ucp")
+            except SpecError as e:
+                errors.append(str(e))
+                continue
+            spec.bind({a: 2 for a in spec.axes},
+                      {"layers": 8, "heads": 8, "kv_heads": 2, "head_dim": 16})
+            break
+        else:
+            raise AssertionError(f"LANGUAGE.md example does not parse:\n{b}\n{errors[-1]}")
