@@ -306,3 +306,26 @@ def test_fragment_dict_roundtrip():
     for f in rank_fragments(rules, {"a": (5, 3), "b": (4,)}, {"tp": 2, "dp": 3, "sp": 2},
                             {"tp": 1, "dp": 1, "sp": 1}):
         assert type(f).from_dict(json.loads(json.dumps(f.to_dict()))) == f
+
+
+def test_second_shard_on_parts_dim_splits_each_part_again():
+    gate, up = torch.randn(8, 2), torch.randn(8, 2)
+    rule = R(Parts(0, ("gate", "up")), Shard(0, "tp"), Shard(0, "sp"))
+    f = fragment(rule, (16, 2), {"tp": 2, "sp": 2}, {"tp": 1, "sp": 0})
+    exp = torch.cat([gate.chunk(2)[1].chunk(2)[0], up.chunk(2)[1].chunk(2)[0]])
+    assert torch.equal(split(torch.cat([gate, up]), f), exp)
+    with pytest.raises(PlanError, match="pad of dim 0 after parts"):
+        fragment(R(Parts(0, ("a", "b")), Pad(0, 4)), (6,), {}, {})
+
+
+def test_scalars_and_empty_tensors():
+    t = torch.tensor(3.5)
+    frs = [fragment(R(Flat("dp")), (), {"dp": 3}, {"dp": r}) for r in range(3)]
+    assert [f.local_shape for f in frs] == [(1,)] * 3 and [f.numel for f in frs] == [1, 0, 0]
+    assert torch.equal(assemble((), t.dtype, [(f, split(t, f)) for f in frs]), t)
+    e = torch.zeros(0, 3)
+    frs = [fragment(R(Shard(0, "tp")), (0, 3), {"tp": 2}, {"tp": r}) for r in range(2)]
+    check_coverage("w", (0, 3), frs)
+    assert assemble((0, 3), e.dtype, [(f, split(e, f)) for f in frs]).shape == (0, 3)
+    with pytest.raises(CoverageError):
+        assemble((2,), torch.float32, [])

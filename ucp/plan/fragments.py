@@ -541,9 +541,8 @@ def rank_fragments(rules: Mapping[str, BoundRule], shapes: Mapping[str, Sequence
         try:
             caps = None
             if rule.renumber or local_name is None:
-                caps = dict(cap_of(name)) if cap_of is not None else match_captures(rule.pattern, name)
-                if caps is None:
-                    caps = {}
+                caps = cap_of(name) if cap_of is not None else match_captures(rule.pattern, name)
+                caps = dict(caps) if caps else {}
             here = True
             local_caps = dict(caps or {})
             for rn in rule.renumber:
@@ -803,8 +802,12 @@ def assemble(global_shape: Sequence[int], dtype, items: Sequence[tuple[Fragment,
 
     global_shape = tuple(int(s) for s in global_shape)
     frs = [f for f, _ in items]
-    if check and frs:
-        check_coverage(frs[0].name, global_shape, frs)
+    if check:
+        if not frs:
+            if math.prod(global_shape):
+                raise CoverageError(f"assemble: no fragments for a tensor of shape {global_shape}")
+        else:
+            check_coverage(frs[0].name, global_shape, frs)
     local_of = {id(f): t for f, t in items}
     out = torch.zeros(global_shape, dtype=dtype)
     for grp in dedupe(frs):
