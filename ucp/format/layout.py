@@ -91,7 +91,7 @@ def group_doc(attrs=None) -> dict:
 
 
 def doc_bytes(doc) -> bytes:
-    return (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode()
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
 def canonical(obj) -> bytes:

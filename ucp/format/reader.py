@@ -145,7 +145,7 @@ class Checkpoint:
             raise UcpError(f"box {start}..{stop} does not fit {name!r}/{state!r} of shape {shape}")
         bshape = [e - s for s, e in zip(start, stop)]
         if out is None:
-            out = torch.empty(bshape, dtype=a.info.dtype)
+            out = _empty(bshape, a.info.dtype, a.isz)
         else:
             if list(out.shape) != bshape or out.dtype != a.info.dtype or not out.is_contiguous() \
                     or out.device.type != "cpu":
@@ -160,8 +160,19 @@ class Checkpoint:
         rowfast = self._store.local and len(shape) >= 1 and tuple(ch[1:]) == tuple(shape[1:]) and \
             all(s == 0 for s in start[1:]) and list(stop[1:]) == list(shape[1:])
         jobs = list(_product(layout.chunk_ranges(start, stop, ch)))
+        if self._store.local and len(jobs) > 1:
+            self._store.prefetch([f"{a.info.path}/{chunk_key(j)}" for j in jobs[1:PREFETCH + 1]])
         fn = (lambda idx: self._read_rows(a, idx, start, stop, obytes)) if rowfast else \
             (lambda idx: self._read_generic(a, idx, start, stop, onp))
+        if self._store.local and len(jobs) > PREFETCH + 1:
+            fn0, keys = fn, [f"{a.info.path}/{chunk_key(j)}" for j in jobs]
+            pos = {j: i for i, j in enumerate(jobs)}
+
+            def fn(idx):  # keep the kernel reading PREFETCH chunks ahead (posix_fadvise WILLNEED)
+                i = pos[idx] + PREFETCH + 1
+                if i < len(keys):
+                    self._store.prefetch(keys[i:i + 1])
+                return fn0(idx)
         if len(jobs) > 1 and self._workers > 1 and nbytes_needed >= (8 << 20):
             if self._pool is None:
                 with self._slock:
@@ -275,6 +286,19 @@ class Checkpoint:
 
     def __repr__(self):
         return f"<ucp.Checkpoint {self.path!r}: {len(self._params)} params>"
+
+
+PREFETCH = 8
+_HUGE = 1 << 20
+
+
+def _empty(shape, dtype, isz):
+    """Output buffer; large ones come from numpy, whose allocator asks for transparent huge pages
+    (first touch ~2.5x faster than torch.empty on the VMs measured)."""
+    n = math.prod(shape)
+    if n * isz < _HUGE:
+        return torch.empty(shape, dtype=dtype)
+    return torch.from_numpy(np.empty(n * isz, dtype=np.uint8)).view(dtype).reshape(shape)
 
 
 def _no_tensor(_p):

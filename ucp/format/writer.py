@@ -303,10 +303,7 @@ class CheckpointWriter:
             for key, bufs in jobs:
                 arr._flush(key, bufs)
             return
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="ucp-write")
-            pool = self._pool
+        pool = self._get_pool()
         futs = [pool.submit(arr._flush, key, bufs) for key, bufs in jobs]
         err = None
         for f in futs:
@@ -317,14 +314,39 @@ class CheckpointWriter:
         if err is not None:
             raise err
 
+    def _get_pool(self):
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="ucp-write")
+            return self._pool
+
     def _check_open(self):
         if self._closed:
             raise UcpError(f"{self.path}: the checkpoint writer is closed (committed or aborted)")
 
     def _put_doc(self, files, rel, doc):
         data = layout.doc_bytes(doc)
-        self._store.put(rel, [data])
         files[rel] = [len(data), crc32c.crc32c(data)]
+        self._docs.append((rel, data))
+
+    def _write_docs(self):
+        docs, self._docs = self._docs, []
+        # parents first, so directories exist before their children are created concurrently
+        docs.sort(key=lambda d: d[0].count("/"))
+        if self._workers > 1 and len(docs) > 8:
+            pool = self._get_pool()
+            depth = None
+            batch = []
+            for rel, data in docs + [(None, None)]:
+                dd = rel.count("/") if rel else -1
+                if dd != depth and batch:
+                    list(pool.map(lambda d: self._store.put(d[0], [d[1]]), batch))
+                    batch = []
+                depth = dd
+                batch.append((rel, data))
+        else:
+            for rel, data in docs:
+                self._store.put(rel, [data])
 
     def commit(self) -> None:
         self._check_open()
@@ -339,6 +361,7 @@ class CheckpointWriter:
             raise IncompleteCheckpointError(
                 f"{self.path}: cannot commit, {len(problems)} chunk(s) unwritten:\n  " + "\n  ".join(problems[:20]) + more)
         files: dict[str, list] = {}
+        self._docs = []
         params_rec = []
         root_attrs = {"ucp": {"format_version": manifest.FORMAT_VERSION, "writer": _writer_version(),
                               "manifest": MANIFEST, "metadata": self._metadata}}
@@ -373,6 +396,7 @@ class CheckpointWriter:
             "meta_arrays": meta_rec,
             "files": files,
         }
+        self._write_docs()
         if self.durable:
             self._store.sync()
         self._store.put_atomic(MANIFEST, manifest.dump(body), fsync=self.durable)
