@@ -1,13 +1,11 @@
 """Hypothesis strategies for random layouts (shared by the tests/test_plan_*.py files)."""
 from __future__ import annotations
 
-import math
-
 import torch
 from hypothesis import strategies as st
 
-from ucp.plan import (Average, BoundRule, Flat, Pad, Parts, Replicate, Shard, assemble,
-                      mesh_coords, rank_fragments, split, split_group)
+from ucp.plan import (Average, BoundRule, Flat, Pad, Parts, Replicate, Shard, mesh_coords,
+                      rank_fragments, split, split_group)
 
 AXES = ("tp", "dp", "sp")
 
