@@ -120,6 +120,8 @@ def test_all_converters_present():
 def test_converter_parses_and_binds(name, degrees):
     spec = load(name)
     assert load(CONVERTERS / f"{name}.ucp").name == spec.name == name
+    assert spec.text == (CONVERTERS / f"{name}.ucp").read_text()
+    assert spec.filename == str(CONVERTERS / f"{name}.ucp")
     deg = {k: v for k, v in degrees.items() if k in spec.axes}
     const = {k: v for k, v in MODEL.items() if k in spec.configs}
     missing = [c for c in spec.constants_needed if c not in const]

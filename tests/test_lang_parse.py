@@ -42,6 +42,7 @@ CASES = [
     ('param "a" = parts(gate, up, dim=0) | shard(0, over=tp)',
      (Parts(0, ("gate", "up")), Shard(0, "tp")), ()),
     ('param "a" = parts(gate, up)', (Parts(0, ("gate", "up")),), ()),
+    ('param "a" = parts(q, k, v, interleave=kv_heads)', (Parts(0, ("q", "k", "v"), None, 2),), ()),
     ('param "a" = parts(q, k, v, dim=0, sizes=[q_size, kv_size, kv_size], groups=kv_heads)'
      ' | shard(0, over=tp)', (Parts(0, ("q", "k", "v"), (128, 32, 32), 2), Shard(0, "tp")), ()),
     ('param "l.{i}.w" = layers(i, over=pp, count=layers)', (),

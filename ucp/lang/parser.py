@@ -127,7 +127,8 @@ OPS = {
     "flat": _Schema((), {"over": "axis", "group": "ident", "align": "expr",
                          "param_align": "expr"}, ("over",)),
     "pad": _Schema(("dim",), {"dim": "expr", "multiple": "expr"}, ("dim", "multiple")),
-    "parts": _Schema((), {"names": "ident", "dim": "expr", "sizes": "exprlist", "groups": "expr"},
+    "parts": _Schema((), {"names": "ident", "dim": "expr", "sizes": "exprlist", "groups": "expr",
+                          "interleave": "expr"},
                      (), varargs="names"),
     "layers": _RENUM,
     "experts": _RENUM,
@@ -366,8 +367,11 @@ class _Builder:
             if sz is not None and len(sz) != len(names):
                 raise self.err(a["sizes"][1], f"parts: {len(sz)} sizes for {len(names)} parts: "
                                               f"expected one size per part")
-            return A.PartsOp(a.get("dim", (A.Num(0, pos),))[0], tuple(names), sz,
-                             a.get("groups", (A.Num(1, pos),))[0], pos)
+            if "groups" in a and "interleave" in a:
+                raise self.err(a["interleave"][1], "parts: groups= and interleave= together: "
+                                                   "interleave is another spelling of groups")
+            groups = a.get("groups", a.get("interleave", (A.Num(1, pos),)))[0]
+            return A.PartsOp(a.get("dim", (A.Num(0, pos),))[0], tuple(names), sz, groups, pos)
         # renumbering: layers / experts / renumber
         cap, node = a["capture"]
         if cap not in pattern.named:

@@ -72,6 +72,7 @@ class Spec:
         self.renames: tuple[A.RenameRule, ...] = tuple(data.renames)
         self.includes: tuple[str, ...] = tuple(data.includes)
         self.sources = data.sources
+        self.text: str = data.sources.get(data.filename, "")   # source text of the top file
         self._rename_re = [(r, r.target.regex(), r.source.regex()) for r in self.renames]
 
     def __repr__(self) -> str:
