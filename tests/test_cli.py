@@ -78,6 +78,7 @@ def test_diff_equal_close_and_different(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "emb.weight" in out and "differs" in out
     assert main(["diff", str(a), str(c), "--atol", "1e-3"]) == 0
+    assert "0 differ beyond atol=0.001" in capsys.readouterr().out
     d = _make(tmp_path / "d", extra=True)
     assert main(["diff", str(a), str(d), "--json"]) == 1
     rep = json.loads(capsys.readouterr().out)

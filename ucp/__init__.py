@@ -18,7 +18,7 @@ def open(path, **kwargs):  # noqa: A001 - mirrors zarr.open / builtins.open on p
 
 def convert(src, dst, source="auto", spec=None, **kwargs):
     """Convert a framework checkpoint at ``src`` into a universal checkpoint at ``dst``."""
-    from ucp.convert import convert as _convert
+    from ucp.conversion import convert as _convert
 
     return _convert(src, dst, source=source, spec=spec, **kwargs)
 

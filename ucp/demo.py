@@ -149,7 +149,7 @@ def run_demo(directory=None, quiet=False) -> bool:
     step("save TP=2 x ZeRO-3 DP=2 rank files", lambda: save_ranks(
         states, src, spec_text=DEMO_SPEC, spec_name="<demo spec>", degrees={"tp": 2, "dp": 2},
         scalars=scalars, metadata=meta))
-    _say(quiet, f"  saved 4 rank files (TP=2 x DP=2): {', '.join(sorted(p.name for p in src.glob('*.pt')))}")
+    _say(quiet, f"  saved 4 rank files (TP=2 x DP=2): {', '.join(sorted(p.name for p in src.glob('rank*.pt')))}")
 
     uni = root / "universal"
     step("ucp convert -> universal", lambda: ucp.convert(src, uni, source="ranks"))

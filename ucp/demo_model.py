@@ -131,7 +131,7 @@ def train_steps(model: TinyLlama, opt: torch.optim.Optimizer, start: int, n: int
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 

@@ -23,6 +23,7 @@ import torch
 from ucp.errors import UcpError
 
 LAYOUT_FILE = "layout.json"
+META_FILE = "meta.pt"
 FORMAT_NAME = "ucp-ranks"
 
 
@@ -72,12 +73,13 @@ def fragments_for(bound, matches, shapes: dict[str, tuple], degrees: dict, coord
                           captures=lambda n: caps[n])
 
 
-def resolve_spec_text(spec: str | None, fallback_text: str | None) -> tuple[str, str]:
+def resolve_spec_text(spec: str | None, fallback_text: str | None,
+                      fallback_name: str | None = None) -> tuple[str, str]:
     """(text, name) of a spec given as a file path, a converters/ name, or embedded text."""
     if spec is None:
         if fallback_text is None:
             raise RanksError("no spec given and none embedded in layout.json")
-        return fallback_text, f"{LAYOUT_FILE}:spec"
+        return fallback_text, fallback_name or f"{LAYOUT_FILE}:spec"
     p = Path(spec)
     if p.is_file():
         return p.read_text(), str(p)
@@ -148,8 +150,12 @@ def save_ranks(states: dict[str, dict[str, torch.Tensor]], dst: str | os.PathLik
         "degrees": {a: int(degrees.get(a, 1)) for a in spec.axes}, "constants": constants,
         "params": [{"name": n, "shape": list(shapes[n]), "dtypes": dtypes[n],
                     **({"scalars": scalars[n]} if scalars and n in scalars else {})} for n in names],
-        "ranks": ranks, "metadata": metadata or {},
+        "ranks": ranks,
     }
+    if metadata:
+        # Non-tensor state may hold tensors (RNG states): a weights-only torch file, not JSON.
+        torch.save(metadata, dst / META_FILE)
+        layout["metadata_file"] = META_FILE
     tmp = dst / (LAYOUT_FILE + ".tmp")
     tmp.write_text(json.dumps(layout, indent=1))
     os.replace(tmp, dst / LAYOUT_FILE)
@@ -189,7 +195,7 @@ def convert_ranks(src, dst, *, spec=None, progress=False, storage_options=None,
 
     src = Path(src)
     layout = read_layout(src)
-    spec_text, spec_name = resolve_spec_text(spec, layout.get("spec"))
+    spec_text, spec_name = resolve_spec_text(spec, layout.get("spec"), layout.get("spec_name"))
     degrees, constants = layout["degrees"], layout.get("constants", {})
     params = layout["params"]
     shapes = {p["name"]: tuple(p["shape"]) for p in params}
@@ -259,9 +265,10 @@ def convert_ranks(src, dst, *, spec=None, progress=False, storage_options=None,
                             acc = acc.to(_dtype(dtn))
                         a.write(tuple(pc.src.start), acc)
                 pb.update(int(torch.Size(shape).numel()))
+        extra = load_rank_file(src / layout["metadata_file"]) if layout.get("metadata_file") else {}
         w.set_metadata({"source": {"format": FORMAT_NAME, "path": str(src), "degrees": degrees,
                                    "spec": spec_name, "spec_text": spec_text,
-                                   "constants": constants}, **layout.get("metadata", {})})
+                                   "constants": constants}, **extra})
 
 
 def export_ranks(src, dst, *, degrees: dict, spec=None, constants=None, progress=False,
