@@ -122,10 +122,22 @@ def main():
             int(t.reshape(-1).view(torch.uint8)[::4096].sum())
         return d
 
+    outs = {k: torch.from_numpy(np.empty(t.numel() * t.element_size(), np.uint8)).view(t.dtype).reshape(t.shape)
+            for k, t in big.items()}
+    for o in outs.values():
+        o.view(torch.uint8).fill_(1)
+
+    def np_readinto():
+        for k in big:
+            with open(npdir / k, "rb", buffering=0) as f:
+                f.readinto(memoryview(outs[k].view(torch.uint8).numpy()).cast("B"))
+
     res = {}
     res["np_w"] = best(np_write, a.reps, lambda: (rm(npdir), os.sync()))[0]
     res["np_r"] = best(np_read, a.reps)[0]
     res["np_rc"] = best(np_read, a.reps, drop)[0] if cold else None
+    res["np_ri"] = best(np_readinto, a.reps)[0]
+    res["np_ric"] = best(np_readinto, a.reps, drop)[0] if cold else None
     res["st_w"] = best(st_write, a.reps, lambda: (rm(stp), os.sync()))[0]
     res["st_r"] = best(st_read, a.reps)[0]
     res["st_rc"] = best(st_read, a.reps, drop)[0] if cold else None
@@ -135,12 +147,16 @@ def main():
 
     say(f"numpy tofile+fsync write {gbps(res['np_w']):6.2f}   fromfile warm {gbps(res['np_r']):6.2f}"
         + (f"   cold {gbps(res['np_rc']):6.2f}" if cold else ""))
+    say(f"numpy readinto (prealloc)           into warm {gbps(res['np_ri']):6.2f}"
+        + (f"   cold {gbps(res['np_ric']):6.2f}" if cold else ""))
     say(f"safetensors save+fsync  {gbps(res['st_w']):6.2f}   load_file warm {gbps(res['st_r']):6.2f}"
         + (f"   cold {gbps(res['st_rc']):6.2f}" if cold else ""))
     say(f"{'ucp config':28s} {'write':>6s} {'/np':>5s} {'/st':>5s} | {'warm rd':>7s} {'/np':>5s} {'/st':>5s}"
-        + (f" | {'cold rd':>7s} {'/np':>5s} {'/st':>5s}" if cold else "") + " | row-slice 1%: read/need")
+        + (f" | {'cold rd':>7s} {'/np':>5s} {'/st':>5s}" if cold else "")
+        + f" | {'out= warm':>9s} {'/np':>5s}" + (f" {'cold':>5s} {'/np':>5s}" if cold else "")
+        + " | row-slice 1%: read/need")
     ck = base / "ucp"
-    configs = [(int(c), 2) for c in a.chunk_mb.split(",")] + [(4, 1), (4, 4)]
+    configs = [(int(c), 4) for c in a.chunk_mb.split(",")] + [(4, 1), (4, 2)]
     for cmb, workers in configs:
         def u_write():
             with create_checkpoint(ck, chunk_bytes=cmb * MiB, workers=workers) as w:
@@ -154,6 +170,13 @@ def main():
         tw = best(u_write, a.reps, lambda: (rm(ck), os.sync()))[0]
         tr = best(u_read, a.reps)[0]
         trc = best(u_read, a.reps, drop)[0] if cold else None
+        def u_read_into():
+            c = open_checkpoint(ck, workers=workers)
+            for k in big:
+                c.read(k, out=outs[k])
+
+        tri = best(u_read_into, a.reps)[0]
+        tric = best(u_read_into, a.reps, drop)[0] if cold else None
         c = open_checkpoint(ck)
         rows = big["w32"].shape[0]
         c.read("w32", index=slice(rows // 2, rows // 2 + max(1, rows // 100)))
@@ -163,6 +186,9 @@ def main():
                 f"{gbps(tr):7.2f} {res['np_r'] / tr:5.2f} {res['st_r'] / tr:5.2f}")
         if cold:
             line += f" | {gbps(trc):7.2f} {res['np_rc'] / trc:5.2f} {res['st_rc'] / trc:5.2f}"
+        line += f" | {gbps(tri):9.2f} {res['np_ri'] / tri:5.2f}"
+        if cold:
+            line += f" {gbps(tric):5.2f} {res['np_ric'] / tric:5.2f}"
         line += f" | {s['bytes_read'] / s['bytes_needed']:.2f}x"
         say(line)
     got = open_checkpoint(ck).read("w16")

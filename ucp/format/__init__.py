@@ -2,8 +2,8 @@
 
 See spec/FORMAT.md (normative). Public API::
 
-    create_checkpoint(path, overwrite=False, storage_options=None, chunk_bytes=None, durable=True, workers=2)
-    open_checkpoint(path, storage_options=None, workers=2)
+    create_checkpoint(path, overwrite=False, storage_options=None, chunk_bytes=None, durable=True, workers=4, fsync_each=None)
+    open_checkpoint(path, storage_options=None, workers=4)
     verify(path, deep=True, storage_options=None)
 """
 from ucp.format.layout import DEFAULT_CHUNK_BYTES, default_chunks

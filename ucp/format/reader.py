@@ -48,7 +48,7 @@ class _Array:
 class Checkpoint:
     """Read-only view of a committed universal checkpoint."""
 
-    def __init__(self, path, storage_options=None, workers=2):
+    def __init__(self, path, storage_options=None, workers=4):
         self.path = path
         self._store = make_store(path, storage_options)
         try:
@@ -160,11 +160,11 @@ class Checkpoint:
         rowfast = self._store.local and len(shape) >= 1 and tuple(ch[1:]) == tuple(shape[1:]) and \
             all(s == 0 for s in start[1:]) and list(stop[1:]) == list(shape[1:])
         jobs = list(_product(layout.chunk_ranges(start, stop, ch)))
-        if self._store.local and len(jobs) > 1:
+        if self._store.local and len(jobs) > 1 and PREFETCH:
             self._store.prefetch([f"{a.info.path}/{chunk_key(j)}" for j in jobs[1:PREFETCH + 1]])
         fn = (lambda idx: self._read_rows(a, idx, start, stop, obytes)) if rowfast else \
             (lambda idx: self._read_generic(a, idx, start, stop, onp))
-        if self._store.local and len(jobs) > PREFETCH + 1:
+        if self._store.local and PREFETCH and len(jobs) > PREFETCH + 1:
             fn0, keys = fn, [f"{a.info.path}/{chunk_key(j)}" for j in jobs]
             pos = {j: i for i, j in enumerate(jobs)}
 
@@ -311,5 +311,5 @@ def _product(ranges):
     return itertools.product(*ranges)
 
 
-def open_checkpoint(path, storage_options=None, workers=2) -> Checkpoint:
+def open_checkpoint(path, storage_options=None, workers=4) -> Checkpoint:
     return Checkpoint(path, storage_options=storage_options, workers=workers)

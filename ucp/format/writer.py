@@ -15,6 +15,11 @@ from ucp.format import dtypes, jsonmeta, layout, manifest, names
 from ucp.format.layout import CRC_BYTES, chunk_key
 from ucp.format.store import MANIFEST, make_store
 
+# Chunks above this size are fsync'ed by the thread that wrote them (overlaps the flush with other
+# writes: 0.87x -> 0.9x of numpy tofile+fsync measured); smaller files rely on one syncfs at commit.
+FSYNC_MIN = 1 << 20
+DEFAULT_WORKERS = 4
+
 PARAM_META_KEYS = ("shape", "dtype", "fragmentation", "parts", "padding", "tied_to", "frozen", "rule", "scalars")
 
 
@@ -149,8 +154,9 @@ class ArrayWriter:
                 mv = memoryview(b).cast("B")
                 crc = crc32c.crc32c(mv, crc)
                 size += len(mv)
-            self._ckw._store.put(f"{self.rel}/{key}", [*bufs, crc.to_bytes(4, "little")],
-                                 fsync=self._ckw._fsync_each)
+            ckw = self._ckw
+            fsync = ckw.durable and (ckw._fsync_each if ckw._fsync_each is not None else size > FSYNC_MIN)
+            ckw._store.put(f"{self.rel}/{key}", [*bufs, crc.to_bytes(4, "little")], fsync=fsync)
         except BaseException:
             with self._lock:
                 self._done.pop(key, None)
@@ -214,7 +220,7 @@ class _Param:
 
 class CheckpointWriter:
     def __init__(self, path, overwrite=False, storage_options=None, chunk_bytes=None, durable=True,
-                 workers=2, fsync_each=False):
+                 workers=DEFAULT_WORKERS, fsync_each=None):
         self.path = path
         self._store = make_store(path, storage_options)
         if not self._store.is_empty():
@@ -223,7 +229,7 @@ class CheckpointWriter:
             self._store.clear()
         self.chunk_bytes = int(chunk_bytes or layout.DEFAULT_CHUNK_BYTES)
         self.durable = durable
-        self._fsync_each = bool(fsync_each and durable)
+        self._fsync_each = fsync_each
         self._workers = int(workers or 0)
         self._pool = None
         self._lock = threading.Lock()
@@ -425,6 +431,6 @@ class CheckpointWriter:
 
 
 def create_checkpoint(path, overwrite=False, storage_options=None, chunk_bytes=None, durable=True,
-                      workers=2, fsync_each=False) -> CheckpointWriter:
+                      workers=DEFAULT_WORKERS, fsync_each=None) -> CheckpointWriter:
     return CheckpointWriter(path, overwrite=overwrite, storage_options=storage_options,
                             chunk_bytes=chunk_bytes, durable=durable, workers=workers, fsync_each=fsync_each)
