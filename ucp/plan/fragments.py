@@ -509,6 +509,17 @@ def substitute(pattern: str, captures: Mapping[str, object]) -> str:
     return _CAPTURE.sub(rep, pattern)
 
 
+def _placed_here(rule: BoundRule, degrees: Mapping[str, int], coords: Mapping[str, int]) -> bool:
+    """``first(axis)`` / ``last(axis)`` attributes pin a tensor to one end of an axis
+    (Megatron's embedding on the first pipeline stage, the output layer on the last)."""
+    for key, axis in rule.attrs:
+        if key == "first" and int(coords.get(axis, 0)) != 0:
+            return False
+        if key == "last" and int(coords.get(axis, 0)) != int(degrees.get(axis, 1)) - 1:
+            return False
+    return True
+
+
 def rank_fragments(rules: Mapping[str, BoundRule], shapes: Mapping[str, Sequence[int]],
                    degrees: Mapping[str, int], coords: Mapping[str, int], *,
                    local_name: Optional[Callable[[str, Mapping[str, int]], str]] = None,
@@ -557,6 +568,8 @@ def rank_fragments(rules: Mapping[str, BoundRule], shapes: Mapping[str, Sequence
                 local_caps[rn.capture] = li
                 if int(coords.get(rn.axis, 0)) != rank:
                     here = False
+            if here and not _placed_here(rule, degrees, coords):
+                here = False
             if not here:
                 continue
             if local_name is not None:
