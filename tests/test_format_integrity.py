@@ -130,3 +130,30 @@ def test_context_manager_aborts_on_exception(tmp_path):
             w.write_tensor("x", "param", torch.ones(3))
             raise RuntimeError("boom")
     assert not (tmp_path / "ck" / "ucp.manifest.json").exists()
+
+
+def test_resume_interrupted_write(tmp_path):
+    p = tmp_path / "ck"
+    t = torch.randn(40, 8)
+    w = create_checkpoint(p, chunk_bytes=8 * 4 * 10)  # 4 row chunks of 10 rows
+    a = w.add_array("w", "param", t.shape, t.dtype)
+    a.write((0, 0), t[:20])
+    a.write((20, 0), t[20:25])  # partial chunk: staged only, lost with the process
+    w.abort()
+    # corrupt one of the finished chunks: resume must not trust it
+    f = p / "w" / "param" / "c" / "1" / "0"
+    b = bytearray(f.read_bytes())
+    b[0] ^= 1
+    f.write_bytes(b)
+    with pytest.raises(UcpError, match="not empty"):
+        create_checkpoint(p)
+    w = create_checkpoint(p, resume=True, chunk_bytes=8 * 4 * 10)
+    a = w.add_array("w", "param", t.shape, t.dtype)
+    assert a.pending() == [((10, 0), (20, 8)), ((20, 0), (30, 8)), ((30, 0), (40, 8))]
+    a.write((0, 0), t)  # rewrites only the pending chunks
+    w.set_metadata({"rng": torch.arange(3)})
+    w.commit()
+    assert verify(p) == []
+    assert torch.equal(open_checkpoint(p).read("w"), t)
+    with pytest.raises(UcpError, match="already a committed"):
+        create_checkpoint(p, resume=True)

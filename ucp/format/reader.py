@@ -173,7 +173,7 @@ class Checkpoint:
                 if i < len(keys):
                     self._store.prefetch(keys[i:i + 1])
                 return fn0(idx)
-        if len(jobs) > 1 and self._workers > 1 and nbytes_needed >= (8 << 20):
+        if len(jobs) > 1 and self._workers > 1 and (nbytes_needed >= (8 << 20) or not self._store.local):
             if self._pool is None:
                 with self._slock:
                     if self._pool is None:

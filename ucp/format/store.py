@@ -55,7 +55,16 @@ class LocalStore:
     def _mkdir(self, d):
         if d in self._dirs:
             return
-        os.makedirs(d, exist_ok=True)
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            self._mkdir(os.path.dirname(d))
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                pass
         with self._dlock:
             self._dirs.add(d)
 

@@ -36,6 +36,29 @@ def _no_tensor(_t):
     raise UcpError("tensors are not allowed in per-parameter metadata; store them as a state array")
 
 
+_META_TYPES = {"shape": list, "dtype": str, "fragmentation": dict, "parts": list, "padding": dict,
+               "tied_to": str, "frozen": bool, "rule": str, "scalars": dict}
+
+
+def _check_meta(name, meta):
+    for k, v in meta.items():
+        if not isinstance(k, str):
+            raise UcpError(f"param {name!r}: metadata keys must be strings, got {k!r}")
+        want = _META_TYPES.get(k)
+        if want is list and isinstance(v, tuple):
+            continue
+        if want is not None and not isinstance(v, want):
+            raise UcpError(f"param {name!r}: meta[{k!r}] must be a {want.__name__}, got {type(v).__name__}")
+    if "dtype" in meta and meta["dtype"] not in dtypes.SUPPORTED:
+        raise UcpError(f"param {name!r}: meta['dtype'] {meta['dtype']!r} is not a ucp dtype")
+    for part in meta.get("parts") or ():
+        if not (isinstance(part, dict) and {"name", "dim", "start", "stop"} <= set(part)):
+            raise UcpError(f"param {name!r}: each of meta['parts'] needs name, dim, start, stop; got {part!r}")
+    pad = meta.get("padding")
+    if pad is not None and not {"dim", "size"} <= set(pad):
+        raise UcpError(f"param {name!r}: meta['padding'] needs dim and size; got {pad!r}")
+
+
 class _Staging:
     __slots__ = ("buf", "boxes", "filled")
 
@@ -48,7 +71,7 @@ class _Staging:
 class ArrayWriter:
     """One (parameter, state) array. ``write(offset, tensor)`` may be called from any thread."""
 
-    def __init__(self, ckw, pname, penc, state, shape, dtype_name, chunks, rel=None):
+    def __init__(self, ckw, pname, penc, state, shape, dtype_name, chunks, rel=None, scan=True):
         self._ckw = ckw
         self.name, self.state = pname, state
         self.rel = rel or f"{penc}/{state}"
@@ -63,6 +86,35 @@ class ArrayWriter:
         self._done: dict[str, list | None] = {}
         self._staged: dict[tuple, _Staging] = {}
         self._lock = threading.Lock()
+        self._resumed: set[str] = set()
+        if ckw._resume and scan:
+            self._scan_existing()
+
+    def _scan_existing(self):
+        """Resume: adopt chunk files of an earlier, uncommitted run whose size and crc32c check out."""
+        store = self._ckw._store
+        want = math.prod(self.chunks) * self._isz + CRC_BYTES
+        for idx in layout.all_chunk_indices(self.shape, self.chunks):
+            key = chunk_key(idx)
+            rel = f"{self.rel}/{key}"
+            if store.size(rel) != want:
+                continue
+            data = memoryview(store.get(rel))
+            crc = crc32c.crc32c(data[:-CRC_BYTES])
+            if len(data) == want and crc == int.from_bytes(data[-CRC_BYTES:], "little"):
+                self._done[key] = [want, crc]
+                self._resumed.add(key)
+
+    def pending(self):
+        """Boxes ``(start, stop)`` of the chunks still to write (all of them for a fresh array)."""
+        out = []
+        with self._lock:
+            done = {k for k, v in self._done.items() if v is not None}
+        for idx in layout.all_chunk_indices(self.shape, self.chunks):
+            if chunk_key(idx) not in done:
+                cst = tuple(i * c for i, c in zip(idx, self.chunks))
+                out.append((cst, tuple(min(a + c, n) for a, c, n in zip(cst, self.chunks, self.shape))))
+        return out
 
     @property
     def where(self):
@@ -104,6 +156,8 @@ class ArrayWriter:
         isp = tuple(min(a, b) for a, b in zip(stop, cvs))
         src = arr[tuple(slice(a - o, b - o) for a, b, o in zip(ist, isp, start))]
         key = chunk_key(idx)
+        if key in self._resumed:  # written by the interrupted run and checked: skip
+            return None
         if ist == cst and isp == cvs:  # the box covers this chunk's whole (valid) region
             with self._lock:
                 if key in self._done or idx in self._staged:
@@ -220,10 +274,16 @@ class _Param:
 
 class CheckpointWriter:
     def __init__(self, path, overwrite=False, storage_options=None, chunk_bytes=None, durable=True,
-                 workers=DEFAULT_WORKERS, fsync_each=None):
+                 workers=DEFAULT_WORKERS, fsync_each=None, resume=False):
         self.path = path
         self._store = make_store(path, storage_options)
-        if not self._store.is_empty():
+        self._resume = bool(resume)
+        if resume:
+            if overwrite:
+                raise UcpError("resume=True and overwrite=True exclude each other")
+            if self._store.exists(MANIFEST):
+                raise UcpError(f"{path} is already a committed ucp checkpoint: nothing to resume")
+        elif not self._store.is_empty():
             if not overwrite:
                 raise DestinationNotEmptyError(f"{path} is not empty; pass overwrite=True to replace it")
             self._store.clear()
@@ -252,12 +312,14 @@ class CheckpointWriter:
             if meta:
                 if not isinstance(meta, dict):
                     raise UcpError(f"param {name!r}: meta must be a dict")
+                _check_meta(name, meta)
                 p.meta.update(jsonmeta.encode(dict(meta), _no_tensor, f"param {name!r} meta"))
             return p
 
     def add_array(self, name, state, shape, dtype, chunks=None) -> ArrayWriter:
         names.check_state_name(state)
         dn = dtypes.dtype_name(dtype)
+        asked = chunks
         shape = tuple(int(s) for s in shape)
         if any(s < 0 for s in shape):
             raise UcpError(f"param {name!r} state {state!r}: negative extent in shape {shape}")
@@ -267,7 +329,7 @@ class CheckpointWriter:
         with self._lock:
             a = p.arrays.get(state)
             if a is not None:
-                if (a.shape, a.dtype_name) == (shape, dn) and (chunks is None or a.chunks == chunks):
+                if (a.shape, a.dtype_name) == (shape, dn) and (asked is None or a.chunks == chunks):
                     return a
                 raise UcpError(f"param {name!r} state {state!r} was already declared with shape {a.shape}, "
                                f"dtype {a.dtype_name}, chunks {a.chunks}")
@@ -291,7 +353,8 @@ class CheckpointWriter:
             rel = f"_ucp/meta/{n}"
             t = t.detach().cpu()
             a = ArrayWriter(self, "_ucp", "_ucp", str(n), tuple(t.shape), dtypes.dtype_name(t.dtype),
-                            layout.default_chunks(t.shape, t.element_size(), self.chunk_bytes), rel=rel)
+                            layout.default_chunks(t.shape, t.element_size(), self.chunk_bytes), rel=rel,
+                            scan=False)
             a.write((0,) * t.dim(), t)
             new[rel] = a
             return rel
@@ -339,7 +402,7 @@ class CheckpointWriter:
         docs, self._docs = self._docs, []
         # parents first, so directories exist before their children are created concurrently
         docs.sort(key=lambda d: d[0].count("/"))
-        if self._workers > 1 and len(docs) > 8:
+        if self._workers > 1 and len(docs) > 8 and not self._store.local:
             pool = self._get_pool()
             depth = None
             batch = []
@@ -431,6 +494,15 @@ class CheckpointWriter:
 
 
 def create_checkpoint(path, overwrite=False, storage_options=None, chunk_bytes=None, durable=True,
-                      workers=DEFAULT_WORKERS, fsync_each=None) -> CheckpointWriter:
+                      workers=DEFAULT_WORKERS, fsync_each=None, resume=False) -> CheckpointWriter:
+    """Start writing a checkpoint at ``path`` (local path or fsspec URL).
+
+    ``overwrite``: replace a non-empty destination (the old manifest is removed first).
+    ``resume``: continue an interrupted, uncommitted write: chunk files already present whose size and
+    crc32c check out are kept, writes covering them are skipped, ``ArrayWriter.pending()`` lists the rest.
+    ``durable``: make all data stable before the manifest (fsync large chunks + one syncfs).
+    ``workers``: threads that write the chunks of one large box in parallel.
+    """
     return CheckpointWriter(path, overwrite=overwrite, storage_options=storage_options,
-                            chunk_bytes=chunk_bytes, durable=durable, workers=workers, fsync_each=fsync_each)
+                            chunk_bytes=chunk_bytes, durable=durable, workers=workers, fsync_each=fsync_each,
+                            resume=resume)
