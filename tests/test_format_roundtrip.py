@@ -15,7 +15,7 @@ from ucp.errors import NotFoundError, OverlapError, UcpError
 from ucp.format import create_checkpoint, dtypes, layout, open_checkpoint, verify
 
 DTYPES = [dtypes.torch_dtype(n) for n in dtypes.SUPPORTED]
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 def bits(t):
@@ -217,3 +217,21 @@ def test_default_chunks_are_row_blocks():
     assert layout.default_chunks((), 4) == ()
     assert layout.default_chunks((0, 7), 4) == (1, 7)
     assert layout.default_chunks((1000,), 2) == (1000,)
+
+
+@pytest.mark.parametrize("chunks", [None, (100, 256), (37, 1000)])
+def test_large_reads_use_parallel_paths(tmp_path, chunks):
+    t = torch.randn(3000, 1024)  # 12 MiB: reads go through the thread pool
+    with create_checkpoint(tmp_path / "ck", chunk_bytes=1 << 20) as w:
+        a = w.add_array("w", "param", t.shape, t.dtype, chunks=chunks)
+        threads = [threading.Thread(target=a.write, args=((i, 0), t[i:i + 700])) for i in range(0, 3000, 700)]
+        [th.start() for th in threads]
+        [th.join() for th in threads]
+    ck = open_checkpoint(tmp_path / "ck", workers=4)
+    assert torch.equal(ck.read("w"), t)
+    assert torch.equal(ck.read("w", index=(slice(123, 2900), slice(5, 1000))), t[123:2900, 5:1000])
+    out = torch.empty(2000, 1024)
+    ck.read("w", index=slice(999, 2999), out=out)
+    assert torch.equal(out, t[999:2999])
+    s = ck.last_read_stats
+    assert s["bytes_needed"] == out.numel() * 4 and s["bytes_read"] >= s["bytes_needed"]

@@ -295,7 +295,7 @@ class CheckpointWriter:
         self._lock = threading.Lock()
         self._params: dict[str, _Param] = {}
         self._encs: dict[str, str] = {}
-        self._metadata = None
+        self._metadata = {}
         self._meta_arrays: dict[str, ArrayWriter] = {}
         self._meta_n = 0
         self._closed = False
