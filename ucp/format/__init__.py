@@ -1,10 +1,21 @@
 """The universal checkpoint format: zarr v3 groups and arrays, written and read directly.
 
-See spec/FORMAT.md (normative). Public API::
+spec/FORMAT.md is normative. Public API::
 
-    create_checkpoint(path, overwrite=False, storage_options=None, chunk_bytes=None, durable=True, workers=4, fsync_each=None)
-    open_checkpoint(path, storage_options=None, workers=4)
-    verify(path, deep=True, storage_options=None)
+    w = create_checkpoint(path, overwrite=False, storage_options=None, chunk_bytes=None,
+                          durable=True, workers=4, fsync_each=None, resume=False)   # -> CheckpointWriter
+    w.add_param(name, meta=None)
+    a = w.add_array(name, state, shape, dtype, chunks=None)     # -> ArrayWriter
+    a.write(offset, tensor); a.pending(); a.missing()
+    w.write_tensor(name, state, tensor, chunks=None)
+    w.set_metadata(obj); w.commit(); w.abort()                  # also a context manager
+
+    ck = open_checkpoint(path, storage_options=None, workers=4)  # -> Checkpoint (also ucp.open)
+    ck.params; ck.states(name); ck.param_meta(name); ck.array_info(name, state); ck.metadata
+    ck.read(name, state="param", index=None, out=None); ck.read_box(name, state, start, stop, out=None)
+    ck.nbytes; ck.path; ck.bytes_read; ck.chunks_read; ck.last_read_stats; ck.manifest
+
+    verify(path, deep=True, storage_options=None)               # -> list[str] of problems
 """
 from ucp.format.layout import DEFAULT_CHUNK_BYTES, default_chunks
 from ucp.format.manifest import FORMAT_VERSION

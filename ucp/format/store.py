@@ -216,7 +216,12 @@ class FsspecStore:
         self.fs.pipe_file(self._p(rel), data)
 
     def put_atomic(self, rel, data, fsync=True):
-        self.fs.pipe_file(self._p(rel), data)  # a single PUT is atomic on object stores
+        protos = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        if "file" in protos or "local" in protos:  # a file system: write aside, then rename
+            self.fs.pipe_file(self._p(rel + ".tmp"), data)
+            self.fs.mv(self._p(rel + ".tmp"), self._p(rel))
+        else:
+            self.fs.pipe_file(self._p(rel), data)  # a single PUT is atomic on object stores
 
     def sync(self):
         pass
