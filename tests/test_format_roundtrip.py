@@ -235,3 +235,29 @@ def test_large_reads_use_parallel_paths(tmp_path, chunks):
     assert torch.equal(out, t[999:2999])
     s = ck.last_read_stats
     assert s["bytes_needed"] == out.numel() * 4 and s["bytes_read"] >= s["bytes_needed"]
+
+
+@SETTINGS
+@given(shape=st.lists(st.integers(1, 7), min_size=0, max_size=4).map(tuple), seed=st.integers(0, 2**32 - 1))
+def test_flat_ranges_write_and_read(shape, seed):
+    rnd = random.Random(seed)
+    n = math.prod(shape)
+    t = torch.arange(n, dtype=torch.float32).reshape(shape)
+    cutpts = sorted(set([0, n] + [rnd.randint(0, n) for _ in range(rnd.randint(0, 4))]))
+    ranges = list(zip(cutpts[:-1], cutpts[1:]))
+    rnd.shuffle(ranges)
+    for a_, b_ in ranges:  # the boxes tile the range exactly
+        bx = layout.flat_to_boxes(shape, a_, b_)
+        assert sum(math.prod(y - x for x, y in zip(s, e)) for s, e, _ in bx) == b_ - a_
+    with tempfile.TemporaryDirectory() as d:
+        w = create_checkpoint(d + "/ck", chunk_bytes=rnd.choice([4, 12, 64]), durable=False)
+        a = w.add_array("p", "exp_avg", shape, torch.float32)
+        for a_, b_ in ranges:
+            a.write_flat(a_, t.reshape(-1)[a_:b_])
+        w.commit()
+        ck = open_checkpoint(d + "/ck")
+        assert torch.equal(ck.read("p", "exp_avg"), t)
+        for _ in range(3):
+            x = rnd.randint(0, n)
+            y = rnd.randint(x, n)
+            assert torch.equal(ck.read_flat("p", "exp_avg", x, y), t.reshape(-1)[x:y])

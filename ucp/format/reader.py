@@ -187,6 +187,26 @@ class Checkpoint:
         self.last_read_stats = {"bytes_read": got, "bytes_needed": nbytes_needed, "chunks_read": len(jobs)}
         return out
 
+    def read_flat(self, name, state, start, stop, out=None) -> torch.Tensor:
+        """Elements [start, stop) of the C-order flattened array, as a 1-D tensor (ZeRO/FSDP ranges).
+
+        Reads only the chunks the range touches, straight into ``out``."""
+        a = self._array(name, state)
+        n = stop - start
+        if out is None:
+            out = _empty((max(n, 0),), a.info.dtype, a.isz)
+        elif tuple(out.shape) != (n,) or not out.is_contiguous():
+            raise UcpError(f"out must be a contiguous 1-D tensor of {n} elements")
+        got = need = chunks = 0
+        for bst, bsp, off in layout.flat_to_boxes(a.info.shape, int(start), int(stop)):
+            bshape = [y - x for x, y in zip(bst, bsp)]
+            self.read_box(name, state, bst, bsp, out=out[off:off + math.prod(bshape)].view(bshape))
+            got += self.last_read_stats["bytes_read"]
+            chunks += self.last_read_stats["chunks_read"]
+        need = n * a.isz
+        self.last_read_stats = {"bytes_read": got, "bytes_needed": need, "chunks_read": chunks}
+        return out
+
     def _scratch(self, n):
         s = getattr(self._tls, "buf", None)
         if s is None or len(s) < n:

@@ -148,6 +148,15 @@ class ArrayWriter:
                 jobs.append(job)
         self._ckw._run_jobs(self, jobs)
 
+    def write_flat(self, start: int, tensor: torch.Tensor) -> None:
+        """Write a 1-D ``tensor`` as the C-order flat range [start, start + numel) (ZeRO/FSDP fragments)."""
+        if tensor.dim() != 1:
+            raise UcpError(f"{self.where}: write_flat needs a 1-D tensor, got shape {tuple(tensor.shape)}")
+        t = tensor.contiguous()
+        for bst, bsp, off in layout.flat_to_boxes(self.shape, int(start), int(start) + t.numel()):
+            bshape = tuple(y - x for x, y in zip(bst, bsp))
+            self.write(bst, t[off:off + math.prod(bshape)].view(bshape))
+
     def _place(self, idx, start, stop, arr):
         ch, shape = self.chunks, self.shape
         cst = tuple(i * c for i, c in zip(idx, ch))
