@@ -70,3 +70,48 @@ def test_unencodable_metadata_is_refused(tmp_path):
         w.set_metadata({"sched": object()})
     w.abort()
 
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from ucp.format import jsonmeta, names  # noqa: E402
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                    st.text(max_size=5), st.binary(max_size=5))
+keys = st.one_of(st.text(max_size=4), st.integers(-3, 3))
+trees = st.recursive(scalars, lambda ch: st.one_of(st.lists(ch, max_size=3), st.tuples(ch, ch),
+                                                   st.dictionaries(keys, ch, max_size=3)), max_leaves=12)
+
+
+def _norm(x):
+    """Expected decoded form: tuples become lists; NaN compared by identity of kind."""
+    if isinstance(x, float) and math.isnan(x):
+        return "NaN"
+    if isinstance(x, (list, tuple)):
+        return [_norm(v) for v in x]
+    if isinstance(x, dict):
+        return {(_norm(k) if not isinstance(k, tuple) else k): _norm(v) for k, v in x.items()}
+    return x
+
+
+@settings(max_examples=200, deadline=None)
+@given(trees)
+def test_json_encoding_roundtrip_property(obj):
+    enc = jsonmeta.encode(obj, lambda t: "_ucp/meta/0")
+    raw = json.dumps(enc, allow_nan=False)  # always strict JSON
+    dec = jsonmeta.decode(json.loads(raw), lambda p: None)
+    assert _norm(dec) == _norm(obj)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=12))
+def test_param_name_encoding(name):
+    if name.startswith("_ucp") or name.startswith("__"):
+        with pytest.raises(Exception):
+            names.encode_param(name)
+        return
+    enc = names.encode_param(name)
+    assert enc and "/" not in enc and enc not in (".", "..") and not enc.startswith("__")
+    assert set(enc) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-%")
+    assert enc not in names.RESERVED_FILES
+    assert names.decode_param(enc) == name
