@@ -142,11 +142,13 @@ class ArrayWriter:
         if self._ckw._closed:
             raise UcpError(f"{self.where}: the checkpoint writer is closed")
         jobs = []
-        for idx in _product(layout.chunk_ranges(start, stop, self.chunks)):
-            job = self._place(idx, start, stop, arr)
-            if job is not None:
-                jobs.append(job)
-        self._ckw._run_jobs(self, jobs)
+        try:
+            for idx in _product(layout.chunk_ranges(start, stop, self.chunks)):
+                job = self._place(idx, start, stop, arr)
+                if job is not None:
+                    jobs.append(job)
+        finally:  # chunks claimed before an error (e.g. an overlap further on) are still written
+            self._ckw._run_jobs(self, jobs)
 
     def write_flat(self, start: int, tensor: torch.Tensor) -> None:
         """Write a 1-D ``tensor`` as the C-order flat range [start, start + numel) (ZeRO/FSDP fragments)."""
@@ -311,7 +313,11 @@ class CheckpointWriter:
         self.committed = False
 
     # -- declaring ---------------------------------------------------------------------------
-    def add_param(self, name, meta=None):
+    def add_param(self, name, meta=None) -> None:
+        """Declare parameter ``name`` (saved order = first declaration); ``meta`` is merged in (§6.1)."""
+        self._add_param(name, meta)
+
+    def _add_param(self, name, meta=None) -> _Param:
         with self._lock:
             self._check_open()
             p = self._params.get(name)
@@ -321,6 +327,9 @@ class CheckpointWriter:
             if meta:
                 if not isinstance(meta, dict):
                     raise UcpError(f"param {name!r}: meta must be a dict")
+                meta = dict(meta)
+                if isinstance(meta.get("dtype"), torch.dtype):
+                    meta["dtype"] = dtypes.dtype_name(meta["dtype"])
                 _check_meta(name, meta)
                 p.meta.update(jsonmeta.encode(dict(meta), _no_tensor, f"param {name!r} meta"))
             return p
@@ -334,7 +343,7 @@ class CheckpointWriter:
             raise UcpError(f"param {name!r} state {state!r}: negative extent in shape {shape}")
         chunks = (layout.check_chunks(shape, chunks) if chunks is not None
                   else layout.default_chunks(shape, dtypes.itemsize(dn), self.chunk_bytes))
-        p = self.add_param(name)
+        p = self._add_param(name)
         with self._lock:
             a = p.arrays.get(state)
             if a is not None:
