@@ -92,7 +92,7 @@ class Checkpoint:
         a = self._arrays.get((name, state))
         if a is not None:
             return a
-        if name.startswith("_ucp/meta/") and state is None:
+        if state is None and isinstance(name, str) and name.startswith("_ucp/meta/"):
             rec = self.manifest["meta_arrays"][name]
         else:
             st = self._param(name)["states"]

@@ -355,6 +355,9 @@ class CheckpointWriter:
             return a
 
     def write_tensor(self, name, state, tensor, chunks=None) -> ArrayWriter:
+        """Declare ``name``/``state`` with the tensor's shape and dtype and write it whole."""
+        if isinstance(tensor, np.ndarray):
+            tensor = torch.from_numpy(tensor)
         a = self.add_array(name, state, tuple(tensor.shape), tensor.dtype, chunks)
         a.write((0,) * tensor.dim(), tensor)
         return a
