@@ -192,3 +192,51 @@ def test_demo_passes(tmp_path):
     from ucp.demo import run_demo
 
     assert run_demo(tmp_path / "demo", quiet=True)
+
+
+def test_kill9_mid_conversion_then_resume(tmp_path):
+    """A conversion killed with SIGKILL leaves no manifest (readers refuse it); `--resume`
+    finishes it, and the result equals an uninterrupted conversion bit for bit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ucp.cli import main
+
+    shapes = {f"layers.{i}.w": (256, 512) for i in range(12)}
+    states = _states(shapes)
+    save_ranks(states, tmp_path / "src", spec_text="spec s\naxes tp\nparam \"**\" = shard(0, over=tp)\n",
+               degrees={"tp": 2})
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "ref"), "-q"]) == 0
+    # the child is slowed down (one box per 0.1 s) so that the kill lands mid-way
+    child = (
+        "import sys, time\n"
+        "import ucp.format.writer as w\n"
+        "orig = w.ArrayWriter.write\n"
+        "def slow(self, *a, **k):\n"
+        "    time.sleep(0.1)\n"
+        "    return orig(self, *a, **k)\n"
+        "w.ArrayWriter.write = slow\n"
+        "from ucp.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    dst = tmp_path / "dst"
+    p = subprocess.Popen([sys.executable, "-c", child, "convert", str(tmp_path / "src"), str(dst), "-q"])
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        chunks = [f for f in dst.rglob("c/*")] if dst.exists() else []
+        if len(chunks) >= 6:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (dst / "ucp.manifest.json").exists()
+    with pytest.raises(UcpError, match="manifest"):
+        ucp.open(dst)
+    assert main(["verify", str(dst), "-q"]) != 0
+    assert main(["convert", str(tmp_path / "src"), str(dst), "--resume", "-q"]) == 0
+    assert verify(dst) == []
+    assert main(["diff", str(tmp_path / "ref"), str(dst), "-q"]) == 0
+    ck = ucp.open(dst)
+    for n in shapes:
+        assert torch.equal(ck.read(n), states["param"][n])

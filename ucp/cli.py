@@ -216,6 +216,8 @@ def cmd_export(args) -> int:
     from ucp.export import export
 
     degrees = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("dp", args.dp), ("ep", args.ep)) if v}
+    if args.zero_stage is not None and args.to not in ("deepspeed", "deepspeed-universal"):
+        raise UcpError(f"--zero-stage applies to --to deepspeed, not --to {args.to}")
     export(args.src, args.dst, to=args.to, degrees=degrees, zero_stage=args.zero_stage,
            spec=args.spec, progress=not args.quiet, storage_options=_storage_options(args))
     print(f"exported {args.src} -> {args.dst} ({args.to}, {degrees or 'single rank'})")

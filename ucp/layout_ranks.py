@@ -187,8 +187,12 @@ def load_rank_file(path: Path) -> dict:
 
 
 def convert_ranks(src, dst, *, spec=None, progress=False, storage_options=None,
-                  overwrite=False, **_ignored) -> None:
-    """Rank files + their spec -> a committed universal checkpoint."""
+                  overwrite=False, workers=None, resume=False) -> None:
+    """Rank files + their spec -> a committed universal checkpoint.
+
+    ``resume`` continues an interrupted conversion into the same ``dst``: chunks that the
+    earlier run wrote completely (size and crc32c check out) are kept and not rewritten.
+    """
     from ucp.format import create_checkpoint
     from ucp.plan import check_coverage, dedupe
     from ucp.progress import bar
@@ -226,7 +230,9 @@ def convert_ranks(src, dst, *, spec=None, progress=False, storage_options=None,
         return t
 
     total = sum(int(torch.Size(shapes[p["name"]]).numel()) * len(p["dtypes"]) for p in params)
-    with create_checkpoint(dst, overwrite=overwrite, storage_options=storage_options) as w, \
+    wopts = {"workers": workers} if workers else {}
+    with create_checkpoint(dst, overwrite=overwrite, storage_options=storage_options, resume=resume,
+                           **wopts) as w, \
             bar(total=total, desc="convert", unit="el", enabled=None if progress else False) as pb:
         for p in params:
             name, shape = p["name"], shapes[p["name"]]
@@ -272,7 +278,7 @@ def convert_ranks(src, dst, *, spec=None, progress=False, storage_options=None,
 
 
 def export_ranks(src, dst, *, degrees: dict, spec=None, constants=None, progress=False,
-                 storage_options=None, **_ignored) -> Path:
+                 storage_options=None) -> Path:
     """A universal checkpoint -> rank files for ``degrees``, reading only each rank's boxes."""
     import ucp
 
