@@ -150,7 +150,8 @@ def main():
     say(f"numpy readinto (prealloc)           into warm {gbps(res['np_ri']):6.2f}"
         + (f"   cold {gbps(res['np_ric']):6.2f}" if cold else ""))
     say(f"safetensors save+fsync  {gbps(res['st_w']):6.2f}   load_file warm {gbps(res['st_r']):6.2f}"
-        + (f"   cold {gbps(res['st_rc']):6.2f}" if cold else ""))
+        + (f"   cold {gbps(res['st_rc']):6.2f}" if cold else "")
+        + "   (warm load_file is a zero-copy mmap: pages are mapped, not copied, so /st warm is not a like-for-like ratio)")
     say(f"{'ucp config':28s} {'write':>6s} {'/np':>5s} {'/st':>5s} | {'warm rd':>7s} {'/np':>5s} {'/st':>5s}"
         + (f" | {'cold rd':>7s} {'/np':>5s} {'/st':>5s}" if cold else "")
         + f" | {'out= warm':>9s} {'/np':>5s}" + (f" {'cold':>5s} {'/np':>5s}" if cold else "")
