@@ -1,0 +1,178 @@
+"""Resharded loads from a universal checkpoint: bytes read per target rank, and time.
+
+For a Llama-shaped model stored once in the universal form, every rank of several target
+layouts (tensor parallel, FSDP2, ZeRO-3 flat partitions) fills its local tensors through the
+planner (``ucp.plan``) and ``Checkpoint.read_box``. Printed per layout, in one run:
+
+- bytes read ÷ bytes needed for the worst and the mean rank (1.00 = exactly what it needs);
+- load time of one rank with resharding, against the naive loader that reads every full
+  tensor and narrows it (what a consolidated-file loader does), as a ratio;
+- the same bytes read with plain numpy ``fromfile`` of a raw copy, as the I/O floor.
+
+Usage: python bench/bench_reshard.py [--hidden 2048] [--layers 4] [--dir /tmp]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ucp  # noqa: E402
+from ucp.format import create_checkpoint  # noqa: E402
+from ucp.lang import load  # noqa: E402
+from ucp.plan import mesh_coords, rank_fragments  # noqa: E402
+
+
+def llama_shapes(hidden, layers, vocab, inter, kv_ratio=4):
+    kv = hidden // kv_ratio
+    s = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        s[p + "self_attn.q_proj.weight"] = (hidden, hidden)
+        s[p + "self_attn.k_proj.weight"] = (kv, hidden)
+        s[p + "self_attn.v_proj.weight"] = (kv, hidden)
+        s[p + "self_attn.o_proj.weight"] = (hidden, hidden)
+        s[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        s[p + "mlp.up_proj.weight"] = (inter, hidden)
+        s[p + "mlp.down_proj.weight"] = (hidden, inter)
+        s[p + "input_layernorm.weight"] = (hidden,)
+        s[p + "post_attention_layernorm.weight"] = (hidden,)
+    s["model.norm.weight"] = (hidden,)
+    s["lm_head.weight"] = (vocab, hidden)
+    return s
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def rank_plan(spec_name, shapes, degrees, coords):
+    spec = load(spec_name)
+    bound = spec.bind(degrees=degrees)
+    matches = bound.resolve(list(shapes))
+    return rank_fragments({n: m.rule for n, m in matches.items()}, shapes, degrees, coords,
+                          local_name=bound.local_name, captures=lambda n: matches[n].captures)
+
+
+def load_rank(ck, frags):
+    """Fill one rank's local tensors piece by piece; return (bytes_read, bytes_needed)."""
+    got = need = 0
+    locals_: dict[str, torch.Tensor] = {}
+    for f in frags:
+        buf = locals_.get(f.local_name)
+        if buf is None:
+            buf = locals_[f.local_name] = torch.empty(f.local_shape, dtype=torch.float32)
+        for pc in f.pieces:
+            t = ck.read_box(f.name, "param", pc.src.start, pc.src.stop)
+            buf[pc.dst.slices()].copy_(t.reshape(pc.dst.shape))
+            got += ck.last_read_stats["bytes_read"]
+            need += ck.last_read_stats["bytes_needed"]
+    return got, need
+
+
+def naive_rank(ck, frags):
+    """Read every full tensor the rank touches, then narrow it."""
+    got = 0
+    for name in dict.fromkeys(f.name for f in frags):
+        t = ck.read(name, "param")
+        got += t.numel() * t.element_size()
+        del t
+    return got
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--inter", type=int, default=5632)
+    ap.add_argument("--dir", default=None)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "reshard.txt"))
+    a = ap.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="ucp-bench-reshard-", dir=a.dir))
+    lines = []
+
+    def say(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    try:
+        shapes = llama_shapes(a.hidden, a.layers, a.vocab, a.inter)
+        total = sum(int(np.prod(s)) * 4 for s in shapes.values())
+        g = torch.Generator().manual_seed(0)
+        uni = base / "uni"
+        raw = base / "raw"
+        raw.mkdir()
+        t0 = time.perf_counter()
+        with create_checkpoint(uni) as w:
+            for n, s in shapes.items():
+                t = torch.randn(s, generator=g)
+                w.add_param(n)
+                w.write_tensor(n, "param", t)
+                t.numpy().tofile(raw / n)
+        t_write = time.perf_counter() - t0
+        ck = ucp.open(uni)
+        chunks = ck.array_info("model.layers.0.self_attn.o_proj.weight", "param").chunks
+        cold = drop_caches()
+        say(f"# ucp reshard benchmark  {total / 2**20:.0f} MiB fp32 Llama-shaped (hidden {a.hidden}, "
+            f"{a.layers} layers, vocab {a.vocab})  o_proj chunks {list(chunks)}  cold: {'yes' if cold else 'no'}")
+        say(f"# written in {t_write:.2f} s; reads below are {'cold (page cache dropped)' if cold else 'warm'}")
+        say(f"{'layout':28s} {'ranks':>5s} {'read/need worst':>16s} {'mean':>6s} | "
+            f"{'rank0 load s':>12s} {'naive s':>8s} {'speedup':>7s} | {'raw fromfile s':>14s} {'ucp/raw':>7s}")
+        layouts = [("torch_tp", {"tp": 2}), ("torch_tp", {"tp": 4}), ("torch_fsdp2", {"dp": 4}),
+                   ("deepspeed_zero3", {"dp": 4}), ("torch_fsdp2_tp", {"dp": 2, "tp": 2})]
+        for spec_name, deg in layouts:
+            ratios = []
+            plans = [rank_plan(spec_name, shapes, deg, c) for c in mesh_coords(deg)]
+            for frags in plans:
+                ck = ucp.open(uni)
+                got, need = load_rank(ck, frags)
+                ratios.append(got / max(need, 1))
+            # timed: rank 0 resharded vs naive, both cold when possible
+            drop_caches()
+            ck = ucp.open(uni)
+            t0 = time.perf_counter()
+            got, need = load_rank(ck, plans[0])
+            t_res = time.perf_counter() - t0
+            drop_caches()
+            ck = ucp.open(uni)
+            t0 = time.perf_counter()
+            naive_rank(ck, plans[0])
+            t_naive = time.perf_counter() - t0
+            # raw floor: numpy reads exactly the bytes ucp read for rank 0, as whole files
+            drop_caches()
+            t0 = time.perf_counter()
+            for name in dict.fromkeys(f.name for f in plans[0]):
+                np.fromfile(raw / name, dtype=np.float32)
+            t_raw_full = time.perf_counter() - t0
+            full_bytes = sum(int(np.prod(shapes[n])) * 4 for n in dict.fromkeys(f.name for f in plans[0]))
+            t_raw = t_raw_full * got / full_bytes
+            say(f"{spec_name + ' ' + ','.join(f'{k}={v}' for k, v in deg.items()):28s} {len(plans):5d} "
+                f"{max(ratios):16.3f} {sum(ratios) / len(ratios):6.3f} | {t_res:12.3f} {t_naive:8.3f} "
+                f"{t_naive / t_res:6.2f}x | {t_raw:14.3f} {t_raw / t_res:6.2f}x")
+        say("# read/need: bytes ucp read from storage / bytes the rank's local tensors hold;"
+            " speedup = naive (read full tensors, narrow) / resharded;"
+            " raw = numpy fromfile time scaled to the bytes ucp read (the I/O floor), ucp/raw = its throughput ratio")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
