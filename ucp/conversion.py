@@ -42,15 +42,12 @@ def detect(src) -> str:
 
 
 def convert(src, dst, source="auto", spec=None, **kwargs):
-    name = detect(src) if source in (None, "auto") else source
-    if name not in SOURCES:
-        raise UcpError(f"unknown source {name!r}; known: {', '.join(SOURCES)}")
-    target = SOURCES[name]
-    if target is None:
-        raise UcpError(f"{src}: source {name!r} is not supported by this version of ucp yet "
-                       f"(supported: {', '.join(k for k, v in SOURCES.items() if v)})")
-    mod, fn = target.split(":")
-    import importlib
+    from ucp.registry import resolve
 
+    name = detect(src) if source in (None, "auto") else source
+    try:
+        fn = resolve(SOURCES, name, "source")
+    except UcpError as e:
+        raise UcpError(f"{src}: {e}") from None
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return getattr(importlib.import_module(mod), fn)(src, dst, spec=spec, **kwargs)
+    return fn(src, dst, spec=spec, **kwargs)

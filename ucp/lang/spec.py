@@ -14,24 +14,15 @@ from ucp.lang.pattern import Pattern, groupdict
 
 
 def split_sizes(n: int, k: int, split: str, sizes: Optional[tuple[int, ...]] = None) -> list[int]:
-    """Sizes of the ``k`` ranks' shares of ``n`` items under a split convention (ops.SPLITS)."""
-    if k < 1:
-        raise ValueError(f"degree must be >= 1, got {k}")
-    if split == "sizes":
-        if sizes is None or len(sizes) != k or sum(sizes) != n:
-            raise ValueError(f"sizes {sizes} do not split {n} into {k}")
-        return list(sizes)
-    if split == "chunk":
-        c = -(-n // k)
-        return [max(0, min(c, n - r * c)) for r in range(k)]
-    if split == "tensor_split":
-        q, r = divmod(n, k)
-        return [q + (1 if i < r else 0) for i in range(k)]
-    if split == "even":
-        if n % k:
-            raise ValueError(f"{n} is not divisible by {k} (split=even)")
-        return [n // k] * k
-    raise ValueError(f"unknown split {split!r}")
+    """Sizes of the ``k`` ranks' shares of ``n`` items (ops.SPLITS); the planner's rule, so that
+    names (renumbering) and tensors (shards) can never disagree on a split."""
+    from ucp.plan.boxes import split_sizes as _plan_split_sizes
+    from ucp.plan.errors import PlanError
+
+    try:
+        return _plan_split_sizes(n, k, split, sizes)
+    except PlanError as e:
+        raise ValueError(str(e)) from None
 
 
 @dataclass(frozen=True)
