@@ -99,3 +99,25 @@ def test_console_script_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ucp", "inspect", str(p), "--json"],
                        capture_output=True, text=True, check=True)
     assert json.loads(r.stdout)["num_params"] == 3
+
+
+def test_diff_compares_metadata_with_tensors(tmp_path, capsys):
+    def make(path, it, rng):
+        with create_checkpoint(path) as w:
+            w.add_param("w", meta={})
+            w.write_tensor("w", "param", torch.ones(3))
+            w.set_metadata({"iteration": it, "rng": rng, "lr": float("nan")})
+        return path
+
+    rng = torch.get_rng_state()
+    a = make(tmp_path / "a", 5, rng)
+    b = make(tmp_path / "b", 5, rng.clone())
+    assert main(["diff", str(a), str(b)]) == 0
+    assert "metadata equal" in capsys.readouterr().out
+    rng2 = rng.clone()
+    rng2[100] ^= 1
+    c = make(tmp_path / "c", 6, rng2)
+    assert main(["diff", str(a), str(c)]) == 1
+    out = capsys.readouterr().out
+    assert "metadata.iteration" in out and "metadata.rng" in out
+    assert main(["diff", str(a), str(c), "--ignore-metadata"]) == 0

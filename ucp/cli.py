@@ -178,17 +178,45 @@ def diff_checkpoints(a, b, atol: float = 0.0) -> list[dict]:
     return rows
 
 
+def metadata_diff(a, b, where="metadata") -> list[str]:
+    """Paths at which two decoded metadata trees differ (tensors bit-exact, NaN equal to NaN)."""
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape
+                and torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
+                                b.contiguous().reshape(-1).view(torch.uint8)))
+        return [] if same else [where]
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in [*a, *[k for k in b if k not in a]]:
+            if k not in a or k not in b:
+                out.append(f"{where}.{k}")
+            else:
+                out += metadata_diff(a[k], b[k], f"{where}.{k}")
+        return out
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [where]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in metadata_diff(x, y, f"{where}[{i}]")]
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return []
+    return [] if (type(a) is type(b) and a == b) else [where]
+
+
 def cmd_diff(args) -> int:
     import ucp
 
     so = _storage_options(args)
     a, b = ucp.open(args.a, storage_options=so), ucp.open(args.b, storage_options=so)
     rows = diff_checkpoints(a, b, atol=args.atol)
-    md_equal = a.metadata == b.metadata if not args.ignore_metadata else True
+    md_diffs = [] if args.ignore_metadata else metadata_diff(a.metadata, b.metadata)
+    md_equal = not md_diffs
     bad = [r for r in rows if not r["status"].startswith(("equal", "close"))]
     if args.json:
         print(json.dumps({"equal": not bad and md_equal, "atol": args.atol, "rows": rows,
-                          "metadata_equal": md_equal}, indent=2))
+                          "metadata_equal": md_equal, "metadata_differences": md_diffs}, indent=2))
     else:
         shown = rows if args.all else bad
         if shown:
@@ -197,7 +225,9 @@ def cmd_diff(args) -> int:
                          ["parameter", "state", "status", "max|a-b|"]))
         worst = max((r.get("max_abs_diff", 0.0) for r in rows), default=0.0)
         print(f"{len(rows)} arrays compared, {len(bad)} differ beyond atol={args.atol:g}; "
-              f"max |a-b| = {worst:.3g}; metadata {'equal' if md_equal else 'differs'}")
+              f"max |a-b| = {worst:.3g}; metadata "
+              + ("equal" if md_equal else "differs at " + ", ".join(md_diffs[:8])
+                 + (f" (+{len(md_diffs) - 8} more)" if len(md_diffs) > 8 else "")))
     return EXIT_OK if not bad and md_equal else EXIT_DIFF
 
 
