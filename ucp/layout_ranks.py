@@ -97,7 +97,7 @@ def save_ranks(states: dict[str, dict[str, torch.Tensor]], dst: str | os.PathLik
                metadata: dict | None = None,
                read: Callable[[str, str, Any, Any], torch.Tensor] | None = None,
                dtypes: dict[str, dict[str, str]] | None = None,
-               shapes: dict[str, tuple] | None = None) -> Path:
+               shapes: dict[str, tuple] | None = None, progress: bool = False) -> Path:
     """Write every rank's local tensors for ``degrees`` (what each rank of a run would save).
 
     ``states`` holds full tensors ``{state: {name: tensor}}``; alternatively ``read(name,
@@ -124,7 +124,13 @@ def save_ranks(states: dict[str, dict[str, torch.Tensor]], dst: str | os.PathLik
     ranks = []
     from ucp.plan import Box  # noqa: F401  (imported for its side effect of validating the API)
 
-    for coords in all_coords(list(spec.axes), degrees):
+    from ucp.progress import bar
+
+    mesh = all_coords(list(spec.axes), degrees)
+    pb_ctx = bar(total=len(mesh), desc="export ranks", unit="rank", enabled=None if progress else False)
+    pb = pb_ctx.__enter__()
+    for coords in mesh:
+        pb.update(1)
         frags = fragments_for(bound, matches, shapes, degrees, coords)
         out: dict[str, dict[str, torch.Tensor]] = {st: {} for st in state_names}
         for f in frags:
@@ -145,6 +151,7 @@ def save_ranks(states: dict[str, dict[str, torch.Tensor]], dst: str | os.PathLik
         fname = rank_file_name(coords)
         torch.save(out, dst / fname)
         ranks.append({"coords": coords, "file": fname})
+    pb_ctx.__exit__(None, None, None)
     layout = {
         "format": FORMAT_NAME, "version": 1, "spec_name": spec_name, "spec": spec_text,
         "degrees": {a: int(degrees.get(a, 1)) for a in spec.axes}, "constants": constants,
@@ -301,7 +308,7 @@ def export_ranks(src, dst, *, degrees: dict, spec=None, constants=None, progress
     meta = {k: v for k, v in md.items() if k != "source"}
     return save_ranks({}, dst, spec_text=spec_text, spec_name=spec_name, degrees=degrees,
                       constants=constants, scalars=scalars, metadata=meta, read=read,
-                      dtypes=dtypes, shapes=shapes)
+                      dtypes=dtypes, shapes=shapes, progress=progress)
 
 
 def load_ranks_full(src) -> dict[str, dict[str, torch.Tensor]]:
