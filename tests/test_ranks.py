@@ -102,6 +102,14 @@ def test_fused_padded_tensors_roundtrip(tmp_path):
     ck = ucp.open(tmp_path / "uni")
     for n in shapes:
         assert torch.equal(ck.read(n), states["param"][n]), n
+    # sub-parameters and padding are recorded, so a reader can unfuse without the spec
+    qkv = ck.param_meta("layers.0.qkv.weight")["parts"]
+    assert [(p["name"], p["start"], p["stop"], p.get("groups")) for p in qkv] == [
+        ("q", 0, 24, kv), ("k", 24, 36, kv), ("v", 36, 48, kv)]
+    assert torch.equal(ck.read("layers.0.qkv.weight", index=(slice(24, 36),)),
+                       states["param"]["layers.0.qkv.weight"][24:36])
+    assert ck.param_meta("emb.weight")["padding"] == {"dim": 0, "size": 11, "multiple": 16}
+    assert [p["name"] for p in ck.param_meta("layers.0.fc1.weight")["parts"]] == ["gate", "up"]
     export(tmp_path / "uni", tmp_path / "tp4", to="ranks", degrees={"tp": 4})
     _assert_same(states, load_ranks_full(tmp_path / "tp4"))
 

@@ -202,6 +202,7 @@ def convert_ranks(src, dst, *, spec=None, progress=False, storage_options=None,
     """
     from ucp.format import create_checkpoint
     from ucp.plan import check_coverage, dedupe
+    from ucp.plan.meta import rule_metadata
     from ucp.progress import bar
 
     src = Path(src)
@@ -253,8 +254,7 @@ def convert_ranks(src, dst, *, spec=None, progress=False, storage_options=None,
                            "pieces": [[list(pc.src.start), list(pc.src.stop), list(pc.dst.start),
                                        list(pc.dst.stop)] for pc in f.pieces]}
                           for f in frs if f.pieces]}}
-            for k, v in m.rule.attrs:
-                meta[k] = v
+            meta.update(rule_metadata(m.rule, shape))
             if p.get("scalars"):
                 meta["scalars"] = p["scalars"]
             w.add_param(name, meta=meta)
