@@ -1,6 +1,7 @@
 """Benchmark of the universal format against raw numpy I/O and safetensors, on the same bytes.
 
-    python bench/bench_format.py [--size-mb 256] [--small 2000] [--chunk-mb 1,4,16] [--dir DIR] [--reps 3]
+    python bench/bench_format.py [--size-mb 256] [--small 2000] [--chunk-mb 4] [--shards 32/256,16/256,32/1024]
+                                 [--dir DIR] [--reps 3]
 
 Prints write and read throughput of large tensors (an fp32 one of --size-mb and a bf16 one of half
 that) and of --small 4 KiB tensors, as ratios to numpy tofile(+fsync)/fromfile and to safetensors
@@ -69,7 +70,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mb", type=int, default=256)
     ap.add_argument("--small", type=int, default=2000)
-    ap.add_argument("--chunk-mb", default="1,4,16")
+    ap.add_argument("--chunk-mb", default="4", help="plain (unsharded) row-chunk sizes to compare")
+    ap.add_argument("--shards", default="32/256,16/256,32/1024",
+                    help="sharded configs: shard MiB / inner KiB (the first is the default layout)")
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir under /tmp)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "format.txt"))
@@ -155,12 +158,17 @@ def main():
     say(f"{'ucp config':28s} {'write':>6s} {'/np':>5s} {'/st':>5s} | {'warm rd':>7s} {'/np':>5s} {'/st':>5s}"
         + (f" | {'cold rd':>7s} {'/np':>5s} {'/st':>5s}" if cold else "")
         + f" | {'out= warm':>9s} {'/np':>5s}" + (f" {'cold':>5s} {'/np':>5s}" if cold else "")
-        + " | row-slice 1%: read/need")
+        + " | read/need: row 1%  TP=4 cols")
     ck = base / "ucp"
-    configs = [(int(c), 4) for c in a.chunk_mb.split(",")] + [(4, 1), (4, 2)]
-    for cmb, workers in configs:
+    configs = [(f"plain chunk {int(c):2d} MiB", {"chunk_bytes": int(c) * MiB}, 4) for c in a.chunk_mb.split(",")]
+    for i, sc in enumerate(a.shards.split(",") if a.shards else []):
+        smb, ikb = (int(x) for x in sc.split("/"))
+        configs.append((f"shard {smb:2d}M/{ikb:4d}K" + (" (dflt)" if (smb, ikb) == (32, 256) else ""),
+                        {"shard_bytes": smb * MiB, "inner_bytes": ikb * 1024}, 4))
+    configs += [("shard 32M/ 256K", {}, 1), ("shard 32M/ 256K", {}, 2)]
+    for label, kw, workers in configs:
         def u_write():
-            with create_checkpoint(ck, chunk_bytes=cmb * MiB, workers=workers) as w:
+            with create_checkpoint(ck, workers=workers, **kw) as w:
                 for k, t in big.items():
                     w.write_tensor(k, "param", t)
 
@@ -182,7 +190,13 @@ def main():
         rows = big["w32"].shape[0]
         c.read("w32", index=slice(rows // 2, rows // 2 + max(1, rows // 100)))
         s = c.last_read_stats
-        line = (f"chunk {cmb:2d} MiB, {workers} worker{'s' if workers > 1 else ' '}     "
+        cols = big["w32"].shape[1]
+        got_c = need_c = 0
+        for r in range(4):  # a row-parallel TP=4 rank reads a column block
+            c.read("w32", index=(slice(None), slice(r * cols // 4, (r + 1) * cols // 4)))
+            got_c += c.last_read_stats["bytes_read"]
+            need_c += c.last_read_stats["bytes_needed"]
+        line = (f"{label:19s} {workers} worker{'s' if workers > 1 else ' '} "
                 f"{gbps(tw):6.2f} {res['np_w'] / tw:5.2f} {res['st_w'] / tw:5.2f} | "
                 f"{gbps(tr):7.2f} {res['np_r'] / tr:5.2f} {res['st_r'] / tr:5.2f}")
         if cold:
@@ -190,7 +204,7 @@ def main():
         line += f" | {gbps(tri):9.2f} {res['np_ri'] / tri:5.2f}"
         if cold:
             line += f" {gbps(tric):5.2f} {res['np_ric'] / tric:5.2f}"
-        line += f" | {s['bytes_read'] / s['bytes_needed']:.2f}x"
+        line += f" | {s['bytes_read'] / s['bytes_needed']:.2f}x {got_c / need_c:.2f}x"
         say(line)
     got = open_checkpoint(ck).read("w16")
     assert torch.equal(got.view(torch.int16), big["w16"].view(torch.int16))
@@ -200,7 +214,7 @@ def main():
             for k, t in big.items():
                 w.write_tensor(k, "param", t)
     tnd = best(u_write_nd, a.reps, lambda: (rm(ck), os.sync()))[0]
-    say(f"chunk  4 MiB, durable=False {gbps(tnd):6.2f}  (no syncfs before the manifest; data may still be in page cache)")
+    say(f"default layout, durable=False {gbps(tnd):6.2f}  (no syncfs before the manifest; data may still be in page cache)")
     del big
 
     # small tensors

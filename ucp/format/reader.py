@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ucp.errors import CorruptChunkError, NotFoundError, UcpError
-from ucp.format import dtypes, jsonmeta, layout, manifest
+from ucp.format import dtypes, jsonmeta, layout, manifest, shard as _shard
 from ucp.format.layout import CRC_BYTES, chunk_key
 from ucp.format.store import MANIFEST, make_store
 
@@ -28,10 +28,11 @@ class ArrayInfo:
     chunks: tuple
     nbytes: int
     nchunks: int
+    inner_chunks: tuple | None = None  # inner chunk shape of a sharded array (chunks is the shard shape)
 
 
 class _Array:
-    __slots__ = ("info", "rec", "table", "np", "isz", "chunk_nbytes")
+    __slots__ = ("info", "rec", "table", "np", "isz", "chunk_nbytes", "inner", "inner_nb", "index_nb")
 
     def __init__(self, name, state, rec):
         dn = rec["dtype"]
@@ -41,8 +42,16 @@ class _Array:
         self.np = dtypes.numpy_storage_dtype(dn)
         self.isz = dtypes.itemsize(dn)
         self.chunk_nbytes = math.prod(chunks) * self.isz
+        inner = rec.get("inner_chunks")
+        self.inner = tuple(inner) if inner is not None else None
+        if self.inner is not None:
+            if len(self.inner) != len(chunks) or any(c < 1 or s % c for s, c in zip(chunks, self.inner)):
+                raise UcpError(f"{rec['path']}: inner chunks {self.inner} do not divide the shards {chunks}")
+            self.inner_nb = math.prod(self.inner) * self.isz + CRC_BYTES
+            self.index_nb = _shard.index_nbytes(chunks, self.inner)
         self.info = ArrayInfo(name, state, rec["path"], shape, dtypes.torch_dtype(dn), rec["storage_dtype"],
-                              chunks, math.prod(shape) * self.isz, math.prod(layout.grid(shape, chunks)))
+                              chunks, math.prod(shape) * self.isz, math.prod(layout.grid(shape, chunks)),
+                              self.inner)
 
 
 class Checkpoint:
@@ -64,6 +73,7 @@ class Checkpoint:
         self._pool = None
         self._tls = threading.local()
         self._slock = threading.Lock()
+        self._index_cache: dict[str, np.ndarray] = {}  # shard path -> checked index entries
         self.bytes_read = 0
         self.chunks_read = 0
         self.last_read_stats = {"bytes_read": 0, "bytes_needed": 0, "chunks_read": 0}
@@ -160,11 +170,23 @@ class Checkpoint:
         rowfast = self._store.local and len(shape) >= 1 and tuple(ch[1:]) == tuple(shape[1:]) and \
             all(s == 0 for s in start[1:]) and list(stop[1:]) == list(shape[1:])
         jobs = list(_product(layout.chunk_ranges(start, stop, ch)))
-        if self._store.local and len(jobs) > 1 and PREFETCH:
+        prefetch = PREFETCH and (a.inner is None or (all(s == 0 for s in start[1:])
+                                                     and list(stop[1:]) == list(shape[1:])))
+        counts = [0] * len(jobs) if a.inner is not None else None
+        if self._store.local and len(jobs) > 1 and prefetch:
             self._store.prefetch([f"{a.info.path}/{chunk_key(j)}" for j in jobs[1:PREFETCH + 1]])
-        fn = (lambda idx: self._read_rows(a, idx, start, stop, obytes)) if rowfast else \
-            (lambda idx: self._read_generic(a, idx, start, stop, onp))
-        if self._store.local and PREFETCH and len(jobs) > PREFETCH + 1:
+        if a.inner is not None:
+            jpos = {j: i for i, j in enumerate(jobs)}
+
+            def fn(idx):
+                got, n = self._read_shard(a, idx, start, stop, onp)
+                counts[jpos[idx]] = n
+                return got
+        elif rowfast:
+            fn = lambda idx: self._read_rows(a, idx, start, stop, obytes)  # noqa: E731
+        else:
+            fn = lambda idx: self._read_generic(a, idx, start, stop, onp)  # noqa: E731
+        if self._store.local and prefetch and len(jobs) > PREFETCH + 1:
             fn0, keys = fn, [f"{a.info.path}/{chunk_key(j)}" for j in jobs]
             pos = {j: i for i, j in enumerate(jobs)}
 
@@ -181,10 +203,11 @@ class Checkpoint:
             got = sum(self._pool.map(fn, jobs))
         else:
             got = sum(fn(idx) for idx in jobs)
+        nread = len(jobs) if counts is None else sum(counts)
         with self._slock:
             self.bytes_read += got
-            self.chunks_read += len(jobs)
-        self.last_read_stats = {"bytes_read": got, "bytes_needed": nbytes_needed, "chunks_read": len(jobs)}
+            self.chunks_read += nread
+        self.last_read_stats = {"bytes_read": got, "bytes_needed": nbytes_needed, "chunks_read": nread}
         return out
 
     def read_flat(self, name, state, start, stop, out=None) -> torch.Tensor:
@@ -291,6 +314,125 @@ class Checkpoint:
         else:
             onp[tuple(slice(x - s, y - s) for x, y, s in zip(ist, isp, start))] = src
         return got
+
+    # -- sharded arrays ----------------------------------------------------------------------
+    def _shard_where(self, a, key):
+        return f"{self.path}: param {a.info.name!r} state {a.info.state!r} shard {key} ({a.info.path}/{key})"
+
+    def _index(self, a, key, rel, size, icrc):
+        """The checked index of a shard (read once per open Checkpoint). Returns (entries, bytes read)."""
+        ent = self._index_cache.get(rel)
+        if ent is not None:
+            return ent, 0
+        n = a.index_nb
+        if size < n:
+            raise CorruptChunkError(f"{self._shard_where(a, key)}: the manifest records {size} bytes, "
+                                    f"less than the shard index ({n})")
+        buf = bytearray(n)
+        try:
+            got, fsize = self._store.read_ranges(rel, [(size - n, size)], buf)
+        except FileNotFoundError:
+            raise self._open_err(a, key) from None
+        if (fsize is not None and fsize != size) or got != n:
+            fs = fsize if fsize is not None else "fewer"
+            raise CorruptChunkError(f"{self._shard_where(a, key)}: size {fs} bytes, the manifest records {size}"
+                                    + (" (truncated)" if fsize is None or fsize < size else " (extra bytes)"))
+        ent = self._parse_index(a, key, buf, icrc)
+        self._index_cache[rel] = ent
+        return ent, n
+
+    def _parse_index(self, a, key, raw, icrc):
+        try:
+            ent, c = _shard.parse_index(raw, a.info.chunks, a.inner)
+        except _shard.ShardError as e:
+            raise CorruptChunkError(f"{self._shard_where(a, key)}: {e}") from None
+        if c != icrc:
+            raise CorruptChunkError(f"{self._shard_where(a, key)}: shard index crc32c {c:#010x} differs from "
+                                    f"the manifest's {icrc:#010x}")
+        return ent.copy()
+
+    def _read_shard(self, a, sidx, start, stop, onp):
+        """Read the inner chunks of shard ``sidx`` that intersect the box; returns (bytes read, inner chunks)."""
+        key = chunk_key(sidx)
+        size, icrc = self._rec(a, key)
+        rel = f"{a.info.path}/{key}"
+        shape, ch, inn = a.info.shape, a.info.chunks, a.inner
+        cst = [i * c for i, c in zip(sidx, ch)]
+        ist = [max(x, c) for x, c in zip(start, cst)]
+        isp = [min(y, c + k) for y, c, k in zip(stop, cst, ch)]
+        lr = [range((x - c) // k, -(-(y - c) // k)) for x, y, c, k in zip(ist, isp, cst, inn)]
+        _it, lim = _shard.present(shape, ch, inn, sidx)
+        ig = _shard.inner_grid(ch, inn)
+        where = self._shard_where(a, key)
+        locals_ = list(_product(lr))
+        data_end = size - a.index_nb
+        got = 0
+        if all(len(r) == m for r, m in zip(lr, lim)):  # every inner chunk: read the whole file at once
+            buf = self._scratch(size)[:size]
+            try:
+                if self._store.local:
+                    got, fsize = self._store.readinto(rel, [buf])
+                else:
+                    data = self._store.get(rel)
+                    got = fsize = len(data)
+                    buf = memoryview(data)
+            except FileNotFoundError:
+                raise self._open_err(a, key) from None
+            if fsize != size or got != size:
+                raise CorruptChunkError(f"{where}: size {fsize} bytes, the manifest records {size}"
+                                        + (" (truncated)" if fsize < size else " (extra bytes)"))
+            if size < a.index_nb:
+                raise CorruptChunkError(f"{where}: {size} bytes, shorter than its index")
+            ent = self._index_cache.get(rel)
+            if ent is None:
+                ent = self._index_cache[rel] = self._parse_index(a, key, buf[data_end:size], icrc)
+            pos = {}
+            for loc in locals_:
+                pos[loc] = self._entry(ent, loc, ig, a, data_end, where)[0]
+        else:
+            ent, got = self._index(a, key, rel, size, icrc)
+            spans = sorted((self._entry(ent, loc, ig, a, data_end, where)[0], loc) for loc in locals_)
+            ranges = []
+            pos = {}
+            o = 0
+            for off, loc in spans:
+                if ranges and ranges[-1][1] == off:
+                    ranges[-1][1] = off + a.inner_nb
+                else:
+                    ranges.append([off, off + a.inner_nb])
+                pos[loc] = o
+                o += a.inner_nb
+            buf = self._scratch(o)[:o]
+            try:
+                n, fsize = self._store.read_ranges(rel, ranges, buf)
+            except FileNotFoundError:
+                raise self._open_err(a, key) from None
+            got += n
+            if (fsize is not None and fsize != size) or n != o:
+                raise CorruptChunkError(f"{where}: size {fsize} bytes, the manifest records {size}"
+                                        + (" (truncated)" if fsize is None or fsize < size else " (extra bytes)"))
+        nd = a.inner_nb - CRC_BYTES
+        for loc in locals_:
+            o = pos[loc]
+            c = crc32c.crc32c(buf[o:o + nd])
+            s = int.from_bytes(buf[o + nd:o + a.inner_nb], "little")
+            if c != s:
+                raise CorruptChunkError(f"{where}: inner chunk {list(loc)} crc32c mismatch (computed {c:#010x}, "
+                                        f"stored {s:#010x})")
+            tile = np.frombuffer(buf[o:o + nd], dtype=a.np).reshape(inn)
+            tst = [c0 + i * k for c0, i, k in zip(cst, loc, inn)]
+            x0 = [max(x, t) for x, t in zip(ist, tst)]
+            x1 = [min(y, t + k) for y, t, k in zip(isp, tst, inn)]
+            onp[tuple(slice(x - s0, y - s0) for x, y, s0 in zip(x0, x1, start))] = \
+                tile[tuple(slice(x - t, y - t) for x, y, t in zip(x0, x1, tst))]
+        return got, len(locals_)
+
+    @staticmethod
+    def _entry(ent, loc, ig, a, data_end, where):
+        try:
+            return _shard.check_entry(ent, _shard.linear(loc, ig), a.inner_nb, data_end, f"inner chunk {list(loc)}")
+        except _shard.ShardError as e:
+            raise CorruptChunkError(f"{where}: {e}") from None
 
     def close(self):
         if self._pool is not None:

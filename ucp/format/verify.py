@@ -4,7 +4,7 @@ from __future__ import annotations
 import crc32c
 
 from ucp.errors import FormatError
-from ucp.format import manifest as _manifest
+from ucp.format import manifest as _manifest, shard as _shard
 from ucp.format.layout import CRC_BYTES
 from ucp.format.store import MANIFEST, make_store
 
@@ -42,6 +42,7 @@ def verify(path, deep=True, storage_options=None) -> list[str]:
     for rel, rec in man.get("meta_arrays", {}).items():
         arrays.append((f"metadata tensor {rel}", rec))
     for where, rec in arrays:
+        inner = rec.get("inner_chunks")
         for key, (size, crc) in rec["chunk_table"].items():
             rel = f"{rec['path']}/{key}"
             if deep:
@@ -60,7 +61,18 @@ def verify(path, deep=True, storage_options=None) -> list[str]:
                 problems.append(f"{where} chunk {key} ({rel}): {'truncated' if fsize < size else 'extra bytes'}"
                                 f" ({fsize} bytes, manifest records {size})")
                 continue
-            if deep:
+            if deep and inner is not None:
+                idx = tuple(int(x) for x in key.split("/")[1:])
+                try:
+                    c = _shard.check_shard(data, rec["shape"], rec["chunks"], inner, idx,
+                                           _itemsize(rec["dtype"]))
+                except _shard.ShardError as e:
+                    problems.append(f"{where} shard {key} ({rel}): {e}")
+                    continue
+                if c != crc:
+                    problems.append(f"{where} shard {key} ({rel}): index crc32c {c:#010x} differs from the "
+                                    f"manifest's {crc:#010x}")
+            elif deep:
                 mv = memoryview(data)
                 c = crc32c.crc32c(mv[:-CRC_BYTES])
                 stored = int.from_bytes(mv[-CRC_BYTES:], "little")
@@ -68,3 +80,9 @@ def verify(path, deep=True, storage_options=None) -> list[str]:
                     problems.append(f"{where} chunk {key} ({rel}): crc32c mismatch (computed {c:#010x}, "
                                     f"stored {stored:#010x}, manifest {crc:#010x})")
     return problems
+
+
+def _itemsize(dn):
+    from ucp.format import dtypes
+
+    return dtypes.itemsize(dn)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ucp.errors import (DestinationNotEmptyError, IncompleteCheckpointError, OverlapError, UcpError)
-from ucp.format import dtypes, jsonmeta, layout, manifest, names
+from ucp.format import dtypes, jsonmeta, layout, manifest, names, shard as _shard
 from ucp.format.layout import CRC_BYTES, chunk_key
 from ucp.format.store import MANIFEST, make_store
 
@@ -71,14 +71,15 @@ class _Staging:
 class ArrayWriter:
     """One (parameter, state) array. ``write(offset, tensor)`` may be called from any thread."""
 
-    def __init__(self, ckw, pname, penc, state, shape, dtype_name, chunks, rel=None, scan=True):
+    def __init__(self, ckw, pname, penc, state, shape, dtype_name, chunks, rel=None, scan=True, inner=None):
         self._ckw = ckw
         self.name, self.state = pname, state
         self.rel = rel or f"{penc}/{state}"
         self.shape = tuple(shape)
         self.dtype_name = dtype_name
         self.dtype = dtypes.torch_dtype(dtype_name)
-        self.chunks = tuple(chunks)
+        self.chunks = tuple(chunks)  # the outer grid: plain chunks, or shards when ``inner`` is set
+        self.inner = tuple(inner) if inner is not None else None
         self.grid = layout.grid(self.shape, self.chunks)
         self.nchunks = math.prod(self.grid)
         self._np = dtypes.numpy_storage_dtype(dtype_name)
@@ -93,6 +94,20 @@ class ArrayWriter:
     def _scan_existing(self):
         """Resume: adopt chunk files of an earlier, uncommitted run whose size and crc32c check out."""
         store = self._ckw._store
+        if self.inner is not None:
+            for idx in layout.all_chunk_indices(self.shape, self.chunks):
+                key = chunk_key(idx)
+                rel = f"{self.rel}/{key}"
+                if store.size(rel) is None:
+                    continue
+                try:
+                    data = store.get(rel)
+                    icrc = _shard.check_shard(data, self.shape, self.chunks, self.inner, idx, self._isz)
+                except (OSError, _shard.ShardError):
+                    continue
+                self._done[key] = [len(data), icrc]
+                self._resumed.add(key)
+            return
         want = math.prod(self.chunks) * self._isz + CRC_BYTES
         for idx in layout.all_chunk_indices(self.shape, self.chunks):
             key = chunk_key(idx)
@@ -174,6 +189,8 @@ class ArrayWriter:
                 if key in self._done or idx in self._staged:
                     raise OverlapError(f"{self.where} chunk {key}: region {_fmt_box(ist, isp)} was already written")
                 self._done[key] = None
+            if self.inner is not None:
+                return key, src  # encoded by the thread that writes it (_flush)
             return key, self._chunk_buffers(src, cst, cvs)
         with self._lock:
             if key in self._done:
@@ -181,7 +198,7 @@ class ArrayWriter:
                                    "that already completed this chunk")
             st = self._staged.get(idx)
             if st is None:
-                st = self._staged[idx] = _Staging(ch, self._np)
+                st = self._staged[idx] = _Staging(self._stage_shape(cst, cvs), self._np)
             for a, b in st.boxes:
                 if all(x < y2 and x2 < y for x, y, x2, y2 in zip(ist, isp, a, b)):
                     raise OverlapError(f"{self.where} chunk {key}: region {_fmt_box(ist, isp)} overlaps "
@@ -196,7 +213,29 @@ class ArrayWriter:
                 return None
             del self._staged[idx]
             self._done[key] = None
-        return key, [st.buf]
+        return key, (st.buf if self.inner is not None else [st.buf])
+
+    def _stage_shape(self, cst, cvs):
+        if self.inner is None:
+            return self.chunks
+        return self._padded(cst, cvs)
+
+    def _padded(self, cst, cvs):
+        """Extent of a shard's present inner chunks: the valid region rounded up to whole inner chunks."""
+        return tuple(-(-(b - a) // c) * c for a, b, c in zip(cst, cvs, self.inner))
+
+    def _encode_shard(self, key, arr):
+        idx = tuple(int(x) for x in key.split("/")[1:])
+        cst = tuple(i * c for i, c in zip(idx, self.chunks))
+        cvs = tuple(min(a + c, n) for a, c, n in zip(cst, self.chunks, self.shape))
+        pv = self._padded(cst, cvs)
+        if arr.shape != pv:
+            buf = np.zeros(pv, dtype=self._np)
+            buf[tuple(slice(0, n) for n in arr.shape)] = arr
+            arr = buf
+        lim = tuple(p // c for p, c in zip(pv, self.inner))
+        bufs, size, icrc = _shard.encode(arr, self.chunks, self.inner, lim)
+        return bufs, size, icrc
 
     def _chunk_buffers(self, src, cst, cvs):
         ch = self.chunks
@@ -213,15 +252,19 @@ class ArrayWriter:
 
     def _flush(self, key, bufs):
         try:
-            crc = 0
-            size = CRC_BYTES
-            for b in bufs:
-                mv = memoryview(b).cast("B")
-                crc = crc32c.crc32c(mv, crc)
-                size += len(mv)
             ckw = self._ckw
+            if self.inner is not None:
+                bufs, size, crc = self._encode_shard(key, bufs)
+            else:
+                crc = 0
+                size = CRC_BYTES
+                for b in bufs:
+                    mv = memoryview(b).cast("B")
+                    crc = crc32c.crc32c(mv, crc)
+                    size += len(mv)
+                bufs = [*bufs, crc.to_bytes(4, "little")]
             fsync = ckw.durable and (ckw._fsync_each if ckw._fsync_each is not None else size > FSYNC_MIN)
-            ckw._store.put(f"{self.rel}/{key}", [*bufs, crc.to_bytes(4, "little")], fsync=fsync)
+            ckw._store.put(f"{self.rel}/{key}", bufs, fsync=fsync)
         except BaseException:
             with self._lock:
                 self._done.pop(key, None)
@@ -256,7 +299,7 @@ class ArrayWriter:
         for idx in layout.all_chunk_indices(self.shape, self.chunks):
             key = chunk_key(idx)
             table[key] = self._done[key]
-        return {
+        rec = {
             "path": self.rel,
             "dtype": self.dtype_name,
             "storage_dtype": dtypes.zarr_dtype(self.dtype_name),
@@ -264,6 +307,12 @@ class ArrayWriter:
             "chunks": list(self.chunks),
             "chunk_table": table,
         }
+        if self.inner is not None:
+            rec["inner_chunks"] = list(self.inner)
+        return rec
+
+    def doc(self):
+        return layout.array_doc(self.shape, self.chunks, self.dtype_name, inner=self.inner)
 
 
 def _product(ranges):
@@ -285,7 +334,8 @@ class _Param:
 
 class CheckpointWriter:
     def __init__(self, path, overwrite=False, storage_options=None, chunk_bytes=None, durable=True,
-                 workers=DEFAULT_WORKERS, fsync_each=None, resume=False):
+                 workers=DEFAULT_WORKERS, fsync_each=None, resume=False, shard_bytes=None, inner_bytes=None,
+                 sharding=None):
         self.path = path
         self._store = make_store(path, storage_options)
         self._resume = bool(resume)
@@ -299,6 +349,12 @@ class CheckpointWriter:
                 raise DestinationNotEmptyError(f"{path} is not empty; pass overwrite=True to replace it")
             self._store.clear()
         self.chunk_bytes = int(chunk_bytes or layout.DEFAULT_CHUNK_BYTES)
+        # sharding: default on, unless only the plain chunk size was asked for (chunk_bytes=)
+        if sharding is None:
+            sharding = chunk_bytes is None or shard_bytes is not None or inner_bytes is not None
+        self.sharding = bool(sharding)
+        self.shard_bytes = int(shard_bytes or layout.DEFAULT_SHARD_BYTES)
+        self.inner_bytes = int(inner_bytes or layout.DEFAULT_INNER_BYTES)
         self.durable = durable
         self._fsync_each = fsync_each
         self._workers = int(workers or 0)
@@ -334,31 +390,54 @@ class CheckpointWriter:
                 p.meta.update(jsonmeta.encode(dict(meta), _no_tensor, f"param {name!r} meta"))
             return p
 
-    def add_array(self, name, state, shape, dtype, chunks=None) -> ArrayWriter:
+    def _layout(self, shape, itemsize):
+        """(outer chunks, inner chunks or None) of the default layout."""
+        if self.sharding:
+            sh = layout.default_sharding(shape, itemsize, self.shard_bytes, self.inner_bytes)
+            if sh is not None:
+                return sh
+            if math.prod(shape) * itemsize <= self.inner_bytes or not shape or 0 in shape:
+                return layout.default_chunks(shape, itemsize, max(self.inner_bytes, 1)), None
+        return layout.default_chunks(shape, itemsize, self.chunk_bytes), None
+
+    def add_array(self, name, state, shape, dtype, chunks=None, shards=None) -> ArrayWriter:
+        """Declare an array. ``chunks`` alone: plain chunks of that shape. ``shards`` (with ``chunks``
+        as the inner chunk shape, default: the default inner chunks): sharded. Neither: the default."""
         names.check_state_name(state)
         dn = dtypes.dtype_name(dtype)
-        asked = chunks
+        asked = chunks if shards is None else (shards, chunks)
         shape = tuple(int(s) for s in shape)
         if any(s < 0 for s in shape):
             raise UcpError(f"param {name!r} state {state!r}: negative extent in shape {shape}")
-        chunks = (layout.check_chunks(shape, chunks) if chunks is not None
-                  else layout.default_chunks(shape, dtypes.itemsize(dn), self.chunk_bytes))
+        isz = dtypes.itemsize(dn)
+        inner = None
+        if shards is not None:
+            if chunks is None:
+                d = layout.default_sharding(shape, isz, inner_bytes=self.inner_bytes)
+                if d is None:
+                    raise UcpError(f"param {name!r} state {state!r}: pass chunks= (inner chunks) with shards=")
+                chunks = d[1]
+            chunks, inner = layout.check_shards(shape, shards, chunks)
+        elif chunks is not None:
+            chunks = layout.check_chunks(shape, chunks)
+        else:
+            chunks, inner = self._layout(shape, isz)
         p = self._add_param(name)
         with self._lock:
             a = p.arrays.get(state)
             if a is not None:
-                if (a.shape, a.dtype_name) == (shape, dn) and (asked is None or a.chunks == chunks):
+                if (a.shape, a.dtype_name) == (shape, dn) and (asked is None or (a.chunks, a.inner) == (chunks, inner)):
                     return a
                 raise UcpError(f"param {name!r} state {state!r} was already declared with shape {a.shape}, "
-                               f"dtype {a.dtype_name}, chunks {a.chunks}")
-            a = p.arrays[state] = ArrayWriter(self, name, p.enc, state, shape, dn, chunks)
+                               f"dtype {a.dtype_name}, chunks {a.chunks}" + (f", inner chunks {a.inner}" if a.inner else ""))
+            a = p.arrays[state] = ArrayWriter(self, name, p.enc, state, shape, dn, chunks, inner=inner)
             return a
 
-    def write_tensor(self, name, state, tensor, chunks=None) -> ArrayWriter:
+    def write_tensor(self, name, state, tensor, chunks=None, shards=None) -> ArrayWriter:
         """Declare ``name``/``state`` with the tensor's shape and dtype and write it whole."""
         if isinstance(tensor, np.ndarray):
             tensor = torch.from_numpy(tensor)
-        a = self.add_array(name, state, tuple(tensor.shape), tensor.dtype, chunks)
+        a = self.add_array(name, state, tuple(tensor.shape), tensor.dtype, chunks, shards)
         a.write((0,) * tensor.dim(), tensor)
         return a
 
@@ -373,9 +452,9 @@ class CheckpointWriter:
                 self._meta_n += 1
             rel = f"_ucp/meta/{n}"
             t = t.detach().cpu()
+            ch, inner = self._layout(tuple(t.shape), t.element_size())
             a = ArrayWriter(self, "_ucp", "_ucp", str(n), tuple(t.shape), dtypes.dtype_name(t.dtype),
-                            layout.default_chunks(t.shape, t.element_size(), self.chunk_bytes), rel=rel,
-                            scan=False)
+                            ch, rel=rel, scan=False, inner=inner)
             a.write((0,) * t.dim(), t)
             new[rel] = a
             return rel
@@ -461,7 +540,7 @@ class CheckpointWriter:
             self._put_doc(files, "_ucp/zarr.json", layout.group_doc())
             self._put_doc(files, "_ucp/meta/zarr.json", layout.group_doc())
             for rel, a in self._meta_arrays.items():
-                self._put_doc(files, f"{rel}/zarr.json", layout.array_doc(a.shape, a.chunks, a.dtype_name))
+                self._put_doc(files, f"{rel}/zarr.json", a.doc())
                 meta_rec[rel] = a.record()
         for p in self._params.values():
             meta = dict(p.meta)
@@ -472,7 +551,7 @@ class CheckpointWriter:
             self._put_doc(files, f"{p.enc}/zarr.json", layout.group_doc({"ucp": {"name": p.name, **meta}}))
             states = {}
             for s, a in p.arrays.items():
-                self._put_doc(files, f"{a.rel}/zarr.json", layout.array_doc(a.shape, a.chunks, a.dtype_name))
+                self._put_doc(files, f"{a.rel}/zarr.json", a.doc())
                 states[s] = a.record()
             params_rec.append({"name": p.name, "path": p.enc, "meta": meta, "states": states,
                                "state_order": list(states)})
@@ -515,7 +594,8 @@ class CheckpointWriter:
 
 
 def create_checkpoint(path, overwrite=False, storage_options=None, chunk_bytes=None, durable=True,
-                      workers=DEFAULT_WORKERS, fsync_each=None, resume=False) -> CheckpointWriter:
+                      workers=DEFAULT_WORKERS, fsync_each=None, resume=False, shard_bytes=None,
+                      inner_bytes=None, sharding=None) -> CheckpointWriter:
     """Start writing a checkpoint at ``path`` (local path or fsspec URL).
 
     ``overwrite``: replace a non-empty destination (the old manifest is removed first).
@@ -523,7 +603,11 @@ def create_checkpoint(path, overwrite=False, storage_options=None, chunk_bytes=N
     crc32c check out are kept, writes covering them are skipped, ``ArrayWriter.pending()`` lists the rest.
     ``durable``: make all data stable before the manifest (fsync large chunks + one syncfs).
     ``workers``: threads that write the chunks of one large box in parallel.
+    Layout (spec/FORMAT.md §4.3): by default arrays larger than ``inner_bytes`` (256 KiB) are sharded,
+    shards of about ``shard_bytes`` (32 MiB) holding inner tiles of about ``inner_bytes``; smaller
+    arrays are one plain chunk. ``chunk_bytes`` alone selects plain row chunks of that size (the
+    layout before sharding); ``sharding=False`` forces plain chunks of ``chunk_bytes`` (default 4 MiB).
     """
     return CheckpointWriter(path, overwrite=overwrite, storage_options=storage_options,
                             chunk_bytes=chunk_bytes, durable=durable, workers=workers, fsync_each=fsync_each,
-                            resume=resume)
+                            resume=resume, shard_bytes=shard_bytes, inner_bytes=inner_bytes, sharding=sharding)

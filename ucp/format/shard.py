@@ -1,0 +1,142 @@
+"""Sharded arrays (zarr v3 ``sharding_indexed``): shard geometry, index encoding, validation.
+
+A shard file holds the inner chunks of one shard (the chunk of the outer regular grid) that intersect
+the array, each encoded as its C-order little-endian bytes + CRC32C, written back to back in C order
+of the inner grid, followed by the index: for every inner position of the shard (C order) the pair
+``(offset, nbytes)`` as little-endian uint64, ``(2**64-1, 2**64-1)`` for an inner chunk wholly
+outside the array, then the CRC32C of the index bytes. spec/FORMAT.md §4.3 is normative.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import crc32c
+import numpy as np
+
+from ucp.format.layout import CRC_BYTES
+
+EMPTY = (1 << 64) - 1
+ENTRY_BYTES = 16
+
+
+class ShardError(ValueError):
+    """A shard file that does not check out (message says why)."""
+
+
+def inner_grid(shard, inner):
+    """Inner chunks per shard, per dim."""
+    return tuple(s // c for s, c in zip(shard, inner))
+
+
+def n_inner(shard, inner):
+    return math.prod(inner_grid(shard, inner))
+
+
+def index_nbytes(shard, inner):
+    return n_inner(shard, inner) * ENTRY_BYTES + CRC_BYTES
+
+
+def present(shape, shard, inner, sidx):
+    """Local inner indices (C order) of shard ``sidx`` that intersect the array."""
+    ig = inner_grid(shard, inner)
+    lim = []
+    for d, (n, s, c, g) in enumerate(zip(shape, shard, inner, ig)):
+        valid = min(s, n - sidx[d] * s)
+        lim.append(min(g, -(-valid // c)) if valid > 0 else 0)
+    return itertools.product(*(range(k) for k in lim)), tuple(lim)
+
+
+def linear(local, ig):
+    """C-order position of local inner index ``local`` in an inner grid ``ig``."""
+    p = 0
+    for i, g in zip(local, ig):
+        p = p * g + i
+    return p
+
+
+def encode(buf: np.ndarray, shard, inner, lim):
+    """Buffers of the shard file for ``buf`` (shard-local data whose extent covers ``lim`` tiles,
+    padded with the fill value). Returns (buffers, file size, crc32c of the index)."""
+    ig = inner_grid(shard, inner)
+    index = np.full((math.prod(ig), 2), EMPTY, dtype="<u8")
+    bufs = []
+    off = 0
+    nb = math.prod(inner) * buf.itemsize + CRC_BYTES
+    for local in itertools.product(*(range(k) for k in lim)):
+        tile = buf[tuple(slice(i * c, (i + 1) * c) for i, c in zip(local, inner))]
+        if not tile.flags.c_contiguous:
+            tile = np.ascontiguousarray(tile)
+        c = crc32c.crc32c(memoryview(tile).cast("B"))
+        bufs.append(tile)
+        bufs.append(c.to_bytes(4, "little"))
+        index[linear(local, ig)] = (off, nb)
+        off += nb
+    ib = index.tobytes()
+    icrc = crc32c.crc32c(ib)
+    bufs.append(ib)
+    bufs.append(icrc.to_bytes(4, "little"))
+    return bufs, off + len(ib) + CRC_BYTES, icrc
+
+
+def parse_index(raw, shard, inner):
+    """Check the index bytes (entries + crc) and return (entries as an (n, 2) uint64 array, crc)."""
+    n = n_inner(shard, inner)
+    want = n * ENTRY_BYTES + CRC_BYTES
+    if len(raw) != want:
+        raise ShardError(f"shard index is {len(raw)} bytes, expected {want}")
+    mv = memoryview(raw)
+    c = crc32c.crc32c(mv[:-CRC_BYTES])
+    stored = int.from_bytes(mv[-CRC_BYTES:], "little")
+    if c != stored:
+        raise ShardError(f"shard index crc32c mismatch (computed {c:#010x}, stored {stored:#010x})")
+    return np.frombuffer(mv[:-CRC_BYTES], dtype="<u8").reshape(n, 2), c
+
+
+def check_entry(entries, pos, inner_nb, data_end, where):
+    off, nb = int(entries[pos, 0]), int(entries[pos, 1])
+    if off == EMPTY and nb == EMPTY:
+        raise ShardError(f"{where}: missing from the shard index")
+    if nb != inner_nb or off + nb > data_end:
+        raise ShardError(f"{where}: index entry (offset {off}, nbytes {nb}) is invalid "
+                         f"(expected nbytes {inner_nb} within the first {data_end} bytes)")
+    return off, nb
+
+
+def check_shard(data, shape, shard, inner, sidx, itemsize):
+    """Deep check of a whole shard file; returns the index crc. Raises ShardError."""
+    ilen = index_nbytes(shard, inner)
+    if len(data) < ilen:
+        raise ShardError(f"shard file is {len(data)} bytes, shorter than its index ({ilen})")
+    mv = memoryview(data)
+    data_end = len(data) - ilen
+    entries, icrc = parse_index(mv[data_end:], shard, inner)
+    ig = inner_grid(shard, inner)
+    inner_nb = math.prod(inner) * itemsize + CRC_BYTES
+    it, _lim = present(shape, shard, inner, sidx)
+    want = set()
+    spans = []
+    for local in it:
+        pos = linear(local, ig)
+        want.add(pos)
+        off, nb = check_entry(entries, pos, inner_nb, data_end, f"inner chunk {list(local)}")
+        spans.append((off, nb, local))
+        c = crc32c.crc32c(mv[off:off + nb - CRC_BYTES])
+        s = int.from_bytes(mv[off + nb - CRC_BYTES:off + nb], "little")
+        if c != s:
+            raise ShardError(f"inner chunk {list(local)}: crc32c mismatch (computed {c:#010x}, stored {s:#010x})")
+    for pos in range(len(entries)):
+        if pos not in want and not (int(entries[pos, 0]) == EMPTY and int(entries[pos, 1]) == EMPTY):
+            raise ShardError(f"index entry {pos} points at an inner chunk wholly outside the array")
+    spans.sort()
+    end = 0
+    if sum(nb for _o, nb, _l in spans) != data_end:
+        raise ShardError(f"shard file has {data_end - sum(nb for _o, nb, _l in spans)} bytes not covered "
+                         "by any inner chunk")
+    for off, nb, local in spans:
+        if off < end:
+            raise ShardError(f"inner chunk {list(local)} overlaps another one in the shard file")
+        end = off + nb
+    if end != data_end:
+        raise ShardError(f"shard file has {data_end - end} bytes not covered by any inner chunk")
+    return icrc
