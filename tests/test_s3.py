@@ -96,3 +96,34 @@ def test_s3_roundtrip_verify_and_zarr(s3):
     with create_checkpoint(url, storage_options=s3, overwrite=True) as w:
         w.write_tensor("z", "param", torch.ones(2))
     assert open_checkpoint(url, storage_options=s3).params == ["z"]
+
+
+def test_s3_sharded_partial_reads(s3):
+    import zarr
+
+    url = "s3://ucp-test/sharded"
+    t = torch.randn(200, 64)
+    with create_checkpoint(url, storage_options=s3, shard_bytes=16384, inner_bytes=1024) as w:
+        a = w.add_array("w", "param", t.shape, t.dtype)
+        a.write((60, 0), t[60:])
+        a.write((0, 0), t[:60])
+    assert a.inner is not None and a.inner[1] == 8
+    ck = open_checkpoint(url, storage_options=s3)
+    assert torch.equal(ck.read("w"), t)
+    got = ck.read("w", index=(slice(None), slice(16, 32)))
+    assert torch.equal(got, t[:, 16:32])
+    s = ck.last_read_stats
+    assert s["bytes_read"] <= 1.1 * s["bytes_needed"] + 2 * 4 * 1024, s  # + one index read per shard
+    assert verify(url, storage_options=s3) == []
+    g = zarr.open_group(url, mode="r", storage_options=s3)
+    assert (g["w"]["param"][...] == t.numpy()).all()
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3["endpoint_url"]}, key="x", secret="x")
+    key = "ucp-test/sharded/w/param/c/0/0"
+    data = bytearray(fs.cat_file(key))
+    data[5] ^= 0xFF
+    fs.pipe_file(key, bytes(data))
+    assert any("c/0/0" in p for p in verify(url, storage_options=s3))
+    with pytest.raises(CorruptChunkError):
+        open_checkpoint(url, storage_options=s3).read("w", index=(slice(0, 2), slice(0, 8)))

@@ -3,11 +3,12 @@
 spec/FORMAT.md is normative. Public API::
 
     w = create_checkpoint(path, overwrite=False, storage_options=None, chunk_bytes=None,
-                          durable=True, workers=4, fsync_each=None, resume=False)   # -> CheckpointWriter
+                          durable=True, workers=4, fsync_each=None, resume=False,
+                          shard_bytes=None, inner_bytes=None, sharding=None)    # -> CheckpointWriter
     w.add_param(name, meta=None)
-    a = w.add_array(name, state, shape, dtype, chunks=None)     # -> ArrayWriter
+    a = w.add_array(name, state, shape, dtype, chunks=None, shards=None)     # -> ArrayWriter
     a.write(offset, tensor); a.pending(); a.missing()
-    w.write_tensor(name, state, tensor, chunks=None)
+    w.write_tensor(name, state, tensor, chunks=None, shards=None)
     w.set_metadata(obj); w.commit(); w.abort()                  # also a context manager
 
     ck = open_checkpoint(path, storage_options=None, workers=4)  # -> Checkpoint (also ucp.open)
@@ -17,7 +18,8 @@ spec/FORMAT.md is normative. Public API::
 
     verify(path, deep=True, storage_options=None)               # -> list[str] of problems
 """
-from ucp.format.layout import DEFAULT_CHUNK_BYTES, default_chunks
+from ucp.format.layout import (DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES, DEFAULT_SHARD_BYTES, default_chunks,
+                               default_sharding)
 from ucp.format.manifest import FORMAT_VERSION
 from ucp.format.names import decode_param, encode_param
 from ucp.format.reader import ArrayInfo, Checkpoint, open_checkpoint
@@ -25,4 +27,5 @@ from ucp.format.verify import verify
 from ucp.format.writer import ArrayWriter, CheckpointWriter, create_checkpoint
 
 __all__ = ["create_checkpoint", "open_checkpoint", "verify", "Checkpoint", "CheckpointWriter", "ArrayWriter",
-           "ArrayInfo", "FORMAT_VERSION", "DEFAULT_CHUNK_BYTES", "default_chunks", "encode_param", "decode_param"]
+           "ArrayInfo", "FORMAT_VERSION", "DEFAULT_CHUNK_BYTES", "DEFAULT_SHARD_BYTES", "DEFAULT_INNER_BYTES",
+           "default_chunks", "default_sharding", "encode_param", "decode_param"]

@@ -170,11 +170,13 @@ class Checkpoint:
         rowfast = self._store.local and len(shape) >= 1 and tuple(ch[1:]) == tuple(shape[1:]) and \
             all(s == 0 for s in start[1:]) and list(stop[1:]) == list(shape[1:])
         jobs = list(_product(layout.chunk_ranges(start, stop, ch)))
-        prefetch = PREFETCH and (a.inner is None or (all(s == 0 for s in start[1:])
+        pf = PREFETCH if a.inner is None else \
+            min(PREFETCH, max(1, PREFETCH_BYTES // max(1, a.chunk_nbytes))) if PREFETCH_BYTES else 0
+        prefetch = pf and (a.inner is None or (all(s == 0 for s in start[1:])
                                                      and list(stop[1:]) == list(shape[1:])))
         counts = [0] * len(jobs) if a.inner is not None else None
         if self._store.local and len(jobs) > 1 and prefetch:
-            self._store.prefetch([f"{a.info.path}/{chunk_key(j)}" for j in jobs[1:PREFETCH + 1]])
+            self._store.prefetch([f"{a.info.path}/{chunk_key(j)}" for j in jobs[1:pf + 1]])
         if a.inner is not None:
             jpos = {j: i for i, j in enumerate(jobs)}
 
@@ -186,12 +188,12 @@ class Checkpoint:
             fn = lambda idx: self._read_rows(a, idx, start, stop, obytes)  # noqa: E731
         else:
             fn = lambda idx: self._read_generic(a, idx, start, stop, onp)  # noqa: E731
-        if self._store.local and prefetch and len(jobs) > PREFETCH + 1:
+        if self._store.local and prefetch and len(jobs) > pf + 1:
             fn0, keys = fn, [f"{a.info.path}/{chunk_key(j)}" for j in jobs]
             pos = {j: i for i, j in enumerate(jobs)}
 
-            def fn(idx):  # keep the kernel reading PREFETCH chunks ahead (posix_fadvise WILLNEED)
-                i = pos[idx] + PREFETCH + 1
+            def fn(idx):  # keep the kernel reading pf chunks ahead (posix_fadvise WILLNEED)
+                i = pos[idx] + pf + 1
                 if i < len(keys):
                     self._store.prefetch(keys[i:i + 1])
                 return fn0(idx)
@@ -353,6 +355,14 @@ class Checkpoint:
 
     def _read_shard(self, a, sidx, start, stop, onp):
         """Read the inner chunks of shard ``sidx`` that intersect the box; returns (bytes read, inner chunks)."""
+        held = []
+        try:
+            return self._read_shard_into(a, sidx, start, stop, onp, held)
+        finally:
+            for h in held:
+                _shard.release(h)
+
+    def _read_shard_into(self, a, sidx, start, stop, onp, held):
         key = chunk_key(sidx)
         size, icrc = self._rec(a, key)
         rel = f"{a.info.path}/{key}"
@@ -368,9 +378,13 @@ class Checkpoint:
         data_end = size - a.index_nb
         got = 0
         if all(len(r) == m for r, m in zip(lr, lim)):  # every inner chunk: read the whole file at once
-            buf = self._scratch(size)[:size]
             try:
-                if self._store.local:
+                if self._store.local and SHARD_MMAP:
+                    buf, fsize = self._store.map(rel)  # tiles are copied from the page cache straight to out
+                    got = fsize if fsize == size else 0
+                elif self._store.local:
+                    held.append(_shard.acquire(size))  # reused across reads: no first touch per shard
+                    buf = memoryview(held[-1])[:size]
                     got, fsize = self._store.readinto(rel, [buf])
                 else:
                     data = self._store.get(rel)
@@ -450,7 +464,9 @@ class Checkpoint:
         return f"<ucp.Checkpoint {self.path!r}: {len(self._params)} params>"
 
 
-PREFETCH = 8
+PREFETCH = 8  # plain chunks read ahead
+PREFETCH_BYTES = 64 << 20  # sharded arrays: shards read ahead, in bytes (at least one shard)
+SHARD_MMAP = True
 _HUGE = 1 << 20
 
 

@@ -20,6 +20,34 @@ EMPTY = (1 << 64) - 1
 ENTRY_BYTES = 16
 
 
+POOL_MAX = 4  # encode/read buffers kept for reuse, process-wide (each about one shard)
+_pool: list = []
+_pool_lock = __import__("threading").Lock()
+
+
+def acquire(n):
+    """A bytearray of >= n bytes from the process-wide pool (first touch of fresh memory is slow on
+    the VMs measured, so shard-sized buffers are reused across writers and readers)."""
+    with _pool_lock:
+        best = None
+        for i, b in enumerate(_pool):
+            if len(b) >= n and (best is None or len(b) < len(_pool[best])):
+                best = i
+        if best is not None:
+            return _pool.pop(best)
+    return bytearray(n)
+
+
+def release(buf):
+    with _pool_lock:
+        if len(_pool) < POOL_MAX:
+            _pool.append(buf)
+        else:  # keep the largest ones
+            i = min(range(len(_pool)), key=lambda j: len(_pool[j]))
+            if len(_pool[i]) < len(buf):
+                _pool[i] = buf
+
+
 class ShardError(ValueError):
     """A shard file that does not check out (message says why)."""
 
@@ -55,18 +83,32 @@ def linear(local, ig):
     return p
 
 
-def encode(buf: np.ndarray, shard, inner, lim):
+def encode(buf: np.ndarray, shard, inner, lim, scratch=None):
     """Buffers of the shard file for ``buf`` (shard-local data whose extent covers ``lim`` tiles,
-    padded with the fill value). Returns (buffers, file size, crc32c of the index)."""
+    padded with the fill value). Returns (buffers, file size, crc32c of the index).
+
+    Contiguous tiles are written from ``buf`` as they are; the others are copied into ``scratch``
+    (a callable ``n -> writable buffer of >= n bytes``, reused across shards: fresh allocations per
+    tile cost a page fault per 4 KiB on the VMs measured), or into new arrays without it."""
     ig = inner_grid(shard, inner)
     index = np.full((math.prod(ig), 2), EMPTY, dtype="<u8")
     bufs = []
     off = 0
     nb = math.prod(inner) * buf.itemsize + CRC_BYTES
-    for local in itertools.product(*(range(k) for k in lim)):
-        tile = buf[tuple(slice(i * c, (i + 1) * c) for i, c in zip(local, inner))]
+    tiles = [buf[tuple(slice(i * c, (i + 1) * c) for i, c in zip(local, inner))]
+             for local in itertools.product(*(range(k) for k in lim))]
+    ncopy = sum(1 for t in tiles if not t.flags.c_contiguous)
+    sbuf = scratch(ncopy * (nb - CRC_BYTES)) if (scratch is not None and ncopy) else None
+    spos = 0
+    for local, tile in zip(itertools.product(*(range(k) for k in lim)), tiles):
         if not tile.flags.c_contiguous:
-            tile = np.ascontiguousarray(tile)
+            if sbuf is not None:
+                dst = np.frombuffer(sbuf, dtype=buf.dtype, count=tile.size, offset=spos).reshape(inner)
+                np.copyto(dst, tile)
+                spos += nb - CRC_BYTES
+                tile = dst
+            else:
+                tile = np.ascontiguousarray(tile)
         c = crc32c.crc32c(memoryview(tile).cast("B"))
         bufs.append(tile)
         bufs.append(c.to_bytes(4, "little"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import shutil
 import threading
@@ -156,6 +157,24 @@ class LocalStore:
             return total, size
         finally:
             os.close(fd)
+
+    def map(self, rel):
+        """(read-only memoryview of the whole file, file size) via mmap; the map lives as long as the view."""
+        fd = os.open(self._p(rel), os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return memoryview(b""), 0
+            mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        if hasattr(mm, "madvise"):
+            try:
+                mm.madvise(mmap.MADV_SEQUENTIAL)
+                mm.madvise(mmap.MADV_WILLNEED)
+            except (OSError, AttributeError):
+                pass
+        return memoryview(mm), size
 
     def read_ranges(self, rel, ranges, buf):
         """Read the byte ranges ``[(start, stop)]`` of the file back to back into ``buf``.

@@ -234,8 +234,14 @@ class ArrayWriter:
             buf[tuple(slice(0, n) for n in arr.shape)] = arr
             arr = buf
         lim = tuple(p // c for p, c in zip(pv, self.inner))
-        bufs, size, icrc = _shard.encode(arr, self.chunks, self.inner, lim)
-        return bufs, size, icrc
+        held = []
+
+        def scratch(n):
+            held.append(_shard.acquire(n))
+            return memoryview(held[-1])
+
+        bufs, size, icrc = _shard.encode(arr, self.chunks, self.inner, lim, scratch)
+        return bufs, size, icrc, held
 
     def _chunk_buffers(self, src, cst, cvs):
         ch = self.chunks
@@ -253,8 +259,9 @@ class ArrayWriter:
     def _flush(self, key, bufs):
         try:
             ckw = self._ckw
+            held = ()
             if self.inner is not None:
-                bufs, size, crc = self._encode_shard(key, bufs)
+                bufs, size, crc, held = self._encode_shard(key, bufs)
             else:
                 crc = 0
                 size = CRC_BYTES
@@ -264,7 +271,12 @@ class ArrayWriter:
                     size += len(mv)
                 bufs = [*bufs, crc.to_bytes(4, "little")]
             fsync = ckw.durable and (ckw._fsync_each if ckw._fsync_each is not None else size > FSYNC_MIN)
-            ckw._store.put(f"{self.rel}/{key}", bufs, fsync=fsync)
+            try:
+                ckw._store.put(f"{self.rel}/{key}", bufs, fsync=fsync)
+            finally:
+                del bufs
+                for h in held:
+                    _shard.release(h)
         except BaseException:
             with self._lock:
                 self._done.pop(key, None)
