@@ -155,7 +155,7 @@ def main():
     say(f"safetensors save+fsync  {gbps(res['st_w']):6.2f}   load_file warm {gbps(res['st_r']):6.2f}"
         + (f"   cold {gbps(res['st_rc']):6.2f}" if cold else "")
         + "   (warm load_file is a zero-copy mmap: pages are mapped, not copied, so /st warm is not a like-for-like ratio)")
-    say(f"{'ucp config':28s} {'write':>6s} {'/np':>5s} {'/st':>5s} | {'warm rd':>7s} {'/np':>5s} {'/st':>5s}"
+    say(f"{'ucp config':30s} {'write':>6s} {'/np':>5s} {'/st':>5s} | {'warm rd':>7s} {'/np':>5s} {'/st':>5s}"
         + (f" | {'cold rd':>7s} {'/np':>5s} {'/st':>5s}" if cold else "")
         + f" | {'out= warm':>9s} {'/np':>5s}" + (f" {'cold':>5s} {'/np':>5s}" if cold else "")
         + " | read/need: row 1%  TP=4 cols")
@@ -163,7 +163,7 @@ def main():
     configs = [(f"plain chunk {int(c):2d} MiB", {"chunk_bytes": int(c) * MiB}, 4) for c in a.chunk_mb.split(",")]
     for i, sc in enumerate(a.shards.split(",") if a.shards else []):
         smb, ikb = (int(x) for x in sc.split("/"))
-        configs.append((f"shard {smb:2d}M/{ikb:4d}K" + (" (dflt)" if (smb, ikb) == (32, 256) else ""),
+        configs.append((f"shard {smb:2d}M/{ikb:4d}K" + ("*" if (smb, ikb) == (32, 256) else ""),
                         {"shard_bytes": smb * MiB, "inner_bytes": ikb * 1024}, 4))
     configs += [("shard 32M/ 256K", {}, 1), ("shard 32M/ 256K", {}, 2)]
     for label, kw, workers in configs:
@@ -196,7 +196,7 @@ def main():
             c.read("w32", index=(slice(None), slice(r * cols // 4, (r + 1) * cols // 4)))
             got_c += c.last_read_stats["bytes_read"]
             need_c += c.last_read_stats["bytes_needed"]
-        line = (f"{label:19s} {workers} worker{'s' if workers > 1 else ' '} "
+        line = (f"{label:20s} {workers} worker{'s' if workers > 1 else ' '} "
                 f"{gbps(tw):6.2f} {res['np_w'] / tw:5.2f} {res['st_w'] / tw:5.2f} | "
                 f"{gbps(tr):7.2f} {res['np_r'] / tr:5.2f} {res['st_r'] / tr:5.2f}")
         if cold:
@@ -214,6 +214,7 @@ def main():
             for k, t in big.items():
                 w.write_tensor(k, "param", t)
     tnd = best(u_write_nd, a.reps, lambda: (rm(ck), os.sync()))[0]
+    say("(* = the default layout)")
     say(f"default layout, durable=False {gbps(tnd):6.2f}  (no syncfs before the manifest; data may still be in page cache)")
     del big
 

@@ -274,3 +274,43 @@ def test_sharded_metadata_tensor_and_plain_small(tmp_path):
     assert "inner_chunks" in ck.manifest["meta_arrays"]["_ucp/meta/0"]
     assert torch.equal(ck.metadata["big"], big)
     assert verify(tmp_path / "ck") == []
+
+
+def test_one_percent_row_slice(tmp_path):
+    t = torch.randn(3200, 128)
+    with create_checkpoint(tmp_path / "ck", shard_bytes=64 << 10, inner_bytes=1024, durable=False) as w:
+        a = w.write_tensor("w", "param", t)
+    assert a.inner == (16, 16), a.inner
+    ck = open_checkpoint(tmp_path / "ck")
+    got = ck.read("w", index=slice(1600, 1632))  # 1% of the rows, aligned to inner rows
+    assert torch.equal(got, t[1600:1632])
+    s = ck.last_read_stats
+    assert s["bytes_read"] <= 1.1 * s["bytes_needed"], s
+    got = ck.read("w", index=slice(1605, 1637))  # unaligned: one extra band of 16 rows at most
+    assert torch.equal(got, t[1605:1637])
+    s = ck.last_read_stats
+    assert s["bytes_read"] <= (32 + 16 + 1) * 128 * 4, s
+
+
+@SETTINGS
+@given(shape=st.lists(st.integers(1, 12), min_size=1, max_size=3).map(tuple), seed=st.integers(0, 2**32 - 1))
+def test_sharded_flat_ranges(shape, seed):
+    rnd = random.Random(seed)
+    n = math.prod(shape)
+    t = torch.arange(n, dtype=torch.float32).reshape(shape)
+    pts = sorted(set([0, n] + [rnd.randint(0, n) for _ in range(rnd.randint(0, 4))]))
+    ranges = list(zip(pts[:-1], pts[1:]))
+    rnd.shuffle(ranges)
+    with tempfile.TemporaryDirectory() as d:
+        w = create_checkpoint(d + "/ck", durable=False, shard_bytes=rnd.choice([64, 256]), inner_bytes=16)
+        a = w.add_array("p", "exp_avg", shape, torch.float32)
+        for x, y in ranges:
+            a.write_flat(x, t.reshape(-1)[x:y])
+        w.commit()
+        ck = open_checkpoint(d + "/ck")
+        assert torch.equal(ck.read("p", "exp_avg"), t)
+        for _ in range(3):
+            x = rnd.randint(0, n)
+            y = rnd.randint(x, n)
+            assert torch.equal(ck.read_flat("p", "exp_avg", x, y), t.reshape(-1)[x:y])
+            assert ck.last_read_stats["bytes_needed"] == (y - x) * 4
