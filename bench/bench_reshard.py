@@ -78,8 +78,11 @@ def load_rank(ck, frags):
         if buf is None:
             buf = locals_[f.local_name] = torch.empty(f.local_shape, dtype=torch.float32)
         for pc in f.pieces:
-            t = ck.read_box(f.name, "param", pc.src.start, pc.src.stop)
-            buf[pc.dst.slices()].copy_(t.reshape(pc.dst.shape))
+            view = buf[pc.dst.slices()]
+            if view.is_contiguous() and tuple(view.shape) == tuple(pc.src.shape):
+                ck.read_box(f.name, "param", pc.src.start, pc.src.stop, out=view)  # no extra copy
+            else:
+                view.copy_(ck.read_box(f.name, "param", pc.src.start, pc.src.stop).reshape(view.shape))
             got += ck.last_read_stats["bytes_read"]
             need += ck.last_read_stats["bytes_needed"]
     return got, need

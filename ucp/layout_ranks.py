@@ -97,7 +97,8 @@ def save_ranks(states: dict[str, dict[str, torch.Tensor]], dst: str | os.PathLik
                metadata: dict | None = None,
                read: Callable[[str, str, Any, Any], torch.Tensor] | None = None,
                dtypes: dict[str, dict[str, str]] | None = None,
-               shapes: dict[str, tuple] | None = None, progress: bool = False) -> Path:
+               shapes: dict[str, tuple] | None = None, progress: bool = False,
+               direct_read: Callable | None = None) -> Path:
     """Write every rank's local tensors for ``degrees`` (what each rank of a run would save).
 
     ``states`` holds full tensors ``{state: {name: tensor}}``; alternatively ``read(name,
@@ -145,9 +146,12 @@ def save_ranks(states: dict[str, dict[str, torch.Tensor]], dst: str | os.PathLik
                     raise RanksError(f"{f.local_name}: tensors of one flat group must share a dtype "
                                      f"({f.name} is {dt}, group is {buf.dtype})")
                 for pc in f.pieces:
-                    data = read(f.name, st, pc.src.start, pc.src.stop)
-                    view = buf[tuple(slice(a, b) for a, b in zip(pc.dst.start, pc.dst.stop))]
-                    view.copy_(data.reshape(view.shape))
+                    view = buf[pc.dst.slices()]
+                    if direct_read is not None and view.is_contiguous() and \
+                            tuple(view.shape) == tuple(pc.src.shape):
+                        direct_read(f.name, st, pc.src.start, pc.src.stop, view)  # straight into place
+                    else:
+                        view.copy_(read(f.name, st, pc.src.start, pc.src.stop).reshape(view.shape))
         fname = rank_file_name(coords)
         torch.save(out, dst / fname)
         ranks.append({"coords": coords, "file": fname})
@@ -305,10 +309,13 @@ def export_ranks(src, dst, *, degrees: dict, spec=None, constants=None, progress
     def read(name, state, start, stop):
         return ck.read_box(name, state, tuple(start), tuple(stop))
 
+    def direct_read(name, state, start, stop, out):
+        ck.read_box(name, state, tuple(start), tuple(stop), out=out)
+
     meta = {k: v for k, v in md.items() if k != "source"}
     return save_ranks({}, dst, spec_text=spec_text, spec_name=spec_name, degrees=degrees,
                       constants=constants, scalars=scalars, metadata=meta, read=read,
-                      dtypes=dtypes, shapes=shapes, progress=progress)
+                      dtypes=dtypes, shapes=shapes, progress=progress, direct_read=direct_read)
 
 
 def load_ranks_full(src) -> dict[str, dict[str, torch.Tensor]]:
