@@ -466,7 +466,10 @@ class Checkpoint:
 
 PREFETCH = 8  # plain chunks read ahead
 PREFETCH_BYTES = 64 << 20  # sharded arrays: shards read ahead, in bytes (at least one shard)
-SHARD_MMAP = True
+# Whole-shard reads: pread into a pooled buffer (then one tile copy) rather than mmap. Measured
+# on the 2-core VM (320 MiB, 4 workers): cold 1.6-1.8 GB/s with pread against 1.2-1.3 with mmap,
+# warm 3.9 against 4.9. A checkpoint load is usually cold (a new job on new machines), so pread.
+SHARD_MMAP = False
 _HUGE = 1 << 20
 
 
