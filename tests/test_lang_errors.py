@@ -245,3 +245,14 @@ def test_single_corruptions_raise_only_spec_error(data):
 @given(st.text(alphabet=st.sampled_from(list('(){}[]|,=*+-/%"#.:ab019 \nx')), max_size=40))
 def test_random_text_raises_only_spec_error(text):
     _check(text)
+
+
+def test_dangling_pipe_points_at_the_swallowed_keyword():
+    from ucp.lang import SpecError, parse
+
+    text = 'spec s\naxes tp\nparam "a" = shard(0, over=tp) |\nparam "b" = replicate(over=tp)\n'
+    with pytest.raises(SpecError) as e:
+        parse(text, filename="t.ucp")
+    msg = str(e.value)
+    assert msg.startswith("t.ucp:4:")
+    assert "'param' at 4:1 was read as an op name" in msg and "dangling" in msg

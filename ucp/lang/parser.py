@@ -79,6 +79,7 @@ def _end_pos(text: str) -> tuple[int, int]:
 
 def _syntax_error(e: lark.exceptions.UnexpectedInput, text: str, filename: str) -> SpecError:
     line, col = getattr(e, "line", -1), getattr(e, "column", -1)
+    hint = ""
     if isinstance(e, lark.exceptions.UnexpectedToken):
         tok = e.token
         if tok.type == "$END" or line is None or line < 1:
@@ -90,6 +91,10 @@ def _syntax_error(e: lark.exceptions.UnexpectedInput, text: str, filename: str) 
             what = f"unexpected {shown!r}" if tok.type in ("NAME", "INT", "STRING") else what
             if tok.type == "NAME" and str(tok) in RESERVED:
                 what += " (a reserved word)"
+            prev = (getattr(e, "token_history", None) or [None])[-1]
+            if prev is not None and prev.type == "NAME" and str(prev) in RESERVED:
+                hint = (f" ('{prev}' at {prev.line}:{prev.column} was read as an op name: is a '|' or ','"
+                        " left dangling before it?)")
         exp = _expected(_accepts(e) or e.expected)
     elif isinstance(e, lark.exceptions.UnexpectedCharacters):
         ch = text[e.pos_in_stream] if 0 <= e.pos_in_stream < len(text) else ""
@@ -103,7 +108,7 @@ def _syntax_error(e: lark.exceptions.UnexpectedInput, text: str, filename: str) 
         exp = _expected(getattr(e, "expected", ()))
     if line is None or line < 1:
         line, col = _end_pos(text)
-    msg = what + (f": expected {exp}" if exp else "")
+    msg = what + (f": expected {exp}" if exp else "") + hint
     return SpecError(Pos(filename, line, max(1, col or 1)), msg, text)
 
 
