@@ -121,3 +121,33 @@ def test_diff_compares_metadata_with_tensors(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "metadata.iteration" in out and "metadata.rng" in out
     assert main(["diff", str(a), str(c), "--ignore-metadata"]) == 0
+
+
+def test_export_errors_are_clear(tmp_path, capsys):
+    from ucp.demo import DEMO_SPEC
+    from ucp.layout_ranks import save_ranks
+
+    states = {"param": {"model.norm.weight": torch.ones(8), "lm_head.weight": torch.ones(10, 8)}}
+    save_ranks(states, tmp_path / "src", spec_text=DEMO_SPEC, degrees={"tp": 2})
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "u"), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "u"), str(tmp_path / "x"), "--to", "ranks", "--zero-stage", "2"]) == 2
+    assert "--zero-stage" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "u"), str(tmp_path / "x"), "--to", "nonsense"]) == 2
+    assert "unknown target 'nonsense'" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "u"), str(tmp_path / "x"), "--to", "megatron", "--tp", "2"]) == 2
+    assert "not supported by this version" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    assert main(["export", str(tmp_path / "u"), str(tmp_path / "full"), "--to", "ranks", "--tp", "3"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "x"
+    # converting into a non-empty destination is refused the same way
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "full")]) == 2
+    assert (tmp_path / "full" / "keep.txt").exists()
+    # a spec with a syntax error names file:line:col
+    bad = tmp_path / "bad.ucp"
+    bad.write_text('spec b\naxes tp\nparam "**" = shard(0 over=tp)\n')
+    assert main(["export", str(tmp_path / "u"), str(tmp_path / "y"), "--to", "ranks", "--spec", str(bad)]) == 2
+    assert f"{bad}:3:" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

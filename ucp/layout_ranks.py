@@ -106,8 +106,7 @@ def save_ranks(states: dict[str, dict[str, torch.Tensor]], dst: str | os.PathLik
     full tensor is ever materialised) together with ``shapes`` and ``dtypes``.
     """
     dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    if any(dst.iterdir()):
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise RanksError(f"{dst}: destination is not empty")
     constants = dict(constants or {})
     if shapes is None:
@@ -117,6 +116,7 @@ def save_ranks(states: dict[str, dict[str, torch.Tensor]], dst: str | os.PathLik
         dtypes = {n: {st: _dtype_name(states[st][n].dtype) for st in states if n in states[st]}
                   for n in names}
     spec, bound, matches = bind_spec(spec_text, spec_name, degrees, constants, names)
+    dst.mkdir(parents=True, exist_ok=True)
     if read is None:
         def read(name, state, start, stop):
             return states[state][name][tuple(slice(a, b) for a, b in zip(start, stop))]
