@@ -52,8 +52,10 @@ def inspect_summary(ck) -> dict:
         states = []
         for st in ck.states(name):
             info = ck.array_info(name, st)
+            inner = getattr(info, "inner_chunks", None)
             states.append({"state": st, "dtype": str(info.dtype).replace("torch.", ""),
                            "shape": list(info.shape), "chunks": list(info.chunks),
+                           **({"inner_chunks": list(inner)} if inner else {}),
                            "nbytes": int(info.nbytes)})
         entry = {"name": name, "states": states}
         for key in ("frozen", "tied_to", "parts", "padding", "rule", "scalars", "fragmentation"):
@@ -93,9 +95,10 @@ def cmd_inspect(args) -> int:
         for i, st in enumerate(p["states"]):
             rows.append([p["name"] if i == 0 else "", st["state"], st["dtype"],
                          "x".join(map(str, st["shape"])) or "scalar",
-                         "x".join(map(str, st["chunks"])) or "-",
+                         ("x".join(map(str, st["chunks"])) or "-")
+                         + (" / " + "x".join(map(str, st["inner_chunks"])) if st.get("inner_chunks") else ""),
                          _fmt_bytes(st["nbytes"]), " ".join(flags) if i == 0 else ""])
-    print(_table(rows, ["parameter", "state", "dtype", "shape", "chunks", "size", "notes"]))
+    print(_table(rows, ["parameter", "state", "dtype", "shape", "chunks (/ inner)", "size", "notes"]))
     print(f"\n{s['num_params']} parameters, {s['num_arrays']} arrays, {_fmt_bytes(s['nbytes'])}"
           f"; metadata: {', '.join(s['metadata_keys']) or '(none)'}")
     return EXIT_OK
