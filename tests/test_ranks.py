@@ -248,3 +248,26 @@ def test_kill9_mid_conversion_then_resume(tmp_path):
     ck = ucp.open(dst)
     for n in shapes:
         assert torch.equal(ck.read(n), states["param"][n])
+
+
+def test_average_over_replicas_that_differ(tmp_path):
+    """`average(over=tp)`: replicas may differ (sequence-parallel norms); the universal
+    tensor is their mean, and every replica gets it back on export."""
+    spec = 'spec a\naxes tp\nparam "norm" = average(over=tp)\nparam "w" = shard(0, over=tp)\n'
+    states = {"param": {"norm": torch.zeros(6), "w": torch.arange(12.0).reshape(6, 2)}}
+    save_ranks(states, tmp_path / "src", spec_text=spec, degrees={"tp": 3})
+    vals = [torch.tensor([1.0, 2, 3, 4, 5, 6]) * (r + 1) for r in range(3)]
+    for r in range(3):
+        f = tmp_path / "src" / f"rank-tp{r}.pt"
+        d = torch.load(f, weights_only=True)
+        d["param"]["norm"] = vals[r]
+        torch.save(d, f)
+    ucp.convert(tmp_path / "src", tmp_path / "uni")
+    ck = ucp.open(tmp_path / "uni")
+    want = (torch.stack([v.double() for v in vals]).sum(0) / 3).float()
+    assert torch.equal(ck.read("norm"), want)
+    assert torch.equal(ck.read("w"), states["param"]["w"])
+    export(tmp_path / "uni", tmp_path / "tp2", to="ranks", degrees={"tp": 2})
+    for r in range(2):
+        d = torch.load(tmp_path / "tp2" / f"rank-tp{r}.pt", weights_only=True)
+        assert torch.equal(d["param"]["norm"], want)
