@@ -17,15 +17,22 @@ spec/FORMAT.md is normative. Public API::
     ck.nbytes; ck.path; ck.bytes_read; ck.chunks_read; ck.last_read_stats; ck.manifest
 
     verify(path, deep=True, storage_options=None)               # -> list[str] of problems
+
+    # several writers (spec §13): each rank, then one coordinator after a barrier
+    w = create_checkpoint(path, rank=r, world_size=n, resume=False, ...); ...; w.commit()  # part record
+    commit_parts(path, n, metadata=None, storage_options=None, durable=True, workers=4, cleanup=True)
+    split_boxes(shape, k, dim=0, mode="chunk"|"tensor_split"); aligned_chunks(shape, boxes, itemsize)
 """
 from ucp.format.layout import (DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES, DEFAULT_SHARD_BYTES, default_chunks,
                                default_sharding)
 from ucp.format.manifest import FORMAT_VERSION
 from ucp.format.names import decode_param, encode_param
+from ucp.format.parts import aligned_chunks, commit_parts, create_part, split_boxes
 from ucp.format.reader import ArrayInfo, Checkpoint, open_checkpoint
 from ucp.format.verify import verify
 from ucp.format.writer import ArrayWriter, CheckpointWriter, create_checkpoint
 
 __all__ = ["create_checkpoint", "open_checkpoint", "verify", "Checkpoint", "CheckpointWriter", "ArrayWriter",
            "ArrayInfo", "FORMAT_VERSION", "DEFAULT_CHUNK_BYTES", "DEFAULT_SHARD_BYTES", "DEFAULT_INNER_BYTES",
-           "default_chunks", "default_sharding", "encode_param", "decode_param"]
+           "default_chunks", "default_sharding", "encode_param", "decode_param", "commit_parts", "create_part",
+           "split_boxes", "aligned_chunks"]

@@ -28,6 +28,17 @@ def dump(body: dict) -> bytes:
 
 
 def load(raw: bytes, where: str) -> dict:
+    doc = load_verified(raw, where)
+    if not isinstance(doc, dict) or doc.get("format") != "ucp":
+        raise FormatError(f"{where}: not a ucp manifest")
+    v = doc.get("format_version")
+    if not isinstance(v, int) or v > FORMAT_VERSION:
+        raise FormatError(f"{where}: format_version {v!r} is newer than this reader supports ({FORMAT_VERSION})")
+    return doc
+
+
+def load_verified(raw: bytes, where: str):
+    """Parse a file written by ``dump`` after checking its leading crc32c member (manifest, part record)."""
     if not raw.startswith(_PREFIX):
         raise FormatError(f"{where}: malformed manifest (does not start with {_PREFIX.decode()})")
     comma = raw.find(b",", len(_PREFIX))
@@ -43,11 +54,6 @@ def load(raw: bytes, where: str) -> dict:
         doc = json.loads(body)
     except ValueError as e:
         raise FormatError(f"{where}: manifest is not valid JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != "ucp":
-        raise FormatError(f"{where}: not a ucp manifest")
-    v = doc.get("format_version")
-    if not isinstance(v, int) or v > FORMAT_VERSION:
-        raise FormatError(f"{where}: format_version {v!r} is newer than this reader supports ({FORMAT_VERSION})")
     return doc
 
 

@@ -213,6 +213,20 @@ class LocalStore:
             finally:
                 os.close(fd)
 
+    def delete(self, rel):
+        """Remove one file; a missing file is not an error."""
+        try:
+            os.unlink(self._p(rel))
+        except FileNotFoundError:
+            pass
+
+    def delete_tree(self, rel):
+        """Remove everything under ``rel``; a missing tree is not an error."""
+        shutil.rmtree(self._p(rel), ignore_errors=True)
+        with self._dlock:
+            pre = self._p(rel)
+            self._dirs = {d for d in self._dirs if d != pre and not d.startswith(pre + os.sep)}
+
     def list_files(self):
         out = []
         for dp, _dn, fns in os.walk(self.root):
@@ -301,6 +315,20 @@ class FsspecStore:
             mv[pos:pos + len(d)] = d
             pos += len(d)
         return pos, None
+
+    def delete(self, rel):
+        try:
+            self.fs.rm_file(self._p(rel))
+        except FileNotFoundError:
+            pass
+
+    def delete_tree(self, rel):
+        try:
+            if self.fs.exists(self._p(rel)):
+                self.fs.rm(self._p(rel), recursive=True)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache()
 
     def list_files(self):
         try:

@@ -88,37 +88,61 @@ class ArrayWriter:
         self._staged: dict[tuple, _Staging] = {}
         self._lock = threading.Lock()
         self._resumed: set[str] = set()
-        if ckw._resume and scan:
+        # several writers (rank=): adopt an earlier run's chunk file only when this rank writes that
+        # chunk again (another rank's chunks may be present, or still being written)
+        self._lazy = bool(ckw._resume and getattr(ckw, "_part", None) is not None)
+        self._checked: set[str] = set()
+        if ckw._resume and scan and not self._lazy:
             self._scan_existing()
+
+    def _check_file(self, idx):
+        """``[size, crc]`` of a valid existing chunk/shard file at ``idx``, else None."""
+        store = self._ckw._store
+        rel = f"{self.rel}/{chunk_key(idx)}"
+        if self.inner is not None:
+            if store.size(rel) is None:
+                return None
+            try:
+                data = store.get(rel)
+                icrc = _shard.check_shard(data, self.shape, self.chunks, self.inner, idx, self._isz)
+            except (OSError, _shard.ShardError):
+                return None
+            return [len(data), icrc]
+        want = math.prod(self.chunks) * self._isz + CRC_BYTES
+        if store.size(rel) != want:
+            return None
+        try:
+            data = memoryview(store.get(rel))
+        except OSError:
+            return None
+        crc = crc32c.crc32c(data[:-CRC_BYTES])
+        if len(data) == want and crc == int.from_bytes(data[-CRC_BYTES:], "little"):
+            return [want, crc]
+        return None
 
     def _scan_existing(self):
         """Resume: adopt chunk files of an earlier, uncommitted run whose size and crc32c check out."""
-        store = self._ckw._store
-        if self.inner is not None:
-            for idx in layout.all_chunk_indices(self.shape, self.chunks):
-                key = chunk_key(idx)
-                rel = f"{self.rel}/{key}"
-                if store.size(rel) is None:
-                    continue
-                try:
-                    data = store.get(rel)
-                    icrc = _shard.check_shard(data, self.shape, self.chunks, self.inner, idx, self._isz)
-                except (OSError, _shard.ShardError):
-                    continue
-                self._done[key] = [len(data), icrc]
-                self._resumed.add(key)
-            return
-        want = math.prod(self.chunks) * self._isz + CRC_BYTES
         for idx in layout.all_chunk_indices(self.shape, self.chunks):
-            key = chunk_key(idx)
-            rel = f"{self.rel}/{key}"
-            if store.size(rel) != want:
-                continue
-            data = memoryview(store.get(rel))
-            crc = crc32c.crc32c(data[:-CRC_BYTES])
-            if len(data) == want and crc == int.from_bytes(data[-CRC_BYTES:], "little"):
-                self._done[key] = [want, crc]
+            rec = self._check_file(idx)
+            if rec is not None:
+                key = chunk_key(idx)
+                self._done[key] = rec
                 self._resumed.add(key)
+
+    def _adopt(self, idx, key):
+        """Lazy resume (several writers): check this chunk's file once, on this rank's first write to it."""
+        with self._lock:
+            if key in self._checked:
+                return
+            self._checked.add(key)
+            if key in self._done or idx in self._staged:
+                return
+        rec = self._check_file(idx)
+        if rec is not None:
+            with self._lock:
+                if key not in self._done and idx not in self._staged:
+                    self._done[key] = rec
+                    self._resumed.add(key)
 
     def pending(self):
         """Boxes ``(start, stop)`` of the chunks still to write (all of them for a fresh array)."""
@@ -182,6 +206,8 @@ class ArrayWriter:
         isp = tuple(min(a, b) for a, b in zip(stop, cvs))
         src = arr[tuple(slice(a - o, b - o) for a, b, o in zip(ist, isp, start))]
         key = chunk_key(idx)
+        if self._lazy and key not in self._checked:
+            self._adopt(idx, key)
         if key in self._resumed:  # written by the interrupted run and checked: skip
             return None
         if ist == cst and isp == cvs:  # the box covers this chunk's whole (valid) region
@@ -347,11 +373,32 @@ class _Param:
 class CheckpointWriter:
     def __init__(self, path, overwrite=False, storage_options=None, chunk_bytes=None, durable=True,
                  workers=DEFAULT_WORKERS, fsync_each=None, resume=False, shard_bytes=None, inner_bytes=None,
-                 sharding=None):
+                 sharding=None, rank=None, world_size=None, _coordinator=False):
         self.path = path
         self._store = make_store(path, storage_options)
         self._resume = bool(resume)
-        if resume:
+        self._part = None  # (rank, world_size) when this writer is one of several (spec §13)
+        if (rank is None) != (world_size is None):
+            raise UcpError("pass both rank= and world_size= (several writers), or neither")
+        if rank is not None:
+            rank, world_size = int(rank), int(world_size)
+            if world_size < 1 or not 0 <= rank < world_size:
+                raise UcpError(f"rank {rank} is not in range(world_size={world_size})")
+            if overwrite:
+                raise UcpError("overwrite=True cannot be used with rank=: several writers would race to clear "
+                               "the root; clear it once before starting the ranks")
+            if self._store.exists(MANIFEST):
+                raise UcpError(f"{path} is already a committed ucp checkpoint: rank {rank} cannot add a part to it")
+            self._part = (rank, world_size)
+            from ucp.format import parts as _parts
+
+            # a stale part record of an earlier run must never be committed with this run's data
+            self._store.delete(_parts.part_rel(rank))
+            self._store.delete_tree(_parts.stage_rel(rank))
+        elif _coordinator:
+            if self._store.exists(MANIFEST):
+                raise UcpError(f"{path} is already a committed ucp checkpoint")
+        elif resume:
             if overwrite:
                 raise UcpError("resume=True and overwrite=True exclude each other")
             if self._store.exists(MANIFEST):
@@ -456,6 +503,9 @@ class CheckpointWriter:
     def set_metadata(self, obj) -> None:
         """Non-tensor state (JSON-like; tensors inside are stored as small arrays, snapshot now)."""
         self._check_open()
+        if self._part is not None:
+            raise UcpError(f"rank {self._part[0]}: set_metadata is not available to one of several writers; "
+                           "pass metadata= to commit_parts")
         new = {}
 
         def add_tensor(t):
@@ -530,7 +580,15 @@ class CheckpointWriter:
                 self._store.put(rel, [data])
 
     def commit(self) -> None:
+        """Write the manifest (one writer), or this rank's part record (rank=, see ``commit_parts``)."""
         self._check_open()
+        if self._part is not None:
+            from ucp.format import parts as _parts
+
+            _parts.write_part(self)
+            self._shutdown()
+            self.committed = True
+            return
         problems = []
         for p in self._params.values():
             for a in p.arrays.values():
@@ -607,7 +665,7 @@ class CheckpointWriter:
 
 def create_checkpoint(path, overwrite=False, storage_options=None, chunk_bytes=None, durable=True,
                       workers=DEFAULT_WORKERS, fsync_each=None, resume=False, shard_bytes=None,
-                      inner_bytes=None, sharding=None) -> CheckpointWriter:
+                      inner_bytes=None, sharding=None, rank=None, world_size=None) -> CheckpointWriter:
     """Start writing a checkpoint at ``path`` (local path or fsspec URL).
 
     ``overwrite``: replace a non-empty destination (the old manifest is removed first).
@@ -619,7 +677,12 @@ def create_checkpoint(path, overwrite=False, storage_options=None, chunk_bytes=N
     shards of about ``shard_bytes`` (32 MiB) holding inner tiles of about ``inner_bytes``; smaller
     arrays are one plain chunk. ``chunk_bytes`` alone selects plain row chunks of that size (the
     layout before sharding); ``sharding=False`` forces plain chunks of ``chunk_bytes`` (default 4 MiB).
+    ``rank``, ``world_size``: this writer is one of several writing one checkpoint (spec §13):
+    ``commit()`` writes the part record ``_ucp/parts/<rank>.json`` instead of the manifest; one
+    coordinator then runs ``commit_parts(path, world_size)``. With ``resume`` a rerun rank adopts its
+    own valid chunk files (checked when it writes them again).
     """
     return CheckpointWriter(path, overwrite=overwrite, storage_options=storage_options,
                             chunk_bytes=chunk_bytes, durable=durable, workers=workers, fsync_each=fsync_each,
-                            resume=resume, shard_bytes=shard_bytes, inner_bytes=inner_bytes, sharding=sharding)
+                            resume=resume, shard_bytes=shard_bytes, inner_bytes=inner_bytes, sharding=sharding,
+                            rank=rank, world_size=world_size)

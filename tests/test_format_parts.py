@@ -1,0 +1,268 @@
+"""Several writers, one checkpoint (spec/FORMAT.md §13): real processes write parts, one commits."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ucp.errors import IncompleteCheckpointError, NotCommittedError, OverlapError, UcpError
+from ucp.format import (aligned_chunks, commit_parts, create_checkpoint, open_checkpoint, split_boxes,
+                        verify)
+
+# The worker runs in a fresh interpreter (like a torchrun rank): it rebuilds the same full tensors
+# from a seed and writes its share of them.
+WORKER = r'''
+import json, sys, time, torch
+from ucp.format import create_checkpoint, split_boxes, aligned_chunks
+
+def full():
+    g = torch.Generator().manual_seed(1234)
+    t = {}
+    for i in range(7):
+        t[f"layers.{i}.w"] = torch.randn(9 + i, 33, generator=g)
+        t[f"layers.{i}.b"] = torch.randn(5 + 3 * i, generator=g).bfloat16()
+    t["emb"] = torch.randint(-9, 9, (40, 8), generator=g)
+    t["rows.a"] = torch.randn(37, 24, generator=g)                        # torch.chunk rows
+    t["rows.b"] = torch.randn(50, 16, generator=g).bfloat16()             # torch.tensor_split rows
+    t["rows.s"] = torch.randn(45, 64, generator=g)                        # sharded, tensor_split
+    t["rows.al"] = torch.randn(41, 32, generator=g)                       # aligned grid (torch.chunk)
+    return t
+
+ROWS = {"rows.a": ("chunk", dict(chunks=(4, 24))), "rows.b": ("tensor_split", dict(chunks=(8, 16))),
+        "rows.s": ("tensor_split", dict(shards=(12, 64), chunks=(4, 32))), "rows.al": ("chunk", None)}
+
+a = json.loads(sys.argv[1])
+r, n = a["rank"], a["world"]
+t = full()
+w = create_checkpoint(a["path"], rank=r, world_size=n, resume=a.get("resume", False), chunk_bytes=512,
+                      durable=False, workers=2)
+slow = a.get("slow", 0)
+if a["mode"] == "disjoint":
+    names = [k for k in t if not k.startswith("rows.")]
+    for i, name in enumerate(names):
+        if i % n != r:
+            continue
+        w.add_param(name, {"frozen": False, "scalars": {"owner": r}})
+        w.write_tensor(name, "param", t[name])
+        sh = dict(shards=(8, 33), chunks=(4, 11)) if t[name].dim() == 2 and t[name].shape[0] >= 8 else {}
+        w.write_tensor(name, "exp_avg", t[name] * 2, **sh)
+        print("wrote", name, flush=True)
+        time.sleep(slow)
+else:
+    for name, (how, kw) in ROWS.items():
+        x = t[name]
+        if kw is None:
+            kw = dict(chunks=aligned_chunks(x.shape, split_boxes(x.shape, n, 0, how), x.element_size(), 512))
+        for state, y in (("param", x), ("exp_avg", x * 3)):
+            arr = w.add_array(name, state, x.shape, x.dtype, **kw)
+            st, sp = split_boxes(x.shape, n, 0, how)[r]
+            piece = (torch.chunk if how == "chunk" else torch.tensor_split)(y, n, 0)
+            if r < len(piece):
+                assert piece[r].shape[0] == sp[0] - st[0]
+                arr.write(st, piece[r].clone())
+            print("wrote", name, state, flush=True)
+            time.sleep(slow)
+w.commit()
+print("part done", flush=True)
+'''
+
+
+def full():
+    ns = {}
+    exec(WORKER.split("\nROWS")[0], ns)
+    return ns["full"]()
+
+
+def spawn(path, rank, world, mode, **kw):
+    arg = json.dumps({"path": str(path), "rank": rank, "world": world, "mode": mode, **kw})
+    return subprocess.Popen([sys.executable, "-c", WORKER, arg], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def run_all(path, world, mode, **kw):
+    procs = [spawn(path, r, world, mode, **kw) for r in range(world)]
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        assert "part done" in out
+
+
+def check_equal(path, mode):
+    t = full()
+    ck = open_checkpoint(path)
+    names = [k for k in t if k.startswith("rows.") == (mode == "rows")]
+    assert sorted(ck.params) == sorted(names)
+    for name in names:
+        for state, mult in (("param", 1), ("exp_avg", 3 if mode == "rows" else 2)):
+            want = t[name] * mult if mult != 1 else t[name]
+            got = ck.read(name, state)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert torch.equal(got.view(torch.uint8) if got.dtype != torch.int64 else got,
+                               want.view(torch.uint8) if want.dtype != torch.int64 else want), (name, state)
+    return ck
+
+
+def test_three_processes_disjoint_params(tmp_path):
+    path = tmp_path / "ck"
+    run_all(path, 3, "disjoint")
+    with pytest.raises(NotCommittedError):  # nothing exists for readers before the commit
+        open_checkpoint(path)
+    assert sorted(os.listdir(path / "_ucp" / "parts")) == ["0.json", "1.json", "2.json"]
+    rng = torch.arange(5, dtype=torch.uint8)
+    info = commit_parts(path, 3, metadata={"iteration": 7, "rng": rng})
+    assert info["assembled"] == 0
+    ck = check_equal(path, "disjoint")
+    assert ck.metadata["iteration"] == 7 and torch.equal(ck.metadata["rng"], rng)
+    assert ck.param_meta("layers.4.w")["scalars"] == {"owner": 2}
+    assert ck.params[:3] == ["layers.0.w", "layers.1.b", "layers.3.w"]  # rank order, then declaration order
+    assert not (path / "_ucp" / "parts").exists()
+    assert verify(path) == []
+    cli = subprocess.run([sys.executable, "-m", "ucp", "verify", str(path)], capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+
+
+def test_four_processes_uneven_row_blocks_of_the_same_arrays(tmp_path):
+    path = tmp_path / "ck"
+    run_all(path, 4, "rows")
+    parts = [json.loads((path / "_ucp" / "parts" / f"{r}.json").read_bytes()) for r in range(4)]
+    staged = {p["name"]: sum(len(s["staged"]) for s in p["states"].values()) for d in parts for p in d["params"]}
+    assert staged["rows.al"] == 0  # the aligned grid needs no staging
+    assert staged["rows.a"] > 0 and staged["rows.b"] > 0 and staged["rows.s"] > 0  # chunks straddle ranks
+    info = commit_parts(path, 4)
+    assert info["assembled"] > 0
+    check_equal(path, "rows")
+    assert verify(path) == []
+    assert not (path / "_ucp").exists()
+
+
+def test_sigkilled_rank_resumes_and_commits(tmp_path):
+    path = tmp_path / "ck"
+    victim = spawn(path, 1, 3, "disjoint", slow=0.4)
+    others = [spawn(path, r, 3, "disjoint") for r in (0, 2)]
+    for p in others:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    assert victim.stdout.readline().startswith("wrote")  # at least one param done, then killed mid-write
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=30)
+    assert victim.returncode == -signal.SIGKILL
+    with pytest.raises(IncompleteCheckpointError, match=r"rank\(s\) 1 "):
+        commit_parts(path, 3)
+    assert not (path / "ucp.manifest.json").exists()
+    first = path / "layers.1.w" / "param" / "c" / "0" / "0"
+    mtime = first.stat().st_mtime_ns
+    time.sleep(0.01)
+    p = spawn(path, 1, 3, "disjoint", resume=True)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert first.stat().st_mtime_ns == mtime  # adopted, not rewritten
+    commit_parts(path, 3)
+    check_equal(path, "disjoint")
+    assert verify(path) == []
+
+
+# -- errors (in one process: the checks are the coordinator's) ------------------------------------
+def _part(path, rank, world, arrays, **kw):
+    w = create_checkpoint(path, rank=rank, world_size=world, durable=False, **kw)
+    for name, state, shape, dtype, chunks, boxes in arrays:
+        a = w.add_array(name, state, shape, dtype, chunks=chunks)
+        for st, t in boxes:
+            a.write(st, t)
+    w.commit()
+
+
+def test_missing_rank_is_named_and_no_manifest(tmp_path):
+    x = torch.arange(12.0).reshape(6, 2)
+    _part(tmp_path, 0, 4, [("a", "param", (6, 2), torch.float32, (3, 2), [((0, 0), x[:3])])])
+    _part(tmp_path, 2, 4, [("a", "param", (6, 2), torch.float32, (3, 2), [((3, 0), x[3:])])])
+    with pytest.raises(IncompleteCheckpointError, match=r"2 of 4 part\(s\) missing: rank\(s\) 1, 3 "):
+        commit_parts(tmp_path, 4)
+    assert not (tmp_path / "ucp.manifest.json").exists()
+    with pytest.raises(NotCommittedError):
+        open_checkpoint(tmp_path)
+
+
+def test_same_chunk_by_two_ranks(tmp_path):
+    x = torch.arange(12.0).reshape(6, 2)
+    _part(tmp_path, 0, 2, [("a", "param", (6, 2), torch.float32, (3, 2), [((0, 0), x[:3])])])
+    _part(tmp_path, 1, 2, [("a", "param", (6, 2), torch.float32, (3, 2), [((0, 0), x[:3]), ((3, 0), x[3:])])])
+    with pytest.raises(OverlapError, match=r"param 'a' state 'param' chunk c/0/0 region \[0:3, 0:2\]: "
+                                           r"written by rank 0 and by rank 1"):
+        commit_parts(tmp_path, 2)
+    assert not (tmp_path / "ucp.manifest.json").exists()
+
+
+def test_overlapping_staged_pieces(tmp_path):
+    x = torch.arange(12.0).reshape(6, 2)
+    _part(tmp_path, 0, 2, [("a", "param", (6, 2), torch.float32, (6, 2), [((0, 0), x[:4])])])
+    _part(tmp_path, 1, 2, [("a", "param", (6, 2), torch.float32, (6, 2), [((3, 0), x[3:])])])
+    with pytest.raises(OverlapError, match=r"rank 0 region \[0:4, 0:2\] overlaps rank 1 region \[3:6, 0:2\]"):
+        commit_parts(tmp_path, 2)
+
+
+def test_inconsistent_declarations_name_both_ranks(tmp_path):
+    x = torch.arange(12.0).reshape(6, 2)
+    _part(tmp_path, 0, 2, [("a", "param", (6, 2), torch.float32, (3, 2), [((0, 0), x[:3])])])
+    _part(tmp_path, 1, 2, [("a", "param", (6, 2), torch.float32, (2, 2), [((4, 0), x[4:])])])
+    with pytest.raises(UcpError, match=r"param 'a' state 'param' declared inconsistently: rank 0 shape \[6, 2\], "
+                                       r"dtype float32, chunks \[3, 2\]; rank 1 shape \[6, 2\], dtype float32, "
+                                       r"chunks \[2, 2\]"):
+        commit_parts(tmp_path, 2)
+    assert not (tmp_path / "ucp.manifest.json").exists()
+
+
+def test_unwritten_regions_are_named_with_ranks(tmp_path):
+    x = torch.arange(20.0).reshape(10, 2)
+    _part(tmp_path, 0, 2, [("a", "param", (10, 2), torch.float32, (4, 2), [((0, 0), x[:5])])])
+    _part(tmp_path, 1, 2, [("a", "param", (10, 2), torch.float32, (4, 2), [((6, 0), x[6:])])])
+    with pytest.raises(IncompleteCheckpointError) as ei:
+        commit_parts(tmp_path, 2)
+    msg = str(ei.value)
+    assert ("param 'a' state 'param' chunk c/1/0 region [4:8, 0:2] only partly written "
+            "(6 of 8 elements: rank 0 wrote [4:5, 0:2]; rank 1 wrote [6:8, 0:2])") in msg
+    # now the chunk nobody touched
+    _part(tmp_path, 1, 2, [("a", "param", (10, 2), torch.float32, (4, 2), [((5, 0), x[5:8])])])
+    with pytest.raises(IncompleteCheckpointError, match=r"chunk c/2/0 region \[8:10, 0:2\] not written by any "
+                                                        r"rank \(chunks of this array written per rank: rank 0: 1\)"):
+        commit_parts(tmp_path, 2)
+
+
+def test_single_process_parts_roundtrip_and_stale_part_replaced(tmp_path):
+    x = torch.arange(20.0).reshape(10, 2)
+    _part(tmp_path, 0, 2, [("a", "param", (10, 2), torch.float32, (4, 2), [((0, 0), x[:5])])])
+    _part(tmp_path, 1, 2, [("a", "param", (10, 2), torch.float32, (4, 2), [((5, 0), x[5:] + 1)])])
+    # rank 1 runs again (same boxes, new data): its old part record and stage files are replaced
+    _part(tmp_path, 1, 2, [("a", "param", (10, 2), torch.float32, (4, 2), [((5, 0), x[5:])])])
+    commit_parts(tmp_path, 2)
+    assert torch.equal(open_checkpoint(tmp_path).read("a"), x)
+    with pytest.raises(UcpError, match="already a committed"):
+        commit_parts(tmp_path, 2)
+    with pytest.raises(UcpError, match="already a committed"):
+        create_checkpoint(tmp_path, rank=0, world_size=2)
+
+
+def test_rank_arguments_and_metadata_refused(tmp_path):
+    with pytest.raises(UcpError, match="both rank= and world_size="):
+        create_checkpoint(tmp_path, rank=0)
+    with pytest.raises(UcpError, match="not in range"):
+        create_checkpoint(tmp_path, rank=2, world_size=2)
+    w = create_checkpoint(tmp_path, rank=0, world_size=1)
+    with pytest.raises(UcpError, match="commit_parts"):
+        w.set_metadata({"a": 1})
+
+
+def test_split_boxes_and_aligned_chunks():
+    assert split_boxes((10, 3), 4) == [((0, 0), (3, 3)), ((3, 0), (6, 3)), ((6, 0), (9, 3)), ((9, 0), (10, 3))]
+    assert [b[1][0] - b[0][0] for b in split_boxes((10, 3), 4, mode="tensor_split")] == [3, 3, 2, 2]
+    assert [b[1][0] - b[0][0] for b in split_boxes((5, 3), 4)] == [2, 2, 1, 0]  # torch.chunk: 3 pieces
+    for n, k in ((37, 4), (4096, 8), (1000, 3), (7, 7)):
+        c = aligned_chunks((n, 64), split_boxes((n, 64), k), 4, target=1 << 20)
+        assert c is not None and c[1] == 64 and all(b[0][0] % c[0] == 0 for b in split_boxes((n, 64), k))
+    assert aligned_chunks((4096, 1024), split_boxes((4096, 1024), 8), 4) == (512, 1024)  # 2 MiB, <= 4 MiB
+    assert aligned_chunks((4099, 1024), split_boxes((4099, 1024), 8, mode="tensor_split"), 4) is None
+    # column splits (tensor parallel on dim 1)
+    assert aligned_chunks((64, 4096), split_boxes((64, 4096), 4, dim=1), 2, target=1 << 16) == (32, 1024)
