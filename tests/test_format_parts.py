@@ -266,3 +266,28 @@ def test_split_boxes_and_aligned_chunks():
     assert aligned_chunks((4099, 1024), split_boxes((4099, 1024), 8, mode="tensor_split"), 4) is None
     # column splits (tensor parallel on dim 1)
     assert aligned_chunks((64, 4096), split_boxes((64, 4096), 4, dim=1), 2, target=1 << 16) == (32, 1024)
+
+
+def test_coordinator_crash_then_ranks_resume_and_commit_again(tmp_path, monkeypatch):
+    from ucp.format import writer
+
+    x = torch.arange(20.0).reshape(10, 2)
+    arrays = lambda r: [("a", "param", (10, 2), torch.float32, (4, 2), [((0, 0), x[:5])] if r == 0 else
+                         [((5, 0), x[5:])])]
+    for r in (0, 1):
+        _part(tmp_path, r, 2, arrays(r))
+
+    def crash(self):
+        raise RuntimeError("coordinator died")
+
+    monkeypatch.setattr(writer.CheckpointWriter, "commit", crash)
+    with pytest.raises(RuntimeError, match="coordinator died"):
+        commit_parts(tmp_path, 2)  # the straddling chunk c/1/0 was assembled and written, no manifest
+    monkeypatch.undo()
+    assert (tmp_path / "a" / "param" / "c" / "1" / "0").exists()
+    assert not (tmp_path / "ucp.manifest.json").exists()
+    for r in (0, 1):  # both ranks rerun: neither may claim the assembled chunk
+        _part(tmp_path, r, 2, arrays(r), resume=True)
+    assert commit_parts(tmp_path, 2)["assembled"] == 1
+    assert torch.equal(open_checkpoint(tmp_path).read("a"), x)
+    assert verify(tmp_path) == []

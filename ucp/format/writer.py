@@ -206,11 +206,14 @@ class ArrayWriter:
         isp = tuple(min(a, b) for a, b in zip(stop, cvs))
         src = arr[tuple(slice(a - o, b - o) for a, b, o in zip(ist, isp, start))]
         key = chunk_key(idx)
-        if self._lazy and key not in self._checked:
+        whole = ist == cst and isp == cvs
+        # several writers: adopt only a chunk this rank covers whole (a partly covered chunk's file
+        # may be one the coordinator assembled before it crashed, shared with other ranks)
+        if self._lazy and whole and key not in self._checked:
             self._adopt(idx, key)
         if key in self._resumed:  # written by the interrupted run and checked: skip
             return None
-        if ist == cst and isp == cvs:  # the box covers this chunk's whole (valid) region
+        if whole:  # the box covers this chunk's whole (valid) region
             with self._lock:
                 if key in self._done or idx in self._staged:
                     raise OverlapError(f"{self.where} chunk {key}: region {_fmt_box(ist, isp)} was already written")
