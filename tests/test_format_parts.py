@@ -291,3 +291,19 @@ def test_coordinator_crash_then_ranks_resume_and_commit_again(tmp_path, monkeypa
     assert commit_parts(tmp_path, 2)["assembled"] == 1
     assert torch.equal(open_checkpoint(tmp_path).read("a"), x)
     assert verify(tmp_path) == []
+
+
+def test_corrupt_part_record_and_world_size_mismatch(tmp_path):
+    from ucp.errors import FormatError
+
+    x = torch.arange(12.0).reshape(6, 2)
+    _part(tmp_path, 0, 1, [("a", "param", (6, 2), torch.float32, (3, 2), [((0, 0), x)])])
+    with pytest.raises(UcpError, match=r"part of rank 0 of world_size 1, expected rank 0 of world_size 2"):
+        commit_parts(tmp_path, 2)
+    rec = tmp_path / "_ucp" / "parts" / "0.json"
+    raw = bytearray(rec.read_bytes())
+    raw[-5] ^= 1
+    rec.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match=r"_ucp/parts/0.json: manifest checksum mismatch"):
+        commit_parts(tmp_path, 1)
+    assert not (tmp_path / "ucp.manifest.json").exists()
