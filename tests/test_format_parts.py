@@ -153,7 +153,7 @@ def test_sigkilled_rank_resumes_and_commits(tmp_path):
     with pytest.raises(IncompleteCheckpointError, match=r"rank\(s\) 1 "):
         commit_parts(path, 3)
     assert not (path / "ucp.manifest.json").exists()
-    first = path / "layers.1.w" / "param" / "c" / "0" / "0"
+    first = path / "layers.0.b" / "param" / "c" / "0"  # rank 1's first param, written before "wrote"
     mtime = first.stat().st_mtime_ns
     time.sleep(0.01)
     p = spawn(path, 1, 3, "disjoint", resume=True)
