@@ -143,6 +143,7 @@ def test_megatron_gpt_moe_experts_over_ep():
     ("torch_tp", {"tp": 2}, {"tp": 3}),
     ("torch_fsdp2", {"dp": 3}, {"dp": 4}),
     ("deepspeed_zero3", {"dp": 3}, {"dp": 2}),
+    ("torch_fsdp2_tp", {"dp": 2, "tp": 2}, {"dp": 3, "tp": 1}),
     ("hf_llama", {}, {}),
 ])
 def test_llama_layouts(spec_name, deg_a, deg_b):
