@@ -56,16 +56,13 @@ class LocalStore:
     def _mkdir(self, d):
         if d in self._dirs:
             return
+        parent = os.path.dirname(d)
+        if parent != d and parent not in self._dirs and not os.path.isdir(parent):
+            self._mkdir(parent)  # top-down: one mkdir per new directory, no failed attempts
         try:
             os.mkdir(d)
         except FileExistsError:
             pass
-        except FileNotFoundError:
-            self._mkdir(os.path.dirname(d))
-            try:
-                os.mkdir(d)
-            except FileExistsError:
-                pass
         with self._dlock:
             self._dirs.add(d)
 
