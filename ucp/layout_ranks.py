@@ -23,6 +23,10 @@ import torch
 from ucp.errors import UcpError
 
 LAYOUT_FILE = "layout.json"
+#: Per-parameter metadata lists each rank's boxes up to this many fragments; beyond it the
+#: spec (kept in the checkpoint's metadata) and the degrees reproduce them through the planner,
+#: so a 512-way run does not put 512 entries per parameter into the manifest.
+MAX_LISTED_FRAGMENTS = 64
 META_FILE = "meta.pt"
 FORMAT_NAME = "ucp-ranks"
 
@@ -251,13 +255,16 @@ def convert_ranks(src, dst, *, spec=None, progress=False, storage_options=None,
             frs = [f for f, _ in per_param[name]]
             check_coverage(name, shape, frs)
             m = matches[name]
-            meta = {"rule": m.rule.origin, "fragmentation": {
-                "layout": FORMAT_NAME, "spec": spec_name, "degrees": degrees,
-                "ranks": [{"coords": dict(f.coords), "local": f.local_name,
-                           "local_shape": list(f.local_shape),
-                           "pieces": [[list(pc.src.start), list(pc.src.stop), list(pc.dst.start),
-                                       list(pc.dst.stop)] for pc in f.pieces]}
-                          for f in frs if f.pieces]}}
+            held = [f for f in frs if f.pieces]
+            frag = {"layout": FORMAT_NAME, "spec": spec_name, "degrees": degrees,
+                    "rule": m.rule.origin, "fragments": len(held)}
+            if len(held) <= MAX_LISTED_FRAGMENTS:
+                frag["ranks"] = [{"coords": dict(f.coords), "local": f.local_name,
+                                  "local_shape": list(f.local_shape),
+                                  "pieces": [[list(pc.src.start), list(pc.src.stop), list(pc.dst.start),
+                                              list(pc.dst.stop)] for pc in f.pieces]}
+                                 for f in held]
+            meta = {"rule": m.rule.origin, "fragmentation": frag}
             meta.update(rule_metadata(m.rule, shape))
             if p.get("scalars"):
                 meta["scalars"] = p["scalars"]
