@@ -108,7 +108,8 @@ def cmd_inspect(args) -> int:
 def cmd_verify(args) -> int:
     from ucp.format import verify
 
-    problems = verify(args.path, deep=not args.quick, storage_options=_storage_options(args))
+    problems = verify(args.path, deep=not args.quick, storage_options=_storage_options(args),
+                      progress=not args.quiet)
     if args.json:
         print(json.dumps({"path": args.path, "ok": not problems, "problems": problems}, indent=2))
     elif problems:
