@@ -25,6 +25,7 @@ spec/FORMAT.md is normative. Public API::
 """
 from ucp.format.layout import (DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES, DEFAULT_SHARD_BYTES, default_chunks,
                                default_sharding)
+from ucp.format.distributed import commit_distributed, create_distributed
 from ucp.format.manifest import FORMAT_VERSION
 from ucp.format.names import decode_param, encode_param
 from ucp.format.parts import aligned_chunks, commit_parts, create_part, split_boxes
@@ -35,4 +36,4 @@ from ucp.format.writer import ArrayWriter, CheckpointWriter, create_checkpoint
 __all__ = ["create_checkpoint", "open_checkpoint", "verify", "Checkpoint", "CheckpointWriter", "ArrayWriter",
            "ArrayInfo", "FORMAT_VERSION", "DEFAULT_CHUNK_BYTES", "DEFAULT_SHARD_BYTES", "DEFAULT_INNER_BYTES",
            "default_chunks", "default_sharding", "encode_param", "decode_param", "commit_parts", "create_part",
-           "split_boxes", "aligned_chunks"]
+           "split_boxes", "aligned_chunks", "create_distributed", "commit_distributed"]

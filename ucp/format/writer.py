@@ -378,6 +378,7 @@ class CheckpointWriter:
                  workers=DEFAULT_WORKERS, fsync_each=None, resume=False, shard_bytes=None, inner_bytes=None,
                  sharding=None, rank=None, world_size=None, _coordinator=False):
         self.path = path
+        self.storage_options = storage_options
         self._store = make_store(path, storage_options)
         self._resume = bool(resume)
         self._part = None  # (rank, world_size) when this writer is one of several (spec §13)

@@ -1,0 +1,66 @@
+"""Several writers under torch.distributed: every rank commits its part, one rank the manifest.
+
+The part protocol itself (``create_part`` / ``commit_parts``, FORMAT.md §13) needs no
+communication; this module adds the two collective steps a torchrun job needs around it: a
+barrier so the coordinator starts only after every part is durable, and the propagation of any
+rank's failure to every rank, so that no rank believes in a checkpoint that was not committed.
+"""
+from __future__ import annotations
+
+from ucp.errors import UcpError
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise UcpError("torch.distributed is not initialized: call init_process_group first, "
+                       "or use create_checkpoint(path, rank=..., world_size=...) and commit_parts")
+    return dist
+
+
+def create_distributed(path, group=None, **kwargs):
+    """The part writer of this process's rank in ``group`` (default: the whole world)."""
+    from ucp.format.writer import create_checkpoint
+
+    dist = _dist()
+    return create_checkpoint(path, rank=dist.get_rank(group), world_size=dist.get_world_size(group), **kwargs)
+
+
+def commit_distributed(writer, metadata=None, group=None, coordinator=0, **commit_kwargs) -> dict | None:
+    """Collective: commit this rank's part, then (on ``coordinator``) the manifest.
+
+    Every rank returns only once the checkpoint is committed, and every rank raises the same
+    ``UcpError`` if any rank's part or the final commit failed (no manifest is written then).
+    Returns ``commit_parts``' counts on the coordinator, None elsewhere.
+    """
+    from ucp.format.parts import commit_parts
+
+    dist = _dist()
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    status = None
+    try:
+        writer.commit()
+    except Exception as e:  # report every rank's failure, not only the first one seen
+        status = f"rank {rank}: {type(e).__name__}: {e}"
+        try:
+            writer.abort()
+        except Exception:
+            pass
+    statuses = [None] * world
+    dist.all_gather_object(statuses, status, group=group)
+    failed = [s for s in statuses if s]
+    if failed:
+        raise UcpError("checkpoint not committed, ranks failed:\n  " + "\n  ".join(failed))
+    result, msg = None, None
+    if rank == coordinator:
+        try:
+            result = commit_parts(writer.path, world, metadata=metadata,
+                                  storage_options=writer.storage_options, **commit_kwargs)
+        except Exception as e:
+            msg = f"coordinator rank {rank}: {type(e).__name__}: {e}"
+    box = [msg]
+    dist.broadcast_object_list(box, src=coordinator, group=group)
+    if box[0]:
+        raise UcpError("checkpoint not committed: " + box[0])
+    return result
