@@ -271,3 +271,61 @@ def test_average_over_replicas_that_differ(tmp_path):
     for r in range(2):
         d = torch.load(tmp_path / "tp2" / f"rank-tp{r}.pt", weights_only=True)
         assert torch.equal(d["param"]["norm"], want)
+
+
+def test_torchrun_conversion_equals_single_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m ucp convert`: each process converts a share of the
+    parameters (by size), one commit; the result equals a single-process conversion, in the
+    same parameter order (which grouped flat layouts depend on)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from ucp.cli import main
+
+    shapes = {f"layers.{i}.w": (64 + 8 * i, 48) for i in range(5)}
+    shapes["norm"] = (48,)
+    states = _states(shapes)
+    spec = 'spec zero2\naxes dp\nparam "**" = flat(over=dp, group=main, align=2)\n'
+    save_ranks(states, tmp_path / "src", spec_text=spec, degrees={"dp": 3})
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "one"), "-q"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "ucp", "convert",
+                        str(tmp_path / "src"), str(tmp_path / "two"), "-q"],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count("converted") == 1 and "(2 processes)" in r.stdout
+    assert ucp.open(tmp_path / "two").params == list(shapes)
+    assert verify(tmp_path / "two") == []
+    assert main(["diff", str(tmp_path / "one"), str(tmp_path / "two"), "-q", "--ignore-metadata"]) == 0
+    export(tmp_path / "two", tmp_path / "dp2", to="ranks", degrees={"dp": 2})
+    _assert_same(states, load_ranks_full(tmp_path / "dp2"))
+
+
+def test_torchrun_conversion_failure_on_one_process_fails_cleanly(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    shapes = {f"layers.{i}.w": (40, 8) for i in range(4)}
+    spec = 'spec t\naxes tp\nparam "**" = shard(0, over=tp)\n'
+    save_ranks(_states(shapes), tmp_path / "src", spec_text=spec, degrees={"tp": 2})
+    f = tmp_path / "src" / "rank-tp0.pt"
+    d = torch.load(f, weights_only=True)
+    d["param"]["layers.3.w"] = d["param"]["layers.3.w"][:-1].clone()
+    torch.save(d, f)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "ucp", "convert",
+                        str(tmp_path / "src"), str(tmp_path / "out"), "-q"],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+    assert r.returncode != 0
+    assert "rank-tp0.pt" in r.stderr and "layers.3.w" in r.stderr and "shape" in r.stderr
+    assert not (tmp_path / "out" / "ucp.manifest.json").exists()

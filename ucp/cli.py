@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 from ucp.errors import UcpError
@@ -242,8 +243,18 @@ def cmd_convert(args) -> int:
     ucp.convert(args.src, args.dst, source=getattr(args, "from"), spec=args.spec,
                 workers=args.workers, resume=args.resume, progress=not args.quiet,
                 storage_options=_storage_options(args))
-    print(f"converted {args.src} -> {args.dst}")
+    rank, world = _dist_rank()
+    if rank == 0:
+        print(f"converted {args.src} -> {args.dst}" + (f" ({world} processes)" if world > 1 else ""))
     return EXIT_OK
+
+
+def _dist_rank() -> tuple[int, int]:
+    """(rank, world size) of a torchrun job this command runs in, (0, 1) otherwise."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def cmd_export(args) -> int:
@@ -329,12 +340,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        rc = args.fn(args)
     except UcpError as e:
-        print(f"ucp {args.cmd}: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        rank, world = _dist_rank()
+        if rank == 0:  # under torchrun every rank raises the same error: say it once
+            print(f"ucp {args.cmd}: error: {e}", file=sys.stderr)
+        rc = EXIT_ERROR
     except BrokenPipeError:
-        return EXIT_OK
+        rc = EXIT_OK
+    if _dist_rank()[1] > 1:
+        # torchrun job: leave together, and skip interpreter teardown (gloo aborts there now and then)
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 if __name__ == "__main__":

@@ -209,9 +209,6 @@ def convert_ranks(src, dst, *, spec=None, progress=False, storage_options=None,
     earlier run wrote completely (size and crc32c check out) are kept and not rewritten.
     """
     from ucp.format import create_checkpoint
-    from ucp.plan import check_coverage, dedupe
-    from ucp.plan.meta import rule_metadata
-    from ucp.progress import bar
 
     src = Path(src)
     layout = read_layout(src)
@@ -245,11 +242,59 @@ def convert_ranks(src, dst, *, spec=None, progress=False, storage_options=None,
                              f"({f.name}, degrees {degrees}) implies {tuple(f.local_shape)}")
         return t
 
-    total = sum(int(torch.Size(shapes[p["name"]]).numel()) * len(p["dtypes"]) for p in params)
+    sizes = {p["name"]: int(torch.Size(shapes[p["name"]]).numel()) * len(p["dtypes"]) for p in params}
     wopts = {"workers": workers} if workers else {}
-    with create_checkpoint(dst, overwrite=overwrite, storage_options=storage_options, resume=resume,
-                           **wopts) as w, \
-            bar(total=total, desc="convert", unit="el", enabled=None if progress else False) as pb:
+    job = torchrun_rank()
+    if job is None:
+        mine = set(sizes)
+        w = create_checkpoint(dst, overwrite=overwrite, storage_options=storage_options, resume=resume,
+                              **wopts)
+    else:  # one process of a torchrun job: convert a share of the parameters, commit together
+        from ucp.format import create_distributed
+        from ucp.plan.assign import assign_by_size
+
+        mine = set(assign_by_size(sizes, job[1])[job[0]])
+        w = create_distributed(dst, storage_options=storage_options, resume=resume, **wopts)
+    failure = None
+    try:
+        _convert_params(w, [p for p in params if p["name"] in mine], shapes, per_param, matches,
+                        spec_name, degrees, local, progress, sum(sizes[n] for n in mine))
+    except Exception as e:
+        if job is None:
+            w.abort()
+            raise
+        failure = f"{type(e).__name__}: {e}"
+    extra = load_rank_file(src / layout["metadata_file"]) if layout.get("metadata_file") else {}
+    md = {"source": {"format": FORMAT_NAME, "path": str(src), "degrees": degrees, "spec": spec_name,
+                     "spec_text": spec_text, "constants": constants}, **extra}
+    if job is None:
+        w.set_metadata(md)
+        w.commit()
+    else:
+        from ucp.format import commit_distributed
+
+        commit_distributed(w, metadata=md, failure=failure, param_order=list(shapes))
+
+
+def torchrun_rank() -> tuple[int, int] | None:
+    """(rank, world size) when this process is one of several started by torchrun, else None.
+    The process group is created here (gloo: conversion moves bytes between files, not GPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or "MASTER_ADDR" not in os.environ:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _convert_params(w, params, shapes, per_param, matches, spec_name, degrees, local, progress, total):
+    from ucp.plan import check_coverage, dedupe
+    from ucp.plan.meta import rule_metadata
+    from ucp.progress import bar
+
+    with bar(total=total, desc="convert", unit="el", enabled=None if progress else False) as pb:
         for p in params:
             name, shape = p["name"], shapes[p["name"]]
             frs = [f for f, _ in per_param[name]]
@@ -288,11 +333,7 @@ def convert_ranks(src, dst, *, spec=None, progress=False, storage_options=None,
                         if len(reps) > 1:
                             acc = acc.to(_dtype(dtn))
                         a.write(tuple(pc.src.start), acc)
-                pb.update(int(torch.Size(shape).numel()))
-        extra = load_rank_file(src / layout["metadata_file"]) if layout.get("metadata_file") else {}
-        w.set_metadata({"source": {"format": FORMAT_NAME, "path": str(src), "degrees": degrees,
-                                   "spec": spec_name, "spec_text": spec_text,
-                                   "constants": constants}, **extra})
+                pb.update(int(torch.Size(shape).numel()) * len(p["dtypes"]))
 
 
 def export_ranks(src, dst, *, degrees: dict, spec=None, constants=None, progress=False,

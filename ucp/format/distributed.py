@@ -27,20 +27,26 @@ def create_distributed(path, group=None, **kwargs):
     return create_checkpoint(path, rank=dist.get_rank(group), world_size=dist.get_world_size(group), **kwargs)
 
 
-def commit_distributed(writer, metadata=None, group=None, coordinator=0, **commit_kwargs) -> dict | None:
+def commit_distributed(writer, metadata=None, group=None, coordinator=0, failure=None,
+                       **commit_kwargs) -> dict | None:
     """Collective: commit this rank's part, then (on ``coordinator``) the manifest.
 
     Every rank returns only once the checkpoint is committed, and every rank raises the same
     ``UcpError`` if any rank's part or the final commit failed (no manifest is written then).
+    ``failure``: this rank already failed (the text says how); it still takes part in the
+    collectives, so the other ranks fail cleanly instead of waiting forever.
     Returns ``commit_parts``' counts on the coordinator, None elsewhere.
     """
     from ucp.format.parts import commit_parts
 
     dist = _dist()
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    status = None
+    status = f"rank {rank}: {failure}" if failure else None
     try:
-        writer.commit()
+        if status:
+            writer.abort()
+        else:
+            writer.commit()
     except Exception as e:  # report every rank's failure, not only the first one seen
         status = f"rank {rank}: {type(e).__name__}: {e}"
         try:

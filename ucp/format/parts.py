@@ -141,14 +141,16 @@ def _raise(cls, head, lines):
 
 
 def commit_parts(path, world_size, metadata=None, storage_options=None, durable=True, workers=4,
-                 cleanup=True) -> dict:
+                 cleanup=True, param_order=None) -> dict:
     """Check the parts of ranks ``0 .. world_size-1``, assemble staged chunks, write the manifest.
 
     Run by one process after every rank's ``commit()`` returned (a barrier). Raises
     ``IncompleteCheckpointError`` naming the missing ranks / unwritten regions, ``OverlapError`` for a
     chunk written by two ranks, ``UcpError`` for inconsistent declarations; no manifest in any of these
     cases. ``metadata``: the checkpoint's non-tensor state (§6.2). ``cleanup``: delete ``_ucp/parts``
-    once the manifest is durable. Returns counts {"params", "arrays", "chunks", "assembled"}.
+    once the manifest is durable. ``param_order``: names in the order the manifest lists them (the
+    model's order, which grouped flat layouts depend on); names it omits follow in rank order.
+    Returns counts {"params", "arrays", "chunks", "assembled"}.
     """
     from ucp.format.writer import ArrayWriter, CheckpointWriter, _Param
 
@@ -252,6 +254,9 @@ def commit_parts(path, world_size, metadata=None, storage_options=None, durable=
     w = CheckpointWriter(path, storage_options=storage_options, durable=durable, workers=workers,
                          _coordinator=True)
     nchunks = assembled = narrays = 0
+    if param_order is not None:
+        rank_of = {n: i for i, n in enumerate(param_order)}
+        mparams = dict(sorted(mparams.items(), key=lambda kv: rank_of.get(kv[0], len(rank_of))))
     for name, mp in mparams.items():
         enc = names.encode_param(name)
         p = w._params[name] = _Param(name, enc)
