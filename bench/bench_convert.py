@@ -1,0 +1,103 @@
+"""Conversion of a rank-files checkpoint to the universal form, against a raw copy of the
+same bytes, with 1 process and with torchrun (2 processes), in one run.
+
+Printed: wall time, throughput, ratio to `cp -r` of the source directory followed by `sync`
+(the floor: the same bytes read and written once), and peak RSS of the converting process(es)
+against the size of the largest tensor.
+
+Usage: python bench/bench_convert.py [--hidden 2048] [--layers 4] [--dir /tmp]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_reshard import drop_caches, llama_shapes  # noqa: E402
+from ucp.demo import DEMO_SPEC  # noqa: E402
+from ucp.layout_ranks import save_ranks  # noqa: E402
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB of the children) of one command, page cache dropped first."""
+    drop_caches()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                   stdout=subprocess.DEVNULL)
+    os.sync()
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return dt, max(peak, before) / 1024
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--inter", type=int, default=5632)
+    ap.add_argument("--dir", default=None)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "convert.txt"))
+    a = ap.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="ucp-bench-convert-", dir=a.dir))
+    lines = []
+
+    def say(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    try:
+        shapes = llama_shapes(a.hidden, a.layers, a.vocab, a.inter)
+        g = torch.Generator().manual_seed(0)
+        states = {"param": {n: torch.randn(s, generator=g) for n, s in shapes.items()}}
+        nbytes = sum(t.numel() * 4 for t in states["param"].values())
+        largest = max(t.numel() * 4 for t in states["param"].values())
+        src = base / "src"
+        save_ranks(states, src, spec_text=DEMO_SPEC, degrees={"tp": 2, "dp": 2})
+        del states
+        say(f"# ucp convert benchmark: {nbytes / 2**20:.0f} MiB fp32 in 4 rank files (TP=2 x ZeRO-3 DP=2), "
+            f"largest tensor {largest / 2**20:.0f} MiB; cold page cache before each run")
+        say(f"{'run':34s} {'seconds':>8s} {'GB/s':>6s} {'vs cp':>6s} {'peak RSS MiB':>13s}")
+        t_cp, _ = run(["cp", "-r", str(src), str(base / "copy")])
+        say(f"{'cp -r + sync (same bytes)':34s} {t_cp:8.2f} {nbytes / t_cp / 1e9:6.2f} {1.0:6.2f}x {'-':>13s}")
+        t_imp, _ = run([sys.executable, "-c", "import torch, ucp.cli, ucp.layout_ranks, ucp.format, ucp.lang"])
+        say(f"{'python start + import torch, ucp':34s} {t_imp:8.2f} {'':>6s} {'':>6s}  {'-':>13s}")
+        t1, rss1 = run([sys.executable, "-m", "ucp", "convert", str(src), str(base / "u1"), "-q"])
+        say(f"{'ucp convert, 1 process':34s} {t1:8.2f} {nbytes / t1 / 1e9:6.2f} {t_cp / t1:6.2f}x {rss1:13.0f}")
+        t2, rss2 = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(_port()),
+                        "-m", "ucp", "convert", str(src), str(base / "u2"), "-q"])
+        say(f"{'torchrun -m ucp convert, 2 procs':34s} {t2:8.2f} {nbytes / t2 / 1e9:6.2f} {t_cp / t2:6.2f}x "
+            f"{rss2:13.0f}")
+        say(f"# without interpreter start-up, 1 process converts at {nbytes / (t1 - t_imp) / 1e9:.2f} GB/s, "
+            f"{t_cp / (t1 - t_imp):.2f}x cp")
+        say(f"# 2 processes / 1 process: {t1 / t2:.2f}x (2 cores and one disk here: scale-out is for many "
+            f"nodes; torchrun adds its own start-up). Peak RSS is the largest child; rank files are "
+            f"memory-mapped, so resident pages of the source count.")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
