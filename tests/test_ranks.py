@@ -329,3 +329,21 @@ def test_torchrun_conversion_failure_on_one_process_fails_cleanly(tmp_path):
     assert r.returncode != 0
     assert "rank-tp0.pt" in r.stderr and "layers.3.w" in r.stderr and "shape" in r.stderr
     assert not (tmp_path / "out" / "ucp.manifest.json").exists()
+
+
+def test_frozen_params_without_optimizer_state_are_kept(tmp_path):
+    """DeepSpeed's universal converter drops frozen parameters; ucp keeps them, with only the
+    states they have, and the `frozen` attribute from the spec."""
+    spec = ('spec f\naxes tp, dp\n'
+            'param "frozen.{x}" = shard(0, over=tp) | flat(over=dp) with frozen\n'
+            'param "**" = shard(0, over=tp) | flat(over=dp)\n')
+    g = torch.Generator().manual_seed(1)
+    states = {"param": {"frozen.emb": torch.randn(33, 8, generator=g), "w": torch.randn(9, 8, generator=g)},
+              "exp_avg": {"w": torch.randn(9, 8, generator=g)}}
+    save_ranks(states, tmp_path / "src", spec_text=spec, degrees={"tp": 2, "dp": 2})
+    ucp.convert(tmp_path / "src", tmp_path / "uni")
+    ck = ucp.open(tmp_path / "uni")
+    assert ck.states("frozen.emb") == ["param"] and ck.states("w") == ["param", "exp_avg"]
+    assert ck.param_meta("frozen.emb").get("frozen") is True and not ck.param_meta("w").get("frozen")
+    export(tmp_path / "uni", tmp_path / "tp1", to="ranks", degrees={"tp": 1, "dp": 3})
+    _assert_same(states, load_ranks_full(tmp_path / "tp1"))
