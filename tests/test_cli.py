@@ -142,9 +142,13 @@ def test_export_errors_are_clear(tmp_path, capsys):
     assert main(["export", str(tmp_path / "u"), str(tmp_path / "full"), "--to", "ranks", "--tp", "3"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "full" / "keep.txt").read_text() == "x"
-    # converting into a non-empty destination is refused the same way
+    # converting into a non-empty destination is refused the same way, with the way out named
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "full")]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err
     assert (tmp_path / "full" / "keep.txt").exists()
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "u"), "--overwrite", "-q"]) == 0
+    assert main(["verify", str(tmp_path / "u"), "-q"]) == 0
     # a spec with a syntax error names file:line:col
     bad = tmp_path / "bad.ucp"
     bad.write_text('spec b\naxes tp\nparam "**" = shard(0 over=tp)\n')

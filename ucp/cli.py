@@ -240,9 +240,17 @@ def cmd_diff(args) -> int:
 def cmd_convert(args) -> int:
     import ucp
 
-    ucp.convert(args.src, args.dst, source=getattr(args, "from"), spec=args.spec,
-                workers=args.workers, resume=args.resume, progress=not args.quiet,
-                storage_options=_storage_options(args))
+    from ucp.errors import DestinationNotEmptyError
+
+    if args.resume and args.overwrite:
+        raise UcpError("--resume and --overwrite exclude each other")
+    try:
+        ucp.convert(args.src, args.dst, source=getattr(args, "from"), spec=args.spec,
+                    workers=args.workers, resume=args.resume, overwrite=args.overwrite or None,
+                    progress=not args.quiet, storage_options=_storage_options(args))
+    except DestinationNotEmptyError:
+        raise UcpError(f"{args.dst} is not empty: --resume finishes an interrupted conversion into it, "
+                       "--overwrite replaces it") from None
     rank, world = _dist_rank()
     if rank == 0:
         print(f"converted {args.src} -> {args.dst}" + (f" ({world} processes)" if world > 1 else ""))
@@ -295,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto|ranks|deepspeed|deepspeed-universal|dcp|megatron|hf")
     sp.add_argument("--spec", help="a converters/*.ucp name or a spec file")
     sp.add_argument("--workers", type=int, default=None)
-    sp.add_argument("--resume", action="store_true")
+    sp.add_argument("--resume", action="store_true", help="finish an interrupted conversion into DST")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     common(sp)
     sp.set_defaults(fn=cmd_convert)
 
