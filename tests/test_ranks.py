@@ -347,3 +347,25 @@ def test_frozen_params_without_optimizer_state_are_kept(tmp_path):
     assert ck.param_meta("frozen.emb").get("frozen") is True and not ck.param_meta("w").get("frozen")
     export(tmp_path / "uni", tmp_path / "tp1", to="ranks", degrees={"tp": 1, "dp": 3})
     _assert_same(states, load_ranks_full(tmp_path / "tp1"))
+
+
+@pytest.mark.parametrize("spec_name,degrees", [("torch_tp", {"tp": 3}), ("torch_fsdp2", {"dp": 4}),
+                                               ("deepspeed_zero12", {"tp": 1, "dp": 3}),
+                                               ("torch_fsdp2_tp", {"dp": 2, "tp": 2})])
+def test_load_rank_equals_the_rank_files_an_export_writes(tmp_path, spec_name, degrees):
+    """`ucp.load_rank` gives, in memory, exactly what `ucp export` writes for that rank."""
+    from ucp.lang import load
+    from ucp.layout_ranks import all_coords, rank_file_name
+
+    states = _states(LLAMA_SHAPES)
+    save_ranks(states, tmp_path / "src", spec_text=DEMO_SPEC, degrees={"tp": 2, "dp": 2})
+    ucp.convert(tmp_path / "src", tmp_path / "uni")
+    export(tmp_path / "uni", tmp_path / "dst", to="ranks", degrees=degrees, spec=spec_name)
+    for coords in all_coords(list(load(spec_name).axes), degrees):
+        got = ucp.load_rank(tmp_path / "uni", spec_name, degrees, coords, states=None)
+        want = torch.load(tmp_path / "dst" / rank_file_name(coords), weights_only=True)
+        assert set(got) == set(want)
+        for st in want:
+            assert set(got[st]) == set(want[st])
+            for k, t in want[st].items():
+                assert torch.equal(got[st][k], t), (coords, st, k)

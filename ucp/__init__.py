@@ -23,4 +23,12 @@ def convert(src, dst, source="auto", spec=None, **kwargs):
     return _convert(src, dst, source=source, spec=spec, **kwargs)
 
 
-__all__ = ["open", "convert", "UcpError", "__version__"]
+def load_rank(path, spec, degrees, coords, **kwargs):
+    """One rank's local tensors ``{state: {local_name: tensor}}`` for any layout a spec declares,
+    reading only the boxes that rank needs."""
+    from ucp.loading import load_rank as _load_rank
+
+    return _load_rank(path, spec, degrees, coords, **kwargs)
+
+
+__all__ = ["open", "convert", "load_rank", "UcpError", "__version__"]
