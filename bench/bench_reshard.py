@@ -69,23 +69,12 @@ def rank_plan(spec_name, shapes, degrees, coords):
                           local_name=bound.local_name, captures=lambda n: matches[n].captures)
 
 
-def load_rank(ck, frags):
-    """Fill one rank's local tensors piece by piece; return (bytes_read, bytes_needed)."""
-    got = need = 0
-    locals_: dict[str, torch.Tensor] = {}
-    for f in frags:
-        buf = locals_.get(f.local_name)
-        if buf is None:
-            buf = locals_[f.local_name] = torch.empty(f.local_shape, dtype=torch.float32)
-        for pc in f.pieces:
-            view = buf[pc.dst.slices()]
-            if view.is_contiguous() and tuple(view.shape) == tuple(pc.src.shape):
-                ck.read_box(f.name, "param", pc.src.start, pc.src.stop, out=view)  # no extra copy
-            else:
-                view.copy_(ck.read_box(f.name, "param", pc.src.start, pc.src.stop).reshape(view.shape))
-            got += ck.last_read_stats["bytes_read"]
-            need += ck.last_read_stats["bytes_needed"]
-    return got, need
+def load_rank(ck, spec_name, degrees, coords):
+    """Fill one rank's local tensors with ucp.load_rank; return (bytes read, bytes needed)."""
+    before = ck.bytes_read
+    local = ucp.load_rank(ck, spec_name, degrees, coords)
+    need = sum(t.numel() * t.element_size() for t in local["param"].values())
+    return ck.bytes_read - before, need
 
 
 def naive_rank(ck, frags):
@@ -142,15 +131,15 @@ def main():
         for spec_name, deg in layouts:
             ratios = []
             plans = [rank_plan(spec_name, shapes, deg, c) for c in mesh_coords(deg)]
-            for frags in plans:
+            for coords in mesh_coords(deg):
                 ck = ucp.open(uni)
-                got, need = load_rank(ck, frags)
+                got, need = load_rank(ck, spec_name, deg, coords)
                 ratios.append(got / max(need, 1))
             # timed: rank 0 resharded vs naive, both cold when possible
             drop_caches()
             ck = ucp.open(uni)
             t0 = time.perf_counter()
-            got, need = load_rank(ck, plans[0])
+            got, need = load_rank(ck, spec_name, deg, mesh_coords(deg)[0])
             t_res = time.perf_counter() - t0
             drop_caches()
             ck = ucp.open(uni)
