@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from ucp.errors import UcpError
+from ucp.format.store import readahead
 
 LAYOUT_FILE = "layout.json"
 #: Per-parameter metadata lists each rank's boxes up to this many fragments; beyond it the
@@ -194,27 +195,12 @@ def read_layout(src: str | os.PathLike) -> dict:
 def load_rank_file(path: Path) -> dict:
     if not path.is_file():
         raise RanksError(f"{path}: rank file is missing")
-    _readahead(path)
+    readahead(path)  # the tensors are sliced through a memory map: read the file ahead of the faults
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for truncated or hostile files
         raise RanksError(f"{path}: cannot be read as a weights-only torch file ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
-
-
-def _readahead(path: Path) -> None:
-    """Ask the kernel to read a whole rank file in the background: its tensors are then sliced
-    through a memory map, and page faults on a cold map read 4 KiB at a time otherwise."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    finally:
-        os.close(fd)
 
 
 def convert_ranks(src, dst, *, spec=None, progress=False, storage_options=None,

@@ -25,6 +25,20 @@ def make_store(path, storage_options=None):
     return LocalStore(path)
 
 
+def readahead(path) -> None:
+    """Ask the kernel to read a whole file in the background (posix_fadvise WILLNEED)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
 class LocalStore:
     local = True
 
@@ -198,17 +212,8 @@ class LocalStore:
 
     def prefetch(self, rels):
         """Ask the kernel to start reading these files (cold reads overlap with the current one)."""
-        if not hasattr(os, "posix_fadvise"):
-            return
         for rel in rels:
-            try:
-                fd = os.open(self._p(rel), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
+            readahead(self._p(rel))
 
     def delete(self, rel):
         """Remove one file; a missing file is not an error."""
