@@ -22,6 +22,7 @@ import torch
 
 from ucp.errors import UcpError
 from ucp.format.store import readahead
+from ucp.loading import fill_locals, fragments_for
 
 LAYOUT_FILE = "layout.json"
 #: Per-parameter metadata lists each rank's boxes up to this many fragments; beyond it the
@@ -66,16 +67,6 @@ def bind_spec(spec_text: str, spec_name: str, degrees: dict, constants: dict, na
     bound = spec.bind(degrees=degrees, constants=constants)
     matches = bound.resolve(names)
     return spec, bound, matches
-
-
-def fragments_for(bound, matches, shapes: dict[str, tuple], degrees: dict, coords: dict):
-    from ucp.plan import rank_fragments
-
-    rules = {n: m.rule for n, m in matches.items()}
-    caps = {n: m.captures for n, m in matches.items()}
-    return rank_fragments(rules, shapes, degrees, coords,
-                          local_name=lambda n, c: bound.local_name(n, c),
-                          captures=lambda n: caps[n])
 
 
 def resolve_spec_text(spec: str | None, fallback_text: str | None,
@@ -128,39 +119,19 @@ def save_ranks(states: dict[str, dict[str, torch.Tensor]], dst: str | os.PathLik
 
     state_names = sorted({st for d in dtypes.values() for st in d}, key=lambda s: (s != "param", s))
     ranks = []
-    from ucp.plan import Box  # noqa: F401  (imported for its side effect of validating the API)
-
     from ucp.progress import bar
 
     mesh = all_coords(list(spec.axes), degrees)
-    pb_ctx = bar(total=len(mesh), desc="export ranks", unit="rank", enabled=None if progress else False)
-    pb = pb_ctx.__enter__()
-    for coords in mesh:
-        pb.update(1)
-        frags = fragments_for(bound, matches, shapes, degrees, coords)
-        out: dict[str, dict[str, torch.Tensor]] = {st: {} for st in state_names}
-        for f in frags:
-            for st in state_names:
-                if st not in dtypes[f.name]:
-                    continue
-                dt = _dtype(dtypes[f.name][st])
-                buf = out[st].get(f.local_name)
-                if buf is None:
-                    buf = out[st][f.local_name] = torch.zeros(f.local_shape, dtype=dt)
-                elif buf.dtype != dt:
-                    raise RanksError(f"{f.local_name}: tensors of one flat group must share a dtype "
-                                     f"({f.name} is {dt}, group is {buf.dtype})")
-                for pc in f.pieces:
-                    view = buf[pc.dst.slices()]
-                    if direct_read is not None and view.is_contiguous() and \
-                            tuple(view.shape) == tuple(pc.src.shape):
-                        direct_read(f.name, st, pc.src.start, pc.src.stop, view)  # straight into place
-                    else:
-                        view.copy_(read(f.name, st, pc.src.start, pc.src.stop).reshape(view.shape))
-        fname = rank_file_name(coords)
-        torch.save(out, dst / fname)
-        ranks.append({"coords": coords, "file": fname})
-    pb_ctx.__exit__(None, None, None)
+    with bar(total=len(mesh), desc="export ranks", unit="rank", enabled=None if progress else False) as pb:
+        for coords in mesh:
+            pb.update(1)
+            frags = fragments_for(bound, matches, shapes, degrees, coords)
+            got = fill_locals(frags, lambda n: {st: _dtype(dn) for st, dn in dtypes[n].items()},
+                              read, direct_read)
+            out = {st: got.get(st, {}) for st in state_names}  # every state, "param" first
+            fname = rank_file_name(coords)
+            torch.save(out, dst / fname)
+            ranks.append({"coords": coords, "file": fname})
     layout = {
         "format": FORMAT_NAME, "version": 1, "spec_name": spec_name, "spec": spec_text,
         "degrees": {a: int(degrees.get(a, 1)) for a in spec.axes}, "constants": constants,
@@ -320,17 +291,14 @@ def _convert_params(w, params, shapes, per_param, matches, spec_name, degrees, l
             groups = dedupe(frs)
             for st, dtn in p["dtypes"].items():
                 a = w.add_array(name, st, shape, _dtype(dtn))
-                for grp in groups:
-                    reps = grp if isinstance(grp, (list, tuple)) else [(grp, 1.0)]
-                    reps = [(r, 1.0) if not isinstance(r, tuple) else r for r in reps]
+                for reps in groups:  # [(fragment, weight)]: one entry, or the replicas to average
                     f0 = reps[0][0]
                     for i, pc in enumerate(f0.pieces):
                         acc = None
                         for f, wgt in reps:
                             t = local(fname_of[id(f)], st, f.local_name, f)
                             pcf = f.pieces[i]
-                            v = t[tuple(slice(x, y) for x, y in zip(pcf.dst.start, pcf.dst.stop))]
-                            v = v.reshape(pc.src.shape)
+                            v = t[pcf.dst.slices()].reshape(pc.src.shape)
                             acc = v if len(reps) == 1 else (v.double() * wgt if acc is None else acc + v.double() * wgt)
                         if len(reps) > 1:
                             acc = acc.to(_dtype(dtn))
@@ -384,16 +352,13 @@ def load_ranks_full(src) -> dict[str, dict[str, torch.Tensor]]:
         d = load_rank_file(src / r["file"])
         for f in fragments_for(bound, matches, shapes, degrees, r["coords"]):
             seen[f.name].append(f)
-            for p in [by_name[f.name]]:
-                for st, dtn in p["dtypes"].items():
-                    full = out.setdefault(st, {}).get(f.name)
-                    if full is None:
-                        full = out[st][f.name] = torch.zeros(shapes[f.name], dtype=_dtype(dtn))
-                    t = d[st][f.local_name]
-                    for pc in f.pieces:
-                        v = t[tuple(slice(x, y) for x, y in zip(pc.dst.start, pc.dst.stop))]
-                        full[tuple(slice(x, y) for x, y in zip(pc.src.start, pc.src.stop))] = \
-                            v.reshape(pc.src.shape)
+            for st, dtn in by_name[f.name]["dtypes"].items():
+                full = out.setdefault(st, {}).get(f.name)
+                if full is None:
+                    full = out[st][f.name] = torch.zeros(shapes[f.name], dtype=_dtype(dtn))
+                t = d[st][f.local_name]
+                for pc in f.pieces:
+                    full[pc.src.slices()] = t[pc.dst.slices()].reshape(pc.src.shape)
     for n, frs in seen.items():
         check_coverage(n, shapes[n], frs)
     return out

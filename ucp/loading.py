@@ -14,6 +14,42 @@ import torch
 from ucp.errors import UcpError
 
 
+def fragments_for(bound, matches, shapes, degrees, coords):
+    """Every fragment the rank at ``coords`` holds, for parameters already matched by ``bound``."""
+    from ucp.plan import rank_fragments
+
+    rules = {n: m.rule for n, m in matches.items()}
+    return rank_fragments(rules, shapes, degrees, coords, local_name=bound.local_name,
+                          captures=lambda n: matches[n].captures)
+
+
+def fill_locals(frags, state_dtypes, read, read_into=None) -> dict[str, dict[str, torch.Tensor]]:
+    """Build one rank's local tensors ``{state: {local_name: tensor}}`` from universal boxes.
+
+    ``state_dtypes(name)`` gives ``{state: dtype}`` of a parameter; ``read(name, state, start,
+    stop)`` returns a box; ``read_into(name, state, start, stop, out)``, when given, fills a
+    contiguous ``out`` in place (no intermediate tensor). Local positions no piece covers stay
+    zero (padding); the tensors of a flat group share one buffer, hence one dtype.
+    """
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for f in frags:
+        for st, dt in state_dtypes(f.name).items():
+            bucket = out.setdefault(st, {})
+            buf = bucket.get(f.local_name)
+            if buf is None:
+                buf = bucket[f.local_name] = torch.zeros(f.local_shape, dtype=dt)
+            elif buf.dtype != dt:
+                raise UcpError(f"{f.local_name}: the tensors of one flat group must share a dtype "
+                               f"({f.name}/{st} is {dt}, the group is {buf.dtype})")
+            for pc in f.pieces:
+                view = buf[pc.dst.slices()]
+                if read_into is not None and view.is_contiguous() and tuple(view.shape) == tuple(pc.src.shape):
+                    read_into(f.name, st, pc.src.start, pc.src.stop, view)
+                else:
+                    view.copy_(read(f.name, st, pc.src.start, pc.src.stop).reshape(view.shape))
+    return out
+
+
 def load_rank(path, spec, degrees: Mapping[str, int], coords: Mapping[str, int], *,
               states: Iterable[str] | None = ("param",), constants: Mapping[str, int] | None = None,
               names: Iterable[str] | None = None, storage_options=None,
@@ -26,7 +62,6 @@ def load_rank(path, spec, degrees: Mapping[str, int], coords: Mapping[str, int],
     """
     import ucp
     from ucp.lang import Spec, load
-    from ucp.plan import rank_fragments
 
     ck = ucp.open(path, storage_options=storage_options) if not hasattr(path, "read_box") else path
     spec_obj = spec if isinstance(spec, Spec) else load(spec)
@@ -34,27 +69,18 @@ def load_rank(path, spec, degrees: Mapping[str, int], coords: Mapping[str, int],
     bound = spec_obj.bind(degrees=dict(degrees), constants=dict(constants or {}))
     matches = bound.resolve(params)
     shapes = {n: tuple(ck.array_info(n, "param").shape) for n in params}
-    frags = rank_fragments({n: m.rule for n, m in matches.items()}, shapes, dict(degrees), dict(coords),
-                           local_name=bound.local_name, captures=lambda n: matches[n].captures)
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for f in frags:
-        have = ck.states(f.name)
+    frags = fragments_for(bound, matches, shapes, dict(degrees), dict(coords))
+
+    def state_dtypes(name):
+        have = ck.states(name)
         wanted = have if states is None else [s for s in states if s in have]
-        for st in wanted:
-            info = ck.array_info(f.name, st)
-            dt = info.dtype if dtype is None else dtype
-            bucket = out.setdefault(st, {})
-            buf = bucket.get(f.local_name)
-            if buf is None:
-                buf = bucket[f.local_name] = torch.zeros(f.local_shape, dtype=dt)
-            elif buf.dtype != dt:
-                raise UcpError(f"{f.local_name}: the tensors of one flat group must share a dtype "
-                               f"({f.name}/{st} is {dt}, the group is {buf.dtype}); pass dtype= to cast")
-            for pc in f.pieces:
-                view = buf[pc.dst.slices()]
-                if dt == info.dtype and view.is_contiguous() and tuple(view.shape) == tuple(pc.src.shape):
-                    ck.read_box(f.name, st, pc.src.start, pc.src.stop, out=view)
-                else:
-                    t = ck.read_box(f.name, st, pc.src.start, pc.src.stop)
-                    view.copy_(t.reshape(view.shape).to(dt))
-    return out
+        return {st: dtype or ck.array_info(name, st).dtype for st in wanted}
+
+    def read(name, st, start, stop):
+        t = ck.read_box(name, st, tuple(start), tuple(stop))
+        return t if dtype is None else t.to(dtype)
+
+    def read_into(name, st, start, stop, out):
+        ck.read_box(name, st, tuple(start), tuple(stop), out=out)
+
+    return fill_locals(frags, state_dtypes, read, read_into if dtype is None else None)
