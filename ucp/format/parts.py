@@ -303,16 +303,15 @@ def split_boxes(shape, k, dim=0, mode="chunk"):
     """The ``k`` boxes ``(start, stop)`` of ``torch.chunk`` (``mode="chunk"``: ceil(n/k) per piece,
     trailing pieces may be empty) or ``torch.tensor_split`` (``mode="tensor_split"``: the first n % k
     pieces one longer) of ``shape`` along ``dim``."""
+    from ucp.plan.boxes import split_sizes  # the one rule for splits, shared with the planner
+
     shape = tuple(int(s) for s in shape)
     n, k = shape[dim], int(k)
-    if mode == "chunk":
-        q = -(-n // k) if n else 0
-        cuts = [min(i * q, n) for i in range(k + 1)]
-    elif mode == "tensor_split":
-        q, rem = divmod(n, k)
-        cuts = [i * q + min(i, rem) for i in range(k + 1)]
-    else:
+    if mode not in ("chunk", "tensor_split"):
         raise UcpError(f"split_boxes: mode must be 'chunk' or 'tensor_split', got {mode!r}")
+    cuts = [0]
+    for size in split_sizes(n, k, mode):
+        cuts.append(cuts[-1] + size)
     out = []
     for i in range(k):
         st = [0] * len(shape)
