@@ -9,7 +9,6 @@ Usage: python bench/bench_convert.py [--hidden 2048] [--layers 4] [--dir /tmp]
 """
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import shutil
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_reshard import drop_caches, llama_shapes  # noqa: E402
+from bench_reshard import drop_caches, llama_shapes, model_args  # noqa: E402
 from ucp.demo import DEMO_SPEC  # noqa: E402
 from ucp.layout_ranks import save_ranks  # noqa: E402
 
@@ -50,14 +49,7 @@ def run(cmd) -> tuple[float, float]:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--inter", type=int, default=5632)
-    ap.add_argument("--dir", default=None)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "convert.txt"))
-    a = ap.parse_args()
+    a = model_args("convert.txt")
     base = Path(tempfile.mkdtemp(prefix="ucp-bench-convert-", dir=a.dir))
     lines = []
 

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ucp  # noqa: E402
 from ucp.format import create_checkpoint  # noqa: E402
 from ucp.lang import load  # noqa: E402
-from ucp.plan import mesh_coords, rank_fragments  # noqa: E402
+from ucp.loading import fragments_for  # noqa: E402
+from ucp.plan import mesh_coords  # noqa: E402
 
 
 def llama_shapes(hidden, layers, vocab, inter, kv_ratio=4):
@@ -61,12 +62,21 @@ def drop_caches() -> bool:
         return False
 
 
+def model_args(result_name: str) -> argparse.Namespace:
+    """The Llama-shaped model size and output options shared by the benchmarks."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--inter", type=int, default=5632)
+    ap.add_argument("--dir", default=None)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / result_name))
+    return ap.parse_args()
+
+
 def rank_plan(spec_name, shapes, degrees, coords):
-    spec = load(spec_name)
-    bound = spec.bind(degrees=degrees)
-    matches = bound.resolve(list(shapes))
-    return rank_fragments({n: m.rule for n, m in matches.items()}, shapes, degrees, coords,
-                          local_name=bound.local_name, captures=lambda n: matches[n].captures)
+    bound = load(spec_name).bind(degrees=degrees)
+    return fragments_for(bound, bound.resolve(list(shapes)), shapes, degrees, coords)
 
 
 def load_rank(ck, spec_name, degrees, coords):
@@ -88,14 +98,7 @@ def naive_rank(ck, frags):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--inter", type=int, default=5632)
-    ap.add_argument("--dir", default=None)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "reshard.txt"))
-    a = ap.parse_args()
+    a = model_args("reshard.txt")
     base = Path(tempfile.mkdtemp(prefix="ucp-bench-reshard-", dir=a.dir))
     lines = []
 
