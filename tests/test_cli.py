@@ -2,9 +2,7 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import torch
 
 from ucp.cli import main

@@ -2,7 +2,6 @@
 split the full tensors for every rank, reassemble, reshard to another layout — bit-exact —
 and the placement rules (pipeline stages, experts, first/last stage) put each tensor where
 the framework keeps it."""
-import itertools
 
 import pytest
 import torch

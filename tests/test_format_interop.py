@@ -1,6 +1,5 @@
 """zarr-python 3.1.6 opens what ucp writes and reads identical values; it verifies our crc32c."""
 import math
-import warnings
 
 import numpy as np
 import pytest

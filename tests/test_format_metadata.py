@@ -8,7 +8,7 @@ import torch
 
 import ucp
 from ucp.errors import MetadataEncodingError
-from ucp.format import create_checkpoint, open_checkpoint, verify
+from ucp.format import create_checkpoint, verify
 
 
 def test_metadata_roundtrip(tmp_path, check_manifest):

@@ -1,5 +1,4 @@
 """Binding: renumbering local <-> global, the bundled converters, renames."""
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings

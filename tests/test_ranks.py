@@ -1,7 +1,6 @@
 """Rank-files layouts declared by a spec: save at one parallelism, convert, export at
 another, and get every tensor back bit for bit; bad inputs fail with clear errors."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

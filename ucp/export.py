@@ -1,7 +1,6 @@
 """``ucp export``: a universal checkpoint -> a framework layout at any parallelism."""
 from __future__ import annotations
 
-from ucp.errors import UcpError
 
 TARGETS = {
     "ranks": "ucp.layout_ranks:export_ranks",

@@ -154,7 +154,7 @@ class LocalStore:
             want = sum(len(m) for m in mvs)
             while total < want:
                 # advance past fully read buffers
-                skip, rest, acc = 0, [], 0
+                rest, acc = [], 0
                 for m in mvs:
                     if acc + len(m) <= total:
                         acc += len(m)
