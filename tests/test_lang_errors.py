@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ucp.errors import UcpError
-from ucp.lang import SpecError, UnmatchedError, load, parse
+from ucp.lang import CONVERTERS, SpecError, UnmatchedError, load, parse
 
 LOC = re.compile(r"^t\.ucp:(\d+):(\d+): ")
 
@@ -192,7 +192,7 @@ def test_load_unknown_bundled_name():
 
 
 # --------------------------------------------------------------------------- fuzzing
-VALID = (Path(__file__).resolve().parents[1] / "converters" / "megatron_gpt.ucp").read_text()
+VALID = (CONVERTERS / "megatron_gpt.ucp").read_text()
 SMALL = """spec s
 axes tp, pp, dp
 config heads, layers = 4

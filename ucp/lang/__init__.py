@@ -4,7 +4,7 @@
     bound = spec.bind(degrees={"tp": 2}, constants={"heads": 8})
     bound.resolve(names)                          # {name: Match}; UnmatchedError lists all misses
 
-spec/LANGUAGE.md is the normative description; grammar/ucp.lark is the grammar.
+spec/LANGUAGE.md is the normative description; ucp/grammar/ucp.lark is the grammar.
 """
 from ucp.lang.errors import Pos, SpecError, UnmatchedError
 from ucp.lang.parser import CONVERTERS, GRAMMAR

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import importlib.resources
+
 import lark
 from lark import Token, Tree
 
@@ -20,9 +22,10 @@ from ucp.lang import ast as A
 from ucp.lang.errors import Pos, SpecError
 from ucp.lang.pattern import Pattern, parse_pattern
 
-REPO = Path(__file__).resolve().parents[2]
-GRAMMAR = REPO / "grammar" / "ucp.lark"
-CONVERTERS = REPO / "converters"
+#: The grammar and the bundled specs are package data (found the same way from a wheel or a checkout).
+PACKAGE = Path(str(importlib.resources.files("ucp")))
+GRAMMAR = PACKAGE / "grammar" / "ucp.lark"
+CONVERTERS = PACKAGE / "converters"
 
 RESERVED = ("spec", "axes", "config", "let", "include", "param", "local", "with",
             "rename", "from", "part")

@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 from ucp.plan.boxes import (Box, chunks_intersecting, contiguous_runs, flat_offset_in, flat_to_boxes,
                             fmt_boxes, ravel, split_range, split_sizes)
 from ucp.plan.errors import CoverageError, PlanError
+from ucp.plan.replicas import average_replicas, cast_average
 from ucp.plan.ops import Average, BoundRule, Flat, Pad, Parts, Renumber, Replicate, Shard
 
 Shape = tuple[int, ...]
@@ -839,14 +840,10 @@ def assemble(global_shape: Sequence[int], dtype, items: Sequence[tuple[Fragment,
             _check_local(f, t)
             members.append((f, t, w))
         for i, p in enumerate(f0.pieces):
-            acc = None
-            for f, t, w in members:
-                v = _view(t, f.pieces[i].dst).to(torch.float64) * w
-                acc = v if acc is None else acc + v
             o = _view(out, p.src)
-            if not (dtype.is_floating_point or dtype.is_complex):
-                acc = acc.round()
-            o.copy_(acc.reshape(o.shape).to(dtype))
+            avg = average_replicas((_view(t, f.pieces[i].dst) for f, t, _ in members),
+                                   (w for _, _, w in members), dtype)
+            o.copy_(avg.reshape(o.shape))
     return out
 
 
@@ -968,9 +965,7 @@ def apply_reads(reads: Sequence[Read], want: Fragment, saved_locals: Sequence[ob
         for r in reads:
             if r.weight != 1.0:
                 _view(mask, r.want_dst).fill_(True)
-        if not (dtype.is_floating_point or dtype.is_complex):
-            acc = acc.round()
-        out[mask] = acc[mask].to(dtype)
+        out[mask] = cast_average(acc[mask], dtype)
     return out
 
 

@@ -1,0 +1,148 @@
+"""Sources: readers of framework checkpoints, as plug-ins of the one conversion engine.
+
+A source only *describes* a checkpoint and hands out local tensors; the engine
+(``ucp.engine.convert``) does everything else once for every framework: coverage checks,
+the torchrun split, replica dedupe / averaging, streaming boxes to the writer, resume,
+progress and commit.
+
+Adding a framework = one module here that defines a :class:`Source` subclass (registered
+when the module is imported: the registry below imports every module of this package
+lazily, the first time a name is asked for), one module in ``ucp.targets`` and one spec in
+``ucp/converters/``. Keep heavy imports (torch.distributed, the framework itself) inside
+methods: the CLI imports every source to list their names.
+
+The description is plain data:
+
+* :class:`SourceParam` — one universal parameter: global shape, the logical dtype of each
+  state, the fragments (``ucp.plan.Fragment``) that the source's ranks hold of it (one list
+  for every state, or per state where states are laid out differently, e.g. ZeRO-1/2 whole
+  bf16 weights next to flat-partitioned fp32 master and Adam moments), scalar per-parameter
+  state (Adam ``step``) and metadata (``frozen``, ``tied``, the rule that produced it).
+* :class:`SourceLayout` — every parameter in model order, the spec and degrees that
+  produced it (recorded so that ``export`` can reproduce the layout), and the non-tensor
+  state (iteration, lr scheduler, RNG, ...), JSON-like (tensors allowed: the writer stores
+  them as small arrays).
+
+A fragment's ``coords`` and ``local_name`` are all a source needs to find its tensor:
+sources whose fragments do not come from a spec (DCP, Megatron ``torch_dist``) build
+``Fragment`` objects from their own metadata and may put any coordinates they like in them
+(e.g. ``{"file": 3}``).
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Optional, Sequence
+
+from ucp.errors import UcpError
+
+
+@dataclass(frozen=True)
+class SourceParam:
+    """One universal parameter as a source holds it."""
+    name: str
+    shape: tuple[int, ...]
+    dtypes: Mapping[str, Any]                 # state -> torch.dtype ("param" first)
+    fragments: Sequence[Any]                  # ucp.plan.Fragment, for every state ...
+    state_fragments: Mapping[str, Sequence[Any]] = field(default_factory=dict)  # ... unless overridden
+    scalars: Mapping[str, Any] = field(default_factory=dict)   # e.g. {"step": 3}
+    meta: Mapping[str, Any] = field(default_factory=dict)      # frozen, tied, rule, fragmentation
+
+    def fragments_of(self, state: str) -> Sequence[Any]:
+        """The fragments that hold ``state`` of this parameter."""
+        return self.state_fragments.get(state, self.fragments)
+
+
+@dataclass(frozen=True)
+class SourceLayout:
+    """Everything the engine needs to know about a framework checkpoint before reading data."""
+    params: Sequence[SourceParam]             # model order (the manifest keeps it)
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # non-tensor state, JSON-like
+    spec_name: Optional[str] = None           # the spec that produced the fragments, if any
+    spec_text: Optional[str] = None
+    degrees: Mapping[str, int] = field(default_factory=dict)
+    constants: Mapping[str, int] = field(default_factory=dict)
+
+
+class Source:
+    """Base class of every source. Subclasses set ``name`` / ``description`` and implement
+    :meth:`detect`, :meth:`layout` and :meth:`local`.
+
+    Order of calls by the engine: ``detect`` (only for ``--from auto``), ``__init__``,
+    ``layout`` once, ``local`` (or ``read_into``) any number of times from one thread per
+    worker, ``close``.
+    """
+    #: the ``--from`` name
+    name: ClassVar[str] = ""
+    #: one line for ``ucp convert --help``
+    description: ClassVar[str] = ""
+    #: ``--from auto`` tries sources in ascending priority (more specific layouts first)
+    priority: ClassVar[int] = 100
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.name:
+            _REGISTERED[cls.name] = cls
+
+    def __init__(self, path, *, spec: Optional[str] = None, storage_options=None, **options):
+        self.path = path
+        self.spec = spec
+        self.storage_options = storage_options
+        self.options = options
+
+    @classmethod
+    def detect(cls, path) -> bool:
+        """True when ``path`` looks like this source's checkpoint, from file names and small
+        index files only (never by unpickling)."""
+        return False
+
+    def layout(self) -> SourceLayout:
+        """Describe the checkpoint (shapes, dtypes, fragments, metadata). May read indexes and
+        metadata files, never tensor data."""
+        raise NotImplementedError
+
+    def local(self, fragment, state: str):
+        """The local tensor (shape ``fragment.local_shape``) that holds ``state`` of
+        ``fragment``; memory-mapped where the files allow it, so only the bytes the engine
+        touches are read. Errors name the file, the parameter and the problem."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release files and maps."""
+
+
+_REGISTERED: dict[str, type[Source]] = {}
+_LOADED = False
+
+
+def _load_all() -> None:
+    global _LOADED
+    if not _LOADED:
+        for mod in pkgutil.iter_modules(__path__):
+            if not mod.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{mod.name}")
+        _LOADED = True
+
+
+def sources() -> dict[str, type[Source]]:
+    """Every registered source by name."""
+    _load_all()
+    return dict(_REGISTERED)
+
+
+def get_source(name: str) -> type[Source]:
+    """The source class called ``name``; a clear error lists the known names."""
+    known = sources()
+    if name not in known:
+        raise UcpError(f"unknown source {name!r}; known: {', '.join(sorted(known))}")
+    return known[name]
+
+
+def detect(path) -> str:
+    """The name of the source that recognises ``path`` (``--from auto``)."""
+    for cls in sorted(sources().values(), key=lambda c: (c.priority, c.name)):
+        if cls.detect(path):
+            return cls.name
+    raise UcpError(f"{path}: cannot tell which framework wrote this checkpoint; pass --from "
+                   f"({'|'.join(sorted(sources()))})")

@@ -1,0 +1,105 @@
+"""Targets: writers of framework layouts, as plug-ins of the one export engine.
+
+A target says which files it will write and which fragments (``ucp.plan.Fragment``) of the
+universal tensors each file holds; the engine (``ucp.engine.export``) reads exactly those
+boxes from the universal checkpoint, builds each file's local tensors and hands them over,
+one unit at a time (memory is bounded by the largest unit, never the model). The target
+turns them into the framework's files and, at the end, writes the non-tensor files
+(``latest``, indexes, configs).
+
+A *unit* is whatever the framework writes as one piece: a rank's file (rank files,
+DeepSpeed ``*_optim_states.pt``), one safetensors shard (HF), one rank's share of a
+``dcp.save`` (DCP, Megatron ``torch_dist``). Adding a framework = one module here defining a
+:class:`Target` subclass (registered on import; the registry imports this package's modules
+lazily), one module in ``ucp.sources`` and one spec in ``ucp/converters/``.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Optional, Sequence
+
+from ucp.errors import UcpError
+
+
+@dataclass(frozen=True)
+class TargetUnit:
+    """One file (or one rank's share) the target writes, and the fragments it holds."""
+    key: str                                   # e.g. "rank-tp0-dp1.pt", "model-00001-of-00003"
+    coords: Mapping[str, int]
+    fragments: Sequence[Any]                   # ucp.plan.Fragment, for every state ...
+    state_fragments: Mapping[str, Sequence[Any]] = field(default_factory=dict)  # ... unless overridden
+    states: Optional[Sequence[str]] = None     # states to fill (None: every state the checkpoint has)
+
+    def fragments_of(self, state: str) -> Sequence[Any]:
+        """The fragments of this unit that hold ``state``."""
+        return self.state_fragments.get(state, self.fragments)
+
+
+class Target:
+    """Base class of every target. Subclasses set ``name`` / ``description`` and implement
+    :meth:`plan`, :meth:`write_unit` and :meth:`finish`.
+
+    Order of calls by the engine: ``__init__``, ``plan(checkpoint)`` once (refuse degrees
+    the model cannot take here, before anything is written), ``write_unit`` once per unit in
+    plan order, ``finish(checkpoint)`` once. On any error the engine calls ``abort`` and the
+    destination holds nothing that looks like a complete checkpoint.
+    """
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.name:
+            _REGISTERED[cls.name] = cls
+
+    def __init__(self, dst, *, degrees: Mapping[str, int] | None = None, spec: Optional[str] = None,
+                 storage_options=None, **options):
+        self.dst = dst
+        self.degrees = dict(degrees or {})
+        self.spec = spec
+        self.storage_options = storage_options
+        self.options = options
+
+    def plan(self, checkpoint) -> Sequence[TargetUnit]:
+        """The units to write, for the universal ``checkpoint`` (a ``ucp.format`` reader)."""
+        raise NotImplementedError
+
+    def write_unit(self, unit: TargetUnit, tensors: Mapping[str, Mapping[str, Any]]) -> None:
+        """Write one unit; ``tensors`` is ``{state: {local_name: tensor}}`` as
+        ``ucp.loading.fill_locals`` builds it (padding positions zero)."""
+        raise NotImplementedError
+
+    def finish(self, checkpoint) -> None:
+        """Write the non-tensor files (metadata, indexes, ``latest``) that make it complete."""
+
+    def abort(self) -> None:
+        """Called after a failure: leave nothing that a framework would take as complete."""
+
+
+_REGISTERED: dict[str, type[Target]] = {}
+_LOADED = False
+
+
+def _load_all() -> None:
+    global _LOADED
+    if not _LOADED:
+        for mod in pkgutil.iter_modules(__path__):
+            if not mod.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{mod.name}")
+        _LOADED = True
+
+
+def targets() -> dict[str, type[Target]]:
+    """Every registered target by name."""
+    _load_all()
+    return dict(_REGISTERED)
+
+
+def get_target(name: str) -> type[Target]:
+    """The target class called ``name``; a clear error lists the known names."""
+    known = targets()
+    if name not in known:
+        raise UcpError(f"unknown target {name!r}; known: {', '.join(sorted(known))}")
+    return known[name]
