@@ -156,7 +156,10 @@ def cmd_export(args) -> int:
     ucp.export(args.src, args.dst, args.to, degrees=degrees, spec=args.spec, zero_stage=args.zero_stage,
                max_shard_size=args.max_shard_size, progress=not args.quiet,
                storage_options=_storage_options(args))
-    print(f"exported {args.src} -> {args.dst} ({args.to}, {degrees or 'single rank'})")
+    rank, world = _dist_rank()
+    if rank == 0:
+        print(f"exported {args.src} -> {args.dst} ({args.to}, {degrees or 'single rank'})"
+              + (f" ({world} processes)" if world > 1 else ""))
     return EXIT_OK
 
 
