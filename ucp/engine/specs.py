@@ -55,6 +55,7 @@ class BoundLayout:
 
     @property
     def spec_name(self) -> str:
+        """The spec's file name (or the name given with its text), for metadata and messages."""
         return self.spec.filename
 
     def mesh(self) -> list[dict[str, int]]:
