@@ -203,11 +203,12 @@ def test_demo_passes(tmp_path):
 
 def test_kill9_mid_conversion_then_resume(tmp_path):
     """A conversion killed with SIGKILL leaves no manifest (readers refuse it); `--resume`
-    finishes it, and the result equals an uninterrupted conversion bit for bit."""
+    finishes it, reusing the chunks already written, and the result equals an uninterrupted
+    conversion bit for bit."""
+    import os
     import signal
     import subprocess
     import sys
-    import time
 
     from ucp.cli import main
 
@@ -216,32 +217,43 @@ def test_kill9_mid_conversion_then_resume(tmp_path):
     save_ranks(states, tmp_path / "src", spec_text="spec s\naxes tp\nparam \"**\" = shard(0, over=tp)\n",
                degrees={"tp": 2})
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "ref"), "-q"]) == 0
-    # the child is slowed down (one box per 0.1 s) so that the kill lands mid-way
+    def chunk_files(root):
+        return [f for f in root.rglob("*") if f.is_file() and "c" in f.relative_to(root).parts]
+
+    total = len(chunk_files(tmp_path / "ref"))
+    # the child announces its 6th completed box on stdout, then blocks on stdin until killed:
+    # the kill lands mid-conversion by construction, not by timing
     child = (
-        "import sys, time\n"
+        "import sys\n"
         "import ucp.format.writer as w\n"
-        "orig = w.ArrayWriter.write\n"
-        "def slow(self, *a, **k):\n"
-        "    time.sleep(0.1)\n"
-        "    return orig(self, *a, **k)\n"
-        "w.ArrayWriter.write = slow\n"
+        "orig, done = w.ArrayWriter.write, [0]\n"
+        "def gated(self, *a, **k):\n"
+        "    orig(self, *a, **k)\n"
+        "    done[0] += 1\n"
+        "    if done[0] == 6:\n"
+        "        sys.stdout.write('written 6\\n'); sys.stdout.flush(); sys.stdin.read()\n"
+        "w.ArrayWriter.write = gated\n"
         "from ucp.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     dst = tmp_path / "dst"
-    p = subprocess.Popen([sys.executable, "-c", child, "convert", str(tmp_path / "src"), str(dst), "-q"])
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        chunks = [f for f in dst.rglob("c/*")] if dst.exists() else []
-        if len(chunks) >= 6:
-            break
-        time.sleep(0.02)
+    p = subprocess.Popen([sys.executable, "-c", child, "convert", str(tmp_path / "src"), str(dst), "-q"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert p.stdout.readline() == b"written 6\n"  # empty if the child exited first
     p.send_signal(signal.SIGKILL)
     p.wait()
+    p.stdin.close()
+    p.stdout.close()
+    assert p.returncode == -signal.SIGKILL
+    before = {f: os.stat(f) for f in chunk_files(dst)}
+    assert 0 < len(before) < total  # killed mid-write: some chunks written, not all
     assert not (dst / "ucp.manifest.json").exists()
     with pytest.raises(UcpError, match="manifest"):
         ucp.open(dst)
     assert main(["verify", str(dst), "-q"]) != 0
     assert main(["convert", str(tmp_path / "src"), str(dst), "--resume", "-q"]) == 0
+    reused = [f for f, st in before.items() if f.exists() and
+              (os.stat(f).st_ino, os.stat(f).st_mtime_ns) == (st.st_ino, st.st_mtime_ns)]
+    assert reused  # the resumed run kept chunks of the killed one instead of rewriting them
     assert verify(dst) == []
     assert main(["diff", str(tmp_path / "ref"), str(dst), "-q"]) == 0
     ck = ucp.open(dst)
