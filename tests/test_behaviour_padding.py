@@ -106,20 +106,24 @@ def test_zero12_flat_alignment_padding_is_zero(universal, tmp_path):
 
 
 def test_zero3_per_parameter_padding_is_zero(universal, tmp_path):
-    """The bundled ZeRO-3 layout: each parameter flattened, padded to a multiple of dp, split."""
+    """The bundled ZeRO-3 layout: each parameter flattened, padded to a multiple of dp and split;
+    rank r's buffer is the concatenation of its partitions (one sub-group here)."""
     src, tensors = universal
     dp = 4
     _export(src, tmp_path / "out", "deepspeed_zero3", dp=dp)
     padded_params = 0
+    names = ucp.open(src).params
     for r in range(dp):
         got = _rank_file(tmp_path / "out", dp=r)
         mem = ucp.load_rank(src, "deepspeed_zero3", {"dp": dp}, {"dp": r}, states=None)
         for st in STATES:
-            for name, t in tensors[st].items():
-                flat = t.reshape(-1)
+            parts = []
+            for name in names:
+                flat = tensors[st][name].reshape(-1)
                 pad = -flat.numel() % dp
                 padded_params += bool(pad) and r == 0 and st == "param"
-                want = torch.cat([flat, flat.new_zeros(pad)]).chunk(dp)[r]
-                _assert_bits(got[st][name], want, (r, st, name))
-                _assert_bits(mem[st][name], want, (r, st, name, "load_rank"))
+                parts.append(torch.cat([flat, flat.new_zeros(pad)]).chunk(dp)[r])
+            want = torch.cat(parts)
+            _assert_bits(got[st]["0.0"], want, (r, st))
+            _assert_bits(mem[st]["0.0"], want, (r, st, "load_rank"))
     assert padded_params >= 2  # 101*6 and 5 and 7 elements: not multiples of 4
