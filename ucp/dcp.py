@@ -477,9 +477,13 @@ def _write_item(writer, item, data, grids, summary: _RankSummary) -> WriteResult
 def _load_value(fqn: str, buf) -> Any:
     """A non-tensor value DCP serialised with ``torch.save``, loaded back weights-only: ucp
     stores JSON, never pickles, and refuses what it cannot store faithfully."""
+    from ucp.format.jsonmeta import encode
+
     buf.seek(0)
     try:
-        return torch.load(buf, weights_only=True)
+        value = torch.load(buf, weights_only=True)
+        encode(value, lambda t: "", f"state-dict entry {fqn!r}")   # fail here, on this rank
+        return value
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UcpError(f"state-dict entry {fqn!r}: ucp stores non-tensor values as JSON and cannot "
