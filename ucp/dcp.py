@@ -535,23 +535,45 @@ def _merge_summaries(summaries: list[_RankSummary]) -> tuple[list, dict, dict]:
                 extras[key] = _Pieces(extras[key] + v)
             else:
                 extras.setdefault(key, v)
-    has_optim = any(parse_key(k).kind in ("state", "group") for k in keys)
-    stepped = {parse_key(k).name for k in keys if parse_key(k).kind == "state"}
+    for n, flags in param_flags(order, keys, ties).items():
+        meta.setdefault(n, {}).update(flags)
+    md = non_tensor_metadata(groups, {k: _assemble_extra(v) for k, v in extras.items()})
+    return order, meta, md
+
+
+def param_flags(names, keys, ties: dict) -> dict[str, dict]:
+    """``tied_to`` / ``frozen`` of model parameters ``names`` from the flattened keys of the
+    state dict and the ties found (``alias -> other``, either way round).
+
+    The tie points to the one the optimizer steps (it has ``optim.state`` entries). A model
+    tensor with no optimizer state, not tied, in a state dict that has an optimizer, is
+    frozen."""
+    parsed = [parse_key(k) for k in keys]
+    has_optim = any(k.kind in ("state", "group") for k in parsed)
+    stepped = {k.name for k in parsed if k.kind == "state"}
+    out: dict[str, dict] = {n: {} for n in names}
     for alias, target in ties.items():
         if alias in stepped and target not in stepped:
             alias, target = target, alias
-        meta[alias]["tied_to"] = target
-    for n in order:
-        if has_optim and n not in stepped and "tied_to" not in meta[n]:
-            meta[n]["frozen"] = True
+        out.setdefault(alias, {})["tied_to"] = target
+    for n in names:
+        if has_optim and n not in stepped and "tied_to" not in out[n]:
+            out[n]["frozen"] = True
+    return out
+
+
+def non_tensor_metadata(groups: dict, extras: dict) -> dict:
+    """The universal checkpoint's non-tensor metadata: ``{"optimizer": {"param_groups":
+    [...]}}`` from ``{(group, key): value}`` and ``{"dcp": {key: value}}`` from the other
+    entries."""
     md: dict[str, Any] = {}
     if groups:
         n_groups = max(i for i, _ in groups) + 1
         md["optimizer"] = {"param_groups": [{k: v for (i, k), v in sorted(groups.items(), key=_group_order)
                                              if i == g} for g in range(n_groups)]}
     if extras:
-        md["dcp"] = {k: _assemble_extra(v) for k, v in extras.items()}
-    return order, meta, md
+        md["dcp"] = dict(extras)
+    return md
 
 
 def _group_order(item):
