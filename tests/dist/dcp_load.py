@@ -5,7 +5,8 @@ Run under torchrun (gloo, CPU)::
     torchrun --nproc_per_node N tests/dist/dcp_load.py OUT LAYOUT JOB [JOB ...]
 
 ``LAYOUT``: ``fsdp``, ``tp``, ``2d`` or ``none`` (see ``ucp.demo_dcp.parallelize``). Each
-``JOB`` is ``TAG=VARIANT:UNIVERSAL:REFERENCE[:resume]``: build ``VARIANT`` (``plain`` / ``tf``)
+``JOB`` is ``TAG=VARIANT:UNIVERSAL:REFERENCE[:resume]`` (``UNIVERSAL`` may also be a stock DCP
+directory, read with DCP's ``FileSystemReader``): build ``VARIANT`` (``plain`` / ``tf``)
 with a different seed than the saved run, shard it, initialise the optimizer
 (``get_state_dict``), ``dcp.load`` from ``UNIVERSAL`` and compare every model tensor, every
 optimizer state (``step`` included) and every hyper-parameter with ``REFERENCE`` (DCP's own
@@ -32,7 +33,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from torch.distributed.checkpoint import FileSystemReader
+
 from ucp.dcp import UniversalReader
+from ucp.sources._dcpfiles import is_dcp_dir
 from ucp.demo_dcp import GPTConfig, build, optimizer, parallelize, train_step
 
 VARIANTS = {"plain": GPTConfig(), "tf": GPTConfig(tied=True, frozen=True)}
@@ -101,11 +105,13 @@ def run_job(out: str, layout: str, job: str) -> dict:
     opt = optimizer(model)
     msd, osd = get_state_dict(model, opt)
     sd = {"model": msd, "optim": osd}
-    reader = UniversalReader(universal)
+    # a stock DCP directory (an export --to dcp) loads with DCP's own reader, for comparison
+    reader = FileSystemReader(universal) if is_dcp_dir(universal) else UniversalReader(universal)
     dcp.load(sd, storage_reader=reader)
     ref = torch.load(reference, weights_only=True)
     bad, counts = compare(sd, ref)
-    rep = {"bad": bad, "counts": counts, "bytes_read": reader.bytes_read, "bytes_needed": reader.bytes_needed}
+    rep = {"bad": bad, "counts": counts, "bytes_read": getattr(reader, "bytes_read", None),
+           "bytes_needed": getattr(reader, "bytes_needed", None)}
     if "resume" in flags:
         set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         with open(os.path.join(os.path.dirname(universal), "losses.json")) as f:
