@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 import uuid
 from dataclasses import dataclass
@@ -311,12 +312,15 @@ class UniversalWriter(StorageWriter):
         durable: fsync chunk files, part records and manifest (FORMAT.md §2).
         workers: writer threads per rank.
         storage_options: fsspec options for remote paths.
+        chunk_bytes: target chunk size (default: the format's default layout). Smaller chunks
+            make later partial reads (resharding loads) finer-grained.
     """
 
     def __init__(self, path=None, *, overwrite: bool = False, durable: bool = True, workers: int = 4,
-                 storage_options=None):
+                 storage_options=None, chunk_bytes: Optional[int] = None):
         super().__init__()
         self.path = path
+        self.chunk_bytes = chunk_bytes
         self.overwrite = overwrite
         self.durable = durable
         self.workers = workers
@@ -353,7 +357,7 @@ class UniversalWriter(StorageWriter):
         if self.path is None:
             raise UcpError("UniversalWriter: no path (pass it, or checkpoint_id= to dcp.save)")
         _prepare_destination(self.path, self.overwrite, self.storage_options)
-        grids = _chunk_grids(plans)
+        grids = _chunk_grids(plans, self.chunk_bytes)
         return [dataclasses.replace(p, storage_data={"part": i, "world": len(plans), "grids": grids})
                 for i, p in enumerate(plans)]
 
@@ -418,9 +422,13 @@ def _prepare_destination(path, overwrite: bool, storage_options) -> None:
     store.clear()
 
 
-def _chunk_grids(plans: list[SavePlan]) -> dict:
+def _chunk_grids(plans: list[SavePlan], chunk_bytes: Optional[int] = None) -> dict:
     """``(name, state) -> chunk shape or None`` for every array: a grid aligned with every
-    rank's boxes (no chunk shared by two ranks, nothing staged) where one exists."""
+    rank's boxes (no chunk shared by two ranks, nothing staged) where one exists, else
+    ``None`` (the writer's default layout). With ``chunk_bytes``, plain chunks of about that
+    size when the aligned grid has none within 2x of it (the coordinator then assembles the
+    chunks two ranks share: a slower save for finer-grained reads)."""
+    from ucp.format import default_chunks
     from ucp.format import aligned_chunks
 
     boxes: dict[tuple, list] = {}
@@ -438,7 +446,12 @@ def _chunk_grids(plans: list[SavePlan]) -> dict:
     out = {}
     for key, bx in boxes.items():
         shape, dtype = meta[key]
-        out[key] = aligned_chunks(shape, bx, torch.empty((), dtype=dtype).element_size()) if shape else None
+        isz = torch.empty((), dtype=dtype).element_size()
+        grid = aligned_chunks(shape, bx, isz, target=chunk_bytes,
+                              min_bytes=min(64 << 10, chunk_bytes or 64 << 10)) if shape else None
+        if chunk_bytes and shape and (grid is None or math.prod(grid) * isz > 2 * chunk_bytes):
+            grid = default_chunks(shape, isz, chunk_bytes)   # finer reads asked for: staging it is
+        out[key] = grid
     return out
 
 

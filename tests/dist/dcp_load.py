@@ -13,7 +13,8 @@ optimizer state (``step`` included) and every hyper-parameter with ``REFERENCE``
 ``dcp_to_torch_save`` consolidation of the original checkpoint):
 
 * sharded tensors: this rank's local shard equals the reference cut by DTensor itself
-  (``distribute_tensor(reference, mesh, placements).to_local()``) and ``full_tensor()`` equals the
+  (``distribute_tensor(reference, mesh, placements).to_local()``; for ``_StridedShard`` the
+  box DTensor computes for the rank) and ``full_tensor()`` equals the
   reference (bitwise, as integers);
 * plain tensors (replicated, scalars): equal to the reference bitwise.
 
@@ -51,10 +52,22 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 
+def expected_local(ref: torch.Tensor, got: DTensor) -> torch.Tensor:
+    """This rank's shard of ``ref`` under ``got``'s placements, by DTensor's own rules:
+    ``distribute_tensor``, or for ``_StridedShard`` (which it does not take) the box DTensor
+    computes for the rank (``compute_local_shape_and_global_offset``, what DCP itself uses)."""
+    if not any(type(p).__name__ == "_StridedShard" for p in got.placements):
+        return distribute_tensor(ref, got.device_mesh, got.placements).to_local()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(ref.shape, got.device_mesh, got.placements)
+    return ref[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
+
 def check_tensor(key: str, got, ref: torch.Tensor, bad: list, counts: dict) -> None:
     if isinstance(got, DTensor):
         counts["sharded"] += 1
-        want = distribute_tensor(ref, got.device_mesh, got.placements).to_local()
+        want = expected_local(ref, got)
         if not same(got.to_local(), want):
             bad.append(f"{key}: local shard differs (placements {got.placements})")
         if not same(got.full_tensor(), ref):

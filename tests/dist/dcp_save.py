@@ -12,7 +12,9 @@ the same ``get_state_dict`` state is saved with
 * ``OUT/<case>/dcp``  DCP's ``FileSystemWriter`` (the reference: tests consolidate it with
   ``format_utils.dcp_to_torch_save``),
 * ``OUT/<case>/uw``   ``dcp.save`` with ``ucp.dcp.UniversalWriter``,
-* ``OUT/<case>/uwa``  ``dcp.async_save`` with ``UniversalWriter`` (fsdp-plain, 2d-plain).
+* ``OUT/<case>/uwa``  ``dcp.async_save`` with ``UniversalWriter`` (fsdp-plain, 2d-plain),
+* ``OUT/fsdp-plain/uw16k``  ``UniversalWriter(chunk_bytes=16 KiB)``: fine chunks for the
+  bytes-read checks.
 
 ``fsdp-plain`` then trains ``MORE`` steps more (the uninterrupted run) and rank 0 writes the
 losses to ``OUT/fsdp-plain/losses.json``. Last, a save where rank 1 alone holds an entry ucp
@@ -53,7 +55,8 @@ def save_case(out: str, layout: str, variant: str) -> None:
     dcp.save(sd, storage_writer=UniversalWriter(f"{out}/{case}/uw"))
     if variant == "plain" and layout in ("fsdp", "2d"):
         dcp.async_save(sd, storage_writer=UniversalWriter(f"{out}/{case}/uwa")).result()
-    if case == "fsdp-plain":
+    if case == "fsdp-plain":   # small chunks: loads into other layouts read only what they need
+        dcp.save(sd, storage_writer=UniversalWriter(f"{out}/{case}/uw16k", chunk_bytes=16 << 10))
         losses = [train_step(model, opt, s, *dp) for s in range(STEPS, STEPS + MORE)]
         if dist.get_rank() == 0:
             with open(f"{out}/{case}/losses.json", "w") as f:
