@@ -128,12 +128,15 @@ def worker(args) -> None:
     report = {"ranks": dist.get_world_size(), "save": {}, "load": {}}
 
     def save_fs():
-        dcp.save(sd, storage_writer=FileSystemWriter(base / "fs", overwrite=True))
+        dcp.save(sd, storage_writer=FileSystemWriter(base / "fs"))
 
     def save_ucp():
-        dcp.save(sd, storage_writer=UniversalWriter(base / "ucp", overwrite=True, chunk_bytes=args.chunk_kib << 10))
+        dcp.save(sd, storage_writer=UniversalWriter(base / "ucp", chunk_bytes=args.chunk_kib << 10))
 
-    for name, fn in (("FileSystemWriter", save_fs), ("UniversalWriter", save_ucp)) * args.repeat:
+    for name, fn, path in (("FileSystemWriter", save_fs, base / "fs"),
+                           ("UniversalWriter", save_ucp, base / "ucp")) * args.repeat:
+        if rank == 0:                        # each save into a fresh directory, cleared untimed
+            shutil.rmtree(path, ignore_errors=True)
         t = timed(fn)
         report["save"][name] = min(t, report["save"].get(name, t))
     del sd

@@ -209,7 +209,11 @@ class UniversalReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner) -> Future:
-        """Serve every ``ReadItem`` by reading exactly its region of the universal array."""
+        """Serve every ``ReadItem`` by reading exactly its region of the universal array;
+        several regions at once (``workers`` threads), the planner called from this thread only."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        jobs = []
         for req in plan.items:
             entry = self.storage_data.get(req.storage_index)
             if entry is None:
@@ -222,7 +226,15 @@ class UniversalReader(StorageReader):
                 planner.load_bytes(req, buf)
                 continue
             target = planner.resolve_tensor(req).detach()
-            self._fill(entry, req, target)
+            self.bytes_needed += target.numel() * target.element_size()
+            jobs.append((entry, req, target))
+        if self.workers > 1 and len(jobs) > 1:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="ucp-dcp-read") as pool:
+                list(pool.map(lambda job: self._fill(*job), jobs))
+        else:
+            for job in jobs:
+                self._fill(*job)
+        for _, req, target in jobs:
             planner.commit_tensor(req, target)
         fut = Future()
         fut.set_result(None)
@@ -232,7 +244,6 @@ class UniversalReader(StorageReader):
     def _fill(self, entry, req, target: torch.Tensor) -> None:
         start = [int(o) for o in req.storage_offsets]
         stop = [o + int(n) for o, n in zip(start, req.lengths)]
-        self.bytes_needed += target.numel() * target.element_size()
         if entry[0] == "array":
             ck = self._checkpoint()
             dtype = ck.array_info(entry[1], entry[2]).dtype
@@ -373,8 +384,14 @@ class UniversalWriter(StorageWriter):
         try:
             summary = _RankSummary(info["part"])
             _summarize_state_dict(getattr(planner, "state_dict", None) or {}, summary)
-            results = [_write_item(writer, item, planner.resolve_data(item), info["grids"], summary)
-                       for item in plan.items]
+            arrays, results = [], []
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                if item.type != WriteItemType.BYTE_IO and _is_array(parse_key(item.index.fqn), item.tensor_data.size):
+                    arrays.append((item, data))
+                else:
+                    results.append(_record_item(item, data, summary))
+            results += _write_arrays(writer, arrays, info["grids"], self.workers)
             for name in summary.params:
                 writer.add_param(name)
             results.append(WriteResult(MetadataIndex(_SUMMARY), 0, summary))
@@ -461,7 +478,36 @@ def _is_array(k: DcpKey, size) -> bool:
     return k.kind == "param" or (k.kind == "state" and len(size) > 0)
 
 
-def _write_item(writer, item, data, grids, summary: _RankSummary) -> WriteResult:
+def _write_arrays(writer, items, grids, workers: int) -> list[WriteResult]:
+    """Write the array boxes of this rank, several at once (chunk files are independent: their
+    writes and fsyncs overlap). Arrays are declared first, in plan order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = []
+    for item, data in items:
+        k, td = parse_key(item.index.fqn), item.tensor_data
+        arr = writer.add_array(k.name, k.state, tuple(td.size), td.properties.dtype,
+                               chunks=grids.get((k.name, k.state)))
+        jobs.append((arr, tuple(int(o) for o in td.chunk.offsets), data))
+
+    def write(job):
+        arr, offsets, data = job
+        t = data.detach()
+        t = (t.cpu() if t.device.type != "cpu" else t).contiguous()
+        arr.write(offsets, t)
+        return t.numel() * t.element_size()
+
+    if workers > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="ucp-dcp-write") as pool:
+            sizes = list(pool.map(write, jobs))
+    else:
+        sizes = [write(j) for j in jobs]
+    return [WriteResult(item.index, n, None) for (item, _), n in zip(items, sizes)]
+
+
+def _record_item(item, data, summary: _RankSummary) -> WriteResult:
+    """A non-array item goes to the coordinator through ``summary``: a param-group value, a
+    0-d optimizer state (scalar), or another entry (a value, or a piece of a tensor)."""
     k = parse_key(item.index.fqn)
     if item.type == WriteItemType.BYTE_IO:
         value = _load_value(item.index.fqn, data)
@@ -470,20 +516,13 @@ def _write_item(writer, item, data, grids, summary: _RankSummary) -> WriteResult
         else:
             summary.extras[item.index.fqn] = value
         return WriteResult(item.index, data.getbuffer().nbytes, None)
-    t = data.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    td = item.tensor_data
-    if _is_array(k, td.size):
-        arr = writer.add_array(k.name, k.state, tuple(td.size), td.properties.dtype,
-                               chunks=grids.get((k.name, k.state)))
-        arr.write(tuple(int(o) for o in td.chunk.offsets), t.contiguous())
-    elif k.kind == "state":
+    t = data.detach().cpu()
+    if k.kind == "state":
         summary.scalars.setdefault(k.name, {})[k.state] = scalar_value(t)
         summary.scalar_dtypes.setdefault(k.name, {})[k.state] = _dtype_name(t.dtype)
     else:
         summary.extras.setdefault(item.index.fqn, _Pieces()).append(
-            (tuple(td.chunk.offsets), tuple(td.size), t.clone()))
+            (tuple(item.tensor_data.chunk.offsets), tuple(item.tensor_data.size), t.clone()))
     return WriteResult(item.index, t.numel() * t.element_size(), None)
 
 
