@@ -5,7 +5,7 @@ reference files for the tests; or resume from a checkpoint and record the next l
 Usage (every rank):
   torchrun --nproc_per_node N ds_train.py --out DIR --stage S --dtype fp32|bf16|fp16
            [--steps K] [--tied] [--frozen] [--sub-group-size M]
-           [--load DIR [--universal]] [--more K] [--ref FILE] [--losses FILE]
+           [--load DIR [--universal]] [--more K] [--ref FILE] [--losses FILE] [--second-save K]
 
 Model: 2 blocks, hidden 72, 6 heads / 2 kv heads (GQA), SwiGLU 136, biases on q/k/v and the
 MLP, vocabulary 1003; two AdamW param groups (ndim >= 2 with weight decay, the rest without).
@@ -53,7 +53,7 @@ def param_groups(model: nn.Module):
 
 
 def ds_config(args, world):
-    cfg = {"train_batch_size": 4 * world, "train_micro_batch_size_per_gpu": 4,
+    cfg = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
            "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 9,
            "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
                                                       "weight_decay": 0.1, "torch_adam": True}},
@@ -73,20 +73,31 @@ def ds_config(args, world):
     return cfg
 
 
-def batch(step, rank, vocab):
-    g = torch.Generator().manual_seed(1000 + 97 * step + rank)
-    return torch.randint(0, vocab, (4, 17), generator=g)
+GLOBAL_BATCH = 12  # divisible by 2, 3 and 4 ranks: every world size sees the same global batch
+
+
+def batch(step, rank, world, vocab):
+    """This rank's rows of the step's global batch (the same global batch at any world size)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(0, vocab, (GLOBAL_BATCH, 17), generator=g)
+    per = GLOBAL_BATCH // world
+    return ids[rank * per:(rank + 1) * per]
 
 
 def train(engine, start, n, rank):
-    losses = []
+    """``n`` steps from step ``start``; returns the global mean losses (every rank's averaged)."""
+    import torch.distributed as dist
+
+    losses, world = [], dist.get_world_size()
     for s in range(start, start + n):
-        ids = batch(s, rank, CONFIG["vocab_size"])
+        ids = batch(s, rank, world, CONFIG["vocab_size"])
         logits = engine(ids[:, :-1])
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         engine.backward(loss)
         engine.step()
-        losses.append(loss.item())
+        mean = loss.detach().float().clone()
+        dist.all_reduce(mean)
+        losses.append(mean.item() / world)
     return losses
 
 
@@ -128,6 +139,7 @@ def main():
     ap.add_argument("--load")
     ap.add_argument("--universal", action="store_true")
     ap.add_argument("--more", type=int, default=0)
+    ap.add_argument("--second-save", type=int, default=0, help="train K more steps and save a second tag")
     ap.add_argument("--ref")
     ap.add_argument("--losses")
     args = ap.parse_args()
@@ -151,6 +163,9 @@ def main():
         engine.save_checkpoint(args.out, client_state={"note": "ucp fixture", "epoch": 1})
     if args.ref:
         dump_reference(engine, model, args.ref, rank)
+    if args.second_save:
+        train(engine, args.steps, args.second_save, rank)
+        engine.save_checkpoint(args.out, save_latest=False)
     if args.more:
         losses += train(engine, start + (0 if args.load else args.steps), args.more, rank)
     if args.losses and rank == 0:
