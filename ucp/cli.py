@@ -266,13 +266,12 @@ def _dist_rank() -> tuple[int, int]:
 
 
 def cmd_export(args) -> int:
-    from ucp.export import export
+    import ucp
 
     degrees = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("dp", args.dp), ("ep", args.ep)) if v}
-    if args.zero_stage is not None and args.to not in ("deepspeed", "deepspeed-universal"):
-        raise UcpError(f"--zero-stage applies to --to deepspeed, not --to {args.to}")
-    export(args.src, args.dst, to=args.to, degrees=degrees, zero_stage=args.zero_stage,
-           spec=args.spec, progress=not args.quiet, storage_options=_storage_options(args))
+    ucp.export(args.src, args.dst, args.to, degrees=degrees, spec=args.spec, zero_stage=args.zero_stage,
+               max_shard_size=args.max_shard_size, progress=not args.quiet,
+               storage_options=_storage_options(args))
     print(f"exported {args.src} -> {args.dst} ({args.to}, {degrees or 'single rank'})")
     return EXIT_OK
 
@@ -283,7 +282,15 @@ def cmd_demo(args) -> int:
     return EXIT_OK if run_demo(args.dir, quiet=args.quiet) else EXIT_DIFF
 
 
+def _plugin_help(registry: dict) -> str:
+    return "; ".join(f"{name} ({cls.description})" if cls.description else name
+                     for name, cls in sorted(registry.items()))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from ucp.sources import sources
+    from ucp.targets import targets
+
     p = argparse.ArgumentParser(prog="ucp", description="Universal, reshardable checkpoints.")
     from ucp import __version__
 
@@ -299,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("convert", help="framework checkpoint -> universal checkpoint")
     sp.add_argument("src")
     sp.add_argument("dst")
-    sp.add_argument("--from", default="auto",
-                    help="auto|ranks|deepspeed|deepspeed-universal|dcp|megatron|hf")
+    sp.add_argument("--from", default="auto", metavar="SOURCE",
+                    help="auto (detect from file names) or one of: " + _plugin_help(sources()))
     sp.add_argument("--spec", help="a converters/*.ucp name or a spec file")
     sp.add_argument("--workers", type=int, default=None)
     sp.add_argument("--resume", action="store_true", help="finish an interrupted conversion into DST")
@@ -311,11 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("export", help="universal checkpoint -> framework layout at any parallelism")
     sp.add_argument("src")
     sp.add_argument("dst")
-    sp.add_argument("--to", required=True, help="ranks|hf|dcp|deepspeed|deepspeed-universal|megatron|torch")
-    for ax in ("tp", "pp", "dp", "ep"):
-        sp.add_argument(f"--{ax}", type=int, default=None)
-    sp.add_argument("--zero-stage", type=int, default=None)
-    sp.add_argument("--spec")
+    sp.add_argument("--to", required=True, metavar="TARGET",
+                    help="one of: " + _plugin_help(targets()))
+    for ax, what in (("tp", "tensor"), ("pp", "pipeline"), ("dp", "data"), ("ep", "expert")):
+        sp.add_argument(f"--{ax}", type=int, default=None, help=f"{what}-parallel degree to write")
+    sp.add_argument("--zero-stage", type=int, default=None, help="ZeRO stage to write (targets that take it)")
+    sp.add_argument("--max-shard-size", default=None, help="largest file to write, e.g. 5GB (targets that take it)")
+    sp.add_argument("--spec", help="a converters/*.ucp name or a spec file (targets that take one)")
     common(sp)
     sp.set_defaults(fn=cmd_export)
 
