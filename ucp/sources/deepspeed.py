@@ -215,6 +215,7 @@ class DeepSpeedSource(Source):
 
     def __init__(self, path, **kw):
         super().__init__(path, **kw)
+        self.reject_options()
         self.folder = tag_dir(path)
         self.files = RankFiles.scan(self.folder)
         self._loaded: dict[Path, dict] = {}
@@ -446,10 +447,15 @@ class DeepSpeedSource(Source):
         else:
             t = self.model0["module"][ln]
         if tuple(t.shape) != tuple(fragment.local_shape):
-            raise DeepSpeedError(f"{self.files.optim.get(rank, self.files.model[0])}: {state} of {fragment.name} "
-                                 f"({ln}) has shape {tuple(t.shape)}, DeepSpeed's metadata implies "
-                                 f"{tuple(fragment.local_shape)}")
+            raise DeepSpeedError(f"{self.describe(fragment, state)}: shape {tuple(t.shape)}, DeepSpeed's "
+                                 f"metadata implies {tuple(fragment.local_shape)}")
         return t
+
+    def describe(self, fragment, state: str) -> str:
+        rank = fragment.coord("dp")
+        files = self.files.model if fragment.local_name.startswith("frozen:") or "." in fragment.local_name \
+            else self.files.optim
+        return f"{files.get(rank, self.folder)}: {state} of {fragment.name} ({fragment.local_name})"
 
     def _local_state(self, rank: int, index: int, state: str):
         if state == "param":
