@@ -25,13 +25,14 @@ SCRIPT = ROOT / "tests" / "dist" / "ds_train.py"
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0",
        "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "ucp-torch-extensions")}
 
-#: cell -> (stage, dtype, ranks, extra flags): every stage, fp32 / bf16 / fp16, two param
-#: groups everywhere, frozen and tied variants, ZeRO-3 with sub-groups (sub_group_size 1000)
+#: cell -> (stage, dtype, ranks, extra flags): every stage, fp32 / bf16, two param groups
+#: everywhere, frozen and tied variants, ZeRO-3 with sub-groups (sub_group_size 1000). fp16
+#: cannot run here: DeepSpeed's CPU accelerator refuses it ("Type fp16 is not supported").
 CELLS = {
     "z1-fp32": (1, "fp32", 2, ["--frozen"]),
     "z1-bf16": (1, "bf16", 3, ["--tied", "--frozen"]),
     "z2-fp32": (2, "fp32", 2, ["--tied", "--second-save", "1"]),
-    "z2-fp16": (2, "fp16", 3, ["--tied", "--frozen"]),
+    "z2-bf16": (2, "bf16", 3, ["--tied", "--frozen"]),
     "z3-fp32": (3, "fp32", 2, ["--frozen"]),
     "z3-bf16": (3, "bf16", 3, ["--tied", "--frozen"]),
 }
@@ -149,15 +150,15 @@ def test_frozen_and_tied_recorded(cell, converted):
 def test_non_tensor_state_is_metadata(converted):
     """Iteration, lr scheduler, client state, both param groups' hyper-parameters and the
     DeepSpeed config travel as JSON metadata."""
-    md = converted["z2-fp16"].metadata
+    md = converted["z2-bf16"].metadata
     assert md["iteration"] == 3
     assert md["lr_scheduler"] == {"last_batch_iteration": 2}
     assert md["client_state"] == {"note": "ucp fixture", "epoch": 1}
     groups = md["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     assert md["deepspeed"]["zero_stage"] == 2 and md["deepspeed"]["dp_world_size"] == 3
-    assert md["deepspeed"]["ds_config"]["fp16"]["enabled"] is True
-    assert md["deepspeed"]["loss_scaler"]["dynamic"] is True
+    assert md["deepspeed"]["ds_config"]["bf16"]["enabled"] is True
+    assert md["deepspeed"]["loss_scaler"] == {"cur_scale": 1.0, "dynamic": False}
 
 
 def test_detect_latest_and_tag_folder(ds_runs):

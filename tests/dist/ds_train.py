@@ -117,7 +117,12 @@ def dump_reference(engine, model, path, rank):
             out["param"][name] = safe_get_full_fp32_param(p).clone()
             for st in ("exp_avg", "exp_avg_sq"):
                 out[st][name] = safe_get_full_optimizer_state(p, st).clone()
+    setter = getattr(opt, "_set_fp32_optimizer_param_groups", None)  # ZeRO-3 detaches them between steps
+    if setter:
+        setter()
     inner = opt.optimizer.state_dict()  # the torch optimizer DeepSpeed wraps, as the run holds it
+    if setter:
+        opt._clear_fp32_optimizer_param_groups()
     for gi, g in enumerate(inner["param_groups"]):
         out["step"][gi] = sorted({int(inner["state"][i]["step"]) for i in g["params"] if i in inner["state"]})
     if rank == 0:

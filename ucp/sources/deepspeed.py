@@ -63,7 +63,10 @@ class LossScalerState:
         self.__dict__.update(state)
 
     def to_json(self) -> dict:
-        return {k: v for k, v in vars(self).items() if isinstance(v, (int, float, bool, str, type(None)))}
+        import torch
+
+        return {k: v for k, v in vars(self).items()
+                if isinstance(v, (int, float, bool, str, type(None), torch.dtype))}
 
 
 #: (stand-in, DeepSpeed's qualified name): every non-torch global a DeepSpeed 0.x checkpoint
@@ -307,6 +310,10 @@ class DeepSpeedSource(Source):
         return tensors, scalars
 
     def _zero12_params(self) -> dict[str, SourceParam]:
+        """ZeRO-1/2: each rank's slice of each parameter, where ``param_slice_mappings`` puts it
+        in the rank's partition of the group; ranks hold consecutive slices. The fp32 partition
+        is saved with the group padding stripped, the Adam moments with it: the same pieces in
+        local tensors of two lengths."""
         import torch
 
         shapes = self.model0.get("param_shapes") or []
@@ -314,21 +321,20 @@ class DeepSpeedSource(Source):
         group_of = self._group_of_local()
         for g, group_shapes in enumerate(shapes):
             states, scalars = self._states_of(g)
+            frags = {n: {st: [] for st in ["param", *states]} for n in group_shapes}
             at = {n: 0 for n in group_shapes}          # flat offset reached per parameter
-            frags = {n: [] for n in group_shapes}
             for r in range(self.dp):
-                sd = self._optim(r)
-                part = sd["single_partition_of_fp32_groups"][g]
+                sd, origin = self._optim(r), f"{self.files.optim[r].name}:param_slice_mappings[{g}]"
+                lengths = {st: self._local_state(r, g, st).numel() for st in ["param", *states]}
                 for n, addr in sd["param_slice_mappings"][g].items():
-                    shape = tuple(group_shapes[n])
-                    frags[n].append(flat_fragment(n, shape, r, f"group{g}", part.numel(), at[n],
-                                                  at[n] + addr.numel, addr.start,
-                                                  f"{self.files.optim[r].name}:param_slice_mappings[{g}]"))
+                    for st, length in lengths.items():
+                        frags[n][st].append(flat_fragment(n, tuple(group_shapes[n]), r, f"group{g}", length,
+                                                          at[n], at[n] + addr.numel, addr.start, origin))
                     at[n] += addr.numel
             for n, shape in group_shapes.items():
                 out[n] = SourceParam(name=n, shape=tuple(shape),
                                      dtypes={"param": torch.float32, **{s: torch.float32 for s in states}},
-                                     fragments=frags[n], scalars=scalars,
+                                     fragments=frags[n]["param"], state_fragments=frags[n], scalars=scalars,
                                      meta={"optimizer_group": group_of.get(g, g), "zero_stage": self.stage})
         return out
 
@@ -405,8 +411,10 @@ class DeepSpeedSource(Source):
                 out.append(every[n])
             elif tied[n] in every:
                 p = every[tied[n]]
+                rename = lambda frags: [dataclasses.replace(f, name=n) for f in frags]  # noqa: E731
                 out.append(dataclasses.replace(p, name=n, meta={**p.meta, "tied_to": tied[n]},
-                                               fragments=[dataclasses.replace(f, name=n) for f in p.fragments]))
+                                               fragments=rename(p.fragments),
+                                               state_fragments={st: rename(fs) for st, fs in p.state_fragments.items()}))
             else:
                 raise DeepSpeedError(f"{self.files.model[0]}: shared parameter {n} is tied to {tied[n]}, "
                                      f"which the checkpoint does not hold")
