@@ -386,3 +386,67 @@ def buffer(tensors, state: str, group: FlatGroup) -> torch.Tensor:
 
 def model_file(rank: int) -> str:
     return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+
+
+# ------------------------------------------------------------------ DeepSpeed's universal layout
+class DeepSpeedUniversalTarget(DeepSpeedTarget):
+    """``--to deepspeed-universal --dp N --zero-stage S``: the layout ``ds_to_universal`` writes
+    and ``checkpoint.load_universal`` reads: ``<tag>/zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt``
+    (``{"param": full tensor, "cat_dim": 0}``; ``step.pt`` at stages 1/2), the stage's
+    ``zero/optimizer_state.pt``, the model states N ranks load at stage S, ``latest_universal``.
+    DeepSpeed's universal loader does not restore frozen weights (it skips the module)."""
+    name = "deepspeed-universal"
+    description = "DeepSpeed universal checkpoint (checkpoint.load_universal) for --dp N --zero-stage S"
+
+    def plan(self, checkpoint) -> list[TargetUnit]:
+        units = super().plan(checkpoint)
+        models = [u for u in units if not u.key.endswith("_optim_states.pt")]
+        m = self.model
+        params = [TargetUnit(key=f"zero/{n}", coords={}, fragments=[whole_fragment(n, m.shapes[n], "universal")],
+                             states=["param", *m.states]) for grp in m.groups for n in grp]
+        (self.dst / self.tag / "zero").mkdir(parents=True, exist_ok=True)
+        return models + params
+
+    def write_unit(self, unit: TargetUnit, tensors: Mapping[str, Mapping[str, Any]]) -> None:
+        if not unit.key.startswith("zero/"):
+            return super().write_unit(unit, tensors)
+        name = unit.key[len("zero/"):]
+        folder = self.dst / self.tag / "zero" / name
+        folder.mkdir(exist_ok=True)
+        for state, held in tensors.items():
+            self._save({"param": held[name], "cat_dim": 0}, folder / f"{'fp32' if state == 'param' else state}.pt")
+        if self.stage < 3 and self.model.states:
+            self._save(torch.tensor(float(self._step_of(name) or 0)), folder / "step.pt")
+
+    def _step_of(self, name: str):
+        return next(self.model.steps[g] for g, grp in enumerate(self.model.groups) if name in grp)
+
+    def finish(self, checkpoint) -> None:
+        self._save(self._universal_optimizer_state(), self.dst / self.tag / "zero" / "optimizer_state.pt")
+        tmp = self.dst / "latest_universal.tmp"
+        self._written.append(tmp)
+        tmp.write_text(self.tag)
+        os.replace(tmp, self.dst / "latest_universal")
+
+    def _universal_optimizer_state(self) -> dict:
+        """What ``ds_to_universal`` keeps of rank 0's optimizer file: the global state and the
+        param groups (ZeRO-3 also reads ``state[0]["step"]``)."""
+        from deepspeed import __version__
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        groups = self._param_groups()
+        common = {"loss_scaler": self._loss_scaler(), "dynamic_loss_scale": self._dynamic(), "overflow": False}
+        if self.stage == 3:
+            step = torch.tensor(float(self.model.steps[0] or 0))
+            return {"zero_stage": ZeroStageEnum.weights, **common, "partition_count": self.dp,
+                    "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups},
+                    "param_groups": groups}
+        return {**common, "clip_grad": float(self.config.get("gradient_clipping") or 0.0),
+                "zero_stage": ZeroStageEnum.gradients if self.stage == 2 else ZeroStageEnum.optimizer_states,
+                "partition_count": [self.dp] * len(groups), "ds_version": __version__, "param_groups": groups}
+
+    def abort(self) -> None:
+        zero = self.dst / getattr(self, "tag", "") / "zero"
+        if getattr(self, "tag", None) and zero.is_dir():
+            shutil.rmtree(zero)
+        super().abort()
