@@ -39,10 +39,20 @@ CELLS = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_ds(nproc: int, *args, cwd: Path) -> None:
-    """One torchrun job of tests/dist/ds_train.py; returns when every rank has exited."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(SCRIPT), *map(str, args)]
+    """One torchrun job of tests/dist/ds_train.py; returns when every rank has exited. Each job
+    gets its own port: DeepSpeed's CPU shared-memory allreduce names its buffers after
+    MASTER_ADDR/MASTER_PORT, so two jobs on one port would share (and corrupt) them."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(SCRIPT), *map(str, args)]
     env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if res.returncode:
@@ -153,7 +163,7 @@ def test_non_tensor_state_is_metadata(converted):
     md = converted["z2-bf16"].metadata
     assert md["iteration"] == 3
     assert md["lr_scheduler"] == {"last_batch_iteration": 2}
-    assert md["client_state"] == {"note": "ucp fixture", "epoch": 1}
+    assert md["client_state"] == {"note": "ucp fixture", "epoch": 1, "universal_checkpoint_info": {}}
     groups = md["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     assert md["deepspeed"]["zero_stage"] == 2 and md["deepspeed"]["dp_world_size"] == 3
@@ -240,3 +250,30 @@ def test_unknown_pickle_global_refused(ds_runs, tmp_path):
     torch.save({"optimizer_state_dict": {"zero_stage": 1, "evil": collections.Counter("ab")}}, f)
     msg = convert_error(ck, tmp_path)
     assert str(f) in msg and "collections.Counter" in msg
+
+
+# ------------------------------------------------------------------ deepspeed-universal
+@pytest.mark.parametrize("cell", ["z2-fp32", "z3-bf16"])
+def test_universal_source_equals_deepspeed_source(cell, ds_runs, converted, tmp_path):
+    """`--from auto` on DeepSpeed's own ds_to_universal output picks `deepspeed-universal` and
+    gives the same tensors, steps and frozen/tied records as the direct conversion (which the
+    tests above check against DeepSpeed's gathers)."""
+    import ucp
+    from ucp.sources import detect
+
+    tag = ds_runs[cell][0] / "global_step3"
+    out = tmp_path / "ds-universal"
+    res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag),
+                          "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                         env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert detect(out) == "deepspeed-universal"
+    ucp.convert(str(out), str(tmp_path / "u"))
+    got, want = ucp.open(str(tmp_path / "u")), converted[cell]
+    assert list(got.params) == list(want.params)
+    for n in want.params:
+        assert got.states(n) == want.states(n), n
+        for st in want.states(n):
+            assert same(got.read(n, st), want.read(n, st)), (n, st)
+        for key in ("scalars", "frozen", "tied_to"):
+            assert got.param_meta(n).get(key) == want.param_meta(n).get(key), (n, key)

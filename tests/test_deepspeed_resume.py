@@ -60,3 +60,23 @@ def check_resumed(base, got, losses):
 def test_resume_on_other_degree_and_stage(trained, dp, stage):
     got, losses = resume(trained, "deepspeed", dp, stage, f"ds-dp{dp}-z{stage}")
     check_resumed(trained, got, losses)
+
+
+@pytest.mark.parametrize("dp,stage", [(3, 1), (2, 3)])
+def test_resume_through_deepspeed_universal(trained, dp, stage):
+    """The same through ``--to deepspeed-universal``, loaded with ``checkpoint.load_universal``.
+    DeepSpeed's ZeRO-3 universal loader gives every param group group 0's hyper-parameters
+    (stage3.py ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``), so there the run after
+    the first resumed step follows other weight decay on group 1: only the first loss (taken
+    before any update) is compared."""
+    got, losses = resume(trained, "deepspeed-universal", dp, stage, f"dsu-dp{dp}-z{stage}", universal=True)
+    if stage < 3:
+        check_resumed(trained, got, losses)
+        return
+    want = torch.load(trained / "ref.pt", weights_only=True)
+    for st in ("param", "exp_avg", "exp_avg_sq"):
+        for name, t in want[st].items():
+            assert same(got[st][name], t), (st, name)
+    assert got["step"] == want["step"]
+    expected = json.loads((trained / "losses.json").read_text())[-MORE:]
+    assert losses[0] == pytest.approx(expected[0], rel=1e-5, abs=1e-6)

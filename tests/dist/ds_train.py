@@ -145,6 +145,7 @@ def main():
     ap.add_argument("--universal", action="store_true")
     ap.add_argument("--more", type=int, default=0)
     ap.add_argument("--second-save", type=int, default=0, help="train K more steps and save a second tag")
+    ap.add_argument("--config", help="JSON overrides of the model config (benchmarks)")
     ap.add_argument("--ref")
     ap.add_argument("--losses")
     args = ap.parse_args()
@@ -152,6 +153,8 @@ def main():
     import deepspeed
     import torch.distributed as dist
 
+    if args.config:
+        CONFIG.update(json.loads(args.config))
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build_model(args.tied, args.frozen)
@@ -165,7 +168,9 @@ def main():
     else:
         start = 0
         losses += train(engine, 0, args.steps, rank)
-        engine.save_checkpoint(args.out, client_state={"note": "ucp fixture", "epoch": 1})
+        # universal_checkpoint_info: what ds_to_universal needs at ZeRO-1/2 (Megatron-DeepSpeed sets it)
+        engine.save_checkpoint(args.out, client_state={"note": "ucp fixture", "epoch": 1,
+                                                       "universal_checkpoint_info": {}})
     if args.ref:
         dump_reference(engine, model, args.ref, rank)
     if args.second_save:
