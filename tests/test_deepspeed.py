@@ -240,16 +240,26 @@ def test_truncated_file(ds_runs, tmp_path):
     assert str(f) in msg and "truncated" in msg
 
 
+class RunsCode:
+    """Unpickling this would run a shell command (``os.system``)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
 def test_unknown_pickle_global_refused(ds_runs, tmp_path):
     """A pickle naming a global outside the allow-list is refused, naming file and global; the
     global's code never runs."""
-    import collections
-
     ck = copy_ck(ds_runs, "z1-fp32", tmp_path)
     f = ck / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    torch.save({"optimizer_state_dict": {"zero_stage": 1, "evil": collections.Counter("ab")}}, f)
+    marker = tmp_path / "ran"
+    torch.save({"optimizer_state_dict": {"zero_stage": 1, "hook": RunsCode(marker)}}, f)
     msg = convert_error(ck, tmp_path)
-    assert str(f) in msg and "collections.Counter" in msg
+    assert str(f) in msg and f"{os.system.__module__}.system" in msg
+    assert not marker.exists()
 
 
 # ------------------------------------------------------------------ deepspeed-universal

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import tempfile
 import time
@@ -173,6 +174,9 @@ def run_demo(directory=None, quiet=False) -> bool:
     _say(quiet, "  resumed losses " + ", ".join(f"{x:.6f}" for x in got) + "  vs uninterrupted "
          + ", ".join(f"{x:.6f}" for x in ref_losses) + ("  (identical)" if same else "  (DIFFER)"))
     ok &= same
+    if importlib.util.find_spec("deepspeed") is not None:  # the DeepSpeed chapter (optional extra)
+        from ucp.demo_deepspeed import run_chapter
+        ok &= run_chapter(root, quiet, step)
     if not quiet:
         print("\n  step                                   seconds")
         for label, t in rows:
