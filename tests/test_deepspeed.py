@@ -82,11 +82,7 @@ def universal(src: Path, tmp: Path):
 
 def model_reference(cell: str) -> dict[str, torch.Tensor]:
     """The initial weights tests/dist/ds_train.py builds for ``cell`` (frozen ones never change)."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        from ds_train import build_model
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    from ucp.demo_deepspeed import build_model
     stage, dtype, _, extra = CELLS[cell]
     m = build_model("--tied" in extra, "--frozen" in extra)
     return {n: p.detach().to(DTYPES[dtype]) for n, p in m.named_parameters() if not p.requires_grad}

@@ -200,6 +200,19 @@ def zero3_partition(numel: int, dp: int) -> int:
     return -(-numel // dp)
 
 
+def zero3_buffer(members, dp: int, rank: int, local_name: str, origin: str) -> tuple[int, list]:
+    """(length, fragments) of rank ``rank``'s ZeRO-3 buffer holding ``members`` ((name, shape)
+    pairs in order): each member's own ``ceil(numel / dp)`` partition, concatenated (DeepSpeed's
+    fp32 sub-group buffers, and frozen partitions as one-member buffers)."""
+    frags, local = [], 0
+    for name, shape in members:
+        numel, size = math.prod(shape), zero3_partition(math.prod(shape), dp)
+        frags.append((name, shape, min(rank * size, numel), min((rank + 1) * size, numel), local))
+        local += size
+    return local, [flat_fragment(n, tuple(shape), rank, local_name, local, a, b, at, origin)
+                   for n, shape, a, b, at in frags]
+
+
 # ------------------------------------------------------------------ the source
 class DeepSpeedSource(Source):
     name = "deepspeed"
@@ -350,22 +363,16 @@ class DeepSpeedSource(Source):
         out = {}
         for i, sub in enumerate(shapes):
             states, scalars = self._states_of(i)
-            sizes = {n: zero3_partition(torch.Size(s).numel(), self.dp) for n, s in sub.items()}
-            length = sum(sizes.values())
             frags = {n: [] for n in sub}
             for r in range(self.dp):
+                length, held = zero3_buffer(list(sub.items()), self.dp, r, f"sub{i}",
+                                            f"{self.files.optim[r].name}:fp32_flat_groups[{i}]")
                 got = self._optim(r)["fp32_flat_groups"][i].numel()
                 if got != length:
                     raise DeepSpeedError(f"{self.files.optim[r]}: fp32 sub-group {i} holds {got} elements, "
                                          f"its parameters' partitions need {length} (world size {self.dp})")
-                local = 0
-                for n, shape in sub.items():
-                    numel = torch.Size(shape).numel()
-                    lo = min(r * sizes[n], numel)
-                    frags[n].append(flat_fragment(n, tuple(shape), r, f"sub{i}", length, lo,
-                                                  min(lo + sizes[n], numel), local,
-                                                  f"{self.files.optim[r].name}:fp32_flat_groups[{i}]"))
-                    local += sizes[n]
+                for f in held:
+                    frags[f.name].append(f)
             for n, shape in sub.items():
                 out[n] = SourceParam(name=n, shape=tuple(shape),
                                      dtypes={"param": torch.float32, **{s: torch.float32 for s in states}},
@@ -389,12 +396,8 @@ class DeepSpeedSource(Source):
                 for n, t in module.items() if n not in skip}
 
     def _frozen3(self, name: str, shape: tuple) -> SourceParam:
-        numel = math.prod(shape)
-        size = zero3_partition(numel, self.dp)
-        frags = [flat_fragment(name, shape, r, f"frozen:{name}", size, min(r * size, numel),
-                               min((r + 1) * size, numel), 0,
-                               f"{self.files.model[r].name}:frozen_param_fragments")
-                 for r in range(self.dp)]
+        frags = [zero3_buffer([(name, shape)], self.dp, r, f"frozen:{name}",
+                              f"{self.files.model[r].name}:frozen_param_fragments")[1][0] for r in range(self.dp)]
         dtype = self.model0["frozen_param_fragments"][name].dtype
         return SourceParam(name=name, shape=shape, dtypes={"param": dtype}, fragments=frags,
                            meta={"frozen": True, "zero_stage": 3})

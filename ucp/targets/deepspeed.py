@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import torch
 
 from ucp.errors import UcpError
-from ucp.sources.deepspeed import flat_fragment, whole_fragment, zero3_partition
+from ucp.sources.deepspeed import flat_fragment, whole_fragment, zero3_buffer, zero3_partition
 from ucp.targets import Target, TargetUnit
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -138,28 +138,15 @@ def zero3_groups(model: Model, dp: int, rank: int, subgroups) -> list[FlatGroup]
     """Rank ``rank``'s fp32 buffer of every sub-group: its members' partitions, concatenated."""
     out = []
     for i, (_, names) in enumerate(subgroups):
-        length = sum(zero3_partition(model.numel(n), dp) for n in names)
+        length, frags = zero3_buffer([(n, model.shapes[n]) for n in names], dp, rank, f"sub{i}", "ZeRO-3 partition")
         states = ["param", *model.states]
-        grp = FlatGroup(f"sub{i}", {st: length for st in states}, {st: [] for st in states})
-        local = 0
-        for n in names:
-            numel, size = model.numel(n), zero3_partition(model.numel(n), dp)
-            a, b = min(rank * size, numel), min((rank + 1) * size, numel)
-            for st in grp.fragments:
-                grp.fragments[st].append(flat_fragment(n, model.shapes[n], rank, grp.key, length, a, b, local,
-                                                       "ZeRO-3 partition"))
-            local += size
-        out.append(grp)
+        out.append(FlatGroup(f"sub{i}", {st: length for st in states}, {st: list(frags) for st in states}))
     return out
 
 
 def frozen3_fragments(model: Model, dp: int, rank: int) -> list:
-    out = []
-    for n in model.frozen:
-        numel, size = model.numel(n), zero3_partition(model.numel(n), dp)
-        out.append(flat_fragment(n, model.shapes[n], rank, f"frozen:{n}", size, min(rank * size, numel),
-                                 min((rank + 1) * size, numel), 0, "ZeRO-3 frozen partition"))
-    return out
+    return [zero3_buffer([(n, model.shapes[n])], dp, rank, f"frozen:{n}", "ZeRO-3 frozen partition")[1][0]
+            for n in model.frozen]
 
 
 # ------------------------------------------------------------------ the target
