@@ -231,7 +231,7 @@ def run_chapter(root: Path, quiet: bool = False, step=lambda label, fn: fn()) ->
     import ucp
 
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    root = Path(root) / "deepspeed"
+    root = Path(root)
     if root.exists():
         import shutil
 
