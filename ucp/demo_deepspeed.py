@@ -237,7 +237,7 @@ def run_chapter(root: Path, quiet: bool = False, step=lambda label, fn: fn()) ->
 
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    common = ["--dtype", "fp32", "--tied", "--frozen", "--more", 1]
+    common = ["--dtype", "fp32", "--frozen", "--more", 1]
     step("DeepSpeed ZeRO-2 x 2 ranks: train, save", lambda: run_workers(
         2, "--out", root / "z2", "--stage", 2, "--ref", root / "ref.pt", "--losses", root / "losses.json", *common))
     step("ucp convert --from deepspeed", lambda: ucp.convert(root / "z2", root / "universal", source="deepspeed"))
