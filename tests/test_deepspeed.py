@@ -1,0 +1,285 @@
+"""The ``deepspeed`` source against real DeepSpeed 0.19.8 checkpoints made on CPU (gloo, torchrun).
+
+Reference answers come from DeepSpeed itself: ``get_fp32_state_dict_from_zero_checkpoint`` for
+``param``, and ``safe_get_full_optimizer_state`` / the wrapped torch optimizer dumped by the
+producing run (tests/dist/ds_train.py) for ``exp_avg`` / ``exp_avg_sq`` / ``step``. Frozen
+weights are compared with the model the script builds (a fixed seed), cast to the run's dtype.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                reason="DeepSpeed is not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "dist" / "ds_train.py"
+ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0",
+       "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "ucp-torch-extensions")}
+
+#: cell -> (stage, dtype, ranks, extra flags): every stage, fp32 / bf16, two param groups
+#: everywhere, frozen and tied variants, ZeRO-3 with sub-groups (sub_group_size 1000). fp16
+#: cannot run here: DeepSpeed's CPU accelerator refuses it ("Type fp16 is not supported").
+CELLS = {
+    "z1-fp32": (1, "fp32", 2, ["--frozen"]),
+    "z1-bf16": (1, "bf16", 3, ["--tied", "--frozen"]),
+    "z2-fp32": (2, "fp32", 2, ["--tied", "--second-save", "1"]),
+    "z2-bf16": (2, "bf16", 3, ["--tied", "--frozen"]),
+    "z3-fp32": (3, "fp32", 2, ["--frozen"]),
+    "z3-bf16": (3, "bf16", 3, ["--tied", "--frozen"]),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ds(nproc: int, *args, cwd: Path) -> None:
+    """One torchrun job of tests/dist/ds_train.py; returns when every rank has exited. Each job
+    gets its own port: DeepSpeed's CPU shared-memory allreduce names its buffers after
+    MASTER_ADDR/MASTER_PORT, so two jobs on one port would share (and corrupt) them."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(SCRIPT), *map(str, args)]
+    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+
+
+@pytest.fixture(scope="session")
+def ds_runs(tmp_path_factory):
+    """Every cell's checkpoint and reference dump, made once per session."""
+    base = tmp_path_factory.mktemp("ds")
+    out = {}
+    for cell, (stage, dtype, nproc, extra) in CELLS.items():
+        ck, ref = base / cell, base / f"{cell}-ref.pt"
+        run_ds(nproc, "--out", ck, "--stage", stage, "--dtype", dtype, "--ref", ref, *extra, cwd=base)
+        out[cell] = (ck, ref)
+    return out
+
+
+def universal(src: Path, tmp: Path):
+    """Convert with ``ucp convert --from deepspeed`` and open the result."""
+    import ucp
+
+    dst = tmp / "universal"
+    ucp.convert(str(src), str(dst), source="deepspeed")
+    return ucp.open(str(dst))
+
+
+def model_reference(cell: str) -> dict[str, torch.Tensor]:
+    """The initial weights tests/dist/ds_train.py builds for ``cell`` (frozen ones never change)."""
+    from ucp.demo_deepspeed import build_model
+    stage, dtype, _, extra = CELLS[cell]
+    m = build_model("--tied" in extra, "--frozen" in extra)
+    return {n: p.detach().to(DTYPES[dtype]) for n, p in m.named_parameters() if not p.requires_grad}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Integer view for bit-exact comparison (NaN-safe)."""
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+@pytest.fixture(scope="session")
+def converted(ds_runs, tmp_path_factory):
+    out = {}
+    for cell, (ck, _) in ds_runs.items():
+        out[cell] = universal(ck, tmp_path_factory.mktemp(f"u-{cell}"))
+    return out
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_param_equals_zero_to_fp32(cell, ds_runs, converted):
+    """`param` of every parameter (trainable, frozen, tied) equals DeepSpeed's own
+    get_fp32_state_dict_from_zero_checkpoint bit-exactly."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ck = converted[cell]
+    want = get_fp32_state_dict_from_zero_checkpoint(str(ds_runs[cell][0]))
+    stage = CELLS[cell][0]
+    frozen = model_reference(cell)
+    if stage == 1:  # ZeRO-1 saves no frozen_param_fragments: zero_to_fp32 drops frozen weights
+        assert not set(frozen) & set(want)
+        want.update(frozen)
+    assert sorted(ck.params) == sorted(want)
+    for name, t in want.items():
+        assert same(ck.read(name, "param"), t.contiguous()), name
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_adam_states_and_step_equal_deepspeed_gather(cell, ds_runs, converted):
+    """exp_avg / exp_avg_sq equal safe_get_full_optimizer_state of the producing run, `step`
+    equals its optimizer's step, and `param` equals safe_get_full_fp32_param."""
+    ck, ref = converted[cell], torch.load(ds_runs[cell][1], weights_only=True)
+    assert set(ref["exp_avg"]) == {n for n in ck.params if not ck.param_meta(n).get("frozen")
+                                   and not ck.param_meta(n).get("tied_to")}
+    for st in ("param", "exp_avg", "exp_avg_sq"):
+        for name, t in ref[st].items():
+            assert same(ck.read(name, st), t), (st, name)
+    steps = {ck.param_meta(n)["scalars"]["step"] for n in ref["exp_avg"]}
+    assert steps == {s for v in ref["step"].values() for s in v} == {3}
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_frozen_and_tied_recorded(cell, converted):
+    """Frozen weights are kept in the model dtype with frozen=True and no optimizer state; a
+    tied weight names its partner and holds the same values."""
+    ck = converted[cell]
+    frozen = model_reference(cell)
+    assert {n for n in ck.params if ck.param_meta(n).get("frozen")} == set(frozen)
+    for n, t in frozen.items():
+        assert ck.states(n) == ["param"]
+        assert same(ck.read(n, "param"), t)
+    if "--tied" in CELLS[cell][3]:
+        assert ck.param_meta("lm_head.weight")["tied_to"] == "model.embed_tokens.weight"
+        for st in ck.states("lm_head.weight"):
+            assert same(ck.read("lm_head.weight", st), ck.read("model.embed_tokens.weight", st))
+
+
+def test_non_tensor_state_is_metadata(converted):
+    """Iteration, lr scheduler, client state, both param groups' hyper-parameters and the
+    DeepSpeed config travel as JSON metadata."""
+    md = converted["z2-bf16"].metadata
+    assert md["iteration"] == 3
+    assert md["lr_scheduler"] == {"last_batch_iteration": 2}
+    assert md["client_state"] == {"note": "ucp fixture", "epoch": 1, "universal_checkpoint_info": {}}
+    groups = md["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert md["deepspeed"]["zero_stage"] == 2 and md["deepspeed"]["dp_world_size"] == 3
+    assert md["deepspeed"]["ds_config"]["bf16"]["enabled"] is True
+    assert md["deepspeed"]["loss_scaler"] == {"cur_scale": 1.0, "dynamic": False}
+
+
+def test_detect_latest_and_tag_folder(ds_runs):
+    """--from auto recognises the folder with `latest` and the tag folder itself."""
+    from ucp.sources import detect
+
+    ck = ds_runs["z3-bf16"][0]
+    assert detect(ck) == "deepspeed"
+    assert detect(ck / "global_step3") == "deepspeed"
+
+
+def test_reads_without_deepspeed(ds_runs, tmp_path):
+    """The conversion imports nothing from DeepSpeed: it runs with `import deepspeed` blocked."""
+    code = ("import sys; sys.modules['deepspeed'] = None\n"
+            "import ucp; ucp.convert(sys.argv[1], sys.argv[2], source='deepspeed')\n"
+            "ck = ucp.open(sys.argv[2]); print(len(ck.params))\n")
+    res = subprocess.run([sys.executable, "-c", code, str(ds_runs["z3-bf16"][0]), str(tmp_path / "u")],
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split()[-1] == "31"
+
+
+# ------------------------------------------------------------------ bad inputs
+def copy_ck(ds_runs, cell, tmp_path) -> Path:
+    dst = tmp_path / cell
+    shutil.copytree(ds_runs[cell][0], dst)
+    return dst
+
+
+def convert_error(src: Path, tmp_path: Path) -> str:
+    import ucp
+    from ucp.errors import UcpError
+
+    with pytest.raises(UcpError) as e:
+        ucp.convert(str(src), str(tmp_path / "out"), source="deepspeed")
+    assert not (tmp_path / "out" / "ucp.manifest.json").exists()
+    return str(e.value)
+
+
+def test_missing_rank_file(ds_runs, tmp_path):
+    ck = copy_ck(ds_runs, "z2-fp32", tmp_path)
+    gone = ck / "global_step3" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    gone.unlink()
+    msg = convert_error(ck, tmp_path)
+    assert str(gone) in msg and "missing" in msg
+
+
+def test_rank_files_of_two_tags(ds_runs, tmp_path):
+    ck = copy_ck(ds_runs, "z2-fp32", tmp_path)
+    name = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shutil.copy(ck / "global_step4" / name, ck / "global_step3" / name)
+    msg = convert_error(ck, tmp_path)
+    assert name in msg and "different saves" in msg
+
+
+def test_world_size_mismatch(ds_runs, tmp_path):
+    ck = copy_ck(ds_runs, "z2-fp32", tmp_path)
+    extra = ck / "global_step3" / "zero_pp_rank_2_mp_rank_00_optim_states.pt"
+    shutil.copy(ck / "global_step3" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", extra)
+    msg = convert_error(ck, tmp_path)
+    assert str(extra) in msg and "world size" in msg
+
+
+def test_truncated_file(ds_runs, tmp_path):
+    ck = copy_ck(ds_runs, "z3-fp32", tmp_path)
+    f = ck / "global_step3" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    msg = convert_error(ck, tmp_path)
+    assert str(f) in msg and "truncated" in msg
+
+
+class RunsCode:
+    """Unpickling this would run a shell command (``os.system``)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_unknown_pickle_global_refused(ds_runs, tmp_path):
+    """A pickle naming a global outside the allow-list is refused, naming file and global; the
+    global's code never runs."""
+    ck = copy_ck(ds_runs, "z1-fp32", tmp_path)
+    f = ck / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    marker = tmp_path / "ran"
+    torch.save({"optimizer_state_dict": {"zero_stage": 1, "hook": RunsCode(marker)}}, f)
+    msg = convert_error(ck, tmp_path)
+    assert str(f) in msg and f"{os.system.__module__}.system" in msg
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------ deepspeed-universal
+@pytest.mark.parametrize("cell", ["z2-fp32", "z3-bf16"])
+def test_universal_source_equals_deepspeed_source(cell, ds_runs, converted, tmp_path):
+    """`--from auto` on DeepSpeed's own ds_to_universal output picks `deepspeed-universal` and
+    gives the same tensors, steps and frozen/tied records as the direct conversion (which the
+    tests above check against DeepSpeed's gathers)."""
+    import ucp
+    from ucp.sources import detect
+
+    tag = ds_runs[cell][0] / "global_step3"
+    out = tmp_path / "ds-universal"
+    res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag),
+                          "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                         env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert detect(out) == "deepspeed-universal"
+    ucp.convert(str(out), str(tmp_path / "u"))
+    got, want = ucp.open(str(tmp_path / "u")), converted[cell]
+    assert list(got.params) == list(want.params)
+    for n in want.params:
+        assert got.states(n) == want.states(n), n
+        for st in want.states(n):
+            assert same(got.read(n, st), want.read(n, st)), (n, st)
+        for key in ("scalars", "frozen", "tied_to"):
+            assert got.param_meta(n).get(key) == want.param_meta(n).get(key), (n, key)

@@ -1,0 +1,439 @@
+"""Target ``deepspeed``: the files N data-parallel ranks at ZeRO stage S would have saved, which
+DeepSpeed's own ``engine.load_checkpoint(dir, load_optimizer_states=True)`` resumes from.
+
+``ucp export SRC DST --to deepspeed --dp N --zero-stage S [--dtype fp32|bf16|fp16]
+[--sub-group-size M] [--tag T]``. The layout is DeepSpeed's (runtime/zero/stage_1_and_2.py and
+stage3.py), computed from the parameters alone, so any source and any stage can be written:
+
+* ZeRO-1/2: per torch param group, the trainable parameters (model order) flattened into one
+  buffer padded to a multiple of 2 * N, split into N equal partitions. Rank r saves its fp32
+  partition with the group padding stripped (last rank), the Adam moments unstripped, and
+  ``param_slice_mappings``. Frozen weights are whole in the module (and, at stage 2,
+  ``frozen_param_fragments``).
+* ZeRO-3: each parameter partitioned on its own into ``ceil(numel / N)`` elements per rank
+  (last rank padded); per group, consecutive parameters form sub-groups of at least
+  ``sub_group_size`` partition elements; rank r's fp32 sub-group buffer is the concatenation of
+  its members' partitions. Frozen weights are 1-D partitions in every rank's model states.
+
+Which group a parameter belongs to comes from its ``optimizer_group`` metadata (recorded by
+the DeepSpeed sources; group 0 otherwise), the groups' hyper-parameters from
+``metadata["optimizer"]["param_groups"]``. Writing DeepSpeed's pickles needs DeepSpeed
+installed (its loss scaler, ZeRO stage enum and fragment address classes are pickled by
+reference, as DeepSpeed itself saves them).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ucp.errors import UcpError
+from ucp.sources.deepspeed import flat_fragment, whole_fragment, zero3_buffer, zero3_partition
+from ucp.targets import Target, TargetUnit
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ZERO_ALIGN = 2  # stage_1_and_2.py: nccl_start_alignment_factor
+
+
+class DeepSpeedTargetError(UcpError):
+    pass
+
+
+# ------------------------------------------------------------------ the model, from the checkpoint
+@dataclass
+class Model:
+    """What the layout depends on: parameters in model order, shapes, frozen, tied, groups."""
+    names: list[str]
+    shapes: dict[str, tuple]
+    frozen: list[str]
+    tied: dict[str, str]                       # tied name -> the name that holds it
+    groups: list[list[str]]                    # trainable names per torch param group
+    states: list[str]                          # optimizer states besides "param"
+    steps: list[Any]                           # per group: Adam step (None if unknown)
+    hyper: list[dict] = field(default_factory=list)
+
+    @staticmethod
+    def of(ck) -> "Model":
+        names = list(ck.params)
+        shapes = {n: tuple(ck.array_info(n, "param").shape) for n in names}
+        meta = {n: ck.param_meta(n) for n in names}
+        tied = {n: m["tied_to"] for n, m in meta.items() if m.get("tied_to")}
+        frozen = [n for n in names if meta[n].get("frozen") and n not in tied]
+        md = ck.metadata if isinstance(ck.metadata, dict) else {}
+        hyper = list(((md.get("optimizer") or {}).get("param_groups")) or [])
+        trainable = [n for n in names if n not in tied and n not in frozen]
+        count = max([len(hyper), 1] + [int(meta[n].get("optimizer_group", 0)) + 1 for n in trainable])
+        groups = [[n for n in trainable if int(meta[n].get("optimizer_group", 0)) == g] for g in range(count)]
+        states = sorted({st for n in trainable for st in ck.states(n)} - {"param"})
+        steps = [next((meta[n].get("scalars", {}).get("step") for n in grp), None) for grp in groups]
+        return Model(names, shapes, frozen, tied, groups, states, steps, hyper)
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.shapes[name])
+
+
+# ------------------------------------------------------------------ DeepSpeed's partitioning
+@dataclass
+class FlatGroup:
+    """One rank's flat buffer: the fragments of its members for every state, the slice map."""
+    key: str
+    lengths: dict[str, int]                    # state -> local buffer length
+    fragments: dict[str, list]                 # state -> fragments
+    slices: "OrderedDict[str, tuple[int, int]]" = field(default_factory=OrderedDict)  # name -> (numel, start)
+    padding: int = 0
+
+
+def zero12_groups(model: Model, dp: int, rank: int) -> list[FlatGroup]:
+    """Rank ``rank``'s partition of every group (ZeRO-1/2, stage_1_and_2.py)."""
+    out = []
+    for g, names in enumerate(model.groups):
+        total = sum(model.numel(n) for n in names)
+        padded = -(-total // (ZERO_ALIGN * dp)) * ZERO_ALIGN * dp
+        part = padded // dp
+        lo, hi = rank * part, (rank + 1) * part
+        padding = padded - total if rank == dp - 1 else 0
+        if padding > part:
+            raise DeepSpeedTargetError(f"param group {g} has {total} elements, too few for {dp} ranks "
+                                       f"(DeepSpeed's last partition would be all padding)")
+        lengths = {"param": part - padding, **{st: part for st in model.states}}
+        grp = FlatGroup(f"group{g}", lengths, {st: [] for st in lengths}, padding=padding)
+        offset = 0
+        for n in names:
+            a, b = max(offset, lo), min(offset + model.numel(n), hi)
+            if a < b:
+                for st, length in lengths.items():
+                    grp.fragments[st].append(flat_fragment(n, model.shapes[n], rank, grp.key, length,
+                                                           a - offset, b - offset, a - lo, "ZeRO-1/2 partition"))
+                grp.slices[n] = (b - a, a - lo)
+            offset += model.numel(n)
+        out.append(grp)
+    return out
+
+
+def zero3_subgroups(model: Model, dp: int, sub_group_size: int) -> list[tuple[int, list[str]]]:
+    """(param group, members) of every ZeRO-3 sub-group (stage3.py ``_create_fp16_sub_groups``)."""
+    out = []
+    for g, names in enumerate(model.groups):
+        sizes = [zero3_partition(model.numel(n), dp) for n in names]
+        if sub_group_size >= sum(sizes):
+            out.append((g, list(names)))
+            continue
+        cur, acc = [], 0
+        for n, size in zip(names, sizes):
+            cur.append(n)
+            acc += size
+            if acc >= sub_group_size or n == names[-1]:
+                out.append((g, cur))
+                cur, acc = [], 0
+    return out
+
+
+def zero3_groups(model: Model, dp: int, rank: int, subgroups) -> list[FlatGroup]:
+    """Rank ``rank``'s fp32 buffer of every sub-group: its members' partitions, concatenated."""
+    out = []
+    for i, (_, names) in enumerate(subgroups):
+        length, frags = zero3_buffer([(n, model.shapes[n]) for n in names], dp, rank, f"sub{i}", "ZeRO-3 partition")
+        states = ["param", *model.states]
+        out.append(FlatGroup(f"sub{i}", {st: length for st in states}, {st: list(frags) for st in states}))
+    return out
+
+
+def frozen3_fragments(model: Model, dp: int, rank: int) -> list:
+    return [zero3_buffer([(n, model.shapes[n])], dp, rank, f"frozen:{n}", "ZeRO-3 frozen partition")[1][0]
+            for n in model.frozen]
+
+
+# ------------------------------------------------------------------ the target
+class DeepSpeedTarget(Target):
+    """Options: ``zero_stage`` (1-3, required), ``dtype`` (model dtype; default the recorded
+    DeepSpeed config's, else fp32), ``sub_group_size`` (ZeRO-3; default the recorded config's,
+    else DeepSpeed's 1e9), ``tag`` (default ``global_step<iteration>``)."""
+    name = "deepspeed"
+    description = "DeepSpeed ZeRO 1/2/3 checkpoint for --dp N --zero-stage S (engine.load_checkpoint)"
+
+    def __init__(self, dst, *, degrees=None, spec=None, storage_options=None, **options):
+        super().__init__(Path(dst), degrees=degrees, spec=spec, storage_options=storage_options, **options)
+        self.reject_options(allowed=("zero_stage", "dtype", "sub_group_size", "tag"))
+        self.stage = int(options.get("zero_stage") or 0)
+        if self.stage not in (1, 2, 3):
+            raise DeepSpeedTargetError(f"--to {self.name} needs --zero-stage 1, 2 or 3 (got {options.get('zero_stage')})")
+        other = {a: d for a, d in self.degrees.items() if a != "dp" and int(d) > 1}
+        if other:
+            raise DeepSpeedTargetError(f"--to {self.name} writes data-parallel ZeRO only; cannot take {other}")
+        self.dp = int(self.degrees.get("dp", 1))
+        if self.dp < 1:
+            raise DeepSpeedTargetError(f"--dp must be at least 1 (got {self.dp})")
+        self._written: list[Path] = []
+        self._made_dst = False
+
+    # -- planning
+    def plan(self, checkpoint) -> list[TargetUnit]:
+        if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())):
+            raise DeepSpeedTargetError(f"{self.dst}: destination is not empty")
+        self.model = Model.of(checkpoint)
+        self.md = checkpoint.metadata if isinstance(checkpoint.metadata, dict) else {}
+        self.config = self._config()
+        self.dtype = DTYPES[self._dtype_name()]
+        self.tag = str(self.options.get("tag") or f"global_step{self.md.get('iteration') or 0}")
+        if self.stage == 3:
+            sub = self.options.get("sub_group_size") or (self.config["zero_optimization"].get("sub_group_size"))
+            self.subgroups = zero3_subgroups(self.model, self.dp, int(sub or 1_000_000_000))
+        units = self._model_units() + self._optim_units()
+        self._made_dst = not self.dst.exists()
+        (self.dst / self.tag).mkdir(parents=True, exist_ok=True)
+        return units
+
+    def _dtype_name(self) -> str:
+        given = self.options.get("dtype")
+        if given:
+            if given not in DTYPES:
+                raise DeepSpeedTargetError(f"--dtype {given!r}: expected one of {', '.join(DTYPES)}")
+            return given
+        cfg = self.config
+        return "bf16" if (cfg.get("bf16") or {}).get("enabled") else "fp16" if (cfg.get("fp16") or {}).get("enabled") \
+            else "fp32"
+
+    def _config(self) -> dict:
+        """The recorded DeepSpeed config with this target's stage (and dtype, when given)."""
+        recorded = (self.md.get("deepspeed") or {}).get("ds_config") or {}
+        cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in recorded.items()}
+        cfg["zero_optimization"] = {**(cfg.get("zero_optimization") or {}), "stage": self.stage}
+        given = self.options.get("dtype")
+        if given:
+            cfg["bf16"], cfg["fp16"] = {"enabled": given == "bf16"}, {"enabled": given == "fp16"}
+        if self.options.get("sub_group_size"):
+            cfg["zero_optimization"]["sub_group_size"] = int(self.options["sub_group_size"])
+        return cfg
+
+    def _model_units(self) -> list[TargetUnit]:
+        m = self.model
+        if self.stage < 3:
+            frags = [whole_fragment(n, m.shapes[n], "module") for n in m.names if n not in m.tied]
+            return [TargetUnit(key="mp_rank_00_model_states.pt", coords={}, fragments=frags, states=["param"])]
+        return [TargetUnit(key=model_file(r), coords={"dp": r}, fragments=frozen3_fragments(m, self.dp, r),
+                           states=["param"]) for r in range(self.dp)]
+
+    def _optim_units(self) -> list[TargetUnit]:
+        units = []
+        for r in range(self.dp):
+            groups = self._groups(r)
+            frags = {st: [f for g in groups for f in g.fragments[st]] for st in ["param", *self.model.states]}
+            units.append(TargetUnit(key=self._optim_file(r), coords={"dp": r}, fragments=frags["param"],
+                                    state_fragments=frags, states=list(frags)))
+        return units
+
+    def _groups(self, rank: int) -> list[FlatGroup]:
+        if self.stage == 3:
+            return zero3_groups(self.model, self.dp, rank, self.subgroups)
+        return zero12_groups(self.model, self.dp, rank)
+
+    def _optim_file(self, rank: int) -> str:
+        return f"{'bf16_' if self.dtype == torch.bfloat16 else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+    # -- writing
+    def write_unit(self, unit: TargetUnit, tensors: Mapping[str, Mapping[str, Any]]) -> None:
+        if unit.key.endswith("_optim_states.pt"):
+            rank = unit.coords["dp"]
+            body = self._optim_states(rank, self._groups(rank), tensors)
+        else:
+            body = self._model_states(unit.coords.get("dp", 0), tensors.get("param", {}))
+        self._save(body, self.dst / self.tag / unit.key)
+
+    def _save(self, obj, path: Path) -> None:
+        self._written.append(path)
+        torch.save(obj, path)
+
+    def _model_states(self, rank: int, params: Mapping[str, torch.Tensor]) -> dict:
+        from deepspeed import __version__
+
+        m = self.model
+        module, frozen_parts = OrderedDict(), OrderedDict()
+        for n in m.names:
+            if self.stage == 3:
+                module[n] = torch.empty(0, dtype=self.dtype)
+                continue
+            held = params[m.tied.get(n, n)]
+            module[n] = held if n in m.frozen else held.to(self.dtype)
+        for n in m.frozen:
+            frozen_parts[n] = params[f"frozen:{n}"] if self.stage == 3 else module[n]
+        shapes = ([OrderedDict((n, torch.Size(m.shapes[n])) for n in names) for _, names in self.subgroups]
+                  if self.stage == 3 else [OrderedDict((n, torch.Size(m.shapes[n])) for n in g) for g in m.groups])
+        keep_frozen = self.stage >= 2
+        ds = self.md.get("deepspeed") or {}
+        state = {
+            "module": module, "buffer_names": [], "optimizer": None, "param_shapes": shapes,
+            "frozen_param_shapes": OrderedDict((n, torch.Size(m.shapes[n])) for n in m.frozen) if keep_frozen else None,
+            "shared_params": dict(m.tied) if rank == 0 else {},
+            "frozen_param_fragments": frozen_parts if keep_frozen else None,
+            "lr_scheduler": self.md.get("lr_scheduler"), "data_sampler": None, "random_ltd": None,
+            "sparse_tensor_module_names": set(),
+            "skipped_steps": ds.get("skipped_steps") or 0, "global_steps": self.md.get("iteration") or 0,
+            "global_samples": ds.get("global_samples") or 0, "dp_world_size": self.dp, "mp_world_size": 1,
+            "ds_config": self.config, "ds_version": __version__,
+        }
+        state.update(self.md.get("client_state") or {})
+        return state
+
+    def _optim_states(self, rank: int, groups: list[FlatGroup], tensors) -> dict:
+        from deepspeed import __version__
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        fp32 = [buffer(tensors, "param", g) for g in groups]
+        base = {"state": self._adam_state(groups, tensors), "param_groups": self._param_groups()}
+        common = {"loss_scaler": self._loss_scaler(), "dynamic_loss_scale": self._dynamic(), "overflow": False}
+        if self.stage == 3:
+            sd = {"zero_stage": ZeroStageEnum.weights, **common, "partition_count": self.dp,
+                  "optimizer_state_dict": base, "fp32_flat_groups": fp32}
+        else:
+            sd = {**common, "clip_grad": float(self.config.get("gradient_clipping") or 0.0),
+                  "base_optimizer_state": base, "single_partition_of_fp32_groups": fp32,
+                  "zero_stage": ZeroStageEnum.gradients if self.stage == 2 else ZeroStageEnum.optimizer_states,
+                  "group_paddings": [g.padding for g in groups],
+                  "param_alignment_paddings": [[0] * len(names) for names in self.model.groups],
+                  "partition_count": [self.dp] * len(groups), "ds_version": __version__,
+                  "param_slice_mappings": [OrderedDict((n, fragment_address(numel=k, start=s))
+                                                       for n, (k, s) in g.slices.items()) for g in groups]}
+        return {"optimizer_state_dict": sd, "ds_config": self.config, "ds_version": __version__}
+
+    def _group_index(self, i: int) -> int:
+        return self.subgroups[i][0] if self.stage == 3 else i
+
+    def _adam_state(self, groups: list[FlatGroup], tensors) -> dict:
+        """Torch optimizer state per flat buffer (skipped when the checkpoint has no moments)."""
+        out = {}
+        if not self.model.states:
+            return out
+        for i, g in enumerate(groups):
+            step = self.model.steps[self._group_index(i)]
+            out[i] = {"step": torch.tensor(float(step or 0)),
+                      **{st: buffer(tensors, st, g) for st in self.model.states}}
+        return out
+
+    def _param_groups(self) -> list[dict]:
+        """Hyper-parameters per torch group; ``params`` = the flat buffers of the group."""
+        out = []
+        for g in range(len(self.model.groups)):
+            hyper = dict(self.model.hyper[g]) if g < len(self.model.hyper) else {}
+            if isinstance(hyper.get("betas"), list):
+                hyper["betas"] = tuple(hyper["betas"])
+            members = ([i for i, (grp, _) in enumerate(self.subgroups) if grp == g] if self.stage == 3 else [g])
+            out.append({**hyper, "params": members})
+        return out
+
+    def _dynamic(self) -> bool:
+        return self.dtype == torch.float16 and (self.config.get("fp16") or {}).get("loss_scale", 0) == 0
+
+    def _loss_scaler(self):
+        """The recorded scaler when the run's dtype is kept, else DeepSpeed's initial one."""
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+        recorded = (self.md.get("deepspeed") or {}).get("loss_scaler")
+        was_dynamic = bool(recorded and recorded.get("dynamic"))
+        if recorded and was_dynamic == self._dynamic():
+            cls = DynamicLossScaler if was_dynamic else LossScaler
+            scaler = cls.__new__(cls)
+            scaler.__dict__.update(recorded)
+            return scaler
+        if self._dynamic():
+            fp16 = self.config.get("fp16") or {}
+            return DynamicLossScaler(init_scale=2 ** fp16.get("initial_scale_power", 16),
+                                     scale_window=fp16.get("loss_scale_window", 1000),
+                                     min_scale=fp16.get("min_loss_scale", 1), delayed_shift=fp16.get("hysteresis", 2),
+                                     consecutive_hysteresis=fp16.get("consecutive_hysteresis", False))
+        return LossScaler(scale=1.0)
+
+    def finish(self, checkpoint) -> None:
+        tmp = self.dst / "latest.tmp"
+        self._written.append(tmp)
+        tmp.write_text(self.tag)
+        os.replace(tmp, self.dst / "latest")
+
+    def abort(self) -> None:
+        for path in self._written:
+            path.unlink(missing_ok=True)
+        tagdir = self.dst / getattr(self, "tag", "")
+        if getattr(self, "tag", None) and tagdir.is_dir() and not any(tagdir.iterdir()):
+            tagdir.rmdir()
+        if self._made_dst and self.dst.is_dir() and not any(self.dst.iterdir()):
+            shutil.rmtree(self.dst)
+
+
+def buffer(tensors, state: str, group: FlatGroup) -> torch.Tensor:
+    """The rank's buffer of ``group`` for ``state``; zeros where the rank holds only padding."""
+    got = tensors.get(state, {}).get(group.key)
+    return got if got is not None else torch.zeros(group.lengths[state], dtype=torch.float32)
+
+
+def model_file(rank: int) -> str:
+    return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+
+
+# ------------------------------------------------------------------ DeepSpeed's universal layout
+class DeepSpeedUniversalTarget(DeepSpeedTarget):
+    """``--to deepspeed-universal --dp N --zero-stage S``: the layout ``ds_to_universal`` writes
+    and ``checkpoint.load_universal`` reads: ``<tag>/zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt``
+    (``{"param": full tensor, "cat_dim": 0}``; ``step.pt`` at stages 1/2), the stage's
+    ``zero/optimizer_state.pt``, the model states N ranks load at stage S, ``latest_universal``.
+    DeepSpeed's universal loader does not restore frozen weights (it skips the module)."""
+    name = "deepspeed-universal"
+    description = "DeepSpeed universal checkpoint (checkpoint.load_universal) for --dp N --zero-stage S"
+
+    def plan(self, checkpoint) -> list[TargetUnit]:
+        units = super().plan(checkpoint)
+        models = [u for u in units if not u.key.endswith("_optim_states.pt")]
+        m = self.model
+        params = [TargetUnit(key=f"zero/{n}", coords={}, fragments=[whole_fragment(n, m.shapes[n], "universal")],
+                             states=["param", *m.states]) for grp in m.groups for n in grp]
+        (self.dst / self.tag / "zero").mkdir(parents=True, exist_ok=True)
+        return models + params
+
+    def write_unit(self, unit: TargetUnit, tensors: Mapping[str, Mapping[str, Any]]) -> None:
+        if not unit.key.startswith("zero/"):
+            return super().write_unit(unit, tensors)
+        name = unit.key[len("zero/"):]
+        folder = self.dst / self.tag / "zero" / name
+        folder.mkdir(exist_ok=True)
+        for state, held in tensors.items():
+            self._save({"param": held[name], "cat_dim": 0}, folder / f"{'fp32' if state == 'param' else state}.pt")
+        if self.stage < 3 and self.model.states:
+            self._save(torch.tensor(float(self._step_of(name) or 0)), folder / "step.pt")
+
+    def _step_of(self, name: str):
+        return next(self.model.steps[g] for g, grp in enumerate(self.model.groups) if name in grp)
+
+    def finish(self, checkpoint) -> None:
+        self._save(self._universal_optimizer_state(), self.dst / self.tag / "zero" / "optimizer_state.pt")
+        tmp = self.dst / "latest_universal.tmp"
+        self._written.append(tmp)
+        tmp.write_text(self.tag)
+        os.replace(tmp, self.dst / "latest_universal")
+
+    def _universal_optimizer_state(self) -> dict:
+        """What ``ds_to_universal`` keeps of rank 0's optimizer file: the global state and the
+        param groups (ZeRO-3 also reads ``state[0]["step"]``)."""
+        from deepspeed import __version__
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        groups = self._param_groups()
+        common = {"loss_scaler": self._loss_scaler(), "dynamic_loss_scale": self._dynamic(), "overflow": False}
+        if self.stage == 3:
+            step = torch.tensor(float(self.model.steps[0] or 0))
+            return {"zero_stage": ZeroStageEnum.weights, **common, "partition_count": self.dp,
+                    "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups},
+                    "param_groups": groups}
+        return {**common, "clip_grad": float(self.config.get("gradient_clipping") or 0.0),
+                "zero_stage": ZeroStageEnum.gradients if self.stage == 2 else ZeroStageEnum.optimizer_states,
+                "partition_count": [self.dp] * len(groups), "ds_version": __version__, "param_groups": groups}
+
+    def abort(self) -> None:
+        zero = self.dst / getattr(self, "tag", "") / "zero"
+        if getattr(self, "tag", None) and zero.is_dir():
+            shutil.rmtree(zero)
+        super().abort()
