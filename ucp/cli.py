@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -45,37 +44,10 @@ def _storage_options(args) -> dict | None:
 
 
 # ---------------------------------------------------------------- inspect
-def inspect_summary(ck) -> dict:
-    """Everything `ucp inspect` shows, as plain JSON-able data."""
-    params = []
-    for name in ck.params:
-        meta = ck.param_meta(name)
-        states = []
-        for st in ck.states(name):
-            info = ck.array_info(name, st)
-            inner = getattr(info, "inner_chunks", None)
-            states.append({"state": st, "dtype": str(info.dtype).replace("torch.", ""),
-                           "shape": list(info.shape), "chunks": list(info.chunks),
-                           **({"inner_chunks": list(inner)} if inner else {}),
-                           "nbytes": int(info.nbytes)})
-        entry = {"name": name, "states": states}
-        for key in ("frozen", "tied_to", "parts", "padding", "rule", "scalars", "fragmentation"):
-            if meta.get(key) not in (None, False, [], {}):
-                entry[key] = meta[key]
-        params.append(entry)
-    md = ck.metadata
-    return {
-        "path": str(ck.path),
-        "params": params,
-        "num_params": len(params),
-        "num_arrays": sum(len(p["states"]) for p in params),
-        "nbytes": int(sum(s["nbytes"] for p in params for s in p["states"])),
-        "metadata_keys": sorted(md.keys()) if isinstance(md, dict) else [],
-    }
-
-
 def cmd_inspect(args) -> int:
     import ucp
+
+    from ucp.format.compare import inspect_summary
 
     ck = ucp.open(args.path, storage_options=_storage_options(args))
     s = inspect_summary(ck)
@@ -123,117 +95,29 @@ def cmd_verify(args) -> int:
 
 
 # ---------------------------------------------------------------- diff
-def _blocks(shape, itemsize, budget=64 << 20):
-    """Row blocks of a tensor that fit in ``budget`` bytes, so diff never holds a whole tensor."""
-    if len(shape) == 0 or shape[0] == 0:
-        yield None
-        return
-    row = max(1, math.prod(shape[1:]) * itemsize)
-    step = max(1, budget // row)
-    for a in range(0, shape[0], step):
-        yield (slice(a, min(a + step, shape[0])),)
-
-
-def diff_checkpoints(a, b, atol: float = 0.0) -> list[dict]:
-    """Per (parameter, state): max absolute difference, or why they cannot be compared."""
-    import torch
-
-    rows = []
-    names_a, names_b = set(a.params), set(b.params)
-    for name in [*a.params, *[n for n in b.params if n not in names_a]]:
-        if name not in names_b:
-            rows.append({"param": name, "state": "*", "status": "only in A"})
-            continue
-        if name not in names_a:
-            rows.append({"param": name, "state": "*", "status": "only in B"})
-            continue
-        sa, sb = a.states(name), b.states(name)
-        for st in [*sa, *[s for s in sb if s not in sa]]:
-            if st not in sb or st not in sa:
-                rows.append({"param": name, "state": st, "status": "only in A" if st in sa else "only in B"})
-                continue
-            ia, ib = a.array_info(name, st), b.array_info(name, st)
-            if tuple(ia.shape) != tuple(ib.shape):
-                rows.append({"param": name, "state": st, "status": f"shape {list(ia.shape)} vs {list(ib.shape)}"})
-                continue
-            dtype_note = "" if ia.dtype == ib.dtype else f"dtype {ia.dtype} vs {ib.dtype}"
-            maxdiff, nan_mismatch = 0.0, False
-            for idx in _blocks(tuple(ia.shape), max(ia.dtype.itemsize, ib.dtype.itemsize)):
-                ta, tb = a.read(name, st, index=idx), b.read(name, st, index=idx)
-                if ta.dtype.is_floating_point or tb.dtype.is_floating_point:
-                    fa, fb = ta.double(), tb.double()
-                    na, nb = torch.isnan(fa), torch.isnan(fb)
-                    if not torch.equal(na, nb):
-                        nan_mismatch = True
-                    same_inf = torch.isinf(fa) & torch.isinf(fb) & (fa == fb)
-                    d = (fa - fb).abs().masked_fill(na | nb | same_inf, 0.0)
-                elif ta.dtype == torch.bool:
-                    d = (ta != tb).double()
-                else:
-                    d = (ta.long() - tb.long()).abs().double()
-                if d.numel():
-                    maxdiff = max(maxdiff, float(d.max()))
-            bad = nan_mismatch or maxdiff > atol or bool(dtype_note)
-            status = "differs" if bad else ("equal" if maxdiff == 0 else "close")
-            if nan_mismatch:
-                status += " (NaN positions differ)"
-            if dtype_note:
-                status += f" ({dtype_note})"
-            rows.append({"param": name, "state": st, "status": status, "max_abs_diff": maxdiff})
-    return rows
-
-
-def metadata_diff(a, b, where="metadata") -> list[str]:
-    """Paths at which two decoded metadata trees differ (tensors bit-exact, NaN equal to NaN)."""
-    import torch
-
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
-                and a.shape == b.shape
-                and torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
-                                b.contiguous().reshape(-1).view(torch.uint8)))
-        return [] if same else [where]
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in [*a, *[k for k in b if k not in a]]:
-            if k not in a or k not in b:
-                out.append(f"{where}.{k}")
-            else:
-                out += metadata_diff(a[k], b[k], f"{where}.{k}")
-        return out
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        if len(a) != len(b):
-            return [where]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in metadata_diff(x, y, f"{where}[{i}]")]
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return []
-    return [] if (type(a) is type(b) and a == b) else [where]
-
-
 def cmd_diff(args) -> int:
     import ucp
+    from ucp.format.compare import diff_report
 
     so = _storage_options(args)
     a, b = ucp.open(args.a, storage_options=so), ucp.open(args.b, storage_options=so)
-    rows = diff_checkpoints(a, b, atol=args.atol)
-    md_diffs = [] if args.ignore_metadata else metadata_diff(a.metadata, b.metadata)
-    md_equal = not md_diffs
-    bad = [r for r in rows if not r["status"].startswith(("equal", "close"))]
+    rep = diff_report(a, b, atol=args.atol, metadata=not args.ignore_metadata)
     if args.json:
-        print(json.dumps({"equal": not bad and md_equal, "atol": args.atol, "rows": rows,
-                          "metadata_equal": md_equal, "metadata_differences": md_diffs}, indent=2))
-    else:
-        shown = rows if args.all else bad
-        if shown:
-            print(_table([[r["param"], r["state"], r["status"],
-                           f"{r['max_abs_diff']:.3g}" if "max_abs_diff" in r else "-"] for r in shown],
-                         ["parameter", "state", "status", "max|a-b|"]))
-        worst = max((r.get("max_abs_diff", 0.0) for r in rows), default=0.0)
-        print(f"{len(rows)} arrays compared, {len(bad)} differ beyond atol={args.atol:g}; "
-              f"max |a-b| = {worst:.3g}; metadata "
-              + ("equal" if md_equal else "differs at " + ", ".join(md_diffs[:8])
-                 + (f" (+{len(md_diffs) - 8} more)" if len(md_diffs) > 8 else "")))
-    return EXIT_OK if not bad and md_equal else EXIT_DIFF
+        print(json.dumps(rep, indent=2))
+        return EXIT_OK if rep["equal"] else EXIT_DIFF
+    rows, md_diffs = rep["rows"], rep["metadata_differences"]
+    bad = [r for r in rows if not r["ok"]]
+    shown = rows if args.all else bad
+    if shown:
+        print(_table([[r["param"], r["state"], r["status"],
+                       f"{r['max_abs_diff']:.3g}" if "max_abs_diff" in r else "-"] for r in shown],
+                     ["parameter", "state", "status", "max|a-b|"]))
+    worst = max((r.get("max_abs_diff", 0.0) for r in rows), default=0.0)
+    print(f"{len(rows)} arrays compared, {len(bad)} differ beyond atol={args.atol:g}; "
+          f"max |a-b| = {worst:.3g}; metadata "
+          + ("equal" if rep["metadata_equal"] else "differs at " + ", ".join(md_diffs[:8])
+             + (f" (+{len(md_diffs) - 8} more)" if len(md_diffs) > 8 else "")))
+    return EXIT_OK if rep["equal"] else EXIT_DIFF
 
 
 # ---------------------------------------------------------------- convert / export / demo
@@ -266,13 +150,12 @@ def _dist_rank() -> tuple[int, int]:
 
 
 def cmd_export(args) -> int:
-    from ucp.export import export
+    import ucp
 
     degrees = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("dp", args.dp), ("ep", args.ep)) if v}
-    if args.zero_stage is not None and args.to not in ("deepspeed", "deepspeed-universal"):
-        raise UcpError(f"--zero-stage applies to --to deepspeed, not --to {args.to}")
-    export(args.src, args.dst, to=args.to, degrees=degrees, zero_stage=args.zero_stage,
-           spec=args.spec, progress=not args.quiet, storage_options=_storage_options(args))
+    ucp.export(args.src, args.dst, args.to, degrees=degrees, spec=args.spec, zero_stage=args.zero_stage,
+               max_shard_size=args.max_shard_size, progress=not args.quiet,
+               storage_options=_storage_options(args))
     print(f"exported {args.src} -> {args.dst} ({args.to}, {degrees or 'single rank'})")
     return EXIT_OK
 
@@ -283,7 +166,15 @@ def cmd_demo(args) -> int:
     return EXIT_OK if run_demo(args.dir, quiet=args.quiet) else EXIT_DIFF
 
 
+def _plugin_help(registry: dict) -> str:
+    return "; ".join(f"{name} ({cls.description})" if cls.description else name
+                     for name, cls in sorted(registry.items()))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from ucp.sources import sources
+    from ucp.targets import targets
+
     p = argparse.ArgumentParser(prog="ucp", description="Universal, reshardable checkpoints.")
     from ucp import __version__
 
@@ -299,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("convert", help="framework checkpoint -> universal checkpoint")
     sp.add_argument("src")
     sp.add_argument("dst")
-    sp.add_argument("--from", default="auto",
-                    help="auto|ranks|deepspeed|deepspeed-universal|dcp|megatron|hf")
+    sp.add_argument("--from", default="auto", metavar="SOURCE",
+                    help="auto (detect from file names) or one of: " + _plugin_help(sources()))
     sp.add_argument("--spec", help="a converters/*.ucp name or a spec file")
     sp.add_argument("--workers", type=int, default=None)
     sp.add_argument("--resume", action="store_true", help="finish an interrupted conversion into DST")
@@ -311,11 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("export", help="universal checkpoint -> framework layout at any parallelism")
     sp.add_argument("src")
     sp.add_argument("dst")
-    sp.add_argument("--to", required=True, help="ranks|hf|dcp|deepspeed|deepspeed-universal|megatron|torch")
-    for ax in ("tp", "pp", "dp", "ep"):
-        sp.add_argument(f"--{ax}", type=int, default=None)
-    sp.add_argument("--zero-stage", type=int, default=None)
-    sp.add_argument("--spec")
+    sp.add_argument("--to", required=True, metavar="TARGET",
+                    help="one of: " + _plugin_help(targets()))
+    for ax, what in (("tp", "tensor"), ("pp", "pipeline"), ("dp", "data"), ("ep", "expert")):
+        sp.add_argument(f"--{ax}", type=int, default=None, help=f"{what}-parallel degree to write")
+    sp.add_argument("--zero-stage", type=int, default=None, help="ZeRO stage to write (targets that take it)")
+    sp.add_argument("--max-shard-size", default=None, help="largest file to write, e.g. 5GB (targets that take it)")
+    sp.add_argument("--spec", help="a converters/*.ucp name or a spec file (targets that take one)")
     common(sp)
     sp.set_defaults(fn=cmd_export)
 

@@ -112,9 +112,9 @@ def _equal(a: dict, b: dict) -> tuple[int, list[str]]:
 
 def run_demo(directory=None, quiet=False) -> bool:
     from ucp.demo_model import TinyConfig, TinyLlama, make_optimizer, train_steps
-    from ucp.export import export
     from ucp.format import verify
-    from ucp.layout_ranks import load_ranks_full, save_ranks
+    from ucp.sources.ranks import load_ranks_full
+    from ucp.targets.ranks import save_ranks
     import ucp
 
     own = directory is None
@@ -160,7 +160,7 @@ def run_demo(directory=None, quiet=False) -> bool:
     ok &= not problems
 
     dst = root / "tp3"
-    step("ucp export -> TP=3 rank files", lambda: export(uni, dst, to="ranks", degrees={"tp": 3, "dp": 1}))
+    step("ucp export -> TP=3 rank files", lambda: ucp.export(uni, dst, "ranks", degrees={"tp": 3, "dp": 1}))
     back = step("reassemble TP=3 and compare", lambda: load_ranks_full(dst))
     n, bad = _equal(states, back)
     _say(quiet, f"  TP=3 export: {n} tensors compared bit-exactly with the trained model: "

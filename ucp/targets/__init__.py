@@ -62,6 +62,15 @@ class Target:
         self.storage_options = storage_options
         self.options = options
 
+    def reject_options(self, allowed=()) -> None:
+        """Raise a clear error naming every option this target was given but does not take
+        (``None`` values count as not given); call it from ``__init__``."""
+        extra = sorted(k for k, v in self.options.items() if v is not None and k not in allowed)
+        if extra:
+            flags = ", ".join(f"{k} (--{k.replace('_', '-')})" for k in extra)
+            takes = ", ".join(sorted(allowed)) or "no other options"
+            raise UcpError(f"target {self.name!r} does not take {flags}; it takes {takes}")
+
     def plan(self, checkpoint) -> Sequence[TargetUnit]:
         """The units to write, for the universal ``checkpoint`` (a ``ucp.format`` reader)."""
         raise NotImplementedError
