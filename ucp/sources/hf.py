@@ -89,6 +89,7 @@ class HFSource(Source):
 
     def __init__(self, path, *, spec=None, storage_options=None, **options):
         super().__init__(Path(path), spec=spec, storage_options=storage_options, **options)
+        self.reject_options()
         self._files: dict[str, str] = {}
         self._handles: dict[str, Any] = {}
 
@@ -109,8 +110,7 @@ class HFSource(Source):
         return h
 
     def layout(self) -> SourceLayout:
-        from ucp.lang import load
-        from ucp.loading import fragments_for
+        from ucp.engine import bind_layout
 
         self._files = shard_files(self.path)
         shapes, dtypes = {}, {}
@@ -121,19 +121,17 @@ class HFSource(Source):
             sl = h.get_slice(name)
             shapes[name] = tuple(sl.get_shape())
             dtypes[name] = torch_dtype_of(sl.get_dtype(), f"{self.path / fname}: {name}")
-        spec = load(self.spec or DEFAULT_SPEC)
-        bound = spec.bind()
-        matches = bound.resolve(list(shapes))  # UnmatchedError lists every unknown name
-        frags = {f.name: f for f in fragments_for(bound, matches, shapes, {}, {})}
+        bound = bind_layout(self.spec or DEFAULT_SPEC, list(shapes), {})  # lists every unknown name
+        frags = {f.name: f for f in bound.rank_fragments(shapes, {})}
         metadata = self._carried_metadata(set(shapes))
         tied_to = {emb: head for head, emb in metadata["hf"].get("tied", {}).items()}
         params = [SourceParam(name=n, shape=shapes[n], dtypes={"param": dtypes[n]}, fragments=[frags[n]],
-                              meta={"rule": matches[n].rule.origin,
+                              meta={**bound.param_meta(n, shapes[n]),
                                     "fragmentation": {"layout": "hf", "file": self._files[n]},
                                     **({"tied_to": tied_to[n]} if n in tied_to else {})})
                   for n in shapes]
-        return SourceLayout(params=params, metadata=metadata, spec_name=spec.filename,
-                            spec_text=spec.text)
+        return SourceLayout(params=params, metadata=metadata, spec_name=bound.spec_name,
+                            spec_text=bound.spec.text)
 
     def _carried_metadata(self, names: set[str]) -> dict:
         """``{"hf": {"config": ..., "generation_config": ..., "tied": {...}}}``."""
@@ -152,15 +150,19 @@ class HFSource(Source):
         return {"hf": hf}
 
     def local(self, fragment, state: str):
-        return self.read_box(fragment, state, (0,) * len(fragment.local_shape), fragment.local_shape)
+        return self._slice(fragment, state)[tuple(slice(0, n) for n in fragment.local_shape)]
 
-    def read_box(self, fragment, state: str, start, stop):
-        """``local[start:stop]`` of a fragment, reading only those bytes (safetensors slices)."""
+    def read(self, fragment, state: str, piece):
+        """Only the bytes of ``piece`` (a safetensors slice of the tensor, no whole-file read)."""
+        return self._slice(fragment, state)[piece.dst.slices()].reshape(piece.src.shape)
+
+    def _slice(self, fragment, state: str):
         if state != "param":
-            raise HFError(f"{self.path}: {fragment.name}: a Hugging Face checkpoint has no {state!r} state")
-        fname = self._files[fragment.local_name]
-        sl = self._handle(fname).get_slice(fragment.local_name)
-        return sl[tuple(slice(a, b) for a, b in zip(start, stop))]
+            raise HFError(f"{self.describe(fragment, state)}: a Hugging Face checkpoint has no {state!r} state")
+        return self._handle(self._files[fragment.local_name]).get_slice(fragment.local_name)
+
+    def describe(self, fragment, state: str) -> str:
+        return f"{self.path / self._files.get(fragment.local_name, '?')}: {state} of {fragment.name}"
 
     def close(self) -> None:
         self._handles.clear()

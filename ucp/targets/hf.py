@@ -86,8 +86,7 @@ class HFTarget(Target):
         bad = {a: d for a, d in self.degrees.items() if d not in (None, 1)}
         if bad:
             raise HFTargetError(f"--to hf writes whole tensors; parallel degrees {bad} do not apply")
-        if options:
-            raise HFTargetError(f"--to hf does not take {', '.join('--' + k.replace('_', '-') for k in options)}")
+        self.reject_options()
         self.max_shard = parse_size(max_shard_size) if max_shard_size is not None else DEFAULT_MAX_SHARD
         self.dst = Path(dst)
         self._written: list[Path] = []
