@@ -85,6 +85,20 @@ def local_state(model):
     return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state") and v is not None}
 
 
+def checkpoint_names(state):
+    """Local state-dict names as the checkpoint keys spell them (Megatron's own key map of the
+    local layer spec: input_layernorm. -> self_attention.linear_qkv.layer_norm_, ...)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    keymap = get_gpt_layer_local_spec(normalization="RMSNorm").submodules.sharded_state_dict_keys_map
+    out = {}
+    for k, v in state.items():
+        for old, new in keymap.items():
+            k = k.replace("." + old, "." + new)
+        out[k] = v
+    return out
+
+
 def load_into(a, path, seed):
     from megatron.core import dist_checkpointing
 
@@ -120,7 +134,7 @@ def main():
     elif a.mode == "dump":
         model = load_into(a, a.paths[0], a.seed + 1)
         os.makedirs(a.paths[1], exist_ok=True)
-        torch.save(local_state(model), os.path.join(a.paths[1], f"rank{rank}.pt"))
+        torch.save(checkpoint_names(local_state(model)), os.path.join(a.paths[1], f"rank{rank}.pt"))
     else:
         ref = local_state(load_into(a, a.paths[0], a.seed + 1))
         cand = local_state(load_into(a, a.paths[1], a.seed + 2))
