@@ -51,6 +51,7 @@ def config(a):
         ffn_hidden_size=160, gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm",
         layernorm_epsilon=1e-6, add_bias_linear=a.bias, add_qkv_bias=a.bias, use_cpu_initialization=True,
         tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp, params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0)
 
@@ -61,8 +62,6 @@ def build(a, seed):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     torch.manual_seed(seed)
-    from megatron.core.tensor_parallel import random as tp_random
-    tp_random.get_cuda_rng_tracker().add("model-parallel-rng", seed) if False else None
     return GPTModel(config(a), transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
                     vocab_size=VOCAB, max_sequence_length=64, pre_process=ps.is_pipeline_first_stage(),
                     post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=a.tied,
