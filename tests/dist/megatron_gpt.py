@@ -2,7 +2,7 @@
 load checkpoints with Megatron's own ``dist_checkpointing.load`` and compare them.
 
     torchrun --nproc_per_node N megatron_gpt.py save DIR --tp T --pp P [--bias] [--layers L]
-    torchrun --nproc_per_node N megatron_gpt.py compare REF CAND --tp T --pp P [--bias] [--layers L]
+    torchrun --nproc_per_node N megatron_gpt.py compare REF CAND --tp T --pp P [--bias] [--layers L] [--dump D]
     torchrun --nproc_per_node N megatron_gpt.py dump CKPT OUT --tp T --pp P ...   # full state as rank files
 
 ``save`` writes what Megatron-LM's ``save_checkpoint`` writes through ``dist_checkpointing.save``
@@ -39,6 +39,7 @@ def parse():
     p.add_argument("--bias", action="store_true")
     p.add_argument("--tied", action="store_true")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--dump", help="compare: also save each rank's reference state here")
     return p.parse_args()
 
 
@@ -66,6 +67,23 @@ def build(a, seed):
                     vocab_size=VOCAB, max_sequence_length=64, pre_process=ps.is_pipeline_first_stage(),
                     post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=a.tied,
                     position_embedding_type="rope")
+
+
+def randomize_norms_and_biases(model, seed):
+    """Megatron initialises norms to 1 and biases to 0: make them distinct so that a swapped
+    tensor cannot go unnoticed. Replicated tensors get the same values on every TP rank (a
+    generator seeded by the name), sharded ones their rank's own."""
+    import zlib
+
+    from megatron.core import parallel_state as ps
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                sharded = getattr(p, "tensor_model_parallel", False)
+                key = name + (f"/tp{ps.get_tensor_model_parallel_rank()}" if sharded else "")
+                g = torch.Generator().manual_seed(seed + zlib.crc32(key.encode()))
+                p.copy_(torch.randn(p.shape, generator=g))
 
 
 def args_namespace(a):
@@ -126,6 +144,7 @@ def main():
         from megatron.core import dist_checkpointing
 
         model = build(a, a.seed)
+        randomize_norms_and_biases(model, a.seed)
         state = {"model": model.sharded_state_dict(), "iteration": 7, "checkpoint_version": 3.0,
                  "args": args_namespace(a)}
         os.makedirs(a.paths[0], exist_ok=True)
@@ -136,6 +155,9 @@ def main():
         torch.save(checkpoint_names(local_state(model)), os.path.join(a.paths[1], f"rank{rank}.pt"))
     else:
         ref = local_state(load_into(a, a.paths[0], a.seed + 1))
+        if a.dump:
+            os.makedirs(a.dump, exist_ok=True)
+            torch.save(checkpoint_names(ref), os.path.join(a.dump, f"rank{rank}.pt"))
         cand = local_state(load_into(a, a.paths[1], a.seed + 2))
         bad = sorted(k for k in ref if k not in cand or not torch.equal(ref[k], cand[k]))
         extra = sorted(set(cand) - set(ref))

@@ -84,9 +84,12 @@ def load_common(path: Path) -> dict:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # the unpickler names the refused global
-        raise MegatronError(f"{file}: refused or unreadable ({type(e).__name__}: "
-                            f"{str(e).splitlines()[-1] if str(e) else ''})") from None
+    except Exception as e:  # the weights-only unpickler names the refused global
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        why = (f"refusing to unpickle global {found.group(1)!r} (only tensors, plain data and "
+               "argparse.Namespace are loaded; no pickled code runs)") if found else \
+            f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        raise MegatronError(f"{file}: {why}") from None
     if not isinstance(obj, dict):
         raise MegatronError(f"{file}: holds a {type(obj).__name__}, a dict was expected")
     return obj

@@ -207,9 +207,26 @@ def model_constants(md: Mapping, spec) -> dict[str, int]:
 
 
 def hf_config(md: Mapping, views) -> dict | None:
-    """config.json: carried from an HF source, else built from a Megatron source's config."""
+    """config.json: carried from an HF source, else built from a Megatron source's args."""
     cfg = md.get("hf", {}).get("config")
     if cfg:
         return dict(cfg)
-    meg = md.get("megatron", {}).get("hf_config")
-    return dict(meg) if meg else None
+    meg = md.get("megatron", {})
+    return llama_config(meg["args"], meg.get("constants", {}), views) if meg.get("args") else None
+
+
+def llama_config(args: Mapping, c: Mapping, views) -> dict:
+    """A ``LlamaForCausalLM`` config.json from Megatron-LM's ``args`` and the model constants
+    (vocab_size: the unpadded vocabulary when args record it)."""
+    emb = views.get("model.embed_tokens.weight")
+    vocab = args.get("vocab_size") or (emb[0][0] if emb else None)
+    dtype = args.get("params_dtype") or "float32"
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "hidden_size": args.get("hidden_size"), "intermediate_size": args.get("ffn_hidden_size"),
+            "num_hidden_layers": c.get("layers"), "num_attention_heads": c.get("heads"),
+            "num_key_value_heads": c.get("kv_heads"), "head_dim": c.get("head_dim"), "vocab_size": vocab,
+            "rms_norm_eps": args.get("norm_epsilon", 1e-5), "rope_theta": args.get("rotary_base", 10000),
+            "max_position_embeddings": args.get("max_position_embeddings") or args.get("seq_length"),
+            "tie_word_embeddings": "lm_head.weight" not in views,
+            "attention_bias": bool(args.get("add_qkv_bias")), "mlp_bias": bool(args.get("add_bias_linear")),
+            "torch_dtype": dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")}

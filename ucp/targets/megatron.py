@@ -240,7 +240,8 @@ class MegatronTarget(Target):
         if objects:
             return dict(objects)
         n = int(constants.get("layers", 0))
-        return {f"{STACKED_PREFIX}{m}._extra_state/shard_{i}_{n}": None
+        # stored as Megatron's torch_dist stores an object: the list of its values
+        return {f"{STACKED_PREFIX}{m}._extra_state/shard_{i}_{n}": [None]
                 for i in range(n) for m in EXTRA_STATE_MODULES}
 
     def _common_state(self, md, constants, meg_shapes) -> dict[str, Any]:
