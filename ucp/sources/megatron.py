@@ -20,7 +20,9 @@ the run's degrees:
 * the padded vocabulary rows of the embedding and output layer are kept (Megatron trains
   the output layer's padding rows); ``padding`` records how many rows pad ``args.vocab_size``;
 * ShardedObjects (``_extra_state``) are carried in the metadata (``megatron.objects``) so that
-  a model loaded at default strictness finds them again;
+  a model loaded at default strictness finds them again; they are read with the weights-only
+  unpickler (tensors and plain data: Transformer Engine's tensor-valued fp8 state passes, a
+  pickled ``BytesIO`` is refused by name);
 * ``common.pt`` is read with ``torch.load(weights_only=True)`` and an allow-list that adds
   only ``argparse.Namespace``; ``args`` are stored as JSON.
 
@@ -251,7 +253,7 @@ class MegatronSource(Source):
         out = json.loads(carried) if isinstance(carried, str) else {}
         rest = {k: jsonable(v) for k, v in common.items() if k not in ("args", CARRIED_KEY)}
         out["megatron"] = {"common": rest, "args": args, "constants": constants,
-                           "objects": {k: encode_object(self._files.obj(i)) for k, i in objects.items()}}
+                           "objects": {k: jsonable(self._files.obj(i)) for k, i in objects.items()}}
         if "iteration" in common:
             out["iteration"] = common["iteration"]
         return out
@@ -272,19 +274,3 @@ class MegatronSource(Source):
     def close(self) -> None:
         if self._files is not None:
             self._files.close()
-
-
-def encode_object(value: Any) -> Any:
-    """A ShardedObject's value as JSON-like data: bytes (Transformer Engine's fp8 state in a
-    ``BytesIO``) as ``{"$bytes": uint8 tensor}``."""
-    import io
-
-    import torch
-
-    if isinstance(value, io.BytesIO):
-        value = value.getvalue()
-    if isinstance(value, (bytes, bytearray)):
-        return {"$bytes": torch.frombuffer(bytearray(value), dtype=torch.uint8).clone()}
-    if isinstance(value, (list, tuple)):
-        return [encode_object(v) for v in value]
-    return jsonable(value)

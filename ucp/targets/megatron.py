@@ -205,34 +205,44 @@ class MegatronTarget(Target):
 
     def _units(self, views, meg_shapes, shapes, constants) -> list[TargetUnit]:
         """One unit per rank (pp major, tp minor): the chunks that rank's main replica writes."""
-        from ucp.engine import load_spec
-
-        spec = load_spec(self.spec or DEFAULT_SPEC)
-        vm = int(self._vocab_multiple or spec_default(spec, "vocab_multiple"))
-        from ucp.engine import bind_layout
-
-        placed = spec.bind(degrees={"tp": self.tp, "pp": self.pp}, constants={**constants, "vocab_multiple": vm})
-        stored = bind_layout(spec, list(meg_shapes), {}, {**constants, "vocab_multiple": vm * self.tp})
-        matches = stored.matches
-        whole = {f.name: f for f in stored.rank_fragments(meg_shapes, {})}
+        placed, stored, whole = self._bindings(meg_shapes, constants)
         units = []
         for s in range(self.pp):
             for r in range(self.tp):
                 frags = []
                 for n in meg_shapes:
-                    if not placed.holds(n, {"pp": s, "tp": r}):
-                        continue
-                    g = whole[n]
-                    key, layer = stored_key(n)
-                    for start, stop in shard_blocks(matches[n].rule, g.local_shape, self.tp, r, n) or []:
-                        local = f"{key}|{layer}|{','.join(map(str, start))}"
-                        f = replace(restrict(g, start, stop), local_name=local, coords=(("pp", s), ("tp", r)))
-                        frags.extend(translate(f, views[n][1], shapes))
+                    if placed.holds(n, {"pp": s, "tp": r}):
+                        frags.extend(self._chunk_fragments(n, whole[n], stored.matches[n].rule, r,
+                                                           views[n][1], shapes))
                 units.append(TargetUnit(key=f"__{s * self.tp + r}_0.distcp", coords={"pp": s, "tp": r},
                                         fragments=frags, states=["param"]))
-        self._global = {n: (stored_key(n), whole[n].local_shape) for n in meg_shapes}
-        self._layers = int(constants.get("layers", 0))
+        layers = (int(constants.get("layers", 0)),)
+        self._global = {stored_key(n)[0]: (layers if stored_key(n)[1] is not None else ()) + whole[n].local_shape
+                        for n in meg_shapes}
         return units
+
+    def _bindings(self, meg_shapes, constants):
+        """The spec bound at (tp, pp) (who holds what) and at tp = 1 with the vocabulary padded
+        for tp (universal boxes -> the stored global tensors), and the latter's fragments."""
+        from ucp.engine import bind_layout, load_spec
+
+        spec = load_spec(self.spec or DEFAULT_SPEC)
+        self.vocab_multiple = int(self._vocab_multiple or spec_default(spec, "vocab_multiple"))
+        placed = spec.bind(degrees={"tp": self.tp, "pp": self.pp},
+                           constants={**constants, "vocab_multiple": self.vocab_multiple})
+        stored = bind_layout(spec, list(meg_shapes), {}, {**constants, "vocab_multiple": self.vocab_multiple * self.tp})
+        return placed, stored, {f.name: f for f in stored.rank_fragments(meg_shapes, {})}
+
+    def _chunk_fragments(self, name, whole, rule, r, segments, shapes) -> list:
+        """Fragments (over checkpoint names) of the chunks tp rank ``r`` writes of ``name``;
+        each chunk's local name carries its key, layer and offsets for :meth:`write_unit`."""
+        key, layer = stored_key(name)
+        out = []
+        for start, stop in shard_blocks(rule, whole.local_shape, self.tp, r, name) or []:
+            local = f"{key}|{layer}|{','.join(map(str, start))}"
+            f = replace(restrict(whole, start, stop), local_name=local, coords=(("tp", r),))
+            out.extend(translate(f, segments, shapes))
+        return out
 
     def _carried_objects(self, md, constants) -> dict[str, Any]:
         """ShardedObjects to write: carried from a Megatron source, else empty extra states."""
@@ -249,7 +259,10 @@ class MegatronTarget(Target):
         meg = md.get("megatron", {})
         args = dict(meg.get("args") or {})
         hf_cfg = md.get("hf", {}).get("config") or {}
-        args.update(llama_args(hf_cfg, constants, meg_shapes) if not meg.get("args") else {})
+        if not meg.get("args"):
+            args.update(llama_args(hf_cfg, constants))
+            args.update({"make_vocab_size_divisible_by": self.vocab_multiple,
+                         "padded_vocab_size": self._global.get("embedding.word_embeddings.weight", (None,))[0]})
         args.update({"tensor_model_parallel_size": self.tp, "pipeline_model_parallel_size": self.pp})
         args.pop("params_dtype", None)
         common = {k: v for k, v in (meg.get("common") or {}).items()}
@@ -280,10 +293,9 @@ class MegatronTarget(Target):
         self._files.write(unit.key, items)
 
     def _global_size(self, key: str) -> tuple:
-        for (k, layer), shape in self._global.values():
-            if k == key:
-                return ((self._layers,) if layer is not None else ()) + tuple(shape)
-        raise MegatronTargetError(f"{key}: no global shape planned")
+        if key not in self._global:
+            raise MegatronTargetError(f"{key}: no global shape planned")
+        return self._global[key]
 
     def finish(self, checkpoint) -> None:
         import torch
@@ -301,12 +313,9 @@ class MegatronTarget(Target):
 
 
 def _saved(value) -> bytes:
-    """A ShardedObject's bytes: ``torch.save`` of its value (bytes carried as ``$bytes``)."""
+    """A ShardedObject's bytes: ``torch.save`` of its value, as torch_dist stores objects."""
     import torch
 
-    if isinstance(value, dict) and "$bytes" in value:
-        value = io.BytesIO(bytes(value["$bytes"].numpy().tobytes()) if hasattr(value["$bytes"], "numpy")
-                           else value["$bytes"])
     buf = io.BytesIO()
     torch.save(value, buf)
     return buf.getvalue()
@@ -324,7 +333,7 @@ def spec_default(spec, name: str) -> int:
     return int(getattr(expr, "value", 1)) if expr is not None else 1
 
 
-def llama_args(cfg: dict, constants: dict, shapes: dict) -> dict:
+def llama_args(cfg: dict, constants: dict) -> dict:
     """Megatron-LM ``args`` for a model converted from an HF Llama config."""
     if not cfg:
         return {}
