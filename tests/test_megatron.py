@@ -154,3 +154,26 @@ def test_common_pt_with_other_globals_is_refused(meg_tp2, tmp_path):
     with pytest.raises(UcpError, match="common.pt.*NotAllowed"):
         ucp.convert(tmp_path / "c", tmp_path / "u", source="megatron")
     assert not (tmp_path / "u" / "ucp.manifest.json").exists()
+
+
+@pytest.fixture(scope="session")
+def moe_ep2(tmp_path_factory):
+    path = tmp_path_factory.mktemp("moe") / "ep2"
+    torchrun(2, "save", path, "--ep", 2, "--experts", 4, "--layers", 2)
+    return path
+
+
+def test_moe_experts_ep2_to_ep1_like_megatrons_own_reshard(moe_ep2, tmp_path):
+    ucp.convert(moe_ep2, tmp_path / "u")
+    ck = ucp.open(tmp_path / "u")
+    experts = [n for n in ck.params if ".mlp.experts.local_experts." in n]
+    assert len(experts) == 2 * 4 * 2                     # layers x experts x (fc1, fc2)
+    ucp.export(tmp_path / "u", tmp_path / "ep1", "megatron", degrees={"ep": 1})
+    torchrun(1, "compare", moe_ep2, tmp_path / "ep1", "--ep", 1, "--experts", 4, "--layers", 2,
+             "--dump", tmp_path / "ref")
+    ref = ranks(tmp_path / "ref")[0]
+    for e in range(4):                                   # global expert e, as Megatron's own load places it
+        local = f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc1.weight"
+        assert torch.equal(ck.read(local), ref[local]), local
+    with pytest.raises(UcpError, match="ep=3"):
+        ucp.export(tmp_path / "u", tmp_path / "ep3", "megatron", degrees={"ep": 3})

@@ -4,6 +4,7 @@ load checkpoints with Megatron's own ``dist_checkpointing.load`` and compare the
     torchrun --nproc_per_node N megatron_gpt.py save DIR --tp T --pp P [--bias] [--layers L]
     torchrun --nproc_per_node N megatron_gpt.py compare REF CAND --tp T --pp P [--bias] [--layers L] [--dump D]
     torchrun --nproc_per_node N megatron_gpt.py dump CKPT OUT --tp T --pp P ...   # full state as rank files
+    ... [--experts E --ep K]: MoE layers (SequentialMLP, allgather dispatcher: CPU-friendly)
 
 ``save`` writes what Megatron-LM's ``save_checkpoint`` writes through ``dist_checkpointing.save``
 (``{"model": model.sharded_state_dict(), "iteration", "args", "checkpoint_version"}``).
@@ -38,6 +39,8 @@ def parse():
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--bias", action="store_true")
     p.add_argument("--tied", action="store_true")
+    p.add_argument("--experts", type=int, default=0, help="MoE: SequentialMLP experts per layer")
+    p.add_argument("--ep", type=int, default=1)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--dump", help="compare: also save each rank's reference state here")
     return p.parse_args()
@@ -52,7 +55,9 @@ def config(a):
         ffn_hidden_size=160, gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm",
         layernorm_epsilon=1e-6, add_bias_linear=a.bias, add_qkv_bias=a.bias, use_cpu_initialization=True,
         tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp, params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
+        pipeline_dtype=torch.float32, expert_model_parallel_size=a.ep,
+        **({"num_moe_experts": a.experts, "moe_router_topk": 2, "moe_ffn_hidden_size": 64,
+            "moe_token_dispatcher_type": "allgather"} if a.experts else {}),
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0)
 
@@ -63,7 +68,8 @@ def build(a, seed):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     torch.manual_seed(seed)
-    return GPTModel(config(a), transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+    return GPTModel(config(a), transformer_layer_spec=get_gpt_layer_local_spec(
+                        num_experts=a.experts or None, normalization="RMSNorm"),
                     vocab_size=VOCAB, max_sequence_length=64, pre_process=ps.is_pipeline_first_stage(),
                     post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=a.tied,
                     position_embedding_type="rope")
@@ -95,6 +101,7 @@ def args_namespace(a):
                               make_vocab_size_divisible_by=128, untie_embeddings_and_output_weights=not a.tied,
                               position_embedding_type="rope", rotary_base=10000, max_position_embeddings=64,
                               tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
+                              expert_model_parallel_size=a.ep, num_experts=a.experts or None,
                               params_dtype=torch.float32)
 
 
@@ -137,7 +144,8 @@ def main():
     from megatron.core import parallel_state as ps
 
     dist.init_process_group("gloo")
-    ps.initialize_model_parallel(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp)
+    ps.initialize_model_parallel(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
+                                 expert_model_parallel_size=a.ep)
     rank = dist.get_rank()
     ok = True
     if a.mode == "save":

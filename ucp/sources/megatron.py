@@ -10,7 +10,10 @@ the run's degrees:
   replicas wrote (``replica_id == 0``: DCP keeps one chunk per distinct region);
 * the transformer layers are stacked on a leading axis (``prepend_axis_num = 1``):
   ``decoder.layers.self_attention.linear_qkv.weight`` of shape ``(L, ...)`` becomes the
-  per-layer parameters ``decoder.layers.{i}.self_attention.linear_qkv.weight``;
+  per-layer parameters ``decoder.layers.{i}.self_attention.linear_qkv.weight``; MoE experts
+  (``SequentialMLP``) on two, layer and global expert index:
+  ``decoder.layers.mlp.experts.experts.linear_fc1.weight`` of shape ``(L, E, ...)`` becomes
+  ``decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1.weight``;
 * the universal tensors follow ``converters/megatron_gpt.ucp``: the stored global fused QKV
   is group-interleaved (per query group ``[q x heads/groups, k, v]``) and becomes part-major
   ``[q; k; v]``; SwiGLU ``linear_fc1`` is stored as ``[gate; up]`` already (Megatron's swiglu
@@ -32,6 +35,7 @@ key is refused by name (the spec has no rule for it), never dropped silently.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 from dataclasses import replace
@@ -45,6 +49,9 @@ DEFAULT_SPEC = "megatron_gpt"
 BACKEND_FILE = "metadata.json"
 COMMON_FILE = "common.pt"
 STACKED_PREFIX = "decoder.layers."
+#: stored key prefix -> universal name pattern, for tensors stacked on leading axes
+STACKED = (("decoder.layers.mlp.experts.experts.", "decoder.layers.{}.mlp.experts.local_experts.{}."),
+           (STACKED_PREFIX, "decoder.layers.{}."))
 #: the key under which ucp's own target carries the universal metadata in common.pt (JSON)
 CARRIED_KEY = "ucp_metadata"
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -205,7 +212,8 @@ class MegatronSource(Source):
                             spec_text=bound.spec.text, constants=constants)
 
     def _stored_items(self):
-        """``{param: (shape, dtype, key, layer or None, chunks)}`` and ``{object key: index}``."""
+        """``{param: (shape, dtype, key, leading indices or None, chunks)}`` and
+        ``{object key: index}``."""
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
         md = self._files.metadata
@@ -215,28 +223,31 @@ class MegatronSource(Source):
                 objects[key] = MetadataIndex(key)
                 continue
             size, dtype = tuple(item.size), item.properties.dtype
-            if key.startswith(STACKED_PREFIX) and not key[len(STACKED_PREFIX):][:1].isdigit():
-                rest = key[len(STACKED_PREFIX):]
-                for i in range(size[0]):
-                    tensors[f"{STACKED_PREFIX}{i}.{rest}"] = (size[1:], dtype, key, i, item.chunks)
-            else:
+            prefix, pattern = next(((p, n) for p, n in STACKED if key.startswith(p)), (None, None))
+            if prefix is None or key[len(prefix):][:1].isdigit():
                 tensors[key] = (size, dtype, key, None, item.chunks)
+                continue
+            lead = pattern.count("{}")
+            for index in itertools.product(*(range(n) for n in size[:lead])):
+                name = pattern.format(*index) + key[len(prefix):]
+                tensors[name] = (size[lead:], dtype, key, index, item.chunks)
         return model_order(tensors), objects
 
     def _param(self, name, stored, whole, bound, args) -> SourceParam:
         """One universal parameter: a fragment per stored chunk that holds part of it."""
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
-        shape, dtype, key, layer, chunks = stored
+        shape, dtype, key, lead, chunks = stored
         frags = []
         for k, ch in enumerate(chunks):
             start, sizes = tuple(ch.offsets), tuple(ch.sizes)
-            if layer is not None:
-                if not start[0] <= layer < start[0] + sizes[0]:
+            within = None
+            if lead is not None:
+                n = len(lead)
+                if not all(a <= i < a + b for i, a, b in zip(lead, start, sizes)):
                     continue
-                start, sizes, within = start[1:], sizes[1:], layer - ch.offsets[0]
-            else:
-                within = None
+                within = tuple(i - a for i, a in zip(lead, start))
+                start, sizes = start[n:], sizes[n:]
             f = restrict(whole, start, tuple(a + b for a, b in zip(start, sizes)))
             f = replace(f, local_name=key, coords=(("chunk", k),))
             self._where[(name, f.coords)] = (MetadataIndex(key, tuple(ch.offsets), k), within)

@@ -28,15 +28,17 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import pickle
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ucp.errors import UcpError
-from ucp.sources.megatron import CARRIED_KEY, COMMON_FILE, BACKEND_FILE, STACKED_PREFIX, restrict
+from ucp.sources.megatron import BACKEND_FILE, CARRIED_KEY, COMMON_FILE, STACKED, STACKED_PREFIX, restrict
 from ucp.targets import Target, TargetUnit
 from ucp.targets._renames import fused_views, translate
 
@@ -53,12 +55,17 @@ class MegatronTargetError(UcpError):
     """The universal checkpoint cannot be written as Megatron torch_dist at these degrees."""
 
 
-def stored_key(name: str) -> tuple[str, int | None]:
-    """(ShardedTensor key, layer index or None): layers are stacked on a leading axis."""
-    if name.startswith(STACKED_PREFIX):
-        head, _, rest = name[len(STACKED_PREFIX):].partition(".")
-        if head.isdigit():
-            return STACKED_PREFIX + rest, int(head)
+_STACKED_NAMES = [(re.compile("^" + re.escape(pattern).replace(r"\{\}", r"(\d+)")), prefix)
+                  for prefix, pattern in STACKED]
+
+
+def stored_key(name: str) -> tuple[str, tuple[int, ...] | None]:
+    """(ShardedTensor key, leading indices or None): layers (and experts) are stacked on
+    leading axes, the inverse of the source's un-stacking (``ucp.sources.megatron.STACKED``)."""
+    for regex, prefix in _STACKED_NAMES:
+        m = regex.match(name)
+        if m:
+            return prefix + name[m.end():], tuple(int(g) for g in m.groups())
     return name, None
 
 
@@ -145,6 +152,7 @@ class MegatronTarget(Target):
             raise MegatronTargetError(f"--to megatron takes --tp, --pp and --ep; not {', '.join(unknown)} "
                                       "(data-parallel ranks hold replicas in torch_dist)")
         self.tp, self.pp = int(self.degrees.get("tp") or 1), int(self.degrees.get("pp") or 1)
+        self.ep = int(self.degrees.get("ep") or 1)
         self.dst = Path(dst)
         self._files = _DistcpFiles(self.dst)
         self._objects: dict[str, Any] = {}
@@ -196,29 +204,33 @@ class MegatronTarget(Target):
             problems.append(f"tp={self.tp} does not divide the {c['heads']} attention heads")
         if c.get("layers") and c["layers"] % self.pp:
             problems.append(f"pp={self.pp} does not divide the {c['layers']} layers evenly")
-        ep = int(self.degrees.get("ep") or 1)
-        if ep > 1 and (not c.get("experts") or c["experts"] % ep):
-            problems.append(f"ep={ep} needs a MoE model whose experts it divides (experts={c.get('experts', 0)})")
+        if self.ep > 1 and (not c.get("experts") or c["experts"] % self.ep):
+            problems.append(f"ep={self.ep} needs a MoE model whose experts it divides "
+                            f"(experts={c.get('experts', 0)})")
         if problems:
             raise MegatronTargetError(f"{self.dst}: cannot write a GPTModel at tp={self.tp}, pp={self.pp}: "
                                       + "; ".join(problems) + " (nothing written)")
 
     def _units(self, views, meg_shapes, shapes, constants) -> list[TargetUnit]:
-        """One unit per rank (pp major, tp minor): the chunks that rank's main replica writes."""
+        """One unit per rank (pp, ep, tp; tp fastest): the chunks that rank's main replica
+        writes. Dense tensors are written by ep rank 0 only (experts ranks replicate them)."""
         placed, stored, whole = self._bindings(meg_shapes, constants)
         units = []
-        for s in range(self.pp):
-            for r in range(self.tp):
-                frags = []
-                for n in meg_shapes:
-                    if placed.holds(n, {"pp": s, "tp": r}):
-                        frags.extend(self._chunk_fragments(n, whole[n], stored.matches[n].rule, r,
-                                                           views[n][1], shapes))
-                units.append(TargetUnit(key=f"__{s * self.tp + r}_0.distcp", coords={"pp": s, "tp": r},
-                                        fragments=frags, states=["param"]))
-        layers = (int(constants.get("layers", 0)),)
-        self._global = {stored_key(n)[0]: (layers if stored_key(n)[1] is not None else ()) + whole[n].local_shape
-                        for n in meg_shapes}
+        for s, e, r in itertools.product(range(self.pp), range(self.ep), range(self.tp)):
+            coords = {"pp": s, "ep": e, "tp": r}
+            frags = []
+            for n in meg_shapes:
+                rule = stored.matches[n].rule
+                expert = any(rn.axis == "ep" for rn in rule.renumber)
+                if (expert or e == 0) and placed.holds(n, coords):
+                    frags.extend(self._chunk_fragments(n, whole[n], rule, r, views[n][1], shapes))
+            units.append(TargetUnit(key=f"__{(s * self.ep + e) * self.tp + r}_0.distcp", coords=coords,
+                                    fragments=frags, states=["param"]))
+        lead = (int(constants.get("layers", 0)), int(constants.get("experts", 0)))
+        self._global = {}
+        for n in meg_shapes:
+            key, index = stored_key(n)
+            self._global[key] = lead[:len(index or ())] + whole[n].local_shape
         return units
 
     def _bindings(self, meg_shapes, constants):
@@ -228,7 +240,7 @@ class MegatronTarget(Target):
 
         spec = load_spec(self.spec or DEFAULT_SPEC)
         self.vocab_multiple = int(self._vocab_multiple or spec_default(spec, "vocab_multiple"))
-        placed = spec.bind(degrees={"tp": self.tp, "pp": self.pp},
+        placed = spec.bind(degrees={"tp": self.tp, "pp": self.pp, "ep": self.ep},
                            constants={**constants, "vocab_multiple": self.vocab_multiple})
         stored = bind_layout(spec, list(meg_shapes), {}, {**constants, "vocab_multiple": self.vocab_multiple * self.tp})
         return placed, stored, {f.name: f for f in stored.rank_fragments(meg_shapes, {})}
@@ -236,10 +248,10 @@ class MegatronTarget(Target):
     def _chunk_fragments(self, name, whole, rule, r, segments, shapes) -> list:
         """Fragments (over checkpoint names) of the chunks tp rank ``r`` writes of ``name``;
         each chunk's local name carries its key, layer and offsets for :meth:`write_unit`."""
-        key, layer = stored_key(name)
+        key, lead = stored_key(name)
         out = []
         for start, stop in shard_blocks(rule, whole.local_shape, self.tp, r, name) or []:
-            local = f"{key}|{layer}|{','.join(map(str, start))}"
+            local = f"{key}|{','.join(map(str, lead or ()))}|{','.join(map(str, start))}"
             f = replace(restrict(whole, start, stop), local_name=local, coords=(("tp", r),))
             out.extend(translate(f, segments, shapes))
         return out
@@ -281,14 +293,12 @@ class MegatronTarget(Target):
             if f.local_name in seen:
                 continue
             seen.add(f.local_name)
-            key, layer, start = f.local_name.split("|")
-            offsets = tuple(int(x) for x in start.split(",") if x != "")
+            key, lead, start = (tuple(int(x) for x in part.split(",") if x) if i else part
+                                for i, part in enumerate(f.local_name.split("|")))
             t = local[f.local_name]
-            size = self._global_size(key)
-            if layer != "None":
-                t, offsets = t.unsqueeze(0), (int(layer),) + offsets
-            items.append((key, size, offsets, t))
-        if unit.coords == {"pp": 0, "tp": 0}:
+            t = t.reshape((1,) * len(lead) + tuple(t.shape))       # the stacked leading axes
+            items.append((key, self._global_size(key), lead + start, t))
+        if not any(unit.coords.values()):
             items.extend((k, None, None, _saved(v)) for k, v in self._objects.items())
         self._files.write(unit.key, items)
 
