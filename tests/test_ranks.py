@@ -204,10 +204,10 @@ def test_demo_passes(tmp_path):
 def test_kill9_mid_conversion_then_resume(tmp_path):
     """A conversion killed with SIGKILL leaves no manifest (readers refuse it); `--resume`
     finishes it, and the result equals an uninterrupted conversion bit for bit."""
+    import os
     import signal
     import subprocess
     import sys
-    import time
 
     from ucp.cli import main
 
@@ -216,27 +216,34 @@ def test_kill9_mid_conversion_then_resume(tmp_path):
     save_ranks(states, tmp_path / "src", spec_text="spec s\naxes tp\nparam \"**\" = shard(0, over=tp)\n",
                degrees={"tp": 2})
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "ref"), "-q"]) == 0
-    # the child is slowed down (one box per 0.1 s) so that the kill lands mid-way
+    # The child stops after its 6th box is on disk, says so through a pipe and waits to be
+    # killed: the kill lands mid-way however loaded the machine is (no sleeps, no timing).
     child = (
-        "import sys, time\n"
+        "import os, sys, threading\n"
         "import ucp.format.writer as w\n"
-        "orig = w.ArrayWriter.write\n"
-        "def slow(self, *a, **k):\n"
-        "    time.sleep(0.1)\n"
-        "    return orig(self, *a, **k)\n"
-        "w.ArrayWriter.write = slow\n"
+        "orig, done = w.ArrayWriter.write, [0]\n"
+        "def write_then_stop(self, *a, **k):\n"
+        "    orig(self, *a, **k)\n"
+        "    done[0] += 1\n"
+        "    if done[0] == 6:\n"
+        "        os.write(int(os.environ['UCP_TEST_FD']), b'x')\n"
+        "        threading.Event().wait()\n"
+        "w.ArrayWriter.write = write_then_stop\n"
         "from ucp.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     dst = tmp_path / "dst"
-    p = subprocess.Popen([sys.executable, "-c", child, "convert", str(tmp_path / "src"), str(dst), "-q"])
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        chunks = [f for f in dst.rglob("c/*")] if dst.exists() else []
-        if len(chunks) >= 6:
-            break
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    read_end, write_end = os.pipe()
+    p = subprocess.Popen([sys.executable, "-c", child, "convert", str(tmp_path / "src"), str(dst), "-q"],
+                         env={**os.environ, "UCP_TEST_FD": str(write_end)}, pass_fds=(write_end,))
+    os.close(write_end)
+    try:
+        signalled = os.read(read_end, 1)  # blocks until the child has written 6 boxes (b"" if it died)
+    finally:
+        os.close(read_end)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert signalled == b"x", "the conversion ended before its 6th box"
+    assert any(f.is_file() and "c" in f.relative_to(dst).parts for f in dst.rglob("*"))  # chunks written
     assert not (dst / "ucp.manifest.json").exists()
     with pytest.raises(UcpError, match="manifest"):
         ucp.open(dst)

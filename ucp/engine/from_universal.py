@@ -25,22 +25,83 @@ def export(checkpoint, target, *, progress: bool = False,
            storage_options: Mapping[str, Any] | None = None):
     """Write the universal ``checkpoint`` (a path, URL or open reader) through ``target``
     (a :class:`ucp.targets.Target`): ``plan`` -> ``write_unit`` per unit -> ``finish``.
-    Returns the target's destination."""
-    from ucp.progress import bar
+
+    Under torchrun every process plans, writes its share of the units (by size) and process
+    0 finishes once every unit is written; a failure anywhere makes every process abort and
+    raise. Returns the target's destination."""
+    from ucp.engine.jobs import torchrun_rank
 
     ck = open_universal(checkpoint, storage_options)
+    job = torchrun_rank()
+    if job is None:
+        _export_alone(ck, target, progress)
+    else:
+        _export_shared(ck, target, job, progress)
+    return target.dst
+
+
+def _export_alone(ck, target, progress: bool) -> None:
     units = list(target.plan(ck))
     try:
-        with bar(total=len(units), desc=f"export {target.name}", unit="file",
-                 enabled=None if progress else False) as pb:
-            for unit in units:
-                target.write_unit(unit, unit_tensors(ck, unit))
-                pb.update(1)
+        write_units(ck, target, units, progress)
         target.finish(ck)
     except BaseException:
         target.abort()
         raise
-    return target.dst
+
+
+def write_units(ck, target, units, progress: bool = False) -> None:
+    """Fill and hand over ``units`` one at a time (memory: one unit's tensors)."""
+    from ucp.progress import bar
+
+    with bar(total=len(units), desc=f"export {target.name}", unit="file",
+             enabled=None if progress else False) as pb:
+        for unit in units:
+            target.write_unit(unit, unit_tensors(ck, unit))
+            pb.update(1)
+
+
+def _unit_volume(unit) -> int:
+    frags = [*unit.fragments, *[f for fs in unit.state_fragments.values() for f in fs]]
+    return sum(f.numel for f in frags)
+
+
+def _export_shared(ck, target, job, progress: bool) -> None:
+    """One process of a torchrun export: plan everywhere (every plan checked before anything
+    is written), write this process's share of the units, then finish on process 0. After
+    each step the processes agree; on any failure every process aborts and raises. A target
+    with ``split_under_torchrun = False`` is run whole by process 0 (the others wait)."""
+    from ucp.engine.jobs import agree, failure_text
+    from ucp.plan.assign import assign_by_size
+
+    rank, world = job
+    split = bool(getattr(target, "split_under_torchrun", True))
+    planned: list = []
+
+    def plan():
+        if split or rank == 0:
+            planned.extend(target.plan(ck))
+
+    def write():
+        share = (assign_by_size({str(i): _unit_volume(u) for i, u in enumerate(planned)}, world)[rank]
+                 if split else [str(i) for i in range(len(planned))])
+        write_units(ck, target, [planned[int(i)] for i in share], progress and rank == 0)
+
+    def finish():
+        if rank == 0:
+            target.finish(ck)
+
+    for step, run in (("planning", plan), ("writing", write), ("finishing", finish)):
+        failure = None
+        try:
+            run()
+        except Exception as e:
+            failure = failure_text(e)
+        try:
+            agree(failure, f"export to {target.name} ({step})")
+        except BaseException:
+            target.abort()
+            raise
 
 
 def unit_states(ck, unit) -> list[str]:
