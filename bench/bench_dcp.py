@@ -1,0 +1,228 @@
+"""torch DCP on the universal format vs DCP's own FileSystemWriter / FileSystemReader.
+
+One torchrun job (4 ranks, gloo, CPU) on one model state (``ucp.demo_dcp.TinyGPT`` at a
+larger size, AdamW state initialised), sharded FSDP2 x4:
+
+- ``dcp.save`` time: ``FileSystemWriter`` (the peer) vs ``ucp.dcp.UniversalWriter``, both
+  durable (fsync), best of ``--repeat``; ratio UniversalWriter / FileSystemWriter (aim <= 1.2).
+- reshard load into each target layout (2-D dp2 x tp2, TP x4) of that same state:
+  ``dcp.load`` from the FileSystemWriter checkpoint with ``FileSystemReader`` vs from the
+  UniversalWriter checkpoint with ``UniversalReader``; time (max over ranks, best of
+  ``--repeat``, page cache dropped before each load when ``--cold`` and root) and the speedup
+  (aim >= 1.5x); bytes read / bytes needed per rank for both readers (aim <= 1.1 for ucp).
+  FileSystemReader's bytes are the saved items it deserialises: it loads a whole saved chunk
+  for every read request and narrows it (pytorch issue 76331).
+
+Every load is checked: ``full_tensor()`` of a few parameters equals the saved state.
+
+Usage: python bench/bench_dcp.py [--hidden 768] [--layers 4] [--ffn 2048] [--vocab 16003]
+       [--dir /tmp] [--repeat 2] [--cold] [--chunk-kib 1024] [--out bench/results/dcp.txt]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--ffn", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=16003)
+    ap.add_argument("--dir", default=None)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each load (root)")
+    ap.add_argument("--chunk-kib", type=int, default=1024, help="UniversalWriter chunk_bytes (KiB)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dcp.txt"))
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+# ============================================================================ worker (under torchrun)
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed(fn):
+    import torch.distributed as dist
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    got = [0.0] * dist.get_world_size()
+    dist.all_gather_object(got, dt)
+    return max(got)
+
+
+def counting_fs_reader(path):
+    """FileSystemReader that counts the saved bytes it deserialises (one whole item per request)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class Counting(FileSystemReader):
+        bytes_read = 0
+        bytes_needed = 0
+
+        def read_data(self, plan, planner):
+            for req in plan.items:
+                if req.type.name == "TENSOR":
+                    self.bytes_read += self.storage_data[req.storage_index].length
+                    n = 1
+                    for x in req.lengths:
+                        n *= int(x)
+                    self.bytes_needed += n * planner.resolve_tensor(req).element_size()
+            return super().read_data(plan, planner)
+
+    return Counting(path)
+
+
+def fresh_state(cfg, layout):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from ucp.demo_dcp import build, optimizer, parallelize
+
+    model = build(cfg, seed=1)
+    parallelize(model, layout)
+    opt = optimizer(model)
+    msd, osd = get_state_dict(model, opt)     # initialises AdamW's state (zeros, step 0)
+    return {"model": msd, "optim": osd}
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from ucp.dcp import UniversalReader, UniversalWriter
+    from ucp.demo_dcp import GPTConfig
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    base = Path(args.worker)
+    cfg = GPTConfig(vocab=args.vocab, hidden=args.hidden, heads=12 if args.hidden % 12 == 0 else 8,
+                    kv_heads=4, ffn=args.ffn, layers=args.layers)
+    sd = fresh_state(cfg, "fsdp")
+    with torch.no_grad():                      # distinct values, so that a wrong slice cannot pass
+        for i, t in enumerate(sd["model"].values()):
+            t.to_local().copy_(torch.randn(t.to_local().shape, generator=torch.Generator().manual_seed(rank * 997 + i)))
+    ref = {k: v.full_tensor() for k, v in list(sd["model"].items())[:6]}
+    report = {"ranks": dist.get_world_size(), "save": {}, "load": {}}
+
+    def save_fs():
+        dcp.save(sd, storage_writer=FileSystemWriter(base / "fs"))
+
+    def save_ucp():
+        dcp.save(sd, storage_writer=UniversalWriter(base / "ucp", chunk_bytes=args.chunk_kib << 10))
+
+    for name, fn, path in (("FileSystemWriter", save_fs, base / "fs"),
+                           ("UniversalWriter", save_ucp, base / "ucp")) * args.repeat:
+        if rank == 0:                        # each save into a fresh directory, cleared untimed
+            shutil.rmtree(path, ignore_errors=True)
+        t = timed(fn)
+        report["save"][name] = min(t, report["save"].get(name, t))
+    del sd
+    for layout in ("2d", "tp"):
+        report["load"][layout] = load_layout(args, cfg, layout, base, ref, counting_fs_reader, UniversalReader)
+    if rank == 0:
+        (base / "report.json").write_text(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def load_layout(args, cfg, layout, base, ref, fs_reader, ucp_reader) -> dict:
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    out = {}
+    for _ in range(args.repeat):
+        for name, path, make in (("FileSystemReader", base / "fs", fs_reader), ("UniversalReader", base / "ucp", ucp_reader)):
+            sd = fresh_state(cfg, layout)
+            reader = make(path)
+            if args.cold and dist.get_rank() == 0:
+                drop_caches()
+            t = timed(lambda: dcp.load(sd, storage_reader=reader))
+            for k, v in ref.items():
+                got = sd["model"][k]
+                got = got.full_tensor() if hasattr(got, "full_tensor") else got
+                if not torch.equal(got, v):
+                    raise SystemExit(f"{name} {layout}: {k} differs from the saved state")
+            ratios = [None] * dist.get_world_size()
+            dist.all_gather_object(ratios, reader.bytes_read / max(1, reader.bytes_needed))
+            prev = out.get(name)
+            out[name] = {"time": min(t, prev["time"]) if prev else t, "read_over_need": ratios}
+    return out
+
+
+# ============================================================================ driver
+def main(argv=None) -> None:
+    args = parse(argv)
+    if args.worker:
+        worker(args)
+        return
+    base = Path(tempfile.mkdtemp(prefix="ucp-bench-dcp-", dir=args.dir))
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", str(base)]
+        subprocess.run(cmd, env=env, check=True)
+        rep = json.loads((base / "report.json").read_text())
+        nbytes = sum(f.stat().st_size for f in (base / "fs").iterdir())
+        text = render(args, rep, nbytes)
+        print(text)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def render(args, rep, nbytes) -> str:
+    s = rep["save"]
+    lines = [f"# ucp DCP benchmark  TinyGPT hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, vocab "
+             f"{args.vocab}; model + AdamW state {nbytes / 2**20:.0f} MiB (DCP files); saved from FSDP2 x4, "
+             f"{rep['ranks']} ranks, gloo/CPU; UniversalWriter chunk_bytes {args.chunk_kib} KiB; "
+             f"loads {'cold (page cache dropped)' if args.cold else 'warm'}; best of {args.repeat}",
+             "",
+             "dcp.save (durable)          FileSystemWriter s  UniversalWriter s  ucp/fs (aim <= 1.2)",
+             f"FSDP2 x4                    {s['FileSystemWriter']:18.3f}  {s['UniversalWriter']:17.3f}  "
+             f"{s['UniversalWriter'] / s['FileSystemWriter']:6.2f}x",
+             "",
+             "dcp.load reshard            FileSystemReader s  UniversalReader s  speedup (aim >= 1.5) | "
+             "read/need fs worst  ucp worst  ucp mean (aim <= 1.1)"]
+    names = {"2d": "FSDP2 x4 -> 2-D dp2 x tp2", "tp": "FSDP2 x4 -> TP x4"}
+    for layout, r in rep["load"].items():
+        fs, uc = r["FileSystemReader"], r["UniversalReader"]
+        lines.append(f"{names[layout]:<27} {fs['time']:18.3f}  {uc['time']:17.3f}  {fs['time'] / uc['time']:6.2f}x"
+                     f"               | {max(fs['read_over_need']):18.3f}  {max(uc['read_over_need']):9.3f}  "
+                     f"{sum(uc['read_over_need']) / len(uc['read_over_need']):8.3f}")
+    lines += ["", "# times: max over ranks of the dcp.* call (planning collectives included); read/need: bytes the "
+              "reader read from storage / bytes of the rank's local tensors it filled (FileSystemReader: the saved "
+              "items it deserialised whole)"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

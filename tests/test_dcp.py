@@ -1,0 +1,252 @@
+"""torch DCP in one process: safe reading of DCP files, the key mapping, UniversalWriter /
+UniversalReader without a process group, the DCP source and target. Real DCP writes every
+fixture (``dcp.save`` with its default FileSystemWriter); DCP's own ``FileSystemReader`` /
+``dcp_to_torch_save`` are the reference answers. The torchrun half is tests/test_dcp_dist.py.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.state_dict import get_state_dict
+
+import ucp
+from ucp.dcp import DcpKey, UniversalReader, UniversalWriter, parse_key
+from ucp.demo_dcp import GPTConfig, build, optimizer, train_step
+from ucp.errors import UcpError
+from ucp.format import verify
+from ucp.sources._dcpfiles import DcpFileError, DcpFiles, load_metadata, tensor_chunks
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def same(a, b) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def trained(variant=GPTConfig(), steps=2):
+    model = build(variant)
+    opt = optimizer(model)
+    for s in range(steps):
+        train_step(model, opt, s)
+    msd, osd = get_state_dict(model, opt)
+    return model, opt, {"model": msd, "optim": osd}
+
+
+@pytest.fixture(scope="module")
+def tied_frozen(tmp_path_factory):
+    """A tied + frozen TinyGPT trained 2 steps, saved by stock DCP, plus DCP's consolidation."""
+    root = tmp_path_factory.mktemp("dcp1")
+    _, _, sd = trained(GPTConfig(tied=True, frozen=True))
+    sd["extra"] = {"iteration": 2, "rng": torch.get_rng_state(), "bf16": torch.randn(5).to(torch.bfloat16)}
+    dcp.save(sd, checkpoint_id=root / "dcp")
+    dcp_to_torch_save(root / "dcp", root / "ref.pt")
+    return root, sd, torch.load(root / "ref.pt", weights_only=True)
+
+
+# ---------------------------------------------------------------------------- safe file reading
+def test_metadata_through_allow_list_equals_dcps_own(tied_frozen):
+    root, _, _ = tied_frozen
+    ours, theirs = load_metadata(root / "dcp"), FileSystemReader(root / "dcp").read_metadata()
+    assert ours.state_dict_metadata == theirs.state_dict_metadata
+    assert ours.storage_data == theirs.storage_data
+
+
+def test_metadata_refuses_other_globals_by_name(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(DcpFileError, match=r"ck/\.metadata: refusing to unpickle global 'posix\.system'"):
+        load_metadata(tmp_path / "ck")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_metadata_truncated_or_missing_names_the_file(tied_frozen, tmp_path):
+    root, _, _ = tied_frozen
+    raw = (root / "dcp" / ".metadata").read_bytes()
+    (tmp_path / ".metadata").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DcpFileError, match=r"\.metadata: not a readable DCP metadata pickle"):
+        load_metadata(tmp_path)
+    with pytest.raises(DcpFileError, match="no DCP metadata file"):
+        load_metadata(tmp_path / "nowhere")
+
+
+def test_items_are_memory_mapped_and_equal_dcps_reads(tied_frozen):
+    """Every stored chunk read through the map equals what FileSystemReader's torch.load gives,
+    and its storage lies inside the file's map (no copy was made)."""
+    root, _, _ = tied_frozen
+    files = DcpFiles(root / "dcp")
+    fs = FileSystemReader(root / "dcp")
+    fs.set_up_storage_reader(fs.read_metadata(), True)
+    n = 0
+    for fqn, md, k, idx in tensor_chunks(files.metadata):
+        t = files.tensor(idx)
+        info = files.metadata.storage_data[idx]
+        with open(root / "dcp" / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            import io
+            ref = torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+        assert same(t, ref), fqn
+        mm = files._map(info.relative_path)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        assert base + info.offset <= t.data_ptr() < base + info.offset + info.length, fqn
+        n += 1
+    assert n == sum(len(m.chunks) for m in files.metadata.state_dict_metadata.values() if hasattr(m, "chunks"))
+
+
+def test_non_tensor_item_refuses_pickled_objects(tmp_path):
+    torch.serialization.clear_safe_globals()
+    dcp.save({"w": torch.ones(3), "obj": {"when": __import__("datetime").date(2024, 1, 2)}},
+             checkpoint_id=tmp_path / "ck")
+    files = DcpFiles(tmp_path / "ck")
+    with pytest.raises(DcpFileError, match=r"__0_0\.distcp .*obj\.when.*refused to unpickle"):
+        files.obj(MetadataIndex("obj.when"))
+
+
+# ---------------------------------------------------------------------------- keys
+@pytest.mark.parametrize("fqn, want", [
+    ("model.blocks.0.attn.q.weight", DcpKey("param", "blocks.0.attn.q.weight", "param")),
+    ("optim.state.blocks.0.attn.q.weight.exp_avg", DcpKey("state", "blocks.0.attn.q.weight", "exp_avg")),
+    ("optim.state.embed.weight.step", DcpKey("state", "embed.weight", "step")),
+    ("optim.param_groups.1.betas", DcpKey("group", state="betas", group=1)),
+    ("optim.param_groups.x.lr", DcpKey("extra", "optim.param_groups.x.lr")),
+    ("extra.rng", DcpKey("extra", "extra.rng")),
+])
+def test_parse_key(fqn, want):
+    assert parse_key(fqn) == want
+
+
+# ---------------------------------------------------------------------------- writer / reader, one process
+def check_universal(path, ref: dict, variant: GPTConfig) -> None:
+    """A universal checkpoint holds exactly the model's state-dict keys (in model order), and
+    every tensor, optimizer state, step and hyper-parameter of DCP's consolidation ``ref``."""
+    ck = ucp.open(path)
+    assert ck.params == list(build(variant).state_dict())
+    for name, t in ref["model"].items():
+        assert same(ck.read(name, "param"), t), name
+    for name, states in ref["optim"]["state"].items():
+        assert set(ck.states(name)) - {"param"} == {s for s, v in states.items() if v.dim()}, name
+        for state, t in states.items():
+            if t.dim():
+                assert same(ck.read(name, state), t), (name, state)
+            else:
+                meta = ck.param_meta(name)
+                assert meta["scalars"][state] == t.item() and meta["scalar_dtypes"][state] == "float32"
+    groups = ck.metadata["optimizer"]["param_groups"]
+    want = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in ref["optim"]["param_groups"]]
+    assert groups == want
+    flags = {n: {k: v for k, v in ck.param_meta(n).items() if k in ("frozen", "tied_to")} for n in ck.params}
+    expect = {n: {} for n in ck.params}
+    if variant.frozen:
+        for n in ("blocks.0.ln1.weight", "blocks.0.ln1.bias", "blocks.0.attn.q.bias", "blocks.0.attn.k.bias"):
+            expect[n] = {"frozen": True}
+    if variant.tied:
+        expect["head.weight"] = {"tied_to": "embed.weight"}
+    assert flags == expect
+    assert verify(path) == []
+
+
+def test_writer_reader_roundtrip_one_process(tied_frozen, tmp_path):
+    root, sd, ref = tied_frozen
+    dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "u"))
+    check_universal(tmp_path / "u", ref, GPTConfig(tied=True, frozen=True))
+    md = ucp.open(tmp_path / "u").metadata["dcp"]
+    assert md["extra.iteration"] == 2 and same(md["extra.rng"], sd["extra"]["rng"])
+    assert same(md["extra.bf16"], sd["extra"]["bf16"])
+
+    _, _, fresh = trained(GPTConfig(tied=True, frozen=True), steps=1)
+    fresh["extra"] = {"iteration": 0, "rng": torch.zeros_like(sd["extra"]["rng"]),
+                      "bf16": torch.zeros(5, dtype=torch.bfloat16)}
+    reader = UniversalReader(tmp_path / "u")
+    dcp.load(fresh, storage_reader=reader)
+    for k, t in sd["model"].items():
+        assert same(fresh["model"][k], t), k
+    for p, states in sd["optim"]["state"].items():
+        for s, t in states.items():
+            assert same(fresh["optim"]["state"][p][s], t), (p, s)
+    assert fresh["extra"]["iteration"] == 2 and same(fresh["extra"]["rng"], sd["extra"]["rng"])
+    assert same(fresh["extra"]["bf16"], sd["extra"]["bf16"])
+    assert reader.bytes_needed > 0 and reader.bytes_read >= reader.bytes_needed
+
+    # DCP's own consolidation tool reads the universal checkpoint through UniversalReader too
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    back: dict = {}
+    _load_state_dict(back, storage_reader=UniversalReader(tmp_path / "u"), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    assert same(back["model"]["embed.weight"], ref["model"]["embed.weight"])
+
+
+def test_writer_refuses_non_empty_destination_unless_overwrite(tmp_path):
+    sd = {"model": {"w": torch.arange(6.0)}}
+    dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "u"))
+    with pytest.raises(BaseException, match="is a committed ucp checkpoint; pass UniversalWriter"):
+        dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "u"))
+    sd["model"]["w"] = torch.arange(6.0) * 2
+    dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "u", overwrite=True))
+    assert same(ucp.open(tmp_path / "u").read("w"), torch.arange(6.0) * 2)
+
+
+class Opaque:
+    """A value with no JSON form (picklable, so DCP itself serialises it)."""
+
+
+def test_writer_failure_leaves_no_manifest(tmp_path):
+    with pytest.raises(BaseException, match=r"'extra\.x': ucp stores non-tensor values as JSON"):
+        dcp.save({"model": {"w": torch.ones(4)}, "extra": {"x": Opaque()}},
+                 storage_writer=UniversalWriter(tmp_path / "u"))
+    assert not (tmp_path / "u" / "ucp.manifest.json").exists()
+    with pytest.raises(UcpError):
+        ucp.open(tmp_path / "u")
+
+
+# ---------------------------------------------------------------------------- source and target
+def test_convert_equals_dcp_to_torch_save(tied_frozen, tmp_path):
+    root, sd, ref = tied_frozen
+    ucp.convert(root / "dcp", tmp_path / "u")            # --from auto detects DCP
+    check_universal(tmp_path / "u", ref, GPTConfig(tied=True, frozen=True))
+    md = ucp.open(tmp_path / "u").metadata
+    assert md["source"]["format"] == "dcp" and same(md["dcp"]["extra.rng"], sd["extra"]["rng"])
+
+
+def test_source_refuses_a_spec_and_unknown_options(tied_frozen):
+    root, _, _ = tied_frozen
+    with pytest.raises(UcpError, match="describes its own layout"):
+        ucp.convert(root / "dcp", root / "x", source="dcp", spec="torch_fsdp2")
+    with pytest.raises(UcpError, match="does not take"):
+        ucp.convert(root / "dcp", root / "x", source="dcp", zero_stage=2)
+
+
+@pytest.mark.parametrize("dp", [1, 3])
+def test_export_to_dcp_loads_with_filesystem_reader(tied_frozen, tmp_path, dp):
+    root, sd, ref = tied_frozen
+    ucp.convert(root / "dcp", tmp_path / "u")
+    ucp.export(tmp_path / "u", tmp_path / "out", "dcp", degrees={"dp": dp})
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        sorted([".metadata"] + [f"__{r}_0.distcp" for r in range(dp)])
+    dcp_to_torch_save(tmp_path / "out", tmp_path / "back.pt")
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert back["model"].keys() == ref["model"].keys()
+    for k, t in ref["model"].items():
+        assert same(back["model"][k], t), k
+    for p, states in ref["optim"]["state"].items():
+        for s, t in states.items():
+            assert same(back["optim"]["state"][p][s], t), (p, s)
+    assert same(back["extra"]["rng"], sd["extra"]["rng"]) and back["extra"]["iteration"] == 2
+    chunks = load_metadata(tmp_path / "out").state_dict_metadata["model.embed.weight"].chunks
+    assert sorted(int(c.sizes[0]) for c in chunks) == sorted(len(x) for x in torch.arange(1003).chunk(dp))

@@ -1,0 +1,648 @@
+"""torch.distributed.checkpoint (DCP) storage over the universal format.
+
+``UniversalReader`` and ``UniversalWriter`` plug the universal format into DCP's own
+``dcp.load`` / ``dcp.save`` / ``dcp.async_save``, so a training job reads and writes universal
+checkpoints with no conversion step, in whatever DTensor layout it runs::
+
+    sd = {"model": msd, "optim": osd}               # get_state_dict(model, optimizer)
+    dcp.save(sd, storage_writer=UniversalWriter(path))
+    dcp.load(sd, storage_reader=UniversalReader(path))   # ANY layout, ANY world size
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+**Keys** (:func:`parse_key` / :func:`model_key` / :func:`optim_key`, the one mapping used by
+the reader, the writer, the DCP source and the DCP target). With ``get_state_dict``'s layout:
+
+* ``model.<fqn>`` — state ``param`` of parameter ``<fqn>`` (buffers included: every key of the
+  model's state dict is a parameter of the universal checkpoint);
+* ``optim.state.<fqn>.<state>`` — state ``<state>`` of ``<fqn>``; 0-d states (Adam ``step``)
+  are per-parameter ``scalars`` in the parameter's metadata, their dtypes in ``scalar_dtypes``;
+* ``optim.param_groups.<i>.<key>`` — ``metadata["optimizer"]["param_groups"][i][key]``;
+* anything else — ``metadata["dcp"][<key>]`` (values JSON-encoded, tensors as small arrays).
+
+A model tensor that is the same storage as another (tied embeddings) gets ``tied_to`` (the one
+the optimizer steps); a model tensor with no optimizer state while the state dict has an
+optimizer gets ``frozen: true``.
+
+**Reading only what is needed.** The reader describes every universal array to DCP as ONE
+saved chunk covering the whole tensor; DCP's planner then asks, for each chunk of each rank's
+DTensor, for exactly the region it needs (``storage_offsets`` / ``lengths``), and
+:meth:`UniversalReader.read_data` reads that box with ``Checkpoint.read_box``, which touches
+only the zarr chunks it intersects. DCP's ``FileSystemReader`` instead loads each whole saved
+chunk and narrows it (pytorch issue 76331).
+
+**Writing from every rank.** The writer uses the several-writers protocol (FORMAT.md §13):
+the coordinator picks each array's chunk grid in ``prepare_global_plan`` (aligned with every
+rank's boxes where possible, so no chunk is shared), each rank writes its boxes and its part
+record in ``write_data``, and the coordinator commits its own part and then the manifest in
+``finish`` — which DCP calls only when every rank's ``write_data`` succeeded. A failure
+anywhere (DCP's ``CheckpointException`` derives from ``BaseException``) leaves no manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch.futures import Future
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                   MetadataIndex, StorageMeta, TensorProperties,
+                                                   TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, SavePlan, WriteItemType
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+
+from ucp.errors import UcpError
+
+MODEL = "model."
+OPTIM_STATE = "optim.state."
+PARAM_GROUPS = "optim.param_groups."
+_SUMMARY = "__ucp_rank_summary__"     # the extra WriteResult each rank sends to the coordinator
+
+
+# ==================================================================== keys
+@dataclass(frozen=True)
+class DcpKey:
+    """What a flattened DCP state-dict key means in the universal checkpoint.
+
+    ``kind``: ``"param"`` (``name``, state ``param``), ``"state"`` (``name``, ``state``),
+    ``"group"`` (``group`` index, ``state`` = the hyper-parameter) or ``"extra"``."""
+    kind: str
+    name: str = ""
+    state: str = ""
+    group: int = -1
+
+
+def parse_key(fqn: str) -> DcpKey:
+    """The meaning of the flattened DCP key ``fqn`` (see the module docstring)."""
+    if fqn.startswith(MODEL) and len(fqn) > len(MODEL):
+        return DcpKey("param", fqn[len(MODEL):], "param")
+    if fqn.startswith(OPTIM_STATE):
+        name, _, state = fqn[len(OPTIM_STATE):].rpartition(".")
+        if name and state:
+            return DcpKey("state", name, state)
+    if fqn.startswith(PARAM_GROUPS):
+        idx, _, key = fqn[len(PARAM_GROUPS):].partition(".")
+        if idx.isdigit() and key:
+            return DcpKey("group", state=key, group=int(idx))
+    return DcpKey("extra", fqn)
+
+
+def model_key(name: str) -> str:
+    return MODEL + name
+
+
+def optim_key(name: str, state: str) -> str:
+    return f"{OPTIM_STATE}{name}.{state}" if state != "param" else model_key(name)
+
+
+def planner_path(fqn: str) -> tuple:
+    """The nested-dict path of a flattened key (DCP's ``planner_data``), so that tools that
+    rebuild nested state dicts (``format_utils.dcp_to_torch_save``) work on universal ones."""
+    k = parse_key(fqn)
+    if k.kind == "param":
+        return ("model", k.name)
+    if k.kind == "state":
+        return ("optim", "state", k.name, k.state)
+    if k.kind == "group":
+        return ("optim", "param_groups", k.group, k.state)
+    return tuple(fqn.split("."))
+
+
+def scalar_value(t: torch.Tensor):
+    """A 0-d tensor as a JSON number (ints stay ints)."""
+    return t.item()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, str(name), None)
+    if not isinstance(dt, torch.dtype):
+        raise UcpError(f"unknown torch dtype {name!r} in scalar_dtypes")
+    return dt
+
+
+# ==================================================================== reader
+def _whole(shape, dtype) -> TensorStorageMetadata:
+    shape = torch.Size(shape)
+    return TensorStorageMetadata(TensorProperties(dtype=dtype), shape,
+                                 [ChunkStorageMetadata(torch.Size([0] * len(shape)), shape)])
+
+
+class UniversalReader(StorageReader):
+    """``dcp.load(state_dict, storage_reader=UniversalReader(path))`` from a universal checkpoint.
+
+    Fills any DTensor layout (FSDP2, TP, 2-D with ``_StridedShard``), plain tensors and
+    non-tensor entries at any world size; each rank reads only the boxes its shards need.
+    ``bytes_read`` / ``bytes_needed`` count this rank's tensor reads (for benchmarks).
+
+    Args:
+        path: the universal checkpoint (local path or fsspec URL).
+        storage_options: fsspec options for remote paths.
+        workers: reader threads of the underlying ``Checkpoint``.
+    """
+
+    def __init__(self, path=None, *, storage_options=None, workers: int = 4):
+        super().__init__()
+        self.path = path
+        self.storage_options = storage_options
+        self.workers = workers
+        self.storage_data: dict = {}
+        self.load_id = str(uuid.uuid4())
+        self._ck = None
+        self.bytes_needed = 0
+
+    # -- protocol ---------------------------------------------------------------------------
+    def reset(self, checkpoint_id=None) -> None:
+        if checkpoint_id is not None:
+            self.path = checkpoint_id
+        self.storage_data = {}
+        self.load_id = str(uuid.uuid4())
+        self._close()
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+        return isinstance(checkpoint_id, (str, os.PathLike))
+
+    def read_metadata(self) -> Metadata:
+        """DCP metadata describing every array of the checkpoint as one whole-tensor chunk."""
+        ck = self._checkpoint()
+        sdm: dict[str, Any] = {}
+        storage: dict[MetadataIndex, tuple] = {}
+
+        def tensor(key, shape, dtype, entry):
+            sdm[key] = _whole(shape, dtype)
+            storage[MetadataIndex(key, [0] * len(shape))] = entry
+
+        def value(key, v):
+            if isinstance(v, torch.Tensor):
+                tensor(key, tuple(v.shape), v.dtype, ("value", v))
+            else:
+                sdm[key] = BytesStorageMetadata()
+                storage[MetadataIndex(key)] = ("value", v)
+
+        for name in ck.params:
+            _describe_param(ck, name, tensor)
+        md = ck.metadata if isinstance(ck.metadata, dict) else {}
+        for i, group in enumerate((md.get("optimizer") or {}).get("param_groups") or []):
+            for k, v in group.items():
+                value(f"{PARAM_GROUPS}{i}.{k}", v)
+        for key, v in (md.get("dcp") or {}).items():
+            value(key, v)
+        return Metadata(state_dict_metadata=sdm, storage_data=storage,
+                        planner_data={k: planner_path(k) for k in sdm},
+                        storage_meta=StorageMeta(checkpoint_id=str(self.path), load_id=self.load_id))
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
+        self.storage_data = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner) -> Future:
+        """Serve every ``ReadItem`` by reading exactly its region of the universal array;
+        several regions at once (``workers`` threads), the planner called from this thread only."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        jobs = []
+        for req in plan.items:
+            entry = self.storage_data.get(req.storage_index)
+            if entry is None:
+                raise UcpError(f"{self.path}: DCP asked for {req.storage_index.fqn!r}, which this "
+                               "universal checkpoint does not hold")
+            if req.type == LoadItemType.BYTE_IO:
+                buf = io.BytesIO()
+                torch.save(entry[1], buf)
+                buf.seek(0)
+                planner.load_bytes(req, buf)
+                continue
+            target = planner.resolve_tensor(req).detach()
+            self.bytes_needed += target.numel() * target.element_size()
+            jobs.append((entry, req, target))
+        if self.workers > 1 and len(jobs) > 1:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="ucp-dcp-read") as pool:
+                list(pool.map(lambda job: self._fill(*job), jobs))
+        else:
+            for job in jobs:
+                self._fill(*job)
+        for _, req, target in jobs:
+            planner.commit_tensor(req, target)
+        fut = Future()
+        fut.set_result(None)
+        return fut
+
+    # -- internals --------------------------------------------------------------------------
+    def _fill(self, entry, req, target: torch.Tensor) -> None:
+        start = [int(o) for o in req.storage_offsets]
+        stop = [o + int(n) for o, n in zip(start, req.lengths)]
+        if entry[0] == "array":
+            ck = self._checkpoint()
+            dtype = ck.array_info(entry[1], entry[2]).dtype
+            if target.dtype == dtype and target.is_contiguous() and target.device.type == "cpu":
+                ck.read_box(entry[1], entry[2], start, stop, out=target)
+            else:
+                target.copy_(ck.read_box(entry[1], entry[2], start, stop))
+            return
+        src = entry[1] if entry[0] == "value" else torch.tensor(entry[1], dtype=entry[2])
+        target.copy_(src[tuple(slice(a, b) for a, b in zip(start, stop))] if src.dim() else src)
+
+    def _checkpoint(self):
+        if self._ck is None:
+            from ucp.format import open_checkpoint
+
+            if self.path is None:
+                raise UcpError("UniversalReader: no path (pass it, or checkpoint_id= to dcp.load)")
+            self._ck = open_checkpoint(self.path, storage_options=self.storage_options, workers=self.workers)
+        return self._ck
+
+    @property
+    def bytes_read(self) -> int:
+        return self._ck.bytes_read if self._ck is not None else 0
+
+    def _close(self):
+        if self._ck is not None:
+            self._ck.close()
+            self._ck = None
+
+
+def _describe_param(ck, name: str, tensor) -> None:
+    """Declare ``model.<name>``, its optimizer states and its scalars through ``tensor(key,
+    shape, dtype, entry)``. A tied alias stored without arrays reads its ``tied_to``'s."""
+    meta = ck.param_meta(name)
+    states = ck.states(name)
+    holder = name if "param" in states else meta.get("tied_to")
+    if holder is None or "param" not in ck.states(holder):
+        raise UcpError(f"{ck.path}: parameter {name!r} has no 'param' array (and no tied_to that has one)")
+    info = ck.array_info(holder, "param")
+    tensor(model_key(name), info.shape, info.dtype, ("array", holder, "param"))
+    for st in states:
+        if st != "param":
+            info = ck.array_info(name, st)
+            tensor(optim_key(name, st), info.shape, info.dtype, ("array", name, st))
+    dtypes = meta.get("scalar_dtypes") or {}
+    for st, v in (meta.get("scalars") or {}).items():
+        dt = _torch_dtype(dtypes[st]) if st in dtypes else \
+            (torch.float32 if isinstance(v, float) else torch.int64)
+        tensor(optim_key(name, st), (), dt, ("scalar", v, dt))
+
+
+# ==================================================================== writer
+@dataclass
+class _RankSummary:
+    """What a rank tells the coordinator besides its written boxes (sent as one extra
+    ``WriteResult``): scalars, non-tensor values, tensors outside model/optim, ties, keys."""
+    rank: int
+    scalars: dict = dataclasses.field(default_factory=dict)      # name -> {state: value}
+    scalar_dtypes: dict = dataclasses.field(default_factory=dict)
+    groups: dict = dataclasses.field(default_factory=dict)       # (i, key) -> value
+    extras: dict = dataclasses.field(default_factory=dict)       # key -> value | [(offsets, tensor)]
+    ties: dict = dataclasses.field(default_factory=dict)         # alias -> target
+    keys: set = dataclasses.field(default_factory=set)           # every flattened key on this rank
+    params: list = dataclasses.field(default_factory=list)       # model order on this rank
+
+
+class UniversalWriter(StorageWriter):
+    """``dcp.save`` / ``dcp.async_save`` straight into a universal checkpoint.
+
+    Each rank writes the boxes DCP assigns it (its DTensor shards; replicated tensors once),
+    the coordinator commits the manifest after every rank succeeded. Destination must be empty
+    or absent unless ``overwrite=True`` (the coordinator clears it before any rank writes).
+
+    Args:
+        path: destination (local path or fsspec URL); or ``checkpoint_id=`` of ``dcp.save``.
+        overwrite: replace an existing checkpoint / non-empty directory.
+        durable: fsync chunk files, part records and manifest (FORMAT.md §2).
+        workers: writer threads per rank.
+        storage_options: fsspec options for remote paths.
+        chunk_bytes: target chunk size (default: the format's default layout). Smaller chunks
+            make later partial reads (resharding loads) finer-grained.
+    """
+
+    def __init__(self, path=None, *, overwrite: bool = False, durable: bool = True, workers: int = 4,
+                 storage_options=None, chunk_bytes: Optional[int] = None):
+        super().__init__()
+        self.path = path
+        self.chunk_bytes = chunk_bytes
+        self.overwrite = overwrite
+        self.durable = durable
+        self.workers = workers
+        self.storage_options = storage_options
+        self.is_coordinator = False
+        self.rank = 0
+        self.save_id = str(uuid.uuid4())
+        self._part = None         # the coordinator's own part writer, committed in finish()
+        self._world = 1
+
+    def reset(self, checkpoint_id=None) -> None:
+        if checkpoint_id is not None:
+            self.path = checkpoint_id
+        self.save_id = str(uuid.uuid4())
+        self._part = None
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+        return isinstance(checkpoint_id, (str, os.PathLike))
+
+    def storage_meta(self) -> Optional[StorageMeta]:
+        return StorageMeta(checkpoint_id=str(self.path), save_id=self.save_id)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args, **kwargs) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = int(kwargs.get("rank", 0) or 0)
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """Coordinator: clear the destination if asked, pick every array's chunk grid from all
+        ranks' boxes, and tell each rank its part number and the grids."""
+        if self.path is None:
+            raise UcpError("UniversalWriter: no path (pass it, or checkpoint_id= to dcp.save)")
+        _prepare_destination(self.path, self.overwrite, self.storage_options)
+        grids = _chunk_grids(plans, self.chunk_bytes)
+        return [dataclasses.replace(p, storage_data={"part": i, "world": len(plans), "grids": grids})
+                for i, p in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner) -> Future:
+        """Write this rank's boxes and part record (the coordinator's part waits for ``finish``)."""
+        from ucp.format import create_checkpoint
+
+        info = plan.storage_data
+        self._world = info["world"]
+        writer = create_checkpoint(self.path, rank=info["part"], world_size=info["world"],
+                                   durable=self.durable, workers=self.workers,
+                                   storage_options=self.storage_options)
+        try:
+            summary = _RankSummary(info["part"])
+            _summarize_state_dict(getattr(planner, "state_dict", None) or {}, summary)
+            arrays, results = [], []
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                if item.type != WriteItemType.BYTE_IO and _is_array(parse_key(item.index.fqn), item.tensor_data.size):
+                    arrays.append((item, data))
+                else:
+                    results.append(_record_item(item, data, summary))
+            results += _write_arrays(writer, arrays, info["grids"], self.workers)
+            for name in summary.params:
+                writer.add_param(name)
+            results.append(WriteResult(MetadataIndex(_SUMMARY), 0, summary))
+            if self.is_coordinator:
+                self._part = writer
+            else:
+                writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        fut = Future()
+        fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Coordinator, after every rank succeeded: per-parameter metadata (scalars, frozen,
+        tied) into its own part, then ``commit_parts`` writes the manifest."""
+        from ucp.format import commit_parts
+
+        writer, self._part = self._part, None
+        if writer is None:
+            raise UcpError(f"{self.path}: finish() on a rank that wrote no part (not the coordinator?)")
+        try:
+            summaries = [r.storage_data for rs in results for r in rs if r.index.fqn == _SUMMARY]
+            order, meta, universal_md = _merge_summaries(summaries)
+            for name in order:
+                writer.add_param(name, meta.get(name) or None)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        commit_parts(self.path, self._world, metadata=universal_md, storage_options=self.storage_options,
+                     durable=self.durable, workers=self.workers, param_order=order)
+
+
+def _prepare_destination(path, overwrite: bool, storage_options) -> None:
+    from ucp.format.store import MANIFEST, make_store
+
+    store = make_store(path, storage_options)
+    if store.is_empty():
+        return
+    if not overwrite:
+        what = "a committed ucp checkpoint" if store.exists(MANIFEST) else "not empty"
+        raise UcpError(f"{path} is {what}; pass UniversalWriter(path, overwrite=True) to replace it")
+    store.clear()
+
+
+def _chunk_grids(plans: list[SavePlan], chunk_bytes: Optional[int] = None) -> dict:
+    """``(name, state) -> chunk shape or None`` for every array: a grid aligned with every
+    rank's boxes (no chunk shared by two ranks, nothing staged) where one exists, else
+    ``None`` (the writer's default layout). With ``chunk_bytes``, plain chunks of about that
+    size when the aligned grid has none within 2x of it (the coordinator then assembles the
+    chunks two ranks share: a slower save for finer-grained reads)."""
+    from ucp.format import default_chunks
+    from ucp.format import aligned_chunks
+
+    boxes: dict[tuple, list] = {}
+    meta: dict[tuple, tuple] = {}
+    for p in plans:
+        for item in p.items:
+            td = item.tensor_data
+            k = parse_key(item.index.fqn)
+            if td is None or not _is_array(k, td.size):
+                continue
+            start = tuple(int(o) for o in td.chunk.offsets)
+            boxes.setdefault((k.name, k.state), []).append(
+                (start, tuple(a + int(s) for a, s in zip(start, td.chunk.sizes))))
+            meta[(k.name, k.state)] = (tuple(td.size), td.properties.dtype)
+    out = {}
+    for key, bx in boxes.items():
+        shape, dtype = meta[key]
+        isz = torch.empty((), dtype=dtype).element_size()
+        grid = aligned_chunks(shape, bx, isz, target=chunk_bytes,
+                              min_bytes=min(64 << 10, chunk_bytes or 64 << 10)) if shape else None
+        if chunk_bytes and shape and (grid is None or math.prod(grid) * isz > 2 * chunk_bytes):
+            grid = default_chunks(shape, isz, chunk_bytes)   # finer reads asked for: staging it is
+        out[key] = grid
+    return out
+
+
+def _is_array(k: DcpKey, size) -> bool:
+    """Model tensors and optimizer states of at least one dimension are arrays; 0-d optimizer
+    states are scalars; the rest is metadata."""
+    return k.kind == "param" or (k.kind == "state" and len(size) > 0)
+
+
+def _write_arrays(writer, items, grids, workers: int) -> list[WriteResult]:
+    """Write the array boxes of this rank, several at once (chunk files are independent: their
+    writes and fsyncs overlap). Arrays are declared first, in plan order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = []
+    for item, data in items:
+        k, td = parse_key(item.index.fqn), item.tensor_data
+        arr = writer.add_array(k.name, k.state, tuple(td.size), td.properties.dtype,
+                               chunks=grids.get((k.name, k.state)))
+        jobs.append((arr, tuple(int(o) for o in td.chunk.offsets), data))
+
+    def write(job):
+        arr, offsets, data = job
+        t = data.detach()
+        t = (t.cpu() if t.device.type != "cpu" else t).contiguous()
+        arr.write(offsets, t)
+        return t.numel() * t.element_size()
+
+    if workers > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="ucp-dcp-write") as pool:
+            sizes = list(pool.map(write, jobs))
+    else:
+        sizes = [write(j) for j in jobs]
+    return [WriteResult(item.index, n, None) for (item, _), n in zip(items, sizes)]
+
+
+def _record_item(item, data, summary: _RankSummary) -> WriteResult:
+    """A non-array item goes to the coordinator through ``summary``: a param-group value, a
+    0-d optimizer state (scalar), or another entry (a value, or a piece of a tensor)."""
+    k = parse_key(item.index.fqn)
+    if item.type == WriteItemType.BYTE_IO:
+        value = _load_value(item.index.fqn, data)
+        if k.kind == "group":
+            summary.groups[(k.group, k.state)] = value
+        else:
+            summary.extras[item.index.fqn] = value
+        return WriteResult(item.index, data.getbuffer().nbytes, None)
+    t = data.detach().cpu()
+    if k.kind == "state":
+        summary.scalars.setdefault(k.name, {})[k.state] = scalar_value(t)
+        summary.scalar_dtypes.setdefault(k.name, {})[k.state] = _dtype_name(t.dtype)
+    else:
+        summary.extras.setdefault(item.index.fqn, _Pieces()).append(
+            (tuple(item.tensor_data.chunk.offsets), tuple(item.tensor_data.size), t.clone()))
+    return WriteResult(item.index, t.numel() * t.element_size(), None)
+
+
+def _load_value(fqn: str, buf) -> Any:
+    """A non-tensor value DCP serialised with ``torch.save``, loaded back weights-only: ucp
+    stores JSON, never pickles, and refuses what it cannot store faithfully."""
+    from ucp.format.jsonmeta import encode
+
+    buf.seek(0)
+    try:
+        value = torch.load(buf, weights_only=True)
+        encode(value, lambda t: "", f"state-dict entry {fqn!r}")   # fail here, on this rank
+        return value
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UcpError(f"state-dict entry {fqn!r}: ucp stores non-tensor values as JSON and cannot "
+                       f"store this one ({first})") from None
+
+
+def _summarize_state_dict(state_dict: dict, summary: _RankSummary) -> None:
+    """Keys, model order and tied model tensors (same storage, shape and strides) of this
+    rank's flattened state dict (DefaultSavePlanner's ``state_dict``)."""
+    seen: dict[tuple, str] = {}
+    for fqn, v in state_dict.items():
+        summary.keys.add(fqn)
+        k = parse_key(fqn)
+        if k.kind != "param" or not isinstance(v, torch.Tensor):
+            continue
+        summary.params.append(k.name)
+        local = v.to_local() if hasattr(v, "to_local") else v
+        if local.numel() == 0:
+            continue
+        ident = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape),
+                 tuple(local.stride()), tuple(v.shape))
+        if ident in seen:
+            summary.ties[k.name] = seen[ident]
+        else:
+            seen[ident] = k.name
+
+
+def _merge_summaries(summaries: list[_RankSummary]) -> tuple[list, dict, dict]:
+    """Model order, per-parameter metadata and the checkpoint's non-tensor metadata from
+    every rank's summary."""
+    order: list[str] = []
+    keys: set[str] = set()
+    meta: dict[str, dict] = {}
+    groups: dict[tuple, Any] = {}
+    extras: dict[str, Any] = {}
+    ties: dict[str, str] = {}
+    for s in sorted(summaries, key=lambda s: s.rank):
+        order += [n for n in s.params if n not in meta]
+        for n in s.params:
+            meta.setdefault(n, {})
+        keys |= s.keys
+        for n, sc in s.scalars.items():
+            meta.setdefault(n, {}).setdefault("scalars", {}).update(sc)
+            meta[n].setdefault("scalar_dtypes", {}).update(s.scalar_dtypes.get(n, {}))
+        groups.update(s.groups)
+        ties.update(s.ties)
+        for key, v in s.extras.items():
+            if isinstance(v, _Pieces) and key in extras:
+                extras[key] = _Pieces(extras[key] + v)
+            else:
+                extras.setdefault(key, v)
+    for n, flags in param_flags(order, keys, ties).items():
+        meta.setdefault(n, {}).update(flags)
+    md = non_tensor_metadata(groups, {k: _assemble_extra(v) for k, v in extras.items()})
+    return order, meta, md
+
+
+def param_flags(names, keys, ties: dict) -> dict[str, dict]:
+    """``tied_to`` / ``frozen`` of model parameters ``names`` from the flattened keys of the
+    state dict and the ties found (``alias -> other``, either way round).
+
+    The tie points to the one the optimizer steps (it has ``optim.state`` entries). A model
+    tensor with no optimizer state, not tied, in a state dict that has an optimizer, is
+    frozen."""
+    parsed = [parse_key(k) for k in keys]
+    has_optim = any(k.kind in ("state", "group") for k in parsed)
+    stepped = {k.name for k in parsed if k.kind == "state"}
+    out: dict[str, dict] = {n: {} for n in names}
+    for alias, target in ties.items():
+        if alias in stepped and target not in stepped:
+            alias, target = target, alias
+        out.setdefault(alias, {})["tied_to"] = target
+    for n in names:
+        if has_optim and n not in stepped and "tied_to" not in out[n]:
+            out[n]["frozen"] = True
+    return out
+
+
+def non_tensor_metadata(groups: dict, extras: dict) -> dict:
+    """The universal checkpoint's non-tensor metadata: ``{"optimizer": {"param_groups":
+    [...]}}`` from ``{(group, key): value}`` and ``{"dcp": {key: value}}`` from the other
+    entries."""
+    md: dict[str, Any] = {}
+    if groups:
+        n_groups = max(i for i, _ in groups) + 1
+        md["optimizer"] = {"param_groups": [{k: v for (i, k), v in sorted(groups.items(), key=_group_order)
+                                             if i == g} for g in range(n_groups)]}
+    if extras:
+        md["dcp"] = dict(extras)
+    return md
+
+
+def _group_order(item):
+    (i, k), _ = item
+    return (i, k != "params", k)
+
+
+class _Pieces(list):
+    """``(offsets, global size, tensor)`` pieces of a tensor outside model/optim."""
+
+
+def _assemble_extra(v):
+    """A value, or a tensor outside model/optim from its saved pieces."""
+    if not isinstance(v, _Pieces):
+        return v
+    _, size, t0 = v[0]
+    out = torch.empty(size, dtype=t0.dtype)
+    for offsets, _, t in v:
+        out[tuple(slice(o, o + n) for o, n in zip(offsets, t.shape))] = t
+    return out

@@ -1,0 +1,196 @@
+"""Source plug-in for torch DCP checkpoints (``.metadata`` + ``__<rank>_<n>.distcp``).
+
+DCP's metadata already lists, for every state-dict key, the global shape and the box of every
+saved chunk, whatever the layout that wrote it (FSDP2, TP, 2-D with ``_StridedShard``,
+pipeline stages): the fragments come straight from it, one per saved chunk (coordinates
+``{"item": k}``), no spec needed. DCP saves each replicated region once, so there are no
+replicas to dedupe.
+
+Keys follow ``ucp.dcp.parse_key`` (``get_state_dict``'s layout): ``model.<fqn>`` -> parameter
+``<fqn>``; ``optim.state.<fqn>.<state>`` -> state (0-d ones, Adam ``step``, -> scalars);
+``optim.param_groups.*`` and other entries -> non-tensor metadata.
+
+Frozen and tied parameters: a model tensor without optimizer state in a checkpoint that has
+an optimizer is either a tied alias (DCP stores it again under its own key) or frozen. It is
+tied to a stepped model tensor of the same shape, dtype and chunking whose saved bytes are
+identical — read once at ``layout()`` time, for those candidates only — and frozen otherwise.
+
+Files are read through ``ucp.sources._dcpfiles``: metadata through an allow-list unpickler,
+items as memory-mapped tensors, so the engine's box reads touch only the pages they need.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ucp.errors import UcpError
+from ucp.sources import Source, SourceLayout, SourceParam
+from ucp.sources._dcpfiles import DcpFiles, chunk_box, is_dcp_dir
+
+
+class DcpSource(Source):
+    name = "dcp"
+    description = "torch.distributed.checkpoint directory (.metadata + *.distcp), get_state_dict keys"
+    priority = 20
+
+    def __init__(self, path, *, spec=None, storage_options=None, **options):
+        super().__init__(Path(path), spec=spec, storage_options=storage_options, **options)
+        self.reject_options()
+        if spec is not None:
+            raise UcpError(f"{path}: a DCP checkpoint describes its own layout; --spec is not used")
+        self._files: DcpFiles | None = None
+        self._items: dict[str, Any] = {}       # fragment local_name -> MetadataIndex
+
+    @classmethod
+    def detect(cls, path) -> bool:
+        return is_dcp_dir(path)
+
+    def files(self) -> DcpFiles:
+        if self._files is None:
+            self._files = DcpFiles(self.path)
+        return self._files
+
+    def layout(self) -> SourceLayout:
+        from ucp.dcp import non_tensor_metadata, param_flags, parse_key
+
+        md = self.files().metadata
+        keys = _key_order(md)
+        arrays, scalars, groups, extras = self._classify(keys, parse_key)
+        names = [k.name for k in (parse_key(x) for x in keys) if k.kind == "param"]
+        missing = sorted({n for n, _ in arrays} - set(names))
+        if missing:
+            raise UcpError(f"{self.path}: optimizer state for {', '.join(missing[:5])}, which the model "
+                           "section (model.<fqn>) does not hold")
+        flags = param_flags(names, keys, self._ties(names, keys, arrays))
+        params = [self._param(n, arrays, scalars.get(n, {}), flags[n]) for n in names]
+        return SourceLayout(params=params, metadata=non_tensor_metadata(groups, extras))
+
+    def _classify(self, keys, parse_key):
+        """``arrays[(name, state)] = (fqn, TensorStorageMetadata)``, per-parameter scalars
+        ``{name: {state: (value, dtype)}}``, param-group values and other entries."""
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        files, sdm = self.files(), self.files().metadata.state_dict_metadata
+        arrays, scalars, groups, extras = {}, {}, {}, {}
+        for fqn in keys:
+            k, tmd = parse_key(fqn), sdm[fqn]
+            if not isinstance(tmd, TensorStorageMetadata):
+                value = files.obj(_index(fqn))
+                (groups.__setitem__((k.group, k.state), value) if k.kind == "group"
+                 else extras.__setitem__(fqn, value))
+            elif k.kind == "param" or (k.kind == "state" and len(tmd.size)):
+                arrays[(k.name, k.state)] = (fqn, tmd)
+            elif k.kind == "state":
+                t = files.tensor(_index(fqn, tmd.chunks[0].offsets, 0))
+                scalars.setdefault(k.name, {})[k.state] = (t.item(), t.dtype)
+            else:
+                extras[fqn] = self._whole_tensor(fqn, tmd)
+        return arrays, scalars, groups, extras
+
+    def _whole_tensor(self, fqn: str, tmd) -> torch.Tensor:
+        """A tensor outside model/optim (kept as metadata), assembled from its chunks."""
+        out = torch.empty(tuple(tmd.size), dtype=tmd.properties.dtype)
+        for k, ch in enumerate(tmd.chunks):
+            start, stop = chunk_box(ch)
+            out[tuple(slice(a, b) for a, b in zip(start, stop))] = self.files().tensor(_index(fqn, ch.offsets, k))
+        return out
+
+    def _param(self, name: str, arrays: dict, scalars: dict, flags: dict) -> SourceParam:
+        states = ["param"] + sorted(s for n, s in arrays if n == name and s != "param")
+        frags = {s: self._fragments(name, *arrays[(name, s)]) for s in states}
+        fqn, tmd = arrays[(name, "param")]
+        meta = dict(flags)
+        if scalars:
+            meta["scalar_dtypes"] = {s: str(dt).removeprefix("torch.") for s, (_, dt) in scalars.items()}
+        return SourceParam(name=name, shape=tuple(tmd.size),
+                           dtypes={s: arrays[(name, s)][1].properties.dtype for s in states},
+                           fragments=frags["param"], state_fragments={s: f for s, f in frags.items() if s != "param"},
+                           scalars={s: v for s, (v, _) in scalars.items()}, meta=meta)
+
+    def _fragments(self, name: str, fqn: str, tmd) -> list:
+        from ucp.plan import Box, Fragment, Piece
+
+        out = []
+        for k, ch in enumerate(tmd.chunks):
+            start, stop = chunk_box(ch)
+            local = f"{fqn}[{k}]"
+            self._items[local] = _index(fqn, ch.offsets, k)
+            sizes = tuple(b - a for a, b in zip(start, stop))
+            out.append(Fragment(name=name, local_name=local, coords=(("item", k),), local_shape=sizes,
+                                pieces=(Piece(Box(start, stop), Box.full(sizes)),), global_shape=tuple(tmd.size),
+                                origin=f"{self.path}/.metadata"))
+        return out
+
+    def _ties(self, names, keys, arrays) -> dict:
+        """``alias -> target`` for model tensors without optimizer state whose saved chunks are
+        bytewise those of a stepped model tensor (same shape, dtype and chunk boxes)."""
+        from ucp.dcp import parse_key
+
+        stepped = {k.name for k in map(parse_key, keys) if k.kind == "state"}
+        if not stepped:
+            return {}
+        ties = {}
+        for alias in (n for n in names if n not in stepped):
+            for target in (n for n in names if n in stepped):
+                if self._same_chunks(arrays[(alias, "param")], arrays[(target, "param")]):
+                    ties[alias] = target
+                    break
+        return ties
+
+    def _same_chunks(self, a, b) -> bool:
+        (fa, ta), (fb, tb) = a, b
+        if (tuple(ta.size), ta.properties.dtype) != (tuple(tb.size), tb.properties.dtype):
+            return False
+        ca = sorted((chunk_box(c), k) for k, c in enumerate(ta.chunks))
+        cb = sorted((chunk_box(c), k) for k, c in enumerate(tb.chunks))
+        if [x for x, _ in ca] != [x for x, _ in cb]:
+            return False
+        files = self.files()
+        for ((_, ka), (_, kb)) in zip(ca, cb):
+            x = files.tensor(_index(fa, ta.chunks[ka].offsets, ka))
+            y = files.tensor(_index(fb, tb.chunks[kb].offsets, kb))
+            if not torch.equal(_bits(x), _bits(y)):
+                return False
+        return True
+
+    def describe(self, fragment, state: str) -> str:
+        idx = self._items.get(fragment.local_name)
+        info = self.files().metadata.storage_data.get(idx) if idx is not None else None
+        where = self.path / info.relative_path if info is not None else self.path
+        return f"{where}: item {fragment.local_name} ({state} of parameter {fragment.name})"
+
+    def local(self, fragment, state: str):
+        idx = self._items.get(fragment.local_name)
+        if idx is None:
+            raise UcpError(f"{self.path}: no DCP item {fragment.local_name} ({state} of {fragment.name})")
+        t = self.files().tensor(idx)
+        if tuple(t.shape) != tuple(fragment.local_shape):
+            raise UcpError(f"{self.describe(fragment, state)}: stored tensor has shape {tuple(t.shape)}, "
+                           f".metadata says {tuple(fragment.local_shape)}")
+        return t
+
+    def close(self) -> None:
+        if self._files is not None:
+            self._files.close()
+            self._files = None
+
+
+def _index(fqn: str, offsets=None, k=None):
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    return MetadataIndex(fqn, offsets, k)
+
+
+def _key_order(md) -> list[str]:
+    """State-dict keys in the order the saving rank flattened them (``planner_data`` keeps
+    the model's order); keys only in ``state_dict_metadata`` follow."""
+    keys = [k for k in (md.planner_data or {}) if k in md.state_dict_metadata] \
+        if isinstance(md.planner_data, dict) else []
+    seen = set(keys)
+    return keys + [k for k in md.state_dict_metadata if k not in seen]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)

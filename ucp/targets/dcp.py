@@ -1,0 +1,206 @@
+"""Target plug-in: stock torch DCP files (``.metadata`` + ``__<r>_0.distcp``) from a universal
+checkpoint, for users who want DCP again (``ucp export SRC DST --to dcp [--dp N]``).
+
+Keys follow ``ucp.dcp`` (``get_state_dict``'s layout): ``model.<fqn>``,
+``optim.state.<fqn>.<state>`` (scalars such as Adam ``step`` as 0-d tensors of their recorded
+dtype), ``optim.param_groups.<i>.<key>``, the entries a DCP source or ``UniversalWriter``
+kept under ``metadata["dcp"]`` under their own keys, and other non-tensor metadata under their
+keys (nested dicts flattened with dots, as DCP flattens them). The conversion record
+(``metadata["source"]``) is not written.
+
+Layout: ``--dp N`` files, file ``r`` holding rows chunk ``r`` (``torch.chunk`` along dim 0,
+FSDP2's convention) of every tensor, and non-tensor and 0-d items in file 0. Any layout can
+load it (``dcp.load`` reshards); with ``--dp N`` it is exactly what FSDP2 over N ranks saves.
+Each item is a ``torch.save`` stream at ``(offset, length)`` of its file, as DCP's
+``FileSystemWriter`` writes them; ``.metadata`` is written last (atomically), by DCP's own
+classes, so ``FileSystemReader`` reads it as its own. Each unit leaves a small JSON index of
+its items next to its file for ``finish`` (works under a torchrun export, where units are
+written by several processes); ``finish`` merges and deletes them.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ucp.errors import UcpError
+from ucp.targets import Target, TargetUnit
+
+INDEX_SUFFIX = ".ucp-index.json"
+
+
+class DcpTarget(Target):
+    name = "dcp"
+    description = "torch DCP directory (.metadata + __<r>_0.distcp), get_state_dict keys; --dp N files"
+
+    def __init__(self, dst, *, degrees=None, spec=None, storage_options=None, **options):
+        super().__init__(Path(dst), degrees=degrees, spec=spec, storage_options=storage_options, **options)
+        self.reject_options()
+        if spec is not None:
+            raise UcpError("--to dcp takes no --spec: DCP files describe their own layout")
+        others = sorted(a for a, d in self.degrees.items() if a != "dp" and int(d or 1) > 1)
+        if others:
+            raise UcpError(f"--to dcp writes FSDP2-style files over --dp N; DCP reshards on load, so "
+                           f"{', '.join('--' + a for a in others)} is not needed")
+        self.world = int(self.degrees.get("dp") or 1)
+        if self.world < 1:
+            raise UcpError(f"--dp must be >= 1, got {self.world}")
+        self._aliases: dict[str, str] = {}     # local name of a tied alias without arrays -> its name
+        self._written: list[Path] = []
+        self._made_dst = False
+
+    # -- plan --------------------------------------------------------------------------------
+    def plan(self, checkpoint) -> list[TargetUnit]:
+        if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())):
+            raise UcpError(f"{self.dst}: destination is not empty")
+        self._ck = checkpoint
+        units = [TargetUnit(key=f"__{r}_0.distcp", coords={"dp": r},
+                            fragments=[f for n in checkpoint.params for f in self._fragments(checkpoint, n, r)])
+                 for r in range(self.world)]
+        self._made_dst = not self.dst.exists()
+        self.dst.mkdir(parents=True, exist_ok=True)
+        return units
+
+    def _fragments(self, ck, name: str, rank: int) -> list:
+        """Rows chunk ``rank`` of ``name`` (0-d and empty chunks: rank 0 / none)."""
+        from ucp.format import split_boxes
+        from ucp.plan import Box, Fragment, Piece
+
+        holder = name
+        if "param" not in ck.states(name):
+            holder = ck.param_meta(name).get("tied_to")
+            if holder is None or "param" not in ck.states(holder):
+                raise UcpError(f"{getattr(ck, 'path', ck)}: parameter {name!r} has no 'param' array")
+            self._aliases[name] = name
+        shape = tuple(ck.array_info(holder, "param").shape)
+        if not shape:
+            boxes = [((), ())] if rank == 0 else []
+        else:
+            boxes = [split_boxes(shape, self.world, 0, "chunk")[rank]]
+        out = []
+        for start, stop in boxes:
+            box = Box(start, stop)
+            if shape and box.empty:
+                continue
+            sizes = tuple(b - a for a, b in zip(start, stop))
+            out.append(Fragment(name=holder, local_name=name, coords=(("dp", rank),), local_shape=sizes,
+                                pieces=(Piece(box, Box.full(sizes)),), global_shape=shape))
+        return out
+
+    # -- writing -------------------------------------------------------------------------------
+    def write_unit(self, unit: TargetUnit, tensors: Mapping[str, Mapping[str, Any]]) -> None:
+        from ucp.dcp import optim_key
+
+        frags = {f.local_name: f for f in unit.fragments}
+        items = []
+        for state, by_name in tensors.items():
+            for local, t in by_name.items():
+                if state != "param" and local in self._aliases:
+                    continue   # an alias read through its tied_to: the optimizer state is the other's
+                f = frags[local]
+                items.append((optim_key(local, state), list(f.pieces[0].src.start), list(f.global_shape), t))
+        self._write_file(unit.key, items, extra=unit.coords.get("dp", 0) == 0)
+
+    def _write_file(self, rel: str, items: list, extra: bool) -> None:
+        """Append each item as a ``torch.save`` stream; record ``[key, offsets, global shape,
+        dtype, offset, length]`` in the unit's JSON index (dtype None for non-tensor values)."""
+        path = self.dst / rel
+        self._written += [path, path.with_name(path.name + INDEX_SUFFIX)]
+        records = []
+        with open(path, "wb") as f:
+            for key, offs, shape, value in items + (self._extra_items() if extra else []):
+                start = f.tell()
+                is_tensor = isinstance(value, torch.Tensor)
+                torch.save(value.contiguous().clone() if is_tensor else value, f)
+                dtype = str(value.dtype).removeprefix("torch.") if is_tensor else None
+                sizes = list(value.shape) if is_tensor else None
+                records.append([key, offs, shape, dtype, start, f.tell() - start, sizes])
+            f.flush()
+            os.fsync(f.fileno())
+        path.with_name(path.name + INDEX_SUFFIX).write_text(json.dumps(records))
+
+    def _extra_items(self) -> list:
+        """Scalars (0-d tensors) and non-tensor entries, written with file 0."""
+        ck = self._ck
+        out = []
+        for name in ck.params:
+            meta = ck.param_meta(name)
+            dtypes = meta.get("scalar_dtypes") or {}
+            for state, v in (meta.get("scalars") or {}).items():
+                dt = getattr(torch, dtypes[state]) if state in dtypes else \
+                    (torch.float32 if isinstance(v, float) else torch.int64)
+                out.append((f"optim.state.{name}.{state}", [], [], torch.tensor(v, dtype=dt)))
+        for key, value in _non_tensor_entries(ck.metadata if isinstance(ck.metadata, dict) else {}):
+            if isinstance(value, torch.Tensor):
+                out.append((key, [0] * value.dim(), list(value.shape), value))
+            else:
+                out.append((key, None, None, value))
+        return out
+
+    def finish(self, checkpoint) -> None:
+        """Merge the units' indexes into DCP ``Metadata`` and write ``.metadata`` last."""
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+        from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                           MetadataIndex, StorageMeta, TensorProperties,
+                                                           TensorStorageMetadata)
+
+        from ucp.dcp import planner_path
+
+        sdm: dict[str, Any] = {}
+        storage: dict = {}
+        for r in range(self.world):
+            rel = f"__{r}_0.distcp"
+            index = self.dst / (rel + INDEX_SUFFIX)
+            for key, offs, shape, dtype, start, length, sizes in json.loads(index.read_text()):
+                if dtype is None:
+                    sdm[key] = BytesStorageMetadata()
+                    storage[MetadataIndex(key)] = _StorageInfo(rel, start, length)
+                    continue
+                md = sdm.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=getattr(torch, dtype)),
+                                                               torch.Size(shape), []))
+                md.chunks.append(ChunkStorageMetadata(torch.Size(offs), torch.Size(sizes)))
+                storage[MetadataIndex(key, offs)] = _StorageInfo(rel, start, length)
+        meta = Metadata(state_dict_metadata=sdm, storage_data=storage,
+                        planner_data={k: planner_path(k) for k in sdm}, version="1.0.0",
+                        storage_meta=StorageMeta(checkpoint_id=str(self.dst)))
+        tmp = self.dst / ".metadata.tmp"
+        self._written.append(tmp)
+        with open(tmp, "wb") as f:
+            pickle.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dst / ".metadata")
+        for r in range(self.world):
+            (self.dst / f"__{r}_0.distcp{INDEX_SUFFIX}").unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        for path in self._written:
+            path.unlink(missing_ok=True)
+        if self._made_dst and self.dst.is_dir() and not any(self.dst.iterdir()):
+            self.dst.rmdir()
+
+
+def _non_tensor_entries(md: dict) -> list[tuple[str, Any]]:
+    """``(key, value)`` of every non-tensor entry to write: param groups, the ``dcp`` entries,
+    then other metadata flattened with dots (the conversion record left out)."""
+    from ucp.dcp import PARAM_GROUPS
+
+    out = []
+    for i, group in enumerate((md.get("optimizer") or {}).get("param_groups") or []):
+        out += [(f"{PARAM_GROUPS}{i}.{k}", v) for k, v in group.items()]
+    out += list((md.get("dcp") or {}).items())
+    for key, value in md.items():
+        if key not in ("optimizer", "dcp", "source"):
+            out += _flatten(key, value)
+    return out
+
+
+def _flatten(prefix: str, value) -> list[tuple[str, Any]]:
+    if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+        return [x for k, v in value.items() for x in _flatten(f"{prefix}.{k}", v)]
+    return [(prefix, value)]
