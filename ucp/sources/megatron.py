@@ -1,0 +1,287 @@
+"""Megatron-Core ``dist_checkpointing`` checkpoints in the ``torch_dist`` format as a source.
+
+A ``torch_dist`` checkpoint is a torch DCP checkpoint (``.metadata`` + ``__*_*.distcp``,
+read through ``ucp.sources._dcpfiles``: an allow-list unpickler, memory-mapped items) plus
+``metadata.json`` (the backend) and ``common.pt`` (the non-sharded state: ``iteration``,
+``args``, ...). Everything is read from the checkpoint's own metadata, not from a guess of
+the run's degrees:
+
+* each ShardedTensor key is a DCP tensor with its global shape and the chunks the main
+  replicas wrote (``replica_id == 0``: DCP keeps one chunk per distinct region);
+* the transformer layers are stacked on a leading axis (``prepend_axis_num = 1``):
+  ``decoder.layers.self_attention.linear_qkv.weight`` of shape ``(L, ...)`` becomes the
+  per-layer parameters ``decoder.layers.{i}.self_attention.linear_qkv.weight``; MoE experts
+  (``SequentialMLP``) on two, layer and global expert index:
+  ``decoder.layers.mlp.experts.experts.linear_fc1.weight`` of shape ``(L, E, ...)`` becomes
+  ``decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1.weight``;
+* the universal tensors follow ``converters/megatron_gpt.ucp``: the stored global fused QKV
+  is group-interleaved (per query group ``[q x heads/groups, k, v]``) and becomes part-major
+  ``[q; k; v]``; SwiGLU ``linear_fc1`` is stored as ``[gate; up]`` already (Megatron's swiglu
+  factory saves the two halves as separate chunks) and stays so. The spec bound at
+  ``tp = 1`` maps universal boxes to the stored global tensor; each stored chunk is a box of
+  that global tensor (:func:`restrict`);
+* the padded vocabulary rows of the embedding and output layer are kept (Megatron trains
+  the output layer's padding rows); ``padding`` records how many rows pad ``args.vocab_size``;
+* ShardedObjects (``_extra_state``) are carried in the metadata (``megatron.objects``) so that
+  a model loaded at default strictness finds them again; they are read with the weights-only
+  unpickler (tensors and plain data: Transformer Engine's tensor-valued fp8 state passes, a
+  pickled ``BytesIO`` is refused by name);
+* ``common.pt`` is read with ``torch.load(weights_only=True)`` and an allow-list that adds
+  only ``argparse.Namespace``; ``args`` are stored as JSON.
+
+Distributed-optimizer state (``optimizer.*`` keys, flattened ranges) is not read yet: such a
+key is refused by name (the spec has no rule for it), never dropped silently.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from ucp.errors import UcpError
+from ucp.sources import Source, SourceLayout, SourceParam
+
+DEFAULT_SPEC = "megatron_gpt"
+BACKEND_FILE = "metadata.json"
+COMMON_FILE = "common.pt"
+STACKED_PREFIX = "decoder.layers."
+#: stored key prefix -> universal name pattern, for tensors stacked on leading axes
+STACKED = (("decoder.layers.mlp.experts.experts.", "decoder.layers.{}.mlp.experts.local_experts.{}."),
+           (STACKED_PREFIX, "decoder.layers.{}."))
+#: the key under which ucp's own target carries the universal metadata in common.pt (JSON)
+CARRIED_KEY = "ucp_metadata"
+VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+_OBJECT_KEY = re.compile(r"^(?P<key>.+)/shard_(?P<offsets>[0-9_]+)$")
+
+
+class MegatronError(UcpError):
+    """A Megatron ``torch_dist`` checkpoint is incomplete or not understood."""
+
+
+def planner_globals() -> list:
+    """DCP planner dataclasses Megatron-Core keeps in ``.metadata`` (``all_local_plans``);
+    plain data, added to the DCP metadata allow-list."""
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    return [SavePlan, WriteItem, WriteItemType, TensorWriteData]
+
+
+def read_backend(path: Path) -> dict:
+    """``metadata.json``; only the ``torch_dist`` sharded backend is understood."""
+    file = path / BACKEND_FILE
+    try:
+        doc = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MegatronError(f"{file}: not a readable dist_checkpointing metadata.json ({e})") from None
+    if doc.get("sharded_backend") != "torch_dist":
+        raise MegatronError(f"{file}: sharded_backend {doc.get('sharded_backend')!r}; only 'torch_dist' "
+                            "checkpoints are supported")
+    return doc
+
+
+def load_common(path: Path) -> dict:
+    """``common.pt`` through the weights-only unpickler (``argparse.Namespace`` allowed)."""
+    import torch
+
+    file = path / COMMON_FILE
+    if not file.is_file():
+        return {}
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # the weights-only unpickler names the refused global
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        why = (f"refusing to unpickle global {found.group(1)!r} (only tensors, plain data and "
+               "argparse.Namespace are loaded; no pickled code runs)") if found else \
+            f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        raise MegatronError(f"{file}: {why}") from None
+    if not isinstance(obj, dict):
+        raise MegatronError(f"{file}: holds a {type(obj).__name__}, a dict was expected")
+    return obj
+
+
+def jsonable(value: Any) -> Any:
+    """Non-tensor state as JSON-like data (Namespaces as dicts, dtypes as names)."""
+    import torch
+
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    return {"$repr": repr(value)}
+
+
+def model_constants(args: Mapping[str, Any], given: Mapping[str, int] | None) -> dict[str, int]:
+    """The spec's model constants from Megatron-LM's ``args`` (``given`` wins)."""
+    out: dict[str, int] = {}
+    heads = args.get("num_attention_heads")
+    if args.get("num_layers") is not None:
+        out["layers"] = args["num_layers"]
+    if heads is not None:
+        out["heads"] = heads
+        gqa = args.get("group_query_attention") or args.get("num_query_groups")
+        out["kv_heads"] = args.get("num_query_groups") if gqa and args.get("num_query_groups") else heads
+        out["head_dim"] = args.get("kv_channels") or args["hidden_size"] // heads
+    if args.get("num_experts"):
+        out["experts"] = args["num_experts"]
+    out.update(given or {})
+    return {k: int(v) for k, v in out.items()}
+
+
+def model_order(tensors: dict) -> dict:
+    """Parameters in model order: what precedes the layers, layer by layer, what follows."""
+    names = list(tensors)
+    first = next((i for i, n in enumerate(names) if tensors[n][3] is not None), len(names))
+
+    def rank(item):
+        i, n = item
+        layer = tensors[n][3]
+        return (1, layer, i) if layer is not None else ((0 if i < first else 2), 0, i)
+
+    return {n: tensors[n] for _, n in sorted(enumerate(names), key=rank)}
+
+
+def restrict(fragment, chunk_start, chunk_stop):
+    """The part of ``fragment`` (whose local tensor is a stored global tensor) that one
+    stored chunk ``[chunk_start, chunk_stop)`` holds, as a fragment whose local tensor is
+    that chunk."""
+    from ucp.plan import Box, Piece
+
+    chunk = Box(tuple(chunk_start), tuple(chunk_stop))
+    pieces = []
+    for pc in fragment.pieces:
+        inter = pc.dst.intersect(chunk)
+        if inter.empty:
+            continue
+        shift = [a - b for a, b in zip(inter.start, pc.dst.start)]
+        src_start = tuple(s + d for s, d in zip(pc.src.start, shift))
+        src = Box(src_start, tuple(s + n for s, n in zip(src_start, inter.shape)))
+        pieces.append(Piece(src, inter.relative_to(chunk)))
+    return replace(fragment, local_shape=chunk.shape, pieces=tuple(pieces))
+
+
+class MegatronSource(Source):
+    """Reads Megatron-Core ``dist_checkpointing`` ``torch_dist`` checkpoints."""
+    name = "megatron"
+    description = "Megatron-Core dist_checkpointing (torch_dist: .metadata, *.distcp, common.pt)"
+    priority = 20          # before plain DCP: a torch_dist checkpoint is a DCP directory too
+
+    def __init__(self, path, *, spec=None, storage_options=None, constants=None, **options):
+        super().__init__(Path(path), spec=spec, storage_options=storage_options, **options)
+        self.reject_options()
+        self.constants = dict(constants or {})
+        self._files = None
+        self._where: dict[tuple[str, tuple], tuple[Any, int | None]] = {}
+
+    @classmethod
+    def detect(cls, path) -> bool:
+        p = Path(path)
+        if not ((p / BACKEND_FILE).is_file() and (p / ".metadata").is_file()):
+            return False
+        try:
+            return json.loads((p / BACKEND_FILE).read_text()).get("sharded_backend") == "torch_dist"
+        except (OSError, json.JSONDecodeError):
+            return False
+
+    def layout(self) -> SourceLayout:
+        from ucp.engine import bind_layout
+        from ucp.sources._dcpfiles import DcpFiles
+
+        read_backend(self.path)
+        self._files = DcpFiles(self.path, extra_globals=planner_globals())
+        common = load_common(self.path)
+        args = jsonable(common.get("args") or {})
+        tensors, objects = self._stored_items()
+        shapes = {n: t[0] for n, t in tensors.items()}
+        constants = {**model_constants(args, self.constants), "vocab_multiple": 1}
+        bound = bind_layout(self.spec or DEFAULT_SPEC, list(shapes), {}, constants)
+        whole = {f.name: f for f in bound.rank_fragments(shapes, {})}
+        params = [self._param(n, tensors[n], whole[n], bound, args) for n in shapes]
+        metadata = self._metadata(common, args, constants, objects)
+        return SourceLayout(params=params, metadata=metadata, spec_name=bound.spec_name,
+                            spec_text=bound.spec.text, constants=constants)
+
+    def _stored_items(self):
+        """``{param: (shape, dtype, key, leading indices or None, chunks)}`` and
+        ``{object key: index}``."""
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+        md = self._files.metadata
+        tensors, objects = {}, {}
+        for key, item in md.state_dict_metadata.items():
+            if isinstance(item, BytesStorageMetadata):
+                objects[key] = MetadataIndex(key)
+                continue
+            size, dtype = tuple(item.size), item.properties.dtype
+            prefix, pattern = next(((p, n) for p, n in STACKED if key.startswith(p)), (None, None))
+            if prefix is None or key[len(prefix):][:1].isdigit():
+                tensors[key] = (size, dtype, key, None, item.chunks)
+                continue
+            lead = pattern.count("{}")
+            for index in itertools.product(*(range(n) for n in size[:lead])):
+                name = pattern.format(*index) + key[len(prefix):]
+                tensors[name] = (size[lead:], dtype, key, index, item.chunks)
+        return model_order(tensors), objects
+
+    def _param(self, name, stored, whole, bound, args) -> SourceParam:
+        """One universal parameter: a fragment per stored chunk that holds part of it."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        shape, dtype, key, lead, chunks = stored
+        frags = []
+        for k, ch in enumerate(chunks):
+            start, sizes = tuple(ch.offsets), tuple(ch.sizes)
+            within = None
+            if lead is not None:
+                n = len(lead)
+                if not all(a <= i < a + b for i, a, b in zip(lead, start, sizes)):
+                    continue
+                within = tuple(i - a for i, a in zip(lead, start))
+                start, sizes = start[n:], sizes[n:]
+            f = restrict(whole, start, tuple(a + b for a, b in zip(start, sizes)))
+            f = replace(f, local_name=key, coords=(("chunk", k),))
+            self._where[(name, f.coords)] = (MetadataIndex(key, tuple(ch.offsets), k), within)
+            frags.append(f)
+        meta = {**bound.param_meta(name, shape), "fragmentation": {"layout": "megatron", "key": key}}
+        meta.pop("padding", None)
+        if name in VOCAB_PARAMS and args.get("vocab_size") and shape[0] > args["vocab_size"]:
+            meta["padding"] = {"dim": 0, "size": int(shape[0] - args["vocab_size"])}
+        return SourceParam(name=name, shape=tuple(shape), dtypes={"param": dtype}, fragments=frags, meta=meta)
+
+    def _metadata(self, common, args, constants, objects) -> dict:
+        """Non-tensor state: iteration, args, other common items, ShardedObjects."""
+        carried = common.get(CARRIED_KEY)
+        out = json.loads(carried) if isinstance(carried, str) else {}
+        rest = {k: jsonable(v) for k, v in common.items() if k not in ("args", CARRIED_KEY)}
+        out["megatron"] = {"common": rest, "args": args, "constants": constants,
+                           "objects": {k: jsonable(self._files.obj(i)) for k, i in objects.items()}}
+        if "iteration" in common:
+            out["iteration"] = common["iteration"]
+        return out
+
+    def read(self, fragment, state: str, piece):
+        return self.local(fragment, state)[piece.dst.slices()].reshape(piece.src.shape)
+
+    def local(self, fragment, state: str):
+        if state != "param":
+            raise MegatronError(f"{self.describe(fragment, state)}: only model weights are read")
+        index, within = self._where[(fragment.name, fragment.coords)]
+        t = self._files.tensor(index)
+        return t if within is None else t[within]
+
+    def describe(self, fragment, state: str) -> str:
+        return f"{self.path}: {state} of {fragment.name} (stored key {fragment.local_name})"
+
+    def close(self) -> None:
+        if self._files is not None:
+            self._files.close()
