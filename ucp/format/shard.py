@@ -11,6 +11,7 @@ one array. spec/FORMAT.md §4.3 is normative.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -69,6 +70,7 @@ def index_nbytes(shard, inner):
     return n_inner(shard, inner) * ENTRY_BYTES + CRC_BYTES
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def file_size(shape, shard, inner, sidx, itemsize):
     """Size of the (only valid) file of shard ``sidx``: its present inner chunks plus the index."""
     _it, lim = present(shape, shard, inner, sidx)
