@@ -120,3 +120,11 @@ def test_object_store_writer_checks_its_marker_before_commit(tmp_path):
     assert not fs.exists(f"{root}/ucp.manifest.json")
     w.abort()
     fs.rm(f"/ucp-lock-test/{tmp_path.name}", recursive=True)
+
+
+def test_a_file_in_the_way_is_a_clear_error(tmp_path):
+    from ucp.errors import UcpError
+
+    (tmp_path / "f").write_bytes(b"x")
+    with pytest.raises(UcpError, match=r"exists and is a file, not a checkpoint directory"):
+        create_checkpoint(tmp_path / "f")
