@@ -116,7 +116,7 @@ class ManifestArray:
     def itemsize(self) -> int:
         return dtypes.itemsize(self.dtype)
 
-    @property
+    @functools.cached_property
     def grid(self) -> ChunkGrid:
         return ChunkGrid(self.shape, self.chunks)
 
