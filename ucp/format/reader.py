@@ -242,7 +242,7 @@ class Checkpoint:
         return ahead, counts
 
     def read_flat(self, name, state, start, stop, out=None) -> torch.Tensor:
-        """Elements [start, stop) of the C-order flattened array, as a 1-D tensor (ZeRO/FSDP ranges).
+        """Elements [start, stop) of the C-order flattened array, as a 1-D tensor (flat-partitioned ranges).
 
         Reads only the chunks the range touches, straight into ``out``."""
         a = self._array(name, state)
