@@ -40,7 +40,7 @@ def spawn(path, value, **kw):
 
 
 def finish(p, cmd):
-    out, err = p.communicate(cmd + "\n", timeout=120)
+    out, err = p.communicate(cmd + "\n", timeout=300)
     assert p.returncode == 0, err
     return out
 
