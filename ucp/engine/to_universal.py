@@ -96,6 +96,9 @@ def _open_writer(dst, job, *, workers, resume, overwrite, storage_options):
                                  **options)
     from ucp.format import create_distributed
 
+    if overwrite:
+        raise UcpError(f"{dst}: overwrite cannot be used under torchrun (the processes would race to "
+                       "clear it); remove it once before starting the job")
     return create_distributed(dst, storage_options=storage_options, resume=resume, **options)
 
 
