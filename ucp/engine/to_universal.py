@@ -41,7 +41,8 @@ def convert(source, dst, *, workers: int | None = None, resume: bool = False, ov
                               storage_options=storage_options)
         failure = None
         try:
-            write_params(writer, source, layout, [p for p in layout.params if p.name in mine], progress)
+            shown = progress and (job is None or job[0] == 0)  # one bar per job, not per process
+            write_params(writer, source, layout, [p for p in layout.params if p.name in mine], shown)
         except Exception as e:
             if job is None:
                 writer.abort()
