@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ucp  # noqa: E402
 from ucp.format import create_checkpoint  # noqa: E402
-from ucp.lang import load  # noqa: E402
 from ucp.engine import bind_layout  # noqa: E402
 from ucp.plan import mesh_coords  # noqa: E402
 
