@@ -173,6 +173,7 @@ def test_many_fragments_are_counted_not_listed(tmp_path):
 class RecordingTarget(Target):
     """Keeps what the engine hands over; unit 1 holds param sharded and exp_avg whole."""
     name = "test-recording"
+    description = "test plug-in: keeps what it is given"
 
     def plan(self, checkpoint):
         self.calls = ["plan"]
