@@ -93,9 +93,11 @@ class RanksSource(Source):
         self._check_files(layout, bound.mesh())
         self._mesh_axes = tuple(a for a in spec.axes if int(bound.degrees.get(a, 1)) > 1)
         frags = bound.fragments_by_param(shapes)
+        by_state = {st: bound.fragments_by_param(shapes, st) for st in bound.own_states(list(shapes))}
         params = [SourceParam(name=p["name"], shape=shapes[p["name"]],
                               dtypes={st: torch_dtype(dn) for st, dn in p["dtypes"].items()},
                               fragments=frags[p["name"]], scalars=p.get("scalars") or {},
+                              state_fragments={st: f[p["name"]] for st, f in by_state.items() if st in p["dtypes"]},
                               meta=bound.param_meta(p["name"], shapes[p["name"]]))
                   for p in layout["params"]]
         metadata = load_rank_file(self.path / layout["metadata_file"]) if layout.get("metadata_file") else {}
