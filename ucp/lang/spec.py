@@ -427,7 +427,8 @@ def _bind_rule(r: A.ParamRule, env: _Env) -> O.BoundRule:
     renumber = tuple(_bind_renumber(rn, env) for rn in r.renumber)
     local = (r.local or r.pattern).text
     return O.BoundRule(r.pattern.text, local, ops, renumber, str(r.pos), tuple(r.attrs), states,
-                       _rule_axes(r, env.spec), tuple(_with_source(env, p) for p in positions))
+                       _rule_axes(r, env.spec), tuple(_with_source(env, p) for p in positions),
+                       tuple(_with_source(env, rn.pos) for rn in r.renumber))
 
 
 class BoundSpec:

@@ -145,7 +145,12 @@ def _place_one(name: str, rule: BoundRule, degrees, coords, cap_of, local_name):
     """``(local name, local captures)`` of ``name`` on the rank at ``coords``, or None when
     it is not held there."""
     caps = cap_of(name) if cap_of is not None else match_captures(rule.pattern, name)
-    local = place(rule, dict(caps or {}), degrees, coords)
+    try:
+        local = place(rule, dict(caps or {}), degrees, coords)
+    except PlanError as e:
+        if rule.renumber_positions and not isinstance(e, PlanSpecError):
+            raise PlanSpecError(rule.renumber_positions[0], str(e)) from None
+        raise
     if local is None:
         return None
     if local_name is not None:
