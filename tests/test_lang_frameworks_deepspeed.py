@@ -35,8 +35,8 @@ FROZEN = ["model.layers.0.post_attention_layernorm.weight", "model.layers.1.mlp.
 
 def _run(out: Path, nproc: int, stage: int, sub_group: int):
     env = {**os.environ, **ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", "0", str(SCRIPT), str(out), str(stage), "2", "1", "1", str(sub_group)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(nproc), str(SCRIPT), str(out), str(stage), "2", "1", "1", str(sub_group)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if p.returncode:
         raise AssertionError(f"DeepSpeed run failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")

@@ -217,3 +217,19 @@ def test_vocabulary_padding_rows_kept(tp_a, tp_b):
         want[:have] = saved[start:start + have]
         assert torch.equal(local, want)
     assert rank_fragments  # the public planner entry used by the engine stays exported
+
+
+def test_tied_output_layer_on_the_last_stage():
+    """share_embeddings: the last stage's output_layer.weight is a copy of the word embeddings
+    (Megatron's shared embedding), written on export under its own name, a replica on convert."""
+    from ucp.plan import check_coverage
+
+    bound = load("megatron_gpt").bind({"pp": 2, "tp": 2}, {**MODEL, "kv_heads": 2, "share_embeddings": 1})
+    shapes = {"embedding.word_embeddings.weight": (1024, 48), "output_layer.weight": (1024, 48)}
+    frags = [f for c in bound.mesh() for f in bound.fragments(shapes, c)]
+    copies = [f for f in frags if f.tied_from == "output_layer.weight"]
+    assert {f.coord("pp") for f in copies} == {1} and len(copies) == 2
+    assert all(f.name == "embedding.word_embeddings.weight" and f.local_name == "output_layer.weight"
+               for f in copies)
+    check_coverage("embedding.word_embeddings.weight", shapes["embedding.word_embeddings.weight"],
+                   [f for f in frags if f.name == "embedding.word_embeddings.weight"])
