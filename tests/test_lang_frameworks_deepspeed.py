@@ -132,3 +132,41 @@ def test_zero3_concatenated_partitions_in_sub_groups(zero3):
             assert torch.equal(model[n][1].float(), t), n          # ds_tensor of every parameter
         for n in FROZEN:
             assert torch.equal(model[n][1].float(), dump["frozen"][n])
+
+
+@pytest.mark.parametrize("count,dp", [(1, 2), (7, 3), (12, 4), (5, 8)])
+def test_round_robin_order_is_deepspeeds(count, dp):
+    """flat(order=round_robin) orders a group's members as DeepSpeed's
+    ``round_robin_gradients`` does (``DeepSpeedZeroOptimizer._round_robin_reorder``)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from ucp.plan import Flat
+    from ucp.plan.flat import member_order
+
+    reordered, _ = DeepSpeedZeroOptimizer._round_robin_reorder(None, list(range(count)), dp)
+    assert member_order(count, Flat("dp", "0", order="round_robin"), dp) == reordered
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_zero3_sub_groups_are_deepspeeds(seed):
+    """flat(partition=each, bucket=N) cuts sub-groups where DeepSpeed's
+    ``DeepSpeedZeroOptimizer_Stage3._create_fp16_sub_groups`` does."""
+    import random
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    from ucp.plan import Flat
+    from ucp.plan.flat import each_slots
+
+    rnd = random.Random(seed)
+    dp = rnd.choice([2, 3, 5])
+    numels = [rnd.randint(1, 400) for _ in range(rnd.randint(1, 12))]
+    sub = rnd.choice([50, 150, 333, 10 ** 6])
+    params = [SimpleNamespace(n=-(-n // dp), partition_numel=lambda p=None, n=-(-n // dp): n)
+              for n in numels]
+    groups = DeepSpeedZeroOptimizer_Stage3._create_fp16_sub_groups(SimpleNamespace(sub_group_size=sub), params)
+    want = [i for i, g in enumerate(groups) for _ in g]
+    slots = each_slots(numels, Flat("dp", "0", partition="each", bucket=sub), dp, 0)
+    got = [int(s.local_name.split(".")[1]) for s in slots]
+    assert got == want and all(s.length == sum(p.n for p in groups[b]) for s, b in zip(slots, want))
