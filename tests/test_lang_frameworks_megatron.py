@@ -78,8 +78,9 @@ def test_uneven_stages_match_megatron(layers, pp, vp, first, last):
         assert (loc.rank, loc.chunk, loc.local) == (s, v, j)
 
 
-def _buffer(dp: int, bucket_size, shapes: dict[str, tuple]):
-    """Megatron-Core's own buffer layout for parameters of these shapes (model order)."""
+def _buffer(dp: int, bucket_size, shapes: dict[str, tuple], shared=()):
+    """Megatron-Core's own buffer layout for parameters of these shapes (model order);
+    ``shared`` names parameters marked ``shared_embedding``."""
     import megatron.core.distributed.param_and_grad_buffer as pgb
     from megatron.core.distributed import DistributedDataParallelConfig
 
@@ -97,6 +98,8 @@ def _buffer(dp: int, bucket_size, shapes: dict[str, tuple]):
         tp, dp_cp = Group(1), Group(dp)
 
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes.values()]
+    for p, n in zip(params, shapes):
+        p.shared_embedding = n in shared
     cfg = DistributedDataParallelConfig(use_distributed_optimizer=True, bucket_size=bucket_size)
     mp = pytest.MonkeyPatch()
     mp.setattr(torch.cuda, "current_device", lambda: "cpu")       # allocate on CPU
@@ -233,3 +236,31 @@ def test_tied_output_layer_on_the_last_stage():
                for f in copies)
     check_coverage("embedding.word_embeddings.weight", shapes["embedding.word_embeddings.weight"],
                    [f for f in frags if f.name == "embedding.word_embeddings.weight"])
+
+
+@pytest.mark.parametrize("dp,bucket_size", [(2, None), (3, 9000)])
+def test_shared_embedding_gets_its_own_bucket(dp, bucket_size):
+    """with own_bucket: Megatron's shared embedding (pp > 1, tied output) closes the bucket
+    before it and its own after it (``_does_param_require_new_bucket``)."""
+    from ucp.plan import Flat
+    from ucp.plan.flat import buffer_slots
+
+    shapes = {k: v for k, v in _gpt_shapes().items() if k != "output_layer.weight"}
+    names = list(shapes)
+    index, buckets = _buffer(dp, bucket_size, shapes, shared={"embedding.word_embeddings.weight"})
+    flat = Flat("dp", "dense.0", math.lcm(dp, 128) // dp, 64, "buffer", bucket_size or 0, "reverse")
+    alone = [n == "embedding.word_embeddings.weight" for n in names]
+    numels = [math.prod(shapes[n]) for n in names]
+    for r in range(dp):
+        slots = buffer_slots(numels, flat, dp, r, alone)
+        for n, slot in zip(names, slots):
+            b = int(slot.local_name.split(".")[-1])
+            start, stop = buckets[b]
+            shard = (stop - start) // dp
+            a, z = index[n]
+            lo = max(a, start + r * shard)
+            hi = min(z, start + (r + 1) * shard)
+            assert slot.length == shard and start <= a < stop
+            assert (slot.lo, slot.hi) == ((lo - a, hi - a) if lo < hi else (slot.lo, slot.lo))
+            if lo < hi:
+                assert slot.offset == lo - start - r * shard

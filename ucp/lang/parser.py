@@ -153,7 +153,8 @@ OPS = {
     "experts": _RENUM,
     "renumber": _RENUM,
 }
-ATTRS = {"frozen": "flag", "skip": "flag", "tied": "string", "first": "axis", "last": "axis"}
+ATTRS = {"frozen": "flag", "skip": "flag", "tied": "string", "first": "axis", "last": "axis",
+         "own_bucket": "flag", "copy_of": "string"}
 
 
 # ----------------------------------------------------------------------------- the builder

@@ -212,9 +212,9 @@ def _param_fragment(name, rule, shape, degrees, coords, cap_of, local_name, stat
     if rule.skip:
         return None
     eff = rule.for_state(state, frozen=frozen)
-    tied = rule.tied
-    if tied and any(isinstance(op, Flat) for op in eff.ops):
+    if rule.tied and any(isinstance(op, Flat) for op in eff.ops):
         return None
+    tied = rule.tied or rule.copy_of
     placed = _place_one(name, rule, degrees, coords, cap_of, local_name)
     if placed is None:
         return None
@@ -225,7 +225,8 @@ def _param_fragment(name, rule, shape, degrees, coords, cap_of, local_name, stat
     if prep.flat is None:
         return _mk_fragment(uname, ln, prep, eff, shape, tied_from=name if tied else None)
     if prep.flat.group is None:
-        return _mk_fragment(uname, ln, prep, eff, shape, _alone(prep, degrees, coords))
+        return _mk_fragment(uname, ln, prep, eff, shape, _alone(prep, degrees, coords),
+                            tied_from=name if tied else None)
     return _Member(-1, name, eff, prep, shape)
 
 
@@ -241,8 +242,10 @@ def _group_fragments(key: str, members: list[_Member], degrees, coords) -> list[
             pos = _flat_pos(m.rule)
             raise (PlanSpecError(pos, str(err)) if pos is not None else err)
     k, r = axis_rank(degrees, coords, f0.axis)
-    slots = group_slots([math.prod(m.prep.local_shape) for m in members], f0, k, r)
-    return [_mk_fragment(m.name, s.local_name, m.prep, m.rule, m.shape, s, group=s.local_name)
+    slots = group_slots([math.prod(m.prep.local_shape) for m in members], f0, k, r,
+                        [bool(m.rule.attr("own_bucket")) for m in members])
+    return [_mk_fragment(m.rule.copy_of or m.name, s.local_name, m.prep, m.rule, m.shape, s,
+                         group=s.local_name, tied_from=m.name if m.rule.copy_of else None)
             for m, s in zip(members, slots)]
 
 

@@ -41,6 +41,6 @@ def rule_metadata(rule: BoundRule, global_shape: Sequence[int]) -> dict:
             out["padding"] = _padding(op, shape)
     if rule.frozen:
         out["frozen"] = True
-    if rule.tied:
-        out["tied_to"] = str(rule.tied)
+    if rule.tied or rule.copy_of:
+        out["tied_to"] = str(rule.tied or rule.copy_of)
     return out

@@ -227,6 +227,13 @@ class BoundRule:
         return self.attr("tied")
 
     @property
+    def copy_of(self) -> Optional[str]:
+        """``with copy_of("x")``: a parameter of its own that the framework keeps equal to
+        ``x`` (Megatron's shared output layer on the last stage): fragments named ``x`` in
+        every layout, flat ones included (its optimizer state is a replica of ``x``'s)."""
+        return self.attr("copy_of")
+
+    @property
     def frozen(self) -> bool:
         """``with frozen``: no optimizer state; in no flat group."""
         return bool(self.attr("frozen"))
