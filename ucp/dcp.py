@@ -346,7 +346,9 @@ class UniversalWriter(StorageWriter):
         if checkpoint_id is not None:
             self.path = checkpoint_id
         self.save_id = str(uuid.uuid4())
-        self._part = None
+        if self._part is not None:    # a save that failed on another rank: finish() never came
+            self._part.abort()
+            self._part = None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id) -> bool:
