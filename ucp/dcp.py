@@ -346,7 +346,12 @@ class UniversalWriter(StorageWriter):
         if checkpoint_id is not None:
             self.path = checkpoint_id
         self.save_id = str(uuid.uuid4())
-        if self._part is not None:    # a save that failed on another rank: finish() never came
+        self._drop_part()
+
+    def _drop_part(self) -> None:
+        """Abort the coordinator's part writer of an earlier save that failed on another rank
+        (DCP never called ``finish``): its files stay ignorable, no manifest was written."""
+        if self._part is not None:
             self._part.abort()
             self._part = None
 
@@ -358,6 +363,7 @@ class UniversalWriter(StorageWriter):
         return StorageMeta(checkpoint_id=str(self.path), save_id=self.save_id)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args, **kwargs) -> None:
+        self._drop_part()
         self.is_coordinator = is_coordinator
         self.rank = int(kwargs.get("rank", 0) or 0)
 
