@@ -17,7 +17,8 @@ larger size, AdamW state initialised), sharded FSDP2 x4:
 Every load is checked: ``full_tensor()`` of a few parameters equals the saved state.
 
 Usage: python bench/bench_dcp.py [--hidden 768] [--layers 4] [--ffn 2048] [--vocab 16003]
-       [--dir /tmp] [--repeat 2] [--cold] [--chunk-kib 1024] [--out bench/results/dcp.txt]
+       [--dir /tmp] [--repeat 2] [--cold] [--chunk-kib 1024] [--workers 4]
+       [--out bench/results/dcp.txt]
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def parse(argv=None):
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each load (root)")
     ap.add_argument("--chunk-kib", type=int, default=1024, help="UniversalWriter chunk_bytes (KiB)")
+    ap.add_argument("--workers", type=int, default=4, help="threads per rank of UniversalWriter / Reader")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dcp.txt"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -134,9 +136,10 @@ def worker(args) -> None:
     ref = {k: v.full_tensor() for k, v in list(sd["model"].items())[:6]}
     report = {"ranks": dist.get_world_size(), "save": {}, "load": {}}
 
+    w = args.workers
     writers = {"FileSystemWriter": lambda path: FileSystemWriter(path),
-               "UniversalWriter": lambda path: UniversalWriter(path),
-               "UniversalWriter fine": lambda path: UniversalWriter(path, chunk_bytes=args.chunk_kib << 10)}
+               "UniversalWriter": lambda path: UniversalWriter(path, workers=w),
+               "UniversalWriter fine": lambda path: UniversalWriter(path, workers=w, chunk_bytes=args.chunk_kib << 10)}
     for _ in range(args.repeat):
         for name, make in writers.items():
             path = base / DIRS[name]
@@ -163,7 +166,8 @@ def load_layout(args, cfg, layout, base, ref, fs_reader, ucp_reader) -> dict:
     for _ in range(args.repeat):
         for name, written_by in READS.items():
             sd = fresh_state(cfg, layout)
-            reader = (fs_reader if name == "FileSystemReader" else ucp_reader)(base / DIRS[written_by])
+            path = base / DIRS[written_by]
+            reader = fs_reader(path) if name == "FileSystemReader" else ucp_reader(path, workers=args.workers)
             if args.cold and dist.get_rank() == 0:
                 drop_caches()
             t = timed(lambda: dcp.load(sd, storage_reader=reader))
@@ -212,7 +216,8 @@ def render(args, rep, nbytes) -> str:
              f"{rep['ranks']} ranks, gloo/CPU; loads {'cold (page cache dropped)' if args.cold else 'warm'}; "
              f"best of {args.repeat}",
              "# UniversalWriter: default chunking (chunks aligned with the FSDP2 boxes, about 16 MiB); "
-             f"'fine': chunk_bytes {args.chunk_kib} KiB, last dim in column blocks",
+             f"'fine': chunk_bytes {args.chunk_kib} KiB, last dim in column blocks; {args.workers} threads per rank "
+             "(FileSystemWriter: its default, 1)",
              "",
              "dcp.save FSDP2 x4 (durable)      seconds  vs FileSystemWriter (aim <= 1.2)"]
     for name, t in s.items():
