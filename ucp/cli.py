@@ -45,6 +45,7 @@ def _storage_options(args) -> dict | None:
 
 # ---------------------------------------------------------------- inspect
 def cmd_inspect(args) -> int:
+    """`ucp inspect`: a table (or JSON) of parameters, states and chunks."""
     import ucp
 
     from ucp.format.compare import inspect_summary
@@ -79,6 +80,7 @@ def cmd_inspect(args) -> int:
 
 # ---------------------------------------------------------------- verify
 def cmd_verify(args) -> int:
+    """`ucp verify`: exit 0 only when the manifest and every chunk check out."""
     from ucp.format import verify
 
     problems = verify(args.path, deep=not args.quick, storage_options=_storage_options(args),
@@ -96,6 +98,7 @@ def cmd_verify(args) -> int:
 
 # ---------------------------------------------------------------- diff
 def cmd_diff(args) -> int:
+    """`ucp diff`: differing arrays and metadata paths; exit 1 when any."""
     import ucp
     from ucp.format.compare import diff_report
 
@@ -122,6 +125,7 @@ def cmd_diff(args) -> int:
 
 # ---------------------------------------------------------------- convert / export / demo
 def cmd_convert(args) -> int:
+    """`ucp convert`: a framework checkpoint -> universal, through the registry."""
     import ucp
 
     from ucp.errors import DestinationNotEmptyError
@@ -150,6 +154,7 @@ def _dist_rank() -> tuple[int, int]:
 
 
 def cmd_export(args) -> int:
+    """`ucp export`: universal -> a target's files; degrees and target options."""
     import ucp
 
     degrees = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("dp", args.dp), ("ep", args.ep)) if v}
@@ -164,6 +169,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """`ucp demo`: the end-to-end story; exit 1 unless every check passes."""
     from ucp.demo import run_demo
 
     return EXIT_OK if run_demo(args.dir, quiet=args.quiet) else EXIT_DIFF
@@ -174,21 +180,15 @@ def _plugin_help(registry: dict) -> str:
                      for name, cls in sorted(registry.items()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common(sp, json_flag=False) -> None:
+    sp.add_argument("--storage-options", help="JSON dict passed to fsspec (e.g. endpoint_url)")
+    sp.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    if json_flag:
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_convert(sub) -> None:
     from ucp.sources import sources
-    from ucp.targets import targets
-
-    p = argparse.ArgumentParser(prog="ucp", description="Universal, reshardable checkpoints.")
-    from ucp import __version__
-
-    p.add_argument("--version", action="version", version=f"ucp {__version__}")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    def common(sp, json_flag=False):
-        sp.add_argument("--storage-options", help="JSON dict passed to fsspec (e.g. endpoint_url)")
-        sp.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
-        if json_flag:
-            sp.add_argument("--json", action="store_true", help="machine-readable output")
 
     sp = sub.add_parser("convert", help="framework checkpoint -> universal checkpoint")
     sp.add_argument("src")
@@ -196,34 +196,39 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--from", default="auto", metavar="SOURCE",
                     help="auto (detect from file names) or one of: " + _plugin_help(sources()))
     sp.add_argument("--spec", help="a converters/*.ucp name or a spec file")
-    sp.add_argument("--workers", type=int, default=None)
+    sp.add_argument("--workers", type=int, default=None, help="writer threads")
     sp.add_argument("--resume", action="store_true", help="finish an interrupted conversion into DST")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing DST")
-    common(sp)
+    _common(sp)
     sp.set_defaults(fn=cmd_convert)
+
+
+def _add_export(sub) -> None:
+    from ucp.targets import targets
 
     sp = sub.add_parser("export", help="universal checkpoint -> framework layout at any parallelism")
     sp.add_argument("src")
     sp.add_argument("dst")
-    sp.add_argument("--to", required=True, metavar="TARGET",
-                    help="one of: " + _plugin_help(targets()))
+    sp.add_argument("--to", required=True, metavar="TARGET", help="one of: " + _plugin_help(targets()))
     for ax, what in (("tp", "tensor"), ("pp", "pipeline"), ("dp", "data"), ("ep", "expert")):
         sp.add_argument(f"--{ax}", type=int, default=None, help=f"{what}-parallel degree to write")
     sp.add_argument("--zero-stage", type=int, default=None, help="ZeRO stage to write (targets that take it)")
     sp.add_argument("--max-shard-size", default=None, help="largest file to write, e.g. 5GB (targets that take it)")
     sp.add_argument("--spec", help="a converters/*.ucp name or a spec file (targets that take one)")
-    common(sp)
+    _common(sp)
     sp.set_defaults(fn=cmd_export)
 
+
+def _add_inspection(sub) -> None:
     sp = sub.add_parser("inspect", help="list parameters, states, dtypes, shapes, chunks")
     sp.add_argument("path")
-    common(sp, json_flag=True)
+    _common(sp, json_flag=True)
     sp.set_defaults(fn=cmd_inspect)
 
     sp = sub.add_parser("verify", help="check the manifest and every chunk; exit 1 on any problem")
     sp.add_argument("path")
     sp.add_argument("--quick", action="store_true", help="check presence and sizes only, no re-read")
-    common(sp, json_flag=True)
+    _common(sp, json_flag=True)
     sp.set_defaults(fn=cmd_verify)
 
     sp = sub.add_parser("diff", help="per-parameter max abs difference; exit 1 beyond --atol")
@@ -232,17 +237,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--atol", type=float, default=0.0)
     sp.add_argument("--all", action="store_true", help="show equal arrays too")
     sp.add_argument("--ignore-metadata", action="store_true")
-    common(sp, json_flag=True)
+    _common(sp, json_flag=True)
     sp.set_defaults(fn=cmd_diff)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ucp`` argument parser; ``--from`` / ``--to`` help lists the registered plug-ins."""
+    from ucp import __version__
+
+    p = argparse.ArgumentParser(prog="ucp", description="Universal, reshardable checkpoints.")
+    p.add_argument("--version", action="version", version=f"ucp {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    _add_convert(sub)
+    _add_export(sub)
+    _add_inspection(sub)
     sp = sub.add_parser("demo", help="end to end on a small embedded model")
     sp.add_argument("dir", nargs="?", default=None)
-    common(sp)
+    _common(sp)
     sp.set_defaults(fn=cmd_demo)
     return p
 
 
 def main(argv=None) -> int:
+    """Run one ``ucp`` command; returns the exit code (0 ok, 1 differences found, 2 error)."""
     args = build_parser().parse_args(argv)
     try:
         rc = args.fn(args)

@@ -69,18 +69,22 @@ def _unit_volume(unit) -> int:
 def _export_shared(ck, target, job, progress: bool) -> None:
     """One process of a torchrun export: plan everywhere (every plan checked before anything
     is written), write this process's share of the units, then finish on process 0. After
-    each step the processes agree; on any failure every process aborts and raises."""
+    each step the processes agree; on any failure every process aborts and raises. A target
+    with ``split_under_torchrun = False`` is run whole by process 0 (the others wait)."""
     from ucp.engine.jobs import agree, failure_text
     from ucp.plan.assign import assign_by_size
 
     rank, world = job
+    split = bool(getattr(target, "split_under_torchrun", True))
     planned: list = []
 
     def plan():
-        planned.extend(target.plan(ck))
+        if split or rank == 0:
+            planned.extend(target.plan(ck))
 
     def write():
-        share = assign_by_size({str(i): _unit_volume(u) for i, u in enumerate(planned)}, world)[rank]
+        share = (assign_by_size({str(i): _unit_volume(u) for i, u in enumerate(planned)}, world)[rank]
+                 if split else [str(i) for i in range(len(planned))])
         write_units(ck, target, [planned[int(i)] for i in share], progress and rank == 0)
 
     def finish():

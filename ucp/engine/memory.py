@@ -49,10 +49,12 @@ class MemoryCheckpoint:
             raise UcpError(f"in-memory checkpoint: no state {state!r} of parameter {name!r}") from None
 
     def array_info(self, name: str, state: str = "param") -> MemoryArrayInfo:
+        """Shape and dtype of one state of one parameter."""
         t = self._tensor(name, state)
         return MemoryArrayInfo(name, state, tuple(t.shape), t.dtype)
 
     def param_meta(self, name: str) -> dict:
+        """Per-parameter metadata given for ``name``, with its scalars."""
         meta = dict(self._param_meta.get(name, {}))
         if name in self._scalars:
             meta["scalars"] = dict(self._scalars[name])

@@ -1,10 +1,10 @@
 """Binding a spec to a mesh: the part of planning every spec-driven source and target shares.
 
-A spec-driven layout (rank files, DeepSpeed, ...) is a spec plus degrees and constants. Bound
-to the parameter names, it tells for every rank of the mesh which fragments that rank holds;
-sources use it to describe their files, targets to plan theirs, ``ucp.load_rank`` to read one
-rank. Sources whose fragments come from their own metadata (DCP, Megatron ``torch_dist``) do
-not need it.
+A spec-driven layout (rank files, and any framework declared in ``converters/``) is a spec
+plus degrees and constants. Bound to the parameter names, it tells for every rank of the mesh
+which fragments that rank holds; sources use it to describe their files, targets to plan
+theirs, ``ucp.load_rank`` to read one rank. Sources whose files record their own fragments (offsets and shapes in an index) do not
+need it.
 """
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ class BoundLayout:
 
     @property
     def spec_name(self) -> str:
+        """The spec's file name (or the name given with its text), for metadata and messages."""
         return self.spec.filename
 
     def mesh(self) -> list[dict[str, int]]:

@@ -44,10 +44,15 @@ class Target:
     Order of calls by the engine: ``__init__``, ``plan(checkpoint)`` once (refuse degrees
     the model cannot take here, before anything is written), ``write_unit`` once per unit in
     plan order, ``finish(checkpoint)`` once. On any error the engine calls ``abort`` and the
-    destination holds nothing that looks like a complete checkpoint.
+    destination holds nothing that looks like a complete checkpoint. Under torchrun (see
+    :attr:`split_under_torchrun`) every process plans, writes its share of the units and
+    aborts what it wrote on failure; only process 0 calls ``finish``.
     """
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: under torchrun, every process plans and writes a share of the units, process 0 then
+    #: calls ``finish``; False: process 0 runs the whole export while the others wait
+    split_under_torchrun: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
