@@ -3,10 +3,11 @@
 One torchrun job (4 ranks, gloo, CPU) on one model state (``ucp.demo_dcp.TinyGPT`` at a
 larger size, AdamW state initialised), sharded FSDP2 x4:
 
-- ``dcp.save`` time: ``FileSystemWriter`` (the peer) vs ``ucp.dcp.UniversalWriter``, both
-  durable (fsync), best of ``--repeat``; ratio UniversalWriter / FileSystemWriter (aim <= 1.2).
+- ``dcp.save`` time: ``FileSystemWriter`` (the peer) vs ``ucp.dcp.UniversalWriter`` with its
+  default chunking and with ``chunk_bytes=--chunk-kib`` ("fine"), all durable (fsync), each into
+  a fresh directory, best of ``--repeat``; ratio to FileSystemWriter (aim <= 1.2).
 - reshard load into each target layout (2-D dp2 x tp2, TP x4) of that same state:
-  ``dcp.load`` from the FileSystemWriter checkpoint with ``FileSystemReader`` vs from the
+  ``dcp.load`` from the FileSystemWriter checkpoint with ``FileSystemReader`` vs from each
   UniversalWriter checkpoint with ``UniversalReader``; time (max over ranks, best of
   ``--repeat``, page cache dropped before each load when ``--cold`` and root) and the speedup
   (aim >= 1.5x); bytes read / bytes needed per rank for both readers (aim <= 1.1 for ucp).
@@ -16,7 +17,8 @@ larger size, AdamW state initialised), sharded FSDP2 x4:
 Every load is checked: ``full_tensor()`` of a few parameters equals the saved state.
 
 Usage: python bench/bench_dcp.py [--hidden 768] [--layers 4] [--ffn 2048] [--vocab 16003]
-       [--dir /tmp] [--repeat 2] [--cold] [--chunk-kib 1024] [--out bench/results/dcp.txt]
+       [--dir /tmp] [--repeat 2] [--cold] [--chunk-kib 1024] [--workers 4]
+       [--out bench/results/dcp.txt]
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ def parse(argv=None):
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each load (root)")
     ap.add_argument("--chunk-kib", type=int, default=1024, help="UniversalWriter chunk_bytes (KiB)")
+    ap.add_argument("--workers", type=int, default=4, help="threads per rank of UniversalWriter / Reader")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dcp.txt"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -106,6 +109,12 @@ def fresh_state(cfg, layout):
     return {"model": msd, "optim": osd}
 
 
+#: checkpoint directory of each writer; each reader reads the one of the same name
+DIRS = {"FileSystemWriter": "fs", "UniversalWriter": "ucp", "UniversalWriter fine": "ucp-fine"}
+READS = {"FileSystemReader": "FileSystemWriter", "UniversalReader": "UniversalWriter",
+         "UniversalReader fine": "UniversalWriter fine"}
+
+
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
@@ -127,18 +136,17 @@ def worker(args) -> None:
     ref = {k: v.full_tensor() for k, v in list(sd["model"].items())[:6]}
     report = {"ranks": dist.get_world_size(), "save": {}, "load": {}}
 
-    def save_fs():
-        dcp.save(sd, storage_writer=FileSystemWriter(base / "fs"))
-
-    def save_ucp():
-        dcp.save(sd, storage_writer=UniversalWriter(base / "ucp", chunk_bytes=args.chunk_kib << 10))
-
-    for name, fn, path in (("FileSystemWriter", save_fs, base / "fs"),
-                           ("UniversalWriter", save_ucp, base / "ucp")) * args.repeat:
-        if rank == 0:                        # each save into a fresh directory, cleared untimed
-            shutil.rmtree(path, ignore_errors=True)
-        t = timed(fn)
-        report["save"][name] = min(t, report["save"].get(name, t))
+    w = args.workers
+    writers = {"FileSystemWriter": lambda path: FileSystemWriter(path),
+               "UniversalWriter": lambda path: UniversalWriter(path, workers=w),
+               "UniversalWriter fine": lambda path: UniversalWriter(path, workers=w, chunk_bytes=args.chunk_kib << 10)}
+    for _ in range(args.repeat):
+        for name, make in writers.items():
+            path = base / DIRS[name]
+            if rank == 0:                    # each save into a fresh directory, cleared untimed
+                shutil.rmtree(path, ignore_errors=True)
+            t = timed(lambda: dcp.save(sd, storage_writer=make(path)))
+            report["save"][name] = min(t, report["save"].get(name, t))
     del sd
     for layout in ("2d", "tp"):
         report["load"][layout] = load_layout(args, cfg, layout, base, ref, counting_fs_reader, UniversalReader)
@@ -156,9 +164,10 @@ def load_layout(args, cfg, layout, base, ref, fs_reader, ucp_reader) -> dict:
 
     out = {}
     for _ in range(args.repeat):
-        for name, path, make in (("FileSystemReader", base / "fs", fs_reader), ("UniversalReader", base / "ucp", ucp_reader)):
+        for name, written_by in READS.items():
             sd = fresh_state(cfg, layout)
-            reader = make(path)
+            path = base / DIRS[written_by]
+            reader = fs_reader(path) if name == "FileSystemReader" else ucp_reader(path, workers=args.workers)
             if args.cold and dist.get_rank() == 0:
                 drop_caches()
             t = timed(lambda: dcp.load(sd, storage_reader=reader))
@@ -201,26 +210,30 @@ def main(argv=None) -> None:
 
 def render(args, rep, nbytes) -> str:
     s = rep["save"]
+    fs = s["FileSystemWriter"]
     lines = [f"# ucp DCP benchmark  TinyGPT hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, vocab "
              f"{args.vocab}; model + AdamW state {nbytes / 2**20:.0f} MiB (DCP files); saved from FSDP2 x4, "
-             f"{rep['ranks']} ranks, gloo/CPU; UniversalWriter chunk_bytes {args.chunk_kib} KiB; "
-             f"loads {'cold (page cache dropped)' if args.cold else 'warm'}; best of {args.repeat}",
+             f"{rep['ranks']} ranks, gloo/CPU; loads {'cold (page cache dropped)' if args.cold else 'warm'}; "
+             f"best of {args.repeat}",
+             "# UniversalWriter: default chunking (chunks aligned with the FSDP2 boxes, about 16 MiB); "
+             f"'fine': chunk_bytes {args.chunk_kib} KiB, last dim in column blocks; {args.workers} threads per rank "
+             "(FileSystemWriter: its default, 1)",
              "",
-             "dcp.save (durable)          FileSystemWriter s  UniversalWriter s  ucp/fs (aim <= 1.2)",
-             f"FSDP2 x4                    {s['FileSystemWriter']:18.3f}  {s['UniversalWriter']:17.3f}  "
-             f"{s['UniversalWriter'] / s['FileSystemWriter']:6.2f}x",
-             "",
-             "dcp.load reshard            FileSystemReader s  UniversalReader s  speedup (aim >= 1.5) | "
-             "read/need fs worst  ucp worst  ucp mean (aim <= 1.1)"]
+             "dcp.save FSDP2 x4 (durable)      seconds  vs FileSystemWriter (aim <= 1.2)"]
+    for name, t in s.items():
+        lines.append(f"{name:<32} {t:8.3f}  {t / fs:6.2f}x")
     names = {"2d": "FSDP2 x4 -> 2-D dp2 x tp2", "tp": "FSDP2 x4 -> TP x4"}
     for layout, r in rep["load"].items():
-        fs, uc = r["FileSystemReader"], r["UniversalReader"]
-        lines.append(f"{names[layout]:<27} {fs['time']:18.3f}  {uc['time']:17.3f}  {fs['time'] / uc['time']:6.2f}x"
-                     f"               | {max(fs['read_over_need']):18.3f}  {max(uc['read_over_need']):9.3f}  "
-                     f"{sum(uc['read_over_need']) / len(uc['read_over_need']):8.3f}")
+        base = r["FileSystemReader"]["time"]
+        lines += ["", f"dcp.load {names[layout]:<23} seconds  speedup vs FileSystemReader (aim >= 1.5) | "
+                      "read/need worst   mean (aim <= 1.1)"]
+        for name, x in r.items():
+            ratios = x["read_over_need"]
+            lines.append(f"{name + ' (' + DIRS[READS[name]] + ')':<32} {x['time']:8.3f}  {base / x['time']:6.2f}x"
+                         f"                           | {max(ratios):15.3f}  {sum(ratios) / len(ratios):6.3f}")
     lines += ["", "# times: max over ranks of the dcp.* call (planning collectives included); read/need: bytes the "
               "reader read from storage / bytes of the rank's local tensors it filled (FileSystemReader: the saved "
-              "items it deserialised whole)"]
+              "items it deserialised whole, once per read request)"]
     return "\n".join(lines) + "\n"
 
 

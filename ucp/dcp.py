@@ -346,7 +346,14 @@ class UniversalWriter(StorageWriter):
         if checkpoint_id is not None:
             self.path = checkpoint_id
         self.save_id = str(uuid.uuid4())
-        self._part = None
+        self._drop_part()
+
+    def _drop_part(self) -> None:
+        """Abort the coordinator's part writer of an earlier save that failed on another rank
+        (DCP never called ``finish``): its files stay ignorable, no manifest was written."""
+        if self._part is not None:
+            self._part.abort()
+            self._part = None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id) -> bool:
@@ -356,6 +363,7 @@ class UniversalWriter(StorageWriter):
         return StorageMeta(checkpoint_id=str(self.path), save_id=self.save_id)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args, **kwargs) -> None:
+        self._drop_part()
         self.is_coordinator = is_coordinator
         self.rank = int(kwargs.get("rank", 0) or 0)
 
@@ -378,8 +386,9 @@ class UniversalWriter(StorageWriter):
 
         info = plan.storage_data
         self._world = info["world"]
+        # durable: one syncfs before the part record (format's rank protocol), no fsync per chunk
         writer = create_checkpoint(self.path, rank=info["part"], world_size=info["world"],
-                                   durable=self.durable, workers=self.workers,
+                                   durable=self.durable, workers=self.workers, fsync_each=False,
                                    storage_options=self.storage_options)
         try:
             summary = _RankSummary(info["part"])
@@ -442,12 +451,11 @@ def _prepare_destination(path, overwrite: bool, storage_options) -> None:
 def _chunk_grids(plans: list[SavePlan], chunk_bytes: Optional[int] = None) -> dict:
     """``(name, state) -> chunk shape or None`` for every array: a grid aligned with every
     rank's boxes (no chunk shared by two ranks, nothing staged) where one exists, else
-    ``None`` (the writer's default layout). With ``chunk_bytes``, plain chunks of about that
+    ``None`` (the writer's default layout). With ``chunk_bytes``: chunks of about that size,
+    the last dim cut in :data:`COLUMN_BLOCKS` where no box splits it (so column-sliced
+    reads, row-wise TP shards, read about what they need), and plain chunks of about that
     size when the aligned grid has none within 2x of it (the coordinator then assembles the
     chunks two ranks share: a slower save for finer-grained reads)."""
-    from ucp.format import default_chunks
-    from ucp.format import aligned_chunks
-
     boxes: dict[tuple, list] = {}
     meta: dict[tuple, tuple] = {}
     for p in plans:
@@ -460,16 +468,29 @@ def _chunk_grids(plans: list[SavePlan], chunk_bytes: Optional[int] = None) -> di
             boxes.setdefault((k.name, k.state), []).append(
                 (start, tuple(a + int(s) for a, s in zip(start, td.chunk.sizes))))
             meta[(k.name, k.state)] = (tuple(td.size), td.properties.dtype)
-    out = {}
-    for key, bx in boxes.items():
-        shape, dtype = meta[key]
-        isz = torch.empty((), dtype=dtype).element_size()
-        grid = aligned_chunks(shape, bx, isz, target=chunk_bytes,
-                              min_bytes=min(64 << 10, chunk_bytes or 64 << 10)) if shape else None
-        if chunk_bytes and shape and (grid is None or math.prod(grid) * isz > 2 * chunk_bytes):
-            grid = default_chunks(shape, isz, chunk_bytes)   # finer reads asked for: staging it is
-        out[key] = grid
-    return out
+    return {key: _grid(*meta[key], bx, chunk_bytes) if meta[key][0] else None for key, bx in boxes.items()}
+
+
+#: column blocks of the last dim of 2-D+ arrays when ``chunk_bytes`` is given
+COLUMN_BLOCKS = 4
+
+
+def _grid(shape, dtype, boxes, chunk_bytes):
+    from ucp.format import aligned_chunks, default_chunks
+
+    isz = torch.empty((), dtype=dtype).element_size()
+    if not chunk_bytes:
+        return aligned_chunks(shape, boxes, isz)
+    cols = shape[-1]
+    split = len(shape) >= 2 and cols >= COLUMN_BLOCKS * 64 and \
+        not any(0 < b[d][-1] < cols for b in boxes for d in (0, 1))
+    target = chunk_bytes * (COLUMN_BLOCKS if split else 1)
+    grid = aligned_chunks(shape, boxes, isz, target=target, min_bytes=min(64 << 10, chunk_bytes))
+    if grid is None or math.prod(grid) * isz > 2 * target:
+        grid = default_chunks(shape, isz, target)   # finer reads asked for: staging it is
+    if split:
+        grid = tuple(grid[:-1]) + (min(grid[-1], -(-cols // COLUMN_BLOCKS)),)
+    return grid
 
 
 def _is_array(k: DcpKey, size) -> bool:

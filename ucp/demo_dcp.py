@@ -121,13 +121,16 @@ def optimizer(model: nn.Module) -> torch.optim.Optimizer:
     decay = [p for n, p in train if p.ndim >= 2]
     rest = [p for n, p in train if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                              {"params": rest, "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.95))
+                              {"params": rest, "weight_decay": 0.0}], lr=3e-3, betas=(0.9, 0.95))
 
 
 def batch(step: int, c: GPTConfig, bsz: int = 8, seq: int = 16) -> torch.Tensor:
-    """The global batch of ``step`` (deterministic)."""
+    """The global batch of ``step`` (deterministic): arithmetic token sequences (random start
+    and stride), learnable from the two previous tokens, so the loss goes down."""
     g = torch.Generator().manual_seed(7000 + step)
-    return torch.randint(0, c.vocab, (bsz, seq + 1), generator=g)
+    start = torch.randint(0, c.vocab, (bsz, 1), generator=g)
+    stride = torch.randint(1, 8, (bsz, 1), generator=g)
+    return (start + stride * torch.arange(seq + 1)) % c.vocab
 
 
 def train_step(model, opt, step: int, dp_rank: int = 0, dp_size: int = 1, dp_group=None) -> float:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import mmap
-import os
 import pickle
 import struct
 import threading

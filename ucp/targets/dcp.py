@@ -19,7 +19,6 @@ written by several processes); ``finish`` merges and deletes them.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
