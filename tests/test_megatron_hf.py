@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ucp
-from tests.test_hf import INPUT, load_all, logits_of
+from tests.test_hf import load_all, logits_of
 from tests.test_megatron import FFN, GROUPS, HEAD_DIM, HEADS, ranks, torchrun
 
 pytestmark = pytest.mark.filterwarnings("ignore")
