@@ -95,6 +95,7 @@ class HFTarget(Target):
         self._index: dict[str, str] = {}
         self._config: dict | None = None
         self._extra: dict[str, Any] = {}
+        self._total = 0
 
     # ------------------------------------------------------------------ planning
     def plan(self, checkpoint):
@@ -122,6 +123,7 @@ class HFTarget(Target):
             units.append(TargetUnit(key=fname, coords={}, fragments=[frags[t] for t in members],
                                     states=["param"]))
             self._index.update({t: fname for t in members})
+        self._total = sum(sizes.values())
         self._extra = {k: v for k, v in md.get("hf", {}).items()
                        if k in {c.removesuffix(".json") for c in CARRIED_JSON} and k != "config"}
         return units
@@ -158,9 +160,8 @@ class HFTarget(Target):
         files = sorted(set(self._index.values()))
         for f in files:
             os.replace(self.dst / (f + PARTIAL), self.dst / f)
-        if len(files) > 1:
-            total = sum((self.dst / f).stat().st_size for f in files)
-            _write_json(self.dst / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": self._index})
+        if len(files) > 1:   # total_size: tensor bytes, as save_pretrained counts them
+            _write_json(self.dst / INDEX_FILE, {"metadata": {"total_size": self._total}, "weight_map": self._index})
 
     def abort(self) -> None:
         for p in self._written:
