@@ -85,7 +85,7 @@ def test_roundtrip_is_bit_exact_and_gives_identical_logits(hf_models, variant, t
         assert got[k].dtype == want[k].dtype and torch.equal(as_bits(got[k]), as_bits(want[k])), k
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(want)
-    assert index["metadata"]["total_size"] == sum(p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors"))
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in want.values())
     assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads((src / "config.json").read_text())
     assert torch.equal(logits_of(tmp_path / "out"), logits)
 
@@ -145,3 +145,33 @@ def test_export_refuses_bad_options_before_writing(hf_models, tmp_path, kwargs, 
     with pytest.raises(UcpError, match=message):
         ucp.export(tmp_path / "u", tmp_path / "out", "hf", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_dcp_converted_llama_exports_to_hf_and_loads(tmp_path):
+    """A Llama trained one step and saved with torch DCP (get_state_dict layout, optimizer
+    included) -> universal -> HF with a given config.json: from_pretrained gives the logits of
+    the trained model; only the weights are written."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    cfg = LlamaConfig(vocab_size=1003, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=16, attention_bias=True,
+                      tie_word_embeddings=False, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(INPUT).logits.square().mean().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "dcp"))
+    cfg.save_pretrained(str(tmp_path / "cfg"))
+
+    ucp.convert(tmp_path / "dcp", tmp_path / "u")
+    assert ucp.open(tmp_path / "u").metadata["source"]["format"] == "dcp"
+    ucp.export(tmp_path / "u", tmp_path / "out", "hf", config=tmp_path / "cfg")
+    got = load_all(tmp_path / "out")
+    assert sorted(got) == sorted(model.state_dict())
+    with torch.no_grad():
+        want = model(INPUT).logits
+    assert torch.equal(logits_of(tmp_path / "out"), want)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ucp
-from tests.test_hf import INPUT, load_all, logits_of
+from tests.test_hf import load_all, logits_of
 from tests.test_megatron import FFN, GROUPS, HEAD_DIM, HEADS, ranks, torchrun
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -88,4 +88,25 @@ def test_hf_to_megatron_tp2_and_back_is_bit_exact(tmp_path):
         assert torch.equal(back[k], hf[k]), k
     assert json.loads((tmp_path / "back" / "config.json").read_text()) == \
         json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert torch.equal(logits_of(tmp_path / "back"), logits_of(tmp_path / "hf"))
+
+
+def test_tied_hf_model_goes_to_a_tied_gptmodel_and_back(tmp_path):
+    """tie_word_embeddings: no lm_head in the files, none in the Megatron checkpoint; a
+    GPTModel with share_embeddings_and_output_weights loads it; back to HF bit-exact."""
+    from tests.test_hf import make_llama
+
+    make_llama(tmp_path / "hf", tied=True, bias=False, shard=None)
+    ucp.convert(tmp_path / "hf", tmp_path / "u1")
+    ucp.export(tmp_path / "u1", tmp_path / "meg", "megatron", degrees={"tp": 1})
+    torchrun(1, "dump", tmp_path / "meg", tmp_path / "dump", "--tp", 1, "--layers", 2, "--tied")
+    local = ranks(tmp_path / "dump")[0]
+    hf = load_all(tmp_path / "hf")
+    assert "output_layer.weight" not in local
+    emb = local["embedding.word_embeddings.weight"]
+    assert torch.equal(emb[:1003], hf["model.embed_tokens.weight"].float()) and not emb[1003:].any()
+    ucp.convert(tmp_path / "meg", tmp_path / "u2")
+    ucp.export(tmp_path / "u2", tmp_path / "back", "hf")
+    back = load_all(tmp_path / "back")
+    assert sorted(back) == sorted(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
     assert torch.equal(logits_of(tmp_path / "back"), logits_of(tmp_path / "hf"))

@@ -174,7 +174,7 @@ class MegatronSource(Source):
     """Reads Megatron-Core ``dist_checkpointing`` ``torch_dist`` checkpoints."""
     name = "megatron"
     description = "Megatron-Core dist_checkpointing (torch_dist: .metadata, *.distcp, common.pt)"
-    priority = 20          # before plain DCP: a torch_dist checkpoint is a DCP directory too
+    priority = 10          # before plain DCP (20): a torch_dist checkpoint is a DCP directory too
 
     def __init__(self, path, *, spec=None, storage_options=None, constants=None, **options):
         super().__init__(Path(path), spec=spec, storage_options=storage_options, **options)

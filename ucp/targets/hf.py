@@ -12,7 +12,8 @@ else ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``; ea
 written under a ``.partial`` name and renamed in :meth:`HFTarget.finish`, which writes the
 index last, so an interrupted export never looks like a checkpoint. ``config.json`` is
 carried from the source (``metadata["hf"]["config"]``) or built from the Megatron model
-constants.
+constants, or given as ``config=`` (a path or a dict) for checkpoints that carry none (DCP,
+DeepSpeed).
 """
 from __future__ import annotations
 
@@ -81,18 +82,20 @@ class HFTarget(Target):
     description = "Hugging Face safetensors (sharded, with index and config.json)"
 
     def __init__(self, dst, *, degrees=None, spec=None, storage_options=None, max_shard_size=None,
-                 **options):
+                 config=None, **options):
         super().__init__(dst, degrees=degrees, spec=spec, storage_options=storage_options, **options)
         bad = {a: d for a, d in self.degrees.items() if d not in (None, 1)}
         if bad:
             raise HFTargetError(f"--to hf writes whole tensors; parallel degrees {bad} do not apply")
         self.reject_options()
         self.max_shard = parse_size(max_shard_size) if max_shard_size is not None else DEFAULT_MAX_SHARD
+        self.config = _given_config(config)
         self.dst = Path(dst)
         self._written: list[Path] = []
         self._index: dict[str, str] = {}
         self._config: dict | None = None
         self._extra: dict[str, Any] = {}
+        self._total = 0
 
     # ------------------------------------------------------------------ planning
     def plan(self, checkpoint):
@@ -102,7 +105,7 @@ class HFTarget(Target):
         names = list(checkpoint.params)
         shapes = {n: tuple(checkpoint.array_info(n, "param").shape) for n in names}
         views = self._views(names, shapes, md)
-        self._config = hf_config(md, views)
+        self._config = self.config or hf_config(md, views)
         vocab = self._config.get("vocab_size") if self._config else None
         tied = bool(self._config.get("tie_word_embeddings")) if self._config else False
         frags = {}
@@ -120,6 +123,7 @@ class HFTarget(Target):
             units.append(TargetUnit(key=fname, coords={}, fragments=[frags[t] for t in members],
                                     states=["param"]))
             self._index.update({t: fname for t in members})
+        self._total = sum(sizes.values())
         self._extra = {k: v for k, v in md.get("hf", {}).items()
                        if k in {c.removesuffix(".json") for c in CARRIED_JSON} and k != "config"}
         return units
@@ -156,13 +160,29 @@ class HFTarget(Target):
         files = sorted(set(self._index.values()))
         for f in files:
             os.replace(self.dst / (f + PARTIAL), self.dst / f)
-        if len(files) > 1:
-            total = sum((self.dst / f).stat().st_size for f in files)
-            _write_json(self.dst / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": self._index})
+        if len(files) > 1:   # total_size: tensor bytes, as save_pretrained counts them
+            _write_json(self.dst / INDEX_FILE, {"metadata": {"total_size": self._total}, "weight_map": self._index})
 
     def abort(self) -> None:
         for p in self._written:
             p.unlink(missing_ok=True)
+
+
+def _given_config(config) -> dict | None:
+    """``config=``: a config.json path or a dict, for checkpoints that carry none (DCP,
+    DeepSpeed); it wins over a carried one."""
+    if config is None or isinstance(config, dict):
+        return config
+    from ucp.sources.hf import read_json
+
+    p = Path(config)
+    p = p / "config.json" if p.is_dir() else p
+    if not p.is_file():
+        raise HFTargetError(f"config={config!r}: no such config.json")
+    doc = read_json(p)
+    if not isinstance(doc, dict):
+        raise HFTargetError(f"{p}: a config.json holds a JSON object")
+    return doc
 
 
 def _fragment(hf_name: str, shape, seg: Segment, src_shape) -> Fragment:

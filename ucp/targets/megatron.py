@@ -40,6 +40,7 @@ from typing import Any
 from ucp.errors import UcpError
 from ucp.sources.megatron import BACKEND_FILE, CARRIED_KEY, COMMON_FILE, STACKED, STACKED_PREFIX, restrict
 from ucp.targets import Target, TargetUnit
+from ucp.targets._distcp import DistcpWriter
 from ucp.targets._renames import fused_views, translate
 
 DEFAULT_SPEC = "megatron_gpt"
@@ -92,53 +93,6 @@ def shard_blocks(rule, shape, tp: int, rank: int, where: str) -> list[tuple[tupl
     return boxes
 
 
-class _DistcpFiles:
-    """Items written as DCP's ``FileSystemWriter`` writes them; :meth:`metadata` is the
-    ``.metadata`` that indexes them."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.tensors: dict[str, tuple[Any, tuple, list]] = {}     # key -> (properties, size, chunks)
-        self.objects: list[str] = []
-        self.storage: dict[Any, Any] = {}
-        self.written: list[Path] = []
-
-    def write(self, rel: str, items) -> None:
-        """``items``: (key, global size, offsets, tensor) or (key, None, None, bytes)."""
-        from torch.distributed.checkpoint.filesystem import _StorageInfo
-        from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
-                                                           TensorProperties)
-        import torch
-
-        path = self.root / rel
-        self.written.append(path)
-        with open(path, "wb") as f:
-            for key, size, offsets, data in items:
-                start = f.tell()
-                if size is None:
-                    f.write(data)
-                    self.objects.append(key)
-                    index = MetadataIndex(key)
-                else:
-                    torch.save(data.contiguous(), f)
-                    props, _, chunks = self.tensors.setdefault(
-                        key, (TensorProperties.create_from_tensor(data), tuple(size), []))
-                    index = MetadataIndex(key, torch.Size(offsets), len(chunks))
-                    chunks.append(ChunkStorageMetadata(torch.Size(offsets), data.shape))
-                self.storage[index] = _StorageInfo(rel, start, f.tell() - start)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def metadata(self):
-        from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadata,
-                                                           TensorStorageMetadata)
-        import torch
-
-        sd = {k: TensorStorageMetadata(p, torch.Size(s), c) for k, (p, s, c) in self.tensors.items()}
-        sd.update({k: BytesStorageMetadata() for k in self.objects})
-        return Metadata(state_dict_metadata=sd, storage_data=self.storage)
-
-
 class MegatronTarget(Target):
     """Writes Megatron-Core torch_dist checkpoints for a GPTModel at --tp/--pp."""
     name = "megatron"
@@ -154,7 +108,7 @@ class MegatronTarget(Target):
         self.tp, self.pp = int(self.degrees.get("tp") or 1), int(self.degrees.get("pp") or 1)
         self.ep = int(self.degrees.get("ep") or 1)
         self.dst = Path(dst)
-        self._files = _DistcpFiles(self.dst)
+        self._files = DistcpWriter(self.dst)
         self._objects: dict[str, Any] = {}
         self._common: dict[str, Any] = {}
 
