@@ -148,7 +148,8 @@ def test_cli_convert_to_s3_verify_and_export_back(s3, tmp_path, capsys):
 
     from ucp.cli import main
     from ucp.demo import DEMO_SPEC
-    from ucp.layout_ranks import load_ranks_full, save_ranks
+    from ucp.sources.ranks import load_ranks_full
+    from ucp.targets.ranks import save_ranks
 
     g = torch.Generator().manual_seed(3)
     shapes = {"model.embed_tokens.weight": (301, 40), "model.norm.weight": (40,),

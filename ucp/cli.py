@@ -80,20 +80,27 @@ def cmd_inspect(args) -> int:
 
 # ---------------------------------------------------------------- verify
 def cmd_verify(args) -> int:
-    """`ucp verify`: exit 0 only when the manifest and every chunk check out."""
-    from ucp.format import verify
+    """`ucp verify`: exit 0 only when the manifest and every chunk check out (and, with
+    ``--strict``, when no stray file lies in the checkpoint)."""
+    from ucp.format.verify import verify_report
 
-    problems = verify(args.path, deep=not args.quick, storage_options=_storage_options(args),
-                      progress=not args.quiet)
+    problems, warnings = verify_report(args.path, deep=not args.quick, storage_options=_storage_options(args),
+                                       progress=not args.quiet)
+    failed = problems + (warnings if args.strict else [])
     if args.json:
-        print(json.dumps({"path": args.path, "ok": not problems, "problems": problems}, indent=2))
-    elif problems:
-        for p in problems:
-            print(f"FAIL {p}")
-        print(f"{args.path}: {len(problems)} problem(s)")
+        print(json.dumps({"path": args.path, "ok": not failed, "problems": problems, "warnings": warnings},
+                         indent=2))
+        return EXIT_OK if not failed else EXIT_DIFF
+    for p in problems:
+        print(f"FAIL {p}")
+    for w in warnings:
+        print(f"{'FAIL' if args.strict else 'WARN'} {w}")
+    if failed:
+        print(f"{args.path}: {len(failed)} problem(s)")
     else:
-        print(f"{args.path}: OK ({'every chunk re-read and checksummed' if not args.quick else 'sizes and manifest checked'})")
-    return EXIT_OK if not problems else EXIT_DIFF
+        print(f"{args.path}: OK ({'every chunk re-read and checksummed' if not args.quick else 'sizes and manifest checked'}"
+              f"{f'; {len(warnings)} stray file(s), see above' if warnings else ''})")
+    return EXIT_OK if not failed else EXIT_DIFF
 
 
 # ---------------------------------------------------------------- diff
@@ -159,7 +166,7 @@ def cmd_export(args) -> int:
 
     degrees = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("dp", args.dp), ("ep", args.ep)) if v}
     ucp.export(args.src, args.dst, args.to, degrees=degrees, spec=args.spec, zero_stage=args.zero_stage,
-               max_shard_size=args.max_shard_size, progress=not args.quiet,
+               max_shard_size=args.max_shard_size, config=args.config, progress=not args.quiet,
                storage_options=_storage_options(args))
     rank, world = _dist_rank()
     if rank == 0:
@@ -215,6 +222,8 @@ def _add_export(sub) -> None:
     sp.add_argument("--zero-stage", type=int, default=None, help="ZeRO stage to write (targets that take it)")
     sp.add_argument("--max-shard-size", default=None, help="largest file to write, e.g. 5GB (targets that take it)")
     sp.add_argument("--spec", help="a converters/*.ucp name or a spec file (targets that take one)")
+    sp.add_argument("--config", default=None,
+                    help="the model's config file to write with it, e.g. HF config.json (targets that take one)")
     _common(sp)
     sp.set_defaults(fn=cmd_export)
 
@@ -228,6 +237,7 @@ def _add_inspection(sub) -> None:
     sp = sub.add_parser("verify", help="check the manifest and every chunk; exit 1 on any problem")
     sp.add_argument("path")
     sp.add_argument("--quick", action="store_true", help="check presence and sizes only, no re-read")
+    sp.add_argument("--strict", action="store_true", help="stray files (not part of the checkpoint) fail too")
     _common(sp, json_flag=True)
     sp.set_defaults(fn=cmd_verify)
 

@@ -78,8 +78,8 @@ def load_rank(path, spec, degrees: Mapping[str, int], coords: Mapping[str, int],
 
     ck = open_universal(path, storage_options)
     params = list(names) if names is not None else list(ck.params)
-    bound = bind_layout(spec, params, degrees, constants)
     shapes = {n: tuple(ck.array_info(n, "param").shape) for n in params}
+    bound = bind_layout(spec, shapes, degrees, constants)
     main = bound.rank_fragments(shapes, coords)
     own = set(bound.own_states(params))
     if states is None:

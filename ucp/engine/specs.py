@@ -59,8 +59,11 @@ class BoundLayout:
         return self.spec.filename
 
     def mesh(self) -> list[dict[str, int]]:
-        """Coordinates of every rank, in rank order (see :func:`mesh_of`)."""
-        return mesh_of(self.spec.axes, self.degrees)
+        """Coordinates of every rank, in rank order (see :func:`mesh_of`), over the primary
+        axes: a second decomposition of the same ranks (``axes edp, ep = dp``) is derived from
+        them by the language when fragments are planned, never enumerated again."""
+        derived = {a for d in self.spec.decompositions for a in d.axes}
+        return mesh_of([a for a in self.spec.axes if a not in derived], self.degrees)
 
     def axis_degrees(self) -> dict[str, int]:
         """The degree of every axis the spec declares (1 where not given)."""
@@ -96,8 +99,10 @@ class BoundLayout:
 def bind_layout(spec, names: Sequence[str], degrees: Mapping[str, int],
                 constants: Mapping[str, int] | None = None) -> BoundLayout:
     """Bind ``spec`` (anything :func:`load_spec` takes) and match every name; an error lists
-    every parameter no rule matches."""
+    every parameter no rule matches. ``names`` may be a mapping name -> shape, which rules
+    with a ``where`` condition on ``ndim`` / ``numel`` need."""
     spec = load_spec(spec)
     degrees, constants = dict(degrees), dict(constants or {})
     bound = spec.bind(degrees=degrees, constants=constants)
-    return BoundLayout(spec, bound, bound.resolve(list(names)), degrees, constants)
+    shapes = dict(names) if isinstance(names, Mapping) else None
+    return BoundLayout(spec, bound, bound.resolve(list(names), shapes), degrees, constants)

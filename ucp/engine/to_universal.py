@@ -37,7 +37,7 @@ def convert(source, dst, *, workers: int | None = None, resume: bool = False, ov
         layout = _describe(source, job)
         mine = _my_params(layout, job)
         writer = _open_writer(dst, job, workers=workers, resume=resume, overwrite=overwrite,
-                              storage_options=storage_options)
+                              storage_options=storage_options, fingerprint=source.fingerprint())
         failure = None
         try:
             shown = progress and (job is None or job[0] == 0)  # one bar per job, not per process
@@ -107,8 +107,9 @@ def _my_params(layout, job) -> set[str]:
     return set(assign_by_size(sizes, world)[rank])
 
 
-def _open_writer(dst, job, *, workers, resume, overwrite, storage_options):
+def _open_writer(dst, job, *, workers, resume, overwrite, storage_options, fingerprint):
     options = {"workers": workers} if workers else {}
+    options["fingerprint"] = fingerprint
     if job is None:
         from ucp.format import create_checkpoint
 

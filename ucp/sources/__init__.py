@@ -133,6 +133,17 @@ class Source:
         """Where ``state`` of ``fragment`` lives, for error messages (override to name the file)."""
         return f"{self.path}: {state} of {fragment.name} ({fragment.describe()})"
 
+    def fingerprint(self):
+        """A JSON value that changes when the source's files change; a resumed conversion
+        refuses a source whose fingerprint differs from the interrupted run's. Default: the
+        name, size and mtime of every file under a local ``path`` (None elsewhere)."""
+        import os
+
+        from ucp.format import source_fingerprint
+
+        path = os.fspath(self.path) if isinstance(self.path, (str, os.PathLike)) else None
+        return source_fingerprint(path) if path and os.path.exists(path) else None
+
     def close(self) -> None:
         """Release files and maps."""
 

@@ -89,7 +89,7 @@ class RanksSource(Source):
         spec = (load_spec(self.spec) if self.spec is not None
                 else parse_spec(layout["spec"], layout.get("spec_name") or f"{LAYOUT_FILE}:spec"))
         shapes = {p["name"]: tuple(p["shape"]) for p in layout["params"]}
-        bound = bind_layout(spec, list(shapes), layout["degrees"], layout.get("constants", {}))
+        bound = bind_layout(spec, shapes, layout["degrees"], layout.get("constants", {}))
         self._check_files(layout, bound.mesh())
         self._check_rules(bound, shapes)
         kept = [p for p in layout["params"] if not bound.matches[p["name"]].rule.skip]

@@ -42,7 +42,7 @@ class RanksTarget(Target):
         spec, constants = self._spec_of(checkpoint)
         names = list(checkpoint.params)
         shapes = {n: tuple(checkpoint.array_info(n, "param").shape) for n in names}
-        self._bound = bind_layout(spec, names, self.degrees, constants)
+        self._bound = bind_layout(spec, shapes, self.degrees, constants)
         found = {st for n in names for st in checkpoint.states(n)}
         self._states = sorted(found, key=lambda s: (s != "param", s))
         own = self._bound.own_states(names)
