@@ -1,10 +1,17 @@
-"""Shared fixtures (kept small)."""
+"""Shared fixtures (kept small), the Hypothesis profile, and the CI rule that a skip is a failure."""
 import json
+import os
 import pathlib
 
 import pytest
+from hypothesis import settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+SKIP_ALLOWLIST = ROOT / "tests" / "skip_allowlist.txt"
+
+# No wall-clock deadline for any property test: a loaded CI machine must not fail them.
+settings.register_profile("ucp", deadline=None)
+settings.load_profile("ucp")
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +57,63 @@ def _schema_checks_format_manifests(request):
         except ValueError:
             continue  # a corruption test may leave a deliberately broken manifest
         validate_manifest(m.parent)
+
+
+# -- skips are failures in CI ----------------------------------------------------------------
+# Under CI=true a test that was skipped (or xfailed) fails the run unless its node id, or its
+# module's path, is listed in tests/skip_allowlist.txt with a reason. A skip that nobody chose
+# (a server that did not start, a framework that did not import) must not pass unnoticed.
+
+def _allowed_skips():
+    """Node ids (or module paths) listed in the allow-list; comments and blank lines ignored."""
+    if not SKIP_ALLOWLIST.exists():
+        return set()
+    lines = (ln.split("#", 1)[0].strip() for ln in SKIP_ALLOWLIST.read_text().splitlines())
+    return {ln for ln in lines if ln}
+
+
+def _is_allowed(nodeid, allowed):
+    return nodeid in allowed or nodeid.split("::", 1)[0] in allowed
+
+
+_SKIPPED: list = []
+
+
+def _record_skip(report):
+    if report.skipped:
+        reason = getattr(report, "wasxfail", None)
+        if reason is None and isinstance(report.longrepr, tuple):
+            reason = report.longrepr[2]
+        _SKIPPED.append((report.nodeid, str(reason)))
+
+
+def pytest_runtest_logreport(report):
+    _record_skip(report)
+
+
+def pytest_collectreport(report):
+    _record_skip(report)  # module-level skips (importorskip, allow_module_level=True)
+
+
+def _ci():
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _ci():
+        return
+    allowed = _allowed_skips()
+    bad = [(n, r) for n, r in _SKIPPED if not _is_allowed(n, allowed)]
+    if bad and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _ci():
+        return
+    allowed = _allowed_skips()
+    bad = [(n, r) for n, r in _SKIPPED if not _is_allowed(n, allowed)]
+    if bad:
+        terminalreporter.section("skips are failures under CI=true", sep="=", red=True)
+        for nodeid, reason in bad:
+            terminalreporter.line(f"SKIPPED (not in tests/skip_allowlist.txt): {nodeid}: {reason}")

@@ -6,9 +6,13 @@ import pytest
 import torch
 import zarr
 
-from ucp.format import create_checkpoint, dtypes, open_checkpoint
+from ucp.format import FORMAT_VERSION, create_checkpoint, dtypes, open_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+# The RNG state stored as metadata: a fixed generator's state, so the check below is exact.
+RNG_STATE = torch.Generator().manual_seed(1234).get_state()
 
 
 def storage_np(t):
@@ -31,13 +35,13 @@ def make(path, **kw):
             w.write_tensor(pname, "param", t)
             w.write_tensor(pname, "exp_avg", t.clone(), chunks=tuple(max(1, (n + 1) // 2) for n in shape))
             tensors[pname] = t
-        w.set_metadata({"rng": torch.get_rng_state()})
+        w.set_metadata({"rng": RNG_STATE})
     return tensors
 
 
 def check_zarr(path, tensors, **open_kw):
     g = zarr.open_group(path, mode="r", **open_kw)
-    assert g.attrs["ucp"]["format_version"] == 1
+    assert g.attrs["ucp"]["format_version"] == FORMAT_VERSION == 2
     ck = open_checkpoint(path, **({"storage_options": open_kw["storage_options"]} if open_kw else {}))
     for pname, t in tensors.items():
         enc = ck.manifest["params"][ck.params.index(pname)]["path"]
@@ -52,7 +56,8 @@ def check_zarr(path, tensors, **open_kw):
             assert got.tobytes() == want.tobytes()
             assert storage_np(ck.read(pname, state)).tobytes() == want.tobytes()
     rng = g["_ucp"]["meta"]["0"][...]
-    assert np.array_equal(rng, torch.get_rng_state().numpy()) or rng.shape == (5056,)
+    assert rng.dtype == np.uint8 and rng.tobytes() == RNG_STATE.numpy().tobytes()
+    assert torch.equal(ck.metadata["rng"], RNG_STATE)
 
 
 def test_zarr_python_reads_everything(tmp_path):

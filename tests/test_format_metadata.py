@@ -1,13 +1,14 @@
 """Non-tensor state round-trips through JSON: NaN/inf, tuples, tensors (RNG states), bytes; the schema holds."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
 import ucp
-from ucp.errors import MetadataEncodingError
+from ucp.errors import MetadataEncodingError, UcpError
 from ucp.format import create_checkpoint, verify
 
 
@@ -107,7 +108,7 @@ def test_json_encoding_roundtrip_property(obj):
 @given(st.text(min_size=1, max_size=12))
 def test_param_name_encoding(name):
     if name.startswith("_ucp") or name.startswith("__"):
-        with pytest.raises(Exception):
+        with pytest.raises(UcpError, match=f"{re.escape(repr(name))} is reserved"):
             names.encode_param(name)
         return
     enc = names.encode_param(name)

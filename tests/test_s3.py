@@ -21,23 +21,35 @@ def _free_port():
         return s.getsockname()[1]
 
 
+READY_ATTEMPTS = 1200  # connection attempts, one per 0.1 s at most: two minutes on a loaded machine
+
+
+def _wait_for_port(proc, port, log):
+    """Readiness is the event "the server accepts a connection"; the loop only bounds the wait.
+    A server that never answers fails the tests (it does not skip them)."""
+    for _ in range(READY_ATTEMPTS):
+        if proc.poll() is not None:
+            pytest.fail(f"moto_server exited with code {proc.returncode} before accepting connections; "
+                        f"its output:\n{log.read_text(errors='replace')[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)  # pause between attempts, not a synchronisation
+    pytest.fail(f"moto_server did not accept connections on port {port} after {READY_ATTEMPTS} attempts; "
+                f"its output:\n{log.read_text(errors='replace')[-2000:]}")
+
+
 @pytest.fixture(scope="module")
-def s3():
+def s3(tmp_path_factory):
     port = _free_port()
     exe = shutil.which("moto_server")
     cmd = [exe] if exe else [sys.executable, "-m", "moto.server"]
-    proc = subprocess.Popen(cmd + ["-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(cmd + ["-H", "127.0.0.1", "-p", str(port)], stdout=logf, stderr=logf)
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.skip("moto_server did not start")
-                time.sleep(0.1)
+        _wait_for_port(proc, port, log)
         endpoint = f"http://127.0.0.1:{port}"
         import botocore.session
 
