@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from ucp.plan.boxes import Box, chunks_intersecting, contiguous_runs, flat_offset_in, fmt_boxes
@@ -141,15 +141,28 @@ def _captures_of(captures) -> Optional[Callable[[str], Mapping[str, object]]]:
     return lambda n: captures[n]
 
 
-def _place_one(name: str, rule: BoundRule, degrees, coords, cap_of, local_name) -> Optional[str]:
-    """The local name of ``name`` on the rank at ``coords``, or None when it is not held there."""
+def _place_one(name: str, rule: BoundRule, degrees, coords, cap_of, local_name):
+    """``(local name, local captures)`` of ``name`` on the rank at ``coords``, or None when
+    it is not held there."""
     caps = cap_of(name) if cap_of is not None else match_captures(rule.pattern, name)
-    local = place(rule, dict(caps or {}), degrees, coords)
+    try:
+        local = place(rule, dict(caps or {}), degrees, coords)
+    except PlanError as e:
+        if rule.renumber_positions and not isinstance(e, PlanSpecError):
+            raise PlanSpecError(rule.renumber_positions[0], str(e)) from None
+        raise
     if local is None:
         return None
     if local_name is not None:
-        return local_name(name, coords)
-    return substitute(rule.local, local) if rule.local else name
+        return local_name(name, coords), local
+    return (substitute(rule.local, local) if rule.local else name), local
+
+
+def _grouped(rule: BoundRule, captures: Mapping[str, str]) -> BoundRule:
+    """A flat group named after captures (``group="dense.{v}"``) with their local values."""
+    ops = tuple(replace(op, group=substitute(op.group, captures))
+                if isinstance(op, Flat) and op.group and "{" in op.group else op for op in rule.ops)
+    return replace(rule, ops=ops) if ops != rule.ops else rule
 
 
 def rank_fragments(rules: Mapping[str, BoundRule], shapes: Mapping[str, Sequence[int]],
@@ -202,9 +215,11 @@ def _param_fragment(name, rule, shape, degrees, coords, cap_of, local_name, stat
     tied = rule.tied
     if tied and any(isinstance(op, Flat) for op in eff.ops):
         return None
-    ln = _place_one(name, rule, degrees, coords, cap_of, local_name)
-    if ln is None:
+    placed = _place_one(name, rule, degrees, coords, cap_of, local_name)
+    if placed is None:
         return None
+    ln, local_caps = placed
+    eff = _grouped(eff, local_caps)
     prep = prepare(eff, shape, degrees, coords)
     uname = tied or name
     if prep.flat is None:

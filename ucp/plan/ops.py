@@ -207,6 +207,7 @@ class BoundRule:
     states: tuple[tuple[str, tuple[TensorOp, ...]], ...] = ()
     axes: tuple[str, ...] = ()
     positions: tuple = field(default=(), compare=False, repr=False)
+    renumber_positions: tuple = field(default=(), compare=False, repr=False)
 
     def attr(self, key: str, default=None):
         """The value of attribute ``key`` (``with key(...)``), or ``default``."""
