@@ -167,6 +167,15 @@ def test_non_tensor_state_is_metadata(converted):
     assert md["deepspeed"]["loss_scaler"] == {"cur_scale": 1.0, "dynamic": False}
 
 
+def test_manifests_match_the_schema(converted):
+    """Every conversion's manifest (with DeepSpeed's metadata in it) validates against
+    spec/metadata.schema.json."""
+    from conftest import validate_manifest
+
+    for ck in converted.values():
+        validate_manifest(ck.path)
+
+
 def test_detect_latest_and_tag_folder(ds_runs):
     """--from auto recognises the folder with `latest` and the tag folder itself."""
     from ucp.sources import detect
