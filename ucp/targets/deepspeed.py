@@ -184,10 +184,8 @@ class DeepSpeedTarget(Target):
         if self.stage == 3:
             sub = self.options.get("sub_group_size") or (self.config["zero_optimization"].get("sub_group_size"))
             self.subgroups = zero3_subgroups(self.model, self.dp, int(sub or 1_000_000_000))
-        units = self._model_units() + self._optim_units()
         self._made_dst = not self.dst.exists()
-        (self.dst / self.tag).mkdir(parents=True, exist_ok=True)
-        return units
+        return self._model_units() + self._optim_units()  # folders are made when written (torchrun-safe)
 
     def _dtype_name(self) -> str:
         given = self.options.get("dtype")
@@ -246,6 +244,7 @@ class DeepSpeedTarget(Target):
         self._save(body, self.dst / self.tag / unit.key)
 
     def _save(self, obj, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
         self._written.append(path)
         torch.save(obj, path)
 
@@ -351,6 +350,7 @@ class DeepSpeedTarget(Target):
 
     def finish(self, checkpoint) -> None:
         tmp = self.dst / "latest.tmp"
+        self.dst.mkdir(parents=True, exist_ok=True)
         self._written.append(tmp)
         tmp.write_text(self.tag)
         os.replace(tmp, self.dst / "latest")
@@ -391,7 +391,6 @@ class DeepSpeedUniversalTarget(DeepSpeedTarget):
         m = self.model
         params = [TargetUnit(key=f"zero/{n}", coords={}, fragments=[whole_fragment(n, m.shapes[n], "universal")],
                              states=["param", *m.states]) for grp in m.groups for n in grp]
-        (self.dst / self.tag / "zero").mkdir(parents=True, exist_ok=True)
         return models + params
 
     def write_unit(self, unit: TargetUnit, tensors: Mapping[str, Mapping[str, Any]]) -> None:
@@ -399,7 +398,6 @@ class DeepSpeedUniversalTarget(DeepSpeedTarget):
             return super().write_unit(unit, tensors)
         name = unit.key[len("zero/"):]
         folder = self.dst / self.tag / "zero" / name
-        folder.mkdir(exist_ok=True)
         for state, held in tensors.items():
             self._save({"param": held[name], "cat_dim": 0}, folder / f"{'fp32' if state == 'param' else state}.pt")
         if self.stage < 3 and self.model.states:
@@ -411,6 +409,7 @@ class DeepSpeedUniversalTarget(DeepSpeedTarget):
     def finish(self, checkpoint) -> None:
         self._save(self._universal_optimizer_state(), self.dst / self.tag / "zero" / "optimizer_state.pt")
         tmp = self.dst / "latest_universal.tmp"
+        self.dst.mkdir(parents=True, exist_ok=True)
         self._written.append(tmp)
         tmp.write_text(self.tag)
         os.replace(tmp, self.dst / "latest_universal")
