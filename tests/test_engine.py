@@ -72,7 +72,7 @@ SHARDED = 'spec s\naxes tp\nparam "**" = shard(0, over=tp)\n'
 FLAT = 'spec f\naxes tp\nparam "**" = flat(over=tp, align=4)\n'
 
 
-class TwoLayoutSource(Source):
+class TwoLayoutSource(Source, register=False):
     """Like ZeRO-1/2: whole weights sharded over tp, the optimizer state flat-partitioned;
     the local tensors live in memory (``self.options["locals"]``)."""
     name = "test-two-layouts"
@@ -170,7 +170,7 @@ def test_many_fragments_are_counted_not_listed(tmp_path):
 
 
 # ------------------------------------------------------------------ targets
-class RecordingTarget(Target):
+class RecordingTarget(Target, register=False):
     """Keeps what the engine hands over; unit 1 holds param sharded and exp_avg whole."""
     name = "test-recording"
     description = "test plug-in: keeps what it is given"

@@ -166,7 +166,8 @@ def cmd_export(args) -> int:
 
     degrees = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("dp", args.dp), ("ep", args.ep)) if v}
     ucp.export(args.src, args.dst, args.to, degrees=degrees, spec=args.spec, zero_stage=args.zero_stage,
-               max_shard_size=args.max_shard_size, config=args.config, progress=not args.quiet,
+               max_shard_size=args.max_shard_size, config=args.config, dtype=args.dtype,
+               sub_group_size=args.sub_group_size, tag=args.tag, progress=not args.quiet,
                storage_options=_storage_options(args))
     rank, world = _dist_rank()
     if rank == 0:
@@ -222,6 +223,10 @@ def _add_export(sub) -> None:
     sp.add_argument("--zero-stage", type=int, default=None, help="ZeRO stage to write (targets that take it)")
     sp.add_argument("--max-shard-size", default=None, help="largest file to write, e.g. 5GB (targets that take it)")
     sp.add_argument("--spec", help="a converters/*.ucp name or a spec file (targets that take one)")
+    sp.add_argument("--dtype", default=None, help="weights dtype of the run to write, e.g. bf16 (targets that take it)")
+    sp.add_argument("--sub-group-size", type=int, default=None,
+                    help="ZeRO-3 sub_group_size of the run to write (targets that take it)")
+    sp.add_argument("--tag", default=None, help="checkpoint tag folder to write (targets that take it)")
     sp.add_argument("--config", default=None,
                     help="the model's config file to write with it, e.g. HF config.json (targets that take one)")
     _common(sp)

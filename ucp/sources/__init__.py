@@ -81,9 +81,11 @@ class Source:
     #: ``--from auto`` tries sources in ascending priority (more specific layouts first)
     priority: ClassVar[int] = 100
 
-    def __init_subclass__(cls, **kw):
+    def __init_subclass__(cls, register: bool = True, **kw):
+        """Subclasses with a ``name`` join the registry, unless declared with
+        ``register=False`` (plug-ins made for one test or one script)."""
         super().__init_subclass__(**kw)
-        if cls.name:
+        if cls.name and register:
             _REGISTERED[cls.name] = cls
 
     def __init__(self, path, *, spec: Optional[str] = None, storage_options=None, **options):

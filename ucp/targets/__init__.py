@@ -54,9 +54,11 @@ class Target:
     #: calls ``finish``; False: process 0 runs the whole export while the others wait
     split_under_torchrun: ClassVar[bool] = True
 
-    def __init_subclass__(cls, **kw):
+    def __init_subclass__(cls, register: bool = True, **kw):
+        """Subclasses with a ``name`` join the registry, unless declared with
+        ``register=False`` (plug-ins made for one test or one script)."""
         super().__init_subclass__(**kw)
-        if cls.name:
+        if cls.name and register:
             _REGISTERED[cls.name] = cls
 
     def __init__(self, dst, *, degrees: Mapping[str, int] | None = None, spec: Optional[str] = None,
