@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_reshard import drop_caches, llama_shapes, model_args  # noqa: E402
 from ucp.demo import DEMO_SPEC  # noqa: E402
-from ucp.layout_ranks import save_ranks  # noqa: E402
+from ucp.targets.ranks import save_ranks  # noqa: E402
 
 
 def _port():
@@ -71,7 +71,7 @@ def main():
         say(f"{'run':34s} {'seconds':>8s} {'GB/s':>6s} {'vs cp':>6s} {'peak RSS MiB':>13s}")
         t_cp, _ = run(["cp", "-r", str(src), str(base / "copy")])
         say(f"{'cp -r + sync (same bytes)':34s} {t_cp:8.2f} {nbytes / t_cp / 1e9:6.2f} {1.0:6.2f}x {'-':>13s}")
-        t_imp, _ = run([sys.executable, "-c", "import torch, ucp.cli, ucp.layout_ranks, ucp.format, ucp.lang"])
+        t_imp, _ = run([sys.executable, "-c", "import torch, ucp.cli, ucp.engine, ucp.sources.ranks, ucp.format, ucp.lang"])
         say(f"{'python start + import torch, ucp':34s} {t_imp:8.2f} {'':>6s} {'':>6s}  {'-':>13s}")
         t1, rss1 = run([sys.executable, "-m", "ucp", "convert", str(src), str(base / "u1"), "-q"])
         say(f"{'ucp convert, 1 process':34s} {t1:8.2f} {nbytes / t1 / 1e9:6.2f} {t_cp / t1:6.2f}x {rss1:13.0f}")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ucp  # noqa: E402
 from ucp.format import create_checkpoint  # noqa: E402
 from ucp.lang import load  # noqa: E402
-from ucp.loading import fragments_for  # noqa: E402
+from ucp.engine import bind_layout  # noqa: E402
 from ucp.plan import mesh_coords  # noqa: E402
 
 
@@ -75,8 +75,7 @@ def model_args(result_name: str) -> argparse.Namespace:
 
 
 def rank_plan(spec_name, shapes, degrees, coords):
-    bound = load(spec_name).bind(degrees=degrees)
-    return fragments_for(bound, bound.resolve(list(shapes)), shapes, degrees, coords)
+    return bind_layout(spec_name, list(shapes), degrees).rank_fragments(shapes, coords)
 
 
 def load_rank(ck, spec_name, degrees, coords):

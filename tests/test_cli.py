@@ -83,13 +83,22 @@ def test_diff_equal_close_and_different(tmp_path, capsys):
     assert any(r["param"] == "extra" and r["status"] == "only in B" for r in rep["rows"])
 
 
-def test_unsupported_source_is_a_clear_error(tmp_path, capsys):
+def test_unknown_source_is_a_clear_error(tmp_path, capsys):
+    """A checkpoint no registered source recognises, or a --from name nobody registered:
+    one line that lists the registered sources, exit 2, nothing written."""
+    from ucp.sources import sources
+
     (tmp_path / "x").mkdir()
-    (tmp_path / "x" / "latest").write_text("global_step1")
+    (tmp_path / "x" / "notes.txt").write_text("not a checkpoint")
     assert main(["convert", str(tmp_path / "x"), str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err
-    assert "deepspeed" in err and "not supported" in err
-    assert not (tmp_path / "y" / "ucp.manifest.json").exists()
+    assert "cannot tell which framework" in err and all(n in err for n in sources())
+    assert main(["convert", str(tmp_path / "x"), str(tmp_path / "y"), "--from", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown source 'nonsense'" in err and all(n in err for n in sources())
+    assert not (tmp_path / "y").exists()
+    assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "y")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
 
 
 def test_console_script_runs(tmp_path):
@@ -123,7 +132,7 @@ def test_diff_compares_metadata_with_tensors(tmp_path, capsys):
 
 def test_export_errors_are_clear(tmp_path, capsys):
     from ucp.demo import DEMO_SPEC
-    from ucp.layout_ranks import save_ranks
+    from ucp.targets.ranks import save_ranks
 
     states = {"param": {"model.norm.weight": torch.ones(8), "lm_head.weight": torch.ones(10, 8)}}
     save_ranks(states, tmp_path / "src", spec_text=DEMO_SPEC, degrees={"tp": 2})
@@ -132,9 +141,8 @@ def test_export_errors_are_clear(tmp_path, capsys):
     assert main(["export", str(tmp_path / "u"), str(tmp_path / "x"), "--to", "ranks", "--zero-stage", "2"]) == 2
     assert "--zero-stage" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "u"), str(tmp_path / "x"), "--to", "nonsense"]) == 2
-    assert "unknown target 'nonsense'" in capsys.readouterr().err
-    assert main(["export", str(tmp_path / "u"), str(tmp_path / "x"), "--to", "megatron", "--tp", "2"]) == 2
-    assert "not supported by this version" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown target 'nonsense'" in err and "known: " in err and "ranks" in err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
     assert main(["export", str(tmp_path / "u"), str(tmp_path / "full"), "--to", "ranks", "--tp", "3"]) == 2

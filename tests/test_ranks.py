@@ -8,9 +8,9 @@ import torch
 import ucp
 from ucp.demo import DEMO_SPEC
 from ucp.errors import UcpError
-from ucp.export import export
 from ucp.format import verify
-from ucp.layout_ranks import load_ranks_full, save_ranks
+from ucp.sources.ranks import load_ranks_full, rank_file_name
+from ucp.targets.ranks import save_ranks
 
 
 def _bits(t):
@@ -66,7 +66,7 @@ def test_tp_zero3_roundtrip_across_degrees(tmp_path, src_deg, dst_deg):
         assert ck.param_meta(n)["scalars"] == {"step": 3.0}
         assert ck.param_meta(n)["rule"].startswith("<spec>:")
     assert ck.metadata["iteration"] == 3
-    export(tmp_path / "uni", tmp_path / "dst", to="ranks", degrees=dst_deg)
+    ucp.export(tmp_path / "uni", tmp_path / "dst", target="ranks", degrees=dst_deg)
     _assert_same(states, load_ranks_full(tmp_path / "dst"))
     n_files = len(list((tmp_path / "dst").glob("rank*.pt")))
     assert n_files == dst_deg["tp"] * dst_deg["dp"]
@@ -109,7 +109,7 @@ def test_fused_padded_tensors_roundtrip(tmp_path):
                        states["param"]["layers.0.qkv.weight"][24:36])
     assert ck.param_meta("emb.weight")["padding"] == {"dim": 0, "size": 11, "multiple": 16}
     assert [p["name"] for p in ck.param_meta("layers.0.fc1.weight")["parts"]] == ["gate", "up"]
-    export(tmp_path / "uni", tmp_path / "tp4", to="ranks", degrees={"tp": 4})
+    ucp.export(tmp_path / "uni", tmp_path / "tp4", target="ranks", degrees={"tp": 4})
     _assert_same(states, load_ranks_full(tmp_path / "tp4"))
 
 
@@ -130,7 +130,7 @@ def test_grouped_flat_partitions_roundtrip(tmp_path):
     (key,) = r1["param"].keys()
     assert torch.equal(r1["param"][key], flat.chunk(3)[1])
     ucp.convert(tmp_path / "src", tmp_path / "uni")
-    export(tmp_path / "uni", tmp_path / "dp2", to="ranks", degrees={"dp": 2})
+    ucp.export(tmp_path / "uni", tmp_path / "dp2", target="ranks", degrees={"dp": 2})
     _assert_same(states, load_ranks_full(tmp_path / "dp2"))
 
 
@@ -203,8 +203,7 @@ def test_demo_passes(tmp_path):
 
 def test_kill9_mid_conversion_then_resume(tmp_path):
     """A conversion killed with SIGKILL leaves no manifest (readers refuse it); `--resume`
-    finishes it, reusing the chunks already written, and the result equals an uninterrupted
-    conversion bit for bit."""
+    finishes it, and the result equals an uninterrupted conversion bit for bit."""
     import os
     import signal
     import subprocess
@@ -217,35 +216,41 @@ def test_kill9_mid_conversion_then_resume(tmp_path):
     save_ranks(states, tmp_path / "src", spec_text="spec s\naxes tp\nparam \"**\" = shard(0, over=tp)\n",
                degrees={"tp": 2})
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "ref"), "-q"]) == 0
+
     def chunk_files(root):
         return [f for f in root.rglob("*") if f.is_file() and "c" in f.relative_to(root).parts]
 
     total = len(chunk_files(tmp_path / "ref"))
-    # the child announces its 6th completed box on stdout, then blocks on stdin until killed:
-    # the kill lands mid-conversion by construction, not by timing
+    # The child stops after its 6th box is on disk, says so through a pipe and waits to be
+    # killed: the kill lands mid-way however loaded the machine is (no sleeps, no timing).
     child = (
-        "import sys\n"
+        "import os, sys, threading\n"
         "import ucp.format.writer as w\n"
         "orig, done = w.ArrayWriter.write, [0]\n"
-        "def gated(self, *a, **k):\n"
+        "def write_then_stop(self, *a, **k):\n"
         "    orig(self, *a, **k)\n"
         "    done[0] += 1\n"
         "    if done[0] == 6:\n"
-        "        sys.stdout.write('written 6\\n'); sys.stdout.flush(); sys.stdin.read()\n"
-        "w.ArrayWriter.write = gated\n"
+        "        os.write(int(os.environ['UCP_TEST_FD']), b'x')\n"
+        "        threading.Event().wait()\n"
+        "w.ArrayWriter.write = write_then_stop\n"
         "from ucp.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     dst = tmp_path / "dst"
+    read_end, write_end = os.pipe()
     p = subprocess.Popen([sys.executable, "-c", child, "convert", str(tmp_path / "src"), str(dst), "-q"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert p.stdout.readline() == b"written 6\n"  # empty if the child exited first
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    p.stdin.close()
-    p.stdout.close()
+                         env={**os.environ, "UCP_TEST_FD": str(write_end)}, pass_fds=(write_end,))
+    os.close(write_end)
+    try:
+        signalled = os.read(read_end, 1)  # blocks until the child has written 6 boxes (b"" if it died)
+    finally:
+        os.close(read_end)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert signalled == b"x", "the conversion ended before its 6th box"
     assert p.returncode == -signal.SIGKILL
     before = {f: os.stat(f) for f in chunk_files(dst)}
-    assert 0 < len(before) < total  # killed mid-write: some chunks written, not all
+    assert 0 < len(before) < total  # killed mid-write: some chunks on disk, not all
     assert not (dst / "ucp.manifest.json").exists()
     with pytest.raises(UcpError, match="manifest"):
         ucp.open(dst)
@@ -278,7 +283,7 @@ def test_average_over_replicas_that_differ(tmp_path):
     want = (torch.stack([v.double() for v in vals]).sum(0) / 3).float()
     assert torch.equal(ck.read("norm"), want)
     assert torch.equal(ck.read("w"), states["param"]["w"])
-    export(tmp_path / "uni", tmp_path / "tp2", to="ranks", degrees={"tp": 2})
+    ucp.export(tmp_path / "uni", tmp_path / "tp2", target="ranks", degrees={"tp": 2})
     for r in range(2):
         d = torch.load(tmp_path / "tp2" / f"rank-tp{r}.pt", weights_only=True)
         assert torch.equal(d["param"]["norm"], want)
@@ -313,7 +318,7 @@ def test_torchrun_conversion_equals_single_process(tmp_path):
     assert ucp.open(tmp_path / "two").params == list(shapes)
     assert verify(tmp_path / "two") == []
     assert main(["diff", str(tmp_path / "one"), str(tmp_path / "two"), "-q", "--ignore-metadata"]) == 0
-    export(tmp_path / "two", tmp_path / "dp2", to="ranks", degrees={"dp": 2})
+    ucp.export(tmp_path / "two", tmp_path / "dp2", target="ranks", degrees={"dp": 2})
     _assert_same(states, load_ranks_full(tmp_path / "dp2"))
 
 
@@ -356,7 +361,7 @@ def test_frozen_params_without_optimizer_state_are_kept(tmp_path):
     ck = ucp.open(tmp_path / "uni")
     assert ck.states("frozen.emb") == ["param"] and ck.states("w") == ["param", "exp_avg"]
     assert ck.param_meta("frozen.emb").get("frozen") is True and not ck.param_meta("w").get("frozen")
-    export(tmp_path / "uni", tmp_path / "tp1", to="ranks", degrees={"tp": 1, "dp": 3})
+    ucp.export(tmp_path / "uni", tmp_path / "tp1", target="ranks", degrees={"tp": 1, "dp": 3})
     _assert_same(states, load_ranks_full(tmp_path / "tp1"))
 
 
@@ -365,14 +370,13 @@ def test_frozen_params_without_optimizer_state_are_kept(tmp_path):
                                                ("torch_fsdp2_tp", {"dp": 2, "tp": 2})])
 def test_load_rank_equals_the_rank_files_an_export_writes(tmp_path, spec_name, degrees):
     """`ucp.load_rank` gives, in memory, exactly what `ucp export` writes for that rank."""
-    from ucp.lang import load
-    from ucp.layout_ranks import all_coords, rank_file_name
+    from ucp.engine import load_spec, mesh_of
 
     states = _states(LLAMA_SHAPES)
     save_ranks(states, tmp_path / "src", spec_text=DEMO_SPEC, degrees={"tp": 2, "dp": 2})
     ucp.convert(tmp_path / "src", tmp_path / "uni")
-    export(tmp_path / "uni", tmp_path / "dst", to="ranks", degrees=degrees, spec=spec_name)
-    for coords in all_coords(list(load(spec_name).axes), degrees):
+    ucp.export(tmp_path / "uni", tmp_path / "dst", target="ranks", degrees=degrees, spec=spec_name)
+    for coords in mesh_of(load_spec(spec_name).axes, degrees):
         got = ucp.load_rank(tmp_path / "uni", spec_name, degrees, coords, states=None)
         want = torch.load(tmp_path / "dst" / rank_file_name(coords), weights_only=True)
         assert set(got) == set(want)

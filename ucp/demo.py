@@ -2,13 +2,13 @@
 
 1. train a tiny Llama-shaped model for a few AdamW steps;
 2. save it as a distributed checkpoint: per-rank files of a TP=2 x ZeRO-3 DP=2 layout
-   declared in the spec language (produced by ucp's own rank-files writer — the framework
-   sources come in later releases);
+   declared in the spec language (the rank-files target, ``ucp.targets.ranks``);
 3. ``ucp convert`` it to the universal form and ``ucp verify`` it;
 4. ``ucp export`` it to TP=3 x DP=1 (uneven splits: 1003 and 200 rows over 3 ranks) and check
    every tensor of every rank against the original, bit for bit;
 5. resume training from the universal checkpoint on the new layout and check that the next
-   losses equal those of the uninterrupted run.
+   losses equal those of the uninterrupted run;
+6. every chapter in ``ucp.demos`` whose framework is installed (see that package).
 """
 from __future__ import annotations
 
@@ -110,72 +110,107 @@ def _equal(a: dict, b: dict) -> tuple[int, list[str]]:
     return n, bad
 
 
-def run_demo(directory=None, quiet=False) -> bool:
-    from ucp.demo_model import TinyConfig, TinyLlama, make_optimizer, train_steps
-    from ucp.export import export
-    from ucp.format import verify
-    from ucp.layout_ranks import load_ranks_full, save_ranks
-    import ucp
+class _Steps:
+    """Timed steps of the demo, printed as a table at the end."""
 
-    own = directory is None
-    root = Path(tempfile.mkdtemp(prefix="ucp-demo-")) if own else Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    for sub in ("tp2-dp2", "universal", "tp3"):
-        if (root / sub).exists():
-            shutil.rmtree(root / sub)
-    rows, ok = [], True
+    def __init__(self):
+        self.rows: list[tuple[str, float]] = []
 
-    def step(label, fn):
+    def __call__(self, label, fn):
         t0 = time.perf_counter()
         res = fn()
-        rows.append((label, time.perf_counter() - t0))
+        self.rows.append((label, time.perf_counter() - t0))
         return res
+
+
+def _train(quiet, step):
+    """Train the tiny model, keep its state, and run the uninterrupted continuation."""
+    from ucp.demo_model import TinyConfig, TinyLlama, make_optimizer, train_steps
 
     cfg = TinyConfig()
     torch.manual_seed(0)
     model = TinyLlama(cfg)
     opt = make_optimizer(model)
     losses = step("train 3 steps (AdamW)", lambda: train_steps(model, opt, 0, STEPS_BEFORE))
-    _say(quiet, f"ucp demo in {root}\n  model: tiny Llama, {sum(p.numel() for p in model.parameters()):,} "
+    _say(quiet, f"  model: tiny Llama, {sum(p.numel() for p in model.parameters()):,} "
                 f"parameters, vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, GQA {cfg.num_attention_heads}/"
                 f"{cfg.num_key_value_heads}; losses {', '.join(f'{x:.4f}' for x in losses)}")
-    states, scalars, meta = training_state(model, opt)
+    saved = training_state(model, opt)
     # The uninterrupted run goes on from here; the resumed one must match it.
     rng = torch.get_rng_state()
     ref_losses = train_steps(model, opt, STEPS_BEFORE, STEPS_AFTER)
     torch.set_rng_state(rng)
+    return saved, ref_losses
 
-    src = root / "tp2-dp2"
+
+def _core_story(root: Path, quiet: bool, step) -> bool:
+    """Rank files -> convert -> verify -> export at another degree -> compare -> resume."""
+    import ucp
+    from ucp.demo_model import train_steps
+    from ucp.format import verify
+    from ucp.sources.ranks import load_ranks_full
+    from ucp.targets.ranks import save_ranks
+
+    (states, scalars, meta), ref_losses = _train(quiet, step)
+    src, uni, dst = root / "tp2-dp2", root / "universal", root / "tp3"
     step("save TP=2 x ZeRO-3 DP=2 rank files", lambda: save_ranks(
         states, src, spec_text=DEMO_SPEC, spec_name="<demo spec>", degrees={"tp": 2, "dp": 2},
         scalars=scalars, metadata=meta))
     _say(quiet, f"  saved 4 rank files (TP=2 x DP=2): {', '.join(sorted(p.name for p in src.glob('rank*.pt')))}")
-
-    uni = root / "universal"
     step("ucp convert -> universal", lambda: ucp.convert(src, uni, source="ranks"))
     problems = step("ucp verify", lambda: verify(uni, deep=True))
     ck = ucp.open(uni)
     _say(quiet, f"  universal: {len(ck.params)} parameters x {len(ck.states(ck.params[0]))} states, "
                 f"verify: {'OK' if not problems else problems}")
-    ok &= not problems
-
-    dst = root / "tp3"
-    step("ucp export -> TP=3 rank files", lambda: export(uni, dst, to="ranks", degrees={"tp": 3, "dp": 1}))
-    back = step("reassemble TP=3 and compare", lambda: load_ranks_full(dst))
-    n, bad = _equal(states, back)
+    step("ucp export -> TP=3 rank files", lambda: ucp.export(uni, dst, "ranks", degrees={"tp": 3, "dp": 1}))
+    n, bad = _equal(states, step("reassemble TP=3 and compare", lambda: load_ranks_full(dst)))
     _say(quiet, f"  TP=3 export: {n} tensors compared bit-exactly with the trained model: "
                 f"{'all equal' if not bad else f'{len(bad)} DIFFER: ' + ', '.join(bad[:5])}")
-    ok &= not bad
-
     model2, opt2 = step("resume from universal", lambda: resume_from_universal(uni))
     got = step("train 2 more steps", lambda: train_steps(model2, opt2, STEPS_BEFORE, STEPS_AFTER))
     same = got == ref_losses
     _say(quiet, "  resumed losses " + ", ".join(f"{x:.6f}" for x in got) + "  vs uninterrupted "
          + ", ".join(f"{x:.6f}" for x in ref_losses) + ("  (identical)" if same else "  (DIFFER)"))
-    ok &= same
+    return not problems and not bad and same
+
+
+def chapters() -> list:
+    """Further chapters: every module of ``ucp.demos`` (framework plug-ins add one each)
+    with ``TITLE``, ``available() -> bool`` (e.g. the framework is installed) and
+    ``run(root: Path, quiet: bool) -> bool``; in name order."""
+    import importlib
+    import pkgutil
+
+    try:
+        import ucp.demos as pkg
+    except ImportError:
+        return []
+    mods = [importlib.import_module(f"ucp.demos.{m.name}") for m in sorted(pkgutil.iter_modules(pkg.__path__),
+                                                                          key=lambda m: m.name)
+            if not m.name.startswith("_")]
+    return [m for m in mods if m.available()]
+
+
+def run_demo(directory=None, quiet=False) -> bool:
+    """Run the demo in ``directory`` (a temporary one, removed on success, by default);
+    True when every check of every chapter passed."""
+    own = directory is None
+    root = Path(tempfile.mkdtemp(prefix="ucp-demo-")) if own else Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in ("tp2-dp2", "universal", "tp3"):
+        if (root / sub).exists():
+            shutil.rmtree(root / sub)
+    step = _Steps()
+    _say(quiet, f"ucp demo in {root}")
+    ok = _core_story(root, quiet, step)
+    for chapter in chapters():
+        _say(quiet, f"\n{chapter.TITLE}")
+        where = root / chapter.__name__.rsplit(".", 1)[-1]
+        shutil.rmtree(where, ignore_errors=True)
+        ok &= bool(step(chapter.TITLE, lambda: chapter.run(where, quiet)))
     if not quiet:
         print("\n  step                                   seconds")
-        for label, t in rows:
+        for label, t in step.rows:
             print(f"  {label:<38} {t:7.3f}")
         print(f"\nucp demo: {'PASS' if ok else 'FAIL'}")
     if own and ok:

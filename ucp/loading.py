@@ -3,24 +3,16 @@ declares: what a training job does when it resumes on a different number of GPUs
 
 Only the boxes the rank needs are read (``Checkpoint.read_box``), each straight into its place
 in the local tensor when that place is contiguous. Grouped flat layouts (ZeRO-1/2) come back as
-the rank's flat buffer under the group key, exactly as the framework holds it.
+the rank's flat buffer under the group key, exactly as the framework holds it. ``ucp.export``
+builds every target file's tensors with the same :func:`read_locals`.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
 from ucp.errors import UcpError
-
-
-def fragments_for(bound, matches, shapes, degrees, coords):
-    """Every fragment the rank at ``coords`` holds, for parameters already matched by ``bound``."""
-    from ucp.plan import rank_fragments
-
-    rules = {n: m.rule for n, m in matches.items()}
-    return rank_fragments(rules, shapes, degrees, coords, local_name=bound.local_name,
-                          captures=lambda n: matches[n].captures)
 
 
 def fill_locals(frags, state_dtypes, read, read_into=None) -> dict[str, dict[str, torch.Tensor]]:
@@ -50,30 +42,16 @@ def fill_locals(frags, state_dtypes, read, read_into=None) -> dict[str, dict[str
     return out
 
 
-def load_rank(path, spec, degrees: Mapping[str, int], coords: Mapping[str, int], *,
-              states: Iterable[str] | None = ("param",), constants: Mapping[str, int] | None = None,
-              names: Iterable[str] | None = None, storage_options=None,
-              dtype: torch.dtype | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """``{state: {local_name: tensor}}`` of the rank at ``coords`` of a ``degrees`` layout.
-
-    ``spec``: a ``ucp.lang.Spec``, a converters/ name or a spec file. ``states=None`` loads every
-    state each parameter has. ``names`` restricts the parameters (default: all). ``dtype`` casts
-    (only when asked: ucp never casts on its own).
-    """
-    import ucp
-    from ucp.lang import Spec, load
-
-    ck = ucp.open(path, storage_options=storage_options) if not hasattr(path, "read_box") else path
-    spec_obj = spec if isinstance(spec, Spec) else load(spec)
-    params = list(names) if names is not None else list(ck.params)
-    bound = spec_obj.bind(degrees=dict(degrees), constants=dict(constants or {}))
-    matches = bound.resolve(params)
-    shapes = {n: tuple(ck.array_info(n, "param").shape) for n in params}
-    frags = fragments_for(bound, matches, shapes, dict(degrees), dict(coords))
+def read_locals(ck, frags: Sequence, *, states: Iterable[str] | None = None,
+                dtype: torch.dtype | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """:func:`fill_locals` over a universal checkpoint reader ``ck``: the local tensors of
+    ``frags`` for ``states`` (None: every state each parameter has), reading each box straight
+    into place. ``dtype`` casts (only when asked: ucp never casts on its own)."""
+    wanted_states = None if states is None else list(states)
 
     def state_dtypes(name):
         have = ck.states(name)
-        wanted = have if states is None else [s for s in states if s in have]
+        wanted = have if wanted_states is None else [s for s in wanted_states if s in have]
         return {st: dtype or ck.array_info(name, st).dtype for st in wanted}
 
     def read(name, st, start, stop):
@@ -84,3 +62,22 @@ def load_rank(path, spec, degrees: Mapping[str, int], coords: Mapping[str, int],
         ck.read_box(name, st, tuple(start), tuple(stop), out=out)
 
     return fill_locals(frags, state_dtypes, read, read_into if dtype is None else None)
+
+
+def load_rank(path, spec, degrees: Mapping[str, int], coords: Mapping[str, int], *,
+              states: Iterable[str] | None = ("param",), constants: Mapping[str, int] | None = None,
+              names: Iterable[str] | None = None, storage_options=None,
+              dtype: torch.dtype | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """``{state: {local_name: tensor}}`` of the rank at ``coords`` of a ``degrees`` layout.
+
+    ``spec``: a ``ucp.lang.Spec``, a converters/ name or a spec file. ``states=None`` loads every
+    state each parameter has. ``names`` restricts the parameters (default: all). ``dtype`` casts
+    (only when asked: ucp never casts on its own).
+    """
+    from ucp.engine import bind_layout, open_universal
+
+    ck = open_universal(path, storage_options)
+    params = list(names) if names is not None else list(ck.params)
+    bound = bind_layout(spec, params, degrees, constants)
+    shapes = {n: tuple(ck.array_info(n, "param").shape) for n in params}
+    return read_locals(ck, bound.rank_fragments(shapes, coords), states=states, dtype=dtype)

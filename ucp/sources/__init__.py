@@ -47,7 +47,8 @@ class SourceParam:
     fragments: Sequence[Any]                  # ucp.plan.Fragment, for every state ...
     state_fragments: Mapping[str, Sequence[Any]] = field(default_factory=dict)  # ... unless overridden
     scalars: Mapping[str, Any] = field(default_factory=dict)   # e.g. {"step": 3}
-    meta: Mapping[str, Any] = field(default_factory=dict)      # frozen, tied, rule, fragmentation
+    meta: Mapping[str, Any] = field(default_factory=dict)      # FORMAT.md keys: rule, parts, padding,
+    #                                   frozen, tied_to (the engine adds fragmentation and scalars)
 
     def fragments_of(self, state: str) -> Sequence[Any]:
         """The fragments that hold ``state`` of this parameter."""
@@ -70,8 +71,8 @@ class Source:
     :meth:`detect`, :meth:`layout` and :meth:`local`.
 
     Order of calls by the engine: ``detect`` (only for ``--from auto``), ``__init__``,
-    ``layout`` once, ``local`` (or ``read_into``) any number of times from one thread per
-    worker, ``close``.
+    ``layout`` once, ``read`` (by default through ``local``) any number of times, ``close``
+    (always, also after an error).
     """
     #: the ``--from`` name
     name: ClassVar[str] = ""
@@ -91,6 +92,15 @@ class Source:
         self.storage_options = storage_options
         self.options = options
 
+    def reject_options(self, allowed=()) -> None:
+        """Raise a clear error naming every option this source was given but does not take
+        (``None`` values count as not given); call it from ``__init__``."""
+        extra = sorted(k for k, v in self.options.items() if v is not None and k not in allowed)
+        if extra:
+            flags = ", ".join(f"{k} (--{k.replace('_', '-')})" for k in extra)
+            takes = ", ".join(sorted(allowed)) or "no other options"
+            raise UcpError(f"source {self.name!r} does not take {flags}; it takes {takes}")
+
     @classmethod
     def detect(cls, path) -> bool:
         """True when ``path`` looks like this source's checkpoint, from file names and small
@@ -107,6 +117,21 @@ class Source:
         ``fragment``; memory-mapped where the files allow it, so only the bytes the engine
         touches are read. Errors name the file, the parameter and the problem."""
         raise NotImplementedError
+
+    def read(self, fragment, state: str, piece):
+        """The universal box ``piece.src`` of ``state``, as ``fragment`` holds it at ``piece.dst``
+        of its local tensor (shape ``piece.src.shape``). The default slices :meth:`local` (and
+        checks its shape); sources that can read a byte range directly (safetensors, ``.distcp``
+        files) override this so that only the piece's bytes are read."""
+        t = self.local(fragment, state)
+        if tuple(t.shape) != tuple(fragment.local_shape):
+            raise UcpError(f"{self.describe(fragment, state)}: local tensor has shape {tuple(t.shape)}, "
+                           f"the layout implies {tuple(fragment.local_shape)}")
+        return t[piece.dst.slices()].reshape(piece.src.shape)
+
+    def describe(self, fragment, state: str) -> str:
+        """Where ``state`` of ``fragment`` lives, for error messages (override to name the file)."""
+        return f"{self.path}: {state} of {fragment.name} ({fragment.describe()})"
 
     def close(self) -> None:
         """Release files and maps."""

@@ -44,10 +44,15 @@ class Target:
     Order of calls by the engine: ``__init__``, ``plan(checkpoint)`` once (refuse degrees
     the model cannot take here, before anything is written), ``write_unit`` once per unit in
     plan order, ``finish(checkpoint)`` once. On any error the engine calls ``abort`` and the
-    destination holds nothing that looks like a complete checkpoint.
+    destination holds nothing that looks like a complete checkpoint. Under torchrun (see
+    :attr:`split_under_torchrun`) every process plans, writes its share of the units and
+    aborts what it wrote on failure; only process 0 calls ``finish``.
     """
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: under torchrun, every process plans and writes a share of the units, process 0 then
+    #: calls ``finish``; False: process 0 runs the whole export while the others wait
+    split_under_torchrun: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -61,6 +66,15 @@ class Target:
         self.spec = spec
         self.storage_options = storage_options
         self.options = options
+
+    def reject_options(self, allowed=()) -> None:
+        """Raise a clear error naming every option this target was given but does not take
+        (``None`` values count as not given); call it from ``__init__``."""
+        extra = sorted(k for k, v in self.options.items() if v is not None and k not in allowed)
+        if extra:
+            flags = ", ".join(f"{k} (--{k.replace('_', '-')})" for k in extra)
+            takes = ", ".join(sorted(allowed)) or "no other options"
+            raise UcpError(f"target {self.name!r} does not take {flags}; it takes {takes}")
 
     def plan(self, checkpoint) -> Sequence[TargetUnit]:
         """The units to write, for the universal ``checkpoint`` (a ``ucp.format`` reader)."""

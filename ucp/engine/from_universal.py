@@ -1,0 +1,129 @@
+"""Universal checkpoint -> framework files, for any :class:`ucp.targets.Target`.
+
+The target plans its units (files, or ranks' shares) and the fragments each holds; the
+engine reads exactly those boxes from the universal checkpoint, one unit at a time (memory
+bounded by the largest unit, never the model), builds the unit's local tensors with
+``ucp.loading.read_locals`` — the same reads ``ucp.load_rank`` does — and hands them to the
+target. On any failure the target's ``abort`` runs, so nothing that looks complete is left.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+
+def open_universal(checkpoint, storage_options: Mapping[str, Any] | None = None):
+    """``checkpoint`` itself when it is already a reader (anything with ``read_box``), else
+    ``ucp.open(checkpoint)``."""
+    if hasattr(checkpoint, "read_box"):
+        return checkpoint
+    from ucp.format import open_checkpoint
+
+    return open_checkpoint(checkpoint, storage_options=storage_options)
+
+
+def export(checkpoint, target, *, progress: bool = False,
+           storage_options: Mapping[str, Any] | None = None):
+    """Write the universal ``checkpoint`` (a path, URL or open reader) through ``target``
+    (a :class:`ucp.targets.Target`): ``plan`` -> ``write_unit`` per unit -> ``finish``.
+
+    Under torchrun every process plans, writes its share of the units (by size) and process
+    0 finishes once every unit is written; a failure anywhere makes every process abort and
+    raise. Returns the target's destination."""
+    from ucp.engine.jobs import torchrun_rank
+
+    ck = open_universal(checkpoint, storage_options)
+    job = torchrun_rank()
+    if job is None:
+        _export_alone(ck, target, progress)
+    else:
+        _export_shared(ck, target, job, progress)
+    return target.dst
+
+
+def _export_alone(ck, target, progress: bool) -> None:
+    units = list(target.plan(ck))
+    try:
+        write_units(ck, target, units, progress)
+        target.finish(ck)
+    except BaseException:
+        target.abort()
+        raise
+
+
+def write_units(ck, target, units, progress: bool = False) -> None:
+    """Fill and hand over ``units`` one at a time (memory: one unit's tensors)."""
+    from ucp.progress import bar
+
+    with bar(total=len(units), desc=f"export {target.name}", unit="file",
+             enabled=None if progress else False) as pb:
+        for unit in units:
+            target.write_unit(unit, unit_tensors(ck, unit))
+            pb.update(1)
+
+
+def _unit_volume(unit) -> int:
+    frags = [*unit.fragments, *[f for fs in unit.state_fragments.values() for f in fs]]
+    return sum(f.numel for f in frags)
+
+
+def _export_shared(ck, target, job, progress: bool) -> None:
+    """One process of a torchrun export: plan everywhere (every plan checked before anything
+    is written), write this process's share of the units, then finish on process 0. After
+    each step the processes agree; on any failure every process aborts and raises. A target
+    with ``split_under_torchrun = False`` is run whole by process 0 (the others wait)."""
+    from ucp.engine.jobs import agree, failure_text
+    from ucp.plan.assign import assign_by_size
+
+    rank, world = job
+    split = bool(getattr(target, "split_under_torchrun", True))
+    planned: list = []
+
+    def plan():
+        if split or rank == 0:
+            planned.extend(target.plan(ck))
+
+    def write():
+        share = (assign_by_size({str(i): _unit_volume(u) for i, u in enumerate(planned)}, world)[rank]
+                 if split else [str(i) for i in range(len(planned))])
+        write_units(ck, target, [planned[int(i)] for i in share], progress and rank == 0)
+
+    def finish():
+        if rank == 0:
+            target.finish(ck)
+
+    for step, run in (("planning", plan), ("writing", write), ("finishing", finish)):
+        failure = None
+        try:
+            run()
+        except Exception as e:
+            failure = failure_text(e)
+        try:
+            agree(failure, f"export to {target.name} ({step})")
+        except BaseException:
+            target.abort()
+            raise
+
+
+def unit_states(ck, unit) -> list[str]:
+    """The states to fill for ``unit``: the ones it names, else every state its parameters
+    have in the checkpoint (``param`` first, then by name)."""
+    if unit.states is not None:
+        return list(unit.states)
+    names = {f.name for f in unit.fragments}
+    for frags in unit.state_fragments.values():
+        names.update(f.name for f in frags)
+    found = {st for n in names for st in ck.states(n)}
+    return sorted(found, key=lambda s: (s != "param", s))
+
+
+def unit_tensors(ck, unit) -> dict[str, dict[str, Any]]:
+    """``{state: {local_name: tensor}}`` of one unit, read box by box from ``ck``. States a
+    unit's parameters lack (e.g. no optimizer state for a frozen weight) are left out."""
+    from ucp.loading import read_locals
+
+    out: dict[str, dict[str, Any]] = {}
+    for state in unit_states(ck, unit):
+        got = read_locals(ck, unit.fragments_of(state), states=[state])
+        if state in got:
+            out[state] = got[state]
+    return out

@@ -1,0 +1,185 @@
+"""Framework checkpoint -> universal checkpoint, for any :class:`ucp.sources.Source`.
+
+The source describes its files (``Source.layout``) and hands out boxes (``Source.read``);
+everything else happens here once: the coverage check of every state, the torchrun split by
+size with one collective commit, replica dedupe and averaging (``ucp.plan.replicas``, the
+one rule), streaming one box at a time to the writer (memory bounded by the largest box in
+flight, never the model), resume, worker threads, progress, per-parameter and non-tensor
+metadata, commit.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from ucp.errors import UcpError
+
+#: Per-parameter metadata lists each fragment's boxes up to this many fragments; beyond it
+#: the spec (kept in the checkpoint's metadata) and the degrees reproduce them through the
+#: planner, so a 512-way run does not put 512 entries per parameter into the manifest.
+MAX_LISTED_FRAGMENTS = 64
+
+
+def convert(source, dst, *, workers: int | None = None, resume: bool = False, overwrite: bool = False,
+            progress: bool = False, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Convert what ``source`` (a :class:`ucp.sources.Source`) describes into a committed
+    universal checkpoint at ``dst`` (local path or fsspec URL).
+
+    Under torchrun every process converts a share of the parameters (by size) and the job
+    commits once; a failure on any process leaves no manifest. ``resume`` finishes an
+    interrupted conversion into ``dst`` (chunks already written and checked are kept);
+    ``overwrite`` replaces an existing ``dst``. The source is closed at the end.
+    """
+    from ucp.engine.jobs import torchrun_rank
+
+    try:
+        layout = source.layout()
+        check_layout(layout)
+        job = torchrun_rank()
+        mine = _my_params(layout, job)
+        writer = _open_writer(dst, job, workers=workers, resume=resume, overwrite=overwrite,
+                              storage_options=storage_options)
+        failure = None
+        try:
+            write_params(writer, source, layout, [p for p in layout.params if p.name in mine], progress)
+        except Exception as e:
+            if job is None:
+                writer.abort()
+                raise
+            failure = f"{type(e).__name__}: {e}"
+        _commit(writer, job, conversion_metadata(source, layout), failure, [p.name for p in layout.params])
+    finally:
+        source.close()
+
+
+def check_layout(layout) -> None:
+    """Raise unless, for every parameter and state, the fragments tile the tensor exactly
+    (``ucp.plan.check_coverage``), and every parameter has a ``param`` state."""
+    from ucp.plan import check_coverage
+
+    seen = set()
+    for p in layout.params:
+        if p.name in seen:
+            raise UcpError(f"parameter {p.name!r} is described twice by the source")
+        seen.add(p.name)
+        if "param" not in p.dtypes:
+            raise UcpError(f"{p.name}: the source gives no 'param' state (states: {', '.join(p.dtypes)})")
+        checked = set()
+        for state in p.dtypes:
+            frags = p.fragments_of(state)
+            if id(frags) not in checked:
+                check_coverage(p.name, p.shape, frags)
+                checked.add(id(frags))
+
+
+def _volume(p) -> int:
+    return math.prod(p.shape) * len(p.dtypes)
+
+
+def _my_params(layout, job) -> set[str]:
+    """Names this process converts: all of them, or its share of a torchrun job by size."""
+    sizes = {p.name: _volume(p) for p in layout.params}
+    if job is None:
+        return set(sizes)
+    from ucp.plan.assign import assign_by_size
+
+    rank, world = job
+    return set(assign_by_size(sizes, world)[rank])
+
+
+def _open_writer(dst, job, *, workers, resume, overwrite, storage_options):
+    options = {"workers": workers} if workers else {}
+    if job is None:
+        from ucp.format import create_checkpoint
+
+        return create_checkpoint(dst, overwrite=overwrite, storage_options=storage_options, resume=resume,
+                                 **options)
+    from ucp.format import create_distributed
+
+    return create_distributed(dst, storage_options=storage_options, resume=resume, **options)
+
+
+def _commit(writer, job, metadata, failure, order) -> None:
+    if job is None:
+        writer.set_metadata(metadata)
+        writer.commit()
+        return
+    from ucp.format import commit_distributed
+
+    commit_distributed(writer, metadata=metadata, failure=failure, param_order=order)
+
+
+def write_params(writer, source, layout, params, progress: bool = False) -> None:
+    """Declare and write ``params`` (``SourceParam`` s of ``layout``), one box at a time."""
+    from ucp.progress import bar
+
+    with bar(total=sum(_volume(p) for p in params), desc="convert", unit="el",
+             enabled=None if progress else False) as pb:
+        for p in params:
+            writer.add_param(p.name, meta=param_metadata(p, layout, source.name))
+            for state, dtype in p.dtypes.items():
+                array = writer.add_array(p.name, state, tuple(p.shape), dtype)
+                write_state(array, source, p, state, dtype)
+                pb.update(math.prod(p.shape))
+
+
+def write_state(array, source, p, state: str, dtype) -> None:
+    """Write one state of one parameter: per distinct partition the one replica that holds
+    it, or the average of the replicas an ``average`` axis declares (one rule:
+    ``ucp.plan.replicas.average_replicas``)."""
+    from ucp.plan import dedupe
+    from ucp.plan.replicas import average_replicas
+
+    for replicas in dedupe(p.fragments_of(state)):
+        first = replicas[0][0]
+        for i, piece in enumerate(first.pieces):
+            if len(replicas) == 1:
+                box = _read(source, first, state, piece, dtype)
+            else:
+                boxes = [_read(source, f, state, f.pieces[i], dtype) for f, _ in replicas]
+                box = average_replicas(boxes, [w for _, w in replicas], dtype)
+            array.write(tuple(piece.src.start), box)
+
+
+def _read(source, fragment, state, piece, dtype):
+    box = source.read(fragment, state, piece)
+    if box.dtype != dtype:
+        raise UcpError(f"{source.describe(fragment, state)}: dtype {box.dtype}, but the source's layout "
+                       f"says {dtype} (ucp never casts implicitly)")
+    return box
+
+
+def param_metadata(p, layout, source_name: str) -> dict:
+    """Per-parameter metadata: what the source says (rule, parts, padding, frozen, tied_to),
+    the fragmentation it had (boxes listed up to :data:`MAX_LISTED_FRAGMENTS` fragments) and
+    scalar state such as Adam ``step``."""
+    meta = dict(p.meta)
+    held = [f for f in p.fragments if f.pieces]
+    frag = {"layout": source_name, "degrees": dict(layout.degrees), "fragments": len(held)}
+    if layout.spec_name:
+        frag["spec"] = layout.spec_name
+    if meta.get("rule"):
+        frag["rule"] = meta["rule"]
+    if len(held) <= MAX_LISTED_FRAGMENTS:
+        frag["ranks"] = [{"coords": dict(f.coords), "local": f.local_name, "local_shape": list(f.local_shape),
+                          "pieces": [[list(pc.src.start), list(pc.src.stop), list(pc.dst.start),
+                                      list(pc.dst.stop)] for pc in f.pieces]}
+                         for f in held]
+    frag.update(meta.get("fragmentation") or {})
+    meta["fragmentation"] = frag
+    if p.scalars:
+        meta["scalars"] = dict(p.scalars)
+    return meta
+
+
+def conversion_metadata(source, layout) -> dict:
+    """Non-tensor metadata of the universal checkpoint: the source's non-tensor state plus a
+    ``source`` record (format, path, degrees, spec and its text) from which ``export``
+    reproduces the layout."""
+    record = {"format": source.name, "path": str(source.path), "degrees": dict(layout.degrees),
+              "constants": dict(layout.constants)}
+    if layout.spec_name is not None:
+        record["spec"] = layout.spec_name
+    if layout.spec_text is not None:
+        record["spec_text"] = layout.spec_text
+    return {"source": record, **dict(layout.metadata)}
