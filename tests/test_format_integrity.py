@@ -157,3 +157,50 @@ def test_resume_interrupted_write(tmp_path):
     assert torch.equal(open_checkpoint(p).read("w"), t)
     with pytest.raises(UcpError, match="already a committed"):
         create_checkpoint(p, resume=True)
+
+
+# -- issue 13 item 7 ----------------------------------------------------------------------------------
+def test_open_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(NotCommittedError, match=r"missing is not a committed ucp checkpoint: no such directory"):
+        open_checkpoint(tmp_path / "missing")
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(NotCommittedError, match=r"it is a file, not a checkpoint directory"):
+        open_checkpoint(tmp_path / "file")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NotCommittedError, match=r"no ucp.manifest.json \(incomplete or still being written\)"):
+        open_checkpoint(tmp_path / "empty")
+    assert "no such directory" in verify(tmp_path / "missing")[0]
+
+
+def test_symlinks_inside_the_root_are_refused(tmp_path):
+    from ucp.errors import FormatError
+
+    ck = small_checkpoint(tmp_path / "ck")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    chunk = ck / "a.w" / "param" / "c" / "0" / "0"
+    (outside / "chunk").write_bytes(chunk.read_bytes())  # identical bytes: only the link is wrong
+    chunk.unlink()
+    chunk.symlink_to(outside / "chunk")
+    with pytest.raises(FormatError, match=r"a.w/param/c/0/0 is a symbolic link"):
+        open_checkpoint(ck).read("a.w")
+    assert any("symbolic link" in p for p in verify(ck))
+    ck2 = small_checkpoint(tmp_path / "ck2")
+    os.rename(ck2 / "a.w" / "exp_avg", outside / "exp_avg")  # a whole directory elsewhere, linked in
+    (ck2 / "a.w" / "exp_avg").symlink_to(outside / "exp_avg")
+    with pytest.raises(FormatError, match=r"a symbolic link leads outside the checkpoint"):
+        open_checkpoint(ck2).read("a.w", "exp_avg")
+    assert any("leads outside" in p for p in verify(ck2))
+
+
+def test_stray_files_are_warnings_and_problems_with_strict(tmp_path):
+    from ucp.format import verify_report
+
+    ck = small_checkpoint(tmp_path / "ck")
+    (ck / "a.w" / "param" / "c" / "9").write_bytes(b"left over")
+    (ck / "notes.txt").write_bytes(b"hello")
+    assert verify(ck) == []
+    problems, warnings = verify_report(ck)
+    assert problems == [] and warnings == ["a.w/param/c/9: stray file, not part of the checkpoint",
+                                           "notes.txt: stray file, not part of the checkpoint"]
+    assert verify(ck, strict=True) == warnings

@@ -6,7 +6,7 @@ import pytest
 import torch
 import zarr
 
-from ucp.format import create_checkpoint, dtypes, open_checkpoint
+from ucp.format import FORMAT_VERSION, create_checkpoint, dtypes, open_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -41,7 +41,7 @@ def make(path, **kw):
 
 def check_zarr(path, tensors, **open_kw):
     g = zarr.open_group(path, mode="r", **open_kw)
-    assert g.attrs["ucp"]["format_version"] == 1
+    assert g.attrs["ucp"]["format_version"] == FORMAT_VERSION == 2
     ck = open_checkpoint(path, **({"storage_options": open_kw["storage_options"]} if open_kw else {}))
     for pname, t in tensors.items():
         enc = ck.manifest["params"][ck.params.index(pname)]["path"]

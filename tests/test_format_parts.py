@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from ucp.format import (aligned_chunks, commit_parts, create_checkpoint, open_ch
 # The worker runs in a fresh interpreter (like a torchrun rank): it rebuilds the same full tensors
 # from a seed and writes its share of them.
 WORKER = r'''
-import json, sys, time, torch
+import json, sys, torch
 from ucp.format import create_checkpoint, split_boxes, aligned_chunks
 
 def full():
@@ -40,7 +39,7 @@ r, n = a["rank"], a["world"]
 t = full()
 w = create_checkpoint(a["path"], rank=r, world_size=n, resume=a.get("resume", False), chunk_bytes=512,
                       durable=False, workers=2)
-slow = a.get("slow", 0)
+hold = a.get("hold", False)  # block (on stdin, a pipe) after the first param: killed mid-write
 if a["mode"] == "disjoint":
     names = [k for k in t if not k.startswith("rows.")]
     for i, name in enumerate(names):
@@ -51,7 +50,8 @@ if a["mode"] == "disjoint":
         sh = dict(shards=(8, 33), chunks=(4, 11)) if t[name].dim() == 2 and t[name].shape[0] >= 8 else {}
         w.write_tensor(name, "exp_avg", t[name] * 2, **sh)
         print("wrote", name, flush=True)
-        time.sleep(slow)
+        if hold:
+            sys.stdin.readline()  # the test never writes: this rank waits here until it is killed
 else:
     for name, (how, kw) in ROWS.items():
         x = t[name]
@@ -65,7 +65,6 @@ else:
                 assert piece[r].shape[0] == sp[0] - st[0]
                 arr.write(st, piece[r].clone())
             print("wrote", name, state, flush=True)
-            time.sleep(slow)
 w.commit()
 print("part done", flush=True)
 '''
@@ -79,8 +78,8 @@ def full():
 
 def spawn(path, rank, world, mode, **kw):
     arg = json.dumps({"path": str(path), "rank": rank, "world": world, "mode": mode, **kw})
-    return subprocess.Popen([sys.executable, "-c", WORKER, arg], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen([sys.executable, "-c", WORKER, arg], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def run_all(path, world, mode, **kw):
@@ -111,7 +110,8 @@ def test_three_processes_disjoint_params(tmp_path):
     run_all(path, 3, "disjoint")
     with pytest.raises(NotCommittedError):  # nothing exists for readers before the commit
         open_checkpoint(path)
-    assert sorted(os.listdir(path / "_ucp" / "parts")) == ["0.json", "1.json", "2.json"]
+    assert sorted(f.name for f in (path / "_ucp" / "parts").glob("[0-9].json")) == ["0.json", "1.json", "2.json"]
+    assert not list((path / "_ucp" / "parts").glob("*.lock"))  # every rank released its lock
     rng = torch.arange(5, dtype=torch.uint8)
     info = commit_parts(path, 3, metadata={"iteration": 7, "rng": rng})
     assert info["assembled"] == 0
@@ -140,29 +140,33 @@ def test_four_processes_uneven_row_blocks_of_the_same_arrays(tmp_path):
 
 
 def test_sigkilled_rank_resumes_and_commits(tmp_path):
+    """Rank 1 writes its first param, then blocks on a pipe nobody writes to: it is SIGKILLed there, with
+    params still unwritten and no part record. Synchronised on its output and the pipe, never on time."""
     path = tmp_path / "ck"
-    victim = spawn(path, 1, 3, "disjoint", slow=0.4)
+    victim = spawn(path, 1, 3, "disjoint", hold=True)
     others = [spawn(path, r, 3, "disjoint") for r in (0, 2)]
     for p in others:
-        out, err = p.communicate(timeout=60)
+        out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
-    assert victim.stdout.readline().startswith("wrote")  # at least one param done, then killed mid-write
+    assert victim.stdout.readline() == "wrote layers.0.b\n"  # one param done; now blocked on stdin
     victim.send_signal(signal.SIGKILL)
-    victim.communicate(timeout=30)
+    out, _err = victim.communicate(timeout=60)
     assert victim.returncode == -signal.SIGKILL
+    assert "wrote" not in out and "part done" not in out  # killed before its second param: mid-write
+    assert not (path / "_ucp" / "parts" / "1.json").exists()
+    assert (path / "_ucp" / "parts" / "1.lock").exists()  # the dead rank's lock, stale now
     with pytest.raises(IncompleteCheckpointError, match=r"rank\(s\) 1 "):
         commit_parts(path, 3)
     assert not (path / "ucp.manifest.json").exists()
     first = path / "layers.0.b" / "param" / "c" / "0"  # rank 1's first param, written before "wrote"
-    mtime = first.stat().st_mtime_ns
-    time.sleep(0.01)
+    os.utime(first, ns=(1, 1))  # a rewrite would set the current time
     p = spawn(path, 1, 3, "disjoint", resume=True)
-    out, err = p.communicate(timeout=60)
+    out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
-    assert first.stat().st_mtime_ns == mtime  # adopted, not rewritten
+    assert first.stat().st_mtime_ns == 1  # adopted, not rewritten
     commit_parts(path, 3)
     check_equal(path, "disjoint")
-    assert verify(path) == []
+    assert verify(path, strict=True) == []
 
 
 # -- errors (in one process: the checks are the coordinator's) ------------------------------------

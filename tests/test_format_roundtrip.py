@@ -13,6 +13,8 @@ import ucp
 from conftest import validate_manifest
 from ucp.errors import NotFoundError, OverlapError, UcpError
 from ucp.format import create_checkpoint, dtypes, layout, open_checkpoint, verify
+from ucp.plan.boxes import flat_to_boxes
+from ucp.plan.grid import ChunkGrid
 
 DTYPES = [dtypes.torch_dtype(n) for n in dtypes.SUPPORTED]
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -104,7 +106,7 @@ def test_roundtrip_boxes_any_order(dtype, shape, seed, chunk_mode, threads):
             assert bits(got) == bits(want)
             start, stop, _ = layout.normalize_index(idx, shape)
             info = ck.array_info("m.w")
-            nch = math.prod(len(r) for r in layout.chunk_ranges(start, stop, info.chunks))
+            nch = math.prod(len(r) for r in ChunkGrid(shape, info.chunks).ranges(start, stop))
             per_chunk = math.prod(info.chunks) * dtypes.itemsize(dtypes.dtype_name(dtype)) + 4
             if want.numel():
                 assert ck.last_read_stats["bytes_read"] == nch * per_chunk
@@ -247,8 +249,8 @@ def test_flat_ranges_write_and_read(shape, seed):
     ranges = list(zip(cutpts[:-1], cutpts[1:]))
     rnd.shuffle(ranges)
     for a_, b_ in ranges:  # the boxes tile the range exactly
-        bx = layout.flat_to_boxes(shape, a_, b_)
-        assert sum(math.prod(y - x for x, y in zip(s, e)) for s, e, _ in bx) == b_ - a_
+        bx = flat_to_boxes(a_, b_, shape)
+        assert sum(b.numel for b in bx) == b_ - a_
     with tempfile.TemporaryDirectory() as d:
         w = create_checkpoint(d + "/ck", chunk_bytes=rnd.choice([4, 12, 64]), durable=False)
         a = w.add_array("p", "exp_avg", shape, torch.float32)

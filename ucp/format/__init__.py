@@ -4,7 +4,8 @@ spec/FORMAT.md is normative. Public API::
 
     w = create_checkpoint(path, overwrite=False, storage_options=None, chunk_bytes=None,
                           durable=True, workers=4, fsync_each=None, resume=False,
-                          shard_bytes=None, inner_bytes=None, sharding=None)    # -> CheckpointWriter
+                          shard_bytes=None, inner_bytes=None, sharding=None,
+                          fingerprint=None)                      # -> CheckpointWriter
     w.add_param(name, meta=None)
     a = w.add_array(name, state, shape, dtype, chunks=None, shards=None)     # -> ArrayWriter
     a.write(offset, tensor); a.pending(); a.missing()
@@ -16,7 +17,9 @@ spec/FORMAT.md is normative. Public API::
     ck.read(name, state="param", index=None, out=None); ck.read_box(name, state, start, stop, out=None)
     ck.nbytes; ck.path; ck.bytes_read; ck.chunks_read; ck.last_read_stats; ck.manifest
 
-    verify(path, deep=True, storage_options=None)               # -> list[str] of problems
+    verify(path, deep=True, storage_options=None, strict=False) # -> list[str] of problems
+    verify_report(path, ...)                                    # -> (problems, warnings such as stray files)
+    source_fingerprint(path)                                    # {file: [size, mtime_ns]} for fingerprint=
 
     # several writers (spec §13): each rank, then one coordinator after a barrier
     w = create_checkpoint(path, rank=r, world_size=n, resume=False, ...); ...; w.commit()  # part record
@@ -26,14 +29,21 @@ spec/FORMAT.md is normative. Public API::
 from ucp.format.layout import (DEFAULT_CHUNK_BYTES, DEFAULT_INNER_BYTES, DEFAULT_SHARD_BYTES, default_chunks,
                                default_sharding)
 from ucp.format.distributed import commit_distributed, create_distributed
-from ucp.format.manifest import FORMAT_VERSION
+from ucp.format.array_writer import ArrayWriter
+from ucp.format.create import create_checkpoint
+from ucp.format.journal import ResumeMismatchError, source_fingerprint
+from ucp.format.lock import WriterLockedError
+from ucp.format.manifest import FORMAT_VERSION, Manifest, ManifestArray, ManifestParam
 from ucp.format.names import decode_param, encode_param
-from ucp.format.parts import aligned_chunks, commit_parts, create_part, split_boxes
+from ucp.format.parts import PartWriter, commit_parts, create_part
 from ucp.format.reader import ArrayInfo, Checkpoint, open_checkpoint
-from ucp.format.verify import verify
-from ucp.format.writer import ArrayWriter, CheckpointWriter, create_checkpoint
+from ucp.format.splits import aligned_chunks, split_boxes
+from ucp.format.verify import verify, verify_report
+from ucp.format.writer import CheckpointWriter
 
 __all__ = ["create_checkpoint", "open_checkpoint", "verify", "Checkpoint", "CheckpointWriter", "ArrayWriter",
            "ArrayInfo", "FORMAT_VERSION", "DEFAULT_CHUNK_BYTES", "DEFAULT_SHARD_BYTES", "DEFAULT_INNER_BYTES",
            "default_chunks", "default_sharding", "encode_param", "decode_param", "commit_parts", "create_part",
-           "split_boxes", "aligned_chunks", "create_distributed", "commit_distributed"]
+           "split_boxes", "aligned_chunks", "create_distributed", "commit_distributed", "PartWriter", "verify_report",
+           "source_fingerprint", "ResumeMismatchError", "WriterLockedError", "Manifest", "ManifestArray",
+           "ManifestParam"]

@@ -21,7 +21,7 @@ def _dist():
 
 def create_distributed(path, group=None, **kwargs):
     """The part writer of this process's rank in ``group`` (default: the whole world)."""
-    from ucp.format.writer import create_checkpoint
+    from ucp.format.create import create_checkpoint
 
     dist = _dist()
     return create_checkpoint(path, rank=dist.get_rank(group), world_size=dist.get_world_size(group), **kwargs)

@@ -25,13 +25,13 @@ _add("bfloat16", "uint16")
 for _n in ["float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"]:
     _add(_n, "uint8")
 
-_BY_TORCH = {v[0]: k for k, v in _TABLE.items()}
+BY_TORCH = {v[0]: k for k, v in _TABLE.items()}
 SUPPORTED = tuple(_TABLE)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     try:
-        return _BY_TORCH[dtype]
+        return BY_TORCH[dtype]
     except KeyError:
         raise UcpError(f"dtype {dtype} is not supported by the ucp format; supported: {', '.join(SUPPORTED)}") from None
 

@@ -9,12 +9,14 @@ stored as a small array; torch.dtype -> {"$dtype": name}.
 from __future__ import annotations
 
 import base64
+import binascii
 import math
 
 import numpy as np
 import torch
 
-from ucp.errors import MetadataEncodingError
+from ucp.errors import FormatError, MetadataEncodingError
+from ucp.format import dtypes
 
 
 def _float(x: float):
@@ -46,7 +48,9 @@ def encode(obj, add_tensor, where="metadata"):
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return {"$bytes": base64.b64encode(bytes(obj)).decode("ascii")}
     if isinstance(obj, torch.dtype):
-        return {"$dtype": str(obj).removeprefix("torch.")}
+        if obj not in dtypes.BY_TORCH:
+            raise MetadataEncodingError(f"{where}: dtype {obj} is not a ucp dtype ({', '.join(dtypes.SUPPORTED)})")
+        return {"$dtype": dtypes.dtype_name(obj)}
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("$") for k in obj):
             return {k: encode(v, add_tensor, f"{where}.{k}") for k, v in obj.items()}
@@ -63,21 +67,57 @@ def _hashable(k):
     return tuple(_hashable(x) for x in k) if isinstance(k, list) else k
 
 
-def decode(obj, get_tensor):
+_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _wrapper(k, v, get_tensor, where):
+    """Decode one ``{"$...": v}`` wrapper; every malformed one is a FormatError naming ``where``."""
+    if k == "$float":
+        if isinstance(v, str) and v in _FLOATS:
+            return _FLOATS[v]
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        raise FormatError(f"{where}: $float {str(v)[:40]!r} is not 'nan', 'inf', '-inf' or a number")
+    if k == "$tensor":
+        try:
+            if not isinstance(v, str):
+                raise LookupError(v)
+            return get_tensor(v)
+        except LookupError:
+            raise FormatError(f"{where}: $tensor {str(v)[:80]!r} names no metadata array of the manifest") from None
+    if k == "$bytes":
+        try:
+            return base64.b64decode(v, validate=True)
+        except (TypeError, ValueError, binascii.Error):
+            raise FormatError(f"{where}: $bytes is not valid base64") from None
+    if k == "$dtype":
+        if not isinstance(v, str) or v not in dtypes.SUPPORTED:
+            raise FormatError(f"{where}: $dtype {str(v)[:40]!r} is not a ucp dtype (FORMAT.md §4.1: "
+                              f"{', '.join(dtypes.SUPPORTED)})")
+        return dtypes.torch_dtype(v)
+    if k == "$dict":
+        if not isinstance(v, list) or not all(isinstance(p, list) and len(p) == 2 for p in v):
+            raise FormatError(f"{where}: $dict is not a list of [key, value] pairs")
+        out = {}
+        for i, (a, b) in enumerate(v):
+            key = _hashable(decode(a, get_tensor, f"{where}.$dict[{i}][0]"))
+            try:
+                out[key] = decode(b, get_tensor, f"{where}.$dict[{i}][1]")
+            except TypeError:
+                raise FormatError(f"{where}.$dict[{i}]: key {str(key)[:40]} is not hashable") from None
+        return out
+    raise FormatError(f"{where}: unknown wrapper {k!r} (keys starting with '$' are reserved)")
+
+
+def decode(obj, get_tensor, where="metadata"):
+    """Inverse of ``encode``. ``get_tensor(path)`` reads a stored tensor (raising LookupError for an
+    unknown path). Malformed input raises ``FormatError`` naming the key path (``where``)."""
     if isinstance(obj, list):
-        return [decode(v, get_tensor) for v in obj]
+        return [decode(v, get_tensor, f"{where}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, dict):
         if len(obj) == 1:
             (k, v), = obj.items()
-            if k == "$float":
-                return float(v)
-            if k == "$tensor":
-                return get_tensor(v)
-            if k == "$bytes":
-                return base64.b64decode(v)
-            if k == "$dtype":
-                return getattr(torch, v)
-            if k == "$dict":
-                return {_hashable(decode(a, get_tensor)): decode(b, get_tensor) for a, b in v}
-        return {k: decode(v, get_tensor) for k, v in obj.items()}
+            if isinstance(k, str) and k.startswith("$"):
+                return _wrapper(k, v, get_tensor, f"{where}.{k}")
+        return {k: decode(v, get_tensor, f"{where}.{k}") for k, v in obj.items()}
     return obj

@@ -1,7 +1,8 @@
-"""Chunk grids, chunk keys, zarr.json documents, index normalization, canonical JSON."""
+"""Default chunking, chunk keys, zarr.json documents, index normalization, canonical JSON.
+
+Chunk-grid arithmetic lives in ``ucp.plan.grid.ChunkGrid``; flat ranges in ``ucp.plan.boxes.flat_to_boxes``."""
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import operator
@@ -97,21 +98,8 @@ def check_chunks(shape, chunks):
     return chunks
 
 
-def grid(shape, chunks):
-    return tuple(-(-s // c) for s, c in zip(shape, chunks))
-
-
 def chunk_key(idx) -> str:
     return "c/" + "/".join(map(str, idx)) if idx else "c"
-
-
-def all_chunk_indices(shape, chunks):
-    return itertools.product(*(range(g) for g in grid(shape, chunks)))
-
-
-def chunk_ranges(start, stop, chunks):
-    """Per dim: range of chunk indices intersecting [start, stop)."""
-    return [range(a // c, -(-b // c)) if b > a else range(0) for a, b, c in zip(start, stop, chunks)]
 
 
 def array_doc(shape, chunks, dtype_name, attrs=None, inner=None) -> dict:
@@ -189,43 +177,3 @@ def normalize_index(index, shape):
             stop.append(i + 1)
             squeeze.append(d)
     return start, stop, squeeze
-
-
-def flat_to_boxes(shape, a, b):
-    """Decompose the C-order flat range [a, b) of an array of ``shape`` into at most 2*ndim-1 boxes.
-
-    Returns [(start, stop, offset)] with ``offset`` the position of the box's first element in [a, b).
-    """
-    shape = tuple(int(s) for s in shape)
-    n = math.prod(shape)
-    if not 0 <= a <= b <= n:
-        raise UcpError(f"flat range [{a}, {b}) outside an array of {n} elements (shape {shape})")
-    out = []
-
-    def rec(prefix, shp, lo, hi, off):
-        if lo >= hi:
-            return
-        if not shp:
-            out.append((prefix, tuple(p + 1 for p in prefix), off))
-            return
-        c = math.prod(shp[1:])
-        if len(shp) == 1:
-            out.append((prefix + (lo,), tuple(p + 1 for p in prefix) + (hi,), off))
-            return
-        r0, r1 = lo // c, hi // c
-        if r0 == r1:
-            rec(prefix + (r0,), shp[1:], lo - r0 * c, hi - r0 * c, off)
-            return
-        if lo % c:
-            rec(prefix + (r0,), shp[1:], lo % c, c, off)
-            off += c - lo % c
-            r0 += 1
-        if r1 > r0:
-            out.append((prefix + (r0,) + (0,) * (len(shp) - 1),
-                        tuple(p + 1 for p in prefix) + (r1,) + tuple(shp[1:]), off))
-            off += (r1 - r0) * c
-        if hi % c:
-            rec(prefix + (r1,), shp[1:], 0, hi % c, off)
-
-    rec((), shape, a, b, 0)
-    return out

@@ -1,16 +1,30 @@
-"""The manifest ``ucp.manifest.json``: canonical JSON whose first member is its own crc32c."""
+"""The manifest ``ucp.manifest.json``: canonical JSON whose first member is its own crc32c, read into
+typed records (``Manifest``, ``ManifestParam``, ``ManifestArray``) that own their JSON and every check
+of hostile input (spec/FORMAT.md §7).
+
+A checksum proves a manifest is intact, not that it is benign or self-consistent: a crafted one could
+point a reader at files outside the checkpoint (``../../x``), claim absurd shapes, leave a chunk out of
+the table, or disagree with its own ``zarr.json`` documents. Every path and number a reader acts on is
+checked here, before any of it is used and before anything is allocated.
+"""
 from __future__ import annotations
 
 import json
 import re
+import warnings
+from dataclasses import dataclass, field
 
 import crc32c
 
 from ucp.errors import FormatError, NotCommittedError
-from ucp.format.layout import canonical
+from ucp.format import dtypes
+from ucp.format.layout import CRC_BYTES, array_doc, canonical, chunk_key, doc_bytes
+from ucp.plan.grid import ChunkGrid
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every shard's inner chunk crc32c values are bound to the manifest (§4.3, §7)
+OLDEST_READABLE = 1
 _PREFIX = b'{"crc32c":'
+MAX_NDIM = 64
 
 
 def dump(body: dict) -> bytes:
@@ -23,20 +37,12 @@ def dump(body: dict) -> bytes:
         raise ValueError("manifest body must not contain crc32c")
     c = canonical(body)
     n = crc32c.crc32c(c)
-    out = _PREFIX + str(n).encode() + b"," + c[1:]
-    assert out == canonical({**body, "crc32c": n}), "crc32c must sort first"
-    return out
+    return _PREFIX + str(n).encode() + b"," + c[1:]
 
 
-def load(raw: bytes, where: str) -> dict:
-    doc = load_verified(raw, where)
-    if not isinstance(doc, dict) or doc.get("format") != "ucp":
-        raise FormatError(f"{where}: not a ucp manifest")
-    v = doc.get("format_version")
-    if not isinstance(v, int) or v > FORMAT_VERSION:
-        raise FormatError(f"{where}: format_version {v!r} is newer than this reader supports ({FORMAT_VERSION})")
-    check_structure(doc, where)
-    return doc
+def load(raw: bytes, where: str) -> "Manifest":
+    """Check and parse a manifest file into a ``Manifest`` (raises ``FormatError`` naming the problem)."""
+    return Manifest.from_json(load_verified(raw, where), where)
 
 
 def load_verified(raw: bytes, where: str):
@@ -53,71 +59,262 @@ def load_verified(raw: bytes, where: str):
         raise FormatError(f"{where}: manifest checksum mismatch (recorded {int(digits)}, computed {got}): "
                           "the manifest is corrupt")
     try:
-        doc = json.loads(body)
+        return json.loads(body)
     except ValueError as e:
         raise FormatError(f"{where}: manifest is not valid JSON: {e}") from None
-    return doc
 
 
-def not_committed(path) -> NotCommittedError:
-    return NotCommittedError(
-        f"{path} is not a committed ucp checkpoint: no ucp.manifest.json (incomplete or still being written)")
+def not_committed(path, why="no ucp.manifest.json (incomplete or still being written)") -> NotCommittedError:
+    return NotCommittedError(f"{path} is not a committed ucp checkpoint: {why}")
 
 
-# A checksum proves a manifest is intact, not that it is benign: a crafted one could point a reader
-# at files outside the checkpoint ("../../x") or at absurd shapes. Every path and number a reader
-# acts on is checked here, before any of it is used.
+# -------------------------------------------------------------------------------------- field checks
 _SEG = re.compile(r"[A-Za-z0-9_%-][A-Za-z0-9._%-]*|\.[A-Za-z0-9_%-][A-Za-z0-9._%-]*|\.\.[A-Za-z0-9._%-]+")
 _KEY = re.compile(r"c(/[0-9]+)*")
 
 
-def _safe_rel(p) -> bool:
+def safe_rel(p) -> bool:
+    """A relative path that cannot leave the root: no ``..``, no absolute path, no empty segment."""
     return isinstance(p, str) and 0 < len(p) < 4096 and all(_SEG.fullmatch(seg) for seg in p.split("/"))
 
 
+def _int(x, lo=0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+
 def _ints(x, lo) -> bool:
-    return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= lo for i in x)
+    return isinstance(x, list) and len(x) <= MAX_NDIM and all(_int(i, lo) for i in x)
 
 
-def _check_array(rec, where, what, prefix):
-    from ucp.format import dtypes
-
-    if not isinstance(rec, dict):
-        raise FormatError(f"{where}: {what}: array record is not an object")
-    path = rec.get("path")
-    if not _safe_rel(path) or (prefix is not None and path != prefix):
-        raise FormatError(f"{where}: {what}: unsafe or unexpected array path {path!r}")
-    shape, chunks, inner = rec.get("shape"), rec.get("chunks"), rec.get("inner_chunks")
-    if not _ints(shape, 0) or not _ints(chunks, 1) or len(chunks) != len(shape):
-        raise FormatError(f"{where}: {what}: bad shape {shape!r} or chunks {chunks!r}")
-    if inner is not None and (not _ints(inner, 1) or len(inner) != len(shape)
-                              or any(c % i for c, i in zip(chunks, inner))):
-        raise FormatError(f"{where}: {what}: bad inner_chunks {inner!r} for chunks {chunks!r}")
-    try:
-        dtypes.torch_dtype(rec.get("dtype"))
-    except Exception:
-        raise FormatError(f"{where}: {what}: unknown dtype {rec.get('dtype')!r}") from None
-    table = rec.get("chunk_table")
-    if not isinstance(table, dict) or not all(isinstance(k, str) and _KEY.fullmatch(k) for k in table):
-        raise FormatError(f"{where}: {what}: malformed chunk_table keys")
+def key_index(key: str) -> tuple[int, ...]:
+    """Chunk index of a chunk key ``c/i/j/...`` (``c`` for a 0-d array)."""
+    return tuple(int(x) for x in key.split("/")[1:])
 
 
-def check_structure(doc: dict, where: str) -> None:
-    params = doc.get("params")
-    if not isinstance(params, list):
-        raise FormatError(f"{where}: 'params' is not a list")
-    for p in params:
-        if not isinstance(p, dict) or not isinstance(p.get("name"), str) or not _safe_rel(p.get("path")) \
-                or "/" in p["path"] or not isinstance(p.get("states"), dict):
+# -------------------------------------------------------------------------------------- records
+@dataclass
+class ManifestArray:
+    """One array: where it lives, its logical dtype, shape and chunk grid, and per chunk (or shard) key
+    its file record: ``(size, crc32c)`` for a plain chunk, ``(size, index crc32c, content crc32c)`` for a
+    shard (the content crc32c is the crc32c of the inner chunks' crc32c values in index order, §4.3).
+    A record of one of several writers (§13) holds only the chunks that writer wrote (``complete=False``)."""
+
+    path: str
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    chunk_table: dict[str, tuple[int, ...]]
+    inner_chunks: tuple[int, ...] | None = None
+    version: int = FORMAT_VERSION
+
+    @property
+    def storage_dtype(self) -> str:
+        return dtypes.zarr_dtype(self.dtype)
+
+    @property
+    def itemsize(self) -> int:
+        return dtypes.itemsize(self.dtype)
+
+    @property
+    def grid(self) -> ChunkGrid:
+        return ChunkGrid(self.shape, self.chunks)
+
+    @property
+    def sharded(self) -> bool:
+        return self.inner_chunks is not None
+
+    def chunk_file_size(self, idx) -> int:
+        """The size every valid chunk or shard file ``idx`` has (a function of the geometry alone)."""
+        from ucp.format import shard
+
+        if self.inner_chunks is None:
+            return self.grid_chunk_nbytes + CRC_BYTES
+        return shard.file_size(self.shape, self.chunks, self.inner_chunks, idx, self.itemsize)
+
+    @property
+    def grid_chunk_nbytes(self) -> int:
+        n = self.itemsize
+        for c in self.chunks:
+            n *= c
+        return n
+
+    def doc(self) -> dict:
+        """The array's ``zarr.json`` document (what the manifest's ``files`` record must match)."""
+        return array_doc(self.shape, self.chunks, self.dtype, inner=self.inner_chunks)
+
+    def to_json(self) -> dict:
+        rec = {"path": self.path, "dtype": self.dtype, "storage_dtype": self.storage_dtype,
+               "shape": list(self.shape), "chunks": list(self.chunks),
+               "chunk_table": {k: list(v) for k, v in sorted(self.chunk_table.items())}}
+        if self.inner_chunks is not None:
+            rec["inner_chunks"] = list(self.inner_chunks)
+        return rec
+
+    @classmethod
+    def from_json(cls, rec, where: str, path=None, version=FORMAT_VERSION, complete=True) -> "ManifestArray":
+        """Check an array record (a dict from JSON) and build it; ``path``: the path it must have."""
+        if not isinstance(rec, dict):
+            raise FormatError(f"{where}: array record is not an object")
+        p = rec.get("path")
+        if not safe_rel(p) or (path is not None and p != path):
+            raise FormatError(f"{where}: unsafe or unexpected array path {p!r}")
+        shape, chunks, inner = rec.get("shape"), rec.get("chunks"), rec.get("inner_chunks")
+        if not _ints(shape, 0) or not _ints(chunks, 1) or len(chunks) != len(shape):
+            raise FormatError(f"{where}: bad shape {shape!r} or chunks {chunks!r}")
+        if inner is not None and (not _ints(inner, 1) or len(inner) != len(shape)
+                                  or any(c % i for c, i in zip(chunks, inner))):
+            raise FormatError(f"{where}: bad inner_chunks {inner!r} for chunks {chunks!r}")
+        dn = rec.get("dtype")
+        if dn not in dtypes.SUPPORTED:
+            raise FormatError(f"{where}: unknown dtype {dn!r} (FORMAT.md §4.1 lists {', '.join(dtypes.SUPPORTED)})")
+        sd = rec.get("storage_dtype", dtypes.zarr_dtype(dn) if not complete else None)
+        if sd != dtypes.zarr_dtype(dn):
+            raise FormatError(f"{where}: storage_dtype {sd!r} contradicts dtype {dn!r} "
+                              f"(stored as {dtypes.zarr_dtype(dn)})")
+        a = cls(p, dn, tuple(shape), tuple(chunks), {}, tuple(inner) if inner is not None else None, version)
+        a.chunk_table = a._check_table(rec.get("chunk_table"), where, complete)
+        return a
+
+    def _check_table(self, table, where, complete) -> dict:
+        """Keys name chunks of the grid, each exactly once when ``complete``; every recorded file size is
+        the one the geometry implies (so nothing is allocated for a size the manifest made up)."""
+        if not isinstance(table, dict):
+            raise FormatError(f"{where}: chunk_table is not an object")
+        grid = self.grid.grid
+        if complete and len(table) != self.grid.nchunks:
+            raise FormatError(f"{where}: chunk_table has {len(table)} entries, the grid {list(grid)} of shape "
+                              f"{list(self.shape)} and chunks {list(self.chunks)} has {self.grid.nchunks}")
+        width = 2 if self.inner_chunks is None or self.version < 2 else 3
+        out = {}
+        for k, v in table.items():
+            if not (isinstance(k, str) and _KEY.fullmatch(k)):
+                raise FormatError(f"{where}: malformed chunk key {str(k)[:40]!r}")
+            idx = key_index(k)
+            if len(idx) != len(grid) or any(i >= g for i, g in zip(idx, grid)) or chunk_key(idx) != k:
+                raise FormatError(f"{where}: chunk key {k!r} is not a chunk of the grid {list(grid)}")
+            if not (isinstance(v, list) and len(v) == width and _int(v[0]) and all(
+                    _int(c) and c < 1 << 32 for c in v[1:])):
+                raise FormatError(f"{where}: chunk {k}: record {str(v)[:60]} is not [size, crc32c"
+                                  + (", content crc32c]" if width == 3 else "]"))
+            want = self.chunk_file_size(idx)
+            if v[0] != want:
+                raise FormatError(f"{where}: chunk {k}: the manifest records {v[0]} bytes, the shape, chunks "
+                                  f"and dtype imply {want}")
+            out[k] = tuple(v)
+        return out
+
+
+@dataclass
+class ManifestParam:
+    """One parameter: its name, group path, per-parameter metadata (§6.1) and arrays in saved order."""
+
+    name: str
+    path: str
+    meta: dict
+    states: dict[str, ManifestArray] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "path": self.path, "meta": self.meta,
+                "states": {s: a.to_json() for s, a in self.states.items()}, "state_order": list(self.states)}
+
+    @classmethod
+    def from_json(cls, p, where: str, version=FORMAT_VERSION, complete=True) -> "ManifestParam":
+        from ucp.format.names import encode_param
+
+        if not isinstance(p, dict) or not isinstance(p.get("name"), str) or not safe_rel(p.get("path")) \
+                or "/" in p["path"] or not isinstance(p.get("states"), dict) \
+                or not isinstance(p.get("meta", {}), dict):
             raise FormatError(f"{where}: malformed parameter record {str(p)[:120]!r}")
-        for st, rec in p["states"].items():
-            if not isinstance(st, str) or not _safe_rel(st) or "/" in st:
+        try:
+            enc = encode_param(p["name"])
+        except Exception:
+            enc = None
+        if enc != p["path"]:
+            raise FormatError(f"{where}: parameter {p['name']!r} has path {p['path']!r}, expected {enc!r}")
+        order = p.get("state_order", list(p["states"]))
+        if not isinstance(order, list) or sorted(map(str, order)) != sorted(p["states"]):
+            raise FormatError(f"{where}: parameter {p['name']!r}: state_order {order!r} does not list its states")
+        states = {}
+        for st in order:
+            if not safe_rel(st) or "/" in st:
                 raise FormatError(f"{where}: parameter {p['name']!r}: unsafe state name {st!r}")
-            _check_array(rec, where, f"parameter {p['name']!r} state {st!r}", f"{p['path']}/{st}")
-    for key, rec in (doc.get("meta_arrays") or {}).items():
-        if not (isinstance(key, str) and key.startswith("_ucp/meta/") and _safe_rel(key)):
-            raise FormatError(f"{where}: unsafe metadata array path {key!r}")
-        _check_array(rec, where, f"metadata array {key!r}", key)
-    files = doc.get("files") or {}
-    if not isinstance(files, dict) or not all(_safe_rel(k) for k in files):
+            states[st] = ManifestArray.from_json(p["states"][st], f"{where}: parameter {p['name']!r} state {st!r}",
+                                                 f"{p['path']}/{st}", version, complete)
+        return cls(p["name"], p["path"], p.get("meta", {}), states)
+
+
+@dataclass
+class Manifest:
+    """The whole manifest (§7). ``files``: every ``zarr.json`` document's ``(size, crc32c)``."""
+
+    params: list[ManifestParam]
+    metadata: object = None
+    meta_arrays: dict[str, ManifestArray] = field(default_factory=dict)
+    files: dict[str, tuple[int, int]] = field(default_factory=dict)
+    writer: str = "ucp"
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def arrays(self):
+        """``(description, ManifestArray)`` of every array, parameters first."""
+        for p in self.params:
+            for s, a in p.states.items():
+                yield f"param {p.name!r} state {s!r}", a
+        for rel, a in self.meta_arrays.items():
+            yield f"metadata tensor {rel}", a
+
+    def to_json(self) -> dict:
+        return {"format": "ucp", "format_version": self.format_version, "writer": self.writer,
+                "created": self.created, "params": [p.to_json() for p in self.params],
+                "metadata": self.metadata, "meta_arrays": {k: a.to_json() for k, a in self.meta_arrays.items()},
+                "files": {k: list(v) for k, v in self.files.items()}}
+
+    @classmethod
+    def from_json(cls, doc, where: str) -> "Manifest":
+        if not isinstance(doc, dict) or doc.get("format") != "ucp":
+            raise FormatError(f"{where}: not a ucp manifest")
+        v = doc.get("format_version")
+        if not _int(v, OLDEST_READABLE) or v > FORMAT_VERSION:
+            raise FormatError(f"{where}: format_version {v!r} is not one this reader supports "
+                              f"({OLDEST_READABLE}..{FORMAT_VERSION})")
+        if v < 2:
+            warnings.warn(f"{where}: format_version {v} does not bind shard contents to the manifest: a shard "
+                          "file swapped for another of the same geometry is not detected; rewrite the "
+                          "checkpoint with this ucp", stacklevel=3)
+        if not isinstance(doc.get("params"), list):
+            raise FormatError(f"{where}: 'params' is not a list")
+        params = [ManifestParam.from_json(p, where, v) for p in doc["params"]]
+        if len({p.name for p in params}) != len(params):
+            raise FormatError(f"{where}: a parameter is listed twice")
+        metas = doc.get("meta_arrays") or {}
+        if not isinstance(metas, dict):
+            raise FormatError(f"{where}: 'meta_arrays' is not an object")
+        meta_arrays = {}
+        for key, rec in metas.items():
+            if not (isinstance(key, str) and key.startswith("_ucp/meta/") and safe_rel(key)):
+                raise FormatError(f"{where}: unsafe metadata array path {key!r}")
+            meta_arrays[key] = ManifestArray.from_json(rec, f"{where}: metadata array {key!r}", key, v)
+        m = cls(params, doc.get("metadata"), meta_arrays, _check_files(doc.get("files") or {}, where),
+                str(doc.get("writer", "")), str(doc.get("created", "")), v)
+        m._check_docs(where)
+        return m
+
+    def _check_docs(self, where):
+        """Every array's ``zarr.json`` record matches the document its manifest record implies, so the
+        manifest cannot say one dtype or grid and ``zarr.json`` (what generic zarr readers use) another."""
+        for what, a in self.arrays():
+            rel = f"{a.path}/zarr.json"
+            rec = self.files.get(rel)
+            data = doc_bytes(a.doc())
+            if rec is None or tuple(rec) != (len(data), crc32c.crc32c(data)):
+                raise FormatError(f"{where}: {what}: {rel} is not recorded in 'files' as the document its "
+                                  "shape, chunks and dtype imply (the manifest contradicts its zarr.json)")
+
+
+def _check_files(files, where) -> dict:
+    if not isinstance(files, dict) or not all(safe_rel(k) for k in files):
         raise FormatError(f"{where}: unsafe path in 'files'")
+    for k, v in files.items():
+        if not (isinstance(v, list) and len(v) == 2 and _int(v[0]) and _int(v[1]) and v[1] < 1 << 32):
+            raise FormatError(f"{where}: files[{k!r}]: record {str(v)[:60]} is not [size, crc32c]")
+    return {k: tuple(v) for k, v in files.items()}

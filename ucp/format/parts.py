@@ -1,24 +1,26 @@
-"""Several writers, one checkpoint (spec/FORMAT.md §13): part records, ``commit_parts``, grid helpers.
+"""Several writers, one checkpoint (spec/FORMAT.md §13): part records, ``PartWriter``, ``commit_parts``.
 
 Each of ``world_size`` writers (ranks of a job, or independent workers) runs
-``create_checkpoint(path, rank=r, world_size=w)``, writes the chunk/shard files of the boxes it owns and
-calls ``commit()``, which writes the part record ``_ucp/parts/<r>.json`` (never the manifest). A chunk
-that this rank's boxes cover only partly is staged under ``_ucp/parts/<r>/stage/<n>`` instead. After a
-barrier one coordinator calls ``commit_parts(path, w)``: it checks every part, assembles the staged
-chunks, writes every ``zarr.json`` document and, last, the manifest.
+``create_checkpoint(path, rank=r, world_size=w)`` (a ``PartWriter``), writes the chunk/shard files of
+the boxes it owns and calls ``commit()``, which writes the part record ``_ucp/parts/<r>.json`` (never
+the manifest). A chunk that this rank's boxes cover only partly is staged under
+``_ucp/parts/<r>/stage/<n>`` instead. After a barrier one coordinator calls ``commit_parts(path, w)``:
+it checks every part, assembles the staged chunks through an ordinary ``CheckpointWriter`` and commits.
 """
 from __future__ import annotations
-
-import datetime
-import math
 
 import crc32c
 import numpy as np
 
 from ucp.errors import FormatError, IncompleteCheckpointError, OverlapError, UcpError
-from ucp.format import layout, manifest, names
+from ucp.format import manifest
+from ucp.format.array_writer import fmt_box
+from ucp.format.journal import journal_rel
 from ucp.format.layout import chunk_key
+from ucp.format.manifest import ManifestArray, ManifestParam, key_index
 from ucp.format.store import MANIFEST, make_store
+from ucp.format.writer import CheckpointWriter, now, writer_version
+from ucp.plan.grid import volume
 
 PARTS = "_ucp/parts"
 PART_FORMAT = "ucp-part"
@@ -33,73 +35,79 @@ def stage_rel(rank) -> str:
     return f"{PARTS}/{int(rank)}"
 
 
-def _fmt_box(start, stop):
-    return "[" + ", ".join(f"{a}:{b}" for a, b in zip(start, stop)) + "]"
-
-
-def _chunk_box(idx, chunks, shape):
-    cst = tuple(i * c for i, c in zip(idx, chunks))
-    return cst, tuple(min(a + c, n) for a, c, n in zip(cst, chunks, shape))
-
-
-def _vol(start, stop):
-    return math.prod(b - a for a, b in zip(start, stop))
-
-
 # ------------------------------------------------------------------------------------------ rank side
-def write_part(w) -> None:
-    """Write rank ``w._part[0]``'s stage files and part record (called by ``CheckpointWriter.commit``)."""
-    from ucp.format.writer import _writer_version
+class PartWriter(CheckpointWriter):
+    """One of several writers: ``commit()`` writes this rank's part record instead of the manifest.
 
-    rank, world = w._part
-    store = w._store
-    params = []
-    n = 0
-    for p in w._params.values():
-        states = {}
-        for s, a in p.arrays.items():
-            with a._lock:
-                table = {k: v for k, v in a._done.items() if v is not None}
-                staged = dict(a._staged)
-            rec = {"path": a.rel, "dtype": a.dtype_name, "shape": list(a.shape), "chunks": list(a.chunks),
-                   "chunk_table": dict(sorted(table.items()))}
-            if a.inner is not None:
-                rec["inner_chunks"] = list(a.inner)
-            pieces = []
-            for idx in sorted(staged):
-                st = staged[idx]
-                cst = tuple(i * c for i, c in zip(idx, a.chunks))
-                boxes = sorted(st.boxes)
-                data = b"".join(np.ascontiguousarray(st.buf[tuple(slice(x - c, y - c) for x, y, c in
-                                                                   zip(b0, b1, cst))]).tobytes()
-                                for b0, b1 in boxes)
-                rel = f"{stage_rel(rank)}/stage/{n}"
-                n += 1
-                store.put(rel, [data], fsync=w.durable)
-                pieces.append({"key": chunk_key(idx), "boxes": [[list(b0), list(b1)] for b0, b1 in boxes],
-                               "file": rel, "size": len(data), "crc32c": crc32c.crc32c(data)})
-            rec["staged"] = pieces
-            states[s] = rec
-        params.append({"name": p.name, "path": p.enc, "meta": dict(p.meta), "states": states,
-                       "state_order": list(states)})
-    body = {"format": PART_FORMAT, "format_version": manifest.FORMAT_VERSION, "rank": rank, "world_size": world,
-            "writer": _writer_version(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "params": params}
-    if w.durable:
-        store.sync()  # the part record promises that its chunks and stage files are on stable storage
-    store.put_atomic(part_rel(rank), manifest.dump(body), fsync=w.durable)
+    It locks only its own part (``_ucp/parts/<rank>.lock``), refuses a committed root, replaces a stale
+    part record of an earlier run, and on ``resume`` adopts its own chunk files when it writes them again."""
+
+    adopt_mode = "lazy"
+
+    def __init__(self, path, rank, world_size, overwrite=False, **kw):
+        rank, world_size = int(rank), int(world_size)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise UcpError(f"rank {rank} is not in range(world_size={world_size})")
+        if overwrite:
+            raise UcpError("overwrite=True cannot be used with rank=: several writers would race to clear "
+                           "the root; clear it once before starting the ranks")
+        self.rank, self.world_size = rank, world_size
+        super().__init__(path, **kw)
+
+    def lock_rel(self) -> str:
+        return f"{PARTS}/{self.rank}.lock"
+
+    def journal_rel(self) -> str:
+        return journal_rel(self.rank)
+
+    def prepare_root(self, overwrite) -> None:
+        if self.store.exists(MANIFEST):
+            raise UcpError(f"{self.path} is already a committed ucp checkpoint: rank {self.rank} cannot add a "
+                           "part to it")
+        # a stale part record of an earlier run must never be committed with this run's data
+        self.store.delete(part_rel(self.rank))
+        self.store.delete_tree(stage_rel(self.rank))
+
+    def set_metadata(self, obj) -> None:
+        raise UcpError(f"rank {self.rank}: set_metadata is not available to one of several writers; "
+                       "pass metadata= to commit_parts")
+
+    def commit(self) -> None:
+        """Write this rank's stage files and part record (the coordinator's ``commit_parts`` reads them)."""
+        self.check_open()
+        params, n = [], 0
+        for p in self.params.values():
+            states = {}
+            for s, a in p.arrays.items():
+                rec = a.completed().to_json()
+                rec["staged"] = []
+                for idx, boxes, data in a.staged_pieces():
+                    rel = f"{stage_rel(self.rank)}/stage/{n}"
+                    n += 1
+                    self.store.put(rel, [data], fsync=self.durable)
+                    rec["staged"].append({"key": chunk_key(idx), "boxes": [[list(b0), list(b1)] for b0, b1 in boxes],
+                                          "file": rel, "size": len(data), "crc32c": crc32c.crc32c(data)})
+                states[s] = rec
+            params.append({"name": p.name, "path": p.enc, "meta": dict(p.meta), "states": states,
+                           "state_order": list(states)})
+        body = {"format": PART_FORMAT, "format_version": manifest.FORMAT_VERSION, "rank": self.rank,
+                "world_size": self.world_size, "writer": writer_version(), "created": now(), "params": params}
+        if self.durable:
+            self.store.sync()  # the part record promises that its chunks and stage files are on stable storage
+        self.writer_lock.check()
+        self.store.put_atomic(part_rel(self.rank), manifest.dump(body), fsync=self.durable)
+        self.committed = True
+        self._shutdown()
 
 
-def create_part(path, rank, world_size, **kw):
-    """``create_checkpoint(path, rank=rank, world_size=world_size, **kw)``."""
-    from ucp.format.writer import create_checkpoint
-
-    return create_checkpoint(path, rank=rank, world_size=world_size, **kw)
+def create_part(path, rank, world_size, **kw) -> PartWriter:
+    """The writer of part ``rank`` of ``world_size`` (same options as ``create_checkpoint``)."""
+    return PartWriter(path, rank, world_size, **kw)
 
 
 # ------------------------------------------------------------------------------------------ coordinator
 def _load_part(store, path, rank, world_size):
+    """Rank ``rank``'s part record as typed parameter records (None when missing)."""
     rel = part_rel(rank)
     try:
         raw = store.get(rel)
@@ -107,7 +115,7 @@ def _load_part(store, path, rank, world_size):
         return None
     where = f"{path}/{rel}"
     doc = manifest.load_verified(raw, where)
-    if doc.get("format") != PART_FORMAT:
+    if not isinstance(doc, dict) or doc.get("format") != PART_FORMAT:
         raise FormatError(f"{where}: not a ucp part record")
     if doc.get("format_version") != manifest.FORMAT_VERSION:
         raise FormatError(f"{where}: rank {rank} wrote format_version {doc.get('format_version')!r}, this "
@@ -115,29 +123,175 @@ def _load_part(store, path, rank, world_size):
     if doc.get("rank") != rank or doc.get("world_size") != world_size:
         raise UcpError(f"{where}: part of rank {doc.get('rank')} of world_size {doc.get('world_size')}, "
                        f"expected rank {rank} of world_size {world_size}")
-    return doc
+    if not isinstance(doc.get("params"), list):
+        raise FormatError(f"{where}: 'params' is not a list")
+    out = []
+    for p in doc["params"]:
+        rec = ManifestParam.from_json(p, f"{where} (rank {rank})", complete=False)
+        staged = {s: _staged(p["states"][s].get("staged", []), f"{where} state {s!r}", rank) for s in rec.states}
+        out.append((rec, staged))
+    return out
 
 
-class _MArray:
-    __slots__ = ("decl", "rank", "rec", "table", "staged", "count")
+def _staged(pieces, where, rank):
+    if not isinstance(pieces, list):
+        raise FormatError(f"{where}: 'staged' is not a list")
+    for pc in pieces:
+        if not (isinstance(pc, dict) and manifest.safe_rel(pc.get("file"))
+                and pc["file"].startswith(f"{stage_rel(rank)}/stage/") and isinstance(pc.get("boxes"), list)
+                and isinstance(pc.get("key"), str)):
+            raise FormatError(f"{where}: malformed staged piece {str(pc)[:120]}")
+    return pieces
 
-    def __init__(self, rank, rec):
-        self.rank, self.rec = rank, rec
-        self.decl = (tuple(rec["shape"]), rec["dtype"], tuple(rec["chunks"]),
-                     tuple(rec["inner_chunks"]) if rec.get("inner_chunks") is not None else None)
-        self.table = {}  # key -> (rank, [size, crc])
+
+class MergedArray:
+    """One array as the parts declare it: the first declaration, who wrote which chunk whole, the
+    staged pieces per chunk, and how many chunks each rank wrote."""
+
+    __slots__ = ("record", "rank", "table", "staged", "count")
+
+    def __init__(self, rank, record: ManifestArray):
+        self.rank, self.record = rank, record
+        self.table = {}  # key -> (rank, record)
         self.staged = {}  # key -> [(rank, piece)]
         self.count = {}  # rank -> chunks written whole
 
+    @staticmethod
+    def decl(r: ManifestArray):
+        return r.shape, r.dtype, r.chunks, r.inner_chunks
 
-def _decl_str(d):
-    s = f"shape {list(d[0])}, dtype {d[1]}, chunks {list(d[2])}"
-    return s + (f", inner chunks {list(d[3])}" if d[3] is not None else "")
+    @staticmethod
+    def decl_str(r: ManifestArray):
+        s = f"shape {list(r.shape)}, dtype {r.dtype}, chunks {list(r.chunks)}"
+        return s + (f", inner chunks {list(r.inner_chunks)}" if r.inner_chunks is not None else "")
+
+
+class _Merge:
+    """The parts merged: parameters in rank order, with every inconsistency and overlap collected."""
+
+    def __init__(self, parts):
+        self.meta: dict[str, dict] = {}
+        self.meta_from: dict[str, dict] = {}
+        self.arrays: dict[str, dict[str, MergedArray]] = {}
+        self.decl_err, self.overlap = [], []
+        for r, doc in parts:
+            for rec, staged in doc:
+                self._add_param(r, rec, staged)
+
+    def _add_param(self, r, rec: ManifestParam, staged):
+        meta, frm = self.meta.setdefault(rec.name, {}), self.meta_from.setdefault(rec.name, {})
+        arrays = self.arrays.setdefault(rec.name, {})
+        for k, v in rec.meta.items():
+            if k in meta and meta[k] != v:
+                self.decl_err.append(f"param {rec.name!r} meta[{k!r}]: rank {frm[k]} has {meta[k]!r}, rank {r} "
+                                     f"has {v!r}")
+            elif k not in meta:
+                meta[k], frm[k] = v, r
+        for s, a in rec.states.items():
+            ma = arrays.get(s)
+            if ma is None:
+                ma = arrays[s] = MergedArray(r, a)
+            elif MergedArray.decl(a) != MergedArray.decl(ma.record):
+                self.decl_err.append(f"param {rec.name!r} state {s!r} declared inconsistently: rank {ma.rank} "
+                                     f"{MergedArray.decl_str(ma.record)}; rank {r} {MergedArray.decl_str(a)}")
+                continue
+            self._add_chunks(f"param {rec.name!r} state {s!r}", r, a, ma, staged[s])
+
+    def _add_chunks(self, where, r, a, ma, staged):
+        for key, ent in a.chunk_table.items():
+            if key in ma.table:
+                self.overlap.append(f"{where} chunk {key} region {fmt_box(*a.grid.chunk_box(key_index(key)))}: "
+                                    f"written by rank {ma.table[key][0]} and by rank {r}")
+                continue
+            ma.table[key] = (r, ent)
+            ma.count[r] = ma.count.get(r, 0) + 1
+        for pc in staged:
+            ma.staged.setdefault(pc["key"], []).append((r, pc))
+
+    def check(self, path):
+        """Raise naming every inconsistent declaration, overlap and unwritten region; no manifest then."""
+        if self.decl_err:
+            _raise(UcpError, f"{path}: cannot commit, {len(self.decl_err)} inconsistent declaration(s)",
+                   self.decl_err)
+        incomplete = []
+        for name, arrays in self.arrays.items():
+            for s, ma in arrays.items():
+                incomplete += self._check_array(f"param {name!r} state {s!r}", ma)
+        if self.overlap:
+            _raise(OverlapError, f"{path}: cannot commit, {len(self.overlap)} chunk(s) written by two ranks",
+                   self.overlap)
+        if incomplete:
+            _raise(IncompleteCheckpointError, f"{path}: cannot commit, {len(incomplete)} chunk(s) unwritten",
+                   incomplete)
+
+    def _check_array(self, where, ma):
+        grid = ma.record.grid
+        incomplete = []
+        for key, lst in ma.staged.items():
+            if key in ma.table:
+                rb = "; ".join(f"rank {r} {', '.join(fmt_box(*b) for b in pc['boxes'])}" for r, pc in lst)
+                self.overlap.append(f"{where} chunk {key}: written whole by rank {ma.table[key][0]} and partly by {rb}")
+                continue
+            boxes = [(r, tuple(b[0]), tuple(b[1])) for r, pc in lst for b in pc["boxes"]]
+            for i, (r1, a1, b1) in enumerate(boxes):
+                for r2, a2, b2 in boxes[i + 1:]:
+                    if all(x < y2 and x2 < y for x, y, x2, y2 in zip(a1, b1, a2, b2)):
+                        self.overlap.append(f"{where} chunk {key}: rank {r1} region {fmt_box(a1, b1)} overlaps "
+                                            f"rank {r2} region {fmt_box(a2, b2)}")
+            cbox = grid.chunk_box(key_index(key))
+            got = sum(volume(a, b) for _, a, b in boxes)
+            if got < volume(*cbox):
+                by = "; ".join(f"rank {r} wrote {fmt_box(a, b)}" for r, a, b in boxes)
+                incomplete.append(f"{where} chunk {key} region {fmt_box(*cbox)} only partly written "
+                                  f"({got} of {volume(*cbox)} elements: {by})")
+        for idx in grid.indices():
+            key = chunk_key(idx)
+            if key not in ma.table and key not in ma.staged:
+                by = ", ".join(f"rank {r}: {c}" for r, c in sorted(ma.count.items())) or "none"
+                incomplete.append(f"{where} chunk {key} region {fmt_box(*grid.chunk_box(idx))} not written by "
+                                  f"any rank (chunks of this array written per rank: {by})")
+        return incomplete
 
 
 def _raise(cls, head, lines):
     more = f"\n  (and {len(lines) - _MAX_LINES} more)" if len(lines) > _MAX_LINES else ""
     raise cls(head + ":\n  " + "\n  ".join(lines[:_MAX_LINES]) + more)
+
+
+def _load_parts(store, path, world_size):
+    parts, missing = [], []
+    for r in range(world_size):
+        doc = _load_part(store, path, r, world_size)
+        (missing.append(r) if doc is None else parts.append((r, doc)))
+    if missing:
+        raise IncompleteCheckpointError(
+            f"{path}: cannot commit, {len(missing)} of {world_size} part(s) missing: rank(s) "
+            f"{', '.join(map(str, missing))} (no {', '.join(part_rel(r) for r in missing[:8])}"
+            f"{', ...' if len(missing) > 8 else ''}); rerun those ranks (resume=True) and commit again")
+    return parts
+
+
+def _assemble(store, path, name, s, a, ma) -> int:
+    """Write the chunks the ranks staged in pieces through ``a`` (an ``ArrayWriter``); returns how many."""
+    assembled = 0
+    for key, lst in ma.staged.items():
+        for r, pc in lst:
+            where = f"{path}/{pc['file']} (rank {r}, param {name!r} state {s!r} chunk {key})"
+            try:
+                data = store.get(pc["file"])
+            except (FileNotFoundError, NotADirectoryError):
+                raise FormatError(f"{where}: staged piece is missing") from None
+            if len(data) != pc["size"] or crc32c.crc32c(data) != pc["crc32c"]:
+                raise FormatError(f"{where}: staged piece is corrupt (size or crc32c differs from the part record)")
+            off = 0
+            for b0, b1 in pc["boxes"]:
+                v = volume(b0, b1)
+                arr = np.frombuffer(data, dtype=a.storage_np, count=v, offset=off).reshape(
+                    tuple(y - x for x, y in zip(b0, b1)))
+                off += v * a.itemsize
+                a.write_storage(tuple(b0), arr)
+        assembled += 1
+    return assembled
 
 
 def commit_parts(path, world_size, metadata=None, storage_options=None, durable=True, workers=4,
@@ -152,209 +306,34 @@ def commit_parts(path, world_size, metadata=None, storage_options=None, durable=
     model's order, which grouped flat layouts depend on); names it omits follow in rank order.
     Returns counts {"params", "arrays", "chunks", "assembled"}.
     """
-    from ucp.format.writer import ArrayWriter, CheckpointWriter, _Param
-
     world_size = int(world_size)
     if world_size < 1:
         raise UcpError(f"world_size must be >= 1, got {world_size}")
     store = make_store(path, storage_options)
     if store.exists(MANIFEST):
         raise UcpError(f"{path} is already a committed ucp checkpoint")
-    parts, missing = [], []
-    for r in range(world_size):
-        doc = _load_part(store, path, r, world_size)
-        (missing.append(r) if doc is None else parts.append(doc))
-    if missing:
-        raise IncompleteCheckpointError(
-            f"{path}: cannot commit, {len(missing)} of {world_size} part(s) missing: rank(s) "
-            f"{', '.join(map(str, missing))} (no {', '.join(part_rel(r) for r in missing[:8])}"
-            f"{', ...' if len(missing) > 8 else ''}); rerun those ranks (resume=True) and commit again")
-
-    # -- merge ---------------------------------------------------------------------------------
-    mparams: dict[str, dict] = {}
-    decl_err, overlap = [], []
-    for doc in parts:
-        r = doc["rank"]
-        for prec in doc["params"]:
-            name = prec["name"]
-            mp = mparams.get(name)
-            if mp is None:
-                if prec["path"] != names.encode_param(name):
-                    raise FormatError(f"part of rank {r}: param {name!r} has path {prec['path']!r}")
-                mp = mparams[name] = {"meta": {}, "meta_from": {}, "arrays": {}}
-            for k, v in prec["meta"].items():
-                if k in mp["meta"] and mp["meta"][k] != v:
-                    decl_err.append(f"param {name!r} meta[{k!r}]: rank {mp['meta_from'][k]} has "
-                                    f"{mp['meta'][k]!r}, rank {r} has {v!r}")
-                elif k not in mp["meta"]:
-                    mp["meta"][k], mp["meta_from"][k] = v, r
-            for s in prec["state_order"]:
-                rec = prec["states"][s]
-                ma = mp["arrays"].get(s)
-                if ma is None:
-                    ma = mp["arrays"][s] = _MArray(r, rec)
-                else:
-                    d = _MArray(r, rec).decl
-                    if d != ma.decl:
-                        decl_err.append(f"param {name!r} state {s!r} declared inconsistently: rank {ma.rank} "
-                                        f"{_decl_str(ma.decl)}; rank {r} {_decl_str(d)}")
-                        continue
-                shape, _, chunks, _ = ma.decl
-                for key, ent in rec["chunk_table"].items():
-                    if key in ma.table:
-                        idx = tuple(int(x) for x in key.split("/")[1:])
-                        overlap.append(f"param {name!r} state {s!r} chunk {key} region "
-                                       f"{_fmt_box(*_chunk_box(idx, chunks, shape))}: written by rank "
-                                       f"{ma.table[key][0]} and by rank {r}")
-                        continue
-                    ma.table[key] = (r, ent)
-                    ma.count[r] = ma.count.get(r, 0) + 1
-                for pc in rec.get("staged", ()):
-                    ma.staged.setdefault(pc["key"], []).append((r, pc))
-    if decl_err:
-        _raise(UcpError, f"{path}: cannot commit, {len(decl_err)} inconsistent declaration(s)", decl_err)
-
-    incomplete = []
-    for name, mp in mparams.items():
-        for s, ma in mp["arrays"].items():
-            shape, _, chunks, _ = ma.decl
-            where = f"param {name!r} state {s!r}"
-            for key, lst in ma.staged.items():
-                idx = tuple(int(x) for x in key.split("/")[1:])
-                if key in ma.table:
-                    rb = "; ".join(f"rank {r} {', '.join(_fmt_box(*b) for b in pc['boxes'])}" for r, pc in lst)
-                    overlap.append(f"{where} chunk {key}: written whole by rank {ma.table[key][0]} and partly "
-                                   f"by {rb}")
-                    continue
-                boxes = [(r, tuple(b[0]), tuple(b[1])) for r, pc in lst for b in pc["boxes"]]
-                for i, (r1, a1, b1) in enumerate(boxes):
-                    for r2, a2, b2 in boxes[i + 1:]:
-                        if all(x < y2 and x2 < y for x, y, x2, y2 in zip(a1, b1, a2, b2)):
-                            overlap.append(f"{where} chunk {key}: rank {r1} region {_fmt_box(a1, b1)} overlaps "
-                                           f"rank {r2} region {_fmt_box(a2, b2)}")
-                cst, cvs = _chunk_box(idx, chunks, shape)
-                got = sum(_vol(a, b) for _, a, b in boxes)
-                if got < _vol(cst, cvs):
-                    by = "; ".join(f"rank {r} wrote {_fmt_box(a, b)}" for r, a, b in boxes)
-                    incomplete.append(f"{where} chunk {key} region {_fmt_box(cst, cvs)} only partly written "
-                                      f"({got} of {_vol(cst, cvs)} elements: {by})")
-            for idx in layout.all_chunk_indices(shape, chunks):
-                key = chunk_key(idx)
-                if key not in ma.table and key not in ma.staged:
-                    by = ", ".join(f"rank {r}: {c}" for r, c in sorted(ma.count.items())) or "none"
-                    incomplete.append(f"{where} chunk {key} region {_fmt_box(*_chunk_box(idx, chunks, shape))} "
-                                      f"not written by any rank (chunks of this array written per rank: {by})")
-    if overlap:
-        _raise(OverlapError, f"{path}: cannot commit, {len(overlap)} chunk(s) written by two ranks", overlap)
-    if incomplete:
-        _raise(IncompleteCheckpointError, f"{path}: cannot commit, {len(incomplete)} chunk(s) unwritten",
-               incomplete)
-
-    # -- assemble and commit -------------------------------------------------------------------
-    w = CheckpointWriter(path, storage_options=storage_options, durable=durable, workers=workers,
-                         _coordinator=True)
-    nchunks = assembled = narrays = 0
+    merged = _Merge(_load_parts(store, path, world_size))
+    merged.check(path)
+    names = list(merged.arrays)
     if param_order is not None:
         rank_of = {n: i for i, n in enumerate(param_order)}
-        mparams = dict(sorted(mparams.items(), key=lambda kv: rank_of.get(kv[0], len(rank_of))))
-    for name, mp in mparams.items():
-        enc = names.encode_param(name)
-        p = w._params[name] = _Param(name, enc)
-        p.meta = dict(mp["meta"])
-        for s, ma in mp["arrays"].items():
-            shape, dn, chunks, inner = ma.decl
-            a = ArrayWriter(w, name, enc, s, shape, dn, chunks, rel=ma.rec["path"], scan=False, inner=inner)
-            a._done = {k: list(ent) for k, (_, ent) in ma.table.items()}
-            p.arrays[s] = a
-            narrays += 1
-            nchunks += len(ma.table)
-            for key, lst in ma.staged.items():
-                idx = tuple(int(x) for x in key.split("/")[1:])
-                for r, pc in lst:
-                    where = f"{path}/{pc['file']} (rank {r}, param {name!r} state {s!r} chunk {key})"
-                    try:
-                        data = store.get(pc["file"])
-                    except (FileNotFoundError, NotADirectoryError):
-                        raise FormatError(f"{where}: staged piece is missing") from None
-                    if len(data) != pc["size"] or crc32c.crc32c(data) != pc["crc32c"]:
-                        raise FormatError(f"{where}: staged piece is corrupt (size or crc32c differs from the "
-                                          "part record)")
-                    off = 0
-                    for b0, b1 in pc["boxes"]:
-                        b0, b1 = tuple(b0), tuple(b1)
-                        v = _vol(b0, b1)
-                        arr = np.frombuffer(data, dtype=a._np, count=v, offset=off).reshape(
-                            tuple(y - x for x, y in zip(b0, b1)))
-                        off += v * a._isz
-                        job = a._place(idx, b0, b1, arr)
-                        if job is not None:
-                            w._run_jobs(a, [job])
-                            assembled += 1
-    if metadata is not None:
-        w.set_metadata(metadata)
-    w.commit()
+        names.sort(key=lambda n: rank_of.get(n, len(rank_of)))
+    w = CheckpointWriter(path, storage_options=storage_options, durable=durable, workers=workers, coordinator=True)
+    try:
+        nchunks = assembled = narrays = 0
+        for name in names:
+            w.set_param_meta_json(name, merged.meta[name])
+            for s, ma in merged.arrays[name].items():
+                a = w.declare_array(name, s, ma.record)
+                a.adopt_records({k: ent for k, (_r, ent) in ma.table.items()})
+                narrays += 1
+                nchunks += len(ma.table)
+                assembled += _assemble(store, path, name, s, a, ma)
+        if metadata is not None:
+            w.set_metadata(metadata)
+        w.commit()
+    finally:
+        w.abort()
     if cleanup:  # the manifest is durable: the part records are no longer needed by anyone
-        store.delete_tree(PARTS if w._meta_arrays else "_ucp")
-    return {"params": len(mparams), "arrays": narrays, "chunks": nchunks + assembled, "assembled": assembled}
-
-
-# ------------------------------------------------------------------------------------------ grids
-def split_boxes(shape, k, dim=0, mode="chunk"):
-    """The ``k`` boxes ``(start, stop)`` of ``torch.chunk`` (``mode="chunk"``: ceil(n/k) per piece,
-    trailing pieces may be empty) or ``torch.tensor_split`` (``mode="tensor_split"``: the first n % k
-    pieces one longer) of ``shape`` along ``dim``."""
-    from ucp.plan.boxes import split_sizes  # the one rule for splits, shared with the planner
-
-    shape = tuple(int(s) for s in shape)
-    n, k = shape[dim], int(k)
-    if mode not in ("chunk", "tensor_split"):
-        raise UcpError(f"split_boxes: mode must be 'chunk' or 'tensor_split', got {mode!r}")
-    cuts = [0]
-    for size in split_sizes(n, k, mode):
-        cuts.append(cuts[-1] + size)
-    out = []
-    for i in range(k):
-        st = [0] * len(shape)
-        sp = list(shape)
-        st[dim], sp[dim] = cuts[i], cuts[i + 1]
-        out.append((tuple(st), tuple(sp)))
-    return out
-
-
-def _closest_divisor(g, m):
-    """The divisor of ``g`` closest to ``m`` on a log scale (ties: the smaller)."""
-    divs = set()
-    i = 1
-    while i * i <= g:
-        if g % i == 0:
-            divs.update((i, g // i))
-        i += 1
-    return min(sorted(divs), key=lambda d: abs(math.log(d / max(m, 1))))
-
-
-def aligned_chunks(shape, boxes, itemsize, target=None, min_bytes=64 << 10):
-    """A plain chunk shape whose regular grid has every face of every box on a chunk boundary, so each
-    writer of those boxes writes whole chunks only (nothing staged), or None where no such grid keeps
-    chunks of at least ``min(min_bytes, the smallest box's bytes)``.
-
-    Along each dim with box boundaries inside the array the chunk extent is the divisor of their gcd
-    closest to the default extent for ``target`` bytes (default chunk size); the other dims then take
-    the default layout of the array cut down to those extents. ``torch.chunk`` row splits (ceil(n/k) rows each) always have one; uneven
-    ``torch.tensor_split`` splits usually do not. Pass the result as ``add_array(..., chunks=)``."""
-    shape = tuple(int(s) for s in shape)
-    default = layout.default_chunks(shape, itemsize, target)
-    fixed = {}
-    for d, n in enumerate(shape):
-        bounds = {int(b[d]) for box in boxes for b in box if 0 < int(b[d]) < n}
-        if bounds:
-            fixed[d] = _closest_divisor(math.gcd(*bounds), default[d])
-    # the other dims: the default layout of the array as cut down to the aligned extents
-    sub = layout.default_chunks(tuple(fixed.get(d, n) for d, n in enumerate(shape)), itemsize, target)
-    out = [fixed.get(d, sub[d]) for d in range(len(shape))]
-    nonempty = [b for b in boxes if _vol(b[0], b[1]) > 0]
-    if not shape or not nonempty:
-        return tuple(out)
-    floor = min(int(min_bytes), min(_vol(*b) for b in nonempty) * itemsize)
-    if math.prod(out) * itemsize < floor:
-        return None
-    return tuple(out)
+        store.delete_tree(PARTS if w.has_meta_arrays else "_ucp")
+    return {"params": len(names), "arrays": narrays, "chunks": nchunks + assembled, "assembled": assembled}

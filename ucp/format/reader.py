@@ -11,10 +11,13 @@ import crc32c
 import numpy as np
 import torch
 
-from ucp.errors import CorruptChunkError, NotFoundError, UcpError
+from ucp.errors import CorruptChunkError, FormatError, NotFoundError, UcpError
 from ucp.format import dtypes, jsonmeta, layout, manifest, shard as _shard
 from ucp.format.layout import CRC_BYTES, chunk_key
+from ucp.format.manifest import ManifestArray
 from ucp.format.store import MANIFEST, make_store
+from ucp.plan.boxes import flat_to_boxes
+from ucp.plan.grid import ChunkGrid, box_slices
 
 
 @dataclass(frozen=True)
@@ -32,26 +35,29 @@ class ArrayInfo:
 
 
 class _Array:
-    __slots__ = ("info", "rec", "table", "np", "isz", "chunk_nbytes", "inner", "inner_nb", "index_nb")
+    """An array being read: its manifest record plus the numbers every read of it needs."""
 
-    def __init__(self, name, state, rec):
-        dn = rec["dtype"]
-        shape, chunks = tuple(rec["shape"]), tuple(rec["chunks"])
+    __slots__ = ("info", "rec", "table", "np", "isz", "chunk_nbytes", "inner", "inner_nb", "index_nb", "grid",
+                 "positions")
+
+    def __init__(self, name, state, rec: ManifestArray):
         self.rec = rec
-        self.table = rec["chunk_table"]
-        self.np = dtypes.numpy_storage_dtype(dn)
-        self.isz = dtypes.itemsize(dn)
-        self.chunk_nbytes = math.prod(chunks) * self.isz
-        inner = rec.get("inner_chunks")
-        self.inner = tuple(inner) if inner is not None else None
+        self.table = rec.chunk_table
+        self.grid = rec.grid
+        self.np = dtypes.numpy_storage_dtype(rec.dtype)
+        self.isz = rec.itemsize
+        self.chunk_nbytes = rec.grid_chunk_nbytes
+        self.inner = rec.inner_chunks
         if self.inner is not None:
-            if len(self.inner) != len(chunks) or any(c < 1 or s % c for s, c in zip(chunks, self.inner)):
-                raise UcpError(f"{rec['path']}: inner chunks {self.inner} do not divide the shards {chunks}")
             self.inner_nb = math.prod(self.inner) * self.isz + CRC_BYTES
-            self.index_nb = _shard.index_nbytes(chunks, self.inner)
-        self.info = ArrayInfo(name, state, rec["path"], shape, dtypes.torch_dtype(dn), rec["storage_dtype"],
-                              chunks, math.prod(shape) * self.isz, math.prod(layout.grid(shape, chunks)),
-                              self.inner)
+            self.index_nb = _shard.index_nbytes(rec.chunks, self.inner)
+        self.info = ArrayInfo(name, state, rec.path, rec.shape, dtypes.torch_dtype(rec.dtype), rec.storage_dtype,
+                              rec.chunks, math.prod(rec.shape) * self.isz, self.grid.nchunks, self.inner)
+
+    def content_crc(self, key):
+        """The shard's recorded content crc32c (None in a format_version 1 manifest)."""
+        ent = self.table[key]
+        return ent[2] if len(ent) > 2 else None
 
 
 class Checkpoint:
@@ -60,12 +66,15 @@ class Checkpoint:
     def __init__(self, path, storage_options=None, workers=4):
         self.path = path
         self._store = make_store(path, storage_options)
+        why = self._store.describe_root()
+        if why is not None:
+            raise manifest.not_committed(path, why)
         try:
             raw = self._store.get(MANIFEST)
         except (FileNotFoundError, NotADirectoryError):
             raise manifest.not_committed(path) from None
-        self.manifest = manifest.load(raw, f"{path}/{MANIFEST}")
-        self._params = {p["name"]: p for p in self.manifest["params"]}
+        self.catalog = manifest.load(raw, f"{path}/{MANIFEST}")
+        self._params = {p.name: p for p in self.catalog.params}
         self._arrays: dict[tuple, _Array] = {}
         self._metadata = None
         self._meta_loaded = False
@@ -77,6 +86,11 @@ class Checkpoint:
         self.bytes_read = 0
         self.chunks_read = 0
         self.last_read_stats = {"bytes_read": 0, "bytes_needed": 0, "chunks_read": 0}
+
+    @property
+    def manifest(self) -> dict:
+        """The manifest as JSON (``catalog`` is the typed, checked form)."""
+        return self.catalog.to_json()
 
     # -- catalogue ---------------------------------------------------------------------------
     @property
@@ -92,20 +106,19 @@ class Checkpoint:
             raise NotFoundError(f"{self.path}: no parameter {name!r}{hint}") from None
 
     def states(self, name) -> list[str]:
-        p = self._param(name)
-        return list(p.get("state_order") or p["states"])
+        return list(self._param(name).states)
 
     def param_meta(self, name) -> dict:
-        return jsonmeta.decode(self._param(name)["meta"], _no_tensor)
+        return jsonmeta.decode(self._param(name).meta, _no_tensor, where=f"param {name!r} meta")
 
     def _array(self, name, state) -> _Array:
         a = self._arrays.get((name, state))
         if a is not None:
             return a
         if state is None and isinstance(name, str) and name.startswith("_ucp/meta/"):
-            rec = self.manifest["meta_arrays"][name]
+            rec = self.catalog.meta_arrays[name]
         else:
-            st = self._param(name)["states"]
+            st = self._param(name).states
             if state not in st:
                 close = difflib.get_close_matches(str(state), st, n=5) or list(st)
                 raise NotFoundError(f"{self.path}: parameter {name!r} has no state {state!r}; "
@@ -124,13 +137,19 @@ class Checkpoint:
     @property
     def metadata(self):
         if not self._meta_loaded:
-            self._metadata = jsonmeta.decode(self.manifest.get("metadata"),
-                                             lambda rel: self.read_box(rel, None, None, None))
+            self._metadata = jsonmeta.decode(self.catalog.metadata, self._meta_tensor,
+                                             where=f"{self.path}/{MANIFEST}: metadata")
             self._meta_loaded = True
         return self._metadata
 
+    def _meta_tensor(self, rel):
+        if rel not in self.catalog.meta_arrays:
+            raise LookupError(rel)
+        return self.read_box(rel, None, None, None)
+
     # -- reading -----------------------------------------------------------------------------
     def read(self, name, state="param", index=None, out=None) -> torch.Tensor:
+        """An array (or the part ``index`` selects: ints, step-1 slices, ...) in its logical dtype."""
         a = self._array(name, state)
         start, stop, squeeze = layout.normalize_index(index, a.info.shape)
         box = [b - s for s, b in zip(start, stop)]
@@ -146,6 +165,7 @@ class Checkpoint:
         return t.reshape(rshape) if squeeze else t
 
     def read_box(self, name, state, start, stop, out=None) -> torch.Tensor:
+        """The box ``[start, stop)`` of an array (None: the whole extent), read into ``out`` if given."""
         a = self._array(name, state)
         shape = a.info.shape
         start = [0] * len(shape) if start is None else [int(x) for x in start]
@@ -156,48 +176,16 @@ class Checkpoint:
         bshape = [e - s for s, e in zip(start, stop)]
         if out is None:
             out = _empty(bshape, a.info.dtype, a.isz)
-        else:
-            if list(out.shape) != bshape or out.dtype != a.info.dtype or not out.is_contiguous() \
-                    or out.device.type != "cpu":
-                raise UcpError(f"out must be a contiguous CPU {a.info.dtype} tensor of shape {tuple(bshape)}")
-        nbytes_needed = out.numel() * a.isz
+        elif list(out.shape) != bshape or out.dtype != a.info.dtype or not out.is_contiguous() \
+                or out.device.type != "cpu":
+            raise UcpError(f"out must be a contiguous CPU {a.info.dtype} tensor of shape {tuple(bshape)}")
         if out.numel() == 0:
             self.last_read_stats = {"bytes_read": 0, "bytes_needed": 0, "chunks_read": 0}
             return out
-        onp = dtypes.to_storage_numpy(out)
-        obytes = onp.reshape(-1).view(np.uint8) if onp.ndim else onp.reshape(1).view(np.uint8)
-        ch = a.info.chunks
-        rowfast = self._store.local and len(shape) >= 1 and tuple(ch[1:]) == tuple(shape[1:]) and \
-            all(s == 0 for s in start[1:]) and list(stop[1:]) == list(shape[1:])
-        jobs = list(_product(layout.chunk_ranges(start, stop, ch)))
-        pf = PREFETCH if a.inner is None else \
-            min(PREFETCH, max(1, PREFETCH_BYTES // max(1, a.chunk_nbytes))) if PREFETCH_BYTES else 0
-        prefetch = pf and (a.inner is None or (all(s == 0 for s in start[1:])
-                                                     and list(stop[1:]) == list(shape[1:])))
-        counts = [0] * len(jobs) if a.inner is not None else None
-        if self._store.local and len(jobs) > 1 and prefetch:
-            self._store.prefetch([f"{a.info.path}/{chunk_key(j)}" for j in jobs[1:pf + 1]])
-        if a.inner is not None:
-            jpos = {j: i for i, j in enumerate(jobs)}
-
-            def fn(idx):
-                got, n = self._read_shard(a, idx, start, stop, onp)
-                counts[jpos[idx]] = n
-                return got
-        elif rowfast:
-            fn = lambda idx: self._read_rows(a, idx, start, stop, obytes)  # noqa: E731
-        else:
-            fn = lambda idx: self._read_generic(a, idx, start, stop, onp)  # noqa: E731
-        if self._store.local and prefetch and len(jobs) > pf + 1:
-            fn0, keys = fn, [f"{a.info.path}/{chunk_key(j)}" for j in jobs]
-            pos = {j: i for i, j in enumerate(jobs)}
-
-            def fn(idx):  # keep the kernel reading pf chunks ahead (posix_fadvise WILLNEED)
-                i = pos[idx] + pf + 1
-                if i < len(keys):
-                    self._store.prefetch(keys[i:i + 1])
-                return fn0(idx)
-        if len(jobs) > 1 and self._workers > 1 and (nbytes_needed >= (8 << 20) or not self._store.local):
+        jobs = list(a.grid.indices_for(start, stop))
+        fn, counts = self._reader_for(a, start, stop, out, jobs)
+        nbytes_needed = out.numel() * a.isz
+        if len(jobs) > 1 and self._workers > 1 and (nbytes_needed >= (8 << 20) or self._store.parallel_reads):
             if self._pool is None:
                 with self._slock:
                     if self._pool is None:
@@ -212,24 +200,64 @@ class Checkpoint:
         self.last_read_stats = {"bytes_read": got, "bytes_needed": nbytes_needed, "chunks_read": nread}
         return out
 
+    def _reader_for(self, a, start, stop, out, jobs):
+        """The per-chunk read function for this box (and a list it counts inner chunks in, for shards),
+        with kernel read-ahead of the next chunks where whole rows are read."""
+        shape, ch = a.info.shape, a.info.chunks
+        onp = dtypes.to_storage_numpy(out)
+        full_rows = all(s == 0 for s in start[1:]) and list(stop[1:]) == list(shape[1:])
+        counts = None
+        if a.inner is not None:
+            counts = [0] * len(jobs)
+            jpos = {j: i for i, j in enumerate(jobs)}
+            pf = min(PREFETCH, max(1, PREFETCH_BYTES // max(1, a.chunk_nbytes))) if PREFETCH_BYTES and full_rows else 0
+
+            def fn(idx):
+                got, n = self._read_shard(a, idx, start, stop, onp)
+                counts[jpos[idx]] = n
+                return got
+        elif len(shape) >= 1 and tuple(ch[1:]) == tuple(shape[1:]) and full_rows:
+            obytes = onp.reshape(-1).view(np.uint8)
+            pf = PREFETCH
+            fn = lambda idx: self._read_rows(a, idx, start, stop, obytes)  # noqa: E731
+        else:
+            pf = PREFETCH
+            fn = lambda idx: self._read_generic(a, idx, start, stop, onp)  # noqa: E731
+        if not pf or len(jobs) < 2:
+            return fn, counts
+        keys = [f"{a.info.path}/{chunk_key(j)}" for j in jobs]
+        self._store.prefetch(keys[1:pf + 1])
+        if len(jobs) <= pf + 1:
+            return fn, counts
+        fn0, pos = fn, {j: i for i, j in enumerate(jobs)}
+
+        def ahead(idx):  # keep the kernel reading pf chunks ahead (posix_fadvise WILLNEED)
+            i = pos[idx] + pf + 1
+            if i < len(keys):
+                self._store.prefetch(keys[i:i + 1])
+            return fn0(idx)
+        return ahead, counts
+
     def read_flat(self, name, state, start, stop, out=None) -> torch.Tensor:
         """Elements [start, stop) of the C-order flattened array, as a 1-D tensor (ZeRO/FSDP ranges).
 
         Reads only the chunks the range touches, straight into ``out``."""
         a = self._array(name, state)
+        start, stop = int(start), int(stop)
         n = stop - start
+        if not 0 <= start <= stop <= math.prod(a.info.shape):
+            raise UcpError(f"flat range [{start}, {stop}) outside {name!r}/{state!r} of shape {a.info.shape}")
         if out is None:
             out = _empty((max(n, 0),), a.info.dtype, a.isz)
         elif tuple(out.shape) != (n,) or not out.is_contiguous():
             raise UcpError(f"out must be a contiguous 1-D tensor of {n} elements")
-        got = need = chunks = 0
-        for bst, bsp, off in layout.flat_to_boxes(a.info.shape, int(start), int(stop)):
-            bshape = [y - x for x, y in zip(bst, bsp)]
-            self.read_box(name, state, bst, bsp, out=out[off:off + math.prod(bshape)].view(bshape))
+        got = chunks = off = 0
+        for box in flat_to_boxes(start, stop, a.info.shape):
+            self.read_box(name, state, box.start, box.stop, out=out[off:off + box.numel].view(box.shape))
+            off += box.numel
             got += self.last_read_stats["bytes_read"]
             chunks += self.last_read_stats["chunks_read"]
-        need = n * a.isz
-        self.last_read_stats = {"bytes_read": got, "bytes_needed": need, "chunks_read": chunks}
+        self.last_read_stats = {"bytes_read": got, "bytes_needed": n * a.isz, "chunks_read": chunks}
         return out
 
     def _scratch(self, n):
@@ -238,40 +266,57 @@ class Checkpoint:
             s = self._tls.buf = bytearray(max(n, 1 << 16))
         return memoryview(s)
 
-    def _rec(self, a, key):
-        try:
-            size, crc = a.table[key]
-        except (KeyError, TypeError, ValueError):
-            raise CorruptChunkError(f"{self.path}: {a.info.path}/{key}: no record in the manifest") from None
-        return size, crc
+    def _where(self, a, key, what="chunk"):
+        return f"{self.path}: param {a.info.name!r} state {a.info.state!r} {what} {key} ({a.info.path}/{key})"
 
-    def _check(self, a, key, got, fsize, size, crc, data_bufs, stored):
-        where = f"{self.path}: param {a.info.name!r} state {a.info.state!r} chunk {key} ({a.info.path}/{key})"
-        if fsize != size or got != size:
-            raise CorruptChunkError(f"{where}: size {fsize} bytes, the manifest records {size}"
-                                    + (" (truncated)" if fsize < size else " (extra bytes)"))
-        c = 0
-        for b in data_bufs:
-            c = crc32c.crc32c(b, c)
-        s = int.from_bytes(stored, "little")
-        if c != s or c != crc:
-            raise CorruptChunkError(f"{where}: crc32c mismatch (computed {c:#010x}, stored {s:#010x}, "
-                                    f"manifest {crc:#010x})")
+    def _size_err(self, a, key, fsize, size, what="chunk"):
+        tail = "" if fsize is None else (" (truncated)" if fsize < size else " (extra bytes)")
+        return CorruptChunkError(f"{self._where(a, key, what)}: size {fsize if fsize is not None else 'fewer'} "
+                                 f"bytes, the manifest records {size}{tail}")
 
     def _open_err(self, a, key):
         return CorruptChunkError(f"{self.path}: param {a.info.name!r} state {a.info.state!r} chunk {key}: "
                                  f"file {a.info.path}/{key} is missing")
 
+    def _check_size_first(self, a, key, rel, size, what="chunk"):
+        """Before a large allocation: the file really has the size the manifest records."""
+        if size > BIG_ALLOC:
+            fsize = self._store.size(rel)
+            if fsize is None:
+                raise self._open_err(a, key)
+            if fsize != size:
+                raise self._size_err(a, key, fsize, size, what)
+
+    def _check(self, a, key, got, fsize, size, crc, data_bufs, stored):
+        if fsize != size or got != size:
+            raise self._size_err(a, key, fsize, size)
+        c = 0
+        for b in data_bufs:
+            c = crc32c.crc32c(b, c)
+        s = int.from_bytes(stored, "little")
+        if c != s or c != crc:
+            raise CorruptChunkError(f"{self._where(a, key)}: crc32c mismatch (computed {c:#010x}, stored {s:#010x}, "
+                                    f"manifest {crc:#010x})")
+
+    def _readinto(self, a, key, rel, bufs):
+        try:
+            return self._store.readinto(rel, bufs)
+        except (FileNotFoundError, NotADirectoryError):
+            raise self._open_err(a, key) from None
+
     def _read_rows(self, a, idx, start, stop, obytes):
         """Row-contiguous chunk: scatter-read the needed rows straight into ``out``."""
         key = chunk_key(idx)
-        size, crc = self._rec(a, key)
+        size, crc = a.table[key]
         r = a.info.chunks[0]
         rowb = a.chunk_nbytes // r
         c0 = idx[0] * r
         i0, i1 = max(start[0], c0), min(stop[0], c0 + r)
         pre, mid = (i0 - c0) * rowb, (i1 - i0) * rowb
         post = a.chunk_nbytes - pre - mid
+        rel = f"{a.info.path}/{key}"
+        if pre + post > BIG_ALLOC:
+            self._check_size_first(a, key, rel, size)
         scratch = self._scratch(pre + post + CRC_BYTES)
         o = (i0 - start[0]) * rowb
         bufs = [obytes[o:o + mid]]
@@ -280,78 +325,81 @@ class Checkpoint:
         if post:
             bufs.append(scratch[pre:pre + post])
         crcb = scratch[pre + post:pre + post + CRC_BYTES]
-        try:
-            got, fsize = self._store.readinto(f"{a.info.path}/{key}", bufs + [crcb])
-        except FileNotFoundError:
-            raise self._open_err(a, key) from None
+        got, fsize = self._readinto(a, key, rel, bufs + [crcb])
         self._check(a, key, got, fsize, size, crc, bufs, crcb)
         return got
 
     def _read_generic(self, a, idx, start, stop, onp):
         key = chunk_key(idx)
-        size, crc = self._rec(a, key)
+        size, crc = a.table[key]
         n = a.chunk_nbytes
         rel = f"{a.info.path}/{key}"
-        if self._store.local:
-            buf = self._scratch(n + CRC_BYTES)[:n + CRC_BYTES]
-            try:
-                got, fsize = self._store.readinto(rel, [buf])
-            except FileNotFoundError:
-                raise self._open_err(a, key) from None
-        else:
-            try:
-                buf = memoryview(self._store.get(rel))
-            except FileNotFoundError:
-                raise self._open_err(a, key) from None
-            got = fsize = len(buf)
+        self._check_size_first(a, key, rel, size)
+        buf = self._scratch(n + CRC_BYTES)[:n + CRC_BYTES]
+        got, fsize = self._readinto(a, key, rel, [buf])
         self._check(a, key, got, fsize, size, crc, [buf[:n]], buf[n:n + CRC_BYTES])
-        ch = a.info.chunks
-        cst = [i * c for i, c in zip(idx, ch)]
-        chunk = np.frombuffer(buf[:n], dtype=a.np).reshape(ch)
-        ist = [max(s, c) for s, c in zip(start, cst)]
-        isp = [min(e, c + k) for e, c, k in zip(stop, cst, ch)]
-        src = chunk[tuple(slice(x - c, y - c) for x, y, c in zip(ist, isp, cst))]
+        chunk = np.frombuffer(buf[:n], dtype=a.np).reshape(a.info.chunks)
+        ist, isp = a.grid.overlap(idx, start, stop)
+        src = chunk[box_slices(ist, isp, a.grid.chunk_start(idx))]
         if onp.ndim == 0:
             onp[()] = src
         else:
-            onp[tuple(slice(x - s, y - s) for x, y, s in zip(ist, isp, start))] = src
+            onp[box_slices(ist, isp, start)] = src
         return got
 
     # -- sharded arrays ----------------------------------------------------------------------
-    def _shard_where(self, a, key):
-        return f"{self.path}: param {a.info.name!r} state {a.info.state!r} shard {key} ({a.info.path}/{key})"
+    def _parse_index(self, a, key, raw):
+        try:
+            ent, c = _shard.parse_index(raw, a.info.chunks, a.inner)
+        except _shard.ShardError as e:
+            raise CorruptChunkError(f"{self._where(a, key, 'shard')}: {e}") from None
+        icrc = a.table[key][1]
+        if c != icrc:
+            raise CorruptChunkError(f"{self._where(a, key, 'shard')}: shard index crc32c {c:#010x} differs from "
+                                    f"the manifest's {icrc:#010x}")
+        return ent.copy()
 
-    def _index(self, a, key, rel, size, icrc):
-        """The checked index of a shard (read once per open Checkpoint). Returns (entries, bytes read)."""
+    def _check_content(self, a, key, words):
+        """The inner chunks' crc32c words (index order) must give the manifest's content crc32c: binds
+        this file's data to this shard of this array (a swapped shard file fails here)."""
+        want = a.content_crc(key)
+        got = _shard.content_crc(words)
+        if want is not None and got != want:
+            raise CorruptChunkError(f"{self._where(a, key, 'shard')}: content crc32c {got:#010x} differs from "
+                                    f"the manifest's {want:#010x} (the file is another shard's, or stale)")
+
+    def _positions(self, a, sidx):
+        return _shard.present_positions(a.info.shape, a.info.chunks, a.inner, sidx)
+
+    def _index(self, a, sidx, key, rel, size):
+        """The checked index of a shard, its content crc32c checked too (once per open Checkpoint).
+        Returns (entries, bytes read)."""
         ent = self._index_cache.get(rel)
         if ent is not None:
             return ent, 0
         n = a.index_nb
-        if size < n:
-            raise CorruptChunkError(f"{self._shard_where(a, key)}: the manifest records {size} bytes, "
-                                    f"less than the shard index ({n})")
+        if n > BIG_ALLOC:
+            self._check_size_first(a, key, rel, size, "shard")
         buf = bytearray(n)
         try:
             got, fsize = self._store.read_ranges(rel, [(size - n, size)], buf)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise self._open_err(a, key) from None
         if (fsize is not None and fsize != size) or got != n:
-            fs = fsize if fsize is not None else "fewer"
-            raise CorruptChunkError(f"{self._shard_where(a, key)}: size {fs} bytes, the manifest records {size}"
-                                    + (" (truncated)" if fsize is None or fsize < size else " (extra bytes)"))
-        ent = self._parse_index(a, key, buf, icrc)
+            raise self._size_err(a, key, fsize, size, "shard")
+        ent = self._parse_index(a, key, buf)
+        data_end = size - n
+        positions = self._positions(a, sidx)
+        for pos in positions:
+            self._entry(ent, pos, a, data_end, key)
+        ranges = _shard.crc_word_ranges(ent, positions)
+        words = bytearray(CRC_BYTES * len(ranges))
+        got2, _ = self._store.read_ranges(rel, ranges, words)
+        if got2 != len(words):
+            raise self._size_err(a, key, None, size, "shard")
+        self._check_content(a, key, [words[i:i + CRC_BYTES] for i in range(0, len(words), CRC_BYTES)])
         self._index_cache[rel] = ent
-        return ent, n
-
-    def _parse_index(self, a, key, raw, icrc):
-        try:
-            ent, c = _shard.parse_index(raw, a.info.chunks, a.inner)
-        except _shard.ShardError as e:
-            raise CorruptChunkError(f"{self._shard_where(a, key)}: {e}") from None
-        if c != icrc:
-            raise CorruptChunkError(f"{self._shard_where(a, key)}: shard index crc32c {c:#010x} differs from "
-                                    f"the manifest's {icrc:#010x}")
-        return ent.copy()
+        return ent, n + got2
 
     def _read_shard(self, a, sidx, start, stop, onp):
         """Read the inner chunks of shard ``sidx`` that intersect the box; returns (bytes read, inner chunks)."""
@@ -364,89 +412,88 @@ class Checkpoint:
 
     def _read_shard_into(self, a, sidx, start, stop, onp, held):
         key = chunk_key(sidx)
-        size, icrc = self._rec(a, key)
+        size = a.table[key][0]
         rel = f"{a.info.path}/{key}"
-        shape, ch, inn = a.info.shape, a.info.chunks, a.inner
-        cst = [i * c for i, c in zip(sidx, ch)]
-        ist = [max(x, c) for x, c in zip(start, cst)]
-        isp = [min(y, c + k) for y, c, k in zip(stop, cst, ch)]
-        lr = [range((x - c) // k, -(-(y - c) // k)) for x, y, c, k in zip(ist, isp, cst, inn)]
-        _it, lim = _shard.present(shape, ch, inn, sidx)
-        ig = _shard.inner_grid(ch, inn)
-        where = self._shard_where(a, key)
-        locals_ = list(_product(lr))
-        data_end = size - a.index_nb
-        got = 0
-        if all(len(r) == m for r, m in zip(lr, lim)):  # every inner chunk: read the whole file at once
-            try:
-                if self._store.local and SHARD_MMAP:
-                    buf, fsize = self._store.map(rel)  # tiles are copied from the page cache straight to out
-                    got = fsize if fsize == size else 0
-                elif self._store.local:
-                    held.append(_shard.acquire(size))  # reused across reads: no first touch per shard
-                    buf = memoryview(held[-1])[:size]
-                    got, fsize = self._store.readinto(rel, [buf])
-                else:
-                    data = self._store.get(rel)
-                    got = fsize = len(data)
-                    buf = memoryview(data)
-            except FileNotFoundError:
-                raise self._open_err(a, key) from None
-            if fsize != size or got != size:
-                raise CorruptChunkError(f"{where}: size {fsize} bytes, the manifest records {size}"
-                                        + (" (truncated)" if fsize < size else " (extra bytes)"))
-            if size < a.index_nb:
-                raise CorruptChunkError(f"{where}: {size} bytes, shorter than its index")
-            ent = self._index_cache.get(rel)
-            if ent is None:
-                ent = self._index_cache[rel] = self._parse_index(a, key, buf[data_end:size], icrc)
-            pos = {}
-            for loc in locals_:
-                pos[loc] = self._entry(ent, loc, ig, a, data_end, where)[0]
+        inner = ChunkGrid(a.info.chunks, a.inner)  # the shard's inner grid, in shard coordinates
+        cst = a.grid.chunk_start(sidx)
+        ist, isp = a.grid.overlap(sidx, start, stop)
+        lst = [x - c for x, c in zip(ist, cst)]
+        lsp = [y - c for y, c in zip(isp, cst)]
+        locals_ = list(inner.indices_for(lst, lsp))
+        _it, lim = _shard.present(a.info.shape, a.info.chunks, a.inner, sidx)
+        if all(len(r) == m for r, m in zip(inner.ranges(lst, lsp), lim)):  # every inner chunk: whole file
+            buf, pos, got = self._shard_whole(a, sidx, key, rel, size, locals_, held)
         else:
-            ent, got = self._index(a, key, rel, size, icrc)
-            spans = sorted((self._entry(ent, loc, ig, a, data_end, where)[0], loc) for loc in locals_)
-            ranges = []
-            pos = {}
-            o = 0
-            for off, loc in spans:
-                if ranges and ranges[-1][1] == off:
-                    ranges[-1][1] = off + a.inner_nb
-                else:
-                    ranges.append([off, off + a.inner_nb])
-                pos[loc] = o
-                o += a.inner_nb
-            buf = self._scratch(o)[:o]
-            try:
-                n, fsize = self._store.read_ranges(rel, ranges, buf)
-            except FileNotFoundError:
-                raise self._open_err(a, key) from None
-            got += n
-            if (fsize is not None and fsize != size) or n != o:
-                raise CorruptChunkError(f"{where}: size {fsize} bytes, the manifest records {size}"
-                                        + (" (truncated)" if fsize is None or fsize < size else " (extra bytes)"))
+            buf, pos, got = self._shard_ranges(a, sidx, key, rel, size, locals_)
         nd = a.inner_nb - CRC_BYTES
         for loc in locals_:
             o = pos[loc]
             c = crc32c.crc32c(buf[o:o + nd])
             s = int.from_bytes(buf[o + nd:o + a.inner_nb], "little")
             if c != s:
-                raise CorruptChunkError(f"{where}: inner chunk {list(loc)} crc32c mismatch (computed {c:#010x}, "
-                                        f"stored {s:#010x})")
-            tile = np.frombuffer(buf[o:o + nd], dtype=a.np).reshape(inn)
-            tst = [c0 + i * k for c0, i, k in zip(cst, loc, inn)]
+                raise CorruptChunkError(f"{self._where(a, key, 'shard')}: inner chunk {list(loc)} crc32c mismatch "
+                                        f"(computed {c:#010x}, stored {s:#010x})")
+            tile = np.frombuffer(buf[o:o + nd], dtype=a.np).reshape(a.inner)
+            tst = [c0 + t for c0, t in zip(cst, inner.chunk_start(loc))]
             x0 = [max(x, t) for x, t in zip(ist, tst)]
-            x1 = [min(y, t + k) for y, t, k in zip(isp, tst, inn)]
-            onp[tuple(slice(x - s0, y - s0) for x, y, s0 in zip(x0, x1, start))] = \
-                tile[tuple(slice(x - t, y - t) for x, y, t in zip(x0, x1, tst))]
+            x1 = [min(y, t + k) for y, t, k in zip(isp, tst, a.inner)]
+            onp[box_slices(x0, x1, start)] = tile[box_slices(x0, x1, tst)]
         return got, len(locals_)
 
-    @staticmethod
-    def _entry(ent, loc, ig, a, data_end, where):
+    def _shard_whole(self, a, sidx, key, rel, size, locals_, held):
+        """Read a whole shard file; check its index and content crc32c. Returns (buffer, offsets, bytes)."""
+        self._check_size_first(a, key, rel, size, "shard")
+        if SHARD_MMAP:
+            try:
+                buf, fsize = self._store.map(rel)  # tiles are copied from the page cache straight to out
+            except (FileNotFoundError, NotADirectoryError):
+                raise self._open_err(a, key) from None
+            got = fsize
+        else:
+            held.append(_shard.acquire(size))  # reused across reads: no first touch per shard
+            buf = memoryview(held[-1])[:size]
+            got, fsize = self._readinto(a, key, rel, [buf])
+        if fsize != size or got != size:
+            raise self._size_err(a, key, fsize, size, "shard")
+        data_end = size - a.index_nb
+        ent = self._index_cache.get(rel)
+        if ent is None:
+            ent = self._parse_index(a, key, buf[data_end:size])
+            spans = [self._entry(ent, p, a, data_end, key) for p in self._positions(a, sidx)]
+            self._check_content(a, key, [buf[o + n - CRC_BYTES:o + n] for o, n in spans])
+            self._index_cache[rel] = ent
+        ig = _shard.inner_grid(a.info.chunks, a.inner)
+        pos = {loc: self._entry(ent, _shard.linear(loc, ig), a, data_end, key)[0] for loc in locals_}
+        return buf, pos, got
+
+    def _shard_ranges(self, a, sidx, key, rel, size, locals_):
+        """Read only the inner chunks ``locals_`` (merged byte ranges). Returns (buffer, offsets, bytes)."""
+        ent, got = self._index(a, sidx, key, rel, size)
+        data_end = size - a.index_nb
+        ig = _shard.inner_grid(a.info.chunks, a.inner)
+        spans = sorted((self._entry(ent, _shard.linear(loc, ig), a, data_end, key)[0], loc) for loc in locals_)
+        ranges, pos, o = [], {}, 0
+        for off, loc in spans:
+            if ranges and ranges[-1][1] == off:
+                ranges[-1][1] = off + a.inner_nb
+            else:
+                ranges.append([off, off + a.inner_nb])
+            pos[loc] = o
+            o += a.inner_nb
+        buf = self._scratch(o)[:o]
         try:
-            return _shard.check_entry(ent, _shard.linear(loc, ig), a.inner_nb, data_end, f"inner chunk {list(loc)}")
+            n, fsize = self._store.read_ranges(rel, ranges, buf)
+        except (FileNotFoundError, NotADirectoryError):
+            raise self._open_err(a, key) from None
+        if (fsize is not None and fsize != size) or n != o:
+            raise self._size_err(a, key, fsize, size, "shard")
+        return buf, pos, got + n
+
+    def _entry(self, ent, pos, a, data_end, key):
+        try:
+            return _shard.check_entry(ent, pos, a.inner_nb, data_end, f"inner chunk at index position {pos}")
         except _shard.ShardError as e:
-            raise CorruptChunkError(f"{where}: {e}") from None
+            raise CorruptChunkError(f"{self._where(a, key, 'shard')}: {e}") from None
 
     def close(self):
         if self._pool is not None:
@@ -471,6 +518,7 @@ PREFETCH_BYTES = 64 << 20  # sharded arrays: shards read ahead, in bytes (at lea
 # warm 3.9 against 4.9. A checkpoint load is usually cold (a new job on new machines), so pread.
 SHARD_MMAP = False
 _HUGE = 1 << 20
+BIG_ALLOC = 16 << 20  # files at least this large are stat'ed before their buffer is allocated
 
 
 def _empty(shape, dtype, isz):
@@ -486,11 +534,6 @@ def _no_tensor(_p):
     raise UcpError("unexpected tensor reference in per-parameter metadata")
 
 
-def _product(ranges):
-    import itertools
-
-    return itertools.product(*ranges)
-
-
 def open_checkpoint(path, storage_options=None, workers=4) -> Checkpoint:
+    """Open a committed checkpoint read-only (local path or fsspec URL); one manifest read."""
     return Checkpoint(path, storage_options=storage_options, workers=workers)

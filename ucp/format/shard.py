@@ -4,7 +4,10 @@ A shard file holds the inner chunks of one shard (the chunk of the outer regular
 the array, each encoded as its C-order little-endian bytes + CRC32C, written back to back in C order
 of the inner grid, followed by the index: for every inner position of the shard (C order) the pair
 ``(offset, nbytes)`` as little-endian uint64, ``(2**64-1, 2**64-1)`` for an inner chunk wholly
-outside the array, then the CRC32C of the index bytes. spec/FORMAT.md §4.3 is normative.
+outside the array, then the CRC32C of the index bytes. The index depends only on the geometry, so the
+manifest also records the shard's *content crc32c*: the CRC32C of the inner chunks' CRC32C values
+(4 bytes little-endian each) in index order, which binds the file's data to this one shard of this
+one array. spec/FORMAT.md §4.3 is normative.
 """
 from __future__ import annotations
 
@@ -65,6 +68,36 @@ def index_nbytes(shard, inner):
     return n_inner(shard, inner) * ENTRY_BYTES + CRC_BYTES
 
 
+def file_size(shape, shard, inner, sidx, itemsize):
+    """Size of the (only valid) file of shard ``sidx``: its present inner chunks plus the index."""
+    _it, lim = present(shape, shard, inner, sidx)
+    return math.prod(lim) * (math.prod(inner) * itemsize + CRC_BYTES) + index_nbytes(shard, inner)
+
+
+def content_crc(crc_words) -> int:
+    """The shard's content crc32c from its inner chunks' stored crc32c words (bytes) in index order."""
+    c = 0
+    for w in crc_words:
+        c = crc32c.crc32c(w, c)
+    return c
+
+
+def crc_word_ranges(entries, positions):
+    """Byte ranges ``(start, stop)`` of the stored crc32c word of each inner chunk at ``positions``."""
+    out = []
+    for pos in positions:
+        end = int(entries[pos, 0]) + int(entries[pos, 1])
+        out.append((end - CRC_BYTES, end))
+    return out
+
+
+def present_positions(shape, shard, inner, sidx):
+    """Index positions (C order, ascending) of shard ``sidx``'s inner chunks that intersect the array."""
+    it, _lim = present(shape, shard, inner, sidx)
+    ig = inner_grid(shard, inner)
+    return [linear(local, ig) for local in it]
+
+
 def present(shape, shard, inner, sidx):
     """Local inner indices (C order) of shard ``sidx`` that intersect the array."""
     ig = inner_grid(shard, inner)
@@ -85,7 +118,7 @@ def linear(local, ig):
 
 def encode(buf: np.ndarray, shard, inner, lim, scratch=None):
     """Buffers of the shard file for ``buf`` (shard-local data whose extent covers ``lim`` tiles,
-    padded with the fill value). Returns (buffers, file size, crc32c of the index).
+    padded with the fill value). Returns (buffers, file size, crc32c of the index, content crc32c).
 
     Contiguous tiles are written from ``buf`` as they are; the others are copied into ``scratch``
     (a callable ``n -> writable buffer of >= n bytes``, reused across shards: fresh allocations per
@@ -98,6 +131,7 @@ def encode(buf: np.ndarray, shard, inner, lim, scratch=None):
     tiles = [buf[tuple(slice(i * c, (i + 1) * c) for i, c in zip(local, inner))]
              for local in itertools.product(*(range(k) for k in lim))]
     ncopy = sum(1 for t in tiles if not t.flags.c_contiguous)
+    content = 0
     sbuf = scratch(ncopy * (nb - CRC_BYTES)) if (scratch is not None and ncopy) else None
     spos = 0
     for local, tile in zip(itertools.product(*(range(k) for k in lim)), tiles):
@@ -110,15 +144,17 @@ def encode(buf: np.ndarray, shard, inner, lim, scratch=None):
             else:
                 tile = np.ascontiguousarray(tile)
         c = crc32c.crc32c(memoryview(tile).cast("B"))
+        word = c.to_bytes(4, "little")
+        content = crc32c.crc32c(word, content)
         bufs.append(tile)
-        bufs.append(c.to_bytes(4, "little"))
+        bufs.append(word)
         index[linear(local, ig)] = (off, nb)
         off += nb
     ib = index.tobytes()
     icrc = crc32c.crc32c(ib)
     bufs.append(ib)
     bufs.append(icrc.to_bytes(4, "little"))
-    return bufs, off + len(ib) + CRC_BYTES, icrc
+    return bufs, off + len(ib) + CRC_BYTES, icrc, content
 
 
 def parse_index(raw, shard, inner):
@@ -146,7 +182,7 @@ def check_entry(entries, pos, inner_nb, data_end, where):
 
 
 def check_shard(data, shape, shard, inner, sidx, itemsize):
-    """Deep check of a whole shard file; returns the index crc. Raises ShardError."""
+    """Deep check of a whole shard file; returns (index crc32c, content crc32c). Raises ShardError."""
     ilen = index_nbytes(shard, inner)
     if len(data) < ilen:
         raise ShardError(f"shard file is {len(data)} bytes, shorter than its index ({ilen})")
@@ -158,13 +194,16 @@ def check_shard(data, shape, shard, inner, sidx, itemsize):
     it, _lim = present(shape, shard, inner, sidx)
     want = set()
     spans = []
+    content = 0
     for local in it:
         pos = linear(local, ig)
         want.add(pos)
         off, nb = check_entry(entries, pos, inner_nb, data_end, f"inner chunk {list(local)}")
         spans.append((off, nb, local))
         c = crc32c.crc32c(mv[off:off + nb - CRC_BYTES])
-        s = int.from_bytes(mv[off + nb - CRC_BYTES:off + nb], "little")
+        word = mv[off + nb - CRC_BYTES:off + nb]
+        content = crc32c.crc32c(word, content)
+        s = int.from_bytes(word, "little")
         if c != s:
             raise ShardError(f"inner chunk {list(local)}: crc32c mismatch (computed {c:#010x}, stored {s:#010x})")
     for pos in range(len(entries)):
@@ -181,4 +220,4 @@ def check_shard(data, shape, shard, inner, sidx, itemsize):
         end = off + nb
     if end != data_end:
         raise ShardError(f"shard file has {data_end - end} bytes not covered by any inner chunk")
-    return icrc
+    return icrc, content

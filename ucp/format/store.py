@@ -1,4 +1,5 @@
-"""A tiny store abstraction: a local fast path (os.* calls) and fsspec for URLs."""
+"""Where a checkpoint's files live: the ``Store`` protocol, a local store (os.* calls, fsync, mmap) and
+an fsspec store for URLs. Writers and readers call only the protocol's methods, never ask which one."""
 from __future__ import annotations
 
 import ctypes
@@ -6,23 +7,67 @@ import mmap
 import os
 import shutil
 import threading
+from typing import Protocol, runtime_checkable
 
-from ucp.errors import UcpError
+from ucp.errors import FormatError, UcpError
 
 MANIFEST = "ucp.manifest.json"
+
+
+@runtime_checkable
+class Store(Protocol):
+    """The files of one root. ``rel`` paths use ``/`` and never leave the root.
+
+    ``parallel_reads``: reads of separate files gain from threads even when small (high latency).
+    Sizes are ``None`` where the backend cannot tell them without another request."""
+
+    url: str
+    parallel_reads: bool
+
+    def is_empty(self, ignore=()) -> bool: ...
+    def clear(self, keep=()) -> None: ...
+    def put(self, rel, buffers, fsync=False) -> None: ...
+    def put_atomic(self, rel, data: bytes, fsync=True) -> None: ...
+    def create_exclusive(self, rel, data: bytes) -> bool: ...
+    def append(self, rel, data: bytes) -> None: ...
+    def sync(self) -> None: ...
+    def get(self, rel) -> bytes: ...
+    def exists(self, rel) -> bool: ...
+    def size(self, rel) -> int | None: ...
+    def readinto(self, rel, buffers) -> tuple[int, int]: ...
+    def read_ranges(self, rel, ranges, buf) -> tuple[int, int | None]: ...
+    def map(self, rel) -> tuple[memoryview, int]: ...
+    def prefetch(self, rels) -> None: ...
+    def delete(self, rel) -> None: ...
+    def delete_tree(self, rel) -> None: ...
+    def list_files(self) -> list[str]: ...
+    def describe_root(self) -> str | None: ...
 
 
 def _is_url(path: str) -> bool:
     return "://" in str(path)
 
 
-def make_store(path, storage_options=None):
+def make_store(path, storage_options=None) -> Store:
+    """The store of ``path``: a local path or ``file://`` URL (without storage options) is a
+    ``LocalStore``, so ``durable=True`` fsyncs there too; any other URL goes through fsspec."""
     path = os.fspath(path) if not isinstance(path, str) else path
+    if path.startswith("file://") and not storage_options:
+        return LocalStore(path[len("file://"):] or "/", url=path)
     if _is_url(path):
         return FsspecStore(path, storage_options or {})
     if storage_options:
         raise UcpError(f"storage_options given for the local path {path!r}; use a URL (file://, s3://)")
     return LocalStore(path)
+
+
+def syncfs(fd) -> bool:
+    """syncfs(2) on the file system of ``fd``; False where the call is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syncfs(fd) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def readahead(path) -> None:
@@ -40,32 +85,104 @@ def readahead(path) -> None:
 
 
 class LocalStore:
-    local = True
+    """A directory. Files are read with preadv/mmap; symbolic links inside the root are refused
+    (a crafted checkpoint must not make a reader open files outside it)."""
 
-    def __init__(self, root: str):
+    parallel_reads = False
+
+    def __init__(self, root: str, url=None):
         self.root = os.path.abspath(root)
-        self.url = root
+        self.url = url or root
         self._dirs: set[str] = set()
         self._dlock = threading.Lock()
+        self._real = None
+        self._safe_dirs: set[str] = set()
 
     def _p(self, rel):
         return os.path.join(self.root, rel)
 
-    def is_empty(self) -> bool:
+    def _rp(self, rel):
+        """Path of ``rel`` for reading: its directory must resolve inside the root (checked once per
+        directory), and the file itself is opened with O_NOFOLLOW."""
+        path = self._p(rel)
+        d = os.path.dirname(path)
+        if d not in self._safe_dirs:
+            if self._real is None:
+                self._real = os.path.realpath(self.root)
+            real = os.path.realpath(d)
+            if real != self._real and not real.startswith(self._real + os.sep):
+                raise FormatError(f"{self.url}: {rel}: a symbolic link leads outside the checkpoint "
+                                  f"(to {real}); refused")
+            self._safe_dirs.add(d)
+        return path
+
+    def _open(self, rel):
+        try:
+            return os.open(self._rp(rel), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as e:
+            if e.errno == 40:  # ELOOP: the file is a symbolic link
+                raise FormatError(f"{self.url}: {rel} is a symbolic link; a checkpoint holds only plain "
+                                  "files, refused") from None
+            raise
+
+    def describe_root(self):
+        """Why the root cannot be a checkpoint (missing, not a directory), or None."""
+        if not os.path.lexists(self.root):
+            return "no such directory"
+        if not os.path.isdir(self.root):
+            return "it is a file, not a checkpoint directory"
+        return None
+
+    def is_empty(self, ignore=()) -> bool:
         if not os.path.exists(self.root):
             return True
         if not os.path.isdir(self.root):
             raise UcpError(f"{self.root} exists and is not a directory")
-        return not os.listdir(self.root)
+        return not [f for f in os.listdir(self.root) if f not in ignore]
 
-    def clear(self):
+    def clear(self, keep=()):
+        """Remove everything under the root except the top-level names in ``keep`` (a writer's lock)."""
         if os.path.isdir(self.root):
             m = self._p(MANIFEST)
             if os.path.exists(m):  # uncommit first: a crash mid-removal leaves no stale checkpoint
                 os.unlink(m)
                 self._fsync_dir(self.root)
-            shutil.rmtree(self.root)
+            for name in os.listdir(self.root):
+                if name in keep:
+                    continue
+                p = self._p(name)
+                try:
+                    if os.path.isdir(p) and not os.path.islink(p):
+                        shutil.rmtree(p)
+                    else:
+                        os.unlink(p)
+                except FileNotFoundError:
+                    pass
         self._dirs.clear()
+
+    def create_exclusive(self, rel, data: bytes) -> bool:
+        """Create ``rel`` holding ``data`` unless it exists (O_EXCL); False when it existed."""
+        path = self._p(rel)
+        self._mkdir(os.path.dirname(path))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        return True
+
+    def append(self, rel, data: bytes) -> None:
+        """Append ``data`` to ``rel`` (created if missing) in one write."""
+        path = self._p(rel)
+        self._mkdir(os.path.dirname(path))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
 
     def _mkdir(self, d):
         if d in self._dirs:
@@ -118,20 +235,17 @@ class LocalStore:
 
     def sync(self):
         """Make every file written so far durable (one syncfs(2); falls back to os.sync)."""
+        fd = os.open(self.root, os.O_RDONLY)
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(self.root, os.O_RDONLY)
-            try:
-                if libc.syncfs(fd) == 0:
-                    return
-            finally:
-                os.close(fd)
-        except (OSError, AttributeError):
-            pass
+            if syncfs(fd):
+                return
+        finally:
+            os.close(fd)
         os.sync()
 
     def get(self, rel) -> bytes:
-        with open(self._p(rel), "rb") as f:
+        fd = self._open(rel)
+        with os.fdopen(fd, "rb") as f:
             return f.read()
 
     def exists(self, rel) -> bool:
@@ -140,13 +254,13 @@ class LocalStore:
     def size(self, rel):
         """File size, or None when missing."""
         try:
-            return os.stat(self._p(rel)).st_size
-        except FileNotFoundError:
+            return os.stat(self._rp(rel)).st_size
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     def readinto(self, rel, buffers) -> tuple[int, int]:
         """Scatter-read the file into ``buffers``; returns (bytes read, file size)."""
-        fd = os.open(self._p(rel), os.O_RDONLY)
+        fd = self._open(rel)
         try:
             size = os.fstat(fd).st_size
             total = 0
@@ -171,7 +285,7 @@ class LocalStore:
 
     def map(self, rel):
         """(read-only memoryview of the whole file, file size) via mmap; the map lives as long as the view."""
-        fd = os.open(self._p(rel), os.O_RDONLY)
+        fd = self._open(rel)
         try:
             size = os.fstat(fd).st_size
             if size == 0:
@@ -191,7 +305,7 @@ class LocalStore:
         """Read the byte ranges ``[(start, stop)]`` of the file back to back into ``buf``.
 
         Returns (bytes read, file size). Raises FileNotFoundError for a missing file."""
-        fd = os.open(self._p(rel), os.O_RDONLY)
+        fd = self._open(rel)
         try:
             size = os.fstat(fd).st_size
             mv = memoryview(buf).cast("B")
@@ -230,15 +344,18 @@ class LocalStore:
             self._dirs = {d for d in self._dirs if d != pre and not d.startswith(pre + os.sep)}
 
     def list_files(self):
+        """Every file under the root (symbolic links included, not followed)."""
         out = []
-        for dp, _dn, fns in os.walk(self.root):
-            for fn in fns:
+        for dp, dn, fns in os.walk(self.root):
+            for fn in fns + [d for d in dn if os.path.islink(os.path.join(dp, d))]:
                 out.append(os.path.relpath(os.path.join(dp, fn), self.root).replace(os.sep, "/"))
         return out
 
 
 class FsspecStore:
-    local = False
+    """Any fsspec file system (s3://, gs://, memory://, file:// with storage options)."""
+
+    parallel_reads = True
 
     def __init__(self, url: str, storage_options: dict):
         import fsspec
@@ -253,23 +370,52 @@ class FsspecStore:
     def _p(self, rel):
         return f"{self.root}/{rel}"
 
-    def is_empty(self):
+    def describe_root(self):
+        try:
+            if self.fs.isfile(self.root):
+                return "it is a file, not a checkpoint prefix"
+            if not self.fs.exists(self.root):
+                return "nothing exists at this location"
+        except OSError:
+            return None
+        return None
+
+    def is_empty(self, ignore=()):
         try:
             if not self.fs.exists(self.root):
                 return True
-            return not self.fs.ls(self.root, detail=False)
+            return not [p for p in self.fs.ls(self.root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1]
+                        not in ignore]
         except FileNotFoundError:
             return True
 
-    def clear(self):
+    def clear(self, keep=()):
         try:
             if self.fs.exists(self._p(MANIFEST)):
                 self.fs.rm_file(self._p(MANIFEST))
             if self.fs.exists(self.root):
-                self.fs.rm(self.root, recursive=True)
+                for p in self.fs.ls(self.root, detail=False):
+                    if p.rstrip("/").rsplit("/", 1)[-1] not in keep:
+                        self.fs.rm(p, recursive=True)
         except FileNotFoundError:
             pass
         self.fs.invalidate_cache()
+
+    def create_exclusive(self, rel, data: bytes) -> bool:
+        """Create ``rel`` unless it exists. Object stores have no O_EXCL here: this is check-then-put,
+        so writers also re-check their writer-id marker before they commit (``WriterLock.check``)."""
+        if self.fs.exists(self._p(rel)):
+            return False
+        self.fs.pipe_file(self._p(rel), data)
+        return True
+
+    def append(self, rel, data: bytes) -> None:
+        """Objects cannot grow: read, extend, put (used for a small journal only)."""
+        try:
+            old = self.fs.cat_file(self._p(rel))
+        except FileNotFoundError:
+            old = b""
+        self.fs.pipe_file(self._p(rel), old + data)
 
     def put(self, rel, buffers, fsync=False):
         if len(buffers) == 1 and isinstance(buffers[0], bytes):
@@ -287,10 +433,29 @@ class FsspecStore:
             self.fs.pipe_file(self._p(rel), data)  # a single PUT is atomic on object stores
 
     def sync(self):
-        pass
+        """Object stores make a PUT durable before it returns; nothing to flush."""
 
     def get(self, rel) -> bytes:
         return self.fs.cat_file(self._p(rel))
+
+    def readinto(self, rel, buffers) -> tuple[int, int]:
+        """The whole object scattered into ``buffers``; returns (bytes copied, object size)."""
+        data = memoryview(self.fs.cat_file(self._p(rel)))
+        pos = 0
+        for b in buffers:
+            m = memoryview(b).cast("B")
+            n = min(len(m), len(data) - pos)
+            m[:n] = data[pos:pos + n]
+            pos += n
+        return pos, len(data)
+
+    def map(self, rel):
+        """The whole object as a read-only memoryview (fetched; no mmap on object stores)."""
+        data = self.fs.cat_file(self._p(rel))
+        return memoryview(data), len(data)
+
+    def prefetch(self, rels):
+        """Nothing to hint: reads of an object store are already parallel requests."""
 
     def exists(self, rel):
         return self.fs.exists(self._p(rel))

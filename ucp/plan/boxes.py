@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
 from ucp.plan.errors import PlanError
+from ucp.plan.grid import ChunkGrid
 
 Shape = tuple[int, ...]
 
@@ -223,15 +224,11 @@ def chunks_intersecting(box: Box, chunk_shape: Sequence[int], array_shape: Seque
         return
     if len(chunk_shape) != box.ndim or len(array_shape) != box.ndim:
         raise ValueError("box, chunk_shape and array_shape differ in rank")
-    ranges = []
-    for a, b, c in zip(box.start, box.stop, chunk_shape):
-        if c <= 0:
-            raise ValueError(f"chunk sizes must be positive, got {tuple(chunk_shape)}")
-        ranges.append(range(a // c, (b - 1) // c + 1))
-    for idx in itertools.product(*ranges):
-        cst = tuple(i * c for i, c in zip(idx, chunk_shape))
-        csp = tuple(min((i + 1) * c, n) for i, c, n in zip(idx, chunk_shape, array_shape))
-        cb = Box(cst, csp)
+    if any(int(c) <= 0 for c in chunk_shape):
+        raise ValueError(f"chunk sizes must be positive, got {tuple(chunk_shape)}")
+    grid = ChunkGrid(tuple(array_shape), tuple(chunk_shape))
+    for idx in grid.indices_for(box.start, box.stop):
+        cb = Box(*grid.chunk_box(idx))
         yield tuple(idx), cb, box.intersect(cb)
 
 
