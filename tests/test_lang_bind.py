@@ -19,7 +19,7 @@ def test_local_name_example():
     assert b.global_name("decoder.layers.1.w", {"pp": 1})[0] == "decoder.layers.5.w"
     assert b.placement("decoder.layers.5.w") == {"pp": 1}
     assert b.holds("decoder.layers.5.w", {"pp": 1}) and not b.holds("decoder.layers.5.w", {"pp": 0})
-    with pytest.raises(SpecError, match="outside layers"):
+    with pytest.raises(SpecError, match="is outside pp renumbering"):
         b.local_name("decoder.layers.8.w", {"pp": 1})
     with pytest.raises(UnmatchedError):
         b.local_name("nope", {})
@@ -184,11 +184,20 @@ def test_torch_tp_layout():
 
 
 def test_deepspeed_layouts():
+    """Per-state layouts: optimizer states flat over dp, the model weights (state model) not;
+    parameter groups chosen by shape (where ndim < 2) when the run has two."""
     b = load("deepspeed_zero12").bind({"dp": 4, "tp": 2})
     m = b.match("model.layers.0.self_attn.q_proj.weight")
-    assert m.rule.ops == (Shard(0, "tp", "even"), Flat("dp", "0", 2, 1))
-    assert b.match("model.norm.weight").rule.ops == (Replicate("tp"), Flat("dp", "0", 2, 1))
-    assert load("deepspeed_zero3").bind({"dp": 4}).match("w").rule.ops == (Flat("dp"),)
+    assert m.rule.ops == (Shard(0, "tp", "even"), Flat("dp", "0", 2, 1, strip=True))
+    assert m.rule.ops_for("model") == (Shard(0, "tp", "even"),)
+    assert m.rule.ops_for("exp_avg") == m.rule.ops
+    assert b.match("model.norm.weight", (8,)).rule.ops == (Replicate("tp"), Flat("dp", "0", 2, 1, strip=True))
+    two = load("deepspeed_zero12").bind({"dp": 4}, {"groups": 2})
+    assert two.match("model.norm.weight", (8,)).rule.ops[-1].group == "1"
+    assert two.match("model.embed_tokens.weight", (8, 8)).rule.ops[-1].group == "0"
+    z3 = load("deepspeed_zero3").bind({"dp": 4}, {"sub_group_size": 100})
+    assert z3.match("w", (3, 3)).rule.ops == (Flat("dp", "0", partition="each", bucket=100),)
+    assert z3.match("w", (3, 3)).rule.ops_for("model") == (Flat("dp"),)
 
 
 def test_megatron_gpt_layout():

@@ -44,7 +44,20 @@ class Func:
 
 Expr = Union[Num, Var, BinOp, Neg, Func]
 
-FUNCTIONS = {"ceil_div": (2, 2), "min": (1, None), "max": (1, None)}
+FUNCTIONS = {"ceil_div": (2, 2), "min": (1, None), "max": (1, None), "gcd": (1, None),
+             "lcm": (1, None)}
+
+#: Variables a ``where`` condition may use besides the spec's names: facts of the tensor.
+SHAPE_VARIABLES = ("ndim", "numel")
+
+
+@dataclass(frozen=True)
+class Cond:
+    """``left OP right`` of a ``where`` clause (OP: ``< <= == != >= >``)."""
+    left: "Expr"
+    op: str
+    right: "Expr"
+    pos: Pos
 
 
 def variables(e: Expr) -> list[Var]:
@@ -65,6 +78,15 @@ def variables(e: Expr) -> list[Var]:
 class ConfigDecl:
     name: str
     default: Optional[Expr]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """``axes edp, ep, etp = dp, tp``: the ranks of the product of ``of`` (row-major, the
+    last axis fastest) are also indexed by ``axes`` (row-major, the last axis fastest)."""
+    axes: tuple[str, ...]
+    of: tuple[str, ...]
     pos: Pos
 
 
@@ -104,6 +126,10 @@ class FlatOp:
     align: Expr
     param_align: Expr
     pos: Pos
+    partition: str = "buffer"
+    bucket: Optional[Expr] = None
+    order: str = "model"
+    strip: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +137,7 @@ class PadOp:
     dim: Expr
     multiple: Expr
     pos: Pos
+    keep: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,12 +159,22 @@ class RenumberOp:
     split: str
     sizes: Optional[tuple[Expr, ...]]
     pos: Pos
+    chunks: Optional[Expr] = None     # virtual pipeline stages per rank
+    chunk: Optional[str] = None       # the local capture that receives the model chunk
 
 
 TensorOpNode = Union[ShardOp, ReplicateOp, AverageOp, FlatOp, PadOp, PartsOp]
 
 
 # ----------------------------------------------------------------------------- rules
+@dataclass(frozen=True)
+class StateLayout:
+    """``state exp_avg, exp_avg_sq = PIPELINE``: these states' own layout."""
+    states: tuple[str, ...]
+    ops: tuple[TensorOpNode, ...]
+    pos: Pos
+
+
 @dataclass(frozen=True)
 class ParamRule:
     pattern: Pattern              # universal name
@@ -146,6 +183,8 @@ class ParamRule:
     renumber: tuple[RenumberOp, ...]
     attrs: tuple[tuple[str, object], ...]
     pos: Pos                      # of the ``param`` keyword
+    where: tuple[Cond, ...] = ()  # conditions on the tensor's shape, all must hold
+    states: tuple[StateLayout, ...] = ()
 
 
 @dataclass(frozen=True)

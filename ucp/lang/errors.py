@@ -5,41 +5,17 @@ ends with the offending source line and a caret under the column.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable
 
 from ucp.errors import UcpError
+from ucp.plan.errors import Pos, PlanSpecError, SpecError, caret_snippet
+
+__all__ = ["Pos", "SpecError", "PlanSpecError", "SpecWarning", "UnmatchedError", "caret_snippet"]
 
 
-@dataclass(frozen=True)
-class Pos:
-    """A position in a spec source: 1-based line and column."""
-    filename: str
-    line: int
-    column: int
-
-    def __str__(self) -> str:
-        return f"{self.filename}:{self.line}:{self.column}"
-
-
-class SpecError(UcpError):
-    """A syntax or semantic error in a spec, or a bind-time error of one of its rules.
-
-    ``str(err)`` is ``"file:line:column: message"`` followed by the source line and a caret.
-    The parts are also attributes: ``filename``, ``line``, ``column``, ``detail``.
-    """
-
-    def __init__(self, pos: Pos, detail: str, source: Optional[str] = None):
-        self.pos = pos
-        self.filename = pos.filename
-        self.line = pos.line
-        self.column = pos.column
-        self.detail = detail
-        msg = f"{pos}: {detail}"
-        snippet = _snippet(source, pos.line, pos.column)
-        if snippet:
-            msg += "\n" + snippet
-        super().__init__(msg)
+class SpecWarning(UserWarning):
+    """A spec that is valid but probably not what was meant (e.g. a rule that an earlier
+    rule shadows). The message has the same ``file:line:column:`` form and caret."""
 
 
 class UnmatchedError(UcpError, LookupError):
@@ -53,14 +29,3 @@ class UnmatchedError(UcpError, LookupError):
         super().__init__(
             f"{n} name{'s' if n != 1 else ''} matched by no {what}{where} "
             f"(add a rule for each; there is no default):\n{listing}")
-
-
-def _snippet(source: Optional[str], line: int, column: int) -> str:
-    if not source or line < 1:
-        return ""
-    lines = source.splitlines()
-    if line > len(lines):
-        return ""
-    text = lines[line - 1].expandtabs(1)
-    col = max(1, min(column, len(text) + 1))
-    return f"    {text}\n    {' ' * (col - 1)}^"

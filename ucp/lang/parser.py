@@ -7,6 +7,7 @@ Checks that need numbers (divisibility, list lengths, ranges) happen in ``Spec.b
 """
 from __future__ import annotations
 
+import difflib
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import importlib.resources
 import lark
 from lark import Token, Tree
 
-from ucp.plan.ops import SPLITS
+from ucp.plan.ops import ORDERS, PARTITIONS, SPLITS
 from ucp.lang import ast as A
 from ucp.lang.errors import Pos, SpecError
 from ucp.lang.pattern import Pattern, parse_pattern
@@ -28,7 +29,13 @@ GRAMMAR = PACKAGE / "grammar" / "ucp.lark"
 CONVERTERS = PACKAGE / "converters"
 
 RESERVED = ("spec", "axes", "config", "let", "include", "param", "local", "with",
-            "rename", "from", "part")
+            "rename", "from", "part", "state", "where", "and")
+
+
+def did_you_mean(word: str, known) -> str:
+    """`` (did you mean 'x'?)`` for the closest known spelling, or ``""``."""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @functools.lru_cache(maxsize=1)
@@ -76,7 +83,8 @@ def _accepts(e) -> set:
 
 
 def _end_pos(text: str) -> tuple[int, int]:
-    lines = text.split("\n")
+    """Just after the last non-blank character (a file's final newline has no line to show)."""
+    lines = text.rstrip().split("\n")
     return len(lines), len(lines[-1]) + 1
 
 
@@ -127,14 +135,17 @@ class _Schema:
 _SHARD = _Schema(("dim",), {"dim": "expr", "over": "axis", "split": "ident", "sizes": "exprlist"},
                  ("dim", "over"))
 _RENUM = _Schema(("capture",), {"capture": "ident", "over": "axis", "count": "expr",
-                                "split": "ident", "sizes": "exprlist"}, ("capture", "over", "count"))
+                                "split": "ident", "sizes": "exprlist", "chunks": "expr",
+                                "chunk": "ident"}, ("capture", "over", "count"))
 OPS = {
     "shard": _SHARD,
     "replicate": _Schema((), {"over": "axis"}, ("over",)),
     "average": _Schema((), {"over": "axis"}, ("over",)),
     "flat": _Schema((), {"over": "axis", "group": "ident", "align": "expr",
-                         "param_align": "expr"}, ("over",)),
-    "pad": _Schema(("dim",), {"dim": "expr", "multiple": "expr"}, ("dim", "multiple")),
+                         "param_align": "expr", "partition": "ident", "bucket": "expr",
+                         "order": "ident", "strip": "bool"}, ("over",)),
+    "pad": _Schema(("dim",), {"dim": "expr", "multiple": "expr", "keep": "bool"},
+                   ("dim", "multiple")),
     "parts": _Schema((), {"names": "ident", "dim": "expr", "sizes": "exprlist", "groups": "expr",
                           "interleave": "expr"},
                      (), varargs="names"),
@@ -157,6 +168,8 @@ class SpecData:
     renames: list = field(default_factory=list)
     sources: dict = field(default_factory=dict)
     includes: list = field(default_factory=list)
+    decompositions: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)     # (Pos, message): e.g. shadowed rules
 
 
 def _pos(filename: str, node) -> Pos:
@@ -210,15 +223,35 @@ class _Builder:
         self.d.name = str(tok)
 
     def st_axes_decl(self, t):
+        *names, of_c = t.children
         seen = set()
-        for tok in t.children:
+        for tok in names:
             n = str(tok)
             if n in seen:
                 raise self.err(tok, f"axis {n!r} listed twice")
             seen.add(n)
             self.check_new_name(tok, "axis")
+            if of_c is not None and n in self.d.axes:
+                raise self.err(tok, f"axis {n!r} is already declared: the axes of a second "
+                                    f"decomposition must be new")
             if n not in self.d.axes:
                 self.d.axes.append(n)
+        if of_c is not None:
+            self.decomposition(tuple(str(x) for x in names), of_c)
+
+    def decomposition(self, names: tuple, of_c) -> None:
+        """``axes edp, ep, etp = dp, tp``: a second indexing of the ranks of dp x tp."""
+        of = []
+        for tok in of_c.children:
+            n = str(tok)
+            if n not in self.d.axes or n in names:
+                raise self.err(tok, f"unknown axis {n!r}{did_you_mean(n, self.d.axes)}: "
+                                    f"expected axes declared before, e.g. axes edp, ep = dp")
+            used = [d for d in self.d.decompositions if n in d.of or n in d.axes]
+            if used or n in of:
+                raise self.err(tok, f"axis {n!r} is already in a decomposition")
+            of.append(n)
+        self.d.decompositions.append(A.Decomposition(names, tuple(of), _pos(self.file, of_c)))
 
     def st_config_decl(self, t):
         for item in t.children:
@@ -260,15 +293,31 @@ class _Builder:
         _build(self.d, text, str(path), self.stack + (key,))
 
     def st_param_rule(self, t):
-        kw, pat_tok, local_c, pipe_c, with_c = t.children
+        kw, pat_tok, local_c, where_c, pipe_c, *state_cs, with_c = t.children
         pos = _pos(self.file, kw)
         pattern = self.pattern(pat_tok)
         local = self.pattern(local_c.children[0], typed=False) if local_c is not None else None
+        ops, renum = self.pipeline(pipe_c.children if pipe_c is not None else (), pattern)
+        chunk_caps = {r.chunk for r in renum if r.chunk}
         if local is not None:
-            self.check_same_captures(pattern, local, local_c.children[0], "local pattern")
+            self.check_same_captures(pattern, local, local_c.children[0], "local pattern",
+                                     extra=chunk_caps)
+        for r in renum:
+            if r.chunk and (local is None or r.chunk not in local.named):
+                raise self.err(r.pos, f"{r.kind}(chunk={r.chunk}): the local pattern must "
+                                      f"name the model chunk as {{{r.chunk}}}")
+        states = tuple(self.state_layout(c, pattern) for c in state_cs)
+        where = self.where(where_c) if where_c is not None else ()
+        attrs = self.attrs(with_c) if with_c is not None else ()
+        rule = A.ParamRule(pattern, local, tuple(ops), tuple(renum), attrs, pos, where, states)
+        self.warn_shadowed(rule)
+        self.d.rules.append(rule)
+
+    def pipeline(self, calls, pattern: Pattern) -> tuple[list, list]:
+        """The ops of ``= op | op ...``: (tensor ops, renumbering ops), checked for order."""
         ops, renum = [], []
-        used_axes: dict[str, A.Pos] = {}
-        for call in (pipe_c.children if pipe_c is not None else ()):
+        used_axes: dict[str, Pos] = {}
+        for call in calls:
             node = self.op(call, pattern)
             axis = getattr(node, "axis", None)
             if axis is not None and axis in used_axes:
@@ -284,8 +333,43 @@ class _Builder:
                     raise self.err(call, f"{call.children[0]}(...) after flat(...): flat must be "
                                          f"the last tensor op (it flattens the local tensor)")
                 ops.append(node)
-        attrs = self.attrs(with_c) if with_c is not None else ()
-        self.d.rules.append(A.ParamRule(pattern, local, tuple(ops), tuple(renum), attrs, pos))
+        return ops, renum
+
+    def state_layout(self, c: Tree, pattern: Pattern) -> A.StateLayout:
+        """``state NAME, ... = PIPELINE``: tensor ops only (names are placed once per rule)."""
+        kw, *rest = c.children
+        names = [x for x in rest if isinstance(x, Token)]
+        calls = [x for x in rest if isinstance(x, Tree)]
+        ops, renum = self.pipeline(calls, pattern)
+        if renum:
+            raise self.err(renum[0].pos, f"{renum[0].kind}(...) in a state layout: renumbering "
+                                         f"places the name, which is the same for every state; "
+                                         f"expected it in the rule's main pipeline")
+        return A.StateLayout(tuple(str(n) for n in names), tuple(ops), _pos(self.file, kw))
+
+    def where(self, c: Tree) -> tuple:
+        out = []
+        for cond in c.children[1:]:
+            left, op, right = cond.children
+            ctx = "where condition"
+            out.append(A.Cond(self.expr(left, ctx, shape=True), str(op),
+                              self.expr(right, ctx, shape=True), _pos(self.file, cond)))
+        return tuple(out)
+
+    def warn_shadowed(self, rule: A.ParamRule) -> None:
+        """Warn when an earlier rule without conditions matches every name this one does
+        (sampled: each capture filled with a few values); the later rule can never win."""
+        samples = rule.pattern.samples(frozenset(r.capture for r in rule.renumber))
+        for earlier in self.d.rules:
+            if earlier.where:
+                continue
+            rx = earlier.pattern.regex(frozenset(r.capture for r in earlier.renumber))
+            if samples and all(rx.fullmatch(x) for x in samples):
+                msg = (f'rule "{rule.pattern.text}" is shadowed by the earlier rule '
+                       f'"{earlier.pattern.text}" at {earlier.pos}, which matches every name it '
+                       f'matches (the first matching rule wins): move it before that rule')
+                self.d.warnings.append((rule.pos, msg))
+                return
 
     def st_rename_rule(self, t):
         kw, tgt_tok, src_tok, part_c = t.children
@@ -299,8 +383,9 @@ class _Builder:
     def pattern(self, tok: Token, typed: bool = True) -> Pattern:
         return parse_pattern(str(tok)[1:-1], _pos(self.file, tok), self.text, typed=typed)
 
-    def check_same_captures(self, pattern: Pattern, other: Pattern, tok, what: str):
-        named = set(pattern.named)
+    def check_same_captures(self, pattern: Pattern, other: Pattern, tok, what: str,
+                            extra: frozenset = frozenset()):
+        named = set(pattern.named) | set(extra)
         for c in other.captures:
             if c.name.startswith("*"):
                 continue
@@ -327,8 +412,8 @@ class _Builder:
         name = str(name_tok)
         if name not in OPS:
             hint = "; attributes go after 'with'" if name in ATTRS else ""
-            raise self.err(name_tok, f"unknown op {name!r}: expected one of "
-                                     f"{', '.join(OPS)}{hint}")
+            raise self.err(name_tok, f"unknown op {name!r}{did_you_mean(name, OPS)}: expected "
+                                     f"one of {', '.join(OPS)}{hint}")
         a = self.bind_args(name, OPS[name], args_t, call)
         pos = _pos(self.file, name_tok)
 
@@ -356,11 +441,9 @@ class _Builder:
         if name == "average":
             return A.AverageOp(a["over"][0], pos)
         if name == "flat":
-            one = A.Num(1, pos)
-            return A.FlatOp(a["over"][0], a["group"][0] if "group" in a else None,
-                            a.get("align", (one,))[0], a.get("param_align", (one,))[0], pos)
+            return self.flat_op(a, pos)
         if name == "pad":
-            return A.PadOp(a["dim"][0], a["multiple"][0], pos)
+            return A.PadOp(a["dim"][0], a["multiple"][0], pos, a.get("keep", (False,))[0])
         if name == "parts":
             names = a.get("names", ((), None))[0]
             if len(names) < 2:
@@ -390,8 +473,31 @@ class _Builder:
         if kind == "alt":
             raise self.err(node, f"{name}({cap}, ...): capture {{{cap}}} has alternatives, "
                                  f"expected an index capture like {{{cap}}} or {{{cap}:int}}")
+        chunk = a["chunk"][0] if "chunk" in a else None
+        if chunk is not None and (chunk in pattern.named or "chunks" not in a):
+            raise self.err(a["chunk"][1], f"{name}(chunk={chunk}): expected a new capture name "
+                                          f"for the model chunk, with chunks=N")
         return A.RenumberOp(name, cap, a["over"][0], a["count"][0], split_of("tensor_split"),
-                            sizes(), pos)
+                            sizes(), pos, a["chunks"][0] if "chunks" in a else None, chunk)
+
+    def flat_op(self, a: dict, pos: Pos) -> A.FlatOp:
+        one = A.Num(1, pos)
+        choice = {"partition": PARTITIONS, "order": ORDERS}
+        for key, allowed in choice.items():
+            if key in a and a[key][0] not in allowed:
+                v = a[key][0]
+                raise self.err(a[key][1], f"flat({key}={v}): unknown {key}"
+                                          f"{did_you_mean(v, allowed)}: expected {' or '.join(allowed)}")
+        if "group" not in a:
+            for key in ("partition", "bucket", "order", "strip"):
+                if key in a:
+                    raise self.err(a[key][1], f"flat({key}=...) without group=: {key} describes "
+                                              f"a group of parameters, expected group=NAME")
+        return A.FlatOp(a["over"][0], a["group"][0] if "group" in a else None,
+                        a.get("align", (one,))[0], a.get("param_align", (one,))[0], pos,
+                        a.get("partition", ("buffer",))[0],
+                        a["bucket"][0] if "bucket" in a else None,
+                        a.get("order", ("model",))[0], a.get("strip", (False,))[0])
 
     def bind_args(self, opname: str, schema: _Schema, args_t, call) -> dict:
         """-> {arg name: (converted value, node)}; for varargs (tuple, tuple of nodes)."""
@@ -406,7 +512,8 @@ class _Builder:
                 key = str(key_tok)
                 seen_kw = True
                 if key not in schema.kinds or key == schema.varargs or key == "capture":
-                    raise self.err(key_tok, f"{opname}() has no argument {key!r}: expected "
+                    raise self.err(key_tok, f"{opname}() has no argument {key!r}"
+                                            f"{did_you_mean(key, schema.kinds)}: expected "
                                             f"{self.arg_list(schema)}")
                 if key in out:
                     raise self.err(key_tok, f"{opname}(): argument {key!r} given twice")
@@ -460,9 +567,13 @@ class _Builder:
                                     f"({', '.join(self.d.axes) or 'none declared'})")
             n = str(val.children[0])
             if n not in self.d.axes:
-                raise self.err(val, f"unknown axis {n!r}: expected one of "
-                                    f"{', '.join(self.d.axes) or '(no axes declared: add axes ...)'}")
+                raise self.err(val, f"unknown axis {n!r}{did_you_mean(n, self.d.axes)}: expected "
+                                    f"one of {', '.join(self.d.axes) or '(no axes declared: add axes ...)'}")
             return n
+        if kind == "bool":
+            if isinstance(val, Tree) and val.data == "var" and str(val.children[0]) in ("true", "false"):
+                return str(val.children[0]) == "true"
+            raise self.err(val, f"{opname}({key}=...): expected true or false")
         if kind == "ident":
             if isinstance(val, Tree) and val.data == "var":
                 return str(val.children[0])
@@ -481,8 +592,8 @@ class _Builder:
             name = str(name_tok)
             if name not in ATTRS:
                 hint = "; layout ops go after '='" if name in OPS else ""
-                raise self.err(name_tok, f"unknown attribute {name!r}: expected one of "
-                                         f"{', '.join(ATTRS)}{hint}")
+                raise self.err(name_tok, f"unknown attribute {name!r}{did_you_mean(name, ATTRS)}: "
+                                         f"expected one of {', '.join(ATTRS)}{hint}")
             if name in dict(out):
                 raise self.err(name_tok, f"attribute {name!r} given twice")
             kind = ATTRS[name]
@@ -512,7 +623,9 @@ class _Builder:
         return tuple(out)
 
     # -- expressions
-    def expr(self, t, ctx: str = "expression") -> A.Expr:
+    def expr(self, t, ctx: str = "expression", shape: bool = False) -> A.Expr:
+        """An integer expression; ``shape``: the tensor's ``ndim`` / ``numel`` may be used
+        (``where`` conditions)."""
         pos = _pos(self.file, t)
         if isinstance(t, Token):
             raise self.err(t, f"{ctx}: expected an integer expression")
@@ -521,26 +634,31 @@ class _Builder:
             return A.Num(int(t.children[0]), pos)
         if d == "var":
             n = str(t.children[0])
-            if n not in self.declared():
-                raise self.err(t, f"unknown variable {n!r}: expected an axis, a 'config' "
+            known = self.declared() + (list(A.SHAPE_VARIABLES) if shape else [])
+            if n not in known:
+                hint = (" (ndim and numel are known in where conditions only)"
+                        if n in A.SHAPE_VARIABLES else did_you_mean(n, known))
+                raise self.err(t, f"unknown variable {n!r}{hint}: expected an axis, a 'config' "
                                   f"constant or a 'let' declared before this line "
                                   f"({', '.join(self.declared()) or 'none declared'})")
             return A.Var(n, pos)
         if d in ("add", "sub", "mul", "floordiv", "mod"):
             op = {"add": "+", "sub": "-", "mul": "*", "floordiv": "//", "mod": "%"}[d]
-            return A.BinOp(op, self.expr(t.children[0], ctx), self.expr(t.children[1], ctx), pos)
+            return A.BinOp(op, self.expr(t.children[0], ctx, shape),
+                           self.expr(t.children[1], ctx, shape), pos)
         if d == "truediv":
             raise self.err(t, "'/' is not integer arithmetic: expected '//' (floor division) "
                               "or ceil_div(a, b)")
         if d == "neg":
-            return A.Neg(self.expr(t.children[0], ctx), pos)
+            return A.Neg(self.expr(t.children[0], ctx, shape), pos)
         if d == "unary":  # "+" unary keeps a tree named after the rule
-            return self.expr(t.children[0], ctx)
+            return self.expr(t.children[0], ctx, shape)
         if d == "func":
             n = str(t.children[0])
-            args = tuple(self.expr(c, ctx) for c in t.children[1:] if c is not None)
+            args = tuple(self.expr(c, ctx, shape) for c in t.children[1:] if c is not None)
             if n not in A.FUNCTIONS:
-                raise self.err(t, f"unknown function {n!r}: expected ceil_div, min or max")
+                raise self.err(t, f"unknown function {n!r}{did_you_mean(n, A.FUNCTIONS)}: "
+                                  f"expected one of {', '.join(A.FUNCTIONS)}")
             lo, hi = A.FUNCTIONS[n]
             if len(args) < lo or (hi is not None and len(args) > hi):
                 want = f"{lo}" if lo == hi else f"at least {lo}"

@@ -66,6 +66,20 @@ class Pattern:
             out.append(f"(?P<{g}>{body})")
         return re.compile("".join(out))
 
+    def samples(self, digits: frozenset[str] = frozenset()) -> list[str]:
+        """A few names this pattern matches (every capture filled with two kinds of value,
+        every alternative once): enough to tell that another pattern shadows it."""
+        fills = {"seg": ("0", "zz"), "int": ("0", "17"), "star": ("a", "zz"),
+                 "starstar": ("a", "b.c")}
+        caps = self.captures
+        variants = [{c.name: (c.alts[0] if c.kind == "alt" else fills[c.kind][v]) for c in caps}
+                    for v in (0, 1)]
+        for c in caps:
+            for alt in c.alts[1:]:
+                variants.append({**variants[0], c.name: alt})
+        rx = self.regex(digits)
+        return [n for n in dict.fromkeys(self.format(v) for v in variants) if rx.fullmatch(n)]
+
     def format(self, values: Mapping[str, str]) -> str:
         out = []
         for p in self.pieces:
@@ -121,8 +135,8 @@ def parse_pattern(text: str, pos: Pos, source: Optional[str], *, typed: bool = T
                 kind = kind.strip()
                 if kind == "int":
                     k = "int"
-                elif "|" in kind and all(a.strip() and "." not in a and "{" not in a
-                                         and "*" not in a for a in kind.split("|")):
+                elif "|" in kind and all(a.strip() and "{" not in a and "*" not in a
+                                         for a in kind.split("|")):
                     k = "alt"
                     alts = tuple(a.strip() for a in kind.split("|"))
                 else:

@@ -6,20 +6,11 @@ boxes to local boxes. Everything else — splitting a tensor, assembling one, ch
 set of fragments tiles a tensor, planning the copies that reshard one layout into another —
 works on fragments only.
 
-How the ops compose (left to right), in this implementation:
-
-* Until a ``Flat``, every op acts on one dimension, so the map from local to universal is a
-  product of 1-D maps, one per dimension: a sequence of *segments* (a run of local indices
-  that maps to a run of universal indices, or to padding). ``Pad`` appends a padding
-  segment; ``Parts`` records part boundaries (``groups == 1``) or permutes the dimension
-  into the group-interleaved framework order (``groups > 1``); ``Shard`` keeps the rank's
-  block: of every part separately (``groups == 1`` parts), of whole groups (``groups > 1``),
-  or of the whole (padded) dimension. A second ``Shard`` on the same dimension splits the
-  first one's block again (of each part again, when the dimension has parts).
-* ``Flat`` flattens the resulting local tensor (padding included, as the framework holds
-  it), pads it to ``align * degree`` and keeps the rank's contiguous partition, or lays a
-  group of such tensors out in one buffer. Each flat piece lies inside one pre-flat piece.
-* ``Replicate`` / ``Average`` mark axes; axes no op mentions are replicated too.
+How the ops compose: ``ucp.plan.prepare`` applies the ops up to ``Flat`` (one function per
+op); ``ucp.plan.flat`` lays flat partitions and groups out; ``ucp.plan.placement`` says which
+rank holds a renumbered layer or expert and under which local index. This module puts them
+together per rank (:func:`rank_fragments`), per state where a rule gives states their own
+layouts, and holds the operations on fragments.
 """
 from __future__ import annotations
 
@@ -29,441 +20,72 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
-from ucp.plan.boxes import (Box, chunks_intersecting, contiguous_runs, flat_offset_in, flat_to_boxes,
-                            fmt_boxes, ravel, split_range, split_sizes)
-from ucp.plan.errors import CoverageError, PlanError
+from ucp.plan.boxes import Box, chunks_intersecting, contiguous_runs, flat_offset_in, fmt_boxes
+from ucp.plan.errors import CoverageError, PlanError, PlanSpecError
+from ucp.plan.flat import Slot, alone_slot, flatten, group_slots
+from ucp.plan.model import Fragment, Piece, Read
+from ucp.plan.ops import BoundRule, Flat, Renumber
+from ucp.plan.placement import axis_rank, locate, place
+from ucp.plan.prepare import Prepared, prepare
 from ucp.plan.replicas import average_replicas, cast_average
-from ucp.plan.ops import Average, BoundRule, Flat, Pad, Parts, Renumber, Replicate, Shard
 
 Shape = tuple[int, ...]
 
 
-# ==================================================================== data model
-@dataclass(frozen=True)
-class Piece:
-    """``universal[src]`` in row-major order equals ``local[dst]`` in row-major order.
-
-    Same shapes: a plain box copy. Flat partitions: ``dst`` is a 1-D range of the local
-    buffer and ``src`` a box of the universal tensor.
-    """
-    src: Box
-    dst: Box
-
-    def __post_init__(self):
-        if self.src.numel != self.dst.numel:
-            raise ValueError(f"piece {self.src} -> {self.dst}: sizes differ")
-
-    @property
-    def is_box(self) -> bool:
-        return self.src.shape == self.dst.shape
-
-    @property
-    def numel(self) -> int:
-        return self.src.numel
-
-
-@dataclass(frozen=True)
-class Fragment:
-    """One rank's share of one universal tensor.
-
-    ``local_shape`` is the whole local tensor (for grouped ``Flat``: the rank's partition of
-    the group buffer ``local_name``); positions no piece covers are padding. ``replica``:
-    a Replicate / Average / unmentioned axis has a coordinate other than 0. ``weight`` is
-    ``1 / n`` over the Average axes (1.0 otherwise).
-    """
-    name: str
-    local_name: str
-    coords: tuple[tuple[str, int], ...]
-    local_shape: Shape
-    pieces: tuple[Piece, ...]
-    replica: bool = False
-    weight: float = 1.0
-    global_shape: Shape = ()
-    replicated: tuple[str, ...] = ()   # axes whose ranks hold the same data
-    averaged: tuple[str, ...] = ()     # axes whose ranks hold data to be averaged
-    group: Optional[str] = None        # Flat group key (== local_name) or None
-    origin: str = ""                   # the rule that produced it ("file:line:col")
-
-    def coord(self, axis: str) -> int:
-        return dict(self.coords).get(axis, 0)
-
-    @property
-    def numel(self) -> int:
-        """Universal elements held (padding excluded)."""
-        return sum(p.numel for p in self.pieces)
-
-    @property
-    def local_numel(self) -> int:
-        return math.prod(self.local_shape)
-
-    @property
-    def partition_key(self) -> tuple:
-        """Identifies the data held up to replication: name and partitioning coordinates."""
-        skip = set(self.replicated) | set(self.averaged)
-        return (self.name, tuple((a, c) for a, c in self.coords if a not in skip))
-
-    def describe(self) -> str:
-        cs = ", ".join(f"{a}={c}" for a, c in self.coords)
-        return f"{self.local_name} ({cs or 'single rank'})"
-
-    def to_dict(self) -> dict:
-        """JSON-ready form (metadata of the source fragmentation); :meth:`from_dict` inverts it."""
-        return {"name": self.name, "local_name": self.local_name, "coords": dict(self.coords),
-                "local_shape": list(self.local_shape),
-                "pieces": [[list(p.src.start), list(p.src.stop), list(p.dst.start), list(p.dst.stop)]
-                           for p in self.pieces],
-                "replica": self.replica, "weight": self.weight, "global_shape": list(self.global_shape),
-                "replicated": list(self.replicated), "averaged": list(self.averaged),
-                "group": self.group, "origin": self.origin}
-
-    @staticmethod
-    def from_dict(d: Mapping) -> "Fragment":
-        return Fragment(name=d["name"], local_name=d.get("local_name", d["name"]),
-                        coords=tuple((str(a), int(c)) for a, c in dict(d.get("coords", {})).items()),
-                        local_shape=tuple(d["local_shape"]),
-                        pieces=tuple(Piece(Box(tuple(a), tuple(b)), Box(tuple(c), tuple(e)))
-                                     for a, b, c, e in d.get("pieces", ())),
-                        replica=bool(d.get("replica", False)), weight=float(d.get("weight", 1.0)),
-                        global_shape=tuple(d.get("global_shape", ())),
-                        replicated=tuple(d.get("replicated", ())), averaged=tuple(d.get("averaged", ())),
-                        group=d.get("group"), origin=d.get("origin", ""))
-
-
-@dataclass(frozen=True)
-class Read:
-    """Copy ``saved[saved_index][saved_dst]`` into ``want[want_dst]`` (row-major order,
-    equal sizes); both hold the universal region ``src``. ``weight != 1`` for Average
-    replicas: accumulate ``want[want_dst] += weight * saved[...]``. ``saved_index == -1``
-    reads the universal tensor itself (``saved_dst == src``)."""
-    saved_index: int
-    saved_dst: Box
-    want_dst: Box
-    src: Box
-    weight: float = 1.0
-
-    @property
-    def numel(self) -> int:
-        return self.src.numel
-
-
-# ==================================================================== 1-D maps
-# A 1-D map is a list of segments (length, universal_start or None for padding).
-Seg = tuple[int, Optional[int]]
-
-
-def _norm(segs: Iterable[Seg]) -> list[Seg]:
-    out: list[Seg] = []
-    for n, u in segs:
-        if n <= 0:
-            continue
-        if out:
-            pn, pu = out[-1]
-            if (pu is None and u is None) or (pu is not None and u is not None and pu + pn == u):
-                out[-1] = (pn + n, pu)
-                continue
-        out.append((n, u))
-    return out
-
-
-def _len(segs: Sequence[Seg]) -> int:
-    return sum(n for n, _ in segs)
-
-
-def _slice(segs: Sequence[Seg], a: int, b: int) -> list[Seg]:
-    out = []
-    pos = 0
-    for n, u in segs:
-        lo, hi = max(a, pos), min(b, pos + n)
-        if lo < hi:
-            out.append((hi - lo, None if u is None else u + lo - pos))
-        pos += n
-        if pos >= b:
-            break
-    return _norm(out)
-
-
-class _DimState:
-    __slots__ = ("segs", "parts", "groups")
-
-    def __init__(self, n: int):
-        self.segs: list[Seg] = _norm([(n, 0)])
-        self.parts: Optional[list[int]] = None  # local lengths of parts (groups == 1)
-        self.groups: int = 1                     # interleave groups still on this rank
-
-
-@dataclass
-class _Prepared:
-    """A rule applied to one rank up to (not including) Flat."""
-    local_shape: Shape
-    pieces: list[Piece]
-    flat: Optional[Flat]
-    replicated: tuple[str, ...]
-    averaged: tuple[str, ...]
-    coords: tuple[tuple[str, int], ...]
-    replica: bool
-    weight: float
-
-
-def _degree(degrees: Mapping[str, int], axis: str) -> int:
-    k = int(degrees.get(axis, 1))
-    if k < 1:
-        raise PlanError(f"degree of {axis!r} must be >= 1, got {k}")
-    return k
-
-
-def _coord(degrees, coords, axis) -> tuple[int, int]:
-    k = _degree(degrees, axis)
-    r = int(coords.get(axis, 0))
-    if not 0 <= r < k:
-        raise PlanError(f"coordinate {axis}={r} out of range for degree {k}")
-    return k, r
-
-
-def _all_axes(degrees: Mapping[str, int], coords: Mapping[str, int]) -> list[str]:
-    axes = list(degrees)
-    axes += [a for a in coords if a not in degrees]
-    return axes
-
-
-def _prepare(rule: BoundRule, shape: Sequence[int], degrees: Mapping[str, int],
-             coords: Mapping[str, int]) -> _Prepared:
-    shape = tuple(int(s) for s in shape)
-    if any(s < 0 for s in shape):
-        raise PlanError(f"negative size in shape {shape}")
-    nd = len(shape)
-    dims = [_DimState(n) for n in shape]
-    flat: Optional[Flat] = None
-    partitioned: set[str] = {rn.axis for rn in rule.renumber}
-    replicate: set[str] = set()
-    average: set[str] = set()
-
-    def dim_of(d: int, op) -> int:
-        dd = d + nd if d < 0 else d
-        if not 0 <= dd < nd:
-            raise PlanError(f"{type(op).__name__.lower()}: dimension {d} out of range for a "
-                            f"{nd}-d tensor of shape {shape}")
-        return dd
-
-    for op in rule.ops:
-        if flat is not None and not isinstance(op, (Replicate, Average)):
-            raise PlanError(f"{type(op).__name__.lower()} after flat: flat must be the last "
-                            "tensor op (only replicate/average may follow it)")
-        if isinstance(op, Shard):
-            d = dim_of(op.dim, op)
-            k, r = _coord(degrees, coords, op.axis)
-            partitioned.add(op.axis)
-            st = dims[d]
-            L = _len(st.segs)
-            if st.groups > 1 and L > 0:
-                G = st.groups
-                glen = L // G
-                if op.split == "sizes":
-                    rows = split_sizes(L, k, "sizes", op.sizes)
-                    if any(s % glen for s in rows):
-                        raise PlanError(f"shard sizes {tuple(rows)} on dim {d} must be whole "
-                                        f"interleave groups of {glen}")
-                    a = sum(rows[:r])
-                    b = a + rows[r]
-                else:
-                    if G % k:
-                        raise PlanError(f"shard over {op.axis}={k}: {G} interleave groups on dim "
-                                        f"{d} are not divisible by the degree")
-                    per = G // k
-                    a, b = r * per * glen, (r + 1) * per * glen
-                st.segs = _slice(st.segs, a, b)
-                st.groups = max(1, (b - a) // glen) if glen else 1
-            elif st.parts is not None:
-                new, lens, pos = [], [], 0
-                for n in st.parts:
-                    try:
-                        a, b = split_range(n, k, r, op.split, op.sizes)
-                    except PlanError as e:
-                        raise PlanError(f"shard of a part of size {n} on dim {d}: {e}") from None
-                    new += _slice(st.segs, pos + a, pos + b)
-                    lens.append(b - a)
-                    pos += n
-                st.segs, st.parts = _norm(new), lens
-            else:
-                try:
-                    a, b = split_range(L, k, r, op.split, op.sizes)
-                except PlanError as e:
-                    raise PlanError(f"shard of dim {d} (size {L}) over {op.axis}: {e}") from None
-                st.segs = _slice(st.segs, a, b)
-        elif isinstance(op, Pad):
-            d = dim_of(op.dim, op)
-            if op.multiple < 1:
-                raise PlanError(f"pad multiple must be >= 1, got {op.multiple}")
-            st = dims[d]
-            if st.parts is not None or st.groups > 1:
-                raise PlanError(f"pad of dim {d} after parts on the same dim is not supported")
-            L = _len(st.segs)
-            padded = -(-L // op.multiple) * op.multiple
-            st.segs = _norm(st.segs + [(padded - L, None)])
-        elif isinstance(op, Parts):
-            d = dim_of(op.dim, op)
-            st = dims[d]
-            if st.parts is not None or st.groups > 1:
-                raise PlanError(f"parts on dim {d} given twice")
-            L = _len(st.segs)
-            m = len(op.names)
-            if m == 0:
-                raise PlanError("parts needs at least one name")
-            if op.sizes is None:
-                if L % m:
-                    raise PlanError(f"parts {op.names}: dim {d} of size {L} does not split into "
-                                    f"{m} equal parts")
-                sizes = [L // m] * m
-            else:
-                sizes = [int(s) for s in op.sizes]
-                if len(sizes) != m:
-                    raise PlanError(f"parts {op.names}: {len(sizes)} sizes for {m} names")
-                if sum(sizes) != L or any(s < 0 for s in sizes):
-                    raise PlanError(f"parts {op.names}: sizes {tuple(sizes)} do not add up to "
-                                    f"dim {d} of size {L}")
-            G = int(op.groups)
-            if G < 1:
-                raise PlanError(f"parts groups must be >= 1, got {G}")
-            if G == 1:
-                st.parts = sizes
-            else:
-                bad = [(nm, s) for nm, s in zip(op.names, sizes) if s % G]
-                if bad:
-                    raise PlanError(f"parts {op.names}: sizes {tuple(sizes)} are not divisible "
-                                    f"by groups={G}")
-                offs = [sum(sizes[:i]) for i in range(m)]
-                new = []
-                for g in range(G):
-                    for off, s in zip(offs, sizes):
-                        q = s // G
-                        new += _slice(st.segs, off + g * q, off + (g + 1) * q)
-                st.segs, st.groups = _norm(new), G
-        elif isinstance(op, Flat):
-            _coord(degrees, coords, op.axis)
-            if op.align < 1 or op.param_align < 1:
-                raise PlanError(f"flat align/param_align must be >= 1, got {op.align}/{op.param_align}")
-            partitioned.add(op.axis)
-            flat = op
-        elif isinstance(op, Replicate):
-            _coord(degrees, coords, op.axis)
-            replicate.add(op.axis)
-        elif isinstance(op, Average):
-            _coord(degrees, coords, op.axis)
-            average.add(op.axis)
-        else:
-            raise PlanError(f"unknown layout op {op!r}")
-
-    clash = (replicate | average) & partitioned
-    if clash:
-        raise PlanError(f"axes {sorted(clash)} are both partitioned and replicated/averaged")
-    if replicate & average:
-        raise PlanError(f"axes {sorted(replicate & average)} are both replicated and averaged")
-    axes = _all_axes(degrees, coords)
-    for a in axes:
-        _coord(degrees, coords, a)
-    cs = tuple((a, int(coords.get(a, 0))) for a in axes)
-    repl = tuple(a for a in axes if a not in partitioned and a not in average)
-    avg = tuple(a for a in axes if a in average)
-    replica = any(coords.get(a, 0) != 0 for a in repl + avg)
-    weight = 1.0 / math.prod(_degree(degrees, a) for a in avg) if avg else 1.0
-
-    local_shape = tuple(_len(st.segs) for st in dims)
-    # pieces: product of the per-dim non-padding segments
-    per_dim = []
-    for st in dims:
-        lst, pos = [], 0
-        for n, u in st.segs:
-            if u is not None:
-                lst.append((pos, u, n))
-            pos += n
-        per_dim.append(lst)
-    pieces = []
-    for combo in itertools.product(*per_dim):
-        dst = Box(tuple(c[0] for c in combo), tuple(c[0] + c[2] for c in combo))
-        src = Box(tuple(c[1] for c in combo), tuple(c[1] + c[2] for c in combo))
-        pieces.append(Piece(src, dst))
-    return _Prepared(local_shape, pieces, flat, repl, avg, cs, replica, weight)
-
-
-def _flatten(pieces: Sequence[Piece], shape: Shape, lo: int, hi: int, out_offset: int) -> list[Piece]:
-    """Pieces of the flat window ``[lo, hi)`` of a local tensor of ``shape`` whose pre-flat
-    pieces are ``pieces``; the window's element ``f`` lands at ``f + out_offset``."""
-    out = []
-    full = Box.full(shape)
-    windows = flat_to_boxes(lo, hi, shape)
-    for p in pieces:
-        delta = tuple(s - d for s, d in zip(p.src.start, p.dst.start))
-        for w in windows:
-            x = w.intersect(p.dst)
-            if x.empty:
-                continue
-            for run in contiguous_runs(x, full):
-                f = ravel(run.start, shape) + out_offset
-                out.append(Piece(run.translate(delta), Box((f,), (f + run.numel,))))
-    out.sort(key=lambda q: q.dst.start)
-    return out
-
-
-def _flat_layout(numels: Sequence[int], flat: Flat, k: int) -> tuple[list[int], int]:
-    """Offsets of the tensors in the flat buffer and the partition length."""
-    offs, pos = [], 0
-    pa = int(flat.param_align)
-    for n in numels:
-        pos = -(-pos // pa) * pa
-        offs.append(pos)
-        pos += n
-    unit = int(flat.align) * k
-    total = -(-pos // unit) * unit
-    return offs, total // k
-
-
-def _mk_fragment(name, local_name, prep: _Prepared, local_shape, pieces, rule, global_shape,
-                 group=None) -> Fragment:
-    return Fragment(name=name, local_name=local_name, coords=prep.coords,
-                    local_shape=tuple(local_shape), pieces=tuple(pieces), replica=prep.replica,
-                    weight=prep.weight, global_shape=tuple(int(s) for s in global_shape),
-                    replicated=prep.replicated, averaged=prep.averaged, group=group,
-                    origin=rule.origin)
-
-
-def _ctx(name: str, rule: BoundRule, e: Exception) -> PlanError:
+# ==================================================================== public planning
+def _ctx(name: str, rule: BoundRule, e: PlanError) -> PlanError:
+    """``e`` with the parameter (and rule) named; located errors stay located."""
+    if isinstance(e, PlanSpecError):
+        return PlanSpecError(e.pos, f"{name}: {e.detail}")
     where = f" (rule {rule.origin})" if rule.origin else ""
     return PlanError(f"{name}{where}: {e}")
 
 
-# ==================================================================== public planning
+def _mk_fragment(name: str, local_name: str, prep: Prepared, rule: BoundRule, global_shape,
+                 slot: Optional[Slot] = None, group: Optional[str] = None,
+                 tied_from: Optional[str] = None) -> Fragment:
+    """The fragment of a prepared rule: the pre-flat pieces, or those of a flat ``slot``."""
+    if slot is None:
+        shape, pieces = prep.local_shape, prep.pieces
+    else:
+        shape, pieces = (slot.length,), flatten(prep.pieces, prep.local_shape, slot)
+    return Fragment(name=name, local_name=local_name, coords=prep.coords,
+                    local_shape=tuple(shape), pieces=tuple(pieces), replica=prep.replica,
+                    weight=prep.weight, global_shape=tuple(int(s) for s in global_shape),
+                    replicated=prep.replicated, averaged=prep.averaged, group=group,
+                    origin=rule.origin, tied_from=tied_from)
+
+
+def _alone(prep: Prepared, degrees, coords) -> Slot:
+    k, r = axis_rank(degrees, coords, prep.flat.axis)
+    return alone_slot(math.prod(prep.local_shape), prep.flat, k, r)
+
+
 def fragment(rule: BoundRule, global_shape: Sequence[int], degrees: Mapping[str, int],
              coords: Mapping[str, int], *, name: Optional[str] = None,
-             local_name: Optional[str] = None) -> Fragment:
-    """The fragment of a rule without a grouped ``Flat`` on the rank at ``coords``.
+             local_name: Optional[str] = None, state: Optional[str] = None) -> Fragment:
+    """The fragment of a rule without a grouped ``Flat`` on the rank at ``coords`` (the
+    layout of ``state`` when the rule gives states their own).
 
     ``name`` defaults to ``rule.pattern`` and ``local_name`` to ``name``.
     Renumber ops are not consulted (see :func:`owner` / :func:`rank_fragments`)."""
     name = rule.pattern if name is None else name
     local_name = name if local_name is None else local_name
     try:
-        prep = _prepare(rule, global_shape, degrees, coords)
+        prep = prepare(rule.for_state(state), global_shape, degrees, coords)
         if prep.flat is None:
-            return _mk_fragment(name, local_name, prep, prep.local_shape, prep.pieces, rule,
-                                global_shape)
+            return _mk_fragment(name, local_name, prep, rule, global_shape)
         if prep.flat.group is not None:
             raise PlanError(f"flat group {prep.flat.group!r}: use rank_fragments for grouped flat")
-        return _flat_single(name, local_name, prep, rule, global_shape, degrees, coords)
+        return _mk_fragment(name, local_name, prep, rule, global_shape, _alone(prep, degrees, coords))
     except PlanError as e:
         raise _ctx(name, rule, e) from None
 
 
-def _flat_single(name, local_name, prep, rule, global_shape, degrees, coords) -> Fragment:
-    k, r = _coord(degrees, coords, prep.flat.axis)
-    n = math.prod(prep.local_shape)
-    _, part = _flat_layout([n], prep.flat, k)
-    lo, hi = r * part, (r + 1) * part
-    pieces = _flatten(prep.pieces, prep.local_shape, lo, min(hi, n), -lo)
-    return _mk_fragment(name, local_name, prep, (part,), pieces, rule, global_shape)
-
-
 def owner(renumber: Renumber, index: int, degrees: Union[Mapping[str, int], int, None] = None
           ) -> tuple[int, int]:
-    """``(rank, local_index)`` along ``renumber.axis`` of global item ``index``.
+    """``(rank, local_index)`` along ``renumber.axis`` of global item ``index``
+    (``ucp.plan.placement.locate`` has the model chunk too).
 
     ``degrees`` is the degrees mapping or the axis degree itself; it may be omitted when
     ``renumber.sizes`` gives the split."""
@@ -472,19 +94,11 @@ def owner(renumber: Renumber, index: int, degrees: Union[Mapping[str, int], int,
     elif degrees is None:
         if renumber.sizes is None:
             raise PlanError(f"renumber of {{{renumber.capture}}} over {renumber.axis}: degree unknown")
-        k = len(renumber.sizes)
+        k = len(renumber.sizes) // max(1, renumber.chunks)
     else:
-        k = _degree(degrees, renumber.axis)
-    index = int(index)
-    if not 0 <= index < renumber.count:
-        raise PlanError(f"{{{renumber.capture}}} = {index} out of range 0..{renumber.count - 1}")
-    sizes = split_sizes(renumber.count, k, renumber.split, renumber.sizes)
-    start = 0
-    for rank, s in enumerate(sizes):
-        if index < start + s:
-            return rank, index - start
-        start += s
-    raise PlanError(f"{{{renumber.capture}}} = {index} has no owner")  # pragma: no cover
+        k = axis_rank(degrees, {}, renumber.axis)[0]
+    loc = locate(renumber, index, k)
+    return loc.rank, loc.local
 
 
 _CAPTURE = re.compile(r"\{(\w+)(?::[^}]*)?\}")
@@ -503,6 +117,7 @@ def match_captures(pattern: str, name: str) -> Optional[dict[str, str]]:
 
 
 def substitute(pattern: str, captures: Mapping[str, object]) -> str:
+    """``pattern`` with every ``{capture}`` replaced by its value."""
     def rep(m):
         if m.group(1) not in captures:
             raise PlanError(f"local name {pattern!r}: capture {{{m.group(1)}}} has no value")
@@ -510,103 +125,128 @@ def substitute(pattern: str, captures: Mapping[str, object]) -> str:
     return _CAPTURE.sub(rep, pattern)
 
 
-def _placed_here(rule: BoundRule, degrees: Mapping[str, int], coords: Mapping[str, int]) -> bool:
-    """``first(axis)`` / ``last(axis)`` attributes pin a tensor to one end of an axis
-    (Megatron's embedding on the first pipeline stage, the output layer on the last)."""
-    for key, axis in rule.attrs:
-        if key == "first" and int(coords.get(axis, 0)) != 0:
-            return False
-        if key == "last" and int(coords.get(axis, 0)) != int(degrees.get(axis, 1)) - 1:
-            return False
-    return True
+@dataclass
+class _Member:
+    """A parameter of a flat group on this rank, waiting for the group's layout."""
+    slot: int
+    name: str
+    rule: BoundRule
+    prep: Prepared
+    shape: tuple
+
+
+def _captures_of(captures) -> Optional[Callable[[str], Mapping[str, object]]]:
+    if captures is None or callable(captures):
+        return captures
+    return lambda n: captures[n]
+
+
+def _place_one(name: str, rule: BoundRule, degrees, coords, cap_of, local_name) -> Optional[str]:
+    """The local name of ``name`` on the rank at ``coords``, or None when it is not held there."""
+    caps = cap_of(name) if cap_of is not None else match_captures(rule.pattern, name)
+    local = place(rule, dict(caps or {}), degrees, coords)
+    if local is None:
+        return None
+    if local_name is not None:
+        return local_name(name, coords)
+    return substitute(rule.local, local) if rule.local else name
 
 
 def rank_fragments(rules: Mapping[str, BoundRule], shapes: Mapping[str, Sequence[int]],
                    degrees: Mapping[str, int], coords: Mapping[str, int], *,
                    local_name: Optional[Callable[[str, Mapping[str, int]], str]] = None,
                    captures: Union[Callable[[str], Mapping[str, object]],
-                                   Mapping[str, Mapping[str, object]], None] = None
-                   ) -> list[Fragment]:
-    """Every fragment the rank at ``coords`` holds, in parameter order (``shapes`` order,
-    which is also the concatenation order of flat groups).
+                                   Mapping[str, Mapping[str, object]], None] = None,
+                   state: Optional[str] = None, frozen: Iterable[str] = ()) -> list[Fragment]:
+    """Every fragment the rank at ``coords`` holds of ``state`` (``None``: the rules' main
+    pipelines), in parameter order (``shapes`` order, the order of flat groups' members).
 
-    ``rules[name]`` is the bound rule of each parameter. Parameters a ``Renumber`` places on
-    another rank are skipped; their capture values come from ``captures(name)`` (or a
-    mapping; default: matching ``rule.pattern``). ``local_name(name, coords)`` names the
-    local tensor (default: ``rule.local`` with captures substituted, renumbered captures by
-    their local index; identity when the rule has no local pattern). Grouped-flat fragments
-    are named by their group key instead.
+    ``rules[name]`` is the bound rule of each parameter. Skipped parameters (``with skip``)
+    have no fragments; frozen ones (``with frozen`` or listed in ``frozen``) are in no flat
+    group; a tied parameter's fragments are copies named after the tensor it is tied to, and
+    it has none under a flat layout. Parameters a ``Renumber`` (or ``first`` / ``last``)
+    places on another rank are skipped; their capture values come from ``captures(name)``
+    (or a mapping; default: matching ``rule.pattern``). ``local_name(name, coords)`` names
+    the local tensor (default: ``rule.local`` with captures substituted, renumbered captures
+    by their local index). Grouped-flat fragments are named by their group (bucket) key.
     """
-    if captures is None:
-        cap_of = None
-    elif callable(captures):
-        cap_of = captures
-    else:
-        cap_of = lambda n: captures[n]  # noqa: E731
-
+    cap_of, frozen = _captures_of(captures), set(frozen)
     slots: list[Optional[Fragment]] = []
-    groups: dict[str, list[tuple[int, str, BoundRule, _Prepared, Shape]]] = {}
+    groups: dict[str, list[_Member]] = {}
     for name, shape in shapes.items():
         if name not in rules:
             raise PlanError(f"{name}: no rule given for this parameter")
         rule = rules[name]
         try:
-            caps = None
-            if rule.renumber or local_name is None:
-                caps = cap_of(name) if cap_of is not None else match_captures(rule.pattern, name)
-                caps = dict(caps) if caps else {}
-            here = True
-            local_caps = dict(caps or {})
-            for rn in rule.renumber:
-                if rn.capture not in caps:
-                    raise PlanError(f"renumber of {{{rn.capture}}}: the name has no such capture")
-                try:
-                    idx = int(caps[rn.capture])
-                except (TypeError, ValueError):
-                    raise PlanError(f"renumber of {{{rn.capture}}}: {caps[rn.capture]!r} is not an "
-                                    "integer") from None
-                rank, li = owner(rn, idx, degrees)
-                local_caps[rn.capture] = li
-                if int(coords.get(rn.axis, 0)) != rank:
-                    here = False
-            if here and not _placed_here(rule, degrees, coords):
-                here = False
-            if not here:
-                continue
-            if local_name is not None:
-                ln = local_name(name, coords)
-            elif rule.local:
-                ln = substitute(rule.local, local_caps)
-            else:
-                ln = name
-            prep = _prepare(rule, shape, degrees, coords)
-            if prep.flat is None:
-                slots.append(_mk_fragment(name, ln, prep, prep.local_shape, prep.pieces, rule, shape))
-            elif prep.flat.group is None:
-                slots.append(_flat_single(name, ln, prep, rule, shape, degrees, coords))
-            else:
-                groups.setdefault(prep.flat.group, []).append((len(slots), name, rule, prep, tuple(shape)))
-                slots.append(None)
+            made = _param_fragment(name, rule, tuple(shape), degrees, coords, cap_of, local_name,
+                                   state, name in frozen)
         except PlanError as e:
             raise _ctx(name, rule, e) from None
-
+        if isinstance(made, _Member):
+            made.slot = len(slots)
+            groups.setdefault(made.prep.flat.group, []).append(made)
+            slots.append(None)
+        elif made is not None:
+            slots.append(made)
     for key, members in groups.items():
-        f0 = members[0][3].flat
-        for _, nm, rule, prep, _ in members[1:]:
-            f = prep.flat
-            if (f.axis, f.align, f.param_align) != (f0.axis, f0.align, f0.param_align):
-                raise PlanError(f"flat group {key!r}: {nm} has flat(over={f.axis}, align={f.align}, "
-                                f"param_align={f.param_align}) but {members[0][1]} has "
-                                f"flat(over={f0.axis}, align={f0.align}, param_align={f0.param_align})")
-        k, r = _coord(degrees, coords, f0.axis)
-        numels = [math.prod(m[3].local_shape) for m in members]
-        offs, part = _flat_layout(numels, f0, k)
-        lo, hi = r * part, (r + 1) * part
-        for (slot, nm, rule, prep, shape), off, n in zip(members, offs, numels):
-            a, b = max(lo, off), min(hi, off + n)
-            pieces = _flatten(prep.pieces, prep.local_shape, a - off, b - off, off - lo) if a < b else []
-            slots[slot] = _mk_fragment(nm, key, prep, (part,), pieces, rule, shape, group=key)
+        for m, f in zip(members, _group_fragments(key, members, degrees, coords)):
+            slots[m.slot] = f
     return [f for f in slots if f is not None]
+
+
+def _param_fragment(name, rule, shape, degrees, coords, cap_of, local_name, state, frozen):
+    """One parameter on one rank: a Fragment, a grouped-flat ``_Member``, or None."""
+    if rule.skip:
+        return None
+    eff = rule.for_state(state, frozen=frozen)
+    tied = rule.tied
+    if tied and any(isinstance(op, Flat) for op in eff.ops):
+        return None
+    ln = _place_one(name, rule, degrees, coords, cap_of, local_name)
+    if ln is None:
+        return None
+    prep = prepare(eff, shape, degrees, coords)
+    uname = tied or name
+    if prep.flat is None:
+        return _mk_fragment(uname, ln, prep, eff, shape, tied_from=name if tied else None)
+    if prep.flat.group is None:
+        return _mk_fragment(uname, ln, prep, eff, shape, _alone(prep, degrees, coords))
+    return _Member(-1, name, eff, prep, shape)
+
+
+def _group_fragments(key: str, members: list[_Member], degrees, coords) -> list[Fragment]:
+    """The fragments of one flat group's members on the rank at ``coords``."""
+    f0 = members[0].prep.flat
+    for m in members[1:]:
+        f = m.prep.flat
+        if f != f0:
+            err = PlanError(f"flat group {key!r}: {m.name} has flat({_flat_args(f)}) but "
+                            f"{members[0].name} has flat({_flat_args(f0)}): expected the same "
+                            f"arguments for every member of a group")
+            pos = _flat_pos(m.rule)
+            raise (PlanSpecError(pos, str(err)) if pos is not None else err)
+    k, r = axis_rank(degrees, coords, f0.axis)
+    slots = group_slots([math.prod(m.prep.local_shape) for m in members], f0, k, r)
+    return [_mk_fragment(m.name, s.local_name, m.prep, m.rule, m.shape, s, group=s.local_name)
+            for m, s in zip(members, slots)]
+
+
+def _flat_args(f: Flat) -> str:
+    return ", ".join(f"{k}={v}" for k, v in vars(f).items())
+
+
+def _flat_pos(rule: BoundRule):
+    for op, pos in zip(rule.ops, rule.positions):
+        if isinstance(op, Flat):
+            return pos
+    return None
+
+
+def state_fragments(rules: Mapping[str, BoundRule], shapes: Mapping[str, Sequence[int]],
+                    degrees: Mapping[str, int], coords: Mapping[str, int],
+                    states: Iterable[str], **kwargs) -> dict[str, list[Fragment]]:
+    """``{state: rank_fragments(..., state=state)}`` for every state in ``states``."""
+    return {st: rank_fragments(rules, shapes, degrees, coords, state=st, **kwargs) for st in states}
 
 
 def mesh_coords(degrees: Mapping[str, int]) -> list[dict[str, int]]:
@@ -620,7 +260,7 @@ def layout_fragments(rules, shapes, degrees, **kwargs) -> dict[str, list[Fragmen
     out: dict[str, list[Fragment]] = {n: [] for n in shapes}
     for c in mesh_coords(degrees):
         for f in rank_fragments(rules, shapes, degrees, c, **kwargs):
-            out[f.name].append(f)
+            out.setdefault(f.name, []).append(f)
     return out
 
 
