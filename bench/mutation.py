@@ -78,6 +78,55 @@ class Mutant:
     tests: list = field(default_factory=list)
 
 
+# The deliberate bugs of issue 19, as text edits of today's code: each must fail some test.
+# (file, old text, new text, tests to run, what the bug does)
+NAMED = [
+    ("ucp/format/reader.py", "if c != s or c != crc:", "if c != s:",
+     ["tests/test_behaviour_integrity.py", "tests/test_format_integrity.py", "tests/test_format_binding.py"],
+     "reads no longer compare a chunk's crc32c with the manifest's"),
+    ("ucp/format/verify.py", "if c != stored or c != crc:", "if c != stored:",
+     ["tests/test_behaviour_integrity.py", "tests/test_format_integrity.py", "tests/test_format_binding.py"],
+     "verify no longer compares a chunk's crc32c with the manifest's"),
+    ("ucp/plan/replicas.py", "total = total.round()", "total = total.trunc()",
+     ["tests/test_engine.py", "tests/test_plan_known.py", "tests/test_plan_props.py"],
+     "integer replicas averaged by truncation instead of rounding"),
+    ("ucp/format/store.py", "os.fsync(fd)", "pass",
+     ["tests/test_format_durability.py"], "no fsync of files or directories"),
+    ("ucp/format/store.py", "return libc.syncfs(fd) == 0", "return True",
+     ["tests/test_format_durability.py"], "no syncfs (claims success without syncing)"),
+    ("ucp/loading.py", "torch.zeros(f.local_shape, dtype=dt)", "torch.full(f.local_shape, 7, dtype=dt)",
+     ["tests/test_behaviour_padding.py", "tests/test_ranks.py", "tests/test_engine.py"],
+     "export pads with 7 instead of zeros"),
+]
+
+
+def run_named(parallel, say):
+    """Apply each deliberate bug of NAMED in a forked child and run its tests (all, no -x)."""
+    jobs, rows = [], []
+    for i, (rel, old, new, tests, what) in enumerate(NAMED):
+        src = (ROOT / rel).read_text()
+        n = src.count(old)
+        if n == 0:
+            rows.append(f"{what}: NOT APPLIED ({old!r} not found in {rel}: update NAMED)")
+            continue
+        code = compile(src.replace(old, new), str(ROOT / rel), "exec")
+        module = rel[:-3].replace("/", ".")
+        jobs.append((i, expand(tests), 3600, _Finder(module, str(ROOT / rel), code)))
+    results = {}
+    run_many(jobs, parallel, lambda i, res, secs: results.__setitem__(i, (res, secs)), failfast=False)
+    say("## the deliberate bugs of issue 19 (each applied alone; every test that fails under it)")
+    for i, (rel, old, new, tests, what) in enumerate(NAMED):
+        if i not in results:
+            continue
+        res, secs = results[i]
+        verdict = "TIMEOUT" if res is None else ("killed by " + ", ".join(res["failed"]) if res["code"] else
+                                                   "SURVIVED")
+        rows.append(f"{what} ({rel}: {old!r} -> {new!r}): {verdict}")
+    for r in rows:
+        say("- " + r)
+    return all("killed by" in r for r in rows)
+
+
 # -- mutation points ------------------------------------------------------------------------------
 def _skip_nodes(tree):
     """ids of nodes never mutated: docstrings and everything inside f-strings."""
@@ -215,23 +264,24 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         exec(self.code, module.__dict__)
 
 
-class _FirstFailure:
-    """pytest plugin: remember the first failing test (setup, call or teardown)."""
+class _Failures:
+    """pytest plugin: the failing tests (setup, call or teardown), in order."""
 
     def __init__(self):
-        self.failed = ""
+        self.failed = []
 
     def pytest_runtest_logreport(self, report):
-        if report.failed and not self.failed:
-            self.failed = report.nodeid
+        if report.failed and report.nodeid not in self.failed:
+            self.failed.append(report.nodeid)
 
     def pytest_collectreport(self, report):
-        if report.failed and not self.failed:
-            self.failed = f"collection of {report.nodeid}"
+        if report.failed:
+            self.failed.append(f"collection of {report.nodeid}")
 
 
-def _run_child(tests, result_fd, finder=None, tracer=None):
-    """In a forked child: pytest on ``tests`` (-x); writes a JSON result to ``result_fd``."""
+def _run_child(tests, result_fd, finder=None, tracer=None, failfast=True):
+    """In a forked child: pytest on ``tests`` (-x unless ``failfast`` is False or a tracer is
+    given); writes a JSON result to ``result_fd``."""
     import pytest
 
     os.environ["UCP_HYPOTHESIS_PROFILE"] = "mutation"
@@ -241,13 +291,13 @@ def _run_child(tests, result_fd, finder=None, tracer=None):
     os.dup2(devnull, 2)
     if finder is not None:
         sys.meta_path.insert(0, finder)
-    plugins = [_FirstFailure()]
+    plugins = [_Failures()]
     if tracer is not None:
         plugins.append(tracer)
     # no assertion rewriting, no gc-heavy unraisable/thread-exception hooks: only pass/fail matters
     args = ["-q", "-p", "no:cacheprovider", "-p", "no:faulthandler", "-p", "no:unraisableexception",
             "-p", "no:threadexception", "--assert=plain", "--rootdir", str(ROOT)]
-    if tracer is None:
+    if tracer is None and failfast:
         args.append("-x")
     code = pytest.main(args + list(tests), plugins=plugins)
     res = {"code": int(code), "failed": plugins[0].failed}
@@ -258,21 +308,21 @@ def _run_child(tests, result_fd, finder=None, tracer=None):
     os._exit(0)
 
 
-def _fork(tests, finder=None, tracer=None):
+def _fork(tests, finder=None, tracer=None, failfast=True):
     """Start a child running the tests; returns (pid, read end of its result pipe)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
         try:
-            _run_child(tests, w, finder, tracer)
+            _run_child(tests, w, finder, tracer, failfast)
         finally:
             os._exit(3)
     os.close(w)
     return pid, r
 
 
-def run_many(jobs, parallel, on_done):
+def run_many(jobs, parallel, on_done, failfast=True):
     """Run ``jobs`` = [(key, tests, timeout, finder)] in up to ``parallel`` forked children at once
     (one thread: the parent only forks and waits on pipes). ``on_done(key, result or None on
     timeout, seconds)``."""
@@ -283,7 +333,7 @@ def run_many(jobs, parallel, on_done):
     while pending or running:
         while pending and len(running) < parallel:
             key, tests, timeout, finder = pending.pop()
-            pid, fd = _fork(tests, finder)
+            pid, fd = _fork(tests, finder, failfast=failfast)
             now = time.perf_counter()
             running[fd] = [pid, key, now, now + timeout, []]
         now = time.perf_counter()
@@ -298,7 +348,7 @@ def run_many(jobs, parallel, on_done):
             os.close(fd)
             os.waitpid(pid, 0)
             raw = b"".join(chunks)
-            on_done(key, json.loads(raw) if raw else {"code": -1, "failed": "child died"},
+            on_done(key, json.loads(raw) if raw else {"code": -1, "failed": ["child died"]},
                     time.perf_counter() - t0)
         now = time.perf_counter()
         for fd in [fd for fd, v in running.items() if v[3] <= now]:
@@ -406,7 +456,8 @@ def preload():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("files", nargs="+", help="modules to mutate (paths under ucp/)")
+    ap.add_argument("files", nargs="*", help="modules to mutate (paths under ucp/)")
+    ap.add_argument("--named", action="store_true", help="only apply the deliberate bugs of issue 19 (NAMED)")
     ap.add_argument("--tests", nargs="*", help="test files or globs (default: per package, see DEFAULT_TESTS)")
     ap.add_argument("--new-tests", nargs="*", default=NEW_TESTS, help="globs of the tests counted as new")
     ap.add_argument("--timeout-factor", type=float, default=4.0)
@@ -417,6 +468,10 @@ def main(argv=None):
     a = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
+    if a.named:
+        preload()
+        ok = run_named(a.parallel, _Report(a.out))
+        sys.exit(0 if ok else 1)
     files = [str(pathlib.Path(f)) for f in a.files]
     pkgs = {str(pathlib.Path(f).parent) for f in files}
     tests = expand(a.tests if a.tests else [g for p in sorted(pkgs) for g in DEFAULT_TESTS.get(p, [])])
@@ -426,7 +481,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     base, secs = fork_run(tests, 7200, tracer=LineTracer(list(abspaths.values())))
     if base is None or base["code"] != 0:
-        sys.exit(f"the unmutated baseline does not pass ({base and base['failed']}): fix the tests first")
+        sys.exit(f"the unmutated baseline does not pass ({base and base['failed'][:5]}): fix the tests first")
     say = _Report(a.out)
     say(f"# mutation run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; baseline {secs:.0f} s; "
         f"tests: {' '.join(tests)}; new tests: {' '.join(sorted(new & set(tests)))}")
@@ -474,7 +529,7 @@ def run_module(rel, path, lines, durations, new, eq, a, say):
         if res is None:
             m.status, m.killer = "timeout", "(timeout)"
         elif res["code"] != 0:
-            m.status, m.killer = "killed", res["failed"] or f"exit {res['code']}"
+            m.status, m.killer = "killed", (res["failed"] or [f"exit {res['code']}"])[0]
         else:
             m.status = "survived"
         print(f"{module}:{m.line} {m.desc}: {m.status} {m.killer} ({m.seconds:.1f} s)", flush=True)
