@@ -45,9 +45,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 DEFAULT_TESTS = {
     "ucp/format": ["tests/test_behaviour_*.py", "tests/test_mutants_*.py", "tests/test_format_integrity.py",
-                   "tests/test_format_roundtrip.py", "tests/test_format_sharding.py",
-                   "tests/test_format_metadata.py", "tests/test_format_interop.py",
-                   "tests/test_hostile_manifest.py", "tests/test_format_durability*.py"],
+                   "tests/test_format_binding.py", "tests/test_format_durability.py", "tests/test_format_resume.py",
+                   "tests/test_format_roundtrip.py", "tests/test_format_sharding.py", "tests/test_format_property.py",
+                   "tests/test_format_metadata.py", "tests/test_format_interop.py", "tests/test_hostile_manifest.py"],
     "ucp/plan": ["tests/test_behaviour_*.py", "tests/test_mutants_*.py", "tests/test_plan_*.py",
                  "tests/test_converters_plan.py", "tests/test_lang_bind.py"],
 }
