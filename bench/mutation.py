@@ -463,9 +463,14 @@ def main(argv=None):
     ap.add_argument("--timeout-factor", type=float, default=4.0)
     ap.add_argument("--limit", type=int, default=0, help="at most this many mutants per module (0: all)")
     ap.add_argument("--parallel", type=int, default=2, help="children at once")
+    ap.add_argument("--budget", type=float, default=20.0,
+                    help="per mutant, run the fastest old tests of the line up to this many seconds of baseline "
+                         "time (0: all); survivors are then rerun with all of them while --recheck-minutes last")
+    ap.add_argument("--recheck-minutes", type=float, default=30.0)
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "mutation.json"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mutation.txt"))
     a = ap.parse_args(argv)
+    a.recheck_until = 0.0
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
     if a.named:
@@ -479,9 +484,7 @@ def main(argv=None):
     preload()
     abspaths = {f: str(ROOT / f) for f in files}
     t0 = time.perf_counter()
-    base, secs = fork_run(tests, 7200, tracer=LineTracer(list(abspaths.values())))
-    if base is None or base["code"] != 0:
-        sys.exit(f"the unmutated baseline does not pass ({base and base['failed'][:5]}): fix the tests first")
+    base, secs = baseline(tests, list(abspaths.values()), a.parallel)
     say = _Report(a.out)
     say(f"# mutation run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; baseline {secs:.0f} s; "
         f"tests: {' '.join(tests)}; new tests: {' '.join(sorted(new & set(tests)))}")
@@ -489,14 +492,57 @@ def main(argv=None):
     eq = load_equivalent()
     results = []
     for f in files:
+        a.recheck_until = time.time() + a.recheck_minutes * 60 / len(files)
         results += run_module(f, abspaths[f], base["lines"][abspaths[f]], durations, new, eq, a, say)
     summarise(results, files, new, say, time.perf_counter() - t0)
     pathlib.Path(a.json).write_text(json.dumps([m.__dict__ for m in results], indent=0))
 
 
-def _order(tests, durations, new):
-    """Old tests first (fastest first), then the new ones: the first failure tells before/after."""
-    return sorted(tests, key=lambda t: (t.split("::")[0] in new, durations.get(t, 0.0)))
+def baseline(tests, paths, parallel):
+    """The traced, unmutated run (split over ``parallel`` children by test file), cached in /tmp
+    under a hash of the test and module sources. Returns ({"lines", "durations"}, seconds)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(set(tests) | set(paths)) + ["tests/conftest.py"]:
+        h.update(f.encode() + (ROOT / f).read_bytes())
+    cache = pathlib.Path(f"/tmp/ucp-mutation-baseline-{h.hexdigest()[:16]}.json")
+    if cache.exists():
+        return json.loads(cache.read_text()), 0.0
+    t0 = time.perf_counter()
+    groups = [tests[i::parallel] for i in range(parallel)]
+    kids = [_fork(g, tracer=LineTracer(paths)) for g in groups if g]
+    merged = {"lines": {p: {} for p in paths}, "durations": {}}
+    for pid, r in kids:
+        with os.fdopen(r, "rb") as f:
+            raw = f.read()
+        os.waitpid(pid, 0)
+        res = json.loads(raw) if raw else {"code": -1, "failed": ["child died"]}
+        if res["code"] != 0:
+            sys.exit(f"the unmutated baseline does not pass ({res['failed'][:5]}): fix the tests first")
+        for p, d in res["lines"].items():
+            for ln, ts in d.items():
+                merged["lines"][p].setdefault(ln, []).extend(ts)
+        merged["durations"].update(res["durations"])
+    cache.write_text(json.dumps(merged))
+    return merged, time.perf_counter() - t0
+
+
+def _order(tests, durations, new, budget=0.0):
+    """Old tests first (fastest first), then the new ones: the first failure tells before/after.
+    With a ``budget`` (seconds of baseline time) the old tests are cut after the fastest ones that
+    fit it (at least one); the new tests always run. Returns (tests, whether any were cut)."""
+    old = sorted((t for t in tests if t.split("::")[0] not in new), key=lambda t: durations.get(t, 0.0))
+    fresh = sorted((t for t in tests if t.split("::")[0] in new), key=lambda t: durations.get(t, 0.0))
+    if budget:
+        kept, spent = [], 0.0
+        for t in old:
+            if kept and spent + durations.get(t, 0.0) > budget:
+                break
+            kept.append(t)
+            spent += durations.get(t, 0.0)
+        return kept + fresh, len(kept) < len(old)
+    return old + fresh, False
 
 
 def _tests_for(trace_lines, lines):
@@ -506,22 +552,28 @@ def _tests_for(trace_lines, lines):
     return sorted({t for ln in trace_lines for t in lines.get(str(ln), [])})
 
 
+def _budget(tests, durations, a):
+    """Seconds a mutant's child may run: its tests' baseline time, times the factor, plus start-up."""
+    return a.timeout_factor * sum(durations.get(t, 1.0) for t in tests) + 30
+
+
 def run_module(rel, path, lines, durations, new, eq, a, say):
     module = rel[:-3].replace("/", ".")
     tree = ast.parse(pathlib.Path(path).read_text(), path)
     points = mutation_points(tree)
     if a.limit:
         points = points[:a.limit]
-    muts, jobs = [], []
+    muts, jobs, capped = [], [], set()
     for i, pt in enumerate(points):
         m = Mutant(module, rel, i, pt[1], pt[2])
-        m.tests = _order(_tests_for(pt[4], lines), durations, new)
+        m.tests, cut = _order(_tests_for(pt[4], lines), durations, new, a.budget)
+        if cut:
+            capped.add(i)
         muts.append(m)
         if not m.tests:
             m.status = "not covered"
         else:
-            budget = a.timeout_factor * sum(durations.get(t, 1.0) for t in m.tests) + 30
-            jobs.append((i, m.tests, budget, _Finder(module, path, mutated_code(path, tree, pt))))
+            jobs.append((i, m.tests, _budget(m.tests, durations, a), _Finder(module, path, mutated_code(path, tree, pt))))
 
     def done(i, res, secs):
         m = muts[i]
@@ -535,9 +587,23 @@ def run_module(rel, path, lines, durations, new, eq, a, say):
         print(f"{module}:{m.line} {m.desc}: {m.status} {m.killer} ({m.seconds:.1f} s)", flush=True)
 
     run_many(jobs, a.parallel, done)
+    # survivors of a capped run: run every test that executes the line, while time is left
+    again = [(i, _order(_tests_for(points[i][4], lines), durations, new)[0]) for i in sorted(capped)
+             if muts[i].status == "survived"]
+    left = a.recheck_until - time.time()
+    jobs = []
+    for i, tests in again:
+        cost = sum(durations.get(t, 1.0) for t in tests) / a.parallel
+        if left < cost:
+            muts[i].status = "survived (tests capped)"
+            continue
+        left -= cost
+        muts[i].tests = tests
+        jobs.append((i, tests, _budget(tests, durations, a), _Finder(module, path, mutated_code(path, tree, points[i]))))
+    run_many(jobs, a.parallel, done)
     for m in muts:
         key = f"{rel}:{m.line}:{m.desc}"
-        if m.status in ("survived", "not covered") and key in eq:
+        if (m.status.startswith("survived") or m.status == "not covered") and key in eq:
             m.status, m.reason = "equivalent", eq[key]
     return muts
 
@@ -568,10 +634,10 @@ def summarise(results, files, new, say, seconds):
         killed = [m for m in ms if m.status in ("killed", "timeout")]
         before = sum(_killed_before(m, new) for m in ms)
         denom = max(1, len(ms) - eqv)
-        surv = [m for m in ms if m.status in ("survived", "not covered")]
+        surv = [m for m in ms if m.status.startswith("survived") or m.status == "not covered"]
         say(f"{f:34} {len(ms):7} {eqv:5} {len(killed):6} {before / denom:7.1%} {len(killed) / denom:7.1%}  "
             f"{len(surv)}")
-    for status in ("survived", "not covered", "equivalent"):
+    for status in ("survived", "survived (tests capped)", "not covered", "equivalent"):
         ms = [m for m in results if m.status == status]
         if ms:
             say(f"\n## {status} ({len(ms)})")
