@@ -467,6 +467,9 @@ def main(argv=None):
                     help="per mutant, run the fastest old tests of the line up to this many seconds of baseline "
                          "time (0: all); survivors are then rerun with all of them while --recheck-minutes last")
     ap.add_argument("--recheck-minutes", type=float, default=30.0)
+    ap.add_argument("--survivors-against", nargs="*", metavar="TEST",
+                    help="rerun the survivors recorded in --json against these tests (e.g. tests written to kill "
+                         "them), apply bench/mutation_equivalent.txt, and rewrite the report")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "mutation.json"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mutation.txt"))
     a = ap.parse_args(argv)
@@ -477,6 +480,9 @@ def main(argv=None):
         preload()
         ok = run_named(a.parallel, _Report(a.out))
         sys.exit(0 if ok else 1)
+    if a.survivors_against is not None:
+        preload()
+        return rerun_survivors(a)
     files = [str(pathlib.Path(f)) for f in a.files]
     pkgs = {str(pathlib.Path(f).parent) for f in files}
     tests = expand(a.tests if a.tests else [g for p in sorted(pkgs) for g in DEFAULT_TESTS.get(p, [])])
@@ -491,11 +497,14 @@ def main(argv=None):
     durations = base["durations"]
     eq = load_equivalent()
     results = []
-    for f in files:
-        a.recheck_until = time.time() + a.recheck_minutes * 60 / len(files)
-        results += run_module(f, abspaths[f], base["lines"][abspaths[f]], durations, new, eq, a, say)
-    summarise(results, files, new, say, time.perf_counter() - t0)
-    pathlib.Path(a.json).write_text(json.dumps([m.__dict__ for m in results], indent=0))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped (SIGTERM): partial report"))
+    try:
+        for f in files:
+            a.recheck_until = time.time() + a.recheck_minutes * 60 / len(files)
+            run_module(f, abspaths[f], base["lines"][abspaths[f]], durations, new, eq, a, say, results)
+    finally:  # also a stopped run leaves its report (mutants not yet run are left out of it)
+        summarise(results, files, new, say, time.perf_counter() - t0)
+        pathlib.Path(a.json).write_text(json.dumps([m.__dict__ for m in results], indent=0))
 
 
 def baseline(tests, paths, parallel):
@@ -552,12 +561,52 @@ def _tests_for(trace_lines, lines):
     return sorted({t for ln in trace_lines for t in lines.get(str(ln), [])})
 
 
+def rerun_survivors(a):
+    """Second pass over a finished run: survivors (and uncovered mutants) against ``a.survivors_against``."""
+    results = [Mutant(**d) for d in json.loads(pathlib.Path(a.json).read_text())]
+    header = pathlib.Path(a.out).read_text().splitlines()[0] if pathlib.Path(a.out).exists() else "#"
+    tests = expand(a.survivors_against)
+    trees, points, jobs = {}, {}, []
+    for k, m in enumerate(results):
+        if not (m.status.startswith("survived") or m.status in ("not covered", "equivalent")) or not tests:
+            continue
+        if m.path not in trees:
+            trees[m.path] = ast.parse((ROOT / m.path).read_text(), str(ROOT / m.path))
+            points[m.path] = mutation_points(trees[m.path])
+        pt = points[m.path][m.index]
+        if (pt[1], pt[2]) != (m.line, m.desc):
+            sys.exit(f"{m.path} changed since the run ({m.line} {m.desc} is now {pt[1]} {pt[2]}): run it again")
+        code = mutated_code(str(ROOT / m.path), trees[m.path], pt)
+        jobs.append((k, tests, 600, _Finder(m.module, str(ROOT / m.path), code)))
+
+    def done(k, res, secs):
+        m = results[k]
+        if res is None:
+            m.status, m.killer = "timeout", "(timeout)"
+        elif res["code"] != 0:
+            m.status, m.killer, m.reason = "killed", res["failed"][0], ""
+        print(f"{m.path}:{m.line} {m.desc}: {m.status} {m.killer}", flush=True)
+
+    run_many(jobs, a.parallel, done)
+    eq = load_equivalent()
+    for m in results:
+        key = f"{m.path}:{m.line}:{m.desc}"
+        if (m.status.startswith("survived") or m.status == "not covered") and key in eq:
+            m.status, m.reason = "equivalent", eq[key]
+    say = _Report(a.out)
+    say(header)
+    say(f"# survivors rerun against: {' '.join(tests) or '(none)'}; equivalents from bench/mutation_equivalent.txt")
+    files = list(dict.fromkeys(m.path for m in results))
+    summarise(results, files, set(expand(a.new_tests)), say, 0.0)
+    pathlib.Path(a.json).write_text(json.dumps([m.__dict__ for m in results], indent=0))
+
+
 def _budget(tests, durations, a):
     """Seconds a mutant's child may run: its tests' baseline time, times the factor, plus start-up."""
     return a.timeout_factor * sum(durations.get(t, 1.0) for t in tests) + 30
 
 
-def run_module(rel, path, lines, durations, new, eq, a, say):
+def run_module(rel, path, lines, durations, new, eq, a, say, results):
     module = rel[:-3].replace("/", ".")
     tree = ast.parse(pathlib.Path(path).read_text(), path)
     points = mutation_points(tree)
@@ -570,6 +619,7 @@ def run_module(rel, path, lines, durations, new, eq, a, say):
         if cut:
             capped.add(i)
         muts.append(m)
+        results.append(m)
         if not m.tests:
             m.status = "not covered"
         else:
@@ -628,8 +678,14 @@ def _killed_before(m, new):
 def summarise(results, files, new, say, seconds):
     say("\n## score per module (killed / (mutants - equivalent)); before = old tests only")
     say(f"{'module':34} {'mutants':>7} {'equiv':>5} {'killed':>6} {'before':>7} {'after':>7}  survivors")
+    ran = [m for m in results if m.status != "pending"]
+    if len(ran) < len(results):
+        say(f"# stopped early: {len(results) - len(ran)} mutants not run are left out")
+    results = ran
     for f in files:
         ms = [m for m in results if m.path == f]
+        if not ms:
+            continue
         eqv = sum(m.status == "equivalent" for m in ms)
         killed = [m for m in ms if m.status in ("killed", "timeout")]
         before = sum(_killed_before(m, new) for m in ms)
