@@ -467,6 +467,8 @@ def main(argv=None):
                     help="per mutant, run the fastest old tests of the line up to this many seconds of baseline "
                          "time (0: all); survivors are then rerun with all of them while --recheck-minutes last")
     ap.add_argument("--recheck-minutes", type=float, default=30.0)
+    ap.add_argument("--only", nargs="*", help="mutate only these of the files (the baseline still covers all)")
+    ap.add_argument("--sample", type=int, default=1, help="run every Nth mutant of a module (1: all)")
     ap.add_argument("--survivors-against", nargs="*", metavar="TEST",
                     help="rerun the survivors recorded in --json against these tests (e.g. tests written to kill "
                          "them), apply bench/mutation_equivalent.txt, and rewrite the report")
@@ -499,11 +501,14 @@ def main(argv=None):
     results = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped (SIGTERM): partial report"))
     try:
-        for f in files:
-            a.recheck_until = time.time() + a.recheck_minutes * 60 / len(files)
+        todo = [f for f in files if not a.only or f in a.only]
+        for f in todo:
+            a.recheck_until = time.time() + a.recheck_minutes * 60 / len(todo)
             run_module(f, abspaths[f], base["lines"][abspaths[f]], durations, new, eq, a, say, results)
     finally:  # also a stopped run leaves its report (mutants not yet run are left out of it)
-        summarise(results, files, new, say, time.perf_counter() - t0)
+        summarise(results, [f for f in files if not a.only or f in a.only], new, say, time.perf_counter() - t0)
+        if a.sample > 1:
+            say(f"# sampled: every {a.sample}th mutation point of each module")
         pathlib.Path(a.json).write_text(json.dumps([m.__dict__ for m in results], indent=0))
 
 
@@ -612,13 +617,15 @@ def run_module(rel, path, lines, durations, new, eq, a, say, results):
     points = mutation_points(tree)
     if a.limit:
         points = points[:a.limit]
-    muts, jobs, capped = [], [], set()
+    muts, jobs, capped = {}, [], set()  # muts: point index -> Mutant
     for i, pt in enumerate(points):
+        if i % a.sample:
+            continue
         m = Mutant(module, rel, i, pt[1], pt[2])
         m.tests, cut = _order(_tests_for(pt[4], lines), durations, new, a.budget)
         if cut:
             capped.add(i)
-        muts.append(m)
+        muts[i] = m
         results.append(m)
         if not m.tests:
             m.status = "not covered"
@@ -651,11 +658,11 @@ def run_module(rel, path, lines, durations, new, eq, a, say, results):
         muts[i].tests = tests
         jobs.append((i, tests, _budget(tests, durations, a), _Finder(module, path, mutated_code(path, tree, points[i]))))
     run_many(jobs, a.parallel, done)
-    for m in muts:
+    for m in muts.values():
         key = f"{rel}:{m.line}:{m.desc}"
         if (m.status.startswith("survived") or m.status == "not covered") and key in eq:
             m.status, m.reason = "equivalent", eq[key]
-    return muts
+    return list(muts.values())
 
 
 class _Report:
