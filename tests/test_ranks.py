@@ -203,7 +203,8 @@ def test_demo_passes(tmp_path):
 
 def test_kill9_mid_conversion_then_resume(tmp_path):
     """A conversion killed with SIGKILL leaves no manifest (readers refuse it); `--resume`
-    finishes it, and the result equals an uninterrupted conversion bit for bit."""
+    finishes it, reusing the chunks already written, and the result equals an uninterrupted
+    conversion bit for bit."""
     import os
     import signal
     import subprocess
@@ -221,36 +222,34 @@ def test_kill9_mid_conversion_then_resume(tmp_path):
         return [f for f in root.rglob("*") if f.is_file() and "c" in f.relative_to(root).parts]
 
     total = len(chunk_files(tmp_path / "ref"))
-    # The child stops after its 6th box is on disk, says so through a pipe and waits to be
-    # killed: the kill lands mid-way however loaded the machine is (no sleeps, no timing).
+    # the child announces its 6th completed box on stdout, then blocks on stdin until killed:
+    # the kill lands mid-conversion by construction, not by timing
     child = (
-        "import os, sys, threading\n"
+        "import sys\n"
         "import ucp.format.writer as w\n"
         "orig, done = w.ArrayWriter.write, [0]\n"
-        "def write_then_stop(self, *a, **k):\n"
+        "def gated(self, *a, **k):\n"
         "    orig(self, *a, **k)\n"
         "    done[0] += 1\n"
         "    if done[0] == 6:\n"
-        "        os.write(int(os.environ['UCP_TEST_FD']), b'x')\n"
-        "        threading.Event().wait()\n"
-        "w.ArrayWriter.write = write_then_stop\n"
+        "        sys.stdout.write('written 6\\n'); sys.stdout.flush(); sys.stdin.read()\n"
+        "w.ArrayWriter.write = gated\n"
         "from ucp.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     dst = tmp_path / "dst"
-    read_end, write_end = os.pipe()
     p = subprocess.Popen([sys.executable, "-c", child, "convert", str(tmp_path / "src"), str(dst), "-q"],
-                         env={**os.environ, "UCP_TEST_FD": str(write_end)}, pass_fds=(write_end,))
-    os.close(write_end)
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        signalled = os.read(read_end, 1)  # blocks until the child has written 6 boxes (b"" if it died)
-    finally:
-        os.close(read_end)
+        announced = p.stdout.readline()  # empty if the child exited first
+    finally:  # the child is killed whatever the assertions say
         p.send_signal(signal.SIGKILL)
         p.wait()
-    assert signalled == b"x", "the conversion ended before its 6th box"
+        p.stdin.close()
+        p.stdout.close()
+    assert announced == b"written 6\n"
     assert p.returncode == -signal.SIGKILL
     before = {f: os.stat(f) for f in chunk_files(dst)}
-    assert 0 < len(before) < total  # killed mid-write: some chunks on disk, not all
+    assert 0 < len(before) < total  # killed mid-write: some chunks written, not all
     assert not (dst / "ucp.manifest.json").exists()
     with pytest.raises(UcpError, match="manifest"):
         ucp.open(dst)
