@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_reshard import best_of, drop_caches, llama_shapes, model_args  # noqa: E402
+from bench_reshard import best_of, drop_caches, llama_shapes, machine_load, model_args  # noqa: E402
 from ucp.demo import DEMO_SPEC  # noqa: E402
 from ucp.targets.ranks import save_ranks  # noqa: E402
 
@@ -72,7 +72,8 @@ def main():
         save_ranks(states, src, spec_text=DEMO_SPEC, degrees={"tp": 2, "dp": 2})
         del states
         say(f"# ucp convert benchmark: {nbytes / 2**20:.0f} MiB fp32 in 4 rank files (TP=2 x ZeRO-3 DP=2), "
-            f"largest tensor {largest / 2**20:.0f} MiB; cold page cache before each run; best of {a.reps}")
+            f"largest tensor {largest / 2**20:.0f} MiB; cold page cache before each run; best of {a.reps}; "
+            f"{machine_load()}")
         say(f"{'run':34s} {'seconds':>8s} {'GB/s':>6s} {'vs cp':>6s} {'peak RSS MiB':>13s}")
         t_cp, _ = run(["cp", "-r", str(src), str(base / "copy")], a.reps, base / "copy")
         say(f"{'cp -r + sync (same bytes)':34s} {t_cp:8.2f} {nbytes / t_cp / 1e9:6.2f} {1.0:6.2f}x {'-':>13s}")

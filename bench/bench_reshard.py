@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ucp  # noqa: E402
 from ucp.format import create_checkpoint  # noqa: E402
-from ucp.lang import load  # noqa: E402
 from ucp.engine import bind_layout  # noqa: E402
 from ucp.plan import mesh_coords  # noqa: E402
 
@@ -50,6 +49,12 @@ def llama_shapes(hidden, layers, vocab, inter, kv_ratio=4):
     s["model.norm.weight"] = (hidden,)
     s["lm_head.weight"] = (vocab, hidden)
     return s
+
+
+def machine_load() -> str:
+    """The 1-minute load average against the core count: timings on a shared machine only
+    compare within one run (hence the ratios), and this says how shared it was."""
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
 
 
 def drop_caches() -> bool:
@@ -140,7 +145,7 @@ def main():
         say(f"# ucp reshard benchmark  {total / 2**20:.0f} MiB fp32 Llama-shaped (hidden {a.hidden}, "
             f"{a.layers} layers, vocab {a.vocab})  o_proj chunks {list(chunks)}  cold: {'yes' if cold else 'no'}")
         say(f"# written in {t_write:.2f} s; reads below are {'cold (page cache dropped)' if cold else 'warm'}, "
-            f"times best of {a.reps}")
+            f"times best of {a.reps}; {machine_load()}")
         say(f"{'layout':28s} {'ranks':>5s} {'read/need worst':>16s} {'mean':>6s} | "
             f"{'rank0 load s':>12s} {'naive s':>8s} {'speedup':>7s} | {'raw fromfile s':>14s} {'ucp/raw':>7s}")
         layouts = [("torch_tp", {"tp": 2}), ("torch_tp", {"tp": 4}), ("torch_fsdp2", {"dp": 4}),

@@ -161,3 +161,20 @@ def test_export_errors_are_clear(tmp_path, capsys):
     assert main(["export", str(tmp_path / "u"), str(tmp_path / "y"), "--to", "ranks", "--spec", str(bad)]) == 2
     assert f"{bad}:3:" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def test_from_and_to_help_come_from_the_registries(capsys):
+    """Every registered source and target appears in the help with its description, so a
+    plug-in needs no change to the CLI."""
+    import pytest
+
+    from ucp.sources import sources
+    from ucp.targets import targets
+
+    for cmd, registry in (("convert", sources()), ("export", targets())):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        out = "".join(capsys.readouterr().out.split())  # argparse wraps lines (also at hyphens)
+        for name, cls in registry.items():
+            listed = f"{name}({''.join(cls.description.split())})" if cls.description else name
+            assert listed in out, (cmd, name)

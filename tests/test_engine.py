@@ -173,6 +173,7 @@ def test_many_fragments_are_counted_not_listed(tmp_path):
 class RecordingTarget(Target):
     """Keeps what the engine hands over; unit 1 holds param sharded and exp_avg whole."""
     name = "test-recording"
+    description = "test plug-in: keeps what it is given"
 
     def plan(self, checkpoint):
         self.calls = ["plan"]
@@ -258,3 +259,23 @@ def test_torchrun_export_equals_single_process(tmp_path):
             assert a.keys() == b.keys() and all(torch.equal(a[s][k], b[s][k]) for s in a for k in a[s])
     full = load_ranks_full(tmp_path / "two")
     assert all(torch.equal(full[s][k], states[s][k]) for s in states for k in states[s])
+
+
+def test_torchrun_export_failure_leaves_nothing(tmp_path):
+    """A chunk fails its checksum during a torchrun export: every process stops, removes what
+    it wrote, the error names the array, and no rank file or layout.json is left."""
+    g = torch.Generator().manual_seed(6)
+    states = {"param": {f"l{i}": torch.randn(40, 6, generator=g) for i in range(4)}}
+    save_ranks(states, tmp_path / "src", spec_text=SHARDED, degrees={"tp": 2})
+    ucp.convert(tmp_path / "src", tmp_path / "uni")
+    chunk = next(f for f in sorted((tmp_path / "uni" / "l2" / "param").rglob("*"))
+                 if f.is_file() and f.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[-1] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(_port()), "-m", "ucp", "export",
+                        str(tmp_path / "uni"), str(tmp_path / "out"), "--to", "ranks", "--tp", "4", "-q"],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+    assert r.returncode != 0 and "l2" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

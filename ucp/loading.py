@@ -80,4 +80,12 @@ def load_rank(path, spec, degrees: Mapping[str, int], coords: Mapping[str, int],
     params = list(names) if names is not None else list(ck.params)
     bound = bind_layout(spec, params, degrees, constants)
     shapes = {n: tuple(ck.array_info(n, "param").shape) for n in params}
-    return read_locals(ck, bound.rank_fragments(shapes, coords), states=states, dtype=dtype)
+    main = bound.rank_fragments(shapes, coords)
+    own = set(bound.own_states(params))
+    if states is None:
+        states = sorted({st for n in params for st in ck.states(n)}, key=lambda s: (s != "param", s))
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for state in states:  # a state with a layout of its own (``state exp_avg = ...``) has its own fragments
+        frags = bound.rank_fragments(shapes, coords, state) if state in own else main
+        out.update(read_locals(ck, frags, states=[state], dtype=dtype))
+    return out

@@ -66,22 +66,24 @@ class BoundLayout:
         """The degree of every axis the spec declares (1 where not given)."""
         return {a: int(self.degrees.get(a, 1)) for a in self.spec.axes}
 
-    def rank_fragments(self, shapes: Mapping[str, Sequence[int]], coords: Mapping[str, int]) -> list:
-        """Every fragment (``ucp.plan.Fragment``) the rank at ``coords`` holds, in ``shapes`` order."""
-        from ucp.plan import rank_fragments
+    def rank_fragments(self, shapes: Mapping[str, Sequence[int]], coords: Mapping[str, int],
+                       state: str | None = None) -> list:
+        """Every fragment (``ucp.plan.Fragment``) the rank at ``coords`` holds of ``state``
+        (None: the rules' main pipelines), in ``shapes`` order (``BoundSpec.fragments``)."""
+        return self.bound.fragments(shapes, dict(coords), state=state)
 
-        rules = {n: self.matches[n].rule for n in shapes}
-        return rank_fragments(rules, shapes, dict(self.degrees), dict(coords),
-                              local_name=self.bound.local_name,
-                              captures=lambda n: self.matches[n].captures)
-
-    def fragments_by_param(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, list]:
+    def fragments_by_param(self, shapes: Mapping[str, Sequence[int]], state: str | None = None) -> dict[str, list]:
         """The fragments of every rank of the mesh, grouped by parameter (rank order)."""
         out: dict[str, list] = {n: [] for n in shapes}
         for coords in self.mesh():
-            for f in self.rank_fragments(shapes, coords):
+            for f in self.rank_fragments(shapes, coords, state):
                 out[f.name].append(f)
         return out
+
+    def own_states(self, names: Sequence[str]) -> list[str]:
+        """The states some rule of ``names`` lays out with a pipeline of their own
+        (``state exp_avg, exp_avg_sq = ...``); every other state follows the main one."""
+        return sorted({st for n in names for st, _ in self.matches[n].rule.states})
 
     def param_meta(self, name: str, shape: Sequence[int]) -> dict:
         """Per-parameter metadata the rule implies: its origin, parts, padding, frozen, tied."""

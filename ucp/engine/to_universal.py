@@ -30,26 +30,46 @@ def convert(source, dst, *, workers: int | None = None, resume: bool = False, ov
     interrupted conversion into ``dst`` (chunks already written and checked are kept);
     ``overwrite`` replaces an existing ``dst``. The source is closed at the end.
     """
-    from ucp.engine.jobs import torchrun_rank
+    from ucp.engine.jobs import failure_text, torchrun_rank
 
     try:
-        layout = source.layout()
-        check_layout(layout)
         job = torchrun_rank()
+        layout = _describe(source, job)
         mine = _my_params(layout, job)
         writer = _open_writer(dst, job, workers=workers, resume=resume, overwrite=overwrite,
                               storage_options=storage_options)
         failure = None
         try:
-            write_params(writer, source, layout, [p for p in layout.params if p.name in mine], progress)
+            shown = progress and (job is None or job[0] == 0)  # one bar per job, not per process
+            write_params(writer, source, layout, [p for p in layout.params if p.name in mine], shown)
         except Exception as e:
             if job is None:
                 writer.abort()
                 raise
-            failure = f"{type(e).__name__}: {e}"
+            failure = failure_text(e)
         _commit(writer, job, conversion_metadata(source, layout), failure, [p.name for p in layout.params])
     finally:
         source.close()
+
+
+def _describe(source, job):
+    """The source's checked layout; under torchrun the processes agree on it first, so that
+    one process failing here (a file only it cannot read) fails them all instead of leaving
+    the others waiting at the commit."""
+    from ucp.engine.jobs import agree, failure_text
+
+    if job is None:
+        layout = source.layout()
+        check_layout(layout)
+        return layout
+    layout, failure = None, None
+    try:
+        layout = source.layout()
+        check_layout(layout)
+    except Exception as e:
+        failure = failure_text(e)
+    agree(failure, f"convert from {source.name} (reading the layout)")
+    return layout
 
 
 def check_layout(layout) -> None:
@@ -96,6 +116,9 @@ def _open_writer(dst, job, *, workers, resume, overwrite, storage_options):
                                  **options)
     from ucp.format import create_distributed
 
+    if overwrite:
+        raise UcpError(f"{dst}: overwrite cannot be used under torchrun (the processes would race to "
+                       "clear it); remove it once before starting the job")
     return create_distributed(dst, storage_options=storage_options, resume=resume, **options)
 
 

@@ -48,7 +48,7 @@ class SourceParam:
     state_fragments: Mapping[str, Sequence[Any]] = field(default_factory=dict)  # ... unless overridden
     scalars: Mapping[str, Any] = field(default_factory=dict)   # e.g. {"step": 3}
     meta: Mapping[str, Any] = field(default_factory=dict)      # FORMAT.md keys: rule, parts, padding,
-    #                                   frozen, tied_to (the engine adds fragmentation and scalars)
+    #     frozen, tied_to; other JSON keys are kept as given (the engine adds fragmentation and scalars)
 
     def fragments_of(self, state: str) -> Sequence[Any]:
         """The fragments that hold ``state`` of this parameter."""

@@ -91,13 +91,18 @@ class RanksSource(Source):
         shapes = {p["name"]: tuple(p["shape"]) for p in layout["params"]}
         bound = bind_layout(spec, list(shapes), layout["degrees"], layout.get("constants", {}))
         self._check_files(layout, bound.mesh())
+        self._check_rules(bound, shapes)
+        kept = [p for p in layout["params"] if not bound.matches[p["name"]].rule.skip]
+        shapes = {p["name"]: shapes[p["name"]] for p in kept}
         self._mesh_axes = tuple(a for a in spec.axes if int(bound.degrees.get(a, 1)) > 1)
         frags = bound.fragments_by_param(shapes)
+        by_state = {st: bound.fragments_by_param(shapes, st) for st in bound.own_states(list(shapes))}
         params = [SourceParam(name=p["name"], shape=shapes[p["name"]],
                               dtypes={st: torch_dtype(dn) for st, dn in p["dtypes"].items()},
                               fragments=frags[p["name"]], scalars=p.get("scalars") or {},
+                              state_fragments={st: f[p["name"]] for st, f in by_state.items() if st in p["dtypes"]},
                               meta=bound.param_meta(p["name"], shapes[p["name"]]))
-                  for p in layout["params"]]
+                  for p in kept]
         metadata = load_rank_file(self.path / layout["metadata_file"]) if layout.get("metadata_file") else {}
         return SourceLayout(params=params, metadata=metadata, spec_name=spec.filename, spec_text=spec.text,
                             degrees=bound.axis_degrees(), constants=bound.constants)
@@ -108,6 +113,15 @@ class RanksSource(Source):
         if expected != listed:
             raise RanksError(f"{self.path}: {LAYOUT_FILE} lists rank files {sorted(listed)} but degrees "
                              f"{layout['degrees']} need {sorted(expected)}")
+
+    def _check_rules(self, bound, shapes) -> None:
+        """Parameters ``with skip`` are left out on purpose; ``with tied(...)`` aliases are
+        refused clearly (the planner gives them no tensor of their own; not supported by the
+        rank-files plug-ins yet)."""
+        tied = sorted(n for n in shapes if bound.matches[n].rule.tied)
+        if tied:
+            raise RanksError(f"{self.path}: parameters {', '.join(tied)} have rules `with tied(...)`, which "
+                             "the rank-files source does not support yet; convert with a spec without them")
 
     def file_of(self, fragment) -> str:
         """The rank file that holds ``fragment``."""
@@ -137,8 +151,8 @@ class RanksSource(Source):
 
 
 def load_ranks_full(src) -> dict[str, dict[str, torch.Tensor]]:
-    """Assemble rank files back into full tensors ``{state: {name: tensor}}``, checking
-    coverage and averaging replicas by the one rule (``ucp.plan.assemble``)."""
+    """Assemble rank files back into full tensors ``{state: {name: tensor}}``: coverage checked
+    once by the engine's rule, replicas averaged by the one rule (``ucp.plan.assemble``)."""
     from ucp.engine import check_layout
     from ucp.plan import assemble
 
@@ -151,7 +165,7 @@ def load_ranks_full(src) -> dict[str, dict[str, torch.Tensor]]:
             for state, dtype in p.dtypes.items():
                 frags = p.fragments_of(state)
                 items = [(f, source.local(f, state)) for f in frags]
-                out.setdefault(state, {})[p.name] = assemble(p.shape, dtype, items)
+                out.setdefault(state, {})[p.name] = assemble(p.shape, dtype, items, check=False)
         return out
     finally:
         source.close()

@@ -45,7 +45,9 @@ class RanksTarget(Target):
         self._bound = bind_layout(spec, names, self.degrees, constants)
         found = {st for n in names for st in checkpoint.states(n)}
         self._states = sorted(found, key=lambda s: (s != "param", s))
-        units = [TargetUnit(key=rank_file_name(c), coords=c, fragments=self._bound.rank_fragments(shapes, c))
+        own = self._bound.own_states(names)
+        units = [TargetUnit(key=rank_file_name(c), coords=c, fragments=self._bound.rank_fragments(shapes, c),
+                            state_fragments={st: self._bound.rank_fragments(shapes, c, st) for st in own})
                  for c in self._bound.mesh()]
         self._made_dst = not self.dst.exists()
         self.dst.mkdir(parents=True, exist_ok=True)
