@@ -40,7 +40,7 @@ def spawn(path, value, **kw):
 
 
 def finish(p, cmd):
-    out, err = p.communicate(cmd + "\n", timeout=120)
+    out, err = p.communicate(cmd + "\n", timeout=300)
     assert p.returncode == 0, err
     return out
 
@@ -54,7 +54,7 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
             create_checkpoint(path, **kw)
     b = spawn(path, 2)
     assert b.stdout.readline().startswith("refused WriterLockedError")
-    b.communicate(timeout=120)
+    b.communicate(timeout=300)
     assert finish(a, "commit").endswith("committed\n")
     ck = open_checkpoint(path)
     assert all(torch.equal(ck.read(f"p{i}"), torch.full((8, 8), 1.0)) for i in range(4))  # one writer's values
@@ -81,7 +81,7 @@ def test_lock_of_a_killed_writer_is_stale_and_taken_over(tmp_path):
     holder = json.loads((path / "ucp.lock").read_text())
     assert holder["pid"] == a.pid and holder["writer_id"]
     a.send_signal(signal.SIGKILL)
-    a.communicate(timeout=60)
+    a.communicate(timeout=300)
     assert a.returncode == -signal.SIGKILL
     with pytest.raises(NotCommittedError):
         open_checkpoint(path)
@@ -120,3 +120,11 @@ def test_object_store_writer_checks_its_marker_before_commit(tmp_path):
     assert not fs.exists(f"{root}/ucp.manifest.json")
     w.abort()
     fs.rm(f"/ucp-lock-test/{tmp_path.name}", recursive=True)
+
+
+def test_a_file_in_the_way_is_a_clear_error(tmp_path):
+    from ucp.errors import UcpError
+
+    (tmp_path / "f").write_bytes(b"x")
+    with pytest.raises(UcpError, match=r"exists and is a file, not a checkpoint directory"):
+        create_checkpoint(tmp_path / "f")

@@ -85,7 +85,7 @@ def spawn(path, rank, world, mode, **kw):
 def run_all(path, world, mode, **kw):
     procs = [spawn(path, r, world, mode, **kw) for r in range(world)]
     for p in procs:
-        out, err = p.communicate(timeout=60)
+        out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
         assert "part done" in out
 
@@ -146,11 +146,11 @@ def test_sigkilled_rank_resumes_and_commits(tmp_path):
     victim = spawn(path, 1, 3, "disjoint", hold=True)
     others = [spawn(path, r, 3, "disjoint") for r in (0, 2)]
     for p in others:
-        out, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     assert victim.stdout.readline() == "wrote layers.0.b\n"  # one param done; now blocked on stdin
     victim.send_signal(signal.SIGKILL)
-    out, _err = victim.communicate(timeout=60)
+    out, _err = victim.communicate(timeout=300)
     assert victim.returncode == -signal.SIGKILL
     assert "wrote" not in out and "part done" not in out  # killed before its second param: mid-write
     assert not (path / "_ucp" / "parts" / "1.json").exists()
@@ -161,7 +161,7 @@ def test_sigkilled_rank_resumes_and_commits(tmp_path):
     first = path / "layers.0.b" / "param" / "c" / "0"  # rank 1's first param, written before "wrote"
     os.utime(first, ns=(1, 1))  # a rewrite would set the current time
     p = spawn(path, 1, 3, "disjoint", resume=True)
-    out, err = p.communicate(timeout=120)
+    out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     assert first.stat().st_mtime_ns == 1  # adopted, not rewritten
     commit_parts(path, 3)

@@ -165,7 +165,7 @@ class ArrayWriter:
             self._owner.run_jobs(self, jobs)
 
     def write_flat(self, start: int, tensor: torch.Tensor) -> None:
-        """Write a 1-D ``tensor`` as the C-order flat range [start, start + numel) (ZeRO/FSDP fragments)."""
+        """Write a 1-D ``tensor`` as the C-order flat range [start, start + numel) (fragments of flat-partitioned state)."""
         if tensor.dim() != 1:
             raise UcpError(f"{self.where}: write_flat needs a 1-D tensor, got shape {tuple(tensor.shape)}")
         t = tensor.contiguous()

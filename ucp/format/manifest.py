@@ -9,6 +9,7 @@ checked here, before any of it is used and before anything is allocated.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import crc32c
 
 from ucp.errors import FormatError, NotCommittedError
-from ucp.format import dtypes
+from ucp.format import dtypes, shard
 from ucp.format.layout import CRC_BYTES, array_doc, canonical, chunk_key, doc_bytes
 from ucp.plan.grid import ChunkGrid
 
@@ -115,7 +116,7 @@ class ManifestArray:
     def itemsize(self) -> int:
         return dtypes.itemsize(self.dtype)
 
-    @property
+    @functools.cached_property
     def grid(self) -> ChunkGrid:
         return ChunkGrid(self.shape, self.chunks)
 
@@ -125,8 +126,6 @@ class ManifestArray:
 
     def chunk_file_size(self, idx) -> int:
         """The size every valid chunk or shard file ``idx`` has (a function of the geometry alone)."""
-        from ucp.format import shard
-
         if self.inner_chunks is None:
             return self.grid_chunk_nbytes + CRC_BYTES
         return shard.file_size(self.shape, self.chunks, self.inner_chunks, idx, self.itemsize)
@@ -141,6 +140,10 @@ class ManifestArray:
     def doc(self) -> dict:
         """The array's ``zarr.json`` document (what the manifest's ``files`` record must match)."""
         return array_doc(self.shape, self.chunks, self.dtype, inner=self.inner_chunks)
+
+    def doc_record(self) -> tuple[int, int]:
+        """``(size, crc32c)`` of the array's ``zarr.json`` bytes (cached per geometry: layers repeat)."""
+        return _doc_record(self.shape, self.chunks, self.dtype, self.inner_chunks)
 
     def to_json(self) -> dict:
         rec = {"path": self.path, "dtype": self.dtype, "storage_dtype": self.storage_dtype,
@@ -305,10 +308,15 @@ class Manifest:
         for what, a in self.arrays():
             rel = f"{a.path}/zarr.json"
             rec = self.files.get(rel)
-            data = doc_bytes(a.doc())
-            if rec is None or tuple(rec) != (len(data), crc32c.crc32c(data)):
+            if rec is None or tuple(rec) != a.doc_record():
                 raise FormatError(f"{where}: {what}: {rel} is not recorded in 'files' as the document its "
                                   "shape, chunks and dtype imply (the manifest contradicts its zarr.json)")
+
+
+@functools.lru_cache(maxsize=4096)
+def _doc_record(shape, chunks, dtype, inner):
+    data = doc_bytes(array_doc(shape, chunks, dtype, inner=inner))
+    return len(data), crc32c.crc32c(data)
 
 
 def _check_files(files, where) -> dict:

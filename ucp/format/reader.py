@@ -75,6 +75,7 @@ class Checkpoint:
             raise manifest.not_committed(path) from None
         self.catalog = manifest.load(raw, f"{path}/{MANIFEST}")
         self._params = {p.name: p for p in self.catalog.params}
+        self._manifest_json = None
         self._arrays: dict[tuple, _Array] = {}
         self._metadata = None
         self._meta_loaded = False
@@ -90,7 +91,9 @@ class Checkpoint:
     @property
     def manifest(self) -> dict:
         """The manifest as JSON (``catalog`` is the typed, checked form)."""
-        return self.catalog.to_json()
+        if self._manifest_json is None:
+            self._manifest_json = self.catalog.to_json()
+        return self._manifest_json
 
     # -- catalogue ---------------------------------------------------------------------------
     @property
@@ -239,7 +242,7 @@ class Checkpoint:
         return ahead, counts
 
     def read_flat(self, name, state, start, stop, out=None) -> torch.Tensor:
-        """Elements [start, stop) of the C-order flattened array, as a 1-D tensor (ZeRO/FSDP ranges).
+        """Elements [start, stop) of the C-order flattened array, as a 1-D tensor (flat-partitioned ranges).
 
         Reads only the chunks the range touches, straight into ``out``."""
         a = self._array(name, state)

@@ -11,6 +11,7 @@ one array. spec/FORMAT.md §4.3 is normative.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -18,6 +19,7 @@ import crc32c
 import numpy as np
 
 from ucp.format.layout import CRC_BYTES
+from ucp.plan.grid import ChunkGrid
 
 EMPTY = (1 << 64) - 1
 ENTRY_BYTES = 16
@@ -68,6 +70,7 @@ def index_nbytes(shard, inner):
     return n_inner(shard, inner) * ENTRY_BYTES + CRC_BYTES
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def file_size(shape, shard, inner, sidx, itemsize):
     """Size of the (only valid) file of shard ``sidx``: its present inner chunks plus the index."""
     _it, lim = present(shape, shard, inner, sidx)
@@ -99,13 +102,10 @@ def present_positions(shape, shard, inner, sidx):
 
 
 def present(shape, shard, inner, sidx):
-    """Local inner indices (C order) of shard ``sidx`` that intersect the array."""
-    ig = inner_grid(shard, inner)
-    lim = []
-    for d, (n, s, c, g) in enumerate(zip(shape, shard, inner, ig)):
-        valid = min(s, n - sidx[d] * s)
-        lim.append(min(g, -(-valid // c)) if valid > 0 else 0)
-    return itertools.product(*(range(k) for k in lim)), tuple(lim)
+    """Local inner indices (C order) of shard ``sidx`` that intersect the array, and their extent per dim."""
+    valid = ChunkGrid(shape, shard).valid_shape(sidx)
+    lim = tuple(min(g, n) for g, n in zip(inner_grid(shard, inner), ChunkGrid(valid, inner).grid))
+    return itertools.product(*(range(k) for k in lim)), lim
 
 
 def linear(local, ig):

@@ -99,6 +99,8 @@ class CheckpointWriter:
         self._meta_n = 0
         self.closed = False
         self.committed = False
+        if (self.store.describe_root() or "").startswith("it is a file"):
+            raise UcpError(f"{path} exists and is a file, not a checkpoint directory")
         self.writer_lock = WriterLock(self.store, self.lock_rel(), path, self)
         self.writer_lock.acquire()
         try:

@@ -8,6 +8,7 @@ Pure integer arithmetic, no I/O.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -31,12 +32,12 @@ class ChunkGrid:
         if any(c < 1 for c in self.chunks):
             raise ValueError(f"chunk extents must be positive, got {self.chunks}")
 
-    @property
+    @functools.cached_property
     def grid(self) -> tuple[int, ...]:
         """Number of chunks along each dimension."""
         return tuple(-(-s // c) for s, c in zip(self.shape, self.chunks))
 
-    @property
+    @functools.cached_property
     def nchunks(self) -> int:
         return math.prod(self.grid)
 
