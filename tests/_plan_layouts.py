@@ -121,6 +121,12 @@ def layout_st(draw, shapes=None, max_params=3, degrees=None):
         grouped = set(draw(st.lists(st.sampled_from(names), min_size=2, unique=True)))
     g_align = draw(st.integers(1, 3))
     g_palign = draw(st.integers(1, 4))
+    # the group's layout: concatenation partitioned (buffer) or per-member partitions
+    # concatenated (each), buckets, member order, stripped padding
+    g_partition = draw(st.sampled_from(["buffer", "each"]))
+    g_extra = dict(partition=g_partition, bucket=draw(st.sampled_from([0, 1, 5, 17])),
+                   order=draw(st.sampled_from(["model", "reverse", "round_robin"])),
+                   strip=g_partition == "buffer" and draw(st.booleans()))
     rules = {}
     for n in names:
         if n in grouped:
@@ -128,7 +134,7 @@ def layout_st(draw, shapes=None, max_params=3, degrees=None):
                                         "shard_shard_diff", "replicate", "none"]))
             ops = draw_ops(draw, shapes[n], deg, pre)
             ops = [o for o in ops if not isinstance(o, Flat)] + [Flat("dp", group="g0", align=g_align,
-                                                                      param_align=g_palign)]
+                                                                      param_align=g_palign, **g_extra)]
         else:
             ops = draw_ops(draw, shapes[n], deg)
         rules[n] = BoundRule(pattern=n, local="L." + n, ops=tuple(ops), origin=f"test:{n}")

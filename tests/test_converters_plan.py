@@ -59,12 +59,12 @@ CONSTS = {"layers": L, "heads": H, "kv_heads": KV, "head_dim": HD, "experts": E,
 def _layout(spec, shapes, degrees, consts):
     bound = spec.bind(degrees=degrees, constants={k: v for k, v in consts.items()
                                                   if k in spec.constants_needed or k in spec.constants})
-    matches = bound.resolve(list(shapes))
+    matches = bound.resolve(list(shapes), shapes)
     rules = {n: m.rule for n, m in matches.items()}
     out = {}
-    for coords in mesh_coords({a: degrees.get(a, 1) for a in spec.axes}):
+    for coords in bound.mesh():      # every rank, second decompositions (edp, ep, etp) included
         out[tuple(sorted(coords.items()))] = rank_fragments(
-            rules, shapes, degrees, coords, local_name=bound.local_name,
+            rules, shapes, bound.degrees, coords, local_name=bound.local_name,
             captures=lambda n: matches[n].captures)
     return bound, out
 
@@ -117,7 +117,7 @@ def test_megatron_gpt_dense(deg_a, deg_b):
         assert layers == set(range(c["pp"] * L // pp, (c["pp"] + 1) * L // pp))
         for f in frs:
             if f.name.startswith("decoder.layers."):
-                local_i = int(f.local_name.split(".")[2])
+                local_i = int(f.local_name.split(".")[3])      # model{v}.decoder.layers.{i}
                 assert local_i == int(f.name.split(".")[2]) - c["pp"] * L // pp
     # the embedding is padded to a multiple of vocab_multiple * tp and split evenly
     emb = [f for frs in layout.values() for f in frs if f.name == "embedding.word_embeddings.weight"]
@@ -128,7 +128,8 @@ def test_megatron_gpt_dense(deg_a, deg_b):
 
 def test_megatron_gpt_moe_experts_over_ep():
     shapes = megatron_shapes(moe=True)
-    layout = _roundtrip("megatron_gpt", shapes, {"tp": 2, "ep": 2, "pp": 2}, {"tp": 1, "ep": 4, "pp": 1})
+    layout = _roundtrip("megatron_gpt", shapes, {"tp": 2, "ep": 2, "pp": 2},
+                        {"tp": 1, "dp": 4, "ep": 4, "pp": 1})
     for key, frs in layout.items():
         c = dict(key)
         for f in frs:

@@ -105,7 +105,7 @@ def test_split_sizes():
 
 # --------------------------------------------------------------------------- converters
 ALL = sorted(p.stem for p in CONVERTERS.glob("*.ucp"))
-DEGREES = [{}, {"tp": 2, "pp": 2, "dp": 4, "ep": 2}, {"tp": 2, "pp": 4, "dp": 3, "ep": 4},
+DEGREES = [{}, {"tp": 2, "pp": 2, "dp": 4, "ep": 2}, {"tp": 2, "pp": 4, "dp": 2, "ep": 4},
            {"tp": 1, "pp": 1, "dp": 8}]
 
 
@@ -202,38 +202,47 @@ def test_deepspeed_layouts():
 
 def test_megatron_gpt_layout():
     spec = load("megatron_gpt")
-    assert spec.axes == ("tp", "pp", "dp", "ep")
+    assert spec.axes == ("tp", "pp", "dp", "edp", "ep", "etp")
     assert spec.constants_needed == ("layers", "heads", "kv_heads", "head_dim")
     b = spec.bind({"tp": 2, "pp": 2, "ep": 2}, MODEL)
+    assert b.degrees["edp"] == 1 and b.degrees["etp"] == 1       # ep x etp x edp = dp x tp
     m = b.resolve(llama_names(hf=False))
     qkv = m["decoder.layers.3.self_attention.linear_qkv.weight"].rule
     assert qkv.ops == (Parts(0, ("q", "k", "v"), (128, 32, 32), 2), Shard(0, "tp", "even"))
-    assert qkv.renumber == (Renumber("i", "pp", 4, "even"),)
+    assert qkv.renumber == (Renumber("i", "pp", 4, "even", chunk="v"),)
+    assert qkv.states == ()                                      # no distributed optimizer
     assert m["decoder.layers.3.mlp.linear_fc1.weight"].rule.ops == \
         (Parts(0, ("gate", "up")), Shard(0, "tp", "even"))
     assert m["decoder.layers.3.mlp.linear_fc2.weight"].rule.ops == (Shard(1, "tp", "even"),)
     assert m["decoder.layers.3.self_attention.linear_proj.weight"].rule.ops == (Shard(1, "tp", "even"),)
     assert m["decoder.layers.0.mlp.linear_fc1.layer_norm_weight"].rule.ops == (Replicate("tp"),)
     emb = m["embedding.word_embeddings.weight"].rule
-    assert emb.ops == (Pad(0, 256), Shard(0, "tp", "even")) and ("first", "pp") in emb.attrs
+    assert emb.ops == (Pad(0, 256, keep=True), Shard(0, "tp", "even")) and ("first", "pp") in emb.attrs
     assert ("last", "pp") in m["output_layer.weight"].rule.attrs
     assert b.holds("output_layer.weight", {"pp": 1}) and not b.holds("output_layer.weight", {"pp": 0})
     assert b.local_name("decoder.layers.3.mlp.linear_fc2.weight", {"pp": 1}) == \
-        "decoder.layers.1.mlp.linear_fc2.weight"
-    # MoE, both expert layouts
+        "model0.decoder.layers.1.mlp.linear_fc2.weight"
+    # MoE, both expert layouts, experts over etp
     seq = "decoder.layers.2.mlp.experts.local_experts.3.linear_fc1.weight"
-    assert b.match(seq).rule.renumber == (Renumber("i", "pp", 4, "even"), Renumber("e", "ep", 4, "even"))
-    assert b.local_name(seq, {"pp": 1, "ep": 1}) == "decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight"
+    assert b.match(seq).rule.renumber == (Renumber("i", "pp", 4, "even", chunk="v"),
+                                          Renumber("e", "ep", 4, "even"))
+    assert b.local_name(seq, {"pp": 1, "ep": 1}) == \
+        "model0.decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight"
     grouped = "decoder.layers.2.mlp.experts.linear_fc2.weight3"
-    assert b.local_name(grouped, {"pp": 1, "ep": 1}) == "decoder.layers.0.mlp.experts.linear_fc2.weight1"
-    assert b.match(grouped).rule.ops == (Shard(1, "tp", "even"),)
+    assert b.local_name(grouped, {"pp": 1, "ep": 1}) == "model0.decoder.layers.0.mlp.experts.linear_fc2.weight1"
+    assert b.match(grouped).rule.ops == (Shard(1, "etp", "even"),)
     assert b.match("decoder.layers.2.mlp.router.weight").rule.ops == (Replicate("tp"),)
-    assert ("skip", True) in b.match("decoder.layers.2.self_attention.linear_qkv._extra_state").rule.attrs
+    assert b.match("decoder.layers.2.self_attention.linear_qkv._extra_state").rule.skip
     # GQA groups must divide over tp; layers over pp
     with pytest.raises(SpecError, match="groups"):
         spec.bind({"tp": 4}, MODEL)
     with pytest.raises(SpecError, match="not divisible by pp=3"):
         spec.bind({"pp": 3}, MODEL)
+    # the distributed optimizer gives the optimizer states their own layout
+    d = spec.bind({"dp": 3}, {**MODEL, "distributed_optimizer": 1, "bucket_size": 1000})
+    st = dict(d.match("decoder.layers.0.mlp.linear_fc2.weight").rule.states)
+    assert set(st) == {"param", "exp_avg", "exp_avg_sq"}
+    assert st["param"][-1] == Flat("dp", "dense.{v}", 128, 64, "buffer", 1000, "reverse")
 
 
 # --------------------------------------------------------------------------- renames

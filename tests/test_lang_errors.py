@@ -1,4 +1,5 @@
 """Syntax and semantic errors: SpecError with file:line:col, an 'expected' hint and a caret."""
+import warnings
 import re
 from pathlib import Path
 
@@ -256,3 +257,76 @@ def test_dangling_pipe_points_at_the_swallowed_keyword():
     msg = str(e.value)
     assert msg.startswith("t.ucp:4:")
     assert "'param' at 4:1 was read as an op name" in msg and "dangling" in msg
+
+
+# --------------------------------------------------------------------------- found while planning
+PLAN = '''axes tp, dp, pp
+config layers = 4
+param "a" = shard(0, over=tp, sizes=[1, 2])
+param "b" = shard(0, over=tp, split=even)
+param "c" = parts(q, k, dim=0, sizes=[2, 3])
+param "d" = shard(1, over=tp)
+param "l.{i}.w" = layers(i, over=pp, count=layers)
+param "g1" = flat(over=dp, group=g, align=2)
+param "g2" = flat(over=dp, group=g, align=4)
+'''
+PLAN_ERRORS = [
+    # (shapes, line, col, fragment): the caret points at the op
+    ({"a": (4,)}, 3, 13, "sizes (1, 2) do not add up to 4"),
+    ({"b": (5,)}, 4, 13, "even split of 5 over 2 ranks does not divide"),
+    ({"c": (6,)}, 5, 13, "sizes [2, 3] sum to 5, but dim 0 is of size 6"),
+    ({"d": (4,)}, 6, 13, "shard on dim 1 of a 1-d tensor"),
+    ({"l.7.w": (2,)}, 7, 19, "{i} = 7 is outside pp renumbering (count=4)"),
+    ({"g1": (3,), "g2": (3,)}, 9, 14, "flat group 'g': g2 has flat("),
+]
+
+
+@pytest.mark.parametrize("shapes,line,col,frag", PLAN_ERRORS)
+def test_errors_found_while_planning_are_spec_errors(shapes, line, col, frag):
+    """Issue 15 item 9: sizes that do not add up, an even split that does not divide, parts
+    vs the dimension, a dim out of range, a layer beyond count, a group whose members
+    disagree: SpecError (and PlanError) at file:line:col with a caret under the op."""
+    from ucp.plan import PlanError
+
+    bound = parse(PLAN, "t.ucp").bind({"tp": 2, "dp": 2, "pp": 2})
+    with pytest.raises(SpecError) as ei:
+        bound.fragments(shapes, {"tp": 0, "dp": 0, "pp": 0})
+    e = ei.value
+    assert isinstance(e, PlanError)
+    assert (e.line, e.column) == (line, col), str(e)
+    assert str(e).startswith(f"t.ucp:{line}:{col}: ") and frag in str(e), str(e)
+    lines = str(e).splitlines()
+    assert lines[-1].index("^") - 4 == col - 1 and lines[-2].strip() == PLAN.splitlines()[line - 1].strip()
+
+
+def test_end_of_input_in_a_file_ending_with_newlines_shows_the_last_line():
+    e = err('axes tp\nparam "a" = shard(0, over=tp\n\n\n')
+    assert (e.line, e.column) == (2, 29)
+    assert str(e).splitlines()[-2].strip() == 'param "a" = shard(0, over=tp'
+
+
+def test_shadowed_rule_warns_with_caret():
+    from ucp.lang import SpecWarning
+
+    with pytest.warns(SpecWarning, match=r'w.ucp:3:1: rule "model.a.{i:int}" is shadowed by the '
+                                         r'earlier rule "model.\*\*"') as rec:
+        spec = parse('param "x"\nparam "model.**"\nparam "model.a.{i:int}"\n'
+                     'param "y.{p:q|k}"\nparam "y.q"\n', "w.ucp")
+    assert len(spec.warnings) == 2 and str(rec[0].message).splitlines()[-1].strip() == "^"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse('param "model.a.{i:int}"\nparam "model.**"\nparam "{x}.w"\nparam "a.{i:int}.w"\n')
+
+
+@pytest.mark.parametrize("text,frag", [
+    ('axes tp\nparam "a" = shrd(0, over=tp)', "unknown op 'shrd' (did you mean 'shard'?)"),
+    ('axes tp, pp\nparam "a" = shard(0, over=ppp)', "unknown axis 'ppp' (did you mean 'pp'?)"),
+    ('axes tp\nparam "a" = shard(0, ovr=tp)', "no argument 'ovr' (did you mean 'over'?)"),
+    ('axes tp\nparam "a" with frozn', "unknown attribute 'frozn' (did you mean 'frozen'?)"),
+    ('config layers\nparam "a" = pad(0, multiple=layer)', "unknown variable 'layer' (did you mean 'layers'?)"),
+    ('param "a" = pad(0, multiple=lcn(2, 3))', "unknown function 'lcn' (did you mean 'lcm'?)"),
+    ('axes dp\nparam "a" = flat(over=dp, group=g, order=revers)', "unknown order (did you mean 'reverse'?)"),
+    ('axes dp\nparam "a" where ndims < 2 = flat(over=dp)', "unknown variable 'ndims' (did you mean 'ndim'?)"),
+])
+def test_typos_get_did_you_mean(text, frag):
+    assert frag in str(err(text))

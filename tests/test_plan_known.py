@@ -329,3 +329,37 @@ def test_scalars_and_empty_tensors():
     assert assemble((0, 3), e.dtype, [(f, split(e, f)) for f in frs]).shape == (0, 3)
     with pytest.raises(CoverageError):
         assemble((2,), torch.float32, [])
+
+
+# ------------------------------------------------------------------ skip / tied / frozen / ends
+def test_skip_tied_frozen_and_both_ends_have_meaning():
+    """Issue 15 item 6: skip gives no fragments; a tied name's copy is named after the tensor it
+    is tied to (replicas on convert) and absent from flat layouts; frozen parameters leave
+    flat groups (buffer: whole, each: their own partition); first(pp), last(pp) = both ends."""
+    from ucp.lang import parse
+
+    spec = parse('''axes pp, dp
+param "skipped" with skip
+param "emb" = flat(over=dp, group=g) state model = replicate(over=dp) with first(pp), last(pp)
+param "head" = flat(over=dp, group=g) state model = replicate(over=dp) with tied("emb"), last(pp)
+param "w" = flat(over=dp, group=g)
+param "e.{i}" = flat(over=dp, group=h, partition=each)
+''', "s.ucp")
+    b = spec.bind({"pp": 2, "dp": 2})
+    shapes = {"skipped": (3,), "emb": (4, 2), "head": (4, 2), "w": (5,), "e.0": (3,), "e.1": (4,)}
+    for pp in (0, 1):
+        frags = b.fragments(shapes, {"pp": pp, "dp": 1}, frozen=["w", "e.1"])
+        names = [f.name for f in frags]
+        assert "skipped" not in names and not b.holds("skipped", {"pp": pp})
+        assert names.count("emb") == 1 and "head" not in names       # tied: not in the group
+        g = next(f for f in frags if f.name == "emb")
+        assert g.local_name == "g" and g.local_shape == (4,)          # emb alone in group g
+        w = next(f for f in frags if f.name == "w")
+        assert w.group is None and w.local_shape == (5,)              # frozen, buffer group: whole
+        e1 = next(f for f in frags if f.name == "e.1")
+        assert e1.group is None and e1.local_shape == (2,)            # frozen, each group: own part
+        assert next(f for f in frags if f.name == "e.0").local_shape == (2,)
+        model = b.fragments(shapes, {"pp": pp, "dp": 0}, state="model")
+        copies = [f for f in model if f.tied_from == "head"]
+        assert [(f.name, f.local_name) for f in copies] == ([("emb", "head")] if pp == 1 else [])
+        assert [f.local_name for f in model if f.name == "emb" and f.tied_from is None] == ["emb"]

@@ -109,3 +109,52 @@ def test_plan_reads_reports_missing_region(layout):
     with pytest.raises(CoverageError) as ei:
         plan_reads(rest, want)
     assert torch.equal(_mask(shapes[n], ei.value.holes), _mask(shapes[n], [p.src for p in v.pieces]))
+
+
+# ------------------------------------------------------------------ placement, per-state layouts
+@given(st.integers(0, 40), st.integers(1, 5), st.integers(1, 4), st.sampled_from(["chunk", "tensor_split", "even", "sizes"]),
+       st.data())
+@settings(max_examples=300, deadline=None)
+def test_placement_with_virtual_chunks_is_a_bijection(count, k, chunks, split_, data):
+    """Every item lives on exactly one (rank, chunk, local index), consecutive in its chunk,
+    and global_index inverts locate (ucp.plan.placement, the one placement rule)."""
+    from ucp.plan import Renumber
+    from ucp.plan.placement import chunk_sizes, global_index, locate
+
+    n = k * chunks
+    if split_ == "even" and count % n:
+        split_ = "tensor_split"
+    sizes = None
+    if split_ == "sizes":
+        cuts = sorted(data.draw(st.lists(st.integers(0, count), min_size=n - 1, max_size=n - 1)))
+        sizes = tuple(b - a for a, b in zip([0] + cuts, cuts + [count]))
+    r = Renumber("i", "pp", count, split_, sizes, chunks=chunks, chunk="v" if chunks > 1 else None)
+    seen = set()
+    for i in range(count):
+        loc = locate(r, i, k)
+        assert 0 <= loc.rank < k and 0 <= loc.chunk < chunks
+        assert global_index(r, k, loc.rank, loc.chunk, loc.local) == i
+        seen.add((loc.rank, loc.chunk, loc.local))
+    assert len(seen) == count
+    per = chunk_sizes(r, k)
+    assert sum(per) == count
+    for rank in range(k):
+        for c in range(chunks):
+            assert global_index(r, k, rank, c, per[c * k + rank]) is None
+
+
+@given(layout_st(), st.data())
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_per_state_layouts_plan_each_state_on_its_own(layout, data):
+    """A rule with its own pipeline for a state plans that state exactly like a rule whose
+    main pipeline is that state's; other states keep the main pipeline."""
+    import dataclasses
+
+    from ucp.plan import mesh_coords, rank_fragments
+    rules_a, shapes, deg = layout
+    rules_b, _, _ = data.draw(layout_st(shapes=shapes, degrees=deg))
+    both = {n: dataclasses.replace(rules_a[n], states=(("exp_avg", rules_b[n].ops),)) for n in shapes}
+    only_b = {n: dataclasses.replace(rules_a[n], ops=rules_b[n].ops) for n in shapes}
+    for c in mesh_coords(deg):
+        assert rank_fragments(both, shapes, deg, c, state="exp_avg") == rank_fragments(only_b, shapes, deg, c)
+        assert rank_fragments(both, shapes, deg, c, state="param") == rank_fragments(rules_a, shapes, deg, c)

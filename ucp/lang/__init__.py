@@ -6,9 +6,9 @@
 
 spec/LANGUAGE.md is the normative description; ucp/grammar/ucp.lark is the grammar.
 """
-from ucp.lang.errors import Pos, SpecError, UnmatchedError
+from ucp.lang.errors import Pos, SpecError, SpecWarning, UnmatchedError
 from ucp.lang.parser import CONVERTERS, GRAMMAR
 from ucp.lang.spec import BoundSpec, Match, Spec, load, parse, split_sizes
 
-__all__ = ["parse", "load", "Spec", "BoundSpec", "Match", "SpecError", "UnmatchedError", "Pos",
+__all__ = ["parse", "load", "Spec", "BoundSpec", "Match", "SpecError", "SpecWarning", "UnmatchedError", "Pos",
            "split_sizes", "CONVERTERS", "GRAMMAR"]

@@ -173,6 +173,7 @@ class StateLayout:
     states: tuple[str, ...]
     ops: tuple[TensorOpNode, ...]
     pos: Pos
+    where: tuple[Cond, ...] = ()   # conditions on constants and degrees (bind time)
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,8 @@ OPS = {
     "experts": _RENUM,
     "renumber": _RENUM,
 }
-ATTRS = {"frozen": "flag", "skip": "flag", "tied": "string", "first": "axis", "last": "axis"}
+ATTRS = {"frozen": "flag", "skip": "flag", "tied": "string", "first": "axis", "last": "axis",
+         "own_bucket": "flag", "copy_of": "string"}
 
 
 # ----------------------------------------------------------------------------- the builder
@@ -339,21 +340,24 @@ class _Builder:
         """``state NAME, ... = PIPELINE``: tensor ops only (names are placed once per rule)."""
         kw, *rest = c.children
         names = [x for x in rest if isinstance(x, Token)]
-        calls = [x for x in rest if isinstance(x, Tree)]
+        calls = [x for x in rest if isinstance(x, Tree) and x.data == "call"]
+        where_c = next((x for x in rest if isinstance(x, Tree) and x.data == "where_clause"), None)
+        where = self.where(where_c, shape=False) if where_c is not None else ()
         ops, renum = self.pipeline(calls, pattern)
         if renum:
             raise self.err(renum[0].pos, f"{renum[0].kind}(...) in a state layout: renumbering "
                                          f"places the name, which is the same for every state; "
                                          f"expected it in the rule's main pipeline")
-        return A.StateLayout(tuple(str(n) for n in names), tuple(ops), _pos(self.file, kw))
+        return A.StateLayout(tuple(str(n) for n in names), tuple(ops), _pos(self.file, kw), where)
 
-    def where(self, c: Tree) -> tuple:
+    def where(self, c: Tree, shape: bool = True) -> tuple:
+        """Conditions; ``shape``: they may use the tensor's ``ndim`` / ``numel``."""
         out = []
         for cond in c.children[1:]:
             left, op, right = cond.children
             ctx = "where condition"
-            out.append(A.Cond(self.expr(left, ctx, shape=True), str(op),
-                              self.expr(right, ctx, shape=True), _pos(self.file, cond)))
+            out.append(A.Cond(self.expr(left, ctx, shape=shape), str(op),
+                              self.expr(right, ctx, shape=shape), _pos(self.file, cond)))
         return tuple(out)
 
     def warn_shadowed(self, rule: A.ParamRule) -> None:

@@ -47,13 +47,19 @@ class Pattern:
     def named(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.captures if not c.name.startswith("*"))
 
-    def regex(self, digits: frozenset[str] = frozenset()) -> "re.Pattern[str]":
-        """Compile; captures named in ``digits`` match ``[0-9]+`` (renumbered indices)."""
+    def regex(self, digits: frozenset[str] = frozenset(), like: Optional["Pattern"] = None
+              ) -> "re.Pattern[str]":
+        """Compile; captures named in ``digits`` match ``[0-9]+`` (renumbered indices).
+        ``like``: the pattern whose capture types an untyped (local) pattern shares, so that
+        ``{m}`` of a local pattern matches the same alternatives (dots included)."""
+        typed = {c.name: c for c in like.captures} if like is not None else {}
         out = []
         for p in self.pieces:
             if isinstance(p, str):
                 out.append(re.escape(p))
                 continue
+            if p.kind == "seg" and p.name in typed and typed[p.name].kind in ("int", "alt"):
+                p = typed[p.name]
             g = _group(p.name)
             if p.kind == "int" or p.name in digits:
                 body = "[0-9]+"

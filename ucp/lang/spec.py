@@ -49,7 +49,8 @@ class _Compiled:
 def _compile(node: A.ParamRule, bound: O.BoundRule) -> _Compiled:
     digits = frozenset(r.capture for r in node.renumber)
     local = node.local or node.pattern
-    return _Compiled(bound, node, node.pattern.regex(digits), local, local.regex(digits))
+    return _Compiled(bound, node, node.pattern.regex(digits), local,
+                     local.regex(digits, like=node.pattern))
 
 
 class Spec:
@@ -192,23 +193,24 @@ def _rule_exprs(r: A.ParamRule):
                 yield e
         for e in getattr(op, "sizes", None) or ():
             yield e
-    for c in r.where:
+    for c in tuple(r.where) + tuple(w for st in r.states for w in st.where):
         yield c.left
         yield c.right
 
 
 def _all_degrees(spec: Spec, degrees: Mapping[str, int]) -> dict[str, int]:
-    """Degrees of every axis; those of a second decomposition not given are derived (at most
-    one per decomposition), and the products of both sides must agree."""
+    """Degrees of every axis. Of a second decomposition's axes not given, the first takes
+    what the given ones leave of the product and the others are 1; the products of both
+    sides must agree."""
     out = {ax: degrees.get(ax, 1) for ax in spec.axes}
     for d in spec.decompositions:
         total = math.prod(out[a] for a in d.of)
         missing = [a for a in d.axes if a not in degrees]
         given = math.prod(out[a] for a in d.axes if a in degrees)
-        if len(missing) == 1 and given and total % given == 0:
-            out[missing[0]] = total // given
         for a in missing[1:]:
             out[a] = 1
+        if missing and given and total % given == 0:
+            out[missing[0]] = total // given
         if math.prod(out[a] for a in d.axes) != total:
             shown = " * ".join(f"{a}={out[a]}" for a in d.axes)
             raise SpecError(d.pos, f"bind: {shown} is not {' * '.join(d.of)} = {total}: the "
@@ -332,9 +334,23 @@ def _bind_shard(op: A.ShardOp, env: _Env, parts: dict):
     return O.Shard(dim, op.axis, op.split, sizes)
 
 
+_BRACED = re.compile(r"\{(\w+)\}")
+
+
+def _group_name(group: Optional[str], env: _Env) -> Optional[str]:
+    """``{name}`` in a group name: a declared name (axis, constant, let) is replaced by its
+    value now; a capture is left for the planner (``group="dense.{v}"``: one buffer per
+    model chunk)."""
+    if group is None:
+        return None
+    declared = set(env.degrees) | set(env.spec.lets) | set(env.spec.configs)
+    return _BRACED.sub(lambda m: str(env.var(A.Var(m.group(1), env.rule.pos)))
+                       if m.group(1) in declared else m.group(0), group)
+
+
 def _bind_flat(op: A.FlatOp, env: _Env, parts: dict):
     bucket = env.value(op.bucket, "flat bucket", 0) if op.bucket is not None else 0
-    return O.Flat(op.axis, op.group, env.value(op.align, "flat align", 1),
+    return O.Flat(op.axis, _group_name(op.group, env), env.value(op.align, "flat align", 1),
                   env.value(op.param_align, "flat param_align", 1), op.partition, bucket,
                   op.order, op.strip)
 
@@ -403,13 +419,16 @@ def _with_source(env: _Env, pos: Pos) -> Pos:
 
 def _bind_rule(r: A.ParamRule, env: _Env) -> O.BoundRule:
     ops = _bind_ops(r.ops, env)
-    states = tuple((name, _bind_ops(st.ops, env)) for st in r.states for name in st.states)
-    positions = [op.pos for op in r.ops] + [op.pos for st in r.states for _ in st.states
+    active = [st for st in r.states
+              if all(_compare(env.eval(w.left), w.op, env.eval(w.right)) for w in st.where)]
+    states = tuple((name, _bind_ops(st.ops, env)) for st in active for name in st.states)
+    positions = [op.pos for op in r.ops] + [op.pos for st in active for _ in st.states
                                             for op in st.ops]
     renumber = tuple(_bind_renumber(rn, env) for rn in r.renumber)
     local = (r.local or r.pattern).text
     return O.BoundRule(r.pattern.text, local, ops, renumber, str(r.pos), tuple(r.attrs), states,
-                       _rule_axes(r, env.spec), tuple(_with_source(env, p) for p in positions))
+                       _rule_axes(r, env.spec), tuple(_with_source(env, p) for p in positions),
+                       tuple(_with_source(env, rn.pos) for rn in r.renumber))
 
 
 class BoundSpec:

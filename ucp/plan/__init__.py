@@ -1,7 +1,11 @@
 """Pure planning, no I/O: fragments, layouts, intersections, coverage checks.
 
 ``ucp.plan.ops`` is the frozen contract with the language; the rest is functions over
-shapes, boxes and flat ranges (plus in-memory ``split`` / ``assemble`` over torch tensors).
+shapes, boxes and flat ranges (plus in-memory ``split`` / ``assemble`` over torch tensors):
+``prepare`` (one function per op), ``flat`` (flat partitions, groups, buckets),
+``placement`` (the one placement rule for layers and experts), ``model`` (Piece, Fragment,
+Read), ``fragments`` (per-rank planning, per state; coverage; resharding reads),
+``replicas`` (the one averaging rule), ``meta`` (per-parameter metadata of a rule).
 """
 from ucp.plan.boxes import (Box, box_flat_range, chunks_intersecting, contiguous_runs, flat_to_boxes,
                             ravel, split_range, split_sizes, union_numel, unravel)

@@ -68,18 +68,25 @@ def _bucket_name(group: str, b: int, flat: Flat) -> str:
     return f"{group}.{b}" if flat.bucket else group
 
 
-def _buffer_buckets(numels: Sequence[int], flat: Flat, degree: int):
+def _buffer_buckets(numels: Sequence[int], flat: Flat, degree: int, alone: Sequence[bool] = ()):
     """``(start, padded stop, unpadded stop, [(member, offset), ...])`` of every bucket of a
     ``buffer`` group, members in buffer order. A bucket ends after the member that brings it
     to ``flat.bucket`` elements counted from the bucket's start (alignment padding included,
-    as Megatron-Core's ``_ParamAndGradBuffer`` counts) and is padded to ``align * degree``."""
+    as Megatron-Core's ``_ParamAndGradBuffer`` counts) and is padded to ``align * degree``.
+    A member with ``alone[i]`` (``with own_bucket``: Megatron's shared embedding) closes the
+    bucket before it and its own bucket after it."""
     unit = int(flat.align) * degree
     out, members, pos, start = [], [], 0, 0
     for i in member_order(len(numels), flat, degree):
         pos = _round_up(pos, flat.param_align)
+        own = bool(alone) and alone[i]
+        if own and members:
+            out.append((start, _round_up(pos, unit), pos, members))
+            pos = start = _round_up(pos, unit)
+            members = []
         members.append((i, pos))
         pos += numels[i]
-        if flat.bucket and pos - start >= flat.bucket:
+        if own or (flat.bucket and pos - start >= flat.bucket):
             out.append((start, _round_up(pos, unit), pos, members))
             pos = start = _round_up(pos, unit)
             members = []
@@ -88,14 +95,16 @@ def _buffer_buckets(numels: Sequence[int], flat: Flat, degree: int):
     return out
 
 
-def buffer_slots(numels: Sequence[int], flat: Flat, degree: int, rank: int) -> list[Slot]:
+def buffer_slots(numels: Sequence[int], flat: Flat, degree: int, rank: int,
+                 alone: Sequence[bool] = ()) -> list[Slot]:
     """``partition="buffer"``: the slot of every member (parameter order) on ``rank``."""
     slots: list = [None] * len(numels)
-    for b, (start, stop, unpadded, members) in enumerate(_buffer_buckets(numels, flat, degree)):
+    buckets = _buffer_buckets(numels, flat, degree, alone)
+    for b, (start, stop, unpadded, members) in enumerate(buckets):
         part = (stop - start) // degree
         lo, hi = start + rank * part, start + (rank + 1) * part
         length = max(0, min(hi, unpadded) - lo) if flat.strip else part
-        name = _bucket_name(flat.group, b, flat)
+        name = f"{flat.group}.{b}" if flat.bucket or any(alone) else flat.group
         for i, off in members:
             a, z = max(lo, off), min(hi, off + numels[i])
             slots[i] = Slot(name, length, a - off, max(a, z) - off, a - lo)
@@ -153,10 +162,12 @@ def flatten(pieces: Sequence[Piece], shape: Sequence[int], slot: Slot) -> list[P
     return out
 
 
-def group_slots(numels: Sequence[int], flat: Flat, degree: int, rank: int) -> list[Slot]:
-    """The slot of every member of a flat group (parameter order) on ``rank``."""
+def group_slots(numels: Sequence[int], flat: Flat, degree: int, rank: int,
+                alone: Sequence[bool] = ()) -> list[Slot]:
+    """The slot of every member of a flat group (parameter order) on ``rank``; ``alone``:
+    members in a bucket of their own (``partition="buffer"`` only)."""
     if flat.partition == "each":
         return each_slots(numels, flat, degree, rank)
     if flat.partition != "buffer":
         raise PlanError(f"unknown flat partition {flat.partition!r}: expected buffer or each")
-    return buffer_slots(numels, flat, degree, rank)
+    return buffer_slots(numels, flat, degree, rank, alone)

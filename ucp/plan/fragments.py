@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from ucp.plan.boxes import Box, chunks_intersecting, contiguous_runs, flat_offset_in, fmt_boxes
@@ -141,15 +141,28 @@ def _captures_of(captures) -> Optional[Callable[[str], Mapping[str, object]]]:
     return lambda n: captures[n]
 
 
-def _place_one(name: str, rule: BoundRule, degrees, coords, cap_of, local_name) -> Optional[str]:
-    """The local name of ``name`` on the rank at ``coords``, or None when it is not held there."""
+def _place_one(name: str, rule: BoundRule, degrees, coords, cap_of, local_name):
+    """``(local name, local captures)`` of ``name`` on the rank at ``coords``, or None when
+    it is not held there."""
     caps = cap_of(name) if cap_of is not None else match_captures(rule.pattern, name)
-    local = place(rule, dict(caps or {}), degrees, coords)
+    try:
+        local = place(rule, dict(caps or {}), degrees, coords)
+    except PlanError as e:
+        if rule.renumber_positions and not isinstance(e, PlanSpecError):
+            raise PlanSpecError(rule.renumber_positions[0], str(e)) from None
+        raise
     if local is None:
         return None
     if local_name is not None:
-        return local_name(name, coords)
-    return substitute(rule.local, local) if rule.local else name
+        return local_name(name, coords), local
+    return (substitute(rule.local, local) if rule.local else name), local
+
+
+def _grouped(rule: BoundRule, captures: Mapping[str, str]) -> BoundRule:
+    """A flat group named after captures (``group="dense.{v}"``) with their local values."""
+    ops = tuple(replace(op, group=substitute(op.group, captures))
+                if isinstance(op, Flat) and op.group and "{" in op.group else op for op in rule.ops)
+    return replace(rule, ops=ops) if ops != rule.ops else rule
 
 
 def rank_fragments(rules: Mapping[str, BoundRule], shapes: Mapping[str, Sequence[int]],
@@ -199,18 +212,21 @@ def _param_fragment(name, rule, shape, degrees, coords, cap_of, local_name, stat
     if rule.skip:
         return None
     eff = rule.for_state(state, frozen=frozen)
-    tied = rule.tied
-    if tied and any(isinstance(op, Flat) for op in eff.ops):
+    if rule.tied and any(isinstance(op, Flat) for op in eff.ops):
         return None
-    ln = _place_one(name, rule, degrees, coords, cap_of, local_name)
-    if ln is None:
+    tied = rule.tied or rule.copy_of
+    placed = _place_one(name, rule, degrees, coords, cap_of, local_name)
+    if placed is None:
         return None
+    ln, local_caps = placed
+    eff = _grouped(eff, local_caps)
     prep = prepare(eff, shape, degrees, coords)
     uname = tied or name
     if prep.flat is None:
         return _mk_fragment(uname, ln, prep, eff, shape, tied_from=name if tied else None)
     if prep.flat.group is None:
-        return _mk_fragment(uname, ln, prep, eff, shape, _alone(prep, degrees, coords))
+        return _mk_fragment(uname, ln, prep, eff, shape, _alone(prep, degrees, coords),
+                            tied_from=name if tied else None)
     return _Member(-1, name, eff, prep, shape)
 
 
@@ -226,8 +242,10 @@ def _group_fragments(key: str, members: list[_Member], degrees, coords) -> list[
             pos = _flat_pos(m.rule)
             raise (PlanSpecError(pos, str(err)) if pos is not None else err)
     k, r = axis_rank(degrees, coords, f0.axis)
-    slots = group_slots([math.prod(m.prep.local_shape) for m in members], f0, k, r)
-    return [_mk_fragment(m.name, s.local_name, m.prep, m.rule, m.shape, s, group=s.local_name)
+    slots = group_slots([math.prod(m.prep.local_shape) for m in members], f0, k, r,
+                        [bool(m.rule.attr("own_bucket")) for m in members])
+    return [_mk_fragment(m.rule.copy_of or m.name, s.local_name, m.prep, m.rule, m.shape, s,
+                         group=s.local_name, tied_from=m.name if m.rule.copy_of else None)
             for m, s in zip(members, slots)]
 
 

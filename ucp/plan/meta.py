@@ -5,34 +5,42 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ucp.plan.ops import BoundRule, Pad, Parts
 from ucp.plan.errors import PlanError
+from ucp.plan.ops import BoundRule, Pad, Parts
+
+
+def _parts(op: Parts, shape: list[int], rule: BoundRule) -> list[dict]:
+    try:
+        sizes = op.part_sizes(shape[op.dim])           # THE parts-size rule
+    except ValueError as e:
+        raise PlanError(f"{rule.pattern} (rule {rule.origin}): {e}") from None
+    out, start = [], 0
+    for name, size in zip(op.names, sizes):
+        out.append({"name": name, "dim": op.dim, "start": start, "stop": start + size,
+                    **({"groups": op.groups} if op.groups > 1 else {})})
+        start += size
+    return out
+
+
+def _padding(op: Pad, shape: list[int]) -> dict:
+    n = shape[op.dim]
+    padded = -(-n // op.multiple) * op.multiple
+    return {"dim": op.dim, "size": padded - n, "multiple": op.multiple,
+            **({"kept": True} if op.keep else {})}
 
 
 def rule_metadata(rule: BoundRule, global_shape: Sequence[int]) -> dict:
+    """``parts`` / ``padding`` / ``frozen`` / ``tied_to`` of the tensor a rule lays out
+    (``padding.kept``: the universal tensor holds the source's padding rows)."""
     out: dict = {}
     shape = [int(s) for s in global_shape]
     for op in rule.ops:
         if isinstance(op, Parts):
-            n = shape[op.dim]
-            sizes = list(op.sizes) if op.sizes is not None else (
-                [n // len(op.names)] * len(op.names) if n % len(op.names) == 0 else None)
-            if sizes is None or sum(sizes) != n:
-                raise PlanError(f"{rule.pattern} (rule {rule.origin}): parts {list(op.names)} do not "
-                                f"divide dim {op.dim} of size {n}")
-            start, parts = 0, []
-            for name, size in zip(op.names, sizes):
-                parts.append({"name": name, "dim": op.dim, "start": start, "stop": start + size,
-                              **({"groups": op.groups} if op.groups > 1 else {})})
-                start += size
-            out["parts"] = parts
+            out["parts"] = _parts(op, shape, rule)
         elif isinstance(op, Pad):
-            n = shape[op.dim]
-            padded = -(-n // op.multiple) * op.multiple
-            out["padding"] = {"dim": op.dim, "size": padded - n, "multiple": op.multiple}
-    for key, value in rule.attrs:
-        if key == "frozen" and value:
-            out["frozen"] = True
-        elif key == "tied":
-            out["tied_to"] = str(value)
+            out["padding"] = _padding(op, shape)
+    if rule.frozen:
+        out["frozen"] = True
+    if rule.tied or rule.copy_of:
+        out["tied_to"] = str(rule.tied or rule.copy_of)
     return out

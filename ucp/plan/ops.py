@@ -207,6 +207,7 @@ class BoundRule:
     states: tuple[tuple[str, tuple[TensorOp, ...]], ...] = ()
     axes: tuple[str, ...] = ()
     positions: tuple = field(default=(), compare=False, repr=False)
+    renumber_positions: tuple = field(default=(), compare=False, repr=False)
 
     def attr(self, key: str, default=None):
         """The value of attribute ``key`` (``with key(...)``), or ``default``."""
@@ -224,6 +225,13 @@ class BoundRule:
         (fragments named ``x``); a flat layout (optimizer state, ZeRO-3 partitions) holds
         ``x`` once, so the tied name has no fragments there."""
         return self.attr("tied")
+
+    @property
+    def copy_of(self) -> Optional[str]:
+        """``with copy_of("x")``: a parameter of its own that the framework keeps equal to
+        ``x`` (Megatron's shared output layer on the last stage): fragments named ``x`` in
+        every layout, flat ones included (its optimizer state is a replica of ``x``'s)."""
+        return self.attr("copy_of")
 
     @property
     def frozen(self) -> bool:
