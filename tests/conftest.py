@@ -11,7 +11,9 @@ SKIP_ALLOWLIST = ROOT / "tests" / "skip_allowlist.txt"
 
 # No wall-clock deadline for any property test: a loaded CI machine must not fail them.
 settings.register_profile("ucp", deadline=None)
-settings.load_profile("ucp")
+# bench/mutation.py: the same examples on every run, so a mutant's verdict repeats.
+settings.register_profile("mutation", deadline=None, derandomize=True, database=None)
+settings.load_profile(os.environ.get("UCP_HYPOTHESIS_PROFILE", "ucp"))
 
 
 @pytest.fixture(scope="session")

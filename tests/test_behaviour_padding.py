@@ -105,25 +105,41 @@ def test_zero12_flat_alignment_padding_is_zero(universal, tmp_path):
             _assert_bits(mem[key], padded.chunk(dp)[r], (r, st, "load_rank"))
 
 
-def test_zero3_per_parameter_padding_is_zero(universal, tmp_path):
-    """The bundled ZeRO-3 layout: each parameter flattened, padded to a multiple of dp and split;
-    rank r's buffer is the concatenation of its partitions (one sub-group here)."""
+def _partition(t, dp, r):
+    """Rank r's part of ``t`` flattened and zero-padded to a multiple of dp (ZeRO-3, FSDP)."""
+    flat = t.reshape(-1)
+    return torch.cat([flat, flat.new_zeros(-flat.numel() % dp)]).chunk(dp)[r]
+
+
+def test_per_parameter_flat_padding_is_zero(universal, tmp_path):
+    """Each parameter flattened, padded to a multiple of dp, split (one local tensor per parameter)."""
+    src, tensors = universal
+    spec = tmp_path / "per_param.ucp"
+    spec.write_text('spec per_param\naxes dp\nparam "**" = flat(over=dp)\n')
+    dp = 4
+    _export(src, tmp_path / "out", spec, dp=dp)
+    assert sum(t.numel() % dp != 0 for t in tensors["param"].values()) >= 2  # the case has padding
+    for r in range(dp):
+        got = _rank_file(tmp_path / "out", dp=r)
+        mem = ucp.load_rank(src, str(spec), {"dp": dp}, {"dp": r}, states=None)
+        for st in STATES:
+            for name, t in tensors[st].items():
+                _assert_bits(got[st][name], _partition(t, dp, r), (r, st, name))
+                _assert_bits(mem[st][name], _partition(t, dp, r), (r, st, name, "load_rank"))
+
+
+def test_zero3_concatenated_partitions_padding_is_zero(universal, tmp_path):
+    """The bundled ZeRO-3 layout: rank r's buffer is its zero-padded partition of every parameter,
+    concatenated in parameter order (one param group, one sub-group)."""
     src, tensors = universal
     dp = 4
     _export(src, tmp_path / "out", "deepspeed_zero3", dp=dp)
-    padded_params = 0
-    names = ucp.open(src).params
+    names = list(ucp.open(src).params)
     for r in range(dp):
         got = _rank_file(tmp_path / "out", dp=r)
         mem = ucp.load_rank(src, "deepspeed_zero3", {"dp": dp}, {"dp": r}, states=None)
         for st in STATES:
-            parts = []
-            for name in names:
-                flat = tensors[st][name].reshape(-1)
-                pad = -flat.numel() % dp
-                padded_params += bool(pad) and r == 0 and st == "param"
-                parts.append(torch.cat([flat, flat.new_zeros(pad)]).chunk(dp)[r])
-            want = torch.cat(parts)
-            _assert_bits(got[st]["0.0"], want, (r, st))
-            _assert_bits(mem[st]["0.0"], want, (r, st, "load_rank"))
-    assert padded_params >= 2  # 101*6 and 5 and 7 elements: not multiples of 4
+            want = torch.cat([_partition(tensors[st][n], dp, r) for n in names])
+            (key,) = got[st]
+            _assert_bits(got[st][key], want, (r, st))
+            _assert_bits(mem[st][key], want, (r, st, "load_rank"))

@@ -113,3 +113,28 @@ def test_zarr_python_checks_sharded_crc(tmp_path):
     assert np.array_equal(arr[32:], t.numpy()[32:])
     with pytest.raises(Exception, match="checksum"):
         arr[...]
+
+
+@pytest.mark.parametrize("shape,shards,inner", [
+    ((70, 50), (32, 24), (8, 6)),          # 4 x 4 inner grid; edge shards hold fewer inner chunks
+    ((12, 20, 9), (6, 10, 9), (2, 5, 3)),  # 3 x 2 x 3 inner grid
+    ((9, 64), (9, 32), (3, 8)),            # 3 x 4: rows and columns of the inner grid differ
+], ids=["2d-edges", "3d", "2d-wide"])
+def test_zarr_python_reads_multi_dimensional_inner_grids(tmp_path, shape, shards, inner):
+    """Inner chunks indexed in C order of a 2-D / 3-D inner grid: a Fortran-order index (or any
+    other permutation) puts every tile in the wrong place for zarr-python and for ucp."""
+    import itertools
+
+    t = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)
+    with create_checkpoint(tmp_path / "ck") as w:
+        w.write_tensor("x", "param", t, chunks=inner, shards=shards)
+    arr = zarr.open_group(str(tmp_path / "ck"), mode="r")["x"]["param"]
+    assert arr.shards == shards and arr.chunks == inner
+    assert np.array_equal(arr[...], t.numpy())
+    ck = open_checkpoint(tmp_path / "ck")
+    assert torch.equal(ck.read("x"), t)
+    # every inner chunk on its own, through both readers
+    for idx in itertools.product(*(range(-(-n // c)) for n, c in zip(shape, inner))):
+        box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, inner, shape))
+        assert np.array_equal(arr[box], t.numpy()[box]), idx
+        assert torch.equal(ck.read("x", index=box), t[box]), idx

@@ -1,0 +1,81 @@
+"""Crafted manifests (valid checksum, hostile content) are refused with a FormatError naming the
+check that failed, before anything is read. Written to kill surviving mutants of
+ucp/format/manifest.py (bench/mutation.py): each case trips exactly one check."""
+import json
+
+import pytest
+import torch
+
+from ucp.errors import FormatError
+from ucp.format import create_checkpoint, open_checkpoint
+from ucp.format import manifest as M
+
+
+def _rewrite(root, edit):
+    doc = json.loads((root / "ucp.manifest.json").read_bytes())
+    doc.pop("crc32c")
+    edit(doc)
+    (root / "ucp.manifest.json").write_bytes(M.dump(doc))
+
+
+@pytest.fixture
+def ck(tmp_path):
+    root = tmp_path / "ck"
+    with create_checkpoint(root) as w:
+        w.add_param("w", meta={})
+        w.write_tensor("w", "param", torch.arange(16, dtype=torch.float32).reshape(4, 4), chunks=(2, 4))
+    assert open_checkpoint(root).read("w").reshape(-1).tolist() == list(range(16))
+    return root
+
+
+def _state(d):
+    return d["params"][0]["states"]["param"]
+
+
+CASES = {
+    "not-ucp": (lambda d: d.__setitem__("format", "zarr"), "not a ucp manifest"),
+    "param-name-not-str": (lambda d: d["params"][0].__setitem__("name", 5), "malformed parameter record"),
+    "param-meta-not-dict": (lambda d: d["params"][0].__setitem__("meta", [1]), "malformed parameter record"),
+    "state-order": (lambda d: d["params"][0].__setitem__("state_order", ["param", "exp_avg"]),
+                    "state_order .* does not list its states"),
+    "array-path-elsewhere": (lambda d: _state(d).__setitem__("path", "w/exp_avg"), "unexpected array path"),
+    "array-path-not-str": (lambda d: _state(d).__setitem__("path", 5), "unsafe or unexpected array path"),
+    "array-path-too-long": (lambda d: _state(d).__setitem__("path", "w/" + "p" * 4094),
+                            "unsafe or unexpected array path"),
+    "65-dims": (lambda d: (_state(d).__setitem__("shape", [1] * 65), _state(d).__setitem__("chunks", [1] * 65)),
+                "bad shape"),
+    "missing-chunk": (lambda d: _state(d)["chunk_table"].pop("c/1/0"), "chunk_table has 1 entries, the grid"),
+    "files-record": (lambda d: d["files"].__setitem__(next(iter(d["files"])), [1]), r"is not \[size, crc32c\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_crafted_manifest_is_refused_by_the_check_it_trips(ck, case):
+    edit, match = CASES[case]
+    _rewrite(ck, edit)
+    with pytest.raises(FormatError, match=match):
+        open_checkpoint(ck)
+
+
+def test_path_of_4095_characters_is_safe_and_4096_is_not():
+    assert M.safe_rel("p" * 4095) and not M.safe_rel("p" * 4096)
+    assert not M.safe_rel("") and not M.safe_rel(5) and not M.safe_rel(None)
+
+
+@pytest.mark.parametrize("raw,match", [
+    (b'{"crc32c":12x,"format":"ucp"}', "malformed manifest checksum member"),
+    (b'{"crc32c":123', "malformed manifest checksum member"),
+    (b'{"crc32c":,"format":"ucp"}', "malformed manifest checksum member"),
+    (b'{"format":"ucp"}', "does not start with"),
+])
+def test_malformed_checksum_member_is_refused(ck, raw, match):
+    (ck / "ucp.manifest.json").write_bytes(raw)
+    with pytest.raises(FormatError, match=match):
+        open_checkpoint(ck)
+
+
+def test_manifest_body_edited_after_signing_is_refused(ck):
+    f = ck / "ucp.manifest.json"
+    f.write_bytes(f.read_bytes().replace(b'"format":"ucp"', b'"format":"ucq"'))
+    with pytest.raises(FormatError, match="manifest checksum mismatch"):
+        open_checkpoint(ck)

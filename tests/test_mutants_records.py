@@ -1,0 +1,84 @@
+"""More crafted manifest records, each refused by the one check it trips (kills surviving mutants of
+ucp/format/manifest.py's record checks: shapes, inner chunks, chunk records, versions, names)."""
+import json
+
+import pytest
+import torch
+
+from ucp.errors import FormatError
+from ucp.format import create_checkpoint, open_checkpoint
+from ucp.format import manifest as M
+
+
+def _rewrite(root, edit):
+    doc = json.loads((root / "ucp.manifest.json").read_bytes())
+    doc.pop("crc32c")
+    edit(doc)
+    (root / "ucp.manifest.json").write_bytes(M.dump(doc))
+
+
+@pytest.fixture
+def ck(tmp_path):
+    root = tmp_path / "ck"
+    with create_checkpoint(root) as w:
+        w.add_param("w", meta={})
+        w.write_tensor("w", "param", torch.arange(16, dtype=torch.float32).reshape(4, 4), chunks=(2, 4))
+        w.write_tensor("s", "param", torch.arange(64, dtype=torch.float32).reshape(8, 8), shards=(8, 8), chunks=(4, 4))
+    return root
+
+
+def _st(d, i=0):
+    return d["params"][i]["states"]["param"]
+
+
+def _set(rec, key, value):
+    rec[key] = value
+
+
+CASES = {
+    "chunks-rank": (lambda d: _set(_st(d), "chunks", [2]), "bad shape"),
+    "shape-bool": (lambda d: _set(_st(d), "shape", [True, 4]), "bad shape"),
+    "inner-rank": (lambda d: _set(_st(d, 1), "inner_chunks", [4]), "bad inner_chunks"),
+    "inner-not-dividing": (lambda d: _set(_st(d, 1), "inner_chunks", [3, 4]), "bad inner_chunks"),
+    "inner-zero": (lambda d: _set(_st(d, 1), "inner_chunks", [0, 4]), "bad inner_chunks"),
+    "storage-dtype": (lambda d: _set(_st(d), "storage_dtype", "int32"), "storage_dtype 'int32' contradicts"),
+    "no-storage-dtype": (lambda d: _st(d).pop("storage_dtype"), "storage_dtype None contradicts"),
+    "chunk-record-width": (lambda d: _st(d)["chunk_table"].__setitem__("c/0/0", _st(d)["chunk_table"]["c/0/0"][:1]),
+                           r"chunk c/0/0: record .* is not \[size, crc32c\]"),
+    "chunk-crc-too-big": (lambda d: _st(d)["chunk_table"]["c/0/0"].__setitem__(1, 1 << 32),
+                          r"is not \[size, crc32c\]"),
+    "shard-record-width": (lambda d: _st(d, 1)["chunk_table"].__setitem__("c/0/0", _st(d, 1)["chunk_table"]["c/0/0"][:2]),
+                           r"is not \[size, crc32c, content crc32c\]"),
+    "chunk-key-outside": (lambda d: _st(d)["chunk_table"].__setitem__("c/2/0", _st(d)["chunk_table"].pop("c/1/0")),
+                          "is not a chunk of the grid"),
+    "chunk-key-rank": (lambda d: _st(d)["chunk_table"].__setitem__("c/1", _st(d)["chunk_table"].pop("c/1/0")),
+                       "is not a chunk of the grid"),
+    "chunk-key-padded": (lambda d: _st(d)["chunk_table"].__setitem__("c/01/0", _st(d)["chunk_table"].pop("c/1/0")),
+                         "is not a chunk of the grid"),
+    "version-3": (lambda d: _set(d, "format_version", 3), "format_version 3 is not one"),
+    "version-0": (lambda d: _set(d, "format_version", 0), "format_version 0 is not one"),
+    "version-str": (lambda d: _set(d, "format_version", "2"), "format_version '2' is not one"),
+    "params-not-list": (lambda d: _set(d, "params", {}), "'params' is not a list"),
+    "param-twice": (lambda d: d["params"].append(d["params"][0]), "listed twice"),
+    "meta-arrays-not-dict": (lambda d: _set(d, "meta_arrays", [1]), "'meta_arrays' is not an object"),
+    "meta-array-path": (lambda d: _set(d, "meta_arrays", {"meta/0": {}}), "unsafe metadata array path"),
+    "state-name-slash": (lambda d: d["params"][0].__setitem__("states", {"a/b": _st(d)}) or
+                         d["params"][0].__setitem__("state_order", ["a/b"]), "unsafe state name"),
+    "array-not-object": (lambda d: d["params"][0]["states"].__setitem__("param", [1]), "array record is not an object"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_crafted_record_is_refused_by_the_check_it_trips(ck, case):
+    edit, match = CASES[case]
+    _rewrite(ck, edit)
+    with pytest.raises(FormatError, match=match):
+        open_checkpoint(ck)
+
+
+def test_64_dimensions_are_accepted(tmp_path):
+    """MAX_NDIM is 64: a 64-d array (torch's own limit) is a valid checkpoint."""
+    t = torch.arange(2, dtype=torch.float32).reshape([2] + [1] * 63)
+    with create_checkpoint(tmp_path / "ck") as w:
+        w.write_tensor("t", "param", t)
+    assert torch.equal(open_checkpoint(tmp_path / "ck").read("t"), t)
