@@ -30,12 +30,11 @@ sources whose fragments do not come from a spec (DCP, Megatron ``torch_dist``) b
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 from ucp.errors import UcpError
+from ucp.plugins import Plugin, Registry
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ class SourceLayout:
     constants: Mapping[str, int] = field(default_factory=dict)
 
 
-class Source:
+class Source(Plugin):
     """Base class of every source. Subclasses set ``name`` / ``description`` and implement
     :meth:`detect`, :meth:`layout` and :meth:`local`.
 
@@ -74,34 +73,14 @@ class Source:
     ``layout`` once, ``read`` (by default through ``local``) any number of times, ``close``
     (always, also after an error).
     """
-    #: the ``--from`` name
-    name: ClassVar[str] = ""
-    #: one line for ``ucp convert --help``
-    description: ClassVar[str] = ""
     #: ``--from auto`` tries sources in ascending priority (more specific layouts first)
     priority: ClassVar[int] = 100
-
-    def __init_subclass__(cls, register: bool = True, **kw):
-        """Subclasses with a ``name`` join the registry, unless declared with
-        ``register=False`` (plug-ins made for one test or one script)."""
-        super().__init_subclass__(**kw)
-        if cls.name and register:
-            _REGISTERED[cls.name] = cls
 
     def __init__(self, path, *, spec: Optional[str] = None, storage_options=None, **options):
         self.path = path
         self.spec = spec
         self.storage_options = storage_options
         self.options = options
-
-    def reject_options(self, allowed=()) -> None:
-        """Raise a clear error naming every option this source was given but does not take
-        (``None`` values count as not given); call it from ``__init__``."""
-        extra = sorted(k for k, v in self.options.items() if v is not None and k not in allowed)
-        if extra:
-            flags = ", ".join(f"{k} (--{k.replace('_', '-')})" for k in extra)
-            takes = ", ".join(sorted(allowed)) or "no other options"
-            raise UcpError(f"source {self.name!r} does not take {flags}; it takes {takes}")
 
     @classmethod
     def detect(cls, path) -> bool:
@@ -150,31 +129,17 @@ class Source:
         """Release files and maps."""
 
 
-_REGISTERED: dict[str, type[Source]] = {}
-_LOADED = False
-
-
-def _load_all() -> None:
-    global _LOADED
-    if not _LOADED:
-        for mod in pkgutil.iter_modules(__path__):
-            if not mod.name.startswith("_"):
-                importlib.import_module(f"{__name__}.{mod.name}")
-        _LOADED = True
+Source.registry = Registry(__name__, "source")
 
 
 def sources() -> dict[str, type[Source]]:
     """Every registered source by name."""
-    _load_all()
-    return dict(_REGISTERED)
+    return Source.registry.all()
 
 
 def get_source(name: str) -> type[Source]:
     """The source class called ``name``; a clear error lists the known names."""
-    known = sources()
-    if name not in known:
-        raise UcpError(f"unknown source {name!r}; known: {', '.join(sorted(known))}")
-    return known[name]
+    return Source.registry.get(name)
 
 
 def detect(path) -> str:

@@ -15,12 +15,10 @@ lazily), one module in ``ucp.sources`` and one spec in ``ucp/converters/``.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
-from ucp.errors import UcpError
+from ucp.plugins import Plugin, Registry
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,7 @@ class TargetUnit:
         return self.state_fragments.get(state, self.fragments)
 
 
-class Target:
+class Target(Plugin):
     """Base class of every target. Subclasses set ``name`` / ``description`` and implement
     :meth:`plan`, :meth:`write_unit` and :meth:`finish`.
 
@@ -48,18 +46,9 @@ class Target:
     :attr:`split_under_torchrun`) every process plans, writes its share of the units and
     aborts what it wrote on failure; only process 0 calls ``finish``.
     """
-    name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
     #: under torchrun, every process plans and writes a share of the units, process 0 then
     #: calls ``finish``; False: process 0 runs the whole export while the others wait
     split_under_torchrun: ClassVar[bool] = True
-
-    def __init_subclass__(cls, register: bool = True, **kw):
-        """Subclasses with a ``name`` join the registry, unless declared with
-        ``register=False`` (plug-ins made for one test or one script)."""
-        super().__init_subclass__(**kw)
-        if cls.name and register:
-            _REGISTERED[cls.name] = cls
 
     def __init__(self, dst, *, degrees: Mapping[str, int] | None = None, spec: Optional[str] = None,
                  storage_options=None, **options):
@@ -68,15 +57,6 @@ class Target:
         self.spec = spec
         self.storage_options = storage_options
         self.options = options
-
-    def reject_options(self, allowed=()) -> None:
-        """Raise a clear error naming every option this target was given but does not take
-        (``None`` values count as not given); call it from ``__init__``."""
-        extra = sorted(k for k, v in self.options.items() if v is not None and k not in allowed)
-        if extra:
-            flags = ", ".join(f"{k} (--{k.replace('_', '-')})" for k in extra)
-            takes = ", ".join(sorted(allowed)) or "no other options"
-            raise UcpError(f"target {self.name!r} does not take {flags}; it takes {takes}")
 
     def plan(self, checkpoint) -> Sequence[TargetUnit]:
         """The units to write, for the universal ``checkpoint`` (a ``ucp.format`` reader)."""
@@ -94,28 +74,14 @@ class Target:
         """Called after a failure: leave nothing that a framework would take as complete."""
 
 
-_REGISTERED: dict[str, type[Target]] = {}
-_LOADED = False
-
-
-def _load_all() -> None:
-    global _LOADED
-    if not _LOADED:
-        for mod in pkgutil.iter_modules(__path__):
-            if not mod.name.startswith("_"):
-                importlib.import_module(f"{__name__}.{mod.name}")
-        _LOADED = True
+Target.registry = Registry(__name__, "target")
 
 
 def targets() -> dict[str, type[Target]]:
     """Every registered target by name."""
-    _load_all()
-    return dict(_REGISTERED)
+    return Target.registry.all()
 
 
 def get_target(name: str) -> type[Target]:
     """The target class called ``name``; a clear error lists the known names."""
-    known = targets()
-    if name not in known:
-        raise UcpError(f"unknown target {name!r}; known: {', '.join(sorted(known))}")
-    return known[name]
+    return Target.registry.get(name)
