@@ -1,21 +1,15 @@
 """A manifest with a valid checksum can still be crafted: readers refuse paths that leave the
 checkpoint, and malformed shapes, before reading anything."""
-import json
 
 import pytest
 import torch
 
 from ucp.errors import FormatError
 from ucp.format import create_checkpoint, open_checkpoint, verify
-from ucp.format import manifest as M
+
+from _manifest_edit import rewrite_manifest
 
 
-def _rewrite(root, edit):
-    raw = (root / "ucp.manifest.json").read_bytes()
-    doc = json.loads(raw)
-    doc.pop("crc32c")
-    edit(doc)
-    (root / "ucp.manifest.json").write_bytes(M.dump(doc))
 
 
 @pytest.fixture
@@ -41,7 +35,7 @@ def ck(tmp_path):
         "bad-dtype", "files-up"])
 def test_crafted_manifest_is_refused(ck, edit):
     assert open_checkpoint(ck).read("w").tolist() == list(range(16))
-    _rewrite(ck, edit)
+    rewrite_manifest(ck, edit)
     with pytest.raises(FormatError):
         open_checkpoint(ck)
     assert verify(ck)  # reported, not crashed
@@ -75,7 +69,7 @@ def _set_chunks(d, chunks, size):
     (lambda d: d["params"][0].__setitem__("path", "v"), r"has path 'v', expected 'w'"),
 ], ids=["huge-chunk", "deleted-entry", "extra-entry", "storage-dtype", "dtype-vs-zarr-json", "param-path"])
 def test_self_contradicting_manifest_is_refused(ck, edit, match):
-    _rewrite(ck, edit)
+    rewrite_manifest(ck, edit)
     with pytest.raises(FormatError, match=match):
         open_checkpoint(ck)
     assert any(__import__("re").search(match, p) for p in verify(ck))
@@ -92,7 +86,7 @@ def test_consistent_lie_about_sizes_fails_before_allocating(ck, rows):
     def edit(d):
         d["params"][0]["states"]["param"]["shape"] = [rows]
         _set_chunks(d, [rows], rows * 4 + 4)
-    _rewrite(ck, edit)
+    rewrite_manifest(ck, edit)
     c = open_checkpoint(ck)
     tracemalloc.start()
     try:
@@ -118,12 +112,12 @@ def test_consistent_lie_about_sizes_fails_before_allocating(ck, rows):
 ], ids=["tensor-missing", "tensor-int", "dtype-unknown", "dtype-load", "float", "bytes", "dict", "dict-key",
         "unknown"])
 def test_crafted_metadata_wrappers_raise_format_error_with_key_path(ck, wrapper, match):
-    _rewrite(ck, lambda d: d.__setitem__("metadata", {"a": {"b": [wrapper]}}))
+    rewrite_manifest(ck, lambda d: d.__setitem__("metadata", {"a": {"b": [wrapper]}}))
     c = open_checkpoint(ck)
     with pytest.raises(FormatError, match=match):
         c.metadata
 
 
 def test_dtype_wrapper_accepts_the_listed_dtypes_only(ck):
-    _rewrite(ck, lambda d: d.__setitem__("metadata", {"x": {"$dtype": "bfloat16"}}))
+    rewrite_manifest(ck, lambda d: d.__setitem__("metadata", {"x": {"$dtype": "bfloat16"}}))
     assert open_checkpoint(ck).metadata == {"x": torch.bfloat16}
