@@ -10,8 +10,6 @@ from ucp.format import create_checkpoint, open_checkpoint, verify
 from _manifest_edit import rewrite_manifest
 
 
-
-
 @pytest.fixture
 def ck(tmp_path):
     (tmp_path / "secret").write_bytes(b"\0" * 64)

@@ -12,8 +12,6 @@ from ucp.format import manifest as M
 from _manifest_edit import rewrite_manifest
 
 
-
-
 @pytest.fixture
 def ck(tmp_path):
     root = tmp_path / "ck"

@@ -10,8 +10,6 @@ from ucp.format import create_checkpoint, open_checkpoint
 from _manifest_edit import rewrite_manifest
 
 
-
-
 @pytest.fixture
 def ck(tmp_path):
     root = tmp_path / "ck"
