@@ -3,7 +3,7 @@
 Names: a checkpoint converted from Hugging Face files keeps HF names and is written as it
 is; any other (a Megatron GPT checkpoint) is mapped by a spec's ``rename`` rules (default
 ``converters/megatron_to_hf_llama.ucp``), fused QKV and ``[gate; up]`` unfused into their
-HF tensors by ``ucp.targets._renames``. Vocabulary padding rows (Megatron pads the
+HF tensors by ``ucp.plan.renames``. Vocabulary padding rows (Megatron pads the
 embedding and output layer) are left out when ``config.json`` gives a smaller
 ``vocab_size``; a tied ``lm_head.weight`` is left out as ``save_pretrained`` does.
 
@@ -27,7 +27,7 @@ from ucp.errors import UcpError
 from ucp.plan import Box, Fragment, Piece
 from ucp.sources.hf import CARRIED_JSON, DEFAULT_SPEC, INDEX_FILE, SINGLE_FILE, TIED_PAIRS
 from ucp.targets import Target, TargetUnit
-from ucp.targets._renames import Segment, split_views
+from ucp.plan.renames import Segment, split_views
 
 DEFAULT_RENAME_SPEC = "megatron_to_hf_llama"
 DEFAULT_MAX_SHARD = 5 * 10**9

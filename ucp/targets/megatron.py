@@ -41,7 +41,7 @@ from ucp.errors import UcpError
 from ucp.sources.megatron import BACKEND_FILE, CARRIED_KEY, COMMON_FILE, STACKED, STACKED_PREFIX, restrict
 from ucp.targets import Target, TargetUnit
 from ucp.targets._distcp import DistcpWriter
-from ucp.targets._renames import fused_views, translate
+from ucp.plan.renames import fused_views, translate
 
 DEFAULT_SPEC = "megatron_gpt"
 RENAME_SPEC = "megatron_to_hf_llama"
@@ -132,7 +132,7 @@ class MegatronTarget(Target):
     def _megatron_views(self, names, shapes, md):
         """``{Megatron name: (shape, segments over checkpoint tensors)}`` and the constants."""
         from ucp.lang import load
-        from ucp.targets._renames import Segment
+        from ucp.plan.renames import Segment
         from ucp.targets.hf import model_constants
 
         spec = load(self.spec or DEFAULT_SPEC)
