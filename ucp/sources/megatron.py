@@ -29,8 +29,21 @@ the run's degrees:
 * ``common.pt`` is read with ``torch.load(weights_only=True)`` and an allow-list that adds
   only ``argparse.Namespace``; ``args`` are stored as JSON.
 
-Distributed-optimizer state (``optimizer.*`` keys, flattened ranges) is not read yet: such a
-key is refused by name (the spec has no rule for it), never dropped silently.
+Distributed-optimizer state (``DistributedOptimizer.sharded_state_dict``), by the
+``param_state_sharding_type`` recorded with it:
+
+* ``fully_reshardable``: ``optimizer.state.{param,exp_avg,exp_avg_sq}.<model key>`` are
+  ShardedTensors with the model key's own global shape and sharding (Megatron replaces only
+  the key and the data of the model's ShardedTensor / ShardedTensorFactory), so they are
+  read like the weights: state ``exp_avg`` of the parameters of ``<model key>``. ``param`` is
+  the optimizer's fp32 main parameter and becomes the universal ``param`` (the model weight
+  under that key is its copy at the model's precision). ``step`` comes from the param groups
+  in ``common.pt`` (torch Adam keeps it there in this format); the groups are kept in the
+  metadata (``optimizer.param_groups``).
+* ``dp_reshardable`` stores the flat buckets of the optimizer's buffers
+  (``optimizer.distributed.dp_group_idx_*.gbuf_idx_*...bucket_idx_*.exp_avg``): they only
+  mean something together with the buffer layout (``flat`` in the spec) and are refused by
+  name, never dropped silently.
 """
 from __future__ import annotations
 
@@ -56,6 +69,9 @@ STACKED = (("decoder.layers.mlp.experts.experts.", "decoder.layers.{}.mlp.expert
 CARRIED_KEY = "ucp_metadata"
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 _OBJECT_KEY = re.compile(r"^(?P<key>.+)/shard_(?P<offsets>[0-9_]+)$")
+#: fully_reshardable distributed-optimizer state: the model key's layout under another key
+OPTIMIZER_STATE = re.compile(r"^optimizer\.state\.(?P<state>[A-Za-z0-9_]+)\.(?P<key>.+)$")
+BUCKETS = re.compile(r"^optimizer\.distributed\.dp_group_idx_\d+\.gbuf_idx_")
 
 
 class MegatronError(UcpError):
@@ -139,16 +155,54 @@ def model_constants(args: Mapping[str, Any], given: Mapping[str, int] | None) ->
 
 
 def model_order(tensors: dict) -> dict:
-    """Parameters in model order: what precedes the layers, layer by layer, what follows."""
+    """Parameters in model order: what precedes the layers, layer by layer, what follows
+    (``tensors``: name -> state -> stored entry, whose [3] is the leading index or None)."""
     names = list(tensors)
-    first = next((i for i, n in enumerate(names) if tensors[n][3] is not None), len(names))
+    first = next((i for i, n in enumerate(names) if tensors[n]["param"][3] is not None), len(names))
 
     def rank(item):
         i, n = item
-        layer = tensors[n][3]
+        layer = tensors[n]["param"][3]
         return (1, layer, i) if layer is not None else ((0 if i < first else 2), 0, i)
 
     return {n: tensors[n] for _, n in sorted(enumerate(names), key=rank)}
+
+
+def unstack(key, item, model_key=None):
+    """``(universal name, (shape, dtype, key, leading indices or None, chunks))`` for each
+    parameter stored under ``key``; ``model_key`` (default ``key``) names them: layers (and
+    experts) stacked on leading axes become one parameter per index."""
+    model_key = model_key or key
+    size, dtype = tuple(item.size), item.properties.dtype
+    prefix, pattern = next(((p, n) for p, n in STACKED if model_key.startswith(p)), (None, None))
+    if prefix is None or model_key[len(prefix):][:1].isdigit():
+        return [(model_key, (size, dtype, key, None, item.chunks))]
+    lead = pattern.count("{}")
+    return [(pattern.format(*index) + model_key[len(prefix):], (size[lead:], dtype, key, index, item.chunks))
+            for index in itertools.product(*(range(n) for n in size[:lead]))]
+
+
+def optimizer_scalars(common: Mapping[str, Any], tensors: Mapping[str, Mapping]) -> dict:
+    """Adam's ``step`` of a fully_reshardable distributed optimizer: torch Adam keeps it in the
+    param groups saved in ``common.pt`` (all groups step together); ``{}`` without optimizer state."""
+    if not any(len(t) > 1 for t in tensors.values()):
+        return {}
+    groups = optimizer_groups(common)
+    steps = {g.get("step") for g in groups if g.get("step") is not None}
+    if len(steps) > 1:
+        raise MegatronError(f"{COMMON_FILE}: optimizer param groups disagree on the step: {sorted(steps)}")
+    if not steps:
+        return {}
+    step = steps.pop()
+    return {"step": int(step) if float(step).is_integer() else step}
+
+
+def optimizer_groups(common: Mapping[str, Any]) -> list:
+    """The optimizer's param groups (hyper-parameters, no tensors) from ``common.pt``."""
+    opt = common.get("optimizer")
+    inner = opt.get("optimizer") if isinstance(opt, dict) else None
+    groups = inner.get("param_groups") if isinstance(inner, dict) else None
+    return [jsonable(g) for g in groups] if isinstance(groups, list) else []
 
 
 def restrict(fragment, chunk_start, chunk_stop):
@@ -202,42 +256,65 @@ class MegatronSource(Source):
         common = load_common(self.path)
         args = jsonable(common.get("args") or {})
         tensors, objects = self._stored_items()
-        shapes = {n: t[0] for n, t in tensors.items()}
+        shapes = {n: t["param"][0] for n, t in tensors.items()}
         constants = {**model_constants(args, self.constants), "vocab_multiple": 1}
         bound = bind_layout(self.spec or DEFAULT_SPEC, list(shapes), {}, constants)
         whole = {f.name: f for f in bound.rank_fragments(shapes, {})}
-        params = [self._param(n, tensors[n], whole[n], bound, args) for n in shapes]
+        scalars = optimizer_scalars(common, tensors)
+        params = [self._param(n, tensors[n], whole[n], bound, args, scalars) for n in shapes]
         metadata = self._metadata(common, args, constants, objects)
         return SourceLayout(params=params, metadata=metadata, spec_name=bound.spec_name,
                             spec_text=bound.spec.text, constants=constants)
 
     def _stored_items(self):
-        """``{param: (shape, dtype, key, leading indices or None, chunks)}`` and
-        ``{object key: index}``."""
+        """``{param: {state: (shape, dtype, key, leading indices or None, chunks)}}`` and
+        ``{object key: index}``. A model key gives state ``param``; a fully_reshardable
+        optimizer key ``optimizer.state.S.<model key>`` gives state ``S`` of the same
+        parameters (``param`` there is the fp32 main parameter and wins)."""
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
         md = self._files.metadata
-        tensors, objects = {}, {}
+        tensors, objects, optim = {}, {}, []
         for key, item in md.state_dict_metadata.items():
             if isinstance(item, BytesStorageMetadata):
                 objects[key] = MetadataIndex(key)
-                continue
-            size, dtype = tuple(item.size), item.properties.dtype
-            prefix, pattern = next(((p, n) for p, n in STACKED if key.startswith(p)), (None, None))
-            if prefix is None or key[len(prefix):][:1].isdigit():
-                tensors[key] = (size, dtype, key, None, item.chunks)
-                continue
-            lead = pattern.count("{}")
-            for index in itertools.product(*(range(n) for n in size[:lead])):
-                name = pattern.format(*index) + key[len(prefix):]
-                tensors[name] = (size[lead:], dtype, key, index, item.chunks)
+            elif BUCKETS.match(key):
+                raise MegatronError(f"{self.path}: distributed-optimizer bucket {key!r} (dp_reshardable "
+                                    "format) is not supported; save with "
+                                    "distrib_optim_sharding_type='fully_reshardable'")
+            elif (m := OPTIMIZER_STATE.match(key)):
+                optim.append((m["state"], m["key"], key, item))
+            else:
+                for name, entry in unstack(key, item):
+                    tensors[name] = {"param": entry}
+        for state, model_key, key, item in optim:
+            for name, entry in unstack(key, item, model_key):
+                if name not in tensors:
+                    raise MegatronError(f"{self.path}: optimizer state {key!r} has no model tensor "
+                                        f"{model_key!r} beside it")
+                if tuple(entry[0]) != tuple(tensors[name]["param"][0]):
+                    raise MegatronError(f"{self.path}: optimizer state {key!r} has shape {entry[0]}, the "
+                                        f"model tensor {model_key!r} {tensors[name]['param'][0]}")
+                tensors[name][state] = entry
         return model_order(tensors), objects
 
-    def _param(self, name, stored, whole, bound, args) -> SourceParam:
-        """One universal parameter: a fragment per stored chunk that holds part of it."""
+    def _param(self, name, stored, whole, bound, args, scalars) -> SourceParam:
+        """One universal parameter: per state, a fragment per stored chunk that holds part of it."""
+        frags = {state: self._fragments(name, state, entry, whole) for state, entry in stored.items()}
+        shape, key = stored["param"][0], stored["param"][2]
+        meta = {**bound.param_meta(name, shape), "fragmentation": {"layout": "megatron", "key": key}}
+        meta.pop("padding", None)
+        if name in VOCAB_PARAMS and args.get("vocab_size") and shape[0] > args["vocab_size"]:
+            meta["padding"] = {"dim": 0, "size": int(shape[0] - args["vocab_size"])}
+        dtypes = {state: entry[1] for state, entry in stored.items()}
+        return SourceParam(name=name, shape=tuple(shape), dtypes=dtypes, fragments=frags.pop("param"),
+                           state_fragments=frags, scalars=scalars if len(stored) > 1 else {}, meta=meta)
+
+    def _fragments(self, name, state, entry, whole) -> list:
+        """The fragments of one stored key's chunks that hold part of parameter ``name``."""
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
-        shape, dtype, key, lead, chunks = stored
+        shape, dtype, key, lead, chunks = entry
         frags = []
         for k, ch in enumerate(chunks):
             start, sizes = tuple(ch.offsets), tuple(ch.sizes)
@@ -250,13 +327,9 @@ class MegatronSource(Source):
                 start, sizes = start[n:], sizes[n:]
             f = restrict(whole, start, tuple(a + b for a, b in zip(start, sizes)))
             f = replace(f, local_name=key, coords=(("chunk", k),))
-            self._where[(name, f.coords)] = (MetadataIndex(key, tuple(ch.offsets), k), within)
+            self._where[(name, state, f.coords)] = (MetadataIndex(key, tuple(ch.offsets), k), within)
             frags.append(f)
-        meta = {**bound.param_meta(name, shape), "fragmentation": {"layout": "megatron", "key": key}}
-        meta.pop("padding", None)
-        if name in VOCAB_PARAMS and args.get("vocab_size") and shape[0] > args["vocab_size"]:
-            meta["padding"] = {"dim": 0, "size": int(shape[0] - args["vocab_size"])}
-        return SourceParam(name=name, shape=tuple(shape), dtypes={"param": dtype}, fragments=frags, meta=meta)
+        return frags
 
     def _metadata(self, common, args, constants, objects) -> dict:
         """Non-tensor state: iteration, args, other common items, ShardedObjects."""
@@ -267,15 +340,19 @@ class MegatronSource(Source):
                            "objects": {k: jsonable(self._files.obj(i)) for k, i in objects.items()}}
         if "iteration" in common:
             out["iteration"] = common["iteration"]
+        if optimizer_groups(common):
+            out["optimizer"] = {"param_groups": optimizer_groups(common),
+                                "sharding_type": common["optimizer"].get("param_state_sharding_type")}
         return out
 
     def read(self, fragment, state: str, piece):
         return self.local(fragment, state)[piece.dst.slices()].reshape(piece.src.shape)
 
     def local(self, fragment, state: str):
-        if state != "param":
-            raise MegatronError(f"{self.describe(fragment, state)}: only model weights are read")
-        index, within = self._where[(fragment.name, fragment.coords)]
+        where = self._where.get((fragment.name, state, fragment.coords))
+        if where is None:
+            raise MegatronError(f"{self.describe(fragment, state)}: the checkpoint holds no such state")
+        index, within = where
         t = self._files.tensor(index)
         return t if within is None else t[within]
 
