@@ -28,10 +28,15 @@ HEADS, GROUPS, HEAD_DIM, FFN, LAYERS = 6, 2, 16, 160, 3
 
 def torchrun(nproc: int, *args) -> str:
     """Run the Megatron script under torchrun (a free port per run: --standalone)."""
+    return torchrun_script(SCRIPT, nproc, *args)
+
+
+def torchrun_script(script: Path, nproc: int, *args) -> str:
+    """Run a script of tests/dist under torchrun; its output, or a failure with its output."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "DS_BUILD_OPS": "0"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(SCRIPT), *map(str, args)]
+           str(script), *map(str, args)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return r.stdout
