@@ -138,7 +138,7 @@ def parse():
     p.add_argument("--sharding", default="fully_reshardable", choices=["fully_reshardable", "dp_reshardable"])
     p.add_argument("--seed", type=int, default=1234)
     a = p.parse_args()
-    a.tied, a.experts, a.ep = False, 0, 1
+    a.tied, a.experts, a.ep, a.vp = False, 0, 1, None
     return a
 
 

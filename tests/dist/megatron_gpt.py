@@ -5,6 +5,7 @@ load checkpoints with Megatron's own ``dist_checkpointing.load`` and compare the
     torchrun --nproc_per_node N megatron_gpt.py compare REF CAND --tp T --pp P [--bias] [--layers L] [--dump D]
     torchrun --nproc_per_node N megatron_gpt.py dump CKPT OUT --tp T --pp P ...   # full state as rank files
     ... [--experts E --ep K]: MoE layers (SequentialMLP, allgather dispatcher: CPU-friendly)
+    ... [--vp V]: interleaved virtual pipeline, V model chunks per stage (saved as model0, model1, ...)
 
 ``save`` writes what Megatron-LM's ``save_checkpoint`` writes through ``dist_checkpointing.save``
 (``{"model": model.sharded_state_dict(), "iteration", "args", "checkpoint_version"}``).
@@ -41,6 +42,7 @@ def parse():
     p.add_argument("--tied", action="store_true")
     p.add_argument("--experts", type=int, default=0, help="MoE: SequentialMLP experts per layer")
     p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--vp", type=int, default=None, help="virtual pipeline: model chunks per stage")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--dump", help="compare: also save each rank's reference state here")
     return p.parse_args()
@@ -56,23 +58,37 @@ def config(a):
         layernorm_epsilon=1e-6, add_bias_linear=a.bias, add_qkv_bias=a.bias, use_cpu_initialization=True,
         tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp, params_dtype=torch.float32,
         pipeline_dtype=torch.float32, expert_model_parallel_size=a.ep,
+        virtual_pipeline_model_parallel_size=a.vp,
         **({"num_moe_experts": a.experts, "moe_router_topk": 2, "moe_ffn_hidden_size": 64,
             "moe_token_dispatcher_type": "allgather"} if a.experts else {}),
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0)
 
 
-def build(a, seed):
+def build(a, seed, vp_stage=None):
+    """One GPTModel; with ``--vp``, model chunk ``vp_stage`` of this pipeline stage (Megatron-LM's
+    ``get_model`` builds one per virtual stage, first/last by the virtual position)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + (vp_stage or 0))
+    ignore = vp_stage is None
     return GPTModel(config(a), transformer_layer_spec=get_gpt_layer_local_spec(
                         num_experts=a.experts or None, normalization="RMSNorm"),
-                    vocab_size=VOCAB, max_sequence_length=64, pre_process=ps.is_pipeline_first_stage(),
-                    post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=a.tied,
-                    position_embedding_type="rope")
+                    vocab_size=VOCAB, max_sequence_length=64,
+                    pre_process=ps.is_pipeline_first_stage(ignore_virtual=ignore, vp_stage=vp_stage),
+                    post_process=ps.is_pipeline_last_stage(ignore_virtual=ignore, vp_stage=vp_stage),
+                    share_embeddings_and_output_weights=a.tied, position_embedding_type="rope",
+                    **({} if vp_stage is None else {"vp_stage": vp_stage}))
+
+
+def build_chunks(a, seed) -> dict:
+    """``{"model": GPTModel}``, or with ``--vp`` ``{"model0": chunk 0, "model1": ...}``: the keys
+    under which Megatron-LM's ``save_checkpoint`` puts each model chunk's sharded state."""
+    if not a.vp:
+        return {"model": build(a, seed)}
+    return {f"model{v}": build(a, seed, vp_stage=v) for v in range(a.vp)}
 
 
 def randomize_norms_and_biases(model, seed):
@@ -102,6 +118,7 @@ def args_namespace(a):
                               position_embedding_type="rope", rotary_base=10000, max_position_embeddings=64,
                               tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
                               expert_model_parallel_size=a.ep, num_experts=a.experts or None,
+                              virtual_pipeline_model_parallel_size=a.vp,
                               params_dtype=torch.float32)
 
 
@@ -123,13 +140,20 @@ def checkpoint_names(state):
     return out
 
 
-def load_into(a, path, seed):
+def load_into(a, path, seed) -> dict:
     from megatron.core import dist_checkpointing
 
-    model = build(a, seed)
-    sd = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
-    model.load_state_dict(sd["model"], strict=True)
-    return model
+    chunks = build_chunks(a, seed)
+    sd = dist_checkpointing.load({k: m.sharded_state_dict() for k, m in chunks.items()}, path)
+    for k, m in chunks.items():
+        m.load_state_dict(sd[k], strict=True)
+    return chunks
+
+
+def chunks_state(chunks: dict) -> dict:
+    """Every chunk's local tensors; with several chunks the names say which (``model1.decoder...``)."""
+    one = len(chunks) == 1
+    return {(k if one else f"{c}.{k}"): v for c, m in chunks.items() for k, v in local_state(m).items()}
 
 
 def end_managers():
@@ -145,28 +169,29 @@ def main():
 
     dist.init_process_group("gloo")
     ps.initialize_model_parallel(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
-                                 expert_model_parallel_size=a.ep)
+                                 expert_model_parallel_size=a.ep, virtual_pipeline_model_parallel_size=a.vp)
     rank = dist.get_rank()
     ok = True
     if a.mode == "save":
         from megatron.core import dist_checkpointing
 
-        model = build(a, a.seed)
-        randomize_norms_and_biases(model, a.seed)
-        state = {"model": model.sharded_state_dict(), "iteration": 7, "checkpoint_version": 3.0,
-                 "args": args_namespace(a)}
+        chunks = build_chunks(a, a.seed)
+        for m in chunks.values():
+            randomize_norms_and_biases(m, a.seed)
+        state = {**{k: m.sharded_state_dict() for k, m in chunks.items()}, "iteration": 7,
+                 "checkpoint_version": 3.0, "args": args_namespace(a)}
         os.makedirs(a.paths[0], exist_ok=True)
         dist_checkpointing.save(state, a.paths[0])
     elif a.mode == "dump":
-        model = load_into(a, a.paths[0], a.seed + 1)
+        chunks = load_into(a, a.paths[0], a.seed + 1)
         os.makedirs(a.paths[1], exist_ok=True)
-        torch.save(checkpoint_names(local_state(model)), os.path.join(a.paths[1], f"rank{rank}.pt"))
+        torch.save(checkpoint_names(chunks_state(chunks)), os.path.join(a.paths[1], f"rank{rank}.pt"))
     else:
-        ref = local_state(load_into(a, a.paths[0], a.seed + 1))
+        ref = chunks_state(load_into(a, a.paths[0], a.seed + 1))
         if a.dump:
             os.makedirs(a.dump, exist_ok=True)
             torch.save(checkpoint_names(ref), os.path.join(a.dump, f"rank{rank}.pt"))
-        cand = local_state(load_into(a, a.paths[1], a.seed + 2))
+        cand = chunks_state(load_into(a, a.paths[1], a.seed + 2))
         bad = sorted(k for k in ref if k not in cand or not torch.equal(ref[k], cand[k]))
         extra = sorted(set(cand) - set(ref))
         ok = not bad and not extra and bool(ref)

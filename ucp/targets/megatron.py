@@ -19,6 +19,12 @@ into a GPTModel built at that TP/PP:
   ShardedObjects (``_extra_state``) carried from a Megatron source, else written empty (the
   local layers ignore them, Transformer Engine recomputes its fp8 state).
 
+With ``degrees={"vp": V}`` the layers are placed as an interleaved virtual pipeline: chunk
+``c`` of ``pp * V`` chunks of consecutive layers lives on stage ``c % pp`` (the spec's
+``layers(..., chunks=vp)``). The stored keys are global (layer offsets on the stacked axis),
+so a rank writes the layers of all its chunks; Megatron-LM loads them as ``model0``,
+``model1``, ... Optimizer state is not written (the model weights only).
+
 A checkpoint in HF Llama names is mapped through ``converters/megatron_to_hf_llama.ucp``
 (q/k/v and gate/up fused back). Degrees the model cannot take (query groups or layers not
 divisible, a shard that does not split evenly) are refused in :meth:`plan`, before anything
@@ -101,12 +107,14 @@ class MegatronTarget(Target):
     def __init__(self, dst, *, degrees=None, spec=None, storage_options=None, **options):
         super().__init__(dst, degrees=degrees, spec=spec, storage_options=storage_options, **options)
         self.reject_options()
-        unknown = sorted(a for a, d in self.degrees.items() if a not in ("tp", "pp", "ep") and d not in (None, 1))
+        unknown = sorted(a for a, d in self.degrees.items()
+                         if a not in ("tp", "pp", "ep", "vp") and d not in (None, 1))
         if unknown:
-            raise MegatronTargetError(f"--to megatron takes --tp, --pp and --ep; not {', '.join(unknown)} "
+            raise MegatronTargetError(f"--to megatron takes --tp, --pp, --ep and vp; not {', '.join(unknown)} "
                                       "(data-parallel ranks hold replicas in torch_dist)")
         self.tp, self.pp = int(self.degrees.get("tp") or 1), int(self.degrees.get("pp") or 1)
         self.ep = int(self.degrees.get("ep") or 1)
+        self.vp = int(self.degrees.get("vp") or 1)   # virtual pipeline: model chunks per stage
         self.dst = Path(dst)
         self._files = DistcpWriter(self.dst)
         self._objects: dict[str, Any] = {}
@@ -156,13 +164,14 @@ class MegatronTarget(Target):
             problems.append(f"tp={self.tp} does not divide the {c['kv_heads']} query groups")
         if c.get("heads") and c["heads"] % self.tp:
             problems.append(f"tp={self.tp} does not divide the {c['heads']} attention heads")
-        if c.get("layers") and c["layers"] % self.pp:
-            problems.append(f"pp={self.pp} does not divide the {c['layers']} layers evenly")
+        if c.get("layers") and c["layers"] % (self.pp * self.vp):
+            problems.append(f"pp={self.pp} x vp={self.vp} does not divide the {c['layers']} layers evenly")
         if self.ep > 1 and (not c.get("experts") or c["experts"] % self.ep):
             problems.append(f"ep={self.ep} needs a MoE model whose experts it divides "
                             f"(experts={c.get('experts', 0)})")
         if problems:
-            raise MegatronTargetError(f"{self.dst}: cannot write a GPTModel at tp={self.tp}, pp={self.pp}: "
+            raise MegatronTargetError(f"{self.dst}: cannot write a GPTModel at tp={self.tp}, pp={self.pp}"
+                                      + (f", vp={self.vp}" if self.vp > 1 else "") + ": "
                                       + "; ".join(problems) + " (nothing written)")
 
     def _units(self, views, meg_shapes, shapes, constants) -> list[TargetUnit]:
@@ -195,7 +204,7 @@ class MegatronTarget(Target):
         spec = load_spec(self.spec or DEFAULT_SPEC)
         self.vocab_multiple = int(self._vocab_multiple or spec_default(spec, "vocab_multiple"))
         placed = spec.bind(degrees={"tp": self.tp, "pp": self.pp, "ep": self.ep},
-                           constants={**constants, "vocab_multiple": self.vocab_multiple})
+                           constants={**constants, "vocab_multiple": self.vocab_multiple, "vp": self.vp})
         stored = bind_layout(spec, list(meg_shapes), {}, {**constants, "vocab_multiple": self.vocab_multiple * self.tp})
         return placed, stored, {f.name: f for f in stored.rank_fragments(meg_shapes, {})}
 
@@ -229,9 +238,12 @@ class MegatronTarget(Target):
             args.update(llama_args(hf_cfg, constants))
             args.update({"make_vocab_size_divisible_by": self.vocab_multiple,
                          "padded_vocab_size": self._global.get("embedding.word_embeddings.weight", (None,))[0]})
-        args.update({"tensor_model_parallel_size": self.tp, "pipeline_model_parallel_size": self.pp})
+        args.update({"tensor_model_parallel_size": self.tp, "pipeline_model_parallel_size": self.pp,
+                     "virtual_pipeline_model_parallel_size": self.vp if self.vp > 1 else None})
         args.pop("params_dtype", None)
-        common = {k: v for k, v in (meg.get("common") or {}).items()}
+        # the model weights only: a carried optimizer common state would announce optimizer
+        # tensors this checkpoint does not hold
+        common = {k: v for k, v in (meg.get("common") or {}).items() if k != "optimizer"}
         common.setdefault("iteration", md.get("iteration", 0))
         common["args"] = argparse.Namespace(**args)
         if md.get("hf"):
