@@ -20,14 +20,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 from ucp.errors import UcpError
 from ucp.plan import Box, Fragment, Piece
+from ucp.plan.renames import Segment, split_views
 from ucp.sources.hf import CARRIED_JSON, DEFAULT_SPEC, INDEX_FILE, SINGLE_FILE, TIED_PAIRS
 from ucp.targets import Target, TargetUnit
-from ucp.plan.renames import Segment, split_views
 
 DEFAULT_RENAME_SPEC = "megatron_to_hf_llama"
 DEFAULT_MAX_SHARD = 5 * 10**9
@@ -106,6 +107,11 @@ class HFTarget(Target):
         shapes = {n: tuple(checkpoint.array_info(n, "param").shape) for n in names}
         views = self._views(names, shapes, md)
         self._config = self.config or hf_config(md, views)
+        if not self._config:
+            warnings.warn(f"{self.dst}: no config.json written: the checkpoint carries none "
+                          f"({md.get('source', {}).get('format', 'unknown')} source); pass config= "
+                          "(--config) with the model's config.json for from_pretrained to load it",
+                          stacklevel=2)
         vocab = self._config.get("vocab_size") if self._config else None
         tied = bool(self._config.get("tie_word_embeddings")) if self._config else False
         frags = {}

@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Any
 
 from ucp.errors import UcpError
+from ucp.plan.renames import fused_views, translate
 from ucp.sources.megatron import BACKEND_FILE, CARRIED_KEY, COMMON_FILE, STACKED, STACKED_PREFIX, restrict
 from ucp.targets import Target, TargetUnit
 from ucp.targets._distcp import DistcpWriter
-from ucp.plan.renames import fused_views, translate
 
 DEFAULT_SPEC = "megatron_gpt"
 RENAME_SPEC = "megatron_to_hf_llama"
