@@ -9,7 +9,9 @@ stubbed as that script says) and saves model + ``optimizer.sharded_state_dict`` 
 
 Reference: Megatron's own ``dist_checkpointing.load`` of that checkpoint into a
 DistributedOptimizer built at TP=1 x DP=2 (Megatron reshards fully_reshardable state
-itself), read back from the optimizer with Megatron's ``get_parameter_state_dp_zero``.
+itself), read back from the optimizer with Megatron's ``get_parameter_state_dp_zero``. The
+same step saved as ``dp_reshardable`` (flat buckets) is checked against it after Megatron's
+own loads of both formats are shown to agree.
 """
 import pickle
 import shutil
@@ -81,11 +83,51 @@ def test_step_and_param_groups_are_carried(distopt_universal, distopt_reference)
     assert ck.metadata["optimizer"]["sharding_type"] == "fully_reshardable"
 
 
-def test_dp_reshardable_buckets_are_refused_by_name(tmp_path):
-    path = tmp_path / "dpr"
-    run(2, "save", path, "--tp", 1, "--sharding", "dp_reshardable")
-    with pytest.raises(UcpError, match=r"bucket_idx_0.*dp_reshardable"):
-        ucp.convert(path, tmp_path / "u")
+@pytest.fixture(scope="session")
+def dp_reshardable_tp2(tmp_path_factory):
+    """The same run (same seeds, same TP=2 x DP=2 step) saved in the dp_reshardable format:
+    flat buckets per model-parallel rank, in Megatron's buffer layout."""
+    path = tmp_path_factory.mktemp("distopt") / "dpr"
+    run(4, "save", path, "--tp", 2, "--sharding", "dp_reshardable")
+    return path
+
+
+def test_dp_reshardable_holds_the_same_state_by_megatrons_own_load(distopt_tp2, dp_reshardable_tp2, tmp_path):
+    """Megatron loads both checkpoints at TP=2 x DP=1 (dp_reshardable reshards over DP only):
+    its optimizer then holds the same states, so the TP=1 reference above is this run's too."""
+    for name, path, sharding in (("fr", distopt_tp2, "fully_reshardable"), ("dpr", dp_reshardable_tp2, "dp_reshardable")):
+        run(2, "dump", path, tmp_path / name, "--tp", 2, "--sharding", sharding)
+    for f in sorted((tmp_path / "fr").glob("rank*.pt")):
+        a, b = torch.load(f, weights_only=True), torch.load(tmp_path / "dpr" / f.name, weights_only=True)
+        for state in STATES:
+            assert a[state].keys() == b[state].keys()
+            assert all(torch.equal(a[state][k], b[state][k]) for k in a[state]), (f.name, state)
+
+
+def test_dp_reshardable_buckets_read_like_megatrons_own_load(dp_reshardable_tp2, distopt_reference, tmp_path):
+    """The buckets are cut into parameters by the spec's flat layout (reverse order, 64-element
+    alignment, padded to lcm(dp, 128)) bound at TP=2 x DP=2: every state bit-exact."""
+    ucp.convert(dp_reshardable_tp2, tmp_path / "u")
+    ck = ucp.open(tmp_path / "u")
+    assert sorted(ck.params) == sorted(distopt_reference["param"])
+    for state in STATES:
+        for name, want in distopt_reference[state].items():
+            assert torch.equal(ck.read(name, state=state), as_universal(name, want)), (state, name)
+    assert ck.param_meta("output_layer.weight")["scalars"] == {"step": 1}
+    assert ck.metadata["optimizer"]["sharding_type"] == "dp_reshardable"
+    assert len(ck.metadata["optimizer"]["param_groups"]) == 2
+
+
+def test_dp_reshardable_without_the_dp_size_is_refused(dp_reshardable_tp2, tmp_path):
+    import argparse
+
+    shutil.copytree(dp_reshardable_tp2, tmp_path / "c")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        common = torch.load(tmp_path / "c" / "common.pt", weights_only=True)
+    del common["args"].data_parallel_size
+    torch.save(common, tmp_path / "c" / "common.pt")
+    with pytest.raises(UcpError, match="data-parallel size.*args.data_parallel_size"):
+        ucp.convert(tmp_path / "c", tmp_path / "u")
     assert not (tmp_path / "u" / "ucp.manifest.json").exists()
 
 

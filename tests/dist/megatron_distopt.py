@@ -218,7 +218,10 @@ def main():
         ddp, opt = build(a, a.seed)
         train_step(ddp, opt, a)
         state = sharded_state(ddp, opt, a, is_loading=False)
-        state.update(iteration=1, checkpoint_version=3.0, args=megatron_gpt.args_namespace(a))
+        args = megatron_gpt.args_namespace(a)       # + what Megatron-LM records of the DDP / optimizer run
+        args.data_parallel_size = ps.get_data_parallel_world_size()
+        args.use_distributed_optimizer, args.ddp_bucket_size = True, a.bucket_size
+        state.update(iteration=1, checkpoint_version=3.0, args=args)
         os.makedirs(a.paths[0], exist_ok=True)
         dist_checkpointing.save(state, a.paths[0])
     else:

@@ -40,10 +40,17 @@ Distributed-optimizer state (``DistributedOptimizer.sharded_state_dict``), by th
   under that key is its copy at the model's precision). ``step`` comes from the param groups
   in ``common.pt`` (torch Adam keeps it there in this format); the groups are kept in the
   metadata (``optimizer.param_groups``).
-* ``dp_reshardable`` stores the flat buckets of the optimizer's buffers
-  (``optimizer.distributed.dp_group_idx_*.gbuf_idx_*...bucket_idx_*.exp_avg``): they only
-  mean something together with the buffer layout (``flat`` in the spec) and are refused by
-  name, never dropped silently.
+* ``dp_reshardable`` stores the flat buckets of the optimizer's buffers,
+  ``optimizer.distributed.dp_group_idx_G.gbuf_idx_V.dtype_*.bucket_idx_B.{param,exp_avg,...}``:
+  one 1-D tensor per bucket of model chunk ``V`` of model-parallel rank ``G`` (= pp rank x tp
+  + tp rank), the DP ranks' shards one after the other (the padding to the DP multiple cut
+  off at the end). Where each parameter lies in a bucket is the spec's ``flat(..., group=
+  "dense.{v}", order=reverse, param_align=64, ...)`` bound at the run's tp, pp and dp
+  (``args.data_parallel_size``) with ``distributed_optimizer = 1``: the fragments of rank
+  (tp, pp, dp) are shifted by dp x the shard length into the stored tensor, each piece
+  inside one stored chunk (Megatron writes one chunk per parameter range per rank). Expert
+  buffers (MoE) are refused by name. ``step`` and the groups come from the
+  ``optimizer.distributed.dp_group_idx_0.optimizer`` object.
 """
 from __future__ import annotations
 
@@ -71,7 +78,9 @@ VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 _OBJECT_KEY = re.compile(r"^(?P<key>.+)/shard_(?P<offsets>[0-9_]+)$")
 #: fully_reshardable distributed-optimizer state: the model key's layout under another key
 OPTIMIZER_STATE = re.compile(r"^optimizer\.state\.(?P<state>[A-Za-z0-9_]+)\.(?P<key>.+)$")
-BUCKETS = re.compile(r"^optimizer\.distributed\.dp_group_idx_\d+\.gbuf_idx_")
+#: dp_reshardable distributed-optimizer state: one flat tensor per bucket of a buffer
+BUCKET = re.compile(r"^optimizer\.distributed\.dp_group_idx_(?P<group>\d+)\.gbuf_idx_(?P<buffer>\d+)\."
+                    r"dtype_.*\.bucket_idx_(?P<bucket>\d+)\.(?P<state>[A-Za-z0-9_]+)$")
 
 
 class MegatronError(UcpError):
@@ -255,33 +264,41 @@ class MegatronSource(Source):
         self._files = DcpFiles(self.path, extra_globals=planner_globals())
         common = load_common(self.path)
         args = jsonable(common.get("args") or {})
-        tensors, objects = self._stored_items()
+        tensors, objects, buckets = self._stored_items()
         shapes = {n: t["param"][0] for n, t in tensors.items()}
         constants = {**model_constants(args, self.constants), "vocab_multiple": 1}
         bound = bind_layout(self.spec or DEFAULT_SPEC, list(shapes), {}, constants)
         whole = {f.name: f for f in bound.rank_fragments(shapes, {})}
+        planned = {}
+        if buckets:
+            common = {**common, "optimizer": {**(common.get("optimizer") or {}), **self._bucket_common(objects)}}
+            planned = self._bucket_fragments(buckets, shapes, args, constants)
+            dtype = {st: item.properties.dtype for (_, _, _, st), (_, item) in buckets.items()}
+            for name, by_state in planned.items():
+                tensors[name].update({st: (shapes[name], dtype[st]) + tensors[name]["param"][2:]
+                                      for st in by_state})
         scalars = optimizer_scalars(common, tensors)
-        params = [self._param(n, tensors[n], whole[n], bound, args, scalars) for n in shapes]
+        params = [self._param(n, tensors[n], whole[n], bound, args, scalars, planned.get(n, {}))
+                  for n in shapes]
         metadata = self._metadata(common, args, constants, objects)
         return SourceLayout(params=params, metadata=metadata, spec_name=bound.spec_name,
                             spec_text=bound.spec.text, constants=constants)
 
     def _stored_items(self):
-        """``{param: {state: (shape, dtype, key, leading indices or None, chunks)}}`` and
-        ``{object key: index}``. A model key gives state ``param``; a fully_reshardable
-        optimizer key ``optimizer.state.S.<model key>`` gives state ``S`` of the same
-        parameters (``param`` there is the fp32 main parameter and wins)."""
+        """``{param: {state: (shape, dtype, key, leading indices or None, chunks)}}``,
+        ``{object key: index}`` and ``{(group, buffer, bucket, state): (key, item)}``. A model
+        key gives state ``param``; a fully_reshardable optimizer key ``optimizer.state.S.<model
+        key>`` gives state ``S`` of the same parameters (``param`` there is the fp32 main
+        parameter and wins); dp_reshardable buckets are returned as they are."""
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
         md = self._files.metadata
-        tensors, objects, optim = {}, {}, []
+        tensors, objects, optim, buckets = {}, {}, [], {}
         for key, item in md.state_dict_metadata.items():
             if isinstance(item, BytesStorageMetadata):
                 objects[key] = MetadataIndex(key)
-            elif BUCKETS.match(key):
-                raise MegatronError(f"{self.path}: distributed-optimizer bucket {key!r} (dp_reshardable "
-                                    "format) is not supported; save with "
-                                    "distrib_optim_sharding_type='fully_reshardable'")
+            elif (m := BUCKET.match(key)):
+                buckets[(int(m["group"]), int(m["buffer"]), int(m["bucket"]), m["state"])] = (key, item)
             elif (m := OPTIMIZER_STATE.match(key)):
                 optim.append((m["state"], m["key"], key, item))
             else:
@@ -296,11 +313,76 @@ class MegatronSource(Source):
                     raise MegatronError(f"{self.path}: optimizer state {key!r} has shape {entry[0]}, the "
                                         f"model tensor {model_key!r} {tensors[name]['param'][0]}")
                 tensors[name][state] = entry
-        return model_order(tensors), objects
+        return model_order(tensors), objects, buckets
 
-    def _param(self, name, stored, whole, bound, args, scalars) -> SourceParam:
-        """One universal parameter: per state, a fragment per stored chunk that holds part of it."""
-        frags = {state: self._fragments(name, state, entry, whole) for state, entry in stored.items()}
+    def _bucket_fragments(self, buckets, shapes, args, constants) -> dict:
+        """dp_reshardable: ``{param: {state: [fragment per stored chunk]}}`` from the spec's
+        bucket layout bound at the run's degrees (see the module docstring)."""
+        from ucp.engine import bind_layout
+
+        tp, pp = int(args.get("tensor_model_parallel_size") or 1), int(args.get("pipeline_model_parallel_size") or 1)
+        dp = args.get("data_parallel_size")
+        if not dp:
+            raise MegatronError(f"{self.path}: dp_reshardable optimizer state is laid out by the run's "
+                                "data-parallel size, which common.pt does not record (args.data_parallel_size)")
+        if constants.get("experts"):
+            raise MegatronError(f"{self.path}: dp_reshardable optimizer state of a MoE model (expert "
+                                "buffers) is not supported; save with 'fully_reshardable'")
+        bound = bind_layout(self.spec or DEFAULT_SPEC, dict(shapes), {"tp": tp, "pp": pp, "dp": int(dp)},
+                            {**constants, "distributed_optimizer": 1, "bucket_size": int(args.get("ddp_bucket_size") or 0),
+                             "vp": int(args.get("virtual_pipeline_model_parallel_size") or 1)})
+        states = sorted({k[3] for k in buckets})
+        out: dict = {n: {st: {} for st in states} for n in shapes}
+        for coords in bound.mesh():
+            group = coords.get("pp", 0) * tp + coords.get("tp", 0)
+            for state in states:
+                for f in bound.rank_fragments(shapes, coords, state=state):
+                    if not f.replica:
+                        self._place_in_bucket(f, buckets, (group, state), coords.get("dp", 0), out[f.name][state])
+        return {n: {st: list(fr.values()) for st, fr in by.items()} for n, by in out.items()}
+
+    def _place_in_bucket(self, f, buckets, where, dp_rank, into: dict) -> None:
+        """The pieces of rank fragment ``f`` (local tensor: that DP rank's shard of bucket
+        ``f.local_name`` = "dense.V[.B]") as pieces of the stored chunks that hold them."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        from ucp.plan import Box, Piece
+
+        _, v, *b = f.local_name.split(".")
+        group, state = where
+        found = buckets.get((group, int(v), int(b[0]) if b else 0, state))
+        if found is None:
+            raise MegatronError(f"{self.path}: no dp_reshardable bucket {f.local_name} of {state} for "
+                                f"dp_group_idx_{group} ({f.name} is there by the spec's layout)")
+        key, item = found
+        shift = dp_rank * f.local_shape[0]
+        for pc in f.pieces:
+            start, stop = pc.dst.start[0] + shift, pc.dst.stop[0] + shift
+            k, ch = next(((k, c) for k, c in enumerate(item.chunks)
+                          if c.offsets[0] <= start and stop <= c.offsets[0] + c.sizes[0]), (None, None))
+            if ch is None:
+                raise MegatronError(f"{self.path}: {key}: no stored chunk holds [{start}, {stop}) of "
+                                    f"{f.name} (the buffer layout differs from the spec's)")
+            coords = (("group", group), ("chunk", k))
+            frag = into.get(coords)
+            if frag is None:
+                frag = replace(f, local_name=key, coords=coords, local_shape=tuple(ch.sizes), pieces=())
+                self._where[(f.name, state, coords)] = (MetadataIndex(key, tuple(ch.offsets), k), None)
+            dst = Box((start - ch.offsets[0],), (stop - ch.offsets[0],))
+            into[coords] = replace(frag, pieces=frag.pieces + (Piece(pc.src, dst),))
+
+    def _bucket_common(self, objects) -> dict:
+        """dp_reshardable: the optimizer's common state (param groups) from its ShardedObject."""
+        key = next((k for k in objects if k.startswith("optimizer.distributed.dp_group_idx_0.optimizer/")), None)
+        value = self._files.obj(objects[key]) if key else None
+        value = value[0] if isinstance(value, list) and len(value) == 1 else value
+        return {"optimizer": value} if isinstance(value, dict) else {}
+
+    def _param(self, name, stored, whole, bound, args, scalars, planned) -> SourceParam:
+        """One universal parameter: per state, a fragment per stored chunk that holds part of it
+        (``planned``: states whose fragments are planned already, dp_reshardable buckets)."""
+        frags = {state: planned.get(state) or self._fragments(name, state, entry, whole)
+                 for state, entry in stored.items()}
         shape, key = stored["param"][0], stored["param"][2]
         meta = {**bound.param_meta(name, shape), "fragmentation": {"layout": "megatron", "key": key}}
         meta.pop("padding", None)
