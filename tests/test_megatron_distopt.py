@@ -13,16 +13,18 @@ itself), read back from the optimizer with Megatron's ``get_parameter_state_dp_z
 same step saved as ``dp_reshardable`` (flat buckets) is checked against it after Megatron's
 own loads of both formats are shown to agree.
 """
+import argparse
 import pickle
 import shutil
 
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 import ucp
 from ucp.errors import UcpError
 
-from tests.test_megatron import ROOT, part_major_qkv, torchrun_script
+from tests.test_megatron import ROOT, part_major_qkv, torchrun, torchrun_script
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -119,8 +121,6 @@ def test_dp_reshardable_buckets_read_like_megatrons_own_load(dp_reshardable_tp2,
 
 
 def test_dp_reshardable_without_the_dp_size_is_refused(dp_reshardable_tp2, tmp_path):
-    import argparse
-
     shutil.copytree(dp_reshardable_tp2, tmp_path / "c")
     with torch.serialization.safe_globals([argparse.Namespace]):
         common = torch.load(tmp_path / "c" / "common.pt", weights_only=True)
@@ -133,8 +133,6 @@ def test_dp_reshardable_without_the_dp_size_is_refused(dp_reshardable_tp2, tmp_p
 
 def test_optimizer_state_without_its_model_tensor_is_refused(distopt_tp2, tmp_path):
     """A checkpoint whose metadata names optimizer state for a parameter it does not hold."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     shutil.copytree(distopt_tp2, tmp_path / "c")
     md = FileSystemReader(str(tmp_path / "c")).read_metadata()
     key = "optimizer.state.exp_avg.decoder.final_layernorm.weight"
@@ -143,3 +141,31 @@ def test_optimizer_state_without_its_model_tensor_is_refused(distopt_tp2, tmp_pa
         pickle.dump(md, f)
     with pytest.raises(UcpError, match="decoder.missing.weight.*no model tensor"):
         ucp.convert(tmp_path / "c", tmp_path / "u")
+
+
+def test_export_to_tp1_resumes_with_megatrons_own_optimizer_state(distopt_universal, distopt_reference, tmp_path):
+    """universal -> Megatron at TP=1 (fully_reshardable optimizer state written): Megatron's
+    DistributedOptimizer loading it holds exactly what it holds when it reshards the TP=2
+    original itself — main params, both moments, step and the param groups."""
+    ucp.export(distopt_universal, tmp_path / "tp1", "megatron", degrees={"tp": 1})
+    run(2, "dump", tmp_path / "tp1", tmp_path / "dump", "--tp", 1, "--sharding", "fully_reshardable")
+    got = torch.load(sorted((tmp_path / "dump").glob("rank*.pt"))[0], weights_only=True)
+    for state in STATES:
+        assert got[state].keys() == distopt_reference[state].keys()
+        for name, want in distopt_reference[state].items():
+            assert torch.equal(got[state][name], want), (state, name)
+    assert got["step"] == distopt_reference["step"]
+    assert got["param_groups"] == distopt_reference["param_groups"]
+
+
+def test_export_of_weights_only_writes_no_optimizer_state(tmp_path):
+    """A universal checkpoint without a Megatron optimizer (here: a weights-only Megatron save
+    converted) is exported as model weights only, with no optimizer common state."""
+    torchrun(1, "save", tmp_path / "m", "--layers", 2)
+    ucp.convert(tmp_path / "m", tmp_path / "u")
+    ucp.export(tmp_path / "u", tmp_path / "out", "megatron", degrees={"tp": 1})
+    keys = FileSystemReader(str(tmp_path / "out")).read_metadata().state_dict_metadata
+    assert keys and not any(k.startswith("optimizer.") for k in keys)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        common = torch.load(tmp_path / "out" / "common.pt", weights_only=True)
+    assert "optimizer" not in common

@@ -77,6 +77,7 @@ CARRIED_KEY = "ucp_metadata"
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 _OBJECT_KEY = re.compile(r"^(?P<key>.+)/shard_(?P<offsets>[0-9_]+)$")
 #: fully_reshardable distributed-optimizer state: the model key's layout under another key
+OPTIMIZER_PREFIX = "optimizer.state."
 OPTIMIZER_STATE = re.compile(r"^optimizer\.state\.(?P<state>[A-Za-z0-9_]+)\.(?P<key>.+)$")
 #: dp_reshardable distributed-optimizer state: one flat tensor per bucket of a buffer
 BUCKET = re.compile(r"^optimizer\.distributed\.dp_group_idx_(?P<group>\d+)\.gbuf_idx_(?P<buffer>\d+)\."

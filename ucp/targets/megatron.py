@@ -23,7 +23,14 @@ With ``degrees={"vp": V}`` the layers are placed as an interleaved virtual pipel
 ``c`` of ``pp * V`` chunks of consecutive layers lives on stage ``c % pp`` (the spec's
 ``layers(..., chunks=vp)``). The stored keys are global (layer offsets on the stacked axis),
 so a rank writes the layers of all its chunks; Megatron-LM loads them as ``model0``,
-``model1``, ... Optimizer state is not written (the model weights only).
+``model1``, ...
+
+Distributed-optimizer state is written when the universal checkpoint came from a Megatron
+distributed optimizer (its metadata records ``optimizer.sharding_type`` and every parameter
+has ``exp_avg`` and ``exp_avg_sq``): in the ``fully_reshardable`` format, which any TP/PP/DP
+loads, ``optimizer.state.{param,exp_avg,exp_avg_sq}.<model key>`` with the model key's own
+chunks (``param`` is the universal fp32 ``param``, the optimizer's main parameter) and the
+param groups (with ``step``) in ``common.pt``. Otherwise only the model weights are written.
 
 A checkpoint in HF Llama names is mapped through ``converters/megatron_to_hf_llama.ucp``
 (q/k/v and gate/up fused back). Degrees the model cannot take (query groups or layers not
@@ -45,7 +52,8 @@ from typing import Any
 
 from ucp.errors import UcpError
 from ucp.plan.renames import fused_views, translate
-from ucp.sources.megatron import BACKEND_FILE, CARRIED_KEY, COMMON_FILE, STACKED, STACKED_PREFIX, restrict
+from ucp.sources.megatron import (BACKEND_FILE, CARRIED_KEY, COMMON_FILE, OPTIMIZER_PREFIX, STACKED,
+                                  STACKED_PREFIX, restrict)
 from ucp.targets import Target, TargetUnit
 from ucp.targets._distcp import DistcpWriter
 
@@ -119,6 +127,7 @@ class MegatronTarget(Target):
         self._files = DistcpWriter(self.dst)
         self._objects: dict[str, Any] = {}
         self._common: dict[str, Any] = {}
+        self._optim: list[str] = []
 
     # ------------------------------------------------------------------ planning
     def plan(self, checkpoint):
@@ -132,10 +141,20 @@ class MegatronTarget(Target):
         self._vocab_multiple = (md.get("megatron", {}).get("args") or {}).get("make_vocab_size_divisible_by")
         self._check_degrees(constants)
         meg_shapes = {t: s for t, (s, _) in views.items()}
+        self._optim = self._optimizer_states(checkpoint, md)
         units = self._units(views, meg_shapes, shapes, constants)
         self._objects = self._carried_objects(md, constants)
         self._common = self._common_state(md, constants, meg_shapes)
         return units
+
+    @staticmethod
+    def _optimizer_states(checkpoint, md) -> list[str]:
+        """The optimizer states to write: those of a Megatron distributed optimizer, when every
+        parameter has them (``[]``: the model weights only)."""
+        if not (md.get("optimizer") or {}).get("sharding_type"):
+            return []
+        states = ["exp_avg", "exp_avg_sq"]
+        return states if all(set(states) <= set(checkpoint.states(n)) for n in checkpoint.params) else []
 
     def _megatron_views(self, names, shapes, md):
         """``{Megatron name: (shape, segments over checkpoint tensors)}`` and the constants."""
@@ -188,7 +207,7 @@ class MegatronTarget(Target):
                 if (expert or e == 0) and placed.holds(n, coords):
                     frags.extend(self._chunk_fragments(n, whole[n], rule, r, views[n][1], shapes))
             units.append(TargetUnit(key=f"__{(s * self.ep + e) * self.tp + r}_0.distcp", coords=coords,
-                                    fragments=frags, states=["param"]))
+                                    fragments=frags, states=["param", *self._optim]))
         lead = (int(constants.get("layers", 0)), int(constants.get("experts", 0)))
         self._global = {}
         for n in meg_shapes:
@@ -241,29 +260,36 @@ class MegatronTarget(Target):
         args.update({"tensor_model_parallel_size": self.tp, "pipeline_model_parallel_size": self.pp,
                      "virtual_pipeline_model_parallel_size": self.vp if self.vp > 1 else None})
         args.pop("params_dtype", None)
-        # the model weights only: a carried optimizer common state would announce optimizer
-        # tensors this checkpoint does not hold
+        # the optimizer's common state is rebuilt below (fully_reshardable) or left out
         common = {k: v for k, v in (meg.get("common") or {}).items() if k != "optimizer"}
         common.setdefault("iteration", md.get("iteration", 0))
         common["args"] = argparse.Namespace(**args)
         if md.get("hf"):
             common[CARRIED_KEY] = json.dumps({"hf": md["hf"]})
+        if self._optim:
+            groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
+                      for g in md["optimizer"].get("param_groups") or []]
+            common["optimizer"] = {"optimizer": {"param_groups": groups},
+                                   "param_state_sharding_type": "fully_reshardable"}
         return common
 
     # ------------------------------------------------------------------ writing
     def write_unit(self, unit: TargetUnit, tensors) -> None:
         self.dst.mkdir(parents=True, exist_ok=True)
-        local = tensors.get("param", {})
         items, seen = [], set()
+        # the model key, then the optimizer's keys with the same chunks (``param`` = fp32 main param)
+        prefixes = [("param", "")] + [(st, f"{OPTIMIZER_PREFIX}{st}.") for st in
+                                      (["param", *self._optim] if self._optim else [])]
         for f in unit.fragments:
             if f.local_name in seen:
                 continue
             seen.add(f.local_name)
             key, lead, start = (tuple(int(x) for x in part.split(",") if x) if i else part
                                 for i, part in enumerate(f.local_name.split("|")))
-            t = local[f.local_name]
-            t = t.reshape((1,) * len(lead) + tuple(t.shape))       # the stacked leading axes
-            items.append((key, self._global_size(key), lead + start, t))
+            for state, prefix in prefixes:
+                t = tensors[state][f.local_name]
+                t = t.reshape((1,) * len(lead) + tuple(t.shape))       # the stacked leading axes
+                items.append((prefix + key, self._global_size(key), lead + start, t))
         if not any(unit.coords.values()):
             items.extend((k, None, None, _saved(v)) for k, v in self._objects.items())
         self._files.write(unit.key, items)
