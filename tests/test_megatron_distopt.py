@@ -97,7 +97,8 @@ def dp_reshardable_tp2(tmp_path_factory):
 def test_dp_reshardable_holds_the_same_state_by_megatrons_own_load(distopt_tp2, dp_reshardable_tp2, tmp_path):
     """Megatron loads both checkpoints at TP=2 x DP=1 (dp_reshardable reshards over DP only):
     its optimizer then holds the same states, so the TP=1 reference above is this run's too."""
-    for name, path, sharding in (("fr", distopt_tp2, "fully_reshardable"), ("dpr", dp_reshardable_tp2, "dp_reshardable")):
+    for name, path, sharding in (("fr", distopt_tp2, "fully_reshardable"),
+                                 ("dpr", dp_reshardable_tp2, "dp_reshardable")):
         run(2, "dump", path, tmp_path / name, "--tp", 2, "--sharding", sharding)
     for f in sorted((tmp_path / "fr").glob("rank*.pt")):
         a, b = torch.load(f, weights_only=True), torch.load(tmp_path / "dpr" / f.name, weights_only=True)

@@ -110,7 +110,8 @@ def stub_collectives():
     from megatron.core.distributed import param_and_grad_buffer as pgb
 
     for mod in ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.distrib_optimizer",
-                "megatron.core.optimizer.clip_grads", "megatron.core.distributed.param_and_grad_buffer", "megatron.core.utils",
+                "megatron.core.optimizer.clip_grads", "megatron.core.distributed.param_and_grad_buffer",
+                "megatron.core.utils",
                 "megatron.core.distributed.distributed_data_parallel"):
         importlib.import_module(mod).torch = _CpuTorch()
 

@@ -46,7 +46,8 @@ Distributed-optimizer state (``DistributedOptimizer.sharded_state_dict``), by th
   + tp rank), the DP ranks' shards one after the other (the padding to the DP multiple cut
   off at the end). Where each parameter lies in a bucket is the spec's ``flat(..., group=
   "dense.{v}", order=reverse, param_align=64, ...)`` bound at the run's tp, pp and dp
-  (``args.data_parallel_size``) with ``distributed_optimizer = 1``: the fragments of rank
+  (``args.data_parallel_size``) with ``distributed_optimizer = 1`` and the bucket size DDP
+  derives from the args (:func:`bucket_elements`): the fragments of rank
   (tp, pp, dp) are shifted by dp x the shard length into the stored tensor, each piece
   inside one stored chunk (Megatron writes one chunk per parameter range per rank). Expert
   buffers (MoE) are refused by name. ``step`` and the groups come from the
@@ -215,6 +216,15 @@ def optimizer_groups(common: Mapping[str, Any]) -> list:
     return [jsonable(g) for g in groups] if isinstance(groups, list) else []
 
 
+def bucket_elements(args: Mapping[str, Any], dp: int, stage: int) -> int:
+    """The DDP bucket size (elements) of pipeline stage ``stage`` as Megatron-Core's
+    DistributedDataParallel sets it from Megatron-LM's args; 0: one bucket per buffer
+    (no ``overlap_grad_reduce``, or a stage after the first, which Megatron never splits)."""
+    if not args.get("overlap_grad_reduce") or stage > 0:
+        return 0
+    return int(args.get("ddp_bucket_size") or max(40000000, 1000000 * dp))
+
+
 def restrict(fragment, chunk_start, chunk_stop):
     """The part of ``fragment`` (whose local tensor is a stored global tensor) that one
     stored chunk ``[chunk_start, chunk_stop)`` holds, as a fragment whose local tensor is
@@ -329,13 +339,22 @@ class MegatronSource(Source):
         if constants.get("experts"):
             raise MegatronError(f"{self.path}: dp_reshardable optimizer state of a MoE model (expert "
                                 "buffers) is not supported; save with 'fully_reshardable'")
-        bound = bind_layout(self.spec or DEFAULT_SPEC, dict(shapes), {"tp": tp, "pp": pp, "dp": int(dp)},
-                            {**constants, "distributed_optimizer": 1, "bucket_size": int(args.get("ddp_bucket_size") or 0),
-                             "vp": int(args.get("virtual_pipeline_model_parallel_size") or 1)})
+        binds = {}
+
+        def bound_at(stage):
+            size = bucket_elements(args, int(dp), stage)
+            if size not in binds:
+                degrees = {"tp": tp, "pp": pp, "dp": int(dp)}
+                binds[size] = bind_layout(self.spec or DEFAULT_SPEC, dict(shapes), degrees,
+                                          {**constants, "distributed_optimizer": 1, "bucket_size": size,
+                                           "vp": int(args.get("virtual_pipeline_model_parallel_size") or 1)})
+            return binds[size]
+
         states = sorted({k[3] for k in buckets})
         out: dict = {n: {st: {} for st in states} for n in shapes}
-        for coords in bound.mesh():
+        for coords in bound_at(0).mesh():
             group = coords.get("pp", 0) * tp + coords.get("tp", 0)
+            bound = bound_at(coords.get("pp", 0))
             for state in states:
                 for f in bound.rank_fragments(shapes, coords, state=state):
                     if not f.replica:
