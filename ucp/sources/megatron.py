@@ -404,6 +404,7 @@ class MegatronSource(Source):
         frags = {state: planned.get(state) or self._fragments(name, state, entry, whole)
                  for state, entry in stored.items()}
         shape, key = stored["param"][0], stored["param"][2]
+        key = m["key"] if (m := OPTIMIZER_STATE.match(key)) else key     # the model key, also for main params
         meta = {**bound.param_meta(name, shape), "fragmentation": {"layout": "megatron", "key": key}}
         meta.pop("padding", None)
         if name in VOCAB_PARAMS and args.get("vocab_size") and shape[0] > args["vocab_size"]:
