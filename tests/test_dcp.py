@@ -138,7 +138,8 @@ def check_universal(path, ref: dict, variant: GPTConfig) -> None:
     ck = ucp.open(path)
     assert ck.params == list(build(variant).state_dict())
     for name, t in ref["model"].items():
-        assert same(ck.read(name, "param"), t), name
+        holder = ck.param_meta(name).get("tied_to", name)
+        assert same(ck.read(holder, "param"), t), name
     for name, states in ref["optim"]["state"].items():
         assert set(ck.states(name)) - {"param"} == {s for s, v in states.items() if v.dim()}, name
         for state, t in states.items():
@@ -151,6 +152,10 @@ def check_universal(path, ref: dict, variant: GPTConfig) -> None:
     want = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in ref["optim"]["param_groups"]]
     assert groups == want
     flags = {n: {k: v for k, v in ck.param_meta(n).items() if k in ("frozen", "tied_to")} for n in ck.params}
+    for alias in (n for n in ck.params if "tied_to" in flags[n]):     # stored once, as its tied_to
+        meta = ck.param_meta(alias)
+        assert ck.states(alias) == [], alias
+        assert (meta["shape"], meta["dtype"]) == (list(ref["model"][alias].shape), "float32"), alias
     expect = {n: {} for n in ck.params}
     if variant.frozen:
         for n in ("blocks.0.ln1.weight", "blocks.0.ln1.bias", "blocks.0.attn.q.bias", "blocks.0.attn.k.bias"):

@@ -19,9 +19,10 @@ the reader, the writer, the DCP source and the DCP target). With ``get_state_dic
 * ``optim.param_groups.<i>.<key>`` — ``metadata["optimizer"]["param_groups"][i][key]``;
 * anything else — ``metadata["dcp"][<key>]`` (values JSON-encoded, tensors as small arrays).
 
-A model tensor that is the same storage as another (tied embeddings) gets ``tied_to`` (the one
-the optimizer steps); a model tensor with no optimizer state while the state dict has an
-optimizer gets ``frozen: true``.
+A model tensor that is the same storage as another (tied embeddings) is stored once: the alias
+is a parameter with no arrays, ``tied_to`` the one the optimizer steps (and that one's shape
+and dtype), and the reader serves both keys from the one stored array. A model tensor with no
+optimizer state while the state dict has an optimizer gets ``frozen: true``.
 
 **Reading only what is needed.** The reader describes every universal array to DCP as ONE
 saved chunk covering the whole tensor; DCP's planner then asks, for each chunk of each rank's
@@ -306,6 +307,7 @@ class _RankSummary:
     groups: dict = dataclasses.field(default_factory=dict)       # (i, key) -> value
     extras: dict = dataclasses.field(default_factory=dict)       # key -> value | [(offsets, tensor)]
     ties: dict = dataclasses.field(default_factory=dict)         # alias -> target
+    shapes: dict = dataclasses.field(default_factory=dict)       # model name -> (shape, dtype name)
     keys: set = dataclasses.field(default_factory=set)           # every flattened key on this rank
     params: list = dataclasses.field(default_factory=list)       # model order on this rank
 
@@ -393,10 +395,15 @@ class UniversalWriter(StorageWriter):
         try:
             summary = _RankSummary(info["part"])
             _summarize_state_dict(getattr(planner, "state_dict", None) or {}, summary)
+            aliases = tied_aliases(summary.params, summary.keys, summary.ties)
             arrays, results = [], []
             for item in plan.items:
+                k = parse_key(item.index.fqn)
+                if k.kind == "param" and k.name in aliases:     # stored once, as its tied_to
+                    results.append(WriteResult(item.index, 0, None))
+                    continue
                 data = planner.resolve_data(item)
-                if item.type != WriteItemType.BYTE_IO and _is_array(parse_key(item.index.fqn), item.tensor_data.size):
+                if item.type != WriteItemType.BYTE_IO and _is_array(k, item.tensor_data.size):
                     arrays.append((item, data))
                 else:
                     results.append(_record_item(item, data, summary))
@@ -507,11 +514,18 @@ def _write_arrays(writer, items, grids, workers: int) -> list[WriteResult]:
     jobs = []
     for item, data in items:
         k, td = parse_key(item.index.fqn), item.tensor_data
+        if 0 in td.chunk.sizes and math.prod(td.size):
+            # nothing to write, and nothing to declare: the ranks holding the rest declare it (an
+            # empty shard cannot show a tie, so an alias is never declared by this rank alone)
+            jobs.append(None)
+            continue
         arr = writer.add_array(k.name, k.state, tuple(td.size), td.properties.dtype,
                                chunks=grids.get((k.name, k.state)))
         jobs.append((arr, tuple(int(o) for o in td.chunk.offsets), data))
 
     def write(job):
+        if job is None:
+            return 0
         arr, offsets, data = job
         t = data.detach()
         t = (t.cpu() if t.device.type != "cpu" else t).contiguous()
@@ -573,6 +587,7 @@ def _summarize_state_dict(state_dict: dict, summary: _RankSummary) -> None:
         if k.kind != "param" or not isinstance(v, torch.Tensor):
             continue
         summary.params.append(k.name)
+        summary.shapes[k.name] = (list(v.shape), _dtype_name(v.dtype))
         local = v.to_local() if hasattr(v, "to_local") else v
         if local.numel() == 0:
             continue
@@ -593,6 +608,7 @@ def _merge_summaries(summaries: list[_RankSummary]) -> tuple[list, dict, dict]:
     groups: dict[tuple, Any] = {}
     extras: dict[str, Any] = {}
     ties: dict[str, str] = {}
+    shapes: dict[str, tuple] = {}
     for s in sorted(summaries, key=lambda s: s.rank):
         order += [n for n in s.params if n not in meta]
         for n in s.params:
@@ -603,6 +619,7 @@ def _merge_summaries(summaries: list[_RankSummary]) -> tuple[list, dict, dict]:
             meta[n].setdefault("scalar_dtypes", {}).update(s.scalar_dtypes.get(n, {}))
         groups.update(s.groups)
         ties.update(s.ties)
+        shapes.update(s.shapes)
         for key, v in s.extras.items():
             if isinstance(v, _Pieces) and key in extras:
                 extras[key] = _Pieces(extras[key] + v)
@@ -610,6 +627,8 @@ def _merge_summaries(summaries: list[_RankSummary]) -> tuple[list, dict, dict]:
                 extras.setdefault(key, v)
     for n, flags in param_flags(order, keys, ties).items():
         meta.setdefault(n, {}).update(flags)
+        if "tied_to" in flags and n in shapes:     # an alias has no array to take them from
+            meta[n].update(shape=shapes[n][0], dtype=shapes[n][1])
     md = non_tensor_metadata(groups, {k: _assemble_extra(v) for k, v in extras.items()})
     return order, meta, md
 
@@ -633,6 +652,11 @@ def param_flags(names, keys, ties: dict) -> dict[str, dict]:
         if has_optim and n not in stepped and "tied_to" not in out[n]:
             out[n]["frozen"] = True
     return out
+
+
+def tied_aliases(names, keys, ties: dict) -> set:
+    """The model tensors stored through another one (``tied_to`` of :func:`param_flags`)."""
+    return {n for n, f in param_flags(names, keys, ties).items() if "tied_to" in f}
 
 
 def non_tensor_metadata(groups: dict, extras: dict) -> dict:
