@@ -3,7 +3,8 @@
 Each of ``world_size`` writers (ranks of a job, or independent workers) runs
 ``create_checkpoint(path, rank=r, world_size=w)`` (a ``PartWriter``), writes the chunk/shard files of
 the boxes it owns and calls ``commit()``, which writes the part record ``_ucp/parts/<r>.json`` (never
-the manifest). A chunk that this rank's boxes cover only partly is staged under
+the manifest), and the ``zarr.json`` of each array whose first chunk it wrote (recorded with its size
+and crc32c, so the coordinator does not write it again: the documents are written in parallel). A chunk that this rank's boxes cover only partly is staged under
 ``_ucp/parts/<r>/stage/<n>`` instead. After a barrier one coordinator calls ``commit_parts(path, w)``:
 it checks every part, assembles the staged chunks through an ordinary ``CheckpointWriter`` and commits.
 """
@@ -16,6 +17,7 @@ from ucp.errors import FormatError, IncompleteCheckpointError, OverlapError, Ucp
 from ucp.format import manifest
 from ucp.format.array_writer import fmt_box
 from ucp.format.journal import journal_rel
+from ucp.format import layout
 from ucp.format.layout import chunk_key
 from ucp.format.manifest import ManifestArray, ManifestParam, key_index
 from ucp.format.store import MANIFEST, make_store
@@ -79,8 +81,13 @@ class PartWriter(CheckpointWriter):
         for p in self.params.values():
             states = {}
             for s, a in p.arrays.items():
-                rec = a.completed().to_json()
+                done = a.completed()
+                rec = done.to_json()
                 rec["staged"] = []
+                if chunk_key((0,) * len(a.shape)) in done.chunk_table:   # this rank writes the document
+                    doc = layout.doc_bytes(a.doc())
+                    self.store.put(f"{a.rel}/zarr.json", [doc])
+                    rec["doc"] = [len(doc), crc32c.crc32c(doc)]
                 for idx, boxes, data in a.staged_pieces():
                     rel = f"{stage_rel(self.rank)}/stage/{n}"
                     n += 1
@@ -129,8 +136,16 @@ def _load_part(store, path, rank, world_size):
     for p in doc["params"]:
         rec = ManifestParam.from_json(p, f"{where} (rank {rank})", complete=False)
         staged = {s: _staged(p["states"][s].get("staged", []), f"{where} state {s!r}", rank) for s in rec.states}
-        out.append((rec, staged))
+        docs = {f"{a.path}/zarr.json": _doc(p["states"][s].get("doc"), f"{where} state {s!r}")
+                for s, a in rec.states.items() if p["states"][s].get("doc") is not None}
+        out.append((rec, staged, docs))
     return out
+
+
+def _doc(rec, where):
+    if not (isinstance(rec, list) and len(rec) == 2 and all(isinstance(x, int) and x >= 0 for x in rec)):
+        raise FormatError(f"{where}: malformed 'doc' record {str(rec)[:60]} (want [size, crc32c])")
+    return tuple(rec)
 
 
 def _staged(pieces, where, rank):
@@ -174,9 +189,11 @@ class _Merge:
         self.meta_from: dict[str, dict] = {}
         self.arrays: dict[str, dict[str, MergedArray]] = {}
         self.decl_err, self.overlap = [], []
+        self.docs: dict[str, tuple] = {}  # rel -> (size, crc32c) of array documents ranks wrote
         for r, doc in parts:
-            for rec, staged in doc:
+            for rec, staged, docs in doc:
                 self._add_param(r, rec, staged)
+                self.docs.update(docs)
 
     def _add_param(self, r, rec: ManifestParam, staged):
         meta, frm = self.meta.setdefault(rec.name, {}), self.meta_from.setdefault(rec.name, {})
@@ -294,6 +311,17 @@ def _assemble(store, path, name, s, a, ma) -> int:
     return assembled
 
 
+class _Coordinator(CheckpointWriter):
+    """The writer of the manifest: it writes the documents no rank wrote (or wrote otherwise)."""
+
+    def __init__(self, path, docs, **kw):
+        self._docs = docs
+        super().__init__(path, coordinator=True, **kw)
+
+    def doc_on_disk(self, rel, data: bytes) -> bool:
+        return self._docs.get(rel) == (len(data), crc32c.crc32c(data))
+
+
 def commit_parts(path, world_size, metadata=None, storage_options=None, durable=True, workers=4,
                  cleanup=True, param_order=None) -> dict:
     """Check the parts of ranks ``0 .. world_size-1``, assemble staged chunks, write the manifest.
@@ -318,7 +346,7 @@ def commit_parts(path, world_size, metadata=None, storage_options=None, durable=
     if param_order is not None:
         rank_of = {n: i for i, n in enumerate(param_order)}
         names.sort(key=lambda n: rank_of.get(n, len(rank_of)))
-    w = CheckpointWriter(path, storage_options=storage_options, durable=durable, workers=workers, coordinator=True)
+    w = _Coordinator(path, merged.docs, storage_options=storage_options, durable=durable, workers=workers)
     try:
         nchunks = assembled = narrays = 0
         for name in names:

@@ -310,6 +310,11 @@ class CheckpointWriter:
             for rel, data in docs:
                 self.store.put(rel, [data])
 
+    def doc_on_disk(self, rel, data: bytes) -> bool:
+        """Whether the document ``rel`` is already on stable storage with exactly these bytes (written
+        by another writer, which recorded it); such documents are not written again."""
+        return False
+
     def unwritten(self) -> list[str]:
         """Every region not written yet, as lines naming parameter, state and chunk."""
         problems = []
@@ -361,7 +366,7 @@ class CheckpointWriter:
             raise IncompleteCheckpointError(
                 f"{self.path}: cannot commit, {len(problems)} chunk(s) unwritten:\n  " + "\n  ".join(problems[:20]) + more)
         man, docs = self.build_manifest()
-        self._write_docs(docs)
+        self._write_docs([(rel, data) for rel, data in docs if not self.doc_on_disk(rel, data)])
         if self.durable:
             self.store.sync()
         self.writer_lock.check()  # the writer-id marker: still ours, no other writer wrote in between
