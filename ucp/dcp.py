@@ -310,6 +310,7 @@ class _RankSummary:
     shapes: dict = dataclasses.field(default_factory=dict)       # model name -> (shape, dtype name)
     keys: set = dataclasses.field(default_factory=set)           # every flattened key on this rank
     params: list = dataclasses.field(default_factory=list)       # model order on this rank
+    records: Optional[list] = None                               # the committed part (PartWriter.records)
 
 
 class UniversalWriter(StorageWriter):
@@ -410,11 +411,13 @@ class UniversalWriter(StorageWriter):
             results += _write_arrays(writer, arrays, info["grids"], self.workers)
             for name in summary.params:
                 writer.add_param(name)
-            results.append(WriteResult(MetadataIndex(_SUMMARY), 0, summary))
             if self.is_coordinator:
+                writer.sync_data()       # now, in parallel with the other ranks' syncs, not in finish
                 self._part = writer
             else:
                 writer.commit()
+                summary.records = writer.records
+            results.append(WriteResult(MetadataIndex(_SUMMARY), 0, summary))
         except BaseException:
             writer.abort()
             raise
@@ -435,12 +438,14 @@ class UniversalWriter(StorageWriter):
             order, meta, universal_md = _merge_summaries(summaries)
             for name in order:
                 writer.add_param(name, meta.get(name) or None)
-            writer.commit()
+            writer.commit(sync=False)      # commit_parts syncs everything before the manifest
         except BaseException:
             writer.abort()
             raise
+        parts = {s.rank: s.records for s in summaries if s.records is not None}
+        parts[writer.rank] = writer.records
         commit_parts(self.path, self._world, metadata=universal_md, storage_options=self.storage_options,
-                     durable=self.durable, workers=self.workers, param_order=order)
+                     durable=self.durable, workers=self.workers, param_order=order, parts=parts)
 
 
 def _prepare_destination(path, overwrite: bool, storage_options) -> None:

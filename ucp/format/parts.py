@@ -74,37 +74,64 @@ class PartWriter(CheckpointWriter):
         raise UcpError(f"rank {self.rank}: set_metadata is not available to one of several writers; "
                        "pass metadata= to commit_parts")
 
-    def commit(self) -> None:
-        """Write this rank's stage files and part record (the coordinator's ``commit_parts`` reads them)."""
+    def commit(self, sync: bool = True) -> None:
+        """Write this rank's stage files, array documents and part record (the coordinator's
+        ``commit_parts`` reads them); ``records`` then holds the part as ``commit_parts(parts=)`` takes it.
+
+        ``sync=False``: the caller commits the manifest next, in this process and on this store
+        (``commit_parts`` makes every file durable before the manifest), so this part need not be
+        durable on its own."""
         self.check_open()
-        params, n = [], 0
+        durable = self.durable and sync
+        params, records, stage = [], [], []
         for p in self.params.values():
-            states = {}
+            states, typed, staged, docs = {}, {}, {}, {}
             for s, a in p.arrays.items():
-                done = a.completed()
-                rec = done.to_json()
-                rec["staged"] = []
-                if chunk_key((0,) * len(a.shape)) in done.chunk_table:   # this rank writes the document
-                    doc = layout.doc_bytes(a.doc())
-                    self.store.put(f"{a.rel}/zarr.json", [doc])
-                    rec["doc"] = [len(doc), crc32c.crc32c(doc)]
-                for idx, boxes, data in a.staged_pieces():
-                    rel = f"{stage_rel(self.rank)}/stage/{n}"
-                    n += 1
-                    self.store.put(rel, [data], fsync=self.durable)
-                    rec["staged"].append({"key": chunk_key(idx), "boxes": [[list(b0), list(b1)] for b0, b1 in boxes],
-                                          "file": rel, "size": len(data), "crc32c": crc32c.crc32c(data)})
-                states[s] = rec
+                typed[s] = a.completed()
+                staged[s] = self._stage_pieces(a, stage, durable)
+                states[s] = {**typed[s].to_json(), "staged": staged[s]}
+                doc = self._array_doc(a, typed[s])
+                if doc is not None:
+                    states[s]["doc"] = list(doc)
+                    docs[f"{a.rel}/zarr.json"] = doc
             params.append({"name": p.name, "path": p.enc, "meta": dict(p.meta), "states": states,
                            "state_order": list(states)})
+            records.append((ManifestParam(p.name, p.enc, dict(p.meta), typed), staged, docs))
         body = {"format": PART_FORMAT, "format_version": manifest.FORMAT_VERSION, "rank": self.rank,
                 "world_size": self.world_size, "writer": writer_version(), "created": now(), "params": params}
-        if self.durable:
+        if durable:
             self.store.sync()  # the part record promises that its chunks and stage files are on stable storage
         self.writer_lock.check()
-        self.store.put_atomic(part_rel(self.rank), manifest.dump(body), fsync=self.durable)
+        self.store.put_atomic(part_rel(self.rank), manifest.dump(body), fsync=durable)
+        self.records = records
         self.committed = True
         self._shutdown()
+
+    def sync_data(self) -> None:
+        """Make the chunk files written so far durable now (one syncfs when ``durable``): a writer
+        that commits later (``commit(sync=False)``) keeps its data's flush off that later, serial step."""
+        if self.durable:
+            self.store.sync()
+
+    def _stage_pieces(self, a, stage: list, durable: bool) -> list:
+        """Write the staged pieces of array ``a`` (chunks this rank covers partly) as stage files."""
+        out = []
+        for idx, boxes, data in a.staged_pieces():
+            rel = f"{stage_rel(self.rank)}/stage/{len(stage)}"
+            stage.append(rel)
+            self.store.put(rel, [data], fsync=durable)
+            out.append({"key": chunk_key(idx), "boxes": [[list(b0), list(b1)] for b0, b1 in boxes],
+                        "file": rel, "size": len(data), "crc32c": crc32c.crc32c(data)})
+        return out
+
+    def _array_doc(self, a, done: ManifestArray):
+        """Write ``a``'s ``zarr.json`` when this rank wrote its first chunk whole (exactly one rank
+        did, or none: the coordinator assembles it and writes the document); its (size, crc32c)."""
+        if chunk_key((0,) * len(a.shape)) not in done.chunk_table:
+            return None
+        doc = layout.doc_bytes(a.doc())
+        self.store.put(f"{a.rel}/zarr.json", [doc])
+        return len(doc), crc32c.crc32c(doc)
 
 
 def create_part(path, rank, world_size, **kw) -> PartWriter:
@@ -275,10 +302,10 @@ def _raise(cls, head, lines):
     raise cls(head + ":\n  " + "\n  ".join(lines[:_MAX_LINES]) + more)
 
 
-def _load_parts(store, path, world_size):
+def _load_parts(store, path, world_size, given):
     parts, missing = [], []
     for r in range(world_size):
-        doc = _load_part(store, path, r, world_size)
+        doc = given[r] if r in given else _load_part(store, path, r, world_size)
         (missing.append(r) if doc is None else parts.append((r, doc)))
     if missing:
         raise IncompleteCheckpointError(
@@ -323,7 +350,7 @@ class _Coordinator(CheckpointWriter):
 
 
 def commit_parts(path, world_size, metadata=None, storage_options=None, durable=True, workers=4,
-                 cleanup=True, param_order=None) -> dict:
+                 cleanup=True, param_order=None, parts=None) -> dict:
     """Check the parts of ranks ``0 .. world_size-1``, assemble staged chunks, write the manifest.
 
     Run by one process after every rank's ``commit()`` returned (a barrier). Raises
@@ -332,6 +359,8 @@ def commit_parts(path, world_size, metadata=None, storage_options=None, durable=
     cases. ``metadata``: the checkpoint's non-tensor state (§6.2). ``cleanup``: delete ``_ucp/parts``
     once the manifest is durable. ``param_order``: names in the order the manifest lists them (the
     model's order, which grouped flat layouts depend on); names it omits follow in rank order.
+    ``parts``: ``{rank: PartWriter.records}`` handed over in memory by a caller that gathered them
+    from its own ranks (torch DCP's ``finish``): those part records are not read back and parsed again.
     Returns counts {"params", "arrays", "chunks", "assembled"}.
     """
     world_size = int(world_size)
@@ -340,7 +369,7 @@ def commit_parts(path, world_size, metadata=None, storage_options=None, durable=
     store = make_store(path, storage_options)
     if store.exists(MANIFEST):
         raise UcpError(f"{path} is already a committed ucp checkpoint")
-    merged = _Merge(_load_parts(store, path, world_size))
+    merged = _Merge(_load_parts(store, path, world_size, parts or {}))
     merged.check(path)
     names = list(merged.arrays)
     if param_order is not None:
