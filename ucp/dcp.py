@@ -326,8 +326,10 @@ class UniversalWriter(StorageWriter):
         durable: fsync chunk files, part records and manifest (FORMAT.md §2).
         workers: writer threads per rank.
         storage_options: fsspec options for remote paths.
-        chunk_bytes: target chunk size (default: the format's default layout). Smaller chunks
-            make later partial reads (resharding loads) finer-grained.
+        chunk_bytes: plain chunks of about this size instead of the default layout (one shard
+            per saved box, inner chunks in column blocks: see ``_chunk_grids``). Smaller chunks
+            make later partial reads finer-grained along rows too, at the cost of more files and
+            of staging the chunks two ranks share.
     """
 
     def __init__(self, path=None, *, overwrite: bool = False, durable: bool = True, workers: int = 4,
@@ -461,9 +463,13 @@ def _prepare_destination(path, overwrite: bool, storage_options) -> None:
 
 
 def _chunk_grids(plans: list[SavePlan], chunk_bytes: Optional[int] = None) -> dict:
-    """``(name, state) -> chunk shape or None`` for every array: a grid aligned with every
-    rank's boxes (no chunk shared by two ranks, nothing staged) where one exists, else
-    ``None`` (the writer's default layout). With ``chunk_bytes``: chunks of about that size,
+    """``(name, state) -> (chunks, shards)`` for every array (``(None, None)``: the writer's
+    default layout). By default: shards aligned with every rank's boxes (one file per box, no
+    chunk shared by two ranks, nothing staged) whose inner chunks cut the last dim in column
+    blocks (:func:`_column_blocks`), so that a load reads only the inner chunks it needs:
+    row-wise TP shards (o, down) split that dim, and the rows are already aligned with the
+    boxes. Arrays of one dim, or too narrow to cut: plain chunks on the aligned grid.
+    With ``chunk_bytes``: plain chunks of about that size,
     the last dim cut in :data:`COLUMN_BLOCKS` where no box splits it (so column-sliced
     reads, row-wise TP shards, read about what they need), and plain chunks of about that
     size when the aligned grid has none within 2x of it (the coordinator then assembles the
@@ -480,7 +486,8 @@ def _chunk_grids(plans: list[SavePlan], chunk_bytes: Optional[int] = None) -> di
             boxes.setdefault((k.name, k.state), []).append(
                 (start, tuple(a + int(s) for a, s in zip(start, td.chunk.sizes))))
             meta[(k.name, k.state)] = (tuple(td.size), td.properties.dtype)
-    return {key: _grid(*meta[key], bx, chunk_bytes) if meta[key][0] else None for key, bx in boxes.items()}
+    return {key: _grid(*meta[key], bx, chunk_bytes) if meta[key][0] else (None, None)
+            for key, bx in boxes.items()}
 
 
 #: column blocks of the last dim of 2-D+ arrays when ``chunk_bytes`` is given
@@ -492,7 +499,9 @@ def _grid(shape, dtype, boxes, chunk_bytes):
 
     isz = torch.empty((), dtype=dtype).element_size()
     if not chunk_bytes:
-        return aligned_chunks(shape, boxes, isz)
+        grid = aligned_chunks(shape, boxes, isz)
+        k = _column_blocks(grid, isz) if grid is not None else 1
+        return (grid, None) if k == 1 else (tuple(grid[:-1]) + (grid[-1] // k,), grid)
     cols = shape[-1]
     split = len(shape) >= 2 and cols >= COLUMN_BLOCKS * 64 and \
         not any(0 < b[d][-1] < cols for b in boxes for d in (0, 1))
@@ -502,7 +511,21 @@ def _grid(shape, dtype, boxes, chunk_bytes):
         grid = default_chunks(shape, isz, target)   # finer reads asked for: staging it is
     if split:
         grid = tuple(grid[:-1]) + (min(grid[-1], -(-cols // COLUMN_BLOCKS)),)
-    return grid
+    return grid, None
+
+
+def _column_blocks(shard, itemsize: int) -> int:
+    """How many column blocks the inner chunks of an aligned shard cut its last dim into: the
+    format's default split (``layout.DEFAULT_COL_SPLIT``) or the largest fewer that divides the
+    shard's last dim into blocks of at least ``layout.MIN_COL_BYTES`` per row; 1 for 1-D."""
+    from ucp.format import layout
+
+    if len(shard) < 2:
+        return 1
+    for k in range(layout.DEFAULT_COL_SPLIT, 1, -1):
+        if shard[-1] % k == 0 and shard[-1] // k * itemsize >= layout.MIN_COL_BYTES:
+            return k
+    return 1
 
 
 def _is_array(k: DcpKey, size) -> bool:
@@ -524,8 +547,8 @@ def _write_arrays(writer, items, grids, workers: int) -> list[WriteResult]:
             # empty shard cannot show a tie, so an alias is never declared by this rank alone)
             jobs.append(None)
             continue
-        arr = writer.add_array(k.name, k.state, tuple(td.size), td.properties.dtype,
-                               chunks=grids.get((k.name, k.state)))
+        chunks, shards = grids.get((k.name, k.state), (None, None))
+        arr = writer.add_array(k.name, k.state, tuple(td.size), td.properties.dtype, chunks=chunks, shards=shards)
         jobs.append((arr, tuple(int(o) for o in td.chunk.offsets), data))
 
     def write(job):
