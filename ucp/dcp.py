@@ -191,7 +191,7 @@ class UniversalReader(StorageReader):
         for name in ck.params:
             _describe_param(ck, name, tensor)
         md = ck.metadata if isinstance(ck.metadata, dict) else {}
-        for i, group in enumerate((md.get("optimizer") or {}).get("param_groups") or []):
+        for i, group in enumerate(_param_groups(ck, md)):
             for k, v in group.items():
                 value(f"{PARAM_GROUPS}{i}.{k}", v)
         for key, v in (md.get("dcp") or {}).items():
@@ -273,6 +273,19 @@ class UniversalReader(StorageReader):
         if self._ck is not None:
             self._ck.close()
             self._ck = None
+
+
+def _param_groups(ck, md: dict) -> list:
+    """The optimizer's param groups as ``get_state_dict`` lays them out. A checkpoint converted
+    from a framework whose groups do not list their parameters (DeepSpeed) records each one's
+    group as ``optimizer_group``: ``params`` is then rebuilt from it, in model order."""
+    groups = [dict(g) for g in (md.get("optimizer") or {}).get("param_groups") or []]
+    if not groups or all("params" in g for g in groups):
+        return groups
+    member = {n: ck.param_meta(n).get("optimizer_group") for n in ck.params}
+    for i, g in enumerate(groups):
+        g.setdefault("params", [n for n in ck.params if member[n] == i])
+    return groups
 
 
 def _describe_param(ck, name: str, tensor) -> None:
