@@ -1,6 +1,6 @@
 """torch DCP under real torchrun (gloo, CPU): FSDP2, TP, 2-D with _StridedShard.
 
-Four torchrun launches for the whole file, made once per session:
+Five torchrun launches for the whole file, made once per session:
 
 1. ``dcp_save.py`` on 4 ranks: TinyGPT (vocab 1003, GQA, SwiGLU 170, biases, LayerNorm with
    bias; plain and tied + frozen variants) trained 2 steps under FSDP2x4, 2-D (dp2 x tp2) and
