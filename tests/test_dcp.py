@@ -170,6 +170,18 @@ def test_writer_reader_roundtrip_one_process(tied_frozen, tmp_path):
     root, sd, ref = tied_frozen
     dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "u"))
     check_universal(tmp_path / "u", ref, GPTConfig(tied=True, frozen=True))
+    ck = ucp.open(tmp_path / "u")
+    sharded = 0
+    for name in ck.params:            # default layout: one shard per saved box, inner column blocks
+        for state in ck.states(name):
+            info = ck.array_info(name, state)
+            if len(info.shape) == 2:  # one process: the box is the whole tensor; 8 blocks of >= 256 B
+                k = next(k for k in range(8, 0, -1) if info.shape[1] % k == 0 and info.shape[1] // k * 4 >= 256)
+                assert tuple(info.chunks) == tuple(info.shape), (name, state)
+                want = None if k == 1 else (info.shape[0], info.shape[1] // k)
+                assert (tuple(info.inner_chunks) if info.inner_chunks else None) == want, (name, state)
+                sharded += want is not None
+    assert sharded == 2 * 3      # mlp.down of both blocks (64 x 170: 2 blocks of 85), param and Adam states
     md = ucp.open(tmp_path / "u").metadata["dcp"]
     assert md["extra.iteration"] == 2 and same(md["extra.rng"], sd["extra"]["rng"])
     assert same(md["extra.bf16"], sd["extra"]["bf16"])
