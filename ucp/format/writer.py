@@ -326,13 +326,15 @@ class CheckpointWriter:
         return problems
 
     def build_manifest(self) -> tuple[Manifest, list]:
-        """The manifest and the ``zarr.json`` documents ``[(rel, bytes)]`` of everything written."""
+        """The manifest and the ``zarr.json`` documents ``[(rel, bytes)]`` of everything written that
+        are still to write (not ``doc_on_disk``)."""
         files, docs = {}, []
 
         def put_doc(rel, doc):
             data = layout.doc_bytes(doc)
             files[rel] = (len(data), crc32c.crc32c(data))
-            docs.append((rel, data))
+            if not self.doc_on_disk(rel, data):
+                docs.append((rel, data))
 
         put_doc("zarr.json", layout.group_doc({"ucp": {"format_version": manifest.FORMAT_VERSION,
                                                        "writer": writer_version(), "manifest": MANIFEST,
@@ -366,7 +368,7 @@ class CheckpointWriter:
             raise IncompleteCheckpointError(
                 f"{self.path}: cannot commit, {len(problems)} chunk(s) unwritten:\n  " + "\n  ".join(problems[:20]) + more)
         man, docs = self.build_manifest()
-        self._write_docs([(rel, data) for rel, data in docs if not self.doc_on_disk(rel, data)])
+        self._write_docs(docs)
         if self.durable:
             self.store.sync()
         self.writer_lock.check()  # the writer-id marker: still ours, no other writer wrote in between
