@@ -16,9 +16,13 @@ larger size, AdamW state initialised), sharded FSDP2 x4:
 
 Every load is checked: ``full_tensor()`` of a few parameters equals the saved state.
 
+``--compare-with DIR``: the same job is also run with the ``ucp`` of another checkout (e.g.
+``/work/main``), alternating launches, each launch measuring ``FileSystemWriter`` /
+``FileSystemReader`` again: an A/B of two ucp versions in one run, each against the peer.
+
 Usage: python bench/bench_dcp.py [--hidden 768] [--layers 4] [--ffn 2048] [--vocab 16003]
        [--dir /tmp] [--repeat 2] [--cold] [--chunk-kib 1024] [--workers 4]
-       [--out bench/results/dcp.txt]
+       [--compare-with DIR] [--out bench/results/dcp.txt]
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, os.environ.get("UCP_BENCH_ROOT", str(ROOT)))   # the ucp under test (--compare-with)
 
 
 def parse(argv=None):
@@ -48,6 +52,7 @@ def parse(argv=None):
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each load (root)")
     ap.add_argument("--chunk-kib", type=int, default=1024, help="UniversalWriter chunk_bytes (KiB)")
     ap.add_argument("--workers", type=int, default=4, help="threads per rank of UniversalWriter / Reader")
+    ap.add_argument("--compare-with", default=None, help="also run the job with the ucp of this checkout")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dcp.txt"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -190,17 +195,22 @@ def main(argv=None) -> None:
         worker(args)
         return
     base = Path(tempfile.mkdtemp(prefix="ucp-bench-dcp-", dir=args.dir))
+    roots = {"this checkout": ROOT}
+    if args.compare_with:
+        roots[f"{args.compare_with}"] = Path(args.compare_with).resolve()
     try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", str(base)]
-        subprocess.run(cmd, env=env, check=True)
-        rep = json.loads((base / "report.json").read_text())
-        nbytes = sum(f.stat().st_size for f in (base / "fs").iterdir())
-        text = render(args, rep, nbytes)
+        reps = {label: [] for label in roots}
+        for i in range(args.repeat if len(roots) > 1 else 1):      # alternate the versions' launches
+            for label, root in roots.items():
+                job = base / f"{len(reps[label])}-{list(roots).index(label)}"
+                job.mkdir()
+                launch(argv, root, job, repeat=1 if len(roots) > 1 else args.repeat)
+                reps[label].append(json.loads((job / "report.json").read_text()))
+                nbytes = sum(f.stat().st_size for f in (job / "fs").iterdir())
+                if len(roots) > 1:
+                    shutil.rmtree(job, ignore_errors=True)
+        text = "\n".join(render(args, best_of(r), nbytes, label if len(roots) > 1 else None)
+                         for label, r in reps.items())
         print(text)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
@@ -208,14 +218,43 @@ def main(argv=None) -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def render(args, rep, nbytes) -> str:
+def launch(argv, root: Path, job: Path, repeat: int) -> None:
+    """One torchrun job of this script's worker with the ucp of ``root``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UCP_BENCH_ROOT": str(root),
+           "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = [a for a in (argv if argv is not None else sys.argv[1:])]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), __file__, *args, "--repeat", str(repeat), "--worker", str(job)]
+    subprocess.run(cmd, env=env, check=True)
+
+
+def best_of(reports: list) -> dict:
+    """Per measurement, the best time over the launches (read/need of that launch)."""
+    out = reports[0]
+    for r in reports[1:]:
+        for name, t in r["save"].items():
+            out["save"][name] = min(out["save"][name], t)
+        for layout, readers in r["load"].items():
+            for name, x in readers.items():
+                if x["time"] < out["load"][layout][name]["time"]:
+                    out["load"][layout][name] = x
+    return out
+
+
+def render(args, rep, nbytes, label=None) -> str:
     s = rep["save"]
     fs = s["FileSystemWriter"]
-    lines = [f"# ucp DCP benchmark  TinyGPT hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, vocab "
+    head = [f"## ucp of {label} (launches alternating with the other version's; best of {args.repeat})", ""] \
+        if label else []
+    lines = head + [f"# ucp DCP benchmark  TinyGPT hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, vocab "
              f"{args.vocab}; model + AdamW state {nbytes / 2**20:.0f} MiB (DCP files); saved from FSDP2 x4, "
              f"{rep['ranks']} ranks, gloo/CPU; loads {'cold (page cache dropped)' if args.cold else 'warm'}; "
              f"best of {args.repeat}",
-             "# UniversalWriter: default chunking (chunks aligned with the FSDP2 boxes, about 16 MiB); "
+             "# UniversalWriter: its default layout (since this session: one shard per saved FSDP2 box, inner "
+             "chunks in column blocks; before: plain chunks aligned with the boxes); "
              f"'fine': chunk_bytes {args.chunk_kib} KiB, last dim in column blocks; {args.workers} threads per rank "
              "(FileSystemWriter: its default, 1)",
              "",

@@ -138,7 +138,8 @@ def check_universal(path, ref: dict, variant: GPTConfig) -> None:
     ck = ucp.open(path)
     assert ck.params == list(build(variant).state_dict())
     for name, t in ref["model"].items():
-        assert same(ck.read(name, "param"), t), name
+        holder = ck.param_meta(name).get("tied_to", name)
+        assert same(ck.read(holder, "param"), t), name
     for name, states in ref["optim"]["state"].items():
         assert set(ck.states(name)) - {"param"} == {s for s, v in states.items() if v.dim()}, name
         for state, t in states.items():
@@ -151,6 +152,10 @@ def check_universal(path, ref: dict, variant: GPTConfig) -> None:
     want = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in ref["optim"]["param_groups"]]
     assert groups == want
     flags = {n: {k: v for k, v in ck.param_meta(n).items() if k in ("frozen", "tied_to")} for n in ck.params}
+    for alias in (n for n in ck.params if "tied_to" in flags[n]):     # stored once, as its tied_to
+        meta = ck.param_meta(alias)
+        assert ck.states(alias) == [], alias
+        assert (meta["shape"], meta["dtype"]) == (list(ref["model"][alias].shape), "float32"), alias
     expect = {n: {} for n in ck.params}
     if variant.frozen:
         for n in ("blocks.0.ln1.weight", "blocks.0.ln1.bias", "blocks.0.attn.q.bias", "blocks.0.attn.k.bias"):
@@ -165,6 +170,18 @@ def test_writer_reader_roundtrip_one_process(tied_frozen, tmp_path):
     root, sd, ref = tied_frozen
     dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "u"))
     check_universal(tmp_path / "u", ref, GPTConfig(tied=True, frozen=True))
+    ck = ucp.open(tmp_path / "u")
+    sharded = 0
+    for name in ck.params:            # default layout: one shard per saved box, inner column blocks
+        for state in ck.states(name):
+            info = ck.array_info(name, state)
+            if len(info.shape) == 2:  # one process: the box is the whole tensor; 8 blocks of >= 256 B
+                k = next(k for k in range(8, 0, -1) if info.shape[1] % k == 0 and info.shape[1] // k * 4 >= 256)
+                assert tuple(info.chunks) == tuple(info.shape), (name, state)
+                want = None if k == 1 else (info.shape[0], info.shape[1] // k)
+                assert (tuple(info.inner_chunks) if info.inner_chunks else None) == want, (name, state)
+                sharded += want is not None
+    assert sharded == 2 * 3      # mlp.down of both blocks (64 x 170: 2 blocks of 85), param and Adam states
     md = ucp.open(tmp_path / "u").metadata["dcp"]
     assert md["extra.iteration"] == 2 and same(md["extra.rng"], sd["extra"]["rng"])
     assert same(md["extra.bf16"], sd["extra"]["bf16"])

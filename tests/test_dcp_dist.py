@@ -1,6 +1,6 @@
 """torch DCP under real torchrun (gloo, CPU): FSDP2, TP, 2-D with _StridedShard.
 
-Four torchrun launches for the whole file, made once per session:
+Five torchrun launches for the whole file, made once per session:
 
 1. ``dcp_save.py`` on 4 ranks: TinyGPT (vocab 1003, GQA, SwiGLU 170, biases, LayerNorm with
    bias; plain and tied + frozen variants) trained 2 steps under FSDP2x4, 2-D (dp2 x tp2) and
@@ -8,6 +8,8 @@ Four torchrun launches for the whole file, made once per session:
    ``dcp.async_save`` through ``UniversalWriter``; a save with a bad entry on rank 1 only.
 2-4. ``dcp_load.py`` into TP x2 (2 ranks, with the resume), FSDP2 x3 (3 ranks, uneven) and
    2-D x4 (4 ranks): every rank's shards against DCP's own consolidation of the original.
+5. ``ds_train.py`` (the DeepSpeed fixtures' script) on 2 ranks, ZeRO-2: converted with ``ucp
+   convert --from deepspeed`` and loaded into 2-D x4 by launch 4, against DeepSpeed's own answers.
 """
 from __future__ import annotations
 
@@ -47,14 +49,18 @@ def _loader():
     return mod
 
 
-def torchrun(nproc: int, script: str, *args) -> None:
+DS_ENV = {"DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0",
+          "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "ucp-torch-extensions")}
+
+
+def torchrun(nproc: int, script: str, *args, env=None, cwd=None) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(port), str(DIST / script), *map(str, args)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=cwd)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
 
 
@@ -69,7 +75,42 @@ def saved(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def loaded(saved):
+def deepspeed(saved):
+    """A DeepSpeed ZeRO-2 run on 2 ranks (fp32, 3 steps, two param groups), converted with ``ucp
+    convert --from deepspeed``; its reference in ``dcp_to_torch_save``'s layout from DeepSpeed's
+    own answers: ``get_fp32_state_dict_from_zero_checkpoint`` (params), the run's
+    ``safe_get_full_optimizer_state`` dump (Adam states, step per group) and the param groups
+    DeepSpeed saved (hyper-parameters)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from ucp.demo_deepspeed import build_model, param_groups
+
+    out = saved / "ds"
+    out.mkdir()
+    torchrun(2, "ds_train.py", "--out", out / "ck", "--stage", 2, "--dtype", "fp32", "--ref", out / "dump.pt",
+             env=DS_ENV, cwd=out)
+    ucp.convert(out / "ck", out / "conv", source="deepspeed")
+    dump = torch.load(out / "dump.pt", weights_only=True)
+    model = build_model(tied=False, frozen=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    # DeepSpeed's own optimizer file, made by the run above (DeepSpeed pickles it: not weights-only)
+    (optim_file, *_) = sorted((out / "ck").glob("global_step*/*optim_states.pt"))
+    saved_groups = torch.load(optim_file, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
+    groups = []
+    for gi, (g, hyper) in enumerate(zip(param_groups(model), saved_groups["param_groups"])):
+        groups.append({**{k: v for k, v in hyper.items() if k != "params"},
+                       "params": [names[id(p)] for p in g["params"]]})
+    step = {n: float(dump["step"][gi][0]) for gi, g in enumerate(groups) for n in g["params"]}
+    ref = {"model": get_fp32_state_dict_from_zero_checkpoint(str(out / "ck")),
+           "optim": {"state": {n: {"exp_avg": dump["exp_avg"][n], "exp_avg_sq": dump["exp_avg_sq"][n],
+                                   "step": torch.tensor(step[n])} for n in dump["exp_avg"]},
+                     "param_groups": groups}}
+    torch.save(ref, out / "ref.pt")
+    return out
+
+
+@pytest.fixture(scope="session")
+def loaded(saved, deepspeed):
     """Reports ``{tag: json}`` of the three load launches."""
     out = saved
 
@@ -90,7 +131,8 @@ def loaded(saved):
         (4, "2d"): [job("tp2-to-2d4", "plain", "tpdp-plain", "conv"),
                     job("tp2-uw-to-2d4", "plain", "tpdp-plain", "uw"),
                     job("export-dp3-to-2d4", "plain", "fsdp-plain", "export3"),
-                    job("fsdp4-16k-to-2d4", "plain", "fsdp-plain", "uw16k")],
+                    job("fsdp4-16k-to-2d4", "plain", "fsdp-plain", "uw16k"),
+                    job("deepspeed-to-2d4", "ds", "ds", "conv")],
     }
     tags = {}
     for (n, layout), jobs in launches.items():
@@ -157,6 +199,22 @@ def test_loads_read_about_the_bytes_each_rank_needs(saved, loaded, tag):
         assert got["bytes_needed"] <= got["bytes_read"] <= 1.4 * got["bytes_needed"], got
         if not tag.endswith("tp2"):   # under TP the (large) embedding and head are replicated
             assert got["bytes_read"] < 0.75 * total, got
+
+
+def test_deepspeed_converted_loads_into_2d(deepspeed, loaded):
+    """A DeepSpeed ZeRO-2 checkpoint converted by ``ucp convert --from deepspeed`` -> ``dcp.load``
+    through UniversalReader into the same Llama on a 2-D (dp2 x tp2) mesh: every rank holds exactly
+    the local shards DeepSpeed's full tensors imply, every param and Adam state, ``step`` and each
+    group's hyper-parameters and members."""
+    rep = loaded["deepspeed-to-2d4"]
+    ref = torch.load(deepspeed / "ref.pt", weights_only=True)
+    n_tensors = len(ref["model"]) + sum(len(s) for s in ref["optim"]["state"].values())
+    assert rep["world"] == 4 and len(ref["model"]) == 31
+    for r, got in enumerate(rep["ranks"]):
+        assert got["bad"] == [], f"rank {r}: {got['bad'][:10]}"
+        c = got["counts"]
+        assert c["sharded"] > 0 and c["sharded"] + c["plain"] == n_tensors, c
+        assert c["hyper"] == sum(len(g) for g in ref["optim"]["param_groups"]), c
 
 
 def test_resume_on_other_hardware_matches_uninterrupted_run(saved, loaded):

@@ -311,3 +311,46 @@ def test_corrupt_part_record_and_world_size_mismatch(tmp_path):
     with pytest.raises(FormatError, match=r"_ucp/parts/0.json: manifest checksum mismatch"):
         commit_parts(tmp_path, 1)
     assert not (tmp_path / "ucp.manifest.json").exists()
+
+
+def _two_ranks(root):
+    """Rank 0 and rank 1 of one checkpoint: array ``a`` in whole chunks (rank 0 writes the first),
+    array ``c`` whose first chunk both ranks write partly (the coordinator assembles it)."""
+    x = torch.arange(20.0).reshape(10, 2)
+    writers = []
+    for rank, rows in ((0, slice(0, 5)), (1, slice(5, 10))):
+        w = create_checkpoint(root, rank=rank, world_size=2, durable=False)
+        w.add_array("a", "param", (10, 2), torch.float32, chunks=(5, 2)).write((rows.start, 0), x[rows])
+        c = slice(0, 3) if rank == 0 else slice(3, 10)
+        w.add_array("c", "param", (10, 2), torch.float32, chunks=(4, 2)).write((c.start, 0), x[c] * 2)
+        w.commit()
+        writers.append(w)
+    return x, writers
+
+
+def test_rank_writes_the_documents_of_arrays_it_starts_and_records_them(tmp_path):
+    x, (w0, w1) = _two_ranks(tmp_path)
+    docs0 = {rel for _, _, docs in w0.records for rel in docs}
+    docs1 = {rel for _, _, docs in w1.records for rel in docs}
+    assert docs0 == {"a/param/zarr.json"} and docs1 == set()        # c's first chunk is staged: no rank
+    before = (tmp_path / "a" / "param" / "zarr.json").stat().st_mtime_ns
+    commit_parts(tmp_path, 2)
+    assert (tmp_path / "a" / "param" / "zarr.json").stat().st_mtime_ns == before   # not written again
+    ck = open_checkpoint(tmp_path)
+    assert torch.equal(ck.read("a"), x) and torch.equal(ck.read("c"), x * 2)
+    assert verify(tmp_path) == []
+
+
+def test_records_handed_over_in_memory_commit_the_same_checkpoint(tmp_path):
+    """commit_parts(parts=) takes the ranks' records without reading their part files; a document
+    recorded with other bytes than the coordinator's is written again (verify then passes)."""
+    x, (w0, w1) = _two_ranks(tmp_path)
+    for rank in (0, 1):   # the part files are not read: removing them changes nothing
+        (tmp_path / "_ucp" / "parts" / f"{rank}.json").unlink()
+    name, staged, docs = w0.records[0]
+    w0.records[0] = (name, staged, {rel: (1, 2) for rel in docs})    # recorded otherwise: rewritten
+    (tmp_path / "a" / "param" / "zarr.json").write_bytes(b"{}")
+    commit_parts(tmp_path, 2, parts={0: w0.records, 1: w1.records})
+    ck = open_checkpoint(tmp_path)
+    assert torch.equal(ck.read("a"), x) and torch.equal(ck.read("c"), x * 2)
+    assert verify(tmp_path) == []

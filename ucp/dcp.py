@@ -19,9 +19,10 @@ the reader, the writer, the DCP source and the DCP target). With ``get_state_dic
 * ``optim.param_groups.<i>.<key>`` — ``metadata["optimizer"]["param_groups"][i][key]``;
 * anything else — ``metadata["dcp"][<key>]`` (values JSON-encoded, tensors as small arrays).
 
-A model tensor that is the same storage as another (tied embeddings) gets ``tied_to`` (the one
-the optimizer steps); a model tensor with no optimizer state while the state dict has an
-optimizer gets ``frozen: true``.
+A model tensor that is the same storage as another (tied embeddings) is stored once: the alias
+is a parameter with no arrays, ``tied_to`` the one the optimizer steps (and that one's shape
+and dtype), and the reader serves both keys from the one stored array. A model tensor with no
+optimizer state while the state dict has an optimizer gets ``frozen: true``.
 
 **Reading only what is needed.** The reader describes every universal array to DCP as ONE
 saved chunk covering the whole tensor; DCP's planner then asks, for each chunk of each rank's
@@ -190,7 +191,7 @@ class UniversalReader(StorageReader):
         for name in ck.params:
             _describe_param(ck, name, tensor)
         md = ck.metadata if isinstance(ck.metadata, dict) else {}
-        for i, group in enumerate((md.get("optimizer") or {}).get("param_groups") or []):
+        for i, group in enumerate(_param_groups(ck, md)):
             for k, v in group.items():
                 value(f"{PARAM_GROUPS}{i}.{k}", v)
         for key, v in (md.get("dcp") or {}).items():
@@ -274,6 +275,19 @@ class UniversalReader(StorageReader):
             self._ck = None
 
 
+def _param_groups(ck, md: dict) -> list:
+    """The optimizer's param groups as ``get_state_dict`` lays them out. A checkpoint converted
+    from a framework whose groups do not list their parameters (DeepSpeed) records each one's
+    group as ``optimizer_group``: ``params`` is then rebuilt from it, in model order."""
+    groups = [dict(g) for g in (md.get("optimizer") or {}).get("param_groups") or []]
+    if not groups or all("params" in g for g in groups):
+        return groups
+    member = {n: ck.param_meta(n).get("optimizer_group") for n in ck.params}
+    for i, g in enumerate(groups):
+        g.setdefault("params", [n for n in ck.params if member[n] == i])
+    return groups
+
+
 def _describe_param(ck, name: str, tensor) -> None:
     """Declare ``model.<name>``, its optimizer states and its scalars through ``tensor(key,
     shape, dtype, entry)``. A tied alias stored without arrays reads its ``tied_to``'s."""
@@ -306,8 +320,10 @@ class _RankSummary:
     groups: dict = dataclasses.field(default_factory=dict)       # (i, key) -> value
     extras: dict = dataclasses.field(default_factory=dict)       # key -> value | [(offsets, tensor)]
     ties: dict = dataclasses.field(default_factory=dict)         # alias -> target
+    shapes: dict = dataclasses.field(default_factory=dict)       # model name -> (shape, dtype name)
     keys: set = dataclasses.field(default_factory=set)           # every flattened key on this rank
     params: list = dataclasses.field(default_factory=list)       # model order on this rank
+    records: Optional[list] = None                               # the committed part (PartWriter.records)
 
 
 class UniversalWriter(StorageWriter):
@@ -323,8 +339,10 @@ class UniversalWriter(StorageWriter):
         durable: fsync chunk files, part records and manifest (FORMAT.md §2).
         workers: writer threads per rank.
         storage_options: fsspec options for remote paths.
-        chunk_bytes: target chunk size (default: the format's default layout). Smaller chunks
-            make later partial reads (resharding loads) finer-grained.
+        chunk_bytes: plain chunks of about this size instead of the default layout (one shard
+            per saved box, inner chunks in column blocks: see ``_chunk_grids``). Smaller chunks
+            make later partial reads finer-grained along rows too, at the cost of more files and
+            of staging the chunks two ranks share.
     """
 
     def __init__(self, path=None, *, overwrite: bool = False, durable: bool = True, workers: int = 4,
@@ -393,21 +411,28 @@ class UniversalWriter(StorageWriter):
         try:
             summary = _RankSummary(info["part"])
             _summarize_state_dict(getattr(planner, "state_dict", None) or {}, summary)
+            aliases = tied_aliases(summary.params, summary.keys, summary.ties)
             arrays, results = [], []
             for item in plan.items:
+                k = parse_key(item.index.fqn)
+                if k.kind == "param" and k.name in aliases:     # stored once, as its tied_to
+                    results.append(WriteResult(item.index, 0, None))
+                    continue
                 data = planner.resolve_data(item)
-                if item.type != WriteItemType.BYTE_IO and _is_array(parse_key(item.index.fqn), item.tensor_data.size):
+                if item.type != WriteItemType.BYTE_IO and _is_array(k, item.tensor_data.size):
                     arrays.append((item, data))
                 else:
                     results.append(_record_item(item, data, summary))
             results += _write_arrays(writer, arrays, info["grids"], self.workers)
             for name in summary.params:
                 writer.add_param(name)
-            results.append(WriteResult(MetadataIndex(_SUMMARY), 0, summary))
             if self.is_coordinator:
+                writer.sync_data()       # now, in parallel with the other ranks' syncs, not in finish
                 self._part = writer
             else:
                 writer.commit()
+                summary.records = writer.records
+            results.append(WriteResult(MetadataIndex(_SUMMARY), 0, summary))
         except BaseException:
             writer.abort()
             raise
@@ -428,12 +453,14 @@ class UniversalWriter(StorageWriter):
             order, meta, universal_md = _merge_summaries(summaries)
             for name in order:
                 writer.add_param(name, meta.get(name) or None)
-            writer.commit()
+            writer.commit(sync=False)      # commit_parts syncs everything before the manifest
         except BaseException:
             writer.abort()
             raise
+        parts = {s.rank: s.records for s in summaries if s.records is not None}
+        parts[writer.rank] = writer.records
         commit_parts(self.path, self._world, metadata=universal_md, storage_options=self.storage_options,
-                     durable=self.durable, workers=self.workers, param_order=order)
+                     durable=self.durable, workers=self.workers, param_order=order, parts=parts)
 
 
 def _prepare_destination(path, overwrite: bool, storage_options) -> None:
@@ -449,9 +476,13 @@ def _prepare_destination(path, overwrite: bool, storage_options) -> None:
 
 
 def _chunk_grids(plans: list[SavePlan], chunk_bytes: Optional[int] = None) -> dict:
-    """``(name, state) -> chunk shape or None`` for every array: a grid aligned with every
-    rank's boxes (no chunk shared by two ranks, nothing staged) where one exists, else
-    ``None`` (the writer's default layout). With ``chunk_bytes``: chunks of about that size,
+    """``(name, state) -> (chunks, shards)`` for every array (``(None, None)``: the writer's
+    default layout). By default: shards aligned with every rank's boxes (one file per box, no
+    chunk shared by two ranks, nothing staged) whose inner chunks cut the last dim in column
+    blocks (:func:`_column_blocks`), so that a load reads only the inner chunks it needs:
+    row-wise TP shards (o, down) split that dim, and the rows are already aligned with the
+    boxes. Arrays of one dim, or too narrow to cut: plain chunks on the aligned grid.
+    With ``chunk_bytes``: plain chunks of about that size,
     the last dim cut in :data:`COLUMN_BLOCKS` where no box splits it (so column-sliced
     reads, row-wise TP shards, read about what they need), and plain chunks of about that
     size when the aligned grid has none within 2x of it (the coordinator then assembles the
@@ -468,7 +499,8 @@ def _chunk_grids(plans: list[SavePlan], chunk_bytes: Optional[int] = None) -> di
             boxes.setdefault((k.name, k.state), []).append(
                 (start, tuple(a + int(s) for a, s in zip(start, td.chunk.sizes))))
             meta[(k.name, k.state)] = (tuple(td.size), td.properties.dtype)
-    return {key: _grid(*meta[key], bx, chunk_bytes) if meta[key][0] else None for key, bx in boxes.items()}
+    return {key: _grid(*meta[key], bx, chunk_bytes) if meta[key][0] else (None, None)
+            for key, bx in boxes.items()}
 
 
 #: column blocks of the last dim of 2-D+ arrays when ``chunk_bytes`` is given
@@ -480,7 +512,9 @@ def _grid(shape, dtype, boxes, chunk_bytes):
 
     isz = torch.empty((), dtype=dtype).element_size()
     if not chunk_bytes:
-        return aligned_chunks(shape, boxes, isz)
+        grid = aligned_chunks(shape, boxes, isz)
+        k = _column_blocks(grid, isz) if grid is not None else 1
+        return (grid, None) if k == 1 else (tuple(grid[:-1]) + (grid[-1] // k,), grid)
     cols = shape[-1]
     split = len(shape) >= 2 and cols >= COLUMN_BLOCKS * 64 and \
         not any(0 < b[d][-1] < cols for b in boxes for d in (0, 1))
@@ -490,7 +524,21 @@ def _grid(shape, dtype, boxes, chunk_bytes):
         grid = default_chunks(shape, isz, target)   # finer reads asked for: staging it is
     if split:
         grid = tuple(grid[:-1]) + (min(grid[-1], -(-cols // COLUMN_BLOCKS)),)
-    return grid
+    return grid, None
+
+
+def _column_blocks(shard, itemsize: int) -> int:
+    """How many column blocks the inner chunks of an aligned shard cut its last dim into: the
+    format's default split (``layout.DEFAULT_COL_SPLIT``) or the largest fewer that divides the
+    shard's last dim into blocks of at least ``layout.MIN_COL_BYTES`` per row; 1 for 1-D."""
+    from ucp.format import layout
+
+    if len(shard) < 2:
+        return 1
+    for k in range(layout.DEFAULT_COL_SPLIT, 1, -1):
+        if shard[-1] % k == 0 and shard[-1] // k * itemsize >= layout.MIN_COL_BYTES:
+            return k
+    return 1
 
 
 def _is_array(k: DcpKey, size) -> bool:
@@ -507,11 +555,18 @@ def _write_arrays(writer, items, grids, workers: int) -> list[WriteResult]:
     jobs = []
     for item, data in items:
         k, td = parse_key(item.index.fqn), item.tensor_data
-        arr = writer.add_array(k.name, k.state, tuple(td.size), td.properties.dtype,
-                               chunks=grids.get((k.name, k.state)))
+        if 0 in td.chunk.sizes and math.prod(td.size):
+            # nothing to write, and nothing to declare: the ranks holding the rest declare it (an
+            # empty shard cannot show a tie, so an alias is never declared by this rank alone)
+            jobs.append(None)
+            continue
+        chunks, shards = grids.get((k.name, k.state), (None, None))
+        arr = writer.add_array(k.name, k.state, tuple(td.size), td.properties.dtype, chunks=chunks, shards=shards)
         jobs.append((arr, tuple(int(o) for o in td.chunk.offsets), data))
 
     def write(job):
+        if job is None:
+            return 0
         arr, offsets, data = job
         t = data.detach()
         t = (t.cpu() if t.device.type != "cpu" else t).contiguous()
@@ -573,6 +628,7 @@ def _summarize_state_dict(state_dict: dict, summary: _RankSummary) -> None:
         if k.kind != "param" or not isinstance(v, torch.Tensor):
             continue
         summary.params.append(k.name)
+        summary.shapes[k.name] = (list(v.shape), _dtype_name(v.dtype))
         local = v.to_local() if hasattr(v, "to_local") else v
         if local.numel() == 0:
             continue
@@ -593,6 +649,7 @@ def _merge_summaries(summaries: list[_RankSummary]) -> tuple[list, dict, dict]:
     groups: dict[tuple, Any] = {}
     extras: dict[str, Any] = {}
     ties: dict[str, str] = {}
+    shapes: dict[str, tuple] = {}
     for s in sorted(summaries, key=lambda s: s.rank):
         order += [n for n in s.params if n not in meta]
         for n in s.params:
@@ -603,6 +660,7 @@ def _merge_summaries(summaries: list[_RankSummary]) -> tuple[list, dict, dict]:
             meta[n].setdefault("scalar_dtypes", {}).update(s.scalar_dtypes.get(n, {}))
         groups.update(s.groups)
         ties.update(s.ties)
+        shapes.update(s.shapes)
         for key, v in s.extras.items():
             if isinstance(v, _Pieces) and key in extras:
                 extras[key] = _Pieces(extras[key] + v)
@@ -610,6 +668,8 @@ def _merge_summaries(summaries: list[_RankSummary]) -> tuple[list, dict, dict]:
                 extras.setdefault(key, v)
     for n, flags in param_flags(order, keys, ties).items():
         meta.setdefault(n, {}).update(flags)
+        if "tied_to" in flags and n in shapes:     # an alias has no array to take them from
+            meta[n].update(shape=shapes[n][0], dtype=shapes[n][1])
     md = non_tensor_metadata(groups, {k: _assemble_extra(v) for k, v in extras.items()})
     return order, meta, md
 
@@ -633,6 +693,11 @@ def param_flags(names, keys, ties: dict) -> dict[str, dict]:
         if has_optim and n not in stepped and "tied_to" not in out[n]:
             out[n]["frozen"] = True
     return out
+
+
+def tied_aliases(names, keys, ties: dict) -> set:
+    """The model tensors stored through another one (``tied_to`` of :func:`param_flags`)."""
+    return {n for n, f in param_flags(names, keys, ties).items() if "tied_to" in f}
 
 
 def non_tensor_metadata(groups: dict, extras: dict) -> dict:

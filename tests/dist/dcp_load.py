@@ -6,8 +6,9 @@ Run under torchrun (gloo, CPU)::
 
 ``LAYOUT``: ``fsdp``, ``tp``, ``2d`` or ``none`` (see ``ucp.demo_dcp.parallelize``). Each
 ``JOB`` is ``TAG=VARIANT:UNIVERSAL:REFERENCE[:resume]`` (``UNIVERSAL`` may also be a stock DCP
-directory, read with DCP's ``FileSystemReader``): build ``VARIANT`` (``plain`` / ``tf``)
-with a different seed than the saved run, shard it, initialise the optimizer
+directory, read with DCP's ``FileSystemReader``): build ``VARIANT`` (``plain`` / ``tf``; ``ds``:
+the DeepSpeed fixtures' Llama, ``ucp.demo_deepspeed``, with its two param groups, only in the
+``2d`` layout) with a different seed than the saved run, shard it, initialise the optimizer
 (``get_state_dict``), ``dcp.load`` from ``UNIVERSAL`` and compare every model tensor, every
 optimizer state (``step`` included) and every hyper-parameter with ``REFERENCE`` (DCP's own
 ``dcp_to_torch_save`` consolidation of the original checkpoint):
@@ -110,12 +111,44 @@ def compare(sd: dict, ref: dict) -> tuple[list, dict]:
     return bad, counts
 
 
+def build_llama_2d():
+    """The DeepSpeed fixtures' Llama (GQA, SwiGLU, biases, vocab 1003) on a (dp, tp=2) mesh:
+    column-wise q/k/v/gate/up, row-wise o/down, then FSDP2 over dp; AdamW over its two groups."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from ucp.demo_deepspeed import build_model, param_groups
+
+    torch.manual_seed(99)
+    model = build_model(tied=False, frozen=False)
+    with torch.no_grad():                       # not the saved values, so a missed load shows
+        for p in model.parameters():
+            p.normal_()
+    mesh = init_device_mesh("cpu", (dist.get_world_size() // 2, 2), mesh_dim_names=("dp", "tp"))
+    plan = {}
+    for i in range(len(model.model.layers)):
+        for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            plan[f"model.layers.{i}.{n}"] = ColwiseParallel()
+        for n in ("self_attn.o_proj", "mlp.down_proj"):
+            plan[f"model.layers.{i}.{n}"] = RowwiseParallel()
+    parallelize_module(model, mesh["tp"], plan)
+    for blk in model.model.layers:
+        fully_shard(blk, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    opt = torch.optim.AdamW(param_groups(model), lr=1.0, betas=(0.5, 0.5), eps=1.0, weight_decay=0.5)
+    return model, opt
+
+
 def run_job(out: str, layout: str, job: str) -> dict:
     tag, spec = job.split("=", 1)
     variant, universal, reference, *flags = spec.split(":")
-    model = build(VARIANTS[variant], seed=99)
-    dp = parallelize(model, layout)
-    opt = optimizer(model)
+    if variant == "ds":
+        model, opt = build_llama_2d()
+    else:
+        model = build(VARIANTS[variant], seed=99)
+        dp = parallelize(model, layout)
+        opt = optimizer(model)
     msd, osd = get_state_dict(model, opt)
     sd = {"model": msd, "optim": osd}
     # a stock DCP directory (an export --to dcp) loads with DCP's own reader, for comparison

@@ -78,10 +78,13 @@ def check_layout(layout) -> None:
     from ucp.plan import check_coverage
 
     seen = set()
+    holders = {p.name for p in layout.params if "param" in p.dtypes}
     for p in layout.params:
         if p.name in seen:
             raise UcpError(f"parameter {p.name!r} is described twice by the source")
         seen.add(p.name)
+        if not p.dtypes and p.meta.get("tied_to") in holders:
+            continue   # a tied alias stored once, as the parameter it is tied to (FORMAT.md §6.1)
         if "param" not in p.dtypes:
             raise UcpError(f"{p.name}: the source gives no 'param' state (states: {', '.join(p.dtypes)})")
         checked = set()

@@ -3,7 +3,8 @@
 Each of ``world_size`` writers (ranks of a job, or independent workers) runs
 ``create_checkpoint(path, rank=r, world_size=w)`` (a ``PartWriter``), writes the chunk/shard files of
 the boxes it owns and calls ``commit()``, which writes the part record ``_ucp/parts/<r>.json`` (never
-the manifest). A chunk that this rank's boxes cover only partly is staged under
+the manifest), and the ``zarr.json`` of each array whose first chunk it wrote (recorded with its size
+and crc32c, so the coordinator does not write it again: the documents are written in parallel). A chunk that this rank's boxes cover only partly is staged under
 ``_ucp/parts/<r>/stage/<n>`` instead. After a barrier one coordinator calls ``commit_parts(path, w)``:
 it checks every part, assembles the staged chunks through an ordinary ``CheckpointWriter`` and commits.
 """
@@ -16,6 +17,7 @@ from ucp.errors import FormatError, IncompleteCheckpointError, OverlapError, Ucp
 from ucp.format import manifest
 from ucp.format.array_writer import fmt_box
 from ucp.format.journal import journal_rel
+from ucp.format import layout
 from ucp.format.layout import chunk_key
 from ucp.format.manifest import ManifestArray, ManifestParam, key_index
 from ucp.format.store import MANIFEST, make_store
@@ -72,32 +74,64 @@ class PartWriter(CheckpointWriter):
         raise UcpError(f"rank {self.rank}: set_metadata is not available to one of several writers; "
                        "pass metadata= to commit_parts")
 
-    def commit(self) -> None:
-        """Write this rank's stage files and part record (the coordinator's ``commit_parts`` reads them)."""
+    def commit(self, sync: bool = True) -> None:
+        """Write this rank's stage files, array documents and part record (the coordinator's
+        ``commit_parts`` reads them); ``records`` then holds the part as ``commit_parts(parts=)`` takes it.
+
+        ``sync=False``: the caller commits the manifest next, in this process and on this store
+        (``commit_parts`` makes every file durable before the manifest), so this part need not be
+        durable on its own."""
         self.check_open()
-        params, n = [], 0
+        durable = self.durable and sync
+        params, records, stage = [], [], []
         for p in self.params.values():
-            states = {}
+            states, typed, staged, docs = {}, {}, {}, {}
             for s, a in p.arrays.items():
-                rec = a.completed().to_json()
-                rec["staged"] = []
-                for idx, boxes, data in a.staged_pieces():
-                    rel = f"{stage_rel(self.rank)}/stage/{n}"
-                    n += 1
-                    self.store.put(rel, [data], fsync=self.durable)
-                    rec["staged"].append({"key": chunk_key(idx), "boxes": [[list(b0), list(b1)] for b0, b1 in boxes],
-                                          "file": rel, "size": len(data), "crc32c": crc32c.crc32c(data)})
-                states[s] = rec
+                typed[s] = a.completed()
+                staged[s] = self._stage_pieces(a, stage, durable)
+                states[s] = {**typed[s].to_json(), "staged": staged[s]}
+                doc = self._array_doc(a, typed[s])
+                if doc is not None:
+                    states[s]["doc"] = list(doc)
+                    docs[f"{a.rel}/zarr.json"] = doc
             params.append({"name": p.name, "path": p.enc, "meta": dict(p.meta), "states": states,
                            "state_order": list(states)})
+            records.append((ManifestParam(p.name, p.enc, dict(p.meta), typed), staged, docs))
         body = {"format": PART_FORMAT, "format_version": manifest.FORMAT_VERSION, "rank": self.rank,
                 "world_size": self.world_size, "writer": writer_version(), "created": now(), "params": params}
-        if self.durable:
+        if durable:
             self.store.sync()  # the part record promises that its chunks and stage files are on stable storage
         self.writer_lock.check()
-        self.store.put_atomic(part_rel(self.rank), manifest.dump(body), fsync=self.durable)
+        self.store.put_atomic(part_rel(self.rank), manifest.dump(body), fsync=durable)
+        self.records = records
         self.committed = True
         self._shutdown()
+
+    def sync_data(self) -> None:
+        """Make the chunk files written so far durable now (one syncfs when ``durable``): a writer
+        that commits later (``commit(sync=False)``) keeps its data's flush off that later, serial step."""
+        if self.durable:
+            self.store.sync()
+
+    def _stage_pieces(self, a, stage: list, durable: bool) -> list:
+        """Write the staged pieces of array ``a`` (chunks this rank covers partly) as stage files."""
+        out = []
+        for idx, boxes, data in a.staged_pieces():
+            rel = f"{stage_rel(self.rank)}/stage/{len(stage)}"
+            stage.append(rel)
+            self.store.put(rel, [data], fsync=durable)
+            out.append({"key": chunk_key(idx), "boxes": [[list(b0), list(b1)] for b0, b1 in boxes],
+                        "file": rel, "size": len(data), "crc32c": crc32c.crc32c(data)})
+        return out
+
+    def _array_doc(self, a, done: ManifestArray):
+        """Write ``a``'s ``zarr.json`` when this rank wrote its first chunk whole (exactly one rank
+        did, or none: the coordinator assembles it and writes the document); its (size, crc32c)."""
+        if chunk_key((0,) * len(a.shape)) not in done.chunk_table:
+            return None
+        doc = layout.doc_bytes(a.doc())
+        self.store.put(f"{a.rel}/zarr.json", [doc])
+        return len(doc), crc32c.crc32c(doc)
 
 
 def create_part(path, rank, world_size, **kw) -> PartWriter:
@@ -129,8 +163,16 @@ def _load_part(store, path, rank, world_size):
     for p in doc["params"]:
         rec = ManifestParam.from_json(p, f"{where} (rank {rank})", complete=False)
         staged = {s: _staged(p["states"][s].get("staged", []), f"{where} state {s!r}", rank) for s in rec.states}
-        out.append((rec, staged))
+        docs = {f"{a.path}/zarr.json": _doc(p["states"][s].get("doc"), f"{where} state {s!r}")
+                for s, a in rec.states.items() if p["states"][s].get("doc") is not None}
+        out.append((rec, staged, docs))
     return out
+
+
+def _doc(rec, where):
+    if not (isinstance(rec, list) and len(rec) == 2 and all(isinstance(x, int) and x >= 0 for x in rec)):
+        raise FormatError(f"{where}: malformed 'doc' record {str(rec)[:60]} (want [size, crc32c])")
+    return tuple(rec)
 
 
 def _staged(pieces, where, rank):
@@ -174,9 +216,11 @@ class _Merge:
         self.meta_from: dict[str, dict] = {}
         self.arrays: dict[str, dict[str, MergedArray]] = {}
         self.decl_err, self.overlap = [], []
+        self.docs: dict[str, tuple] = {}  # rel -> (size, crc32c) of array documents ranks wrote
         for r, doc in parts:
-            for rec, staged in doc:
+            for rec, staged, docs in doc:
                 self._add_param(r, rec, staged)
+                self.docs.update(docs)
 
     def _add_param(self, r, rec: ManifestParam, staged):
         meta, frm = self.meta.setdefault(rec.name, {}), self.meta_from.setdefault(rec.name, {})
@@ -258,10 +302,10 @@ def _raise(cls, head, lines):
     raise cls(head + ":\n  " + "\n  ".join(lines[:_MAX_LINES]) + more)
 
 
-def _load_parts(store, path, world_size):
+def _load_parts(store, path, world_size, given):
     parts, missing = [], []
     for r in range(world_size):
-        doc = _load_part(store, path, r, world_size)
+        doc = given[r] if r in given else _load_part(store, path, r, world_size)
         (missing.append(r) if doc is None else parts.append((r, doc)))
     if missing:
         raise IncompleteCheckpointError(
@@ -294,8 +338,19 @@ def _assemble(store, path, name, s, a, ma) -> int:
     return assembled
 
 
+class _Coordinator(CheckpointWriter):
+    """The writer of the manifest: it writes the documents no rank wrote (or wrote otherwise)."""
+
+    def __init__(self, path, docs, **kw):
+        self._docs = docs
+        super().__init__(path, coordinator=True, **kw)
+
+    def doc_on_disk(self, rel, data: bytes) -> bool:
+        return self._docs.get(rel) == (len(data), crc32c.crc32c(data))
+
+
 def commit_parts(path, world_size, metadata=None, storage_options=None, durable=True, workers=4,
-                 cleanup=True, param_order=None) -> dict:
+                 cleanup=True, param_order=None, parts=None) -> dict:
     """Check the parts of ranks ``0 .. world_size-1``, assemble staged chunks, write the manifest.
 
     Run by one process after every rank's ``commit()`` returned (a barrier). Raises
@@ -304,6 +359,8 @@ def commit_parts(path, world_size, metadata=None, storage_options=None, durable=
     cases. ``metadata``: the checkpoint's non-tensor state (§6.2). ``cleanup``: delete ``_ucp/parts``
     once the manifest is durable. ``param_order``: names in the order the manifest lists them (the
     model's order, which grouped flat layouts depend on); names it omits follow in rank order.
+    ``parts``: ``{rank: PartWriter.records}`` handed over in memory by a caller that gathered them
+    from its own ranks (torch DCP's ``finish``): those part records are not read back and parsed again.
     Returns counts {"params", "arrays", "chunks", "assembled"}.
     """
     world_size = int(world_size)
@@ -312,13 +369,13 @@ def commit_parts(path, world_size, metadata=None, storage_options=None, durable=
     store = make_store(path, storage_options)
     if store.exists(MANIFEST):
         raise UcpError(f"{path} is already a committed ucp checkpoint")
-    merged = _Merge(_load_parts(store, path, world_size))
+    merged = _Merge(_load_parts(store, path, world_size, parts or {}))
     merged.check(path)
     names = list(merged.arrays)
     if param_order is not None:
         rank_of = {n: i for i, n in enumerate(param_order)}
         names.sort(key=lambda n: rank_of.get(n, len(rank_of)))
-    w = CheckpointWriter(path, storage_options=storage_options, durable=durable, workers=workers, coordinator=True)
+    w = _Coordinator(path, merged.docs, storage_options=storage_options, durable=durable, workers=workers)
     try:
         nchunks = assembled = narrays = 0
         for name in names:

@@ -310,6 +310,11 @@ class CheckpointWriter:
             for rel, data in docs:
                 self.store.put(rel, [data])
 
+    def doc_on_disk(self, rel, data: bytes) -> bool:
+        """Whether the document ``rel`` is already on stable storage with exactly these bytes (written
+        by another writer, which recorded it); such documents are not written again."""
+        return False
+
     def unwritten(self) -> list[str]:
         """Every region not written yet, as lines naming parameter, state and chunk."""
         problems = []
@@ -321,13 +326,15 @@ class CheckpointWriter:
         return problems
 
     def build_manifest(self) -> tuple[Manifest, list]:
-        """The manifest and the ``zarr.json`` documents ``[(rel, bytes)]`` of everything written."""
+        """The manifest and the ``zarr.json`` documents ``[(rel, bytes)]`` of everything written that
+        are still to write (not ``doc_on_disk``)."""
         files, docs = {}, []
 
         def put_doc(rel, doc):
             data = layout.doc_bytes(doc)
             files[rel] = (len(data), crc32c.crc32c(data))
-            docs.append((rel, data))
+            if not self.doc_on_disk(rel, data):
+                docs.append((rel, data))
 
         put_doc("zarr.json", layout.group_doc({"ucp": {"format_version": manifest.FORMAT_VERSION,
                                                        "writer": writer_version(), "manifest": MANIFEST,

@@ -14,6 +14,7 @@ Frozen and tied parameters: a model tensor without optimizer state in a checkpoi
 an optimizer is either a tied alias (DCP stores it again under its own key) or frozen. It is
 tied to a stepped model tensor of the same shape, dtype and chunking whose saved bytes are
 identical — read once at ``layout()`` time, for those candidates only — and frozen otherwise.
+A tied alias is stored once: a parameter with no arrays, ``tied_to`` the stepped one.
 
 Files are read through ``ucp.sources._dcpfiles``: metadata through an allow-list unpickler,
 items as memory-mapped tensors, so the engine's box reads touch only the pages they need.
@@ -64,7 +65,8 @@ class DcpSource(Source):
             raise UcpError(f"{self.path}: optimizer state for {', '.join(missing[:5])}, which the model "
                            "section (model.<fqn>) does not hold")
         flags = param_flags(names, keys, self._ties(names, keys, arrays))
-        params = [self._param(n, arrays, scalars.get(n, {}), flags[n]) for n in names]
+        params = [self._alias(n, arrays, flags[n]) if "tied_to" in flags[n] else
+                  self._param(n, arrays, scalars.get(n, {}), flags[n]) for n in names]
         return SourceLayout(params=params, metadata=non_tensor_metadata(groups, extras))
 
     def _classify(self, keys, parse_key):
@@ -108,6 +110,13 @@ class DcpSource(Source):
                            dtypes={s: arrays[(name, s)][1].properties.dtype for s in states},
                            fragments=frags["param"], state_fragments={s: f for s, f in frags.items() if s != "param"},
                            scalars={s: v for s, (v, _) in scalars.items()}, meta=meta)
+
+    def _alias(self, name: str, arrays: dict, flags: dict) -> SourceParam:
+        """A tied alias: no arrays, read through its ``tied_to`` (stored once)."""
+        _, tmd = arrays[(name, "param")]
+        return SourceParam(name=name, shape=tuple(tmd.size), dtypes={}, fragments=[],
+                           meta={**flags, "shape": list(tmd.size),
+                                 "dtype": str(tmd.properties.dtype).removeprefix("torch.")})
 
     def _fragments(self, name: str, fqn: str, tmd) -> list:
         from ucp.plan import Box, Fragment, Piece
