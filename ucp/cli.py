@@ -164,7 +164,8 @@ def cmd_export(args) -> int:
     """`ucp export`: universal -> a target's files; degrees and target options."""
     import ucp
 
-    degrees = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("dp", args.dp), ("ep", args.ep)) if v}
+    degrees = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("vp", args.vp), ("dp", args.dp),
+                                                 ("ep", args.ep)) if v}
     ucp.export(args.src, args.dst, args.to, degrees=degrees, spec=args.spec, zero_stage=args.zero_stage,
                max_shard_size=args.max_shard_size, config=args.config, dtype=args.dtype,
                sub_group_size=args.sub_group_size, tag=args.tag, progress=not args.quiet,
@@ -218,7 +219,8 @@ def _add_export(sub) -> None:
     sp.add_argument("src")
     sp.add_argument("dst")
     sp.add_argument("--to", required=True, metavar="TARGET", help="one of: " + _plugin_help(targets()))
-    for ax, what in (("tp", "tensor"), ("pp", "pipeline"), ("dp", "data"), ("ep", "expert")):
+    for ax, what in (("tp", "tensor"), ("pp", "pipeline"), ("vp", "virtual-pipeline (interleaved chunks per stage)"),
+                     ("dp", "data"), ("ep", "expert")):
         sp.add_argument(f"--{ax}", type=int, default=None, help=f"{what}-parallel degree to write")
     sp.add_argument("--zero-stage", type=int, default=None, help="ZeRO stage to write (targets that take it)")
     sp.add_argument("--max-shard-size", default=None, help="largest file to write, e.g. 5GB (targets that take it)")
