@@ -219,7 +219,7 @@ def _add_export(sub) -> None:
     sp.add_argument("src")
     sp.add_argument("dst")
     sp.add_argument("--to", required=True, metavar="TARGET", help="one of: " + _plugin_help(targets()))
-    for ax, what in (("tp", "tensor"), ("pp", "pipeline"), ("vp", "virtual-pipeline (interleaved chunks per stage)"),
+    for ax, what in (("tp", "tensor"), ("pp", "pipeline"), ("vp", "virtual-pipeline (interleaved)"),
                      ("dp", "data"), ("ep", "expert")):
         sp.add_argument(f"--{ax}", type=int, default=None, help=f"{what}-parallel degree to write")
     sp.add_argument("--zero-stage", type=int, default=None, help="ZeRO stage to write (targets that take it)")
