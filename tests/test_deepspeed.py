@@ -25,9 +25,9 @@ SCRIPT = ROOT / "tests" / "dist" / "ds_train.py"
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0",
        "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "ucp-torch-extensions")}
 
-#: cell -> (stage, dtype, ranks, extra flags): every stage, fp32 / bf16, two param groups
-#: everywhere, frozen and tied variants, ZeRO-3 with sub-groups (sub_group_size 1000). fp16
-#: cannot run here: DeepSpeed's CPU accelerator refuses it ("Type fp16 is not supported").
+#: cell -> (stage, dtype, ranks, extra flags): every stage, fp32 / bf16 / fp16, two param groups
+#: everywhere, frozen and tied variants, ZeRO-3 with sub-groups (sub_group_size 1000). fp16 runs
+#: with DeepSpeed's CPU fp16 capability check answered yes (see tests/dist/ds_train.py).
 CELLS = {
     "z1-fp32": (1, "fp32", 2, ["--frozen"]),
     "z1-bf16": (1, "bf16", 3, ["--tied", "--frozen"]),
@@ -35,6 +35,8 @@ CELLS = {
     "z2-bf16": (2, "bf16", 3, ["--tied", "--frozen"]),
     "z3-fp32": (3, "fp32", 2, ["--frozen"]),
     "z3-bf16": (3, "bf16", 3, ["--tied", "--frozen"]),
+    "z1-fp16": (1, "fp16", 2, ["--tied", "--frozen"]),
+    "z3-fp16": (3, "fp16", 2, ["--frozen"]),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
