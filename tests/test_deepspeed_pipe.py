@@ -173,3 +173,14 @@ def test_tensor_parallel_stages_refused(pipe_runs, tmp_path):
     torch.save(sd, f)
     msg = convert_error(ck, tmp_path)
     assert str(f) in msg and "tp_degree=2" in msg
+
+
+def test_model_parallel_ranks_without_layer_files_refused(pipe_runs, tmp_path):
+    """mp_rank_XX files without pipeline layer files are tensor-parallel shards: refused, not
+    read as pipeline stages."""
+    ck = tmp_path / "ck"
+    shutil.copytree(pipe_runs["pp2-z1-fp32-frozen"][0], ck)
+    for f in (ck / TAG).glob("layer_*-model_states.pt"):
+        f.unlink()
+    msg = convert_error(ck, tmp_path)
+    assert str(ck / TAG) in msg and "tensor parallelism" in msg

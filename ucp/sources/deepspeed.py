@@ -423,6 +423,10 @@ class DeepSpeedSource(Source):
                 holders.setdefault(p.name, []).append(m)
                 if p.name not in params:
                     params[p.name] = _on_stage(p, m)
+                elif not p.name.startswith("tied_modules."):
+                    raise DeepSpeedError(f"{part.files.model[0]}: parameter {p.name} is also held by model-parallel "
+                                         f"rank {holders[p.name][0]}: tensor-parallel shards, which the deepspeed "
+                                         f"source does not read (only pipeline stages)")
         frozen, order = self._pipeline_frozen(params)
         params.update(frozen)
         order = list(dict.fromkeys(n for n in order if n in params)) + [n for n in params if n not in order]
@@ -442,6 +446,10 @@ class DeepSpeedSource(Source):
         if self.stage == 3:
             raise DeepSpeedError(f"{path}: ZeRO-3 files of several model-parallel ranks (tensor parallelism) "
                                  f"are not supported by the deepspeed source")
+        if not any(LAYER_RE.match(f.name) for f in self.folder.iterdir()):
+            raise DeepSpeedError(f"{self.folder}: files of model-parallel ranks {ranks} but no pipeline layer files "
+                                 f"(layer_XX-model_states.pt): tensor parallelism is not supported by the deepspeed "
+                                 f"source")
         world = int(self.model0.get("mp_world_size") or 0)
         missing = sorted(set(range(world)) - set(ranks))
         if missing:
