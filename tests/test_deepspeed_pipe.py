@@ -126,7 +126,12 @@ def test_model_order_and_metadata(pipe_runs):
 @pytest.mark.parametrize("cell", ["pp2-z1-fp32-frozen", "pp2xdp2-z1-bf16"])
 def test_equals_ds_to_universal(cell, pipe_runs, tmp_path):
     """DeepSpeed's own ds_to_universal on the same pipeline checkpoint gives the same fp32
-    master and Adam moments for every parameter it writes (it drops frozen weights)."""
+    master and Adam moments for every parameter it writes (it drops frozen weights); reading
+    that output with `--from auto` (the deepspeed-universal source, every stage's model states)
+    gives the same tensors and steps as the direct conversion."""
+    import ucp
+    from ucp.sources import detect
+
     ck_dir, _, ck = pipe_runs[cell]
     out = tmp_path / "ds-universal"
     res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
@@ -140,6 +145,14 @@ def test_equals_ds_to_universal(cell, pipe_runs, tmp_path):
         for stem, st in (("fp32", "param"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
             held = torch.load(out / "zero" / name / f"{stem}.pt", weights_only=True)
             assert same(ck.read(name, st), held["param"]), (name, st)
+    assert detect(out) == "deepspeed-universal"
+    ucp.convert(str(out), str(tmp_path / "u"))
+    got = ucp.open(str(tmp_path / "u"))
+    assert sorted(got.params) == written
+    for name in written:
+        assert got.param_meta(name)["scalars"] == ck.param_meta(name)["scalars"]
+        for st in ck.states(name):
+            assert same(got.read(name, st), ck.read(name, st)), (name, st)
 
 
 # ------------------------------------------------------------------ bad inputs

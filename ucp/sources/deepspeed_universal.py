@@ -78,7 +78,7 @@ class DeepSpeedUniversalSource(DeepSpeedSource):
     def _trainable(self) -> dict[str, SourceParam]:
         import torch
 
-        shapes = self.model0.get("param_shapes") or []
+        shapes = self._param_shapes
         group_of = {int(i): g for g, grp in enumerate(self._param_groups()) for i in grp.get("params", [])}
         out = {}
         for index, group_shapes in enumerate(shapes):
@@ -136,7 +136,20 @@ class DeepSpeedUniversalSource(DeepSpeedSource):
 
     @cached_property
     def _trainable_names(self) -> set[str]:
-        return {n for grp in (self.model0.get("param_shapes") or []) for n in grp}
+        return {n for grp in self._param_shapes for n in grp}
+
+    @cached_property
+    def _param_shapes(self) -> list[dict]:
+        """``param_shapes`` of the copied model states, per optimizer group index: of every
+        model-parallel rank's file (pipeline stages; a tied module, in several stages, once)."""
+        out: list[dict] = []
+        for mp in RankFiles.model_ranks(self.folder):
+            path = RankFiles.scan(self.folder, mp).model[0]
+            for g, shapes in enumerate(self._file(path).get("param_shapes") or []):
+                while len(out) <= g:
+                    out.append({})
+                out[g].update({n: s for n, s in shapes.items() if not any(n in o for o in out)})
+        return out
 
     def describe(self, fragment, state: str) -> str:
         if fragment.local_name in self._trainable_names:
