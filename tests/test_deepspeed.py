@@ -317,3 +317,22 @@ def test_export_under_torchrun_equals_one_process(converted, tmp_path):
         assert a.param_meta(n).get("scalars") == b.param_meta(n).get("scalars")
         for st in a.states(n):
             assert same(a.read(n, st), b.read(n, st)), (n, st)
+
+
+def test_fp16_resume_on_other_degree_and_stage(ds_runs, converted, tmp_path):
+    """fp16 ZeRO-1 on 2 ranks -> universal -> `--to deepspeed` for 3 ranks at ZeRO-3 (fp16, with
+    the dynamic loss scaler): DeepSpeed loads it and its own gathers of the fp32 params and Adam
+    states, and the step, equal those of the producing run bit for bit."""
+    import ucp
+
+    out = tmp_path / "z3x3"
+    ucp.export(str(converted["z1-fp16"].path), str(out), "deepspeed", degrees={"dp": 3}, zero_stage=3,
+               sub_group_size=1000)
+    run_ds(3, "--load", out, "--stage", 3, "--dtype", "fp16", "--tied", "--frozen", "--ref", tmp_path / "ref.pt",
+           cwd=tmp_path)
+    want, got = (torch.load(p, weights_only=True) for p in (ds_runs["z1-fp16"][1], tmp_path / "ref.pt"))
+    for st in ("param", "exp_avg", "exp_avg_sq"):
+        assert set(got[st]) == set(want[st])
+        for name, t in want[st].items():
+            assert same(got[st][name], t), (st, name)
+    assert got["step"] == want["step"]
