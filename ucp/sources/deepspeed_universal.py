@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ucp.sources import SourceParam
 from ucp.sources.deepspeed import (DeepSpeedError, DeepSpeedSource, LossScalerState, RankFiles, _scalar,
-                                   flat_fragment, load_pickle, whole_fragment)
+                                   flat_fragment, whole_fragment)
 
 STATE_FILES = {"fp32": "param"}  # file stem -> universal state name (others keep their name)
 
