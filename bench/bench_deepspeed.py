@@ -38,11 +38,12 @@ WRAPPER = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check
 
 
 def timed(cmd: list[str], root: Path = ROOT) -> tuple[float, float]:
-    """(seconds, peak RSS MiB) of ``cmd`` and its children (ucp imported from ``root``), files synced."""
+    """(seconds, peak RSS MiB) of ``cmd`` and its children, files synced. ucp is imported from
+    ``root``: it is also the working directory, which ``python -m`` puts first on ``sys.path``."""
     os.sync()
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], check=True, capture_output=True, text=True,
-                         env={**os.environ, **ENV, "PYTHONPATH": str(root)})
+                         env={**os.environ, **ENV, "PYTHONPATH": str(root)}, cwd=root)
     os.sync()
     return time.perf_counter() - t0, int(out.stdout.split()[-1]) / 1024
 

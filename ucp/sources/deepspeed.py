@@ -310,6 +310,9 @@ class DeepSpeedSource(Source):
     name = "deepspeed"
     description = "DeepSpeed ZeRO 1/2/3 save directory (folder with 'latest', or a tag folder)"
     priority = 40
+    #: ``read`` may run on several threads at once: files are unpickled under a lock, and boxes
+    #: are read with ``pread`` (no shared file position)
+    concurrent_reads = True
 
     @classmethod
     def detect(cls, path) -> bool:
