@@ -7,8 +7,14 @@ of ucp over ds_to_universal, and the peak RSS of each tool's process tree (measu
 wrapper process per tool, so one tool's peak never counts for the other) against the size of
 the largest parameter's fp32 state.
 
+``--against REF`` (e.g. ``main``) also times ``ucp convert`` of git revision REF (exported
+with ``git archive`` into the bench's temporary folder) on the same checkpoint in the same run,
+for an A/B comparison on a loaded machine. The fixed base (the interpreter with torch and ucp
+imported, no conversion) is measured too, so that the memory the conversion itself adds shows.
+
 Usage: python bench/bench_deepspeed.py [--hidden 512] [--layers 8] [--vocab 32003]
                                        [--stage 3] [--dtype bf16] [--ranks 2] [--dir /tmp]
+                                       [--against main]
 """
 from __future__ import annotations
 
@@ -31,12 +37,13 @@ WRAPPER = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check
            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS MiB) of ``cmd`` and its children, files synced."""
+def timed(cmd: list[str], root: Path = ROOT) -> tuple[float, float]:
+    """(seconds, peak RSS MiB) of ``cmd`` and its children, files synced. ucp is imported from
+    ``root``: it is also the working directory, which ``python -m`` puts first on ``sys.path``."""
     os.sync()
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], check=True, capture_output=True, text=True,
-                         env={**os.environ, **ENV})
+                         env={**os.environ, **ENV, "PYTHONPATH": str(root)}, cwd=root)
     os.sync()
     return time.perf_counter() - t0, int(out.stdout.split()[-1]) / 1024
 
@@ -75,6 +82,7 @@ def main():
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--against", default=None, help="git revision whose ucp convert is timed too (A/B)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "deepspeed.txt"))
     a = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="ucp-bench-ds-", dir=a.dir))
@@ -91,16 +99,32 @@ def main():
         say(f"# DeepSpeed ZeRO-{a.stage} {a.dtype} checkpoint, {a.ranks} ranks, hidden {a.hidden}, {a.layers} layers, "
             f"vocab {a.vocab}: {size_mib(tag):.0f} MiB; largest parameter fp32 {largest:.0f} MiB")
         cp = timed(["bash", "-c", f"cp -r {tag} {base / 'copy'} && sync"])
+        runs = [("cp -r + sync (same bytes)", cp),
+                ("python: import torch + ucp (no work)", timed([sys.executable, "-c", "import torch, ucp.cli"]))]
         ucp = timed([sys.executable, "-m", "ucp", "convert", str(ck), str(base / "ucp"), "--from", "deepspeed"])
+        runs.append(("ucp convert --from deepspeed", ucp))
+        if a.against:
+            old = base / "against"
+            old.mkdir()
+            subprocess.run(f"git -C {ROOT} archive {a.against} | tar -x -C {old}", shell=True, check=True)
+            runs.append((f"ucp convert ({a.against})", timed([sys.executable, "-m", "ucp", "convert", str(ck),
+                                                                str(base / "ucp-old"), "--from", "deepspeed"], old)))
         ds = timed([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag),
                     "--output_folder", str(base / "ds_universal")])
+        runs.append(("python -m ...ds_to_universal (defaults)", ds))
         say(f"{'run':40s} {'seconds':>8s} {'vs cp':>7s} {'peak RSS MiB':>13s}")
-        for name, (sec, rss) in [("cp -r + sync (same bytes)", cp), ("ucp convert --from deepspeed", ucp),
-                                 ("python -m ...ds_to_universal (defaults)", ds)]:
+        for name, (sec, rss) in runs:
             say(f"{name:40s} {sec:8.2f} {cp[0] / sec:6.2f}x {rss:13.0f}")
+        base_rss = runs[1][1][1]
         say(f"# ucp convert is {ds[0] / ucp[0]:.2f}x faster than ds_to_universal; peak RSS "
             f"{ucp[1]:.0f} vs {ds[1]:.0f} MiB ({ucp[1] / largest:.1f}x vs {ds[1] / largest:.1f}x the largest "
             f"parameter's fp32 size). Both include interpreter and import start-up.")
+        say(f"# memory the conversion adds to the bare interpreter with torch ({base_rss:.0f} MiB): "
+            f"{ucp[1] - base_rss:.0f} MiB = {(ucp[1] - base_rss) / largest:.1f}x the largest parameter's fp32 size")
+        if a.against:
+            old_sec, old_rss = runs[3][1]
+            say(f"# against {a.against} in the same run: {old_sec / ucp[0]:.2f}x faster, peak RSS {ucp[1]:.0f} vs "
+                f"{old_rss:.0f} MiB")
         Path(a.out).write_text("\n".join(lines) + "\n")
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -25,9 +25,9 @@ SCRIPT = ROOT / "tests" / "dist" / "ds_train.py"
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0",
        "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "ucp-torch-extensions")}
 
-#: cell -> (stage, dtype, ranks, extra flags): every stage, fp32 / bf16, two param groups
-#: everywhere, frozen and tied variants, ZeRO-3 with sub-groups (sub_group_size 1000). fp16
-#: cannot run here: DeepSpeed's CPU accelerator refuses it ("Type fp16 is not supported").
+#: cell -> (stage, dtype, ranks, extra flags): every stage, fp32 / bf16 / fp16, two param groups
+#: everywhere, frozen and tied variants, ZeRO-3 with sub-groups (sub_group_size 1000). fp16 runs
+#: with DeepSpeed's CPU fp16 capability check answered yes (see tests/dist/ds_train.py).
 CELLS = {
     "z1-fp32": (1, "fp32", 2, ["--frozen"]),
     "z1-bf16": (1, "bf16", 3, ["--tied", "--frozen"]),
@@ -35,6 +35,8 @@ CELLS = {
     "z2-bf16": (2, "bf16", 3, ["--tied", "--frozen"]),
     "z3-fp32": (3, "fp32", 2, ["--frozen"]),
     "z3-bf16": (3, "bf16", 3, ["--tied", "--frozen"]),
+    "z1-fp16": (1, "fp16", 2, ["--tied", "--frozen"]),
+    "z3-fp16": (3, "fp16", 2, ["--frozen"]),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -315,3 +317,22 @@ def test_export_under_torchrun_equals_one_process(converted, tmp_path):
         assert a.param_meta(n).get("scalars") == b.param_meta(n).get("scalars")
         for st in a.states(n):
             assert same(a.read(n, st), b.read(n, st)), (n, st)
+
+
+def test_fp16_resume_on_other_degree_and_stage(ds_runs, converted, tmp_path):
+    """fp16 ZeRO-1 on 2 ranks -> universal -> `--to deepspeed` for 3 ranks at ZeRO-3 (fp16, with
+    the dynamic loss scaler): DeepSpeed loads it and its own gathers of the fp32 params and Adam
+    states, and the step, equal those of the producing run bit for bit."""
+    import ucp
+
+    out = tmp_path / "z3x3"
+    ucp.export(str(converted["z1-fp16"].path), str(out), "deepspeed", degrees={"dp": 3}, zero_stage=3,
+               sub_group_size=1000)
+    run_ds(3, "--load", out, "--stage", 3, "--dtype", "fp16", "--tied", "--frozen", "--ref", tmp_path / "ref.pt",
+           cwd=tmp_path)
+    want, got = (torch.load(p, weights_only=True) for p in (ds_runs["z1-fp16"][1], tmp_path / "ref.pt"))
+    for st in ("param", "exp_avg", "exp_avg_sq"):
+        assert set(got[st]) == set(want[st])
+        for name, t in want[st].items():
+            assert same(got[st][name], t), (st, name)
+    assert got["step"] == want["step"]

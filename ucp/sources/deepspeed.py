@@ -24,9 +24,12 @@ and a pickle naming any other global is refused with the global's name.
 from __future__ import annotations
 
 import dataclasses
-import math
 import enum
+import math
+import os
 import re
+import threading
+from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -79,16 +82,21 @@ ALLOWED_GLOBALS = [
 ]
 
 
-def load_pickle(path: Path) -> dict:
-    """``torch.load`` a DeepSpeed file memory-mapped, with only :data:`ALLOWED_GLOBALS` beyond
-    torch's weights-only set; every failure names the file (and the refused global)."""
+def load_pickle(path: Path, *, lazy: bool = False) -> dict:
+    """``torch.load`` a DeepSpeed file with only :data:`ALLOWED_GLOBALS` beyond torch's
+    weights-only set; every failure names the file (and the refused global).
+
+    ``lazy``: tensors come back on the meta device (shapes, dtypes, strides) and no tensor byte
+    is read; :class:`TensorFile` reads the ranges the conversion asks for. Otherwise the file
+    is memory-mapped."""
     import torch
 
     if not path.is_file():
         raise DeepSpeedError(f"{path}: file is missing")
+    where = {"map_location": "meta"} if lazy else {"map_location": "cpu", "mmap": True}
     try:
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, weights_only=True, **where)
     except Exception as e:  # torch raises many types for truncated or hostile files
         msg = str(e)
         hit = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"Unsupported global: ([\w.]+)", msg)
@@ -100,9 +108,84 @@ def load_pickle(path: Path) -> dict:
                              f"corrupt? ({type(e).__name__}: {first})") from None
 
 
+class TensorFile:
+    """Reads byte ranges of the tensors that ``load_pickle(path, lazy=True)`` returned as meta
+    tensors, into fresh memory with ``pread``.
+
+    Why not the memory map: mapped pages stay resident (and count in the process's memory)
+    until the map goes, so converting a checkpoint mapped every optimizer file whole; reading
+    only each box, into a buffer freed once written, keeps memory bounded by the largest box.
+    torch records where each storage starts in the file (``_checkpoint_offset``, set by
+    ``torch.load(map_location="meta")``); a torch without it makes the source fall back to the
+    memory map."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.size = path.stat().st_size
+        self._fd = os.open(path, os.O_RDONLY)
+
+    @staticmethod
+    def supported(t) -> bool:
+        return getattr(t.untyped_storage(), "_checkpoint_offset", None) is not None
+
+    def read(self, t, lo: int = 0, hi: Optional[int] = None):
+        """Elements ``[lo, hi)`` of the storage run that starts at meta tensor ``t``'s first
+        element (a contiguous tensor's flat elements), as a new 1-D CPU tensor."""
+        import torch
+
+        hi = t.numel() if hi is None else hi
+        size = t.element_size()
+        offset = t.untyped_storage()._checkpoint_offset + (t.storage_offset() + lo) * size
+        out = torch.empty((hi - lo) * size, dtype=torch.uint8)
+        if offset + out.numel() > self.size:
+            raise DeepSpeedError(f"{self.path}: truncated: a tensor's bytes end at {offset + out.numel()}, "
+                                 f"the file has {self.size}")
+        got = os.preadv(self._fd, [out.numpy()], offset) if out.numel() else 0
+        if got != out.numel():
+            raise DeepSpeedError(f"{self.path}: short read at byte {offset} (truncated?)")
+        return out.view(t.dtype)
+
+    def box(self, t, start, stop):
+        """The box ``[start, stop)`` of meta tensor ``t``, reading only the flat span it covers."""
+        import torch
+
+        if not t.is_contiguous():  # DeepSpeed saves clones; read the extent and view it as saved
+            extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+            whole = torch.as_strided(self.read(t, 0, extent), tuple(t.shape), t.stride())
+            return whole[tuple(slice(a, b) for a, b in zip(start, stop))]
+        shape = tuple(b - a for a, b in zip(start, stop))
+        if 0 in shape:
+            return torch.empty(shape, dtype=t.dtype)
+        lo = sum(a * s for a, s in zip(start, t.stride()))
+        hi = sum((b - 1) * s for b, s in zip(stop, t.stride())) + 1
+        return torch.as_strided(self.read(t, lo, hi), shape, t.stride())
+
+    def materialise(self, obj, limit: int = 4096):
+        """``obj`` with every meta tensor of at most ``limit`` elements read (Adam ``step``, small
+        metadata tensors); larger ones stay meta, to be read box by box."""
+        import torch
+
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type == "meta" and obj.numel() <= limit:
+                return self.box(obj, (0,) * obj.ndim, tuple(obj.shape)).clone()
+            return obj
+        if type(obj) in (dict, OrderedDict, list, tuple):
+            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+            done = [(k, self.materialise(v, limit)) for k, v in items]
+            return type(obj)(done) if isinstance(obj, dict) else type(obj)(v for _, v in done)
+        return obj
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 # ------------------------------------------------------------------ finding the files
 OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 MODEL_RE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
+#: a pipeline layer's weights (``PipelineModule.ckpt_layer_path``; ``-model_XX`` under tensor parallelism)
+LAYER_RE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 
 
 def tag_dir(path) -> Path:
@@ -121,35 +204,42 @@ def tag_dir(path) -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class RankFiles:
-    """The rank files of one tag folder (tensor-parallel rank 0; mp_rank > 0 is refused)."""
+    """The rank files of one model-parallel rank (``mp_rank_XX``: a pipeline stage) of one tag
+    folder."""
     folder: Path
     model: dict[int, Path]        # dp rank -> model states (ZeRO-1/2: only rank 0)
     optim: dict[int, Path]        # dp rank -> optimizer states
+    mp: int = 0
 
     @staticmethod
-    def scan(folder: Path) -> "RankFiles":
+    def model_ranks(folder: Path) -> list[int]:
+        """The model-parallel ranks (``mp_rank_XX``) that any rank file of ``folder`` names."""
+        found = set()
+        for f in folder.iterdir():
+            m, o = MODEL_RE.match(f.name), OPTIM_RE.match(f.name)
+            if m or o:
+                found.add(int(m.group(2)) if m else int(o.group(3)))
+        return sorted(found)
+
+    @staticmethod
+    def scan(folder: Path, mp: int = 0) -> "RankFiles":
         model, optim = {}, {}
         for f in sorted(folder.iterdir()):
             m, o = MODEL_RE.match(f.name), OPTIM_RE.match(f.name)
-            if o:
-                if int(o.group(3)):
-                    raise DeepSpeedError(f"{f}: tensor-parallel DeepSpeed checkpoints (mp_rank > 0) are not "
-                                         f"supported by the deepspeed source")
+            if o and int(o.group(3)) == mp:
                 optim[int(o.group(2))] = f
-            elif m:
-                if int(m.group(2)):
-                    raise DeepSpeedError(f"{f}: tensor-parallel DeepSpeed checkpoints (mp_rank > 0) are not "
-                                         f"supported by the deepspeed source")
+            elif m and int(m.group(2)) == mp:
                 model[int(m.group(1) or 0)] = f
         if not model:
-            raise DeepSpeedError(f"{folder}: no *model_states.pt file")
-        return RankFiles(folder, model, optim)
+            raise DeepSpeedError(f"{folder / f'mp_rank_{mp:02d}_model_states.pt'}: file is missing (no model "
+                                 f"states of model-parallel rank {mp})")
+        return RankFiles(folder, model, optim, mp)
 
-    def check_world(self, dp: int, stage: int, optim_name) -> None:
+    def check_world(self, dp: int, stage: int, prefix: str) -> None:
         """Every rank file the saved world size implies is there, and no other."""
         want = set(range(dp))
-        for kind, have, name in (("optimizer", self.optim, optim_name),
-                                 ("model", self.model if stage == 3 else None, model_name)):
+        for kind, have, name in (("optimizer", self.optim, lambda r: self.optim_name(r, prefix)),
+                                 ("model", self.model if stage == 3 else None, self.model_name)):
             if have is None:
                 continue
             missing, extra = sorted(want - set(have)), sorted(set(have) - want)
@@ -160,9 +250,11 @@ class RankFiles:
                 raise DeepSpeedError(f"{have[extra[0]]}: world size mismatch: the checkpoint records "
                                      f"dp_world_size={dp} but this is rank {extra[0]}'s file")
 
+    def model_name(self, rank: int) -> str:
+        return f"zero_pp_rank_{rank}_mp_rank_{self.mp:02d}_model_states.pt"
 
-def model_name(rank: int) -> str:
-    return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+    def optim_name(self, rank: int, prefix: str = "") -> str:
+        return f"{prefix}zero_pp_rank_{rank}_mp_rank_{self.mp:02d}_optim_states.pt"
 
 
 # ------------------------------------------------------------------ fragments
@@ -186,11 +278,11 @@ def flat_fragment(name, shape, rank, local_name, local_len, lo, hi, local_start,
                     group=local_name, origin=origin)
 
 
-def whole_fragment(name, shape, origin):
+def whole_fragment(name, shape, origin, local_name=None):
     from ucp.plan import Box, Fragment, Piece
 
     box = Box((0,) * len(shape), tuple(shape))
-    return Fragment(name=name, local_name=name, coords=(("dp", 0),), local_shape=tuple(shape),
+    return Fragment(name=name, local_name=local_name or name, coords=(("dp", 0),), local_shape=tuple(shape),
                     pieces=(Piece(box, box),) if box.numel else (), global_shape=tuple(shape),
                     origin=origin)
 
@@ -218,6 +310,9 @@ class DeepSpeedSource(Source):
     name = "deepspeed"
     description = "DeepSpeed ZeRO 1/2/3 save directory (folder with 'latest', or a tag folder)"
     priority = 40
+    #: ``read`` may run on several threads at once: files are unpickled under a lock, and boxes
+    #: are read with ``pread`` (no shared file position)
+    concurrent_reads = True
 
     @classmethod
     def detect(cls, path) -> bool:
@@ -234,13 +329,34 @@ class DeepSpeedSource(Source):
         self.reject_options()
         self.folder = tag_dir(path)
         self.files = RankFiles.scan(self.folder)
-        self._loaded: dict[Path, dict] = {}
+        self._open_files()
 
     # -- file access
-    def _file(self, path: Path) -> dict:
-        if path not in self._loaded:
-            self._loaded[path] = load_pickle(path)
-        return self._loaded[path]
+    def _open_files(self) -> None:
+        self._stages: dict[int, DeepSpeedSource] = {0: self}  # pipeline stage -> its files' reader
+        self._loaded: dict[Path, Any] = {}
+        self._readers: dict[Path, TensorFile] = {}
+        self._lock = threading.Lock()
+
+    def _file(self, path: Path):
+        """The unpickled file: tensors of more than a few thousand elements stay on the meta
+        device, read box by box (:meth:`read`) from the file (or, on a torch that does not
+        record storage offsets, memory-mapped)."""
+        with self._lock:
+            if path not in self._loaded:
+                held = load_pickle(path, lazy=True)
+                probe = _first_tensor(held)
+                if probe is not None and not TensorFile.supported(probe):
+                    self._loaded[path] = load_pickle(path)
+                else:
+                    reader = self._readers[path] = TensorFile(path)
+                    self._loaded[path] = reader.materialise(held)
+            return self._loaded[path]
+
+    def _values(self, path: Path, obj):
+        """``obj`` (from ``path``) with every tensor in it read: for metadata."""
+        reader = self._readers.get(path)
+        return reader.materialise(obj, limit=math.inf) if reader else obj
 
     def _optim(self, rank: int) -> dict:
         path = self.files.optim[rank]
@@ -258,7 +374,10 @@ class DeepSpeedSource(Source):
         if not self.files.optim:
             raise DeepSpeedError(f"{self.folder}: no *optim_states.pt file (saved without optimizer "
                                  f"states, or not a ZeRO checkpoint)")
-        stage = self._optim(min(self.files.optim)).get("zero_stage")
+        sd = self._optim(min(self.files.optim))
+        stage = sd.get("zero_stage")
+        if stage is None and BF16_OPTIMIZER_KEYS <= set(sd):
+            return 0  # bf16 without ZeRO: BF16_Optimizer, which partitions like ZeRO-1 and records no stage
         if stage is None:
             raise DeepSpeedError(f"{self.files.optim[min(self.files.optim)]}: no 'zero_stage' recorded")
         return int(stage)
@@ -272,15 +391,109 @@ class DeepSpeedSource(Source):
 
     # -- layout
     def layout(self) -> SourceLayout:
+        ranks = RankFiles.model_ranks(self.folder)
+        return self._stage_layout() if ranks == [0] else self._pipeline_layout(ranks)
+
+    def _stage_layout(self) -> SourceLayout:
+        """The layout of one model-parallel rank's files (the whole checkpoint without pipeline)."""
         files, dp, stage = self.files, self.dp, self.stage
         prefix = "bf16_" if any(p.name.startswith("bf16_") for p in files.optim.values()) else ""
-        files.check_world(dp, stage, lambda r: f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        files.check_world(dp, stage, prefix)
         self._check_same_save()
         build = self._zero3_params if stage == 3 else self._zero12_params
         trainable = build()
+        if not trainable:
+            raise DeepSpeedError(f"{files.optim[min(files.optim)]}: no trainable parameter found in the optimizer "
+                                 f"states")
         params = self._ordered(trainable)
         return SourceLayout(params=params, metadata=self._metadata(),
                             degrees={"dp": dp}, constants={"zero_stage": stage})
+
+    # -- pipeline parallelism
+    def _pipeline_layout(self, ranks: list[int]) -> SourceLayout:
+        """Pipeline parallelism (DeepSpeed's ``PipelineModule``, the layout Megatron-DeepSpeed
+        writes): model-parallel rank ``mp_rank_XX`` is pipeline stage XX, its files a ZeRO-1/2
+        checkpoint of the stage's layers, named as the pipeline module names them
+        (``{layer}.{name}``, ``tied_modules.{key}.{name}``). A tied module is held by every stage
+        that uses it, identical (DeepSpeed all-reduces its gradients): converted from the first
+        stage, the others recorded. Frozen weights are in the ``layer_XX-model_states.pt`` files
+        only. Tensor parallelism inside a stage is refused."""
+        self._check_pipeline(ranks)
+        self._stages.update({m: self._for_model_rank(m) for m in ranks[1:]})
+        params, holders = {}, {}
+        for m, part in self._stages.items():
+            for p in part._stage_layout().params:
+                holders.setdefault(p.name, []).append(m)
+                if p.name not in params:
+                    params[p.name] = _on_stage(p, m)
+                elif not p.name.startswith("tied_modules."):
+                    raise DeepSpeedError(f"{part.files.model[0]}: parameter {p.name} is also held by model-parallel "
+                                         f"rank {holders[p.name][0]}: tensor-parallel shards, which the deepspeed "
+                                         f"source does not read (only pipeline stages)")
+        frozen, order = self._pipeline_frozen(params)
+        params.update(frozen)
+        order = list(dict.fromkeys(n for n in order if n in params)) + [n for n in params if n not in order]
+        out = [dataclasses.replace(params[n], meta={**params[n].meta, "pipeline_stages": holders.get(n)})
+               if n in holders else params[n] for n in order]
+        metadata = self._metadata()
+        metadata["deepspeed"]["pipeline"] = {"pp_degree": len(ranks), "tp_degree": 1}
+        return SourceLayout(params=out, metadata=metadata, degrees={"pp": len(ranks), "dp": self.dp},
+                            constants={"zero_stage": self.stage})
+
+    def _check_pipeline(self, ranks: list[int]) -> None:
+        dims = self.model0.get("checkpoint_parallel_dimensions") or {}
+        path, tp = self.files.model[0], int(dims.get("tp_degree", 1))
+        if tp != 1:
+            raise DeepSpeedError(f"{path}: tensor parallelism inside pipeline stages (tp_degree={tp}) is not "
+                                 f"supported by the deepspeed source")
+        if self.stage == 3:
+            raise DeepSpeedError(f"{path}: ZeRO-3 files of several model-parallel ranks (tensor parallelism) "
+                                 f"are not supported by the deepspeed source")
+        if not any(LAYER_RE.match(f.name) for f in self.folder.iterdir()):
+            raise DeepSpeedError(f"{self.folder}: files of model-parallel ranks {ranks} but no pipeline layer files "
+                                 f"(layer_XX-model_states.pt): tensor parallelism is not supported by the deepspeed "
+                                 f"source")
+        world = int(self.model0.get("mp_world_size") or 0)
+        missing = sorted(set(range(world)) - set(ranks))
+        if missing:
+            raise DeepSpeedError(f"{self.folder / f'mp_rank_{missing[0]:02d}_model_states.pt'}: file is missing "
+                                 f"(the checkpoint records mp_world_size={world})")
+        if ranks != list(range(world)):
+            raise DeepSpeedError(f"{self.folder}: files of model-parallel ranks {ranks} but the checkpoint records "
+                                 f"mp_world_size={world}")
+
+    def _for_model_rank(self, mp: int) -> "DeepSpeedSource":
+        """This checkpoint's reader for the files of model-parallel rank ``mp`` (one pipeline stage)."""
+        part = object.__new__(type(self))
+        Source.__init__(part, self.path)
+        part.folder, part.files = self.folder, RankFiles.scan(self.folder, mp)
+        part._open_files()
+        if part.model0.get("global_steps") != self.model0.get("global_steps"):
+            raise DeepSpeedError(f"{part.files.model[0]}: global_steps {part.model0.get('global_steps')} differs "
+                                 f"from {self.model0.get('global_steps')} in {self.files.model[0].name}: files "
+                                 f"of different saves are mixed")
+        return part
+
+    def _pipeline_frozen(self, trainable) -> tuple[dict[str, SourceParam], list[str]]:
+        """(frozen parameters, model order) from the layer files: their weights that no stage's
+        optimizer holds are frozen. A layer none of whose weights is ``{layer}.{key}`` but whose
+        keys and shapes all match one tied module's is that module's copy (the checkpoint does
+        not record which layers are tied)."""
+        frozen, order = {}, []
+        for f, idx, weights in self._layer_files():
+            names = {k: f"{idx}.{k}" for k in weights}
+            tie = None if any(n in trainable for n in names.values()) else _tied_module(weights, trainable)
+            if tie is not None:
+                order += [f"tied_modules.{tie}.{k}" for k in weights]
+                continue
+            order += names.values()
+            for k, t in weights.items():
+                if names[k] not in trainable:
+                    n, shape = names[k], tuple(t.shape)
+                    frozen[n] = SourceParam(name=n, shape=shape, dtypes={"param": t.dtype},
+                                            fragments=[whole_fragment(n, shape, f.name, f"{f.name}:{k}")],
+                                            meta={"frozen": True, "zero_stage": self.stage})
+        return frozen, order
 
     def _check_same_save(self) -> None:
         """Rank files of one save agree on the optimizer step (files of two tags do not)."""
@@ -322,6 +535,57 @@ class DeepSpeedSource(Source):
         scalars = {k: _scalar(v) for k, v in st.items() if k not in tensors}
         return tensors, scalars
 
+    def _group_shapes(self) -> list[Mapping[str, tuple]]:
+        """Per optimizer group, its parameters' names and shapes in flat order: ``param_shapes``
+        (ZeRO); for BF16_Optimizer, which records none, the names of ``param_slice_mappings``
+        (every rank's, in rank order) with the shapes of the weights the model files hold."""
+        shapes = self.model0.get("param_shapes")
+        if shapes is not None:
+            return shapes
+        if self.stage != 0:
+            raise DeepSpeedError(f"{self.files.model[0]}: no param_shapes recorded")
+        out = []
+        for g in range(len(self._optim(0)["param_slice_mappings"])):
+            numels: dict[str, int] = {}
+            for r in range(self.dp):
+                for n, addr in self._optim(r)["param_slice_mappings"][g].items():
+                    numels[n] = numels.get(n, 0) + addr.numel
+            out.append({n: self._weight_shape(n, numel) for n, numel in numels.items()})
+        return out
+
+    def _weight_shape(self, name: str, numel: int) -> tuple:
+        """The shape of trainable parameter ``name`` (``numel`` elements in the optimizer's
+        partitions) from the module weights: the model states' ``module``, or the pipeline layer
+        files (``{layer}.{key}``; a tied module's ``tied_modules.{tie}.{key}`` is the layer weight
+        ``key`` of that many elements, which must be unambiguous)."""
+        module = self.model0.get("module")
+        if module is not None:
+            found = [module[name]] if name in module else []
+        else:
+            layers = self._layer_weights()
+            found = [layers[name]] if name in layers else []
+            if not found and name.startswith("tied_modules."):
+                key = name.split(".", 2)[2]
+                found = [t for n, t in layers.items() if n.split(".", 1)[1] == key and t.numel() == numel]
+        shapes = {tuple(t.shape) for t in found}
+        if len(shapes) != 1 or math.prod(next(iter(shapes))) != numel:
+            raise DeepSpeedError(f"{self.files.optim[0]}: cannot tell the shape of {name} ({numel} elements) "
+                                 f"from the model's weights (candidates: {sorted(shapes) or 'none'})")
+        return next(iter(shapes))
+
+    def _layer_files(self) -> list[tuple[Path, int, dict[str, Any]]]:
+        """The pipeline layer files in layer order: (file, layer index, weights by key)."""
+        out = []
+        for f in sorted(self.folder.iterdir()):
+            hit = LAYER_RE.match(f.name)
+            if hit:
+                out.append((f, int(hit.group(1)), {k: t for k, t in self._file(f).items() if _is_tensor(t)}))
+        return sorted(out, key=lambda x: x[1])
+
+    def _layer_weights(self) -> dict[str, Any]:
+        """Every pipeline layer file's weights as ``{layer}.{key}``."""
+        return {f"{idx}.{k}": t for _, idx, weights in self._layer_files() for k, t in weights.items()}
+
     def _zero12_params(self) -> dict[str, SourceParam]:
         """ZeRO-1/2: each rank's slice of each parameter, where ``param_slice_mappings`` puts it
         in the rank's partition of the group; ranks hold consecutive slices. The fp32 partition
@@ -329,7 +593,7 @@ class DeepSpeedSource(Source):
         local tensors of two lengths."""
         import torch
 
-        shapes = self.model0.get("param_shapes") or []
+        shapes = self._group_shapes()
         out = {}
         group_of = self._group_of_local()
         for g, group_shapes in enumerate(shapes):
@@ -426,12 +690,12 @@ class DeepSpeedSource(Source):
     # -- metadata
     def _metadata(self) -> dict:
         m, opt0 = self.model0, self._optim(0)
-        client = {k: v for k, v in m.items() if k not in MODEL_KEYS}
+        client = self._values(self.files.model[0], {k: v for k, v in m.items() if k not in MODEL_KEYS})
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self._base_state(0)["param_groups"]]
         scaler = opt0.get("loss_scaler")
         return {
             "iteration": m.get("global_steps"),
-            "lr_scheduler": m.get("lr_scheduler"),
+            "lr_scheduler": self._values(self.files.model[0], m.get("lr_scheduler")),
             "client_state": client,
             "optimizer": {"param_groups": groups},
             "deepspeed": {
@@ -447,20 +711,39 @@ class DeepSpeedSource(Source):
 
     # -- tensors
     def local(self, fragment, state: str):
+        part = self._stages[fragment.coord("pp")]
+        path, t = part._locate(fragment, state)
+        return part._readers[path].box(t, (0,) * t.ndim, tuple(t.shape)) if t.device.type == "meta" else t
+
+    def read(self, fragment, state: str, piece):
+        """Only the piece's bytes are read (see :class:`TensorFile`)."""
+        part = self._stages[fragment.coord("pp")]
+        path, t = part._locate(fragment, state)
+        if t.device.type == "meta":
+            return part._readers[path].box(t, piece.dst.start, piece.dst.stop).reshape(piece.src.shape)
+        return t[piece.dst.slices()].reshape(piece.src.shape)
+
+    def _locate(self, fragment, state: str):
+        """(file, tensor as unpickled, possibly meta) holding ``state`` of ``fragment``; its shape
+        checked against the one DeepSpeed's metadata implies."""
         rank = fragment.coord("dp")
         ln = fragment.local_name
         if ln.startswith("frozen:"):
-            t = self._file(self.files.model[rank])["frozen_param_fragments"][ln[len("frozen:"):]]
+            path = self.files.model[rank]
+            t = self._file(path)["frozen_param_fragments"][ln[len("frozen:"):]]
             t = t.reshape(-1) if self.stage == 3 else t
         elif ln.startswith("group") or ln.startswith("sub"):
             index = int(ln.removeprefix("group").removeprefix("sub"))
-            t = self._local_state(rank, index, state)
+            path, t = self.files.optim[rank], self._local_state(rank, index, state)
+        elif LAYER_RE.match(ln.partition(":")[0]):
+            path = self.folder / ln.partition(":")[0]
+            t = self._file(path)[ln.partition(":")[2]]
         else:
-            t = self.model0["module"][ln]
+            path, t = self.files.model[0], self.model0["module"][ln]
         if tuple(t.shape) != tuple(fragment.local_shape):
             raise DeepSpeedError(f"{self.describe(fragment, state)}: shape {tuple(t.shape)}, DeepSpeed's "
                                  f"metadata implies {tuple(fragment.local_shape)}")
-        return t
+        return path, t
 
     def describe(self, fragment, state: str) -> str:
         rank = fragment.coord("dp")
@@ -478,8 +761,18 @@ class DeepSpeedSource(Source):
         return st[state]
 
     def close(self) -> None:
-        self._loaded.clear()
+        for part in self._stages.values():
+            if part is not self:
+                part.close()
+        with self._lock:
+            for reader in self._readers.values():
+                reader.close()
+            self._readers.clear()
+            self._loaded.clear()
 
+
+#: what DeepSpeed's BF16_Optimizer (bf16 at ZeRO stage 0; Megatron-DeepSpeed's usual setting) saves
+BF16_OPTIMIZER_KEYS = frozenset({"base_optimizer_state", "single_partition_of_fp32_groups", "param_slice_mappings"})
 
 #: keys DeepSpeed itself writes into model states; every other key is the user's client state
 MODEL_KEYS = frozenset({
@@ -488,6 +781,38 @@ MODEL_KEYS = frozenset({
     "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config",
     "ds_version", "checkpoint_parallel_dimensions", "mp_world_size",
 })
+
+
+def _on_stage(p: SourceParam, stage: int) -> SourceParam:
+    """``p`` as pipeline stage ``stage`` holds it: every fragment gains the coordinate ``pp``."""
+    def tag(frags):
+        return [dataclasses.replace(f, coords=(("pp", stage), *f.coords)) for f in frags]
+
+    return dataclasses.replace(p, fragments=tag(p.fragments),
+                               state_fragments={st: tag(fs) for st, fs in p.state_fragments.items()})
+
+
+def _tied_module(weights: Mapping[str, Any], trainable: Mapping[str, SourceParam]) -> Optional[str]:
+    """The key of the tied module whose weights a layer file holds (every name
+    ``tied_modules.{key}.{name}`` trainable with the same shape), or None."""
+    def matches(key: str) -> bool:
+        held = [(trainable.get(f"tied_modules.{key}.{k}"), t) for k, t in weights.items()]
+        return bool(held) and all(p is not None and tuple(p.shape) == tuple(t.shape) for p, t in held)
+
+    keys = dict.fromkeys(n.split(".")[1] for n in trainable if n.startswith("tied_modules."))
+    return next((key for key in keys if matches(key)), None)
+
+
+def _first_tensor(obj):
+    """The first tensor met walking ``obj`` (dicts, lists, tuples), or None."""
+    if _is_tensor(obj):
+        return obj
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for v in values:
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
 
 
 def _is_tensor(v) -> bool:

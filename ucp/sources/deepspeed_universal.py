@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ucp.sources import SourceParam
 from ucp.sources.deepspeed import (DeepSpeedError, DeepSpeedSource, LossScalerState, RankFiles, _scalar,
-                                   flat_fragment, load_pickle, whole_fragment)
+                                   flat_fragment, whole_fragment)
 
 STATE_FILES = {"fp32": "param"}  # file stem -> universal state name (others keep their name)
 
@@ -49,7 +49,7 @@ class DeepSpeedUniversalSource(DeepSpeedSource):
         self.folder = universal_dir(path)
         self.zero = self.folder / "zero"
         self.files = RankFiles.scan(self.folder)
-        self._loaded = {}
+        self._open_files()
 
     @cached_property
     def optimizer_state(self) -> dict:
@@ -78,7 +78,7 @@ class DeepSpeedUniversalSource(DeepSpeedSource):
     def _trainable(self) -> dict[str, SourceParam]:
         import torch
 
-        shapes = self.model0.get("param_shapes") or []
+        shapes = self._param_shapes
         group_of = {int(i): g for g, grp in enumerate(self._param_groups()) for i in grp.get("params", [])}
         out = {}
         for index, group_shapes in enumerate(shapes):
@@ -110,8 +110,9 @@ class DeepSpeedUniversalSource(DeepSpeedSource):
 
         scaler = self.optimizer_state.get("loss_scaler")
         return {
-            "iteration": m.get("global_steps"), "lr_scheduler": m.get("lr_scheduler"),
-            "client_state": {k: v for k, v in m.items() if k not in MODEL_KEYS},
+            "iteration": m.get("global_steps"),
+            "lr_scheduler": self._values(self.files.model[0], m.get("lr_scheduler")),
+            "client_state": self._values(self.files.model[0], {k: v for k, v in m.items() if k not in MODEL_KEYS}),
             "optimizer": {"param_groups": [{k: v for k, v in g.items() if k != "params"}
                                            for g in self._param_groups()]},
             "deepspeed": {"zero_stage": self.stage, "dp_world_size": self.dp, "ds_version": m.get("ds_version"),
@@ -121,9 +122,9 @@ class DeepSpeedUniversalSource(DeepSpeedSource):
                           "universal": True},
         }
 
-    def local(self, fragment, state: str):
+    def _locate(self, fragment, state: str):
         if fragment.local_name.startswith("frozen:") or fragment.local_name not in self._trainable_names:
-            return super().local(fragment, state)
+            return super()._locate(fragment, state)
         stem = next((k for k, v in STATE_FILES.items() if v == state), state)
         path = self.zero / fragment.local_name / f"{stem}.pt"  # a tied name reads its partner's files
         held = self._file(path)
@@ -131,11 +132,24 @@ class DeepSpeedUniversalSource(DeepSpeedSource):
         if tuple(t.shape) != tuple(fragment.local_shape):
             raise DeepSpeedError(f"{path}: shape {tuple(t.shape)}, the model states record "
                                  f"{tuple(fragment.local_shape)} for {fragment.name}")
-        return t
+        return path, t
 
     @cached_property
     def _trainable_names(self) -> set[str]:
-        return {n for grp in (self.model0.get("param_shapes") or []) for n in grp}
+        return {n for grp in self._param_shapes for n in grp}
+
+    @cached_property
+    def _param_shapes(self) -> list[dict]:
+        """``param_shapes`` of the copied model states, per optimizer group index: of every
+        model-parallel rank's file (pipeline stages; a tied module, in several stages, once)."""
+        out: list[dict] = []
+        for mp in RankFiles.model_ranks(self.folder):
+            path = RankFiles.scan(self.folder, mp).model[0]
+            for g, shapes in enumerate(self._file(path).get("param_shapes") or []):
+                while len(out) <= g:
+                    out.append({})
+                out[g].update({n: s for n, s in shapes.items() if not any(n in o for o in out)})
+        return out
 
     def describe(self, fragment, state: str) -> str:
         if fragment.local_name in self._trainable_names:

@@ -1,0 +1,199 @@
+"""The ``deepspeed`` source on DeepSpeed pipeline-parallel checkpoints (``PipelineModule`` with
+``LayerSpec`` / ``TiedLayerSpec``: ``layer_XX-model_states.pt``, ``mp_rank_XX_model_states.pt``,
+``[bf16_]zero_pp_rank_{dp}_mp_rank_XX_optim_states.pt``, the layout Megatron-DeepSpeed writes),
+made by real DeepSpeed 0.19.8 on CPU (gloo, 2 pipeline stages x 1 or 2 data-parallel ranks).
+
+Reference answers come from DeepSpeed: each stage's ``safe_get_full_fp32_param`` /
+``safe_get_full_optimizer_state`` and optimizer step, dumped by the producing run
+(tests/dist/ds_pipe.py), and DeepSpeed's own ``ds_to_universal`` on the same checkpoint.
+Tensor parallelism inside a stage is not covered: Megatron-DeepSpeed is not installed, and the
+source refuses ``tp_degree > 1`` clearly.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                reason="DeepSpeed is not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "dist" / "ds_pipe.py"
+ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0",
+       "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "ucp-torch-extensions")}
+TAG = "global_step3"
+
+#: cell -> (ranks, ZeRO stage, dtype, extra flags); 2 pipeline stages each. Stage 0 with bf16 is
+#: DeepSpeed's BF16_Optimizer (Megatron-DeepSpeed's usual setting), which records no param_shapes.
+CELLS = {
+    "pp2-z1-fp32-frozen": (2, 1, "fp32", ["--frozen"]),
+    "pp2xdp2-z1-bf16": (4, 1, "bf16", []),
+    "pp2-bf16-optimizer": (2, 0, "bf16", []),
+}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def pipe_runs(tmp_path_factory):
+    """Every cell's checkpoint, DeepSpeed's per-stage reference dumps and ucp's conversion."""
+    import ucp
+
+    base = tmp_path_factory.mktemp("ds-pipe")
+    out = {}
+    for cell, (nproc, stage, dtype, extra) in CELLS.items():
+        ck, ref = base / cell, base / f"{cell}-ref.pt"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(SCRIPT), "--out", str(ck),
+               "--pp", "2", "--stage", str(stage), "--dtype", dtype, "--ref", str(ref), *extra]
+        res = subprocess.run(cmd, cwd=base, env={**os.environ, **ENV, "PYTHONPATH": str(ROOT)},
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-6000:]
+        ucp.convert(str(ck), str(base / f"{cell}-u"), source="auto")
+        refs = [torch.load(f"{ref}.stage{s}", weights_only=True) for s in (0, 1)]
+        out[cell] = (ck, refs, ucp.open(str(base / f"{cell}-u")))
+    return out
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_states_equal_each_stages_deepspeed_gather(cell, pipe_runs):
+    """fp32 master, exp_avg and exp_avg_sq of every parameter of every stage equal what
+    DeepSpeed gathers in the producing run, bit for bit; `step` equals the stage optimizer's;
+    frozen weights equal the module's, in the model dtype, with frozen recorded."""
+    _, refs, ck = pipe_runs[cell]
+    seen = set()
+    for ref in refs:
+        for st in ("param", "exp_avg", "exp_avg_sq"):
+            for name, t in ref[st].items():
+                assert same(ck.read(name, st), t), (st, name)
+        for name in ref["param"]:
+            assert [ck.param_meta(name)["scalars"]["step"]] == ref["step"] == [3]
+        for name, t in ref["frozen"].items():
+            assert ck.param_meta(name).get("frozen") is True and ck.states(name) == ["param"]
+            assert same(ck.read(name, "param"), t), name
+        seen |= set(ref["param"]) | set(ref["frozen"])
+    assert set(ck.params) == seen
+    assert {n for n in ck.params if ck.param_meta(n).get("frozen")} == \
+        ({"1.input_layernorm.weight", "1.self_attn.k_proj.bias"} if "--frozen" in CELLS[cell][3] else set())
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_tied_module_held_by_both_stages(cell, pipe_runs):
+    """The tied embedding / output head is held by stages 0 and 1; DeepSpeed's two copies are
+    identical, the universal tensor equals them and records both stages."""
+    _, refs, ck = pipe_runs[cell]
+    name = "tied_modules.embed.weight"
+    for st in ("param", "exp_avg", "exp_avg_sq"):
+        assert same(refs[0][st][name], refs[1][st][name])
+        assert same(ck.read(name, st), refs[1][st][name])
+    assert ck.param_meta(name)["pipeline_stages"] == [0, 1]
+
+
+def test_model_order_and_metadata(pipe_runs):
+    """Parameters come in layer order (tied module at its first layer, frozen ones in place);
+    the pipeline degree and ZeRO stage are recorded."""
+    _, _, ck = pipe_runs["pp2-z1-fp32-frozen"]
+    names = list(ck.params)
+    assert names[0] == "tied_modules.embed.weight" and names[-1] == "3.weight"
+    assert names.index("1.input_layernorm.weight") < names.index("1.post_attention_layernorm.weight")
+    assert ck.metadata["deepspeed"]["pipeline"] == {"pp_degree": 2, "tp_degree": 1}
+    assert ck.metadata["iteration"] == 3
+    assert ck.metadata["client_state"]["note"] == "ucp pipeline fixture"
+    assert pipe_runs["pp2-bf16-optimizer"][2].metadata["deepspeed"]["zero_stage"] == 0
+
+
+@pytest.mark.parametrize("cell", ["pp2-z1-fp32-frozen", "pp2xdp2-z1-bf16"])
+def test_equals_ds_to_universal(cell, pipe_runs, tmp_path):
+    """DeepSpeed's own ds_to_universal on the same pipeline checkpoint gives the same fp32
+    master and Adam moments for every parameter it writes (it drops frozen weights); reading
+    that output with `--from auto` (the deepspeed-universal source, every stage's model states)
+    gives the same tensors and steps as the direct conversion."""
+    import ucp
+    from ucp.sources import detect
+
+    ck_dir, _, ck = pipe_runs[cell]
+    out = tmp_path / "ds-universal"
+    res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                          str(ck_dir / TAG), "--output_folder", str(out), "--num_extract_workers", "1",
+                          "--num_merge_workers", "1"], env={**os.environ, **ENV}, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    written = sorted(p.name for p in (out / "zero").iterdir() if p.is_dir())
+    assert written == sorted(n for n in ck.params if not ck.param_meta(n).get("frozen"))
+    for name in written:
+        for stem, st in (("fp32", "param"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+            held = torch.load(out / "zero" / name / f"{stem}.pt", weights_only=True)
+            assert same(ck.read(name, st), held["param"]), (name, st)
+    assert detect(out) == "deepspeed-universal"
+    ucp.convert(str(out), str(tmp_path / "u"))
+    got = ucp.open(str(tmp_path / "u"))
+    assert sorted(got.params) == written
+    for name in written:
+        assert got.param_meta(name)["scalars"] == ck.param_meta(name)["scalars"]
+        for st in ck.states(name):
+            assert same(got.read(name, st), ck.read(name, st)), (name, st)
+
+
+# ------------------------------------------------------------------ bad inputs
+def convert_error(src: Path, tmp_path: Path) -> str:
+    import ucp
+    from ucp.errors import UcpError
+
+    with pytest.raises(UcpError) as e:
+        ucp.convert(str(src), str(tmp_path / "out"), source="deepspeed")
+    assert not (tmp_path / "out" / "ucp.manifest.json").exists()
+    return str(e.value)
+
+
+@pytest.mark.parametrize("gone", ["mp_rank_01_model_states.pt", "zero_pp_rank_1_mp_rank_01_optim_states.pt"])
+def test_missing_stage_file(gone, pipe_runs, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(pipe_runs["pp2xdp2-z1-bf16"][0], ck)
+    name = gone if gone.startswith("mp_") else "bf16_" + gone
+    (ck / TAG / name).unlink()
+    msg = convert_error(ck, tmp_path)
+    assert str(ck / TAG / name) in msg and "missing" in msg, msg
+
+
+def test_tensor_parallel_stages_refused(pipe_runs, tmp_path):
+    """A checkpoint recording tensor parallelism inside the stages is refused, naming the file."""
+    ck = tmp_path / "ck"
+    shutil.copytree(pipe_runs["pp2-z1-fp32-frozen"][0], ck)
+    f = ck / TAG / "mp_rank_00_model_states.pt"
+    sd = torch.load(f, weights_only=True)
+    sd["checkpoint_parallel_dimensions"] = {"pp_degree": 2, "tp_degree": 2}
+    torch.save(sd, f)
+    msg = convert_error(ck, tmp_path)
+    assert str(f) in msg and "tp_degree=2" in msg
+
+
+def test_model_parallel_ranks_without_layer_files_refused(pipe_runs, tmp_path):
+    """mp_rank_XX files without pipeline layer files are tensor-parallel shards: refused, not
+    read as pipeline stages."""
+    ck = tmp_path / "ck"
+    shutil.copytree(pipe_runs["pp2-z1-fp32-frozen"][0], ck)
+    for f in (ck / TAG).glob("layer_*-model_states.pt"):
+        f.unlink()
+    msg = convert_error(ck, tmp_path)
+    assert str(ck / TAG) in msg and "tensor parallelism" in msg
