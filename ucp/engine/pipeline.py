@@ -34,8 +34,9 @@ class BoxPipeline:
     waits for every task and raises the first error. Use as a context manager; leaving it on
     an exception drops the tasks not started and waits for the running ones."""
 
-    def __init__(self, window: int = WINDOW, budget: int = BUDGET_BYTES, concurrent_reads: bool = False):
-        self.window, self.budget = max(1, int(window)), max(1, int(budget))
+    def __init__(self, window: int | None = None, budget: int | None = None, concurrent_reads: bool = False):
+        self.window = max(1, int(WINDOW if window is None else window))
+        self.budget = max(1, int(BUDGET_BYTES if budget is None else budget))
         self._pool = ThreadPoolExecutor(self.window, thread_name_prefix="ucp-box") if self.window > 1 else None
         self._in_flight: collections.deque = collections.deque()  # (future, nbytes), oldest first
         self._bytes = 0
