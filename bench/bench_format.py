@@ -1,18 +1,21 @@
 """Benchmark of the universal format against raw numpy I/O and safetensors, on the same bytes.
 
     python bench/bench_format.py [--size-mb 256] [--small 2000] [--chunk-mb 4] [--shards 32/256,16/256,32/1024]
-                                 [--dir DIR] [--reps 3]
+                                 [--dir DIR] [--reps 3] [--small-only]
 
 Prints write and read throughput of large tensors (an fp32 one of --size-mb and a bf16 one of half
 that) and of --small 4 KiB tensors, as ratios to numpy tofile(+fsync)/fromfile and to safetensors
 save_file/load_file; reads are measured warm (page cache) and, when /proc/sys/vm/drop_caches is
-writable, cold. Results go to stdout and bench/results/format.txt.
+writable, cold. The small tensors' process CPU time is printed too: under load it moves far less than
+wall time (--small-only runs just that part, for a quick A/B of two checkouts). Results go to stdout
+and bench/results/format.txt.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import pathlib
+import resource
 import shutil
 import statistics
 import sys
@@ -60,29 +63,28 @@ def best(fn, reps, before=None):
     return min(ts), statistics.median(ts)
 
 
+def cpu_best(fn, reps, before=None):
+    """Least process CPU time (user + system, every thread) of ``reps`` runs: on a shared machine it
+    moves far less than wall time, so A/B comparisons of the per-tensor work hold up under load."""
+    ts = []
+    for _ in range(reps):
+        if before:
+            before()
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        fn()
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        ts.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+    return min(ts)
+
+
 def rm(p):
     shutil.rmtree(p, ignore_errors=True)
     if os.path.isfile(p):
         os.unlink(p)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size-mb", type=int, default=256)
-    ap.add_argument("--small", type=int, default=2000)
-    ap.add_argument("--chunk-mb", default="4", help="plain (unsharded) row-chunk sizes to compare")
-    ap.add_argument("--shards", default="32/256,16/256,32/1024",
-                    help="sharded configs: shard MiB / inner KiB (the first is the default layout)")
-    ap.add_argument("--dir", default=None, help="where to write (default: a temp dir under /tmp)")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "format.txt"))
-    a = ap.parse_args()
-    base = pathlib.Path(a.dir or tempfile.mkdtemp(prefix="ucp-bench-"))
-    base.mkdir(parents=True, exist_ok=True)
-    cold = can_drop()
-    say(f"# ucp format benchmark  torch {torch.__version__}  cores {os.cpu_count()}  dir {base}  "
-        f"cold reads: {'yes' if cold else 'no (drop_caches not writable)'}")
-    say(f"# best of {a.reps}; throughput in GB/s (1e9 B/s); ratio = ucp / baseline (higher is better)")
+def bench_large(a, base, cold):
+    """The large-tensor table (numpy, safetensors and every ucp layout on the same bytes)."""
     torch.manual_seed(0)
     n32 = a.size_mb * MiB // 4
     big = {"w32": torch.randn(n32 // 4096, 4096), "w16": torch.randn(n32 // 4096 // 2, 4096).bfloat16()}
@@ -218,6 +220,30 @@ def main():
     say(f"default layout, durable=False {gbps(tnd):6.2f}  (no syncfs before the manifest; data may still be in page cache)")
     del big
 
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mb", type=int, default=256)
+    ap.add_argument("--small", type=int, default=2000)
+    ap.add_argument("--chunk-mb", default="4", help="plain (unsharded) row-chunk sizes to compare")
+    ap.add_argument("--shards", default="32/256,16/256,32/1024",
+                    help="sharded configs: shard MiB / inner KiB (the first is the default layout)")
+    ap.add_argument("--dir", default=None, help="where to write (default: a temp dir under /tmp)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "format.txt"))
+    ap.add_argument("--small-only", action="store_true", help="only the small-tensor figures (quick A/B)")
+    a = ap.parse_args()
+    base = pathlib.Path(a.dir or tempfile.mkdtemp(prefix="ucp-bench-"))
+    base.mkdir(parents=True, exist_ok=True)
+    cold = can_drop()
+    say(f"# ucp format benchmark  torch {torch.__version__}  cores {os.cpu_count()}  dir {base}  "
+        f"cold reads: {'yes' if cold else 'no (drop_caches not writable)'}")
+    say(f"# best of {a.reps}; throughput in GB/s (1e9 B/s); ratio = ucp / baseline (higher is better)")
+    if not a.small_only:
+        bench_large(a, base, cold)
+    from safetensors.torch import load_file, save_file
+
     # small tensors
     n = a.small
     small = {f"layers.{i // 8}.p{i % 8}.weight": torch.randn(1024) for i in range(n)}
@@ -265,6 +291,11 @@ def main():
         f"  read {r['np_r'] / r['u_r']:.2f}x numpy, {r['st_r'] / r['u_r']:.2f}x safetensors")
     t_open = best(lambda: open_checkpoint(cks), a.reps)[0]
     say(f"ucp open (manifest of {n} arrays): {t_open * 1e3:.1f} ms (best of {a.reps})")
+    c_w = cpu_best(us_write, a.reps, lambda: (rm(cks), os.sync()))
+    c_r = cpu_best(us_read, a.reps)
+    c_o = cpu_best(lambda: open_checkpoint(cks), a.reps)
+    say(f"ucp CPU time (process, best of {a.reps})  write {c_w * 1e3 / n:.3f} ms/tensor   read {c_r * 1e3 / n:.3f} "
+        f"ms/tensor   open {c_o * 1e3:.1f} ms")
     pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(a.out).write_text("\n".join(LINES) + "\n")
     if not a.dir:
