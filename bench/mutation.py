@@ -47,7 +47,8 @@ DEFAULT_TESTS = {
     "ucp/format": ["tests/test_behaviour_*.py", "tests/test_mutants_*.py", "tests/test_format_integrity.py",
                    "tests/test_format_binding.py", "tests/test_format_durability.py", "tests/test_format_resume.py",
                    "tests/test_format_roundtrip.py", "tests/test_format_sharding.py", "tests/test_format_property.py",
-                   "tests/test_format_metadata.py", "tests/test_format_interop.py", "tests/test_hostile_manifest.py"],
+                   "tests/test_format_metadata.py", "tests/test_format_interop.py", "tests/test_hostile_manifest.py",
+                   "tests/test_format_parts.py", "tests/test_format_lock.py", "tests/test_format_store.py"],
     "ucp/plan": ["tests/test_behaviour_*.py", "tests/test_mutants_*.py", "tests/test_plan_*.py",
                  "tests/test_converters_plan.py", "tests/test_lang_bind.py"],
 }
@@ -467,6 +468,8 @@ def main(argv=None):
                     help="per mutant, run the fastest old tests of the line up to this many seconds of baseline "
                          "time (0: all); survivors are then rerun with all of them while --recheck-minutes last")
     ap.add_argument("--recheck-minutes", type=float, default=30.0)
+    ap.add_argument("--run-equivalent", action="store_true",
+                    help="also run the mutants listed in bench/mutation_equivalent.txt (default: reported, not run)")
     ap.add_argument("--only", nargs="*", help="mutate only these of the files (the baseline still covers all)")
     ap.add_argument("--sample", type=int, default=1, help="run every Nth mutant of a module (1: all)")
     ap.add_argument("--survivors-against", nargs="*", metavar="TEST",
@@ -629,6 +632,8 @@ def run_module(rel, path, lines, durations, new, eq, a, say, results):
         results.append(m)
         if not m.tests:
             m.status = "not covered"
+        elif f"{rel}:{m.line}:{m.desc}" in eq and not a.run_equivalent:
+            m.status, m.reason = "equivalent", eq[f"{rel}:{m.line}:{m.desc}"]  # judged equivalent: not run
         else:
             jobs.append((i, m.tests, _budget(m.tests, durations, a), _Finder(module, path, mutated_code(path, tree, pt))))
 
