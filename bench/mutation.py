@@ -130,16 +130,29 @@ def run_named(parallel, say):
 
 # -- mutation points ------------------------------------------------------------------------------
 def _skip_nodes(tree):
-    """ids of nodes never mutated: docstrings and everything inside f-strings."""
+    """ids of nodes never mutated: docstrings, everything inside f-strings, and annotations (never
+    evaluated under ``from __future__ import annotations``, which every module of ucp uses)."""
     skip = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.JoinedStr):
             skip.update(id(n) for n in ast.walk(node))
+        for ann in _annotations(node):
+            skip.update(id(n) for n in ast.walk(ann))
         if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
                 skip.update(id(n) for n in ast.walk(first))
     return skip
+
+
+def _annotations(node):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        args = node.args
+        every = args.posonlyargs + args.args + args.kwonlyargs + [a for a in (args.vararg, args.kwarg) if a]
+        return [a.annotation for a in every if a.annotation is not None] + ([node.returns] if node.returns else [])
+    if isinstance(node, ast.AnnAssign):
+        return [node.annotation]
+    return []
 
 
 def _points(node):
