@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -176,8 +175,8 @@ class CheckpointWriter:
             sh = layout.default_sharding(shape, itemsize, self.shard_bytes, self.inner_bytes)
             if sh is not None:
                 return sh
-            if math.prod(shape) * itemsize <= self.inner_bytes or not shape or 0 in shape:
-                return layout.default_chunks(shape, itemsize, max(self.inner_bytes, 1)), None
+            # default_sharding is None only for an empty, 0-d or small array (<= inner_bytes): one chunk
+            return layout.default_chunks(shape, itemsize, max(self.inner_bytes, 1)), None
         return layout.default_chunks(shape, itemsize, self.chunk_bytes), None
 
     def _resolve_chunks(self, where, shape, isz, chunks, shards):
