@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
-import fnmatch
 import importlib.abc
 import importlib.util
 import json
@@ -77,6 +76,7 @@ class Mutant:
     seconds: float = 0.0
     reason: str = ""
     tests: list = field(default_factory=list)
+    sha: str = ""        # sha256 of the module's source the mutant was made from (first 16 hex digits)
 
 
 # The deliberate bugs of issue 19, as text edits of today's code: each must fail some test.
@@ -488,6 +488,9 @@ def main(argv=None):
     ap.add_argument("--survivors-against", nargs="*", metavar="TEST",
                     help="rerun the survivors recorded in --json against these tests (e.g. tests written to kill "
                          "them), apply bench/mutation_equivalent.txt, and rewrite the report")
+    ap.add_argument("--merge", nargs="*", metavar="JSON",
+                    help="write one report (--out, --json) from the results of several runs (per module, the "
+                         "last run that mutated it), marking modules whose source changed since")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "mutation.json"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mutation.txt"))
     a = ap.parse_args(argv)
@@ -501,6 +504,8 @@ def main(argv=None):
     if a.survivors_against is not None:
         preload()
         return rerun_survivors(a)
+    if a.merge:
+        return merge_runs(a)
     files = [str(pathlib.Path(f)) for f in a.files]
     pkgs = {str(pathlib.Path(f).parent) for f in files}
     tests = expand(a.tests if a.tests else [g for p in sorted(pkgs) for g in DEFAULT_TESTS.get(p, [])])
@@ -588,8 +593,11 @@ def rerun_survivors(a):
     header = pathlib.Path(a.out).read_text().splitlines()[0] if pathlib.Path(a.out).exists() else "#"
     tests = expand(a.survivors_against)
     trees, points, jobs = {}, {}, []
+    eq = load_equivalent()
     for k, m in enumerate(results):
         if not (m.status.startswith("survived") or m.status in ("not covered", "equivalent")) or not tests:
+            continue
+        if not a.run_equivalent and (m.status == "equivalent" or f"{m.path}:{m.line}:{m.desc}" in eq):
             continue
         if m.path not in trees:
             trees[m.path] = ast.parse((ROOT / m.path).read_text(), str(ROOT / m.path))
@@ -609,7 +617,6 @@ def rerun_survivors(a):
         print(f"{m.path}:{m.line} {m.desc}: {m.status} {m.killer}", flush=True)
 
     run_many(jobs, a.parallel, done)
-    eq = load_equivalent()
     for m in results:
         key = f"{m.path}:{m.line}:{m.desc}"
         if (m.status.startswith("survived") or m.status == "not covered") and key in eq:
@@ -622,6 +629,42 @@ def rerun_survivors(a):
     pathlib.Path(a.json).write_text(json.dumps([m.__dict__ for m in results], indent=0))
 
 
+def _sha(path):
+    import hashlib
+
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
+
+
+def merge_runs(a):
+    """One report from several runs: per module, the mutants of the last run (in the order given)
+    that mutated it, with bench/mutation_equivalent.txt applied again."""
+    by_path, headers = {}, []
+    for f in a.merge:
+        ms = [Mutant(**d) for d in json.loads(pathlib.Path(f).read_text())]
+        for path in dict.fromkeys(m.path for m in ms):
+            by_path[path] = [m for m in ms if m.path == path]
+        txt = pathlib.Path(f).with_suffix(".txt")
+        headers += [ln for ln in (txt.read_text().splitlines() if txt.exists() else []) if ln.startswith("# ")][:2]
+    eq = load_equivalent()
+    results = [m for ms in by_path.values() for m in ms]
+    for m in results:
+        key = f"{m.path}:{m.line}:{m.desc}"
+        if (m.status.startswith("survived") or m.status == "not covered") and key in eq:
+            m.status, m.reason = "equivalent", eq[key]
+    say = _Report(a.out)
+    for h in headers:
+        say(h)
+    say("\n## source measured (sha256, 16 hex digits) against the source now")
+    for path, ms in by_path.items():
+        now = _sha(ROOT / path)
+        shas = {m.sha for m in ms}
+        state = "same" if shas == {now} else f"CHANGED since ({', '.join(sorted(shas)) or 'not recorded'})"
+        say(f"{path:34} {now}  {state}")
+    summarise(results, list(by_path), set(expand(a.new_tests)), say, 0.0)
+    say(f"# merged from {', '.join(a.merge)}; {sum(m.seconds for m in results) / 60:.0f} min of mutant runs in all")
+    pathlib.Path(a.json).write_text(json.dumps([m.__dict__ for m in results], indent=0))
+
+
 def _budget(tests, durations, a):
     """Seconds a mutant's child may run: its tests' baseline time, times the factor, plus start-up."""
     return a.timeout_factor * sum(durations.get(t, 1.0) for t in tests) + 30
@@ -630,6 +673,7 @@ def _budget(tests, durations, a):
 def run_module(rel, path, lines, durations, new, eq, a, say, results):
     module = rel[:-3].replace("/", ".")
     tree = ast.parse(pathlib.Path(path).read_text(), path)
+    sha = _sha(path)
     points = mutation_points(tree)
     if a.limit:
         points = points[:a.limit]
@@ -637,7 +681,7 @@ def run_module(rel, path, lines, durations, new, eq, a, say, results):
     for i, pt in enumerate(points):
         if i % a.sample:
             continue
-        m = Mutant(module, rel, i, pt[1], pt[2])
+        m = Mutant(module, rel, i, pt[1], pt[2], sha=sha)
         m.tests, cut = _order(_tests_for(pt[4], lines), durations, new, a.budget)
         if cut:
             capped.add(i)
