@@ -40,6 +40,9 @@ CASES = {
                 "bad shape"),
     "missing-chunk": (lambda d: _state(d)["chunk_table"].pop("c/1/0"), "chunk_table has 1 entries, the grid"),
     "files-record": (lambda d: d["files"].__setitem__(next(iter(d["files"])), [1]), r"is not \[size, crc32c\]"),
+    # every document the manifest needs is still recorded: only the extra path is wrong
+    "files-extra-unsafe": (lambda d: d["files"].__setitem__("../secret", [64, 0]), "unsafe path in 'files'"),
+    "files-not-object": (lambda d: d.__setitem__("files", [list(d["files"])]), "unsafe path in 'files'"),
 }
 
 
