@@ -76,3 +76,19 @@ def test_manifest_body_edited_after_signing_is_refused(ck):
     f.write_bytes(f.read_bytes().replace(b'"format":"ucp"', b'"format":"ucq"'))
     with pytest.raises(FormatError, match="manifest checksum mismatch"):
         open_checkpoint(ck)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda rec: rec["chunk_table"].clear(), "chunk_table has 0 entries"),
+    (lambda rec: rec.pop("storage_dtype"), "storage_dtype None contradicts dtype 'int64'"),
+], ids=["no-chunks", "no-storage-dtype"])
+def test_metadata_array_records_are_checked_like_parameter_arrays(tmp_path, edit, match):
+    """A committed manifest's metadata arrays are complete records too (only a part record of one
+    of several writers may hold some chunks of an array)."""
+    root = tmp_path / "ck"
+    with create_checkpoint(root) as w:
+        w.write_tensor("w", "param", torch.ones(2))
+        w.set_metadata({"rng": torch.arange(3)})
+    rewrite_manifest(root, lambda d: edit(d["meta_arrays"]["_ucp/meta/0"]))
+    with pytest.raises(FormatError, match=rf"metadata array '_ucp/meta/0': {match}"):
+        open_checkpoint(root)
