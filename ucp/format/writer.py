@@ -298,8 +298,8 @@ class CheckpointWriter:
             raise UcpError(f"{self.path}: the checkpoint writer is closed (committed or aborted)")
 
     def _write_docs(self, docs):
-        # parents first, so directories exist before their children are created concurrently
-        docs.sort(key=lambda d: d[0].count("/"))
+        # build_manifest lists parents before children; concurrent writes go one depth at a time so
+        # that directories exist before their children are created
         if self._workers > 1 and len(docs) > 8 and self.store.parallel_reads:
             pool = self._get_pool()
             for depth in sorted({rel.count("/") for rel, _ in docs}):
