@@ -92,3 +92,15 @@ def test_metadata_array_records_are_checked_like_parameter_arrays(tmp_path, edit
     rewrite_manifest(root, lambda d: edit(d["meta_arrays"]["_ucp/meta/0"]))
     with pytest.raises(FormatError, match=rf"metadata array '_ucp/meta/0': {match}"):
         open_checkpoint(root)
+
+
+def test_a_current_checkpoint_opens_and_verifies_without_warnings(ck):
+    """Only format_version 1 manifests (shard contents not bound) are read with a warning."""
+    import warnings
+
+    from ucp.format import verify
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert open_checkpoint(ck).read("w").shape == (4, 4)
+        assert verify(ck) == []
