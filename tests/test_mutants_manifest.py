@@ -43,6 +43,11 @@ CASES = {
     # every document the manifest needs is still recorded: only the extra path is wrong
     "files-extra-unsafe": (lambda d: d["files"].__setitem__("../secret", [64, 0]), "unsafe path in 'files'"),
     "files-not-object": (lambda d: d.__setitem__("files", [list(d["files"])]), "unsafe path in 'files'"),
+    # the root group's document is not an array's: only the record check can refuse a 33-bit crc32c
+    "files-crc-33-bits": (lambda d: d["files"].__setitem__("zarr.json", [d["files"]["zarr.json"][0], 1 << 32]),
+                          r"files\['zarr.json'\]: record .* is not \[size, crc32c\]"),
+    "chunk-key-not-numeric": (lambda d: _state(d)["chunk_table"].__setitem__(
+        "c/x/0", _state(d)["chunk_table"].pop("c/1/0")), "malformed chunk key 'c/x/0'"),
 }
 
 
@@ -104,3 +109,13 @@ def test_a_current_checkpoint_opens_and_verifies_without_warnings(ck):
         warnings.simplefilter("error")
         assert open_checkpoint(ck).read("w").shape == (4, 4)
         assert verify(ck) == []
+
+
+def test_extents_of_one_are_valid_chunk_and_inner_chunk_shapes(tmp_path):
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    with create_checkpoint(tmp_path / "ck") as w:
+        w.write_tensor("rows", "param", t, chunks=(1, 4))
+        w.write_tensor("tiles", "param", t, shards=(2, 4), chunks=(1, 1))
+    ck = open_checkpoint(tmp_path / "ck")
+    assert ck.array_info("tiles").inner_chunks == (1, 1)
+    assert torch.equal(ck.read("rows"), t) and torch.equal(ck.read("tiles"), t)
