@@ -46,6 +46,12 @@ CASES = {
     # the root group's document is not an array's: only the record check can refuse a 33-bit crc32c
     "files-crc-33-bits": (lambda d: d["files"].__setitem__("zarr.json", [d["files"]["zarr.json"][0], 1 << 32]),
                           r"files\['zarr.json'\]: record .* is not \[size, crc32c\]"),
+    "files-size-not-int": (lambda d: d["files"].__setitem__("zarr.json", [str(d["files"]["zarr.json"][0]),
+                                                                         d["files"]["zarr.json"][1]]),
+                           r"files\['zarr.json'\]: record .* is not \[size, crc32c\]"),
+    "chunk-size-not-int": (lambda d: _state(d)["chunk_table"].__setitem__(
+        "c/1/0", [str(_state(d)["chunk_table"]["c/1/0"][0]), _state(d)["chunk_table"]["c/1/0"][1]]),
+        r"chunk c/1/0: record .* is not \[size, crc32c\]"),
     "chunk-key-not-numeric": (lambda d: _state(d)["chunk_table"].__setitem__(
         "c/x/0", _state(d)["chunk_table"].pop("c/1/0")), "malformed chunk key 'c/x/0'"),
 }
