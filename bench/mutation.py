@@ -488,6 +488,8 @@ def main(argv=None):
     ap.add_argument("--survivors-against", nargs="*", metavar="TEST",
                     help="rerun the survivors recorded in --json against these tests (e.g. tests written to kill "
                          "them), apply bench/mutation_equivalent.txt, and rewrite the report")
+    ap.add_argument("--baseline-json", help="with --survivors-against: the run's traced baseline (/tmp/ucp-mutation-"
+                                            "baseline-*.json), to rerun survivors with every test of their line")
     ap.add_argument("--merge", nargs="*", metavar="JSON",
                     help="write one report (--out, --json) from the results of several runs (per module, the "
                          "last run that mutated it), marking modules whose source changed since")
@@ -588,32 +590,49 @@ def _tests_for(trace_lines, lines):
 
 
 def rerun_survivors(a):
-    """Second pass over a finished run: survivors (and uncovered mutants) against ``a.survivors_against``."""
+    """Second pass over a finished run: its survivors (capped ones too) and uncovered mutants against
+    the tests ``a.survivors_against`` (traced once here, to pick those that execute each mutant's
+    line, fastest first), then, with ``a.baseline_json`` (the run's traced baseline, in /tmp), every
+    other test of the run that executes the line: a mutant that survives this is a survivor."""
     results = [Mutant(**d) for d in json.loads(pathlib.Path(a.json).read_text())]
     header = pathlib.Path(a.out).read_text().splitlines()[0] if pathlib.Path(a.out).exists() else "#"
     tests = expand(a.survivors_against)
-    trees, points, jobs = {}, {}, []
     eq = load_equivalent()
-    for k, m in enumerate(results):
-        if not (m.status.startswith("survived") or m.status in ("not covered", "equivalent")) or not tests:
-            continue
-        if not a.run_equivalent and (m.status == "equivalent" or f"{m.path}:{m.line}:{m.desc}" in eq):
-            continue
+    todo = [k for k, m in enumerate(results)
+            if (m.status.startswith("survived") or m.status in ("not covered", "equivalent")) and tests
+            and (a.run_equivalent or not (m.status == "equivalent" or f"{m.path}:{m.line}:{m.desc}" in eq))]
+    paths = sorted({str(ROOT / results[k].path) for k in todo})
+    traced, _secs = baseline(tests, paths, a.parallel) if todo else ({"lines": {}, "durations": {}}, 0)
+    old = json.loads(pathlib.Path(a.baseline_json).read_text()) if a.baseline_json else None
+    durations = {**(old["durations"] if old else {}), **traced["durations"]}
+    fresh = set(tests)
+    trees, points, jobs = {}, {}, []
+    for k in todo:
+        m = results[k]
         if m.path not in trees:
             trees[m.path] = ast.parse((ROOT / m.path).read_text(), str(ROOT / m.path))
             points[m.path] = mutation_points(trees[m.path])
         pt = points[m.path][m.index]
         if (pt[1], pt[2]) != (m.line, m.desc):
             sys.exit(f"{m.path} changed since the run ({m.line} {m.desc} is now {pt[1]} {pt[2]}): run it again")
-        code = mutated_code(str(ROOT / m.path), trees[m.path], pt)
-        jobs.append((k, tests, 600, _Finder(m.module, str(ROOT / m.path), code)))
+        ap_ = str(ROOT / m.path)
+        mine = _order(_tests_for(pt[4], traced["lines"].get(ap_, {})), durations, set())[0]
+        theirs = [] if old is None else [t for t in _order(_tests_for(pt[4], old["lines"].get(ap_, {})), durations,
+                                                           set())[0] if t.split("::")[0] not in fresh]
+        if not mine and not theirs:
+            continue
+        m.tests = mine + theirs
+        code = mutated_code(ap_, trees[m.path], pt)
+        jobs.append((k, m.tests, _budget(m.tests, durations, a), _Finder(m.module, ap_, code)))
 
     def done(k, res, secs):
         m = results[k]
         if res is None:
             m.status, m.killer = "timeout", "(timeout)"
         elif res["code"] != 0:
-            m.status, m.killer, m.reason = "killed", res["failed"][0], ""
+            m.status, m.killer, m.reason = "killed", (res["failed"] or [f"exit {res['code']}"])[0], ""
+        else:
+            m.status = "survived"  # every test of the line ran (no cap)
         print(f"{m.path}:{m.line} {m.desc}: {m.status} {m.killer}", flush=True)
 
     run_many(jobs, a.parallel, done)
