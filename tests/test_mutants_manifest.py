@@ -52,6 +52,8 @@ CASES = {
     "chunk-size-not-int": (lambda d: _state(d)["chunk_table"].__setitem__(
         "c/1/0", [str(_state(d)["chunk_table"]["c/1/0"][0]), _state(d)["chunk_table"]["c/1/0"][1]]),
         r"chunk c/1/0: record .* is not \[size, crc32c\]"),
+    "chunk-table-not-object": (lambda d: _state(d).__setitem__("chunk_table", [["c/0/0", 36, 0]]),
+                               "chunk_table is not an object"),
     "chunk-key-not-numeric": (lambda d: _state(d)["chunk_table"].__setitem__(
         "c/x/0", _state(d)["chunk_table"].pop("c/1/0")), "malformed chunk key 'c/x/0'"),
 }
@@ -125,3 +127,18 @@ def test_extents_of_one_are_valid_chunk_and_inner_chunk_shapes(tmp_path):
     ck = open_checkpoint(tmp_path / "ck")
     assert ck.array_info("tiles").inner_chunks == (1, 1)
     assert torch.equal(ck.read("rows"), t) and torch.equal(ck.read("tiles"), t)
+
+
+def test_signed_body_that_is_not_json_is_refused(ck):
+    import crc32c
+
+    body = b'{"format":"ucp",}'
+    (ck / "ucp.manifest.json").write_bytes(b'{"crc32c":%d,' % crc32c.crc32c(body) + body[1:])
+    with pytest.raises(FormatError, match="manifest is not valid JSON"):
+        open_checkpoint(ck)
+
+
+def test_dump_refuses_a_body_that_already_has_a_checksum():
+    with pytest.raises(ValueError, match="must not contain crc32c"):
+        M.dump({"crc32c": 1, "format": "ucp"})
+    assert M.load_verified(M.dump({"format": "ucp"}), "x") == {"format": "ucp"}

@@ -111,3 +111,10 @@ def test_bytes_between_the_inner_chunks_and_the_index_are_refused(ck):
     body, ent = _parts(path)
     with pytest.raises(S.ShardError, match="shard file has 3 bytes not covered by any inner chunk"):
         _check(_with_index(bytes(body) + b"\0\0\0", ent))
+
+
+def test_index_of_the_wrong_length_is_refused():
+    want = S.index_nbytes(SHARDS, INNER)
+    for n in (want - 1, want + 1, 0):
+        with pytest.raises(S.ShardError, match=f"shard index is {n} bytes, expected {want}"):
+            S.parse_index(bytes(n), SHARDS, INNER)
