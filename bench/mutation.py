@@ -781,6 +781,11 @@ def summarise(results, files, new, say, seconds):
         surv = [m for m in ms if m.status.startswith("survived") or m.status == "not covered"]
         say(f"{f:34} {len(ms):7} {eqv:5} {len(killed):6} {before / denom:7.1%} {len(killed) / denom:7.1%}  "
             f"{len(surv)}")
+    stale = _stale_equivalents(files)
+    if stale:
+        say(f"\n## listed in bench/mutation_equivalent.txt but no such mutant in today's code ({len(stale)})")
+        for key in stale:
+            say(key)
     for status in ("survived", "survived (tests capped)", "not covered", "equivalent"):
         ms = [m for m in results if m.status == status]
         if ms:
@@ -789,6 +794,17 @@ def summarise(results, files, new, say, seconds):
                 src = _source_line(m.path, m.line)
                 say(f"{m.path}:{m.line}: {m.desc:28} | {src}" + (f"  # {m.reason}" if m.reason else ""))
     say(f"\n# {len(results)} mutants in {seconds / 60:.1f} min")
+
+
+def _stale_equivalents(files):
+    """Keys of bench/mutation_equivalent.txt for ``files`` that name no mutation point of the code
+    now (a line moved or changed since they were written: they must be checked again)."""
+    out = []
+    for f in files:
+        tree = ast.parse((ROOT / f).read_text(), str(ROOT / f))
+        have = {f"{f}:{line}:{desc}" for _k, line, desc, _a, _t in mutation_points(tree)}
+        out += [k for k in load_equivalent() if k.startswith(f + ":") and k not in have]
+    return out
 
 
 def _source_line(path, line):
