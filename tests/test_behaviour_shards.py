@@ -82,3 +82,35 @@ def test_inner_chunk_flipped_after_its_index_was_checked_is_refused(ck):
     for index in (PART, WHOLE):
         with pytest.raises(CorruptChunkError, match=r"inner chunk \[1, 0\] crc32c mismatch"):
             c.read("s", index=index)
+
+
+def _recraft_index(root, f, edit):
+    """Edit the index entries of shard file ``f`` and re-sign both the index and the manifest's
+    record of its crc32c, so only the entry checks of the read itself can refuse it."""
+    import crc32c
+    import numpy as np
+
+    data = f.read_bytes()
+    n = 4 * 16 + 4  # 4 inner chunks per shard
+    ent = np.frombuffer(data[-n:-4], dtype="<u8").reshape(-1, 2).copy()
+    edit(ent)
+    ib = ent.astype("<u8").tobytes()
+    icrc = crc32c.crc32c(ib)
+    f.write_bytes(data[:-n] + ib + icrc.to_bytes(4, "little"))
+    rewrite_manifest(root, lambda d: d["params"][0]["states"]["param"]["chunk_table"]["c/0/0"].__setitem__(1, icrc))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda e: e.__setitem__((3, 0), int(e[3, 0]) + 4), r"inner chunk at index position 3: index entry .* is invalid"),
+    (lambda e: e.__setitem__((3,), [2**64 - 1, 2**64 - 1]), r"inner chunk at index position 3: missing from the"),
+    (lambda e: e.__setitem__((3, 1), int(e[3, 1]) - 4), r"inner chunk at index position 3: index entry .* is invalid"),
+], ids=["past-the-data", "missing", "short"])
+def test_crafted_index_signed_in_the_manifest_is_refused_by_reads(ck, edit, match):
+    """Even an index the manifest vouches for must describe this shard's geometry."""
+    root, f = ck
+    _recraft_index(root, f, edit)
+    for index in (slice(6, 8), WHOLE):  # the crafted inner chunk only; the whole shard
+        with pytest.raises(CorruptChunkError, match=match):
+            open_checkpoint(root).read("s", index=index)
+    (problem,) = verify(root)
+    assert "shard c/0/0" in problem
