@@ -1,9 +1,12 @@
 """Parameter and state names <-> zarr node names."""
 from __future__ import annotations
 
+import re
+
 from ucp.errors import UcpError
 
 _SAFE = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_PLAIN = re.compile(r"[A-Za-z0-9._-]+")
 RESERVED_FILES = {"zarr.json", "ucp.manifest.json", "ucp.manifest.json.tmp"}
 
 
@@ -17,13 +20,10 @@ def check_param_name(name: str) -> None:
 def encode_param(name: str) -> str:
     """Percent-encode every byte outside [A-Za-z0-9._-] (UTF-8), and dots of all-dot names."""
     check_param_name(name)
-    out = []
-    for ch in name:
-        if ch in _SAFE:
-            out.append(ch)
-        else:
-            out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
-    enc = "".join(out)
+    if _PLAIN.fullmatch(name):  # the common case, no character to encode
+        enc = name
+    else:
+        enc = "".join(ch if ch in _SAFE else "".join(f"%{b:02X}" for b in ch.encode("utf-8")) for ch in name)
     if set(enc) == {"."}:
         enc = "%2E" * len(enc)
     if enc in RESERVED_FILES:

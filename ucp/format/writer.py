@@ -359,12 +359,14 @@ class CheckpointWriter:
             more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
             raise IncompleteCheckpointError(
                 f"{self.path}: cannot commit, {len(problems)} chunk(s) unwritten:\n  " + "\n  ".join(problems[:20]) + more)
-        man, docs = self.build_manifest()
+        with manifest.gc_paused():
+            man, docs = self.build_manifest()
+            body = manifest.dump(man.to_json())
         self._write_docs(docs)
         if self.durable:
             self.store.sync()
         self.writer_lock.check()  # the writer-id marker: still ours, no other writer wrote in between
-        self.store.put_atomic(MANIFEST, manifest.dump(man.to_json()), fsync=self.durable)
+        self.store.put_atomic(MANIFEST, body, fsync=self.durable)
         self.committed = True
         self.journal.remove()
         self._shutdown()
