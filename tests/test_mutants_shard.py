@@ -118,3 +118,17 @@ def test_index_of_the_wrong_length_is_refused():
     for n in (want - 1, want + 1, 0):
         with pytest.raises(S.ShardError, match=f"shard index is {n} bytes, expected {want}"):
             S.parse_index(bytes(n), SHARDS, INNER)
+
+
+def test_gap_between_inner_chunks_is_refused(ck):
+    """Inner chunks that do not overlap and end exactly at the index can still leave a gap between
+    them: the bytes not covered are counted, not only those at the end."""
+    path, _t = ck
+    body, ent = _parts(path)
+    nb = int(ent[0, 1])
+    order = np.argsort(ent[:, 0])
+    body2 = bytes(body[:nb]) + b"\0" * 4 + bytes(body[nb:])
+    for pos in order[1:]:
+        ent[pos, 0] += 4
+    with pytest.raises(S.ShardError, match="shard file has 4 bytes not covered by any inner chunk"):
+        _check(_with_index(body2, ent))
