@@ -158,3 +158,17 @@ def test_many_documents_on_an_object_store_all_arrive(tmp_path):
     ck = open_checkpoint(url)
     assert all(torch.equal(ck.read(n), t) and torch.equal(ck.read(n, "exp_avg"), -t) for n, t in tensors.items())
     assert torch.equal(ck.metadata["step"], torch.tensor([7]))
+
+
+def test_checkpoints_are_durable_unless_asked_otherwise(tmp_path, monkeypatch):
+    """The default is durable: data is synced (one syncfs) before the manifest is written."""
+    from ucp.format import store
+
+    synced, real = [], store.syncfs
+    monkeypatch.setattr(store, "syncfs", lambda fd: synced.append(fd) or real(fd))
+    with create_checkpoint(tmp_path / "a") as w:
+        w.write_tensor("w", "param", torch.ones(3))
+    assert len(synced) == 1
+    with create_checkpoint(tmp_path / "b", durable=False) as w:
+        w.write_tensor("w", "param", torch.ones(3))
+    assert len(synced) == 1
