@@ -130,3 +130,30 @@ def test_rank_and_world_size_arguments(tmp_path):
         create_checkpoint(tmp_path / "ck", rank=0, world_size=1, overwrite=True)
     with pytest.raises(UcpError, match="world_size must be >= 1, got 0"):
         commit_parts(tmp_path / "ck", 0)
+
+
+def test_rerun_rank_adopts_its_valid_chunk_files_and_rewrites_damaged_ones(tmp_path):
+    """One of several writers, rerun with resume=True after dying before its commit: a chunk file
+    that checks out is kept as it is (not rewritten), a damaged one is written again."""
+    import os
+
+    root = tmp_path / "ck"
+    x = torch.arange(8.0).reshape(4, 2)
+    w = create_checkpoint(root, rank=0, world_size=1, durable=False)
+    a = w.add_array("a", "param", (4, 2), torch.float32, chunks=(2, 2))
+    a.write((0, 0), x[:2])
+    a.write((2, 0), x[2:])
+    w.abort()  # died before commit(): chunk files and run journal stay
+    good, bad = root / "a" / "param" / "c" / "0" / "0", root / "a" / "param" / "c" / "1" / "0"
+    os.utime(good, ns=(1, 1))
+    data = bytearray(bad.read_bytes())
+    data[0] ^= 1
+    bad.write_bytes(bytes(data))
+    w = create_checkpoint(root, rank=0, world_size=1, durable=False, resume=True)
+    a = w.add_array("a", "param", (4, 2), torch.float32, chunks=(2, 2))
+    a.write((0, 0), x[:2])
+    a.write((2, 0), x[2:])
+    w.commit()
+    commit_parts(root, 1)
+    assert good.stat().st_mtime_ns == 1  # adopted, not rewritten
+    assert torch.equal(open_checkpoint(root).read("a"), x) and verify(root) == []
