@@ -3,12 +3,13 @@
 The source describes its files (``Source.layout``) and hands out boxes (``Source.read``);
 everything else happens here once: the coverage check of every state, the torchrun split by
 size with one collective commit, replica dedupe and averaging (``ucp.plan.replicas``, the
-one rule), streaming one box at a time to the writer (memory bounded by the largest box in
-flight, never the model), resume, worker threads, progress, per-parameter and non-tensor
-metadata, commit.
+one rule), streaming boxes to the writer, the next few read while earlier ones are written
+(``ucp.engine.pipeline``: memory bounded by the boxes in flight, never the model), resume,
+worker threads, progress, per-parameter and non-tensor metadata, commit.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
@@ -134,35 +135,49 @@ def _commit(writer, job, metadata, failure, order) -> None:
 
 
 def write_params(writer, source, layout, params, progress: bool = False) -> None:
-    """Declare and write ``params`` (``SourceParam`` s of ``layout``), one box at a time."""
+    """Declare and write ``params`` (``SourceParam`` s of ``layout``): boxes are read a few
+    ahead of the one being written (``ucp.engine.pipeline``: memory bounded by the boxes in
+    flight, errors raised in box order)."""
+    from ucp.engine.pipeline import BoxPipeline
     from ucp.progress import bar
 
     with bar(total=sum(_volume(p) for p in params), desc="convert", unit="el",
-             enabled=None if progress else False) as pb:
+             enabled=None if progress else False) as pb, \
+            BoxPipeline(concurrent_reads=bool(getattr(source, "concurrent_reads", False))) as pipe:
         for p in params:
             writer.add_param(p.name, meta=param_metadata(p, layout, source.name))
             for state, dtype in p.dtypes.items():
                 array = writer.add_array(p.name, state, tuple(p.shape), dtype)
-                write_state(array, source, p, state, dtype)
+                write_state(array, source, p, state, dtype, pipe)
                 pb.update(math.prod(p.shape))
 
 
-def write_state(array, source, p, state: str, dtype) -> None:
+def write_state(array, source, p, state: str, dtype, pipe=None) -> None:
     """Write one state of one parameter: per distinct partition the one replica that holds
     it, or the average of the replicas an ``average`` axis declares (one rule:
-    ``ucp.plan.replicas.average_replicas``)."""
+    ``ucp.plan.replicas.average_replicas``). With ``pipe`` (a ``BoxPipeline``) each box is
+    read and written as one of its tasks."""
     from ucp.plan import dedupe
-    from ucp.plan.replicas import average_replicas
 
     for replicas in dedupe(p.fragments_of(state)):
-        first = replicas[0][0]
-        for i, piece in enumerate(first.pieces):
-            if len(replicas) == 1:
-                box = _read(source, first, state, piece, dtype)
+        for i, piece in enumerate(replicas[0][0].pieces):
+            read = functools.partial(_read_piece, source, replicas, i, state, dtype)
+            write = functools.partial(array.write, tuple(piece.src.start))
+            if pipe is None:
+                write(read())
             else:
-                boxes = [_read(source, f, state, f.pieces[i], dtype) for f, _ in replicas]
-                box = average_replicas(boxes, [w for _, w in replicas], dtype)
-            array.write(tuple(piece.src.start), box)
+                pipe.submit(len(replicas) * math.prod(piece.src.shape) * dtype.itemsize, read, write)
+
+
+def _read_piece(source, replicas, i, state, dtype):
+    """Piece ``i`` of one partition: the replica's box, or the average of every replica's."""
+    from ucp.plan.replicas import average_replicas
+
+    first = replicas[0][0]
+    if len(replicas) == 1:
+        return _read(source, first, state, first.pieces[i], dtype)
+    boxes = [_read(source, f, state, f.pieces[i], dtype) for f, _ in replicas]
+    return average_replicas(boxes, [w for _, w in replicas], dtype)
 
 
 def _read(source, fragment, state, piece, dtype):

@@ -58,9 +58,11 @@ class RunJournal:
     def __init__(self, store, rel: str, path):
         self.store, self.rel, self.path = store, rel, path
         self.layouts: dict[str, dict] = {}
+        self._out = None  # the store's appender, opened at the first declared array
 
     def start(self, fingerprint) -> None:
         """A fresh write: record the fingerprint (replacing any earlier journal)."""
+        self.close()
         self.layouts = {}
         self.store.put(self.rel, [canonical({"fingerprint": fingerprint}) + b"\n"])
 
@@ -87,7 +89,9 @@ class RunJournal:
         old = self.layouts.get(path)
         if old is None:
             self.layouts[path] = layout
-            self.store.append(self.rel, canonical({"path": path, "layout": layout}) + b"\n")
+            if self._out is None:
+                self._out = self.store.appender(self.rel)
+            self._out.write(canonical({"path": path, "layout": layout}) + b"\n")
             return False
         if old != layout:
             raise ResumeMismatchError(
@@ -95,5 +99,12 @@ class RunJournal:
                 f"({_differences(old, layout)}); start afresh with overwrite=True")
         return True
 
+    def close(self) -> None:
+        """Close the appender (the journal stays for a resume)."""
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
     def remove(self) -> None:
+        self.close()
         self.store.delete(self.rel)

@@ -31,6 +31,7 @@ class Store(Protocol):
     def put_atomic(self, rel, data: bytes, fsync=True) -> None: ...
     def create_exclusive(self, rel, data: bytes) -> bool: ...
     def append(self, rel, data: bytes) -> None: ...
+    def appender(self, rel) -> "Appender": ...
     def sync(self) -> None: ...
     def get(self, rel) -> bytes: ...
     def exists(self, rel) -> bool: ...
@@ -43,6 +44,13 @@ class Store(Protocol):
     def delete_tree(self, rel) -> None: ...
     def list_files(self) -> list[str]: ...
     def describe_root(self) -> str | None: ...
+
+
+class Appender(Protocol):
+    """Records appended to one file, in order (``Store.appender``); ``close`` when done."""
+
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
 
 
 def _is_url(path: str) -> bool:
@@ -198,6 +206,14 @@ class LocalStore:
             os.write(fd, data)
         finally:
             os.close(fd)
+
+    def appender(self, rel) -> "_FileAppender":
+        """Appends to ``rel`` (created if missing) through one open O_APPEND descriptor: a journal line
+        per array is one write(2), not open + write + close (each line is in the kernel once written,
+        so a killed process loses none)."""
+        path = self._p(rel)
+        self._mkdir(os.path.dirname(path))
+        return _FileAppender(path)
 
     def _mkdir(self, d):
         if d in self._dirs:
@@ -432,6 +448,15 @@ class FsspecStore:
             old = b""
         self.fs.pipe_file(self._p(rel), old + data)
 
+    def appender(self, rel) -> "_ObjectAppender":
+        """Objects cannot grow: the content is read once, then every record puts the whole object
+        (one request per record instead of a read and a write)."""
+        try:
+            old = self.fs.cat_file(self._p(rel))
+        except FileNotFoundError:
+            old = b""
+        return _ObjectAppender(lambda data: self.fs.pipe_file(self._p(rel), data), old)
+
     def put(self, rel, buffers, fsync=False):
         if len(buffers) == 1 and isinstance(buffers[0], bytes):
             data = buffers[0]
@@ -517,3 +542,32 @@ class FsspecStore:
             return [p[len(self.root) + 1:] for p in self.fs.find(self.root)]
         except FileNotFoundError:
             return []
+
+
+class _FileAppender:
+    """An O_APPEND file (``LocalStore.appender``); a file object, so it is closed if its owner is lost."""
+
+    def __init__(self, path):
+        self._f = open(path, "ab", buffering=0)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # one write(2) for a journal line; loop only on a short write
+            view = view[self._f.write(view):]
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class _ObjectAppender:
+    """An object rewritten whole on every record (``FsspecStore.appender``)."""
+
+    def __init__(self, put, content: bytes):
+        self._put, self._content = put, content
+
+    def write(self, data: bytes) -> None:
+        self._content += data
+        self._put(self._content)
+
+    def close(self) -> None:
+        pass

@@ -378,6 +378,9 @@ class CheckpointWriter:
 
     def _shutdown(self):
         self.closed = True
+        journal = getattr(self, "journal", None)  # absent when the constructor failed before it
+        if journal is not None:
+            journal.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
