@@ -157,3 +157,16 @@ def test_rerun_rank_adopts_its_valid_chunk_files_and_rewrites_damaged_ones(tmp_p
     commit_parts(root, 1)
     assert good.stat().st_mtime_ns == 1  # adopted, not rewritten
     assert torch.equal(open_checkpoint(root).read("a"), x) and verify(root) == []
+
+
+def test_rank_rerun_without_resume_rewrites_its_chunks(tmp_path):
+    """Valid chunk files of an earlier run are adopted only with resume=True: a plain rerun (new
+    data, e.g. a later step) writes every chunk again."""
+    root = tmp_path / "ck"
+    x = torch.arange(8.0).reshape(4, 2)
+    for data, end in ((x, "abort"), (x + 100, "commit")):
+        w = create_checkpoint(root, rank=0, world_size=1, durable=False)
+        w.add_array("a", "param", (4, 2), torch.float32, chunks=(2, 2)).write((0, 0), data)
+        getattr(w, end)()
+    commit_parts(root, 1)
+    assert torch.equal(open_checkpoint(root).read("a"), x + 100)

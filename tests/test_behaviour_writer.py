@@ -172,3 +172,13 @@ def test_checkpoints_are_durable_unless_asked_otherwise(tmp_path, monkeypatch):
     with create_checkpoint(tmp_path / "b", durable=False) as w:
         w.write_tensor("w", "param", torch.ones(3))
     assert len(synced) == 1
+
+
+def test_boxes_of_another_rank_than_the_array_are_refused(tmp_path):
+    w = create_checkpoint(tmp_path / "ck")
+    a = w.add_array("w", "param", (4, 2), torch.float32)
+    with pytest.raises(UcpError, match=r"box of rank 2 at offset \(0,\) does not fit array shape \(4, 2\)"):
+        a.write((0,), torch.zeros(2, 2))
+    with pytest.raises(UcpError, match=r"box of rank 1 at offset \(0, 0\) does not fit array shape \(4, 2\)"):
+        a.write((0, 0), torch.zeros(2))
+    w.abort()
