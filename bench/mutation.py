@@ -490,6 +490,9 @@ def main(argv=None):
                          "them), apply bench/mutation_equivalent.txt, and rewrite the report")
     ap.add_argument("--baseline-json", help="with --survivors-against: the run's traced baseline (/tmp/ucp-mutation-"
                                             "baseline-*.json), to rerun survivors with every test of their line")
+    ap.add_argument("--recheck-timeouts", action="store_true",
+                    help="with --survivors-against: rerun mutants killed by a timeout too (under heavy load a "
+                         "slow child can time out without looping)")
     ap.add_argument("--merge", nargs="*", metavar="JSON",
                     help="write one report (--out, --json) from the results of several runs (per module, the "
                          "last run that mutated it), marking modules whose source changed since")
@@ -598,8 +601,9 @@ def rerun_survivors(a):
     header = pathlib.Path(a.out).read_text().splitlines()[0] if pathlib.Path(a.out).exists() else "#"
     tests = expand(a.survivors_against)
     eq = load_equivalent()
+    redo = ("not covered", "equivalent") + (("timeout",) if a.recheck_timeouts else ())
     todo = [k for k, m in enumerate(results)
-            if (m.status.startswith("survived") or m.status in ("not covered", "equivalent")) and tests
+            if (m.status.startswith("survived") or m.status in redo) and tests
             and (a.run_equivalent or not (m.status == "equivalent" or f"{m.path}:{m.line}:{m.desc}" in eq))]
     paths = sorted({str(ROOT / results[k].path) for k in todo})
     traced, _secs = baseline(tests, paths, a.parallel) if todo else ({"lines": {}, "durations": {}}, 0)
