@@ -488,8 +488,9 @@ def main(argv=None):
     ap.add_argument("--survivors-against", nargs="*", metavar="TEST",
                     help="rerun the survivors recorded in --json against these tests (e.g. tests written to kill "
                          "them), apply bench/mutation_equivalent.txt, and rewrite the report")
-    ap.add_argument("--baseline-json", help="with --survivors-against: the run's traced baseline (/tmp/ucp-mutation-"
-                                            "baseline-*.json), to rerun survivors with every test of their line")
+    ap.add_argument("--baseline-json", help="a run's traced baseline (/tmp/ucp-mutation-baseline-*.json): with "
+                                            "--survivors-against, to rerun survivors with every test of their line; "
+                                            "otherwise used instead of tracing again (same tests, same sources)")
     ap.add_argument("--recheck-timeouts", action="store_true",
                     help="with --survivors-against: rerun mutants killed by a timeout too (under heavy load a "
                          "slow child can time out without looping)")
@@ -518,7 +519,13 @@ def main(argv=None):
     preload()
     abspaths = {f: str(ROOT / f) for f in files}
     t0 = time.perf_counter()
-    base, secs = baseline(tests, list(abspaths.values()), a.parallel)
+    if a.baseline_json:  # another run's traced baseline of the same tests (it must cover these modules)
+        base, secs = json.loads(pathlib.Path(a.baseline_json).read_text()), 0.0
+        missing = [f for f, p in abspaths.items() if p not in base["lines"]]
+        if missing:
+            sys.exit(f"{a.baseline_json} has no trace of {', '.join(missing)}")
+    else:
+        base, secs = baseline(tests, list(abspaths.values()), a.parallel)
     say = _Report(a.out)
     say(f"# mutation run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; baseline {secs:.0f} s; "
         f"tests: {' '.join(tests)}; new tests: {' '.join(sorted(new & set(tests)))}")
