@@ -182,3 +182,17 @@ def test_boxes_of_another_rank_than_the_array_are_refused(tmp_path):
     with pytest.raises(UcpError, match=r"box of rank 1 at offset \(0, 0\) does not fit array shape \(4, 2\)"):
         a.write((0, 0), torch.zeros(2))
     w.abort()
+
+
+def test_edge_chunks_written_box_by_box_read_back(tmp_path):
+    """Each box is exactly one chunk's part of the array, edge chunks included (their padding lies
+    after every row of the valid region, not after the region's bytes)."""
+    t = torch.arange(5 * 6, dtype=torch.float32).reshape(5, 6)
+    w = create_checkpoint(tmp_path / "ck")
+    a = w.add_array("w", "param", (5, 6), torch.float32, chunks=(2, 4))
+    for r in range(0, 5, 2):
+        for c in range(0, 6, 4):
+            a.write((r, c), t[r:r + 2, c:c + 4].clone())  # a contiguous box, (2, 2) or (1, 2) at the edges
+    w.commit()
+    assert torch.equal(open_checkpoint(tmp_path / "ck").read("w"), t)
+    assert verify(tmp_path / "ck") == []
