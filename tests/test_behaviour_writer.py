@@ -134,15 +134,17 @@ def test_a_chunk_whose_file_cannot_be_written_is_not_counted_as_written(tmp_path
     root = tmp_path / "ck"
     w = create_checkpoint(root)
     a = w.add_array("w", "param", (4, 4), torch.float32, chunks=(2, 4))
-    (root / "w" / "param" / "c").mkdir(parents=True)
-    (root / "w" / "param" / "c" / "1").write_bytes(b"in the way")  # chunk c/1/0 needs a directory here
+    (root / "w" / "param" / "c" / "1" / "0").mkdir(parents=True)  # a directory where chunk c/1/0's file goes
     a.write((0, 0), torch.ones(2, 4))
     with pytest.raises(OSError):
         a.write((2, 0), torch.ones(2, 4))
     assert a.pending() == [((2, 0), (4, 4))]
     with pytest.raises(IncompleteCheckpointError, match=r"chunk c/1/0 region \[2:4, 0:4\] not written"):
         w.commit()
-    w.abort()
+    (root / "w" / "param" / "c" / "1" / "0").rmdir()  # the obstacle gone, the same chunk can be written again
+    a.write((2, 0), torch.full((2, 4), 2.0))
+    w.commit()
+    assert torch.equal(open_checkpoint(root).read("w"), torch.cat([torch.ones(2, 4), torch.full((2, 4), 2.0)]))
 
 
 def test_many_documents_on_an_object_store_all_arrive(tmp_path):
@@ -193,6 +195,21 @@ def test_edge_chunks_written_box_by_box_read_back(tmp_path):
     for r in range(0, 5, 2):
         for c in range(0, 6, 4):
             a.write((r, c), t[r:r + 2, c:c + 4].clone())  # a contiguous box, (2, 2) or (1, 2) at the edges
+    s = w.add_array("s", "param", (5, 6), torch.float32, shards=(4, 4), chunks=(2, 2))
+    for r in range(5):  # one row at a time: every shard is staged, then written when complete
+        s.write((r, 0), t[r:r + 1].clone())
     w.commit()
-    assert torch.equal(open_checkpoint(tmp_path / "ck").read("w"), t)
+    ck = open_checkpoint(tmp_path / "ck")
+    assert torch.equal(ck.read("w"), t) and torch.equal(ck.read("s"), t)
     assert verify(tmp_path / "ck") == []
+
+
+def test_adjacent_boxes_in_one_chunk_are_not_overlaps(tmp_path):
+    w = create_checkpoint(tmp_path / "ck")
+    a = w.add_array("w", "param", (4, 4), torch.float32, chunks=(4, 4))
+    a.write((0, 0), torch.zeros(2, 2))
+    a.write((0, 2), torch.ones(2, 2))  # touches the first box along a column edge
+    a.write((2, 0), torch.full((2, 4), 2.0))  # touches both along a row edge
+    w.commit()
+    want = torch.cat([torch.cat([torch.zeros(2, 2), torch.ones(2, 2)], 1), torch.full((2, 4), 2.0)])
+    assert torch.equal(open_checkpoint(tmp_path / "ck").read("w"), want)
