@@ -170,3 +170,72 @@ def test_rank_rerun_without_resume_rewrites_its_chunks(tmp_path):
         getattr(w, end)()
     commit_parts(root, 1)
     assert torch.equal(open_checkpoint(root).read("a"), x + 100)
+
+
+def test_a_committed_part_writer_is_closed_and_its_rank_can_start_again(tmp_path, monkeypatch):
+    from ucp.format import create_part, store
+
+    root = tmp_path / "ck"
+    synced, real = [], store.syncfs
+    w = create_part(root, 0, 1)  # the public alias, durable by default
+    w.write_tensor("a", "param", torch.ones(2))
+    monkeypatch.setattr(store, "syncfs", lambda fd: synced.append(fd) or real(fd))
+    w.commit()
+    monkeypatch.undo()
+    assert w.committed is True and len(synced) == 1  # the part record promises its chunks are on disk
+    for call in (lambda: w.add_param("b"), w.commit):
+        with pytest.raises(UcpError, match="the checkpoint writer is closed"):
+            call()
+    again = create_checkpoint(root, rank=0, world_size=1, durable=False)  # its lock was released
+    again.write_tensor("a", "param", torch.full((2,), 3.0))
+    again.commit()
+    assert commit_parts(root, 1)["chunks"] == 1
+    assert torch.equal(open_checkpoint(root).read("a"), torch.full((2,), 3.0))
+
+
+def test_a_rerun_rank_that_dies_before_its_commit_leaves_no_part_record(tmp_path):
+    """The part record of an earlier run is removed when the rank starts again: if the rerun dies,
+    the coordinator sees the part missing instead of committing the earlier run's data."""
+    root = tmp_path / "ck"
+    w = create_checkpoint(root, rank=0, world_size=1, durable=False)
+    w.write_tensor("a", "param", torch.ones(2))
+    w.commit()
+    w = create_checkpoint(root, rank=0, world_size=1, durable=False)
+    w.write_tensor("a", "param", torch.zeros(2))
+    w.abort()
+    with pytest.raises(IncompleteCheckpointError, match=r"1 of 1 part\(s\) missing: rank\(s\) 0"):
+        commit_parts(root, 1)
+
+
+def test_stage_files_of_an_earlier_run_are_removed(tmp_path):
+    root = tmp_path / "ck"
+    w = create_checkpoint(root, rank=0, world_size=1, durable=False)
+    w.add_array("a", "param", (4, 2), torch.float32, chunks=(4, 2)).write((0, 0), torch.ones(2, 2))  # staged
+    w.commit()
+    assert (root / "_ucp" / "parts" / "0" / "stage" / "0").exists()
+    w = create_checkpoint(root, rank=0, world_size=1, durable=False)
+    w.add_array("a", "param", (4, 2), torch.float32, chunks=(4, 2)).write((0, 0), torch.ones(4, 2))  # whole
+    w.commit()
+    commit_parts(root, 1, cleanup=False)
+    problems, warnings = verify_report(root)
+    assert problems == [] and not any("/stage/" in x for x in warnings)
+
+
+def test_exactly_20_problems_are_all_listed(tmp_path):
+    root = tmp_path / "ck"
+    w = create_checkpoint(root, rank=0, world_size=1, durable=False)
+    w.add_array("a", "param", (20,), torch.float32, chunks=(1,))
+    w.commit()
+    with pytest.raises(IncompleteCheckpointError) as e:
+        commit_parts(root, 1)
+    assert str(e.value).count("not written by any rank") == 20 and "more)" not in str(e.value)
+
+
+def test_commit_parts_is_durable_by_default(tmp_path, monkeypatch):
+    from ucp.format import store
+
+    _parts(tmp_path / "ck")
+    synced, real = [], store.syncfs
+    monkeypatch.setattr(store, "syncfs", lambda fd: synced.append(fd) or real(fd))
+    commit_parts(tmp_path / "ck", 2)
+    assert len(synced) == 1
