@@ -239,3 +239,31 @@ def test_commit_parts_is_durable_by_default(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "syncfs", lambda fd: synced.append(fd) or real(fd))
     commit_parts(tmp_path / "ck", 2)
     assert len(synced) == 1
+
+
+def test_every_chunk_written_by_two_ranks_is_named(tmp_path):
+    root = tmp_path / "ck"
+    for r in range(2):
+        w = create_checkpoint(root, rank=r, world_size=2, durable=False)
+        w.add_array("a", "param", (4, 2), torch.float32, chunks=(2, 2)).write((0, 0), X[:4])
+        w.commit()
+    with pytest.raises(UcpError, match=r"2 chunk\(s\) written by two ranks:\n.*chunk c/0/0.*\n.*chunk c/1/0"):
+        commit_parts(root, 2)
+
+
+def test_a_staged_piece_of_several_boxes_is_assembled(tmp_path):
+    """Rank 0 writes two separate boxes of one chunk (one staged piece holding both), rank 1 the rest."""
+    root = tmp_path / "ck"
+    t = torch.arange(16.0).reshape(4, 4)
+    w = create_checkpoint(root, rank=0, world_size=2, durable=False)
+    a = w.add_array("a", "param", (4, 4), torch.float32, chunks=(4, 4))
+    a.write((0, 0), t[0:1].clone())
+    a.write((2, 0), t[2:3].clone())
+    w.commit()
+    w = create_checkpoint(root, rank=1, world_size=2, durable=False)
+    a = w.add_array("a", "param", (4, 4), torch.float32, chunks=(4, 4))
+    a.write((1, 0), t[1:2].clone())
+    a.write((3, 0), t[3:4].clone())
+    w.commit()
+    assert commit_parts(root, 2)["assembled"] == 1
+    assert torch.equal(open_checkpoint(root).read("a"), t)
