@@ -708,6 +708,10 @@ def run_module(rel, path, lines, durations, new, eq, a, say, results):
     if a.limit:
         points = points[:a.limit]
     muts, jobs, capped = {}, [], set()  # muts: point index -> Mutant
+    # a listed key names one line and description; two mutants sharing both are run anyway
+    dup = {}
+    for pt in points:
+        dup[(pt[1], pt[2])] = dup.get((pt[1], pt[2]), 0) + 1
     for i, pt in enumerate(points):
         if i % a.sample:
             continue
@@ -719,7 +723,7 @@ def run_module(rel, path, lines, durations, new, eq, a, say, results):
         results.append(m)
         if not m.tests:
             m.status = "not covered"
-        elif f"{rel}:{m.line}:{m.desc}" in eq and not a.run_equivalent:
+        elif f"{rel}:{m.line}:{m.desc}" in eq and not a.run_equivalent and dup[(m.line, m.desc)] == 1:
             m.status, m.reason = "equivalent", eq[f"{rel}:{m.line}:{m.desc}"]  # judged equivalent: not run
         else:
             jobs.append((i, m.tests, _budget(m.tests, durations, a), _Finder(module, path, mutated_code(path, tree, pt))))

@@ -165,3 +165,14 @@ def test_tensor_references_in_crafted_metadata_are_refused(rows):
     rewrite_manifest(rows, lambda doc: doc.__setitem__("metadata", {"b": {"$tensor": "w"}}))
     with pytest.raises(FormatError, match=r"metadata\.b\.\$tensor: \$tensor 'w' names no metadata array"):
         open_checkpoint(rows).metadata
+
+
+def test_array_info_is_immutable(rows):
+    """The info of an array is shared by every read of it: it cannot be changed behind the reader."""
+    import dataclasses
+
+    ck = open_checkpoint(rows)
+    info = ck.array_info("w")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.shape = (1, 1)
+    assert ck.array_info("w").shape == (10, 4) and ck.read("w").shape == (10, 4)

@@ -114,3 +114,17 @@ def test_crafted_index_signed_in_the_manifest_is_refused_by_reads(ck, edit, matc
             open_checkpoint(root).read("s", index=index)
     (problem,) = verify(root)
     assert "shard c/0/0" in problem
+
+
+def test_shards_swapped_on_disk_are_refused_by_partial_reads(ck):
+    """Two shard files of the same geometry swapped: each index checks out and the manifest's index
+    crc32c is the same for both; only the content crc32c binds each file to its place, and a read of
+    one inner chunk checks it too."""
+    root, f = ck
+    g = root / "s" / "param" / "c" / "1" / "0"
+    a, b = f.read_bytes(), g.read_bytes()
+    f.write_bytes(b)
+    g.write_bytes(a)
+    for index in (PART, slice(10, 12)):
+        with pytest.raises(CorruptChunkError, match=r"content crc32c 0x[0-9a-f]{8} differs from the manifest's"):
+            open_checkpoint(root).read("s", index=index)

@@ -142,3 +142,29 @@ def test_dump_refuses_a_body_that_already_has_a_checksum():
     with pytest.raises(ValueError, match="must not contain crc32c"):
         M.dump({"crc32c": 1, "format": "ucp"})
     assert M.load_verified(M.dump({"format": "ucp"}), "x") == {"format": "ucp"}
+
+
+def test_opening_a_checkpoint_leaves_garbage_collection_as_it_was(ck):
+    import gc
+
+    assert gc.isenabled()
+    open_checkpoint(ck)
+    M.dump({"format": "ucp"})
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        open_checkpoint(ck)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_crc32c_of_zero_is_a_valid_record(ck):
+    """0 is a crc32c value like any other: the record is well formed (verify then finds the document
+    differs, as it does)."""
+    from ucp.format import verify
+
+    rewrite_manifest(ck, lambda d: d["files"].__setitem__("zarr.json", [d["files"]["zarr.json"][0], 0]))
+    assert open_checkpoint(ck).read("w").shape == (4, 4)
+    (problem,) = verify(ck)
+    assert "zarr.json: zarr.json document differs from the manifest's record" in problem
