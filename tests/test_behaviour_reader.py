@@ -176,3 +176,12 @@ def test_array_info_is_immutable(rows):
     with pytest.raises(dataclasses.FrozenInstanceError):
         info.shape = (1, 1)
     assert ck.array_info("w").shape == (10, 4) and ck.read("w").shape == (10, 4)
+
+
+@pytest.mark.parametrize("index", [slice(0, 3), (slice(0, 3), slice(1, 2))], ids=["rows", "columns"])
+def test_a_chunk_file_grown_by_a_byte_is_refused(rows, index):
+    f = rows / "w" / "param" / "c" / "0" / "0"
+    f.write_bytes(f.read_bytes() + b"\0")
+    with pytest.raises(UcpError, match=rf"chunk c/0/0 .*size {CHUNK_FILE + 1} bytes, the manifest records "
+                                       rf"{CHUNK_FILE} \(extra bytes\)"):
+        open_checkpoint(rows).read("w", index=index)
