@@ -617,7 +617,7 @@ def rerun_survivors(a):
     old = json.loads(pathlib.Path(a.baseline_json).read_text()) if a.baseline_json else None
     durations = {**(old["durations"] if old else {}), **traced["durations"]}
     fresh = set(tests)
-    trees, points, jobs = {}, {}, []
+    trees, points, jobs, capped_left = {}, {}, [], set()
     for k in todo:
         m = results[k]
         if m.path not in trees:
@@ -633,6 +633,8 @@ def rerun_survivors(a):
         if not mine and not theirs:
             continue
         m.tests = mine + theirs
+        if old is None or ap_ not in old["lines"]:
+            capped_left.add(k)  # only the new tests ran: a pass is not a full verdict
         code = mutated_code(ap_, trees[m.path], pt)
         jobs.append((k, m.tests, _budget(m.tests, durations, a), _Finder(m.module, ap_, code)))
 
@@ -642,6 +644,8 @@ def rerun_survivors(a):
             m.status, m.killer = "timeout", "(timeout)"
         elif res["code"] != 0:
             m.status, m.killer, m.reason = "killed", (res["failed"] or [f"exit {res['code']}"])[0], ""
+        elif k in capped_left:
+            m.status = "survived (tests capped)" if m.status.startswith("survived") else m.status
         else:
             m.status = "survived"  # every test of the line ran (no cap)
         print(f"{m.path}:{m.line} {m.desc}: {m.status} {m.killer}", flush=True)
