@@ -219,11 +219,12 @@ def test_adjacent_boxes_in_one_chunk_are_not_overlaps(tmp_path):
     ([("frozen", True)], "meta must be a dict"),
     ({1: "x"}, "metadata keys must be strings, got 1"),
     ({"frozen": "yes"}, r"meta\['frozen'\] must be a bool, got str"),
+    ({"shape": "2x3"}, r"meta\['shape'\] must be a list, got str"),
     ({"dtype": "float7"}, r"meta\['dtype'\] 'float7' is not a ucp dtype"),
     ({"parts": [{"name": "q", "dim": 0}]}, r"each of meta\['parts'\] needs name, dim, start, stop"),
     ({"padding": {"dim": 0}}, r"meta\['padding'\] needs dim and size"),
     ({"scalars": {"t": torch.ones(1)}}, "tensors are not allowed in per-parameter metadata"),
-], ids=["not-dict", "key", "type", "dtype", "parts", "padding", "tensor"])
+], ids=["not-dict", "key", "type", "shape", "dtype", "parts", "padding", "tensor"])
 def test_malformed_parameter_metadata_is_refused(tmp_path, meta, match):
     w = create_checkpoint(tmp_path / "ck")
     with pytest.raises(UcpError, match=match):
