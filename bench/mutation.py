@@ -678,7 +678,8 @@ def merge_runs(a):
         for path in dict.fromkeys(m.path for m in ms):
             by_path[path] = [m for m in ms if m.path == path]
         txt = pathlib.Path(f).with_suffix(".txt")
-        headers += [ln for ln in (txt.read_text().splitlines() if txt.exists() else []) if ln.startswith("# ")][:2]
+        headers += [ln for ln in (txt.read_text().splitlines() if txt.exists() else []) if ln.startswith("# ")
+                    and "mutants in" not in ln][:12]
     eq = load_equivalent()
     results = [m for ms in by_path.values() for m in ms]
     for m in results:
