@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
-import fnmatch
 import importlib.abc
 import importlib.util
 import json
@@ -47,7 +46,8 @@ DEFAULT_TESTS = {
     "ucp/format": ["tests/test_behaviour_*.py", "tests/test_mutants_*.py", "tests/test_format_integrity.py",
                    "tests/test_format_binding.py", "tests/test_format_durability.py", "tests/test_format_resume.py",
                    "tests/test_format_roundtrip.py", "tests/test_format_sharding.py", "tests/test_format_property.py",
-                   "tests/test_format_metadata.py", "tests/test_format_interop.py", "tests/test_hostile_manifest.py"],
+                   "tests/test_format_metadata.py", "tests/test_format_interop.py", "tests/test_hostile_manifest.py",
+                   "tests/test_format_parts.py", "tests/test_format_lock.py", "tests/test_format_store.py"],
     "ucp/plan": ["tests/test_behaviour_*.py", "tests/test_mutants_*.py", "tests/test_plan_*.py",
                  "tests/test_converters_plan.py", "tests/test_lang_bind.py"],
 }
@@ -76,6 +76,7 @@ class Mutant:
     seconds: float = 0.0
     reason: str = ""
     tests: list = field(default_factory=list)
+    sha: str = ""        # sha256 of the module's source the mutant was made from (first 16 hex digits)
 
 
 # The deliberate bugs of issue 19, as text edits of today's code: each must fail some test.
@@ -129,16 +130,29 @@ def run_named(parallel, say):
 
 # -- mutation points ------------------------------------------------------------------------------
 def _skip_nodes(tree):
-    """ids of nodes never mutated: docstrings and everything inside f-strings."""
+    """ids of nodes never mutated: docstrings, everything inside f-strings, and annotations (never
+    evaluated under ``from __future__ import annotations``, which every module of ucp uses)."""
     skip = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.JoinedStr):
             skip.update(id(n) for n in ast.walk(node))
+        for ann in _annotations(node):
+            skip.update(id(n) for n in ast.walk(ann))
         if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
                 skip.update(id(n) for n in ast.walk(first))
     return skip
+
+
+def _annotations(node):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        args = node.args
+        every = args.posonlyargs + args.args + args.kwonlyargs + [a for a in (args.vararg, args.kwarg) if a]
+        return [a.annotation for a in every if a.annotation is not None] + ([node.returns] if node.returns else [])
+    if isinstance(node, ast.AnnAssign):
+        return [node.annotation]
+    return []
 
 
 def _points(node):
@@ -467,11 +481,22 @@ def main(argv=None):
                     help="per mutant, run the fastest old tests of the line up to this many seconds of baseline "
                          "time (0: all); survivors are then rerun with all of them while --recheck-minutes last")
     ap.add_argument("--recheck-minutes", type=float, default=30.0)
+    ap.add_argument("--run-equivalent", action="store_true",
+                    help="also run the mutants listed in bench/mutation_equivalent.txt (default: reported, not run)")
     ap.add_argument("--only", nargs="*", help="mutate only these of the files (the baseline still covers all)")
     ap.add_argument("--sample", type=int, default=1, help="run every Nth mutant of a module (1: all)")
     ap.add_argument("--survivors-against", nargs="*", metavar="TEST",
                     help="rerun the survivors recorded in --json against these tests (e.g. tests written to kill "
                          "them), apply bench/mutation_equivalent.txt, and rewrite the report")
+    ap.add_argument("--baseline-json", help="a run's traced baseline (/tmp/ucp-mutation-baseline-*.json): with "
+                                            "--survivors-against, to rerun survivors with every test of their line; "
+                                            "otherwise used instead of tracing again (same tests, same sources)")
+    ap.add_argument("--recheck-timeouts", action="store_true",
+                    help="with --survivors-against: rerun mutants killed by a timeout too (under heavy load a "
+                         "slow child can time out without looping)")
+    ap.add_argument("--merge", nargs="*", metavar="JSON",
+                    help="write one report (--out, --json) from the results of several runs (per module, the "
+                         "last run that mutated it), marking modules whose source changed since")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "mutation.json"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mutation.txt"))
     a = ap.parse_args(argv)
@@ -485,6 +510,8 @@ def main(argv=None):
     if a.survivors_against is not None:
         preload()
         return rerun_survivors(a)
+    if a.merge:
+        return merge_runs(a)
     files = [str(pathlib.Path(f)) for f in a.files]
     pkgs = {str(pathlib.Path(f).parent) for f in files}
     tests = expand(a.tests if a.tests else [g for p in sorted(pkgs) for g in DEFAULT_TESTS.get(p, [])])
@@ -492,7 +519,13 @@ def main(argv=None):
     preload()
     abspaths = {f: str(ROOT / f) for f in files}
     t0 = time.perf_counter()
-    base, secs = baseline(tests, list(abspaths.values()), a.parallel)
+    if a.baseline_json:  # another run's traced baseline of the same tests (it must cover these modules)
+        base, secs = json.loads(pathlib.Path(a.baseline_json).read_text()), 0.0
+        missing = [f for f, p in abspaths.items() if p not in base["lines"]]
+        if missing:
+            sys.exit(f"{a.baseline_json} has no trace of {', '.join(missing)}")
+    else:
+        base, secs = baseline(tests, list(abspaths.values()), a.parallel)
     say = _Report(a.out)
     say(f"# mutation run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; baseline {secs:.0f} s; "
         f"tests: {' '.join(tests)}; new tests: {' '.join(sorted(new & set(tests)))}")
@@ -567,33 +600,57 @@ def _tests_for(trace_lines, lines):
 
 
 def rerun_survivors(a):
-    """Second pass over a finished run: survivors (and uncovered mutants) against ``a.survivors_against``."""
+    """Second pass over a finished run: its survivors (capped ones too) and uncovered mutants against
+    the tests ``a.survivors_against`` (traced once here, to pick those that execute each mutant's
+    line, fastest first), then, with ``a.baseline_json`` (the run's traced baseline, in /tmp), every
+    other test of the run that executes the line: a mutant that survives this is a survivor."""
     results = [Mutant(**d) for d in json.loads(pathlib.Path(a.json).read_text())]
     header = pathlib.Path(a.out).read_text().splitlines()[0] if pathlib.Path(a.out).exists() else "#"
     tests = expand(a.survivors_against)
-    trees, points, jobs = {}, {}, []
-    for k, m in enumerate(results):
-        if not (m.status.startswith("survived") or m.status in ("not covered", "equivalent")) or not tests:
-            continue
+    eq = load_equivalent()
+    redo = ("not covered", "equivalent") + (("timeout",) if a.recheck_timeouts else ())
+    todo = [k for k, m in enumerate(results)
+            if (m.status.startswith("survived") or m.status in redo) and tests
+            and (a.run_equivalent or not (m.status == "equivalent" or f"{m.path}:{m.line}:{m.desc}" in eq))]
+    paths = sorted({str(ROOT / results[k].path) for k in todo})
+    traced, _secs = baseline(tests, paths, a.parallel) if todo else ({"lines": {}, "durations": {}}, 0)
+    old = json.loads(pathlib.Path(a.baseline_json).read_text()) if a.baseline_json else None
+    durations = {**(old["durations"] if old else {}), **traced["durations"]}
+    fresh = set(tests)
+    trees, points, jobs, capped_left = {}, {}, [], set()
+    for k in todo:
+        m = results[k]
         if m.path not in trees:
             trees[m.path] = ast.parse((ROOT / m.path).read_text(), str(ROOT / m.path))
             points[m.path] = mutation_points(trees[m.path])
         pt = points[m.path][m.index]
         if (pt[1], pt[2]) != (m.line, m.desc):
             sys.exit(f"{m.path} changed since the run ({m.line} {m.desc} is now {pt[1]} {pt[2]}): run it again")
-        code = mutated_code(str(ROOT / m.path), trees[m.path], pt)
-        jobs.append((k, tests, 600, _Finder(m.module, str(ROOT / m.path), code)))
+        ap_ = str(ROOT / m.path)
+        mine = _order(_tests_for(pt[4], traced["lines"].get(ap_, {})), durations, set())[0]
+        theirs = [] if old is None else [t for t in _order(_tests_for(pt[4], old["lines"].get(ap_, {})), durations,
+                                                           set())[0] if t.split("::")[0] not in fresh]
+        if not mine and not theirs:
+            continue
+        m.tests = mine + theirs
+        if old is None or ap_ not in old["lines"]:
+            capped_left.add(k)  # only the new tests ran: a pass is not a full verdict
+        code = mutated_code(ap_, trees[m.path], pt)
+        jobs.append((k, m.tests, _budget(m.tests, durations, a), _Finder(m.module, ap_, code)))
 
     def done(k, res, secs):
         m = results[k]
         if res is None:
             m.status, m.killer = "timeout", "(timeout)"
         elif res["code"] != 0:
-            m.status, m.killer, m.reason = "killed", res["failed"][0], ""
+            m.status, m.killer, m.reason = "killed", (res["failed"] or [f"exit {res['code']}"])[0], ""
+        elif k in capped_left:
+            m.status = "survived (tests capped)" if m.status.startswith("survived") else m.status
+        else:
+            m.status = "survived"  # every test of the line ran (no cap)
         print(f"{m.path}:{m.line} {m.desc}: {m.status} {m.killer}", flush=True)
 
     run_many(jobs, a.parallel, done)
-    eq = load_equivalent()
     for m in results:
         key = f"{m.path}:{m.line}:{m.desc}"
         if (m.status.startswith("survived") or m.status == "not covered") and key in eq:
@@ -606,6 +663,43 @@ def rerun_survivors(a):
     pathlib.Path(a.json).write_text(json.dumps([m.__dict__ for m in results], indent=0))
 
 
+def _sha(path):
+    import hashlib
+
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
+
+
+def merge_runs(a):
+    """One report from several runs: per module, the mutants of the last run (in the order given)
+    that mutated it, with bench/mutation_equivalent.txt applied again."""
+    by_path, headers = {}, []
+    for f in a.merge:
+        ms = [Mutant(**d) for d in json.loads(pathlib.Path(f).read_text())]
+        for path in dict.fromkeys(m.path for m in ms):
+            by_path[path] = [m for m in ms if m.path == path]
+        txt = pathlib.Path(f).with_suffix(".txt")
+        headers += [ln for ln in (txt.read_text().splitlines() if txt.exists() else []) if ln.startswith("# ")
+                    and "mutants in" not in ln][:12]
+    eq = load_equivalent()
+    results = [m for ms in by_path.values() for m in ms]
+    for m in results:
+        key = f"{m.path}:{m.line}:{m.desc}"
+        if (m.status.startswith("survived") or m.status == "not covered") and key in eq:
+            m.status, m.reason = "equivalent", eq[key]
+    say = _Report(a.out)
+    for h in headers:
+        say(h)
+    say("\n## source measured (sha256, 16 hex digits) against the source now")
+    for path, ms in by_path.items():
+        now = _sha(ROOT / path)
+        shas = {m.sha for m in ms}
+        state = "same" if shas == {now} else f"CHANGED since ({', '.join(sorted(shas)) or 'not recorded'})"
+        say(f"{path:34} {now}  {state}")
+    summarise(results, list(by_path), set(expand(a.new_tests)), say, 0.0)
+    say(f"# merged from {', '.join(a.merge)}; {sum(m.seconds for m in results) / 60:.0f} min of mutant runs in all")
+    pathlib.Path(a.json).write_text(json.dumps([m.__dict__ for m in results], indent=0))
+
+
 def _budget(tests, durations, a):
     """Seconds a mutant's child may run: its tests' baseline time, times the factor, plus start-up."""
     return a.timeout_factor * sum(durations.get(t, 1.0) for t in tests) + 30
@@ -614,14 +708,19 @@ def _budget(tests, durations, a):
 def run_module(rel, path, lines, durations, new, eq, a, say, results):
     module = rel[:-3].replace("/", ".")
     tree = ast.parse(pathlib.Path(path).read_text(), path)
+    sha = _sha(path)
     points = mutation_points(tree)
     if a.limit:
         points = points[:a.limit]
     muts, jobs, capped = {}, [], set()  # muts: point index -> Mutant
+    # a listed key names one line and description; two mutants sharing both are run anyway
+    dup = {}
+    for pt in points:
+        dup[(pt[1], pt[2])] = dup.get((pt[1], pt[2]), 0) + 1
     for i, pt in enumerate(points):
         if i % a.sample:
             continue
-        m = Mutant(module, rel, i, pt[1], pt[2])
+        m = Mutant(module, rel, i, pt[1], pt[2], sha=sha)
         m.tests, cut = _order(_tests_for(pt[4], lines), durations, new, a.budget)
         if cut:
             capped.add(i)
@@ -629,6 +728,8 @@ def run_module(rel, path, lines, durations, new, eq, a, say, results):
         results.append(m)
         if not m.tests:
             m.status = "not covered"
+        elif f"{rel}:{m.line}:{m.desc}" in eq and not a.run_equivalent and dup[(m.line, m.desc)] == 1:
+            m.status, m.reason = "equivalent", eq[f"{rel}:{m.line}:{m.desc}"]  # judged equivalent: not run
         else:
             jobs.append((i, m.tests, _budget(m.tests, durations, a), _Finder(module, path, mutated_code(path, tree, pt))))
 
@@ -700,6 +801,11 @@ def summarise(results, files, new, say, seconds):
         surv = [m for m in ms if m.status.startswith("survived") or m.status == "not covered"]
         say(f"{f:34} {len(ms):7} {eqv:5} {len(killed):6} {before / denom:7.1%} {len(killed) / denom:7.1%}  "
             f"{len(surv)}")
+    stale = _stale_equivalents(files)
+    if stale:
+        say(f"\n## listed in bench/mutation_equivalent.txt but no such mutant in today's code ({len(stale)})")
+        for key in stale:
+            say(key)
     for status in ("survived", "survived (tests capped)", "not covered", "equivalent"):
         ms = [m for m in results if m.status == status]
         if ms:
@@ -708,6 +814,17 @@ def summarise(results, files, new, say, seconds):
                 src = _source_line(m.path, m.line)
                 say(f"{m.path}:{m.line}: {m.desc:28} | {src}" + (f"  # {m.reason}" if m.reason else ""))
     say(f"\n# {len(results)} mutants in {seconds / 60:.1f} min")
+
+
+def _stale_equivalents(files):
+    """Keys of bench/mutation_equivalent.txt for ``files`` that name no mutation point of the code
+    now (a line moved or changed since they were written: they must be checked again)."""
+    out = []
+    for f in files:
+        tree = ast.parse((ROOT / f).read_text(), str(ROOT / f))
+        have = {f"{f}:{line}:{desc}" for _k, line, desc, _a, _t in mutation_points(tree)}
+        out += [k for k in load_equivalent() if k.startswith(f + ":") and k not in have]
+    return out
 
 
 def _source_line(path, line):

@@ -5,9 +5,10 @@ import json
 from ucp.format import manifest as M
 
 
-def rewrite_manifest(root, edit):
-    """Apply ``edit(doc)`` to ``root``'s manifest and re-sign it (``ucp.format.manifest.dump``)."""
-    path = root / "ucp.manifest.json"
+def rewrite_manifest(root, edit, rel="ucp.manifest.json"):
+    """Apply ``edit(doc)`` to ``root``'s manifest (or to another file written by
+    ``ucp.format.manifest.dump``, such as a part record ``_ucp/parts/<rank>.json``) and re-sign it."""
+    path = root / rel
     doc = json.loads(path.read_bytes())
     doc.pop("crc32c")
     edit(doc)

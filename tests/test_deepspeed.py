@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _ports import free_port
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                 reason="DeepSpeed is not installed")
 
@@ -39,14 +41,6 @@ CELLS = {
     "z3-fp16": (3, "fp16", 2, ["--frozen"]),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ds(nproc: int, *args, cwd: Path) -> None:

@@ -3,7 +3,6 @@ replica averaging, per-parameter metadata, the torchrun split, abort on failure 
 every plug-in, shown with the rank-files plug-ins and with small plug-ins written the way a
 framework author writes one (CONTRIBUTING.md)."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,6 +18,8 @@ from ucp.sources import Source, SourceLayout, SourceParam, detect, sources
 from ucp.sources.ranks import load_ranks_full, rank_file_name
 from ucp.targets import Target, TargetUnit, targets
 from ucp.targets.ranks import save_ranks
+
+from _ports import free_port
 
 
 def _bits(t):
@@ -229,12 +230,6 @@ def test_failed_export_leaves_no_complete_rank_files(tmp_path):
     assert not (tmp_path / "tp4").exists() or list((tmp_path / "tp4").iterdir()) == []
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_export_equals_single_process(tmp_path):
     """`torchrun --nproc_per_node 2 -m ucp export`: the processes share the rank files, one
     writes layout.json; the files equal a single-process export's."""
@@ -244,7 +239,7 @@ def test_torchrun_export_equals_single_process(tmp_path):
     ucp.convert(tmp_path / "src", tmp_path / "uni")
     ucp.export(tmp_path / "uni", tmp_path / "one", "ranks", degrees={"tp": 3})
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_addr", "127.0.0.1", "--master_port", str(_port()), "-m", "ucp", "export",
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "ucp", "export",
                         str(tmp_path / "uni"), str(tmp_path / "two"), "--to", "ranks", "--tp", "3", "-q"],
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -274,7 +269,7 @@ def test_torchrun_export_failure_leaves_nothing(tmp_path):
     data[-1] ^= 0x01
     chunk.write_bytes(bytes(data))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_addr", "127.0.0.1", "--master_port", str(_port()), "-m", "ucp", "export",
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "ucp", "export",
                         str(tmp_path / "uni"), str(tmp_path / "out"), "--to", "ranks", "--tp", "4", "-q"],
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
     assert r.returncode != 0 and "l2" in r.stderr, r.stderr[-2000:]

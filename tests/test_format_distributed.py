@@ -2,7 +2,6 @@
 one collective commit; a failing rank makes every rank raise and leaves no manifest."""
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,19 +12,15 @@ import torch
 import ucp
 from ucp.format import verify
 
+from _ports import free_port
+
 SCRIPT = Path(__file__).parent / "dist" / "parts_writer.py"
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(out, nproc, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), str(out), *extra]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), str(out), *extra]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return [(out.parent / f"status{i}.txt").read_text() for i in range(nproc)]

@@ -93,3 +93,42 @@ def test_file_of_only_an_index_is_refused(ck):
         _check(_with_index(b"", ent))
     with pytest.raises(S.ShardError, match="shorter than its index"):
         _check(_with_index(b"", ent)[1:])
+
+
+@pytest.mark.parametrize("half", [0, 1], ids=["offset-only", "nbytes-only"])
+def test_half_empty_entry_for_a_chunk_outside_the_array_is_refused(ck, half):
+    """Only the pair (2**64-1, 2**64-1) marks an absent inner chunk; one half of it is not absence."""
+    path, _t = ck
+    body, ent = _parts(path, (1, 0))
+    ent[2] = ent[0]
+    ent[2, half] = S.EMPTY
+    with pytest.raises(S.ShardError, match="index entry 2 points at an inner chunk wholly outside the array"):
+        _check(_with_index(body, ent), (1, 0))
+
+
+def test_bytes_between_the_inner_chunks_and_the_index_are_refused(ck):
+    path, _t = ck
+    body, ent = _parts(path)
+    with pytest.raises(S.ShardError, match="shard file has 3 bytes not covered by any inner chunk"):
+        _check(_with_index(bytes(body) + b"\0\0\0", ent))
+
+
+def test_index_of_the_wrong_length_is_refused():
+    want = S.index_nbytes(SHARDS, INNER)
+    for n in (want - 1, want + 1, 0):
+        with pytest.raises(S.ShardError, match=f"shard index is {n} bytes, expected {want}"):
+            S.parse_index(bytes(n), SHARDS, INNER)
+
+
+def test_gap_between_inner_chunks_is_refused(ck):
+    """Inner chunks that do not overlap and end exactly at the index can still leave a gap between
+    them: the bytes not covered are counted, not only those at the end."""
+    path, _t = ck
+    body, ent = _parts(path)
+    nb = int(ent[0, 1])
+    order = np.argsort(ent[:, 0])
+    body2 = bytes(body[:nb]) + b"\0" * 4 + bytes(body[nb:])
+    for pos in order[1:]:
+        ent[pos, 0] += 4
+    with pytest.raises(S.ShardError, match="shard file has 4 bytes not covered by any inner chunk"):
+        _check(_with_index(body2, ent))

@@ -14,11 +14,7 @@ pytest.importorskip("moto")
 from ucp.errors import CorruptChunkError, NotCommittedError  # noqa: E402
 from ucp.format import create_checkpoint, open_checkpoint, verify  # noqa: E402
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _ports import free_port  # noqa: E402
 
 
 READY_ATTEMPTS = 1200  # connection attempts, one per 0.1 s at most: two minutes on a loaded machine
@@ -42,7 +38,7 @@ def _wait_for_port(proc, port, log):
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     exe = shutil.which("moto_server")
     cmd = [exe] if exe else [sys.executable, "-m", "moto.server"]
     log = tmp_path_factory.mktemp("moto") / "moto_server.log"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -23,6 +22,8 @@ import torch.distributed as _dist  # noqa: E402
 
 import ucp.lang  # noqa: E402
 import ucp.plan  # noqa: E402
+
+from _ports import free_port  # noqa: E402
 
 if not _dist.is_available() or not _dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
@@ -40,17 +41,11 @@ LAUNCHES = {4: ("fsdp2", "2d"), 3: ("fsdp2", "tp"), 2: ("tp",)}
 CASES = [(lay, n) for n, lays in LAUNCHES.items() for lay in lays]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(nproc: int, out: pathlib.Path, layouts) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for attempt in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                str(SCRIPT), str(out), *layouts]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         if r.returncode == 0:

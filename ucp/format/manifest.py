@@ -146,10 +146,6 @@ class ManifestArray:
     def grid(self) -> ChunkGrid:
         return _grid(self.shape, self.chunks)
 
-    @property
-    def sharded(self) -> bool:
-        return self.inner_chunks is not None
-
     def chunk_file_size(self, idx) -> int:
         """The size every valid chunk or shard file ``idx`` has (a function of the geometry alone)."""
         if self.inner_chunks is None:
@@ -162,10 +158,6 @@ class ManifestArray:
         for c in self.chunks:
             n *= c
         return n
-
-    def doc(self) -> dict:
-        """The array's ``zarr.json`` document (what the manifest's ``files`` record must match)."""
-        return array_doc(self.shape, self.chunks, self.dtype, inner=self.inner_chunks)
 
     def doc_record(self) -> tuple[int, int]:
         """``(size, crc32c)`` of the array's ``zarr.json`` bytes (cached per geometry: layers repeat)."""

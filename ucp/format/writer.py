@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -176,8 +175,8 @@ class CheckpointWriter:
             sh = layout.default_sharding(shape, itemsize, self.shard_bytes, self.inner_bytes)
             if sh is not None:
                 return sh
-            if math.prod(shape) * itemsize <= self.inner_bytes or not shape or 0 in shape:
-                return layout.default_chunks(shape, itemsize, max(self.inner_bytes, 1)), None
+            # default_sharding is None only for an empty, 0-d or small array (<= inner_bytes): one chunk
+            return layout.default_chunks(shape, itemsize, max(self.inner_bytes, 1)), None
         return layout.default_chunks(shape, itemsize, self.chunk_bytes), None
 
     def _resolve_chunks(self, where, shape, isz, chunks, shards):
@@ -299,8 +298,8 @@ class CheckpointWriter:
             raise UcpError(f"{self.path}: the checkpoint writer is closed (committed or aborted)")
 
     def _write_docs(self, docs):
-        # parents first, so directories exist before their children are created concurrently
-        docs.sort(key=lambda d: d[0].count("/"))
+        # build_manifest lists parents before children; concurrent writes go one depth at a time so
+        # that directories exist before their children are created
         if self._workers > 1 and len(docs) > 8 and self.store.parallel_reads:
             pool = self._get_pool()
             for depth in sorted({rel.count("/") for rel, _ in docs}):

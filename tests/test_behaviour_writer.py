@@ -1,0 +1,233 @@
+"""What the checkpoint writer promises its caller (``create_checkpoint``, ``CheckpointWriter``,
+``ArrayWriter``), beyond "what is written reads back":
+
+- a committed or aborted writer refuses every further call, and says so;
+- ``commit`` with unwritten chunks names them (the first 20, then how many more);
+- an array declared twice is the same array, unless the declarations disagree;
+- empty extents are arrays like any other; negative extents, a 2-D ``write_flat``, flat ranges
+  outside the array and overlapping writes are refused;
+- a chunk whose file could not be written is not counted as written;
+- many ``zarr.json`` documents on an object store (written by threads) all arrive.
+
+Surviving mutants of ucp/format/writer.py and array_writer.py (bench/mutation.py) showed these
+went unchecked.
+"""
+import pytest
+import torch
+
+from ucp.errors import IncompleteCheckpointError, OverlapError, UcpError
+from ucp.format import create_checkpoint, open_checkpoint, verify
+
+
+def test_committed_or_aborted_writer_refuses_further_calls(tmp_path):
+    for end in ("commit", "abort"):
+        w = create_checkpoint(tmp_path / end)
+        a = w.add_array("w", "param", (4,), torch.float32)
+        a.write((0,), torch.ones(4))
+        assert w.committed is False
+        getattr(w, end)()
+        assert w.committed is (end == "commit")
+        calls = {"add_param": lambda: w.add_param("x"), "add_array": lambda: w.add_array("x", "param", (2,), torch.int8),
+                 "write_tensor": lambda: w.write_tensor("w", "param", torch.ones(4)),
+                 "write": lambda: a.write((0,), torch.ones(2)), "set_metadata": lambda: w.set_metadata({"step": 1}),
+                 "commit": w.commit}
+        for name, call in calls.items():
+            with pytest.raises(UcpError, match="the checkpoint writer is closed"):
+                call()
+    assert open_checkpoint(tmp_path / "commit").params == ["w"]
+
+
+@pytest.mark.parametrize("n, more", [(20, ""), (21, " (and 1 more)"), (25, " (and 5 more)")])
+def test_commit_names_the_first_20_unwritten_chunks(tmp_path, n, more):
+    w = create_checkpoint(tmp_path / "ck")
+    w.add_array("w", "param", (n,), torch.float32, chunks=(1,))
+    with pytest.raises(IncompleteCheckpointError) as e:
+        w.commit()
+    msg = str(e.value)
+    assert f"cannot commit, {n} chunk(s) unwritten" in msg
+    assert msg.count("not written") == 20 and msg.endswith(f"chunk c/19 region [19:20] not written{more}")
+    w.abort()
+
+
+def test_an_array_declared_twice_is_one_array_unless_the_declarations_disagree(tmp_path):
+    w = create_checkpoint(tmp_path / "ck")
+    a = w.add_array("w", "param", (8, 4), torch.float32, chunks=(2, 4))
+    assert w.add_array("w", "param", (8, 4), torch.float32) is a  # no layout asked: the declared one
+    assert w.add_array("w", "param", [8, 4], torch.float32, chunks=(2, 4)) is a
+    for kw in ({"chunks": (4, 4)}, {"shards": (4, 4), "chunks": (2, 4)}):
+        with pytest.raises(UcpError, match=r"'w' state 'param' was already declared with shape \(8, 4\), "
+                                           r"dtype float32, chunks \(2, 4\)$"):
+            w.add_array("w", "param", (8, 4), torch.float32, **kw)
+    with pytest.raises(UcpError, match="already declared"):
+        w.add_array("w", "param", (8, 4), torch.bfloat16)
+    s = w.add_array("s", "param", (8, 4), torch.float32, shards=(4, 4), chunks=(2, 4))
+    assert w.add_array("s", "param", (8, 4), torch.float32, shards=(4, 4), chunks=(2, 4)) is s
+    with pytest.raises(UcpError, match=r"chunks \(4, 4\), inner chunks \(2, 4\)$"):
+        w.add_array("s", "param", (8, 4), torch.float32, shards=(4, 4), chunks=(1, 4))
+    w.abort()
+
+
+def test_empty_extents_are_arrays_and_negative_extents_are_refused(tmp_path):
+    with create_checkpoint(tmp_path / "ck") as w:
+        w.write_tensor("e", "param", torch.empty(0, 4))
+        w.write_tensor("e", "exp_avg", torch.empty(3, 0, dtype=torch.int32), chunks=(1, 1))
+        with pytest.raises(UcpError, match=r"param 'n' state 'param': negative extent in shape \(2, -1\)"):
+            w.add_array("n", "param", (2, -1), torch.float32)
+    ck = open_checkpoint(tmp_path / "ck")
+    assert ck.read("e").shape == (0, 4) and ck.read("e", "exp_avg").shape == (3, 0)
+    assert verify(tmp_path / "ck") == []
+
+
+def test_shards_without_inner_chunks_take_the_default_or_ask_for_them(tmp_path):
+    w = create_checkpoint(tmp_path / "ck")
+    a = w.add_array("big", "param", (1024, 256), torch.float32, shards=(1024, 256))  # 1 MiB: default inner chunks
+    assert a.inner is not None and a.chunks == (1024, 256)
+    with pytest.raises(UcpError, match=r"param 'small' state 'param': pass chunks= \(inner chunks\) with shards="):
+        w.add_array("small", "param", (4, 4), torch.float32, shards=(4, 4))
+    w.abort()
+
+
+def test_small_arrays_are_one_chunk_by_default(tmp_path):
+    with create_checkpoint(tmp_path / "ck") as w:
+        w.write_tensor("b", "param", torch.ones(1000))  # 4000 bytes, far below one inner chunk
+        w.write_tensor("w", "param", torch.ones(8, 300, dtype=torch.bfloat16))
+    ck = open_checkpoint(tmp_path / "ck")
+    assert ck.array_info("b").chunks == (1000,) and ck.array_info("b").inner_chunks is None
+    assert ck.array_info("w").chunks == (8, 300) and ck.array_info("w").inner_chunks is None
+
+
+def test_resume_and_overwrite_exclude_each_other(tmp_path):
+    with pytest.raises(UcpError, match="resume=True and overwrite=True exclude each other"):
+        create_checkpoint(tmp_path / "ck", resume=True, overwrite=True)
+
+
+def test_write_flat_takes_1d_ranges_inside_the_array(tmp_path):
+    w = create_checkpoint(tmp_path / "ck")
+    a = w.add_array("w", "param", (3, 5), torch.float32, chunks=(1, 5))
+    with pytest.raises(UcpError, match=r"write_flat needs a 1-D tensor, got shape \(2, 2\)"):
+        a.write_flat(0, torch.zeros(2, 2))
+    for start, n in ((-1, 2), (14, 2), (16, 0)):
+        with pytest.raises(UcpError, match=rf"flat range \[{start}, {start + n}\) outside an array of 15 elements"):
+            a.write_flat(start, torch.zeros(n))
+    a.write_flat(15, torch.zeros(0))  # the empty range at the very end is inside
+    a.write_flat(0, torch.arange(7.0))
+    a.write_flat(7, torch.arange(7.0, 15.0))
+    w.commit()
+    assert torch.equal(open_checkpoint(tmp_path / "ck").read("w"), torch.arange(15.0).reshape(3, 5))
+
+
+def test_overlapping_writes_are_refused_whole_or_partial(tmp_path):
+    w = create_checkpoint(tmp_path / "ck")
+    a = w.add_array("w", "param", (4, 4), torch.float32, chunks=(2, 4))
+    a.write((0, 0), torch.zeros(1, 4))  # part of chunk c/0/0, staged
+    with pytest.raises(OverlapError, match=r"chunk c/0/0: region \[0:2, 0:4\] was already written"):
+        a.write((0, 0), torch.zeros(2, 4))  # the whole chunk, over the staged part
+    a.write((2, 0), torch.zeros(2, 4))  # chunk c/1/0 whole
+    with pytest.raises(OverlapError, match=r"chunk c/1/0: region \[2:4, 0:4\] was already written"):
+        a.write((2, 0), torch.zeros(2, 4))
+    with pytest.raises(OverlapError, match=r"chunk c/1/0: region \[3:4, 0:2\] overlaps a write that already"):
+        a.write((3, 0), torch.zeros(1, 2))
+    w.abort()
+
+
+def test_a_chunk_whose_file_cannot_be_written_is_not_counted_as_written(tmp_path):
+    root = tmp_path / "ck"
+    w = create_checkpoint(root)
+    a = w.add_array("w", "param", (4, 4), torch.float32, chunks=(2, 4))
+    (root / "w" / "param" / "c" / "1" / "0").mkdir(parents=True)  # a directory where chunk c/1/0's file goes
+    a.write((0, 0), torch.ones(2, 4))
+    with pytest.raises(OSError):
+        a.write((2, 0), torch.ones(2, 4))
+    assert a.pending() == [((2, 0), (4, 4))]
+    with pytest.raises(IncompleteCheckpointError, match=r"chunk c/1/0 region \[2:4, 0:4\] not written"):
+        w.commit()
+    (root / "w" / "param" / "c" / "1" / "0").rmdir()  # the obstacle gone, the same chunk can be written again
+    a.write((2, 0), torch.full((2, 4), 2.0))
+    w.commit()
+    assert torch.equal(open_checkpoint(root).read("w"), torch.cat([torch.ones(2, 4), torch.full((2, 4), 2.0)]))
+
+
+def test_many_documents_on_an_object_store_all_arrive(tmp_path):
+    """More than 8 zarr.json documents on an object store are written by threads, parents first."""
+    url = f"memory://ucp-behaviour-writer/{tmp_path.name}/ck"
+    tensors = {f"layer{i}.w": torch.full((3, 2), float(i)) for i in range(6)}
+    with create_checkpoint(url, workers=4) as w:
+        for name, t in tensors.items():
+            w.write_tensor(name, "param", t)
+            w.write_tensor(name, "exp_avg", -t)
+        w.set_metadata({"step": torch.tensor([7])})
+    assert verify(url) == []
+    ck = open_checkpoint(url)
+    assert all(torch.equal(ck.read(n), t) and torch.equal(ck.read(n, "exp_avg"), -t) for n, t in tensors.items())
+    assert torch.equal(ck.metadata["step"], torch.tensor([7]))
+
+
+def test_checkpoints_are_durable_unless_asked_otherwise(tmp_path, monkeypatch):
+    """The default is durable: data is synced (one syncfs) before the manifest is written."""
+    from ucp.format import store
+
+    synced, real = [], store.syncfs
+    monkeypatch.setattr(store, "syncfs", lambda fd: synced.append(fd) or real(fd))
+    with create_checkpoint(tmp_path / "a") as w:
+        w.write_tensor("w", "param", torch.ones(3))
+    assert len(synced) == 1
+    with create_checkpoint(tmp_path / "b", durable=False) as w:
+        w.write_tensor("w", "param", torch.ones(3))
+    assert len(synced) == 1
+
+
+def test_boxes_of_another_rank_than_the_array_are_refused(tmp_path):
+    w = create_checkpoint(tmp_path / "ck")
+    a = w.add_array("w", "param", (4, 2), torch.float32)
+    with pytest.raises(UcpError, match=r"box of rank 2 at offset \(0,\) does not fit array shape \(4, 2\)"):
+        a.write((0,), torch.zeros(2, 2))
+    with pytest.raises(UcpError, match=r"box of rank 1 at offset \(0, 0\) does not fit array shape \(4, 2\)"):
+        a.write((0, 0), torch.zeros(2))
+    w.abort()
+
+
+def test_edge_chunks_written_box_by_box_read_back(tmp_path):
+    """Each box is exactly one chunk's part of the array, edge chunks included (their padding lies
+    after every row of the valid region, not after the region's bytes)."""
+    t = torch.arange(5 * 6, dtype=torch.float32).reshape(5, 6)
+    w = create_checkpoint(tmp_path / "ck")
+    a = w.add_array("w", "param", (5, 6), torch.float32, chunks=(2, 4))
+    for r in range(0, 5, 2):
+        for c in range(0, 6, 4):
+            a.write((r, c), t[r:r + 2, c:c + 4].clone())  # a contiguous box, (2, 2) or (1, 2) at the edges
+    s = w.add_array("s", "param", (5, 6), torch.float32, shards=(4, 4), chunks=(2, 2))
+    for r in range(5):  # one row at a time: every shard is staged, then written when complete
+        s.write((r, 0), t[r:r + 1].clone())
+    w.commit()
+    ck = open_checkpoint(tmp_path / "ck")
+    assert torch.equal(ck.read("w"), t) and torch.equal(ck.read("s"), t)
+    assert verify(tmp_path / "ck") == []
+
+
+def test_adjacent_boxes_in_one_chunk_are_not_overlaps(tmp_path):
+    w = create_checkpoint(tmp_path / "ck")
+    a = w.add_array("w", "param", (4, 4), torch.float32, chunks=(4, 4))
+    a.write((0, 0), torch.zeros(2, 2))
+    a.write((0, 2), torch.ones(2, 2))  # touches the first box along a column edge
+    a.write((2, 0), torch.full((2, 4), 2.0))  # touches both along a row edge
+    w.commit()
+    want = torch.cat([torch.cat([torch.zeros(2, 2), torch.ones(2, 2)], 1), torch.full((2, 4), 2.0)])
+    assert torch.equal(open_checkpoint(tmp_path / "ck").read("w"), want)
+
+
+@pytest.mark.parametrize("meta, match", [
+    ([("frozen", True)], "meta must be a dict"),
+    ({1: "x"}, "metadata keys must be strings, got 1"),
+    ({"frozen": "yes"}, r"meta\['frozen'\] must be a bool, got str"),
+    ({"shape": "2x3"}, r"meta\['shape'\] must be a list, got str"),
+    ({"dtype": "float7"}, r"meta\['dtype'\] 'float7' is not a ucp dtype"),
+    ({"parts": [{"name": "q", "dim": 0}]}, r"each of meta\['parts'\] needs name, dim, start, stop"),
+    ({"padding": {"dim": 0}}, r"meta\['padding'\] needs dim and size"),
+    ({"scalars": {"t": torch.ones(1)}}, "tensors are not allowed in per-parameter metadata"),
+], ids=["not-dict", "key", "type", "shape", "dtype", "parts", "padding", "tensor"])
+def test_malformed_parameter_metadata_is_refused(tmp_path, meta, match):
+    w = create_checkpoint(tmp_path / "ck")
+    with pytest.raises(UcpError, match=match):
+        w.add_param("w", meta)
+    w.add_param("w", {"shape": (2, 3), "parts": [{"name": "q", "dim": 0, "start": 0, "stop": 1}]})  # tuples are lists
+    w.abort()
