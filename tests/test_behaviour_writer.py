@@ -231,3 +231,58 @@ def test_malformed_parameter_metadata_is_refused(tmp_path, meta, match):
         w.add_param("w", meta)
     w.add_param("w", {"shape": (2, 3), "parts": [{"name": "q", "dim": 0, "start": 0, "stop": 1}]})  # tuples are lists
     w.abort()
+
+
+def test_overwrite_leaves_nothing_of_the_checkpoint_it_replaces(tmp_path):
+    """``overwrite=True`` replaces a checkpoint: the old parameters' files are gone (not stray files
+    beside the new ones that ``verify --strict`` would report), and the new one opens alone."""
+    root = tmp_path / "ck"
+    with create_checkpoint(root) as w:
+        w.write_tensor("old.a", "param", torch.ones(8))
+        w.write_tensor("old.b", "exp_avg", torch.ones(3, 5))
+    with create_checkpoint(root, overwrite=True) as w:
+        w.write_tensor("new", "param", torch.arange(6.0))
+    assert not [p for p in root.rglob("*") if "old" in p.relative_to(root).as_posix()]
+    assert verify(root, strict=True) == []
+    ck = open_checkpoint(root)
+    assert ck.params == ["new"] and torch.equal(ck.read("new"), torch.arange(6.0))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_writer_without_worker_threads_writes_every_chunk(tmp_path, workers):
+    """``workers=0`` or ``1`` (no thread pool: e.g. inside a framework's own worker thread) still
+    writes arrays of many chunks, in the caller's thread."""
+    t = torch.arange(64 * 24, dtype=torch.float32).reshape(64, 24)
+    with create_checkpoint(tmp_path / "ck", workers=workers, chunk_bytes=24 * 4 * 4) as w:
+        w.write_tensor("w", "param", t)
+    ck = open_checkpoint(tmp_path / "ck")
+    assert ck.array_info("w").chunks[0] < 64 and torch.equal(ck.read("w"), t)
+
+
+def test_commit_and_abort_leave_no_writer_threads_or_open_files(tmp_path):
+    """A training loop creates a writer per save: each one must hand back its threads and file
+    handles when it ends (commit or abort), or a long run leaks them save after save."""
+    import os
+    import threading
+
+    def open_under(root):
+        fds = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(str(root)):
+                fds.append(target)
+        return fds
+
+    t = torch.ones(64, 24)
+    for end in ("commit", "abort"):
+        root = tmp_path / end
+        before = set(threading.enumerate())  # other tests' threads are not this writer's
+        w = create_checkpoint(root, workers=4, chunk_bytes=24 * 4 * 4)
+        w.write_tensor("w", "param", t)
+        assert {th for th in threading.enumerate() if th.name.startswith("ucp-write")} - before
+        getattr(w, end)()
+        assert not [th.name for th in set(threading.enumerate()) - before if th.name.startswith("ucp-write")], end
+        assert open_under(root) == [], end
