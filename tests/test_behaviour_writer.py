@@ -229,7 +229,8 @@ def test_malformed_parameter_metadata_is_refused(tmp_path, meta, match):
     w = create_checkpoint(tmp_path / "ck")
     with pytest.raises(UcpError, match=match):
         w.add_param("w", meta)
-    w.add_param("w", {"shape": (2, 3), "parts": [{"name": "q", "dim": 0, "start": 0, "stop": 1}]})  # tuples are lists
+    w.add_param("w", {"shape": (2, 3), "dtype": "bfloat16",  # tuples are lists; a ucp dtype name is fine
+                      "parts": [{"name": "q", "dim": 0, "start": 0, "stop": 1}]})
     w.abort()
 
 
@@ -286,3 +287,15 @@ def test_commit_and_abort_leave_no_writer_threads_or_open_files(tmp_path):
         getattr(w, end)()
         assert not [th.name for th in set(threading.enumerate()) - before if th.name.startswith("ucp-write")], end
         assert open_under(root) == [], end
+
+
+def test_an_error_inside_the_with_block_propagates_and_writes_no_manifest(tmp_path):
+    """The ``with`` form commits only a block that finished: an exception raised inside it reaches
+    the caller (it is not swallowed by the writer) and the partial directory has no manifest."""
+    with pytest.raises(KeyError, match="boom"):
+        with create_checkpoint(tmp_path / "ck") as w:
+            w.write_tensor("w", "param", torch.ones(4))
+            raise KeyError("boom")
+    assert not (tmp_path / "ck" / "ucp.manifest.json").exists()
+    with pytest.raises(UcpError):
+        open_checkpoint(tmp_path / "ck")
