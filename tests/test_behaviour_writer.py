@@ -224,7 +224,8 @@ def test_adjacent_boxes_in_one_chunk_are_not_overlaps(tmp_path):
     ({"parts": [{"name": "q", "dim": 0}]}, r"each of meta\['parts'\] needs name, dim, start, stop"),
     ({"padding": {"dim": 0}}, r"meta\['padding'\] needs dim and size"),
     ({"scalars": {"t": torch.ones(1)}}, "tensors are not allowed in per-parameter metadata"),
-], ids=["not-dict", "key", "type", "shape", "dtype", "parts", "padding", "tensor"])
+    ({"rule": ("copy",)}, r"meta\['rule'\] must be a str, got tuple"),
+], ids=["not-dict", "key", "type", "shape", "dtype", "parts", "padding", "tensor", "tuple-not-list"])
 def test_malformed_parameter_metadata_is_refused(tmp_path, meta, match):
     w = create_checkpoint(tmp_path / "ck")
     with pytest.raises(UcpError, match=match):
@@ -299,3 +300,17 @@ def test_an_error_inside_the_with_block_propagates_and_writes_no_manifest(tmp_pa
     assert not (tmp_path / "ck" / "ucp.manifest.json").exists()
     with pytest.raises(UcpError):
         open_checkpoint(tmp_path / "ck")
+
+
+def test_a_writer_that_fails_to_open_releases_its_lock(tmp_path):
+    """A refused ``create_checkpoint`` (here: the directory is not empty) must not keep the writer
+    lock, or the user's next, corrected call would be told another writer holds the directory."""
+    root = tmp_path / "ck"
+    with create_checkpoint(root) as w:
+        w.write_tensor("w", "param", torch.ones(2))
+    with pytest.raises(UcpError, match="not empty"):
+        create_checkpoint(root)
+    assert not (root / "ucp.lock").exists()
+    with create_checkpoint(root, overwrite=True) as w:
+        w.write_tensor("w", "param", torch.zeros(2))
+    assert torch.equal(open_checkpoint(root).read("w"), torch.zeros(2))
