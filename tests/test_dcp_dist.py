@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from _ds_env import DS_ENV
+from _ports import free_port
 
 import ucp
 from ucp.demo_dcp import GPTConfig
@@ -49,14 +51,8 @@ def _loader():
     return mod
 
 
-DS_ENV = {"DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0",
-          "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "ucp-torch-extensions")}
-
-
 def torchrun(nproc: int, script: str, *args, env=None, cwd=None) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(port), str(DIST / script), *map(str, args)]

@@ -18,14 +18,13 @@ import pytest
 import torch
 
 from _ports import free_port
+from _ds_env import DS_ENV
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                 reason="DeepSpeed is not installed")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist" / "ds_train.py"
-ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0",
-       "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "ucp-torch-extensions")}
 
 #: cell -> (stage, dtype, ranks, extra flags): every stage, fp32 / bf16 / fp16, two param groups
 #: everywhere, frozen and tied variants, ZeRO-3 with sub-groups (sub_group_size 1000). fp16 runs
@@ -49,7 +48,7 @@ def run_ds(nproc: int, *args, cwd: Path) -> None:
     MASTER_ADDR/MASTER_PORT, so two jobs on one port would share (and corrupt) them."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(SCRIPT), *map(str, args)]
-    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **DS_ENV, "PYTHONPATH": str(ROOT)}
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if res.returncode:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
@@ -276,7 +275,7 @@ def test_universal_source_equals_deepspeed_source(cell, ds_runs, converted, tmp_
     out = tmp_path / "ds-universal"
     res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag),
                           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                         env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+                         env={**os.environ, **DS_ENV}, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert detect(out) == "deepspeed-universal"
     ucp.convert(str(out), str(tmp_path / "u"))
@@ -301,7 +300,7 @@ def test_export_under_torchrun_equals_one_process(converted, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "ucp", "export", src, str(two),
            "--to", "deepspeed", "--dp", "3", "--zero-stage", "1", "-q"]
-    res = subprocess.run(cmd, env={**os.environ, **ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    res = subprocess.run(cmd, env={**os.environ, **DS_ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     ucp.convert(str(one), str(tmp_path / "u1"))
     ucp.convert(str(two), str(tmp_path / "u2"))

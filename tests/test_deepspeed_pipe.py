@@ -21,13 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from _ds_env import DS_ENV
+from _ports import free_port
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                 reason="DeepSpeed is not installed")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist" / "ds_pipe.py"
-ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0",
-       "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "ucp-torch-extensions")}
 TAG = "global_step3"
 
 #: cell -> (ranks, ZeRO stage, dtype, extra flags); 2 pipeline stages each. Stage 0 with bf16 is
@@ -37,14 +38,6 @@ CELLS = {
     "pp2xdp2-z1-bf16": (4, 1, "bf16", []),
     "pp2-bf16-optimizer": (2, 0, "bf16", []),
 }
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +52,7 @@ def pipe_runs(tmp_path_factory):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(SCRIPT), "--out", str(ck),
                "--pp", "2", "--stage", str(stage), "--dtype", dtype, "--ref", str(ref), *extra]
-        res = subprocess.run(cmd, cwd=base, env={**os.environ, **ENV, "PYTHONPATH": str(ROOT)},
+        res = subprocess.run(cmd, cwd=base, env={**os.environ, **DS_ENV, "PYTHONPATH": str(ROOT)},
                              capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-6000:]
         ucp.convert(str(ck), str(base / f"{cell}-u"), source="auto")
@@ -136,7 +129,7 @@ def test_equals_ds_to_universal(cell, pipe_runs, tmp_path):
     out = tmp_path / "ds-universal"
     res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                           str(ck_dir / TAG), "--output_folder", str(out), "--num_extract_workers", "1",
-                          "--num_merge_workers", "1"], env={**os.environ, **ENV}, capture_output=True, text=True,
+                          "--num_merge_workers", "1"], env={**os.environ, **DS_ENV}, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     written = sorted(p.name for p in (out / "zero").iterdir() if p.is_dir())

@@ -22,19 +22,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from _ds_env import DS_ENV
+
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
 from ucp.lang import load  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "dist" / "lang_ds_buffers.py"
-ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0",
-       "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "ucp-torch-extensions")}
 FROZEN = ["model.layers.0.post_attention_layernorm.weight", "model.layers.1.mlp.down_proj.weight"]
 
 
 def _run(out: Path, nproc: int, stage: int, sub_group: int):
-    env = {**os.environ, **ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, **DS_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            str(nproc), str(SCRIPT), str(out), str(stage), "2", "1", "1", str(sub_group)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)

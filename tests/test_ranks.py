@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+from _ports import free_port
+
 import ucp
 from ucp.demo import DEMO_SPEC
 from ucp.errors import UcpError
@@ -293,7 +295,6 @@ def test_torchrun_conversion_equals_single_process(tmp_path):
     parameters (by size), one commit; the result equals a single-process conversion, in the
     same parameter order (which grouped flat layouts depend on)."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -305,9 +306,7 @@ def test_torchrun_conversion_equals_single_process(tmp_path):
     spec = 'spec zero2\naxes dp\nparam "**" = flat(over=dp, group=main, align=2)\n'
     save_ranks(states, tmp_path / "src", spec_text=spec, degrees={"dp": 3})
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "one"), "-q"]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "ucp", "convert",
                         str(tmp_path / "src"), str(tmp_path / "two"), "-q"],
@@ -323,7 +322,6 @@ def test_torchrun_conversion_equals_single_process(tmp_path):
 
 def test_torchrun_conversion_failure_on_one_process_fails_cleanly(tmp_path):
     import os
-    import socket
     import subprocess
     import sys
 
@@ -334,9 +332,7 @@ def test_torchrun_conversion_failure_on_one_process_fails_cleanly(tmp_path):
     d = torch.load(f, weights_only=True)
     d["param"]["layers.3.w"] = d["param"]["layers.3.w"][:-1].clone()
     torch.save(d, f)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "ucp", "convert",
                         str(tmp_path / "src"), str(tmp_path / "out"), "-q"],
