@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import ucp
-from tests.test_deepspeed import ENV, ROOT, free_port
+from _ds_env import DS_ENV
+from _ports import free_port
+from tests.test_deepspeed import ROOT
 from tests.test_hf import INPUT, as_bits, load_all, logits_of
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -29,7 +31,7 @@ def ds_llama(tmp_path_factory):
     out = tmp_path_factory.mktemp("dsllama")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(SCRIPT), str(out)]
-    r = subprocess.run(cmd, env={**os.environ, **ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+    r = subprocess.run(cmd, env={**os.environ, **DS_ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     trained = torch.load(out / "trained.pt", weights_only=True)
