@@ -29,7 +29,7 @@ import math
 import os
 import re
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -196,7 +196,8 @@ class ReadBuffers:
 
     def __init__(self, keep: int = 256 << 20):
         self.keep = keep
-        self._free: list = []          # numpy uint8 buffers nobody views, smallest first
+        self._free: list = []              # numpy uint8 buffers nobody views, smallest first
+        self._returned = deque()  # given back by finalizers, not yet sorted into _free
         self._lock = threading.Lock()
 
     def take(self, n: int):
@@ -207,26 +208,32 @@ class ReadBuffers:
         import torch
 
         with self._lock:
+            self._sort_returned()
             i = next((i for i, b in enumerate(self._free) if b.size >= n), None)
             buf = self._free.pop(i) if i is not None else None
         if buf is None:
             buf = np.empty(max(n, 1), dtype=np.uint8)
         view = buf[:n]
-        weakref.finalize(view, self._give, buf)
+        # deque.append takes no lock: a finalizer may run inside a collection started while this
+        # thread holds ``_lock``, and must not wait for it
+        weakref.finalize(view, self._returned.append, buf)
         return torch.from_numpy(view)
 
     @property
     def free_bytes(self) -> int:
         """Bytes of the buffers kept for reuse (at most ``keep``)."""
         with self._lock:
+            self._sort_returned()
             return sum(b.size for b in self._free)
 
-    def _give(self, buf) -> None:
-        with self._lock:
-            self._free.append(buf)
-            self._free.sort(key=lambda b: b.size)
-            while sum(b.size for b in self._free) > self.keep:
-                self._free.pop()   # the largest goes first: the next few boxes rarely need it
+    def _sort_returned(self) -> None:
+        """Move given-back buffers into the free list (caller holds ``_lock``), dropping the
+        largest while more than ``keep`` bytes are kept: the next few boxes rarely need them."""
+        while self._returned:
+            self._free.append(self._returned.popleft())
+        self._free.sort(key=lambda b: b.size)
+        while sum(b.size for b in self._free) > self.keep:
+            self._free.pop()
 
 
 # ------------------------------------------------------------------ finding the files
