@@ -12,9 +12,15 @@ with ``git archive`` into the bench's temporary folder) on the same checkpoint i
 for an A/B comparison on a loaded machine. The fixed base (the interpreter with torch and ucp
 imported, no conversion) is measured too, so that the memory the conversion itself adds shows.
 
-Usage: python bench/bench_deepspeed.py [--hidden 512] [--layers 8] [--vocab 32003]
+``--size GIB`` picks the hidden size (a multiple of 64) whose checkpoint is closest to GIB GiB at
+the given layers and vocabulary, since fixed start-up cost (the interpreter with torch imported)
+dominates small checkpoints; ``--checkpoint DIR`` reuses a DeepSpeed save folder made earlier
+(e.g. by ``--keep``) instead of training one.
+
+Usage: python bench/bench_deepspeed.py [--hidden 512 | --size 2] [--layers 8] [--vocab 32003]
                                        [--stage 3] [--dtype bf16] [--ranks 2] [--dir /tmp]
-                                       [--against main]
+                                       [--against main] [--keep | --checkpoint DIR]
+                                       [--repeat 3] [--repeat-ds]
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import free_port  # noqa: E402  (no ucp import: the ucp under test is chosen per job)
@@ -35,24 +42,69 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0", "PYTHONPATH": str(ROOT),
        "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "ucp-torch-extensions")}
 #: runs argv, then prints the peak RSS (KiB) of everything it waited for
+#: runs argv, then prints the peak RSS (KiB) and the user + system CPU seconds of everything it waited for
 WRAPPER = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
            "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
-           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+           "u = resource.getrusage(resource.RUSAGE_CHILDREN); print(u.ru_maxrss, u.ru_utime + u.ru_stime)")
 
 
-def timed(cmd: list[str], root: Path = ROOT) -> tuple[float, float]:
-    """(seconds, peak RSS MiB) of ``cmd`` and its children, files synced. ucp is imported from
+class Run(NamedTuple):
+    seconds: float      # wall clock, files synced
+    rss_mib: float      # peak RSS of the process tree
+    cpu: float          # user + system CPU seconds: steadier than wall time on a loaded machine
+
+
+def timed(cmd: list[str], root: Path = ROOT) -> Run:
+    """Wall time, peak RSS and CPU of ``cmd`` and its children, files synced. ucp is imported from
     ``root``: it is also the working directory, which ``python -m`` puts first on ``sys.path``."""
     os.sync()
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], check=True, capture_output=True, text=True,
                          env={**os.environ, **ENV, "PYTHONPATH": str(root)}, cwd=root)
     os.sync()
-    return time.perf_counter() - t0, int(out.stdout.split()[-1]) / 1024
+    rss, cpu = out.stdout.split()[-2:]
+    return Run(time.perf_counter() - t0, int(rss) / 1024, float(cpu))
+
+
+def best(runs: list[Run]) -> Run:
+    """Best of repeated runs: least wall time, least CPU, the highest peak RSS (memory is not luck)."""
+    return Run(min(r.seconds for r in runs), max(r.rss_mib for r in runs), min(r.cpu for r in runs))
+
+
+def raw_copy(src: str, dst: str) -> None:
+    """Copy every file of folder ``src`` into a new folder ``dst`` with pread + pwrite through one
+    reused 64 MiB buffer: the least work any converter that moves the bytes through user space
+    does (``cp`` copies inside the kernel with copy_file_range instead). Timed as its own process."""
+    import numpy as np
+
+    buf = np.empty(64 << 20, dtype=np.uint8)
+    os.makedirs(dst)
+    for name in sorted(os.listdir(src)):
+        fi = os.open(os.path.join(src, name), os.O_RDONLY)
+        fo = os.open(os.path.join(dst, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        size = os.fstat(fi).st_size
+        for at in range(0, size, len(buf)):
+            view = buf[:min(len(buf), size - at)]
+            assert os.preadv(fi, [view], at) == len(view) and os.pwrite(fo, view, at) == len(view)
+        os.close(fi)
+        os.close(fo)
 
 
 def size_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2 ** 20
+
+
+def n_params(hidden: int, layers: int, vocab: int) -> int:
+    """Parameters of the bench's Llama shape (untied embeddings, 8 heads, 2 KV heads, SwiGLU)."""
+    inter = hidden * 8 // 3
+    per_layer = 2 * hidden * hidden + 2 * hidden * hidden // 4 + 3 * hidden * inter + 2 * hidden
+    return 2 * vocab * hidden + layers * per_layer + hidden
+
+
+def hidden_for(gib: float, layers: int, vocab: int) -> int:
+    """The hidden size (multiple of 64) whose ZeRO checkpoint (fp32 master + two Adam moments,
+    12 bytes per parameter) is closest to ``gib`` GiB."""
+    return min(range(64, 16384, 64), key=lambda h: abs(12 * n_params(h, layers, vocab) - gib * 2 ** 30))
 
 
 def make_checkpoint(a, base: Path) -> Path:
@@ -67,9 +119,66 @@ def make_checkpoint(a, base: Path) -> Path:
     return out
 
 
+def measure(a, ck: Path, tag: Path, base: Path) -> dict[str, Run]:
+    """Every row, best of ``a.repeat``; the ucp conversions (this tree's and ``a.against``'s)
+    alternate within each repeat, so that both see the same load."""
+    rows: dict[str, list[Run]] = {}
+    old = None
+    if a.against:
+        old = base / "against"
+        old.mkdir()
+        subprocess.run(f"git -C {ROOT} archive {a.against} | tar -x -C {old}", shell=True, check=True)
+    for i in range(a.repeat):
+        jobs = [("cp -r + sync (same bytes)", ["bash", "-c", f"cp -r {tag} {base / f'copy{i}'} && sync"], ROOT),
+                ("python pread+pwrite + sync (same bytes)",
+                 [sys.executable, str(Path(__file__).resolve()), "--raw-copy", str(tag), str(base / f"raw{i}")], ROOT),
+                ("python: import torch + ucp (no work)", [sys.executable, "-c", "import torch, ucp.cli"], ROOT),
+                ("ucp convert --from deepspeed",
+                 [sys.executable, "-m", "ucp", "convert", str(ck), str(base / f"ucp{i}"), "--from", "deepspeed"], ROOT)]
+        if old is not None:
+            jobs.append((f"ucp convert ({a.against})", [sys.executable, "-m", "ucp", "convert", str(ck),
+                                                         str(base / f"ucp-old{i}"), "--from", "deepspeed"], old))
+        if i == 0 or a.repeat_ds:
+            jobs.append(("python -m ...ds_to_universal (defaults)",
+                         [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag),
+                          "--output_folder", str(base / f"ds_universal{i}")], ROOT))
+        for name, cmd, root in jobs:
+            rows.setdefault(name, []).append(timed(cmd, root))
+        for f in base.iterdir():  # outputs of this repeat: keep the disk from filling at 4 GB
+            if f.name != "ds" and f.name != "against":
+                shutil.rmtree(f, ignore_errors=True)
+    return {name: best(r) for name, r in rows.items()}
+
+
+def report(a, runs: dict[str, Run], largest: float, say) -> None:
+    cp, bare = runs["cp -r + sync (same bytes)"], runs["python: import torch + ucp (no work)"]
+    ucp, ds = runs["ucp convert --from deepspeed"], runs["python -m ...ds_to_universal (defaults)"]
+    say(f"# best of {a.repeat} (ds_to_universal: {a.repeat if a.repeat_ds else 1}); CPU = user + system seconds")
+    say(f"{'run':40s} {'seconds':>8s} {'vs cp':>7s} {'CPU s':>7s} {'peak RSS MiB':>13s}")
+    for name, r in runs.items():
+        say(f"{name:40s} {r.seconds:8.2f} {cp.seconds / r.seconds:6.2f}x {r.cpu:7.2f} {r.rss_mib:13.0f}")
+    say(f"# ucp convert is {ds.seconds / ucp.seconds:.2f}x faster than ds_to_universal ({ds.cpu / ucp.cpu:.2f}x less "
+        f"CPU); peak RSS {ucp.rss_mib:.0f} vs {ds.rss_mib:.0f} MiB ({ucp.rss_mib / largest:.1f}x vs "
+        f"{ds.rss_mib / largest:.1f}x the largest parameter's fp32 size). Both include interpreter and import start-up.")
+    say(f"# without the start-up (the bare interpreter with torch and ucp imported): ucp {ucp.seconds - bare.seconds:.2f} s "
+        f"/ {ucp.cpu - bare.cpu:.2f} CPU s, ds_to_universal {ds.seconds - bare.seconds:.2f} s / "
+        f"{ds.cpu - bare.cpu:.2f} CPU s: {(ds.seconds - bare.seconds) / (ucp.seconds - bare.seconds):.2f}x")
+    say(f"# memory the conversion adds to the bare interpreter with torch ({bare.rss_mib:.0f} MiB): "
+        f"{ucp.rss_mib - bare.rss_mib:.0f} MiB = {(ucp.rss_mib - bare.rss_mib) / largest:.1f}x the largest "
+        f"parameter's fp32 size")
+    if a.against:
+        old = runs[f"ucp convert ({a.against})"]
+        say(f"# against {a.against} in the same run: {old.seconds / ucp.seconds:.2f}x faster, "
+            f"{old.cpu / ucp.cpu:.2f}x less CPU ({ucp.cpu:.2f} vs {old.cpu:.2f} s), peak RSS {ucp.rss_mib:.0f} "
+            f"vs {old.rss_mib:.0f} MiB")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--size", type=float, default=None, help="checkpoint size in GiB (sets --hidden)")
+    ap.add_argument("--checkpoint", default=None, help="reuse this DeepSpeed save folder (no training)")
+    ap.add_argument("--keep", action="store_true", help="keep the trained checkpoint (its path is printed)")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32003)
     ap.add_argument("--stage", type=int, default=3)
@@ -77,8 +186,12 @@ def main():
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--against", default=None, help="git revision whose ucp convert is timed too (A/B)")
+    ap.add_argument("--repeat", type=int, default=1, help="best of this many runs of each row")
+    ap.add_argument("--repeat-ds", action="store_true", help="repeat ds_to_universal too (slow)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "deepspeed.txt"))
     a = ap.parse_args()
+    if a.size is not None:
+        a.hidden = hidden_for(a.size, a.layers, a.vocab)
     base = Path(tempfile.mkdtemp(prefix="ucp-bench-ds-", dir=a.dir))
     lines = []
 
@@ -87,42 +200,25 @@ def main():
         lines.append(s)
 
     try:
-        ck = make_checkpoint(a, base)
+        ck = Path(a.checkpoint) if a.checkpoint else make_checkpoint(a, base)
         tag = ck / (ck / "latest").read_text().strip()
         largest = 4 * a.vocab * a.hidden / 2 ** 20
         say(f"# DeepSpeed ZeRO-{a.stage} {a.dtype} checkpoint, {a.ranks} ranks, hidden {a.hidden}, {a.layers} layers, "
-            f"vocab {a.vocab}: {size_mib(tag):.0f} MiB; largest parameter fp32 {largest:.0f} MiB")
-        cp = timed(["bash", "-c", f"cp -r {tag} {base / 'copy'} && sync"])
-        runs = [("cp -r + sync (same bytes)", cp),
-                ("python: import torch + ucp (no work)", timed([sys.executable, "-c", "import torch, ucp.cli"]))]
-        ucp = timed([sys.executable, "-m", "ucp", "convert", str(ck), str(base / "ucp"), "--from", "deepspeed"])
-        runs.append(("ucp convert --from deepspeed", ucp))
-        if a.against:
-            old = base / "against"
-            old.mkdir()
-            subprocess.run(f"git -C {ROOT} archive {a.against} | tar -x -C {old}", shell=True, check=True)
-            runs.append((f"ucp convert ({a.against})", timed([sys.executable, "-m", "ucp", "convert", str(ck),
-                                                                str(base / "ucp-old"), "--from", "deepspeed"], old)))
-        ds = timed([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag),
-                    "--output_folder", str(base / "ds_universal")])
-        runs.append(("python -m ...ds_to_universal (defaults)", ds))
-        say(f"{'run':40s} {'seconds':>8s} {'vs cp':>7s} {'peak RSS MiB':>13s}")
-        for name, (sec, rss) in runs:
-            say(f"{name:40s} {sec:8.2f} {cp[0] / sec:6.2f}x {rss:13.0f}")
-        base_rss = runs[1][1][1]
-        say(f"# ucp convert is {ds[0] / ucp[0]:.2f}x faster than ds_to_universal; peak RSS "
-            f"{ucp[1]:.0f} vs {ds[1]:.0f} MiB ({ucp[1] / largest:.1f}x vs {ds[1] / largest:.1f}x the largest "
-            f"parameter's fp32 size). Both include interpreter and import start-up.")
-        say(f"# memory the conversion adds to the bare interpreter with torch ({base_rss:.0f} MiB): "
-            f"{ucp[1] - base_rss:.0f} MiB = {(ucp[1] - base_rss) / largest:.1f}x the largest parameter's fp32 size")
-        if a.against:
-            old_sec, old_rss = runs[3][1]
-            say(f"# against {a.against} in the same run: {old_sec / ucp[0]:.2f}x faster, peak RSS {ucp[1]:.0f} vs "
-                f"{old_rss:.0f} MiB")
+            f"vocab {a.vocab}: {size_mib(tag):.0f} MiB; largest parameter fp32 {largest:.0f} MiB"
+            + (" (reused checkpoint)" if a.checkpoint else ""))
+        runs = measure(a, ck, tag, base)
+        report(a, runs, largest, say)
         Path(a.out).write_text("\n".join(lines) + "\n")
     finally:
+        if a.keep and not a.checkpoint:
+            kept = base.with_name(base.name + "-checkpoint")
+            (base / "ds").rename(kept)
+            print(f"# checkpoint kept at {kept} (rerun with --checkpoint {kept})")
         shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--raw-copy"]:
+        raw_copy(*sys.argv[2:4])
+    else:
+        main()

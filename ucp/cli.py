@@ -8,6 +8,7 @@ its traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -278,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Run one ``ucp`` command; returns the exit code (0 ok, 1 differences found, 2 error)."""
     args = build_parser().parse_args(argv)
+    # Building the parser imported every plug-in, and with them torch: ~170k objects that
+    # live until exit. Freezing them keeps each later full collection from walking them all (a
+    # DeepSpeed conversion allocates enough containers to trigger several: 0.2-0.4 s of CPU).
+    gc.freeze()
     try:
         rc = args.fn(args)
     except UcpError as e:
