@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import drop_caches, free_port  # noqa: E402  (no ucp import: safe before the path below)
+
 sys.path.insert(0, os.environ.get("UCP_BENCH_ROOT", str(ROOT)))   # the ucp under test (--compare-with)
 
 
@@ -59,16 +61,6 @@ def parse(argv=None):
 
 
 # ============================================================================ worker (under torchrun)
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
 def timed(fn):
     import torch.distributed as dist
 
@@ -220,9 +212,7 @@ def main(argv=None) -> None:
 
 def launch(argv, root: Path, job: Path, repeat: int) -> None:
     """One torchrun job of this script's worker with the ucp of ``root``."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "UCP_BENCH_ROOT": str(root),
            "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     args = [a for a in (argv if argv is not None else sys.argv[1:])]

@@ -54,6 +54,7 @@ class PartWriter(CheckpointWriter):
             raise UcpError("overwrite=True cannot be used with rank=: several writers would race to clear "
                            "the root; clear it once before starting the ranks")
         self.rank, self.world_size = rank, world_size
+        self._docs = {}  # rel -> (size, crc32c) of the array documents written so far
         super().__init__(path, **kw)
 
     def lock_rel(self) -> str:
@@ -124,14 +125,25 @@ class PartWriter(CheckpointWriter):
                         "file": rel, "size": len(data), "crc32c": crc32c.crc32c(data)})
         return out
 
+    def write_doc(self, a) -> None:
+        """Write array ``a``'s ``zarr.json`` now if this rank has written its first chunk whole, not
+        in ``commit``: a caller writing its boxes on several threads writes the documents there, in
+        parallel with its data and before ``sync_data`` (under FSDP one rank owns the first chunk of
+        every array, so writing them all in its ``commit`` is a serial step the others wait for)."""
+        self._array_doc(a, a.completed())
+
     def _array_doc(self, a, done: ManifestArray):
-        """Write ``a``'s ``zarr.json`` when this rank wrote its first chunk whole (exactly one rank
-        did, or none: the coordinator assembles it and writes the document); its (size, crc32c)."""
+        """Write ``a``'s ``zarr.json`` (once) when this rank wrote its first chunk whole (exactly one
+        rank did, or none: the coordinator assembles it and writes the document); its (size, crc32c)."""
+        rel = f"{a.rel}/zarr.json"
+        if rel in self._docs:
+            return self._docs[rel]
         if chunk_key((0,) * len(a.shape)) not in done.chunk_table:
             return None
         doc = layout.doc_bytes(a.doc())
-        self.store.put(f"{a.rel}/zarr.json", [doc])
-        return len(doc), crc32c.crc32c(doc)
+        self.store.put(rel, [doc])
+        self._docs[rel] = rec = (len(doc), crc32c.crc32c(doc))
+        return rec
 
 
 def create_part(path, rank, world_size, **kw) -> PartWriter:
