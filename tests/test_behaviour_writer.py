@@ -422,3 +422,38 @@ def test_each_document_is_written_once_and_after_its_parent_group(tmp_path, monk
         parent = rel.rsplit("/", 2)[0] + "/zarr.json" if rel.count("/") > 1 else "zarr.json"
         assert rel == "zarr.json" or parent in docs[:k], (rel, docs)
     assert verify(url) == []
+
+
+def test_manifest_and_part_records_name_the_ucp_version_that_wrote_them(tmp_path):
+    import json
+
+    import ucp
+    from ucp.format import commit_parts
+
+    with create_checkpoint(tmp_path / "one") as w:
+        w.write_tensor("w", "param", torch.ones(2))
+    w = create_checkpoint(tmp_path / "parts", rank=0, world_size=1, durable=False)
+    w.write_tensor("w", "param", torch.ones(2))
+    w.commit()
+    part = json.loads((tmp_path / "parts" / "_ucp" / "parts" / "0.json").read_bytes())
+    commit_parts(tmp_path / "parts", 1, durable=False)
+    for root in ("one", "parts"):
+        assert json.loads((tmp_path / root / "ucp.manifest.json").read_bytes())["writer"] == f"ucp {ucp.__version__}"
+    assert part["writer"] == f"ucp {ucp.__version__}"
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("inner_bytes", [1, 3, 8])
+@pytest.mark.parametrize("shape", [(0, 5), (0,), (0, 3, 7), (1,), ()])
+def test_unsharded_default_chunks_keep_to_the_inner_chunk_budget(tmp_path, dtype, inner_bytes, shape):
+    """Empty, 0-d and small arrays are not sharded by default; their chunks, like the inner chunks of
+    sharded ones, hold at most ``inner_bytes`` (or one element, when an element is larger)."""
+    import math
+
+    with create_checkpoint(tmp_path / "ck", inner_bytes=inner_bytes) as w:
+        w.write_tensor("w", "param", torch.zeros(shape, dtype=dtype))
+    info = open_checkpoint(tmp_path / "ck").array_info("w")
+    isz = torch.tensor([], dtype=dtype).element_size()
+    assert (info.inner_chunks is None) == (math.prod(shape) * isz <= inner_bytes or 0 in shape or not shape)
+    chunk = info.inner_chunks or info.chunks
+    assert math.prod(chunk) * isz <= max(inner_bytes, isz), (chunk, shape)
