@@ -404,3 +404,27 @@ def test_a_failed_commit_parts_releases_the_checkpoint_lock(tmp_path):
     w.commit()
     commit_parts(root, 2)
     assert torch.equal(open_checkpoint(root).read("a"), X)
+
+
+def test_write_doc_writes_an_array_document_once_when_its_first_chunk_is_written(tmp_path, monkeypatch):
+    """``PartWriter.write_doc``: the array's ``zarr.json`` is written as soon as this rank has written
+    the array's first chunk whole (not before), once: ``commit`` records it without writing it again."""
+    from ucp.format import store
+
+    puts, real = [], store.LocalStore.put
+    monkeypatch.setattr(store.LocalStore, "put", lambda self, rel, bufs, fsync=False:
+                        puts.append(rel) or real(self, rel, bufs, fsync))
+    root = tmp_path / "ck"
+    w = create_checkpoint(root, rank=0, world_size=1, durable=False)
+    a = w.add_array("a", "param", (4, 2), torch.float32, chunks=(2, 2))
+    a.write((2, 0), X[2:4])
+    w.write_doc(a)
+    assert not (root / "a" / "param" / "zarr.json").exists()
+    a.write((0, 0), X[:2])
+    w.write_doc(a)
+    w.write_doc(a)
+    assert (root / "a" / "param" / "zarr.json").exists()
+    w.commit()
+    assert puts.count("a/param/zarr.json") == 1
+    commit_parts(root, 1, durable=False)
+    assert verify(root) == [] and torch.equal(open_checkpoint(root).read("a"), X[:4])
