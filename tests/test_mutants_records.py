@@ -125,3 +125,22 @@ def test_chunk_size_is_elements_times_itemsize_plus_the_crc32c(dtype, size):
         if bad != size:
             with pytest.raises(FormatError, match=f"records {bad} bytes"):
                 ManifestArray.from_json(_record((2, 3), (2, 3), {"c/0/0": [bad, 0]}, dtype), "bad")
+
+
+def test_no_path_of_4096_characters_or_more_is_accepted():
+    """PATH_MAX: the 'files' paths (checked all at once) and an array's path (checked by equality
+    with the one built from its parameter's path and state name) are shorter than 4096 characters."""
+    from ucp.format import manifest as M
+
+    assert M.all_safe_rel([]) and M.all_safe_rel(["zarr.json", "p" * 4095, "a/b/zarr.json"])
+    for bad in (["zarr.json", "p" * 4096], ["zarr.json", 5], ["a\nb"], ["a/../b"], ["/a"], ["a//b"], [""]):
+        assert not M.all_safe_rel(bad), bad
+        assert not all(M.safe_rel(p) for p in bad), bad
+    for n, ok in ((4095, True), (4096, False)):
+        rec = _record((2, 3), (2, 3), {"c/0/0": [28, 0]})
+        rec["path"] = "p" * (n - 6) + "/param"
+        if ok:
+            assert M.ManifestArray.from_json(rec, "x", path=rec["path"]).path == rec["path"]
+        else:
+            with pytest.raises(FormatError, match="unsafe or unexpected array path"):
+                M.ManifestArray.from_json(rec, "x", path=rec["path"])
