@@ -453,7 +453,8 @@ class UniversalWriter(StorageWriter):
             order, meta, universal_md = _merge_summaries(summaries)
             for name in order:
                 writer.add_param(name, meta.get(name) or None)
-            writer.commit(sync=False)      # commit_parts syncs everything before the manifest
+            # commit_parts syncs everything before the manifest; our records go to it in memory
+            writer.commit(sync=False, record_file=False)
         except BaseException:
             writer.abort()
             raise

@@ -325,7 +325,7 @@ class CheckpointWriter:
         files, docs = {}, []
 
         def put_doc(rel, doc):
-            data = layout.doc_bytes(doc)
+            data = doc if isinstance(doc, bytes) else layout.doc_bytes(doc)
             files[rel] = (len(data), crc32c.crc32c(data))
             if not self.doc_on_disk(rel, data):
                 docs.append((rel, data))
@@ -338,7 +338,7 @@ class CheckpointWriter:
             put_doc("_ucp/meta/zarr.json", layout.group_doc())
         meta_rec = {}
         for rel, a in self._meta_arrays.items():
-            put_doc(f"{rel}/zarr.json", a.doc())
+            put_doc(f"{rel}/zarr.json", a.doc_bytes())
             meta_rec[rel] = a.record()
         params = []
         for p in self.params.values():
@@ -349,7 +349,7 @@ class CheckpointWriter:
                 meta.setdefault("dtype", pa.dtype_name)
             put_doc(f"{p.enc}/zarr.json", layout.group_doc({"ucp": {"name": p.name, **meta}}))
             for a in p.arrays.values():
-                put_doc(f"{a.rel}/zarr.json", a.doc())
+                put_doc(f"{a.rel}/zarr.json", a.doc_bytes())
             params.append(ManifestParam(p.name, p.enc, meta, {s: a.record() for s, a in p.arrays.items()}))
         return Manifest(params, self._metadata, meta_rec, files, writer_version(), now()), docs
 
