@@ -428,3 +428,18 @@ def test_write_doc_writes_an_array_document_once_when_its_first_chunk_is_written
     assert puts.count("a/param/zarr.json") == 1
     commit_parts(root, 1, durable=False)
     assert verify(root) == [] and torch.equal(open_checkpoint(root).read("a"), X[:4])
+
+
+def test_a_part_handed_over_in_memory_writes_no_part_record(tmp_path):
+    """``commit(sync=False, record_file=False)``: the caller commits the manifest next from
+    ``records`` (``commit_parts(parts=)``), so no part record file is written; without sync=False
+    that is refused (nothing would make the part durable)."""
+    root = tmp_path / "ck"
+    w = create_checkpoint(root, rank=0, world_size=1, durable=False)
+    w.write_tensor("a", "param", X)
+    with pytest.raises(UcpError, match=r"rank 0: commit\(record_file=False\) needs sync=False"):
+        w.commit(record_file=False)
+    w.commit(sync=False, record_file=False)
+    assert not (root / "_ucp" / "parts" / "0.json").exists()
+    assert commit_parts(root, 1, durable=False, parts={0: w.records})["chunks"] == 1
+    assert torch.equal(open_checkpoint(root).read("a"), X)
