@@ -409,6 +409,10 @@ def test_a_failed_commit_parts_releases_the_checkpoint_lock(tmp_path):
 def test_write_doc_writes_an_array_document_once_when_its_first_chunk_is_written(tmp_path, monkeypatch):
     """``PartWriter.write_doc``: the array's ``zarr.json`` is written as soon as this rank has written
     the array's first chunk whole (not before), once: ``commit`` records it without writing it again."""
+    import json
+
+    import crc32c
+
     from ucp.format import store
 
     puts, real = [], store.LocalStore.put
@@ -425,8 +429,11 @@ def test_write_doc_writes_an_array_document_once_when_its_first_chunk_is_written
     w.write_doc(a)
     assert (root / "a" / "param" / "zarr.json").exists()
     w.commit()
-    assert puts.count("a/param/zarr.json") == 1
+    rec = json.loads((root / "_ucp" / "parts" / "0.json").read_bytes())["params"][0]["states"]["param"]["doc"]
+    doc = (root / "a" / "param" / "zarr.json").read_bytes()
+    assert rec == [len(doc), crc32c.crc32c(doc)]  # recorded, so the coordinator does not write it again
     commit_parts(root, 1, durable=False)
+    assert puts.count("a/param/zarr.json") == 1
     assert verify(root) == [] and torch.equal(open_checkpoint(root).read("a"), X[:4])
 
 
