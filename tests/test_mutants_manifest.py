@@ -46,6 +46,8 @@ CASES = {
     # the root group's document is not an array's: only the record check can refuse a 33-bit crc32c
     "files-crc-33-bits": (lambda d: d["files"].__setitem__("zarr.json", [d["files"]["zarr.json"][0], 1 << 32]),
                           r"files\['zarr.json'\]: record .* is not \[size, crc32c\]"),
+    "files-size-negative": (lambda d: d["files"].__setitem__("zarr.json", [-1, d["files"]["zarr.json"][1]]),
+                            r"files\['zarr.json'\]: record .* is not \[size, crc32c\]"),
     "files-size-not-int": (lambda d: d["files"].__setitem__("zarr.json", [str(d["files"]["zarr.json"][0]),
                                                                          d["files"]["zarr.json"][1]]),
                            r"files\['zarr.json'\]: record .* is not \[size, crc32c\]"),
