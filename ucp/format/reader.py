@@ -343,11 +343,7 @@ class Checkpoint:
         self._check(a, key, got, fsize, size, crc, [buf[:n]], buf[n:n + CRC_BYTES])
         chunk = np.frombuffer(buf[:n], dtype=a.np).reshape(a.info.chunks)
         ist, isp = a.grid.overlap(idx, start, stop)
-        src = chunk[box_slices(ist, isp, a.grid.chunk_start(idx))]
-        if onp.ndim == 0:
-            onp[()] = src
-        else:
-            onp[box_slices(ist, isp, start)] = src
+        onp[box_slices(ist, isp, start)] = chunk[box_slices(ist, isp, a.grid.chunk_start(idx))]  # 0-d: onp[()]
         return got
 
     # -- sharded arrays ----------------------------------------------------------------------
@@ -465,18 +461,13 @@ class Checkpoint:
             spans = [self._entry(ent, p, a, data_end, key) for p in self._positions(a, sidx)]
             self._check_content(a, key, [buf[o + n - CRC_BYTES:o + n] for o, n in spans])
             self._index_cache[rel] = ent
-        ig = _shard.inner_grid(a.info.chunks, a.inner)
-        pos = {loc: self._entry(ent, _shard.linear(loc, ig), a, data_end, key)[0] for loc in locals_}
-        return buf, pos, got
+        return buf, _offsets(ent, a, locals_), got
 
     def _shard_ranges(self, a, sidx, key, rel, size, locals_):
         """Read only the inner chunks ``locals_`` (merged byte ranges). Returns (buffer, offsets, bytes)."""
         ent, got = self._index(a, sidx, key, rel, size)
-        data_end = size - a.index_nb
-        ig = _shard.inner_grid(a.info.chunks, a.inner)
-        spans = sorted((self._entry(ent, _shard.linear(loc, ig), a, data_end, key)[0], loc) for loc in locals_)
         ranges, pos, o = [], {}, 0
-        for off, loc in spans:
+        for off, loc in sorted((off, loc) for loc, off in _offsets(ent, a, locals_).items()):
             if ranges and ranges[-1][1] == off:
                 ranges[-1][1] = off + a.inner_nb
             else:
@@ -531,6 +522,13 @@ def _empty(shape, dtype, isz):
     if n * isz < _HUGE:
         return torch.empty(shape, dtype=dtype)
     return torch.from_numpy(np.empty(n * isz, dtype=np.uint8)).view(dtype).reshape(shape)
+
+
+def _offsets(ent, a, locals_):
+    """Byte offsets of the inner chunks ``locals_`` in their shard file. Every entry of a shard's
+    index was checked against the file (``_entry``) before the index was kept, so none is again."""
+    ig = _shard.inner_grid(a.info.chunks, a.inner)
+    return {loc: int(ent[_shard.linear(loc, ig), 0]) for loc in locals_}
 
 
 def _no_tensor(_p):
