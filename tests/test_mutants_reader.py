@@ -172,3 +172,16 @@ def test_format_version_1_shards_are_read_without_a_content_crc(shards):
         with pytest.warns(UserWarning, match="format_version 1 does not bind shard contents"):
             ck = open_checkpoint(root)
         assert torch.equal(ck.read("s", index=index), S[index])
+
+
+def test_shard_index_too_large_to_read_blind_is_checked_first(tmp_path):
+    """A manifest that claims a shard of 2^23 inner chunks (a 128 MiB index) while the file on disk
+    is small: a read of one inner chunk stats the file before allocating the index buffer."""
+    from test_behaviour_lies import _lie, _refused_without_allocating
+
+    root = tmp_path / "ck"
+    with create_checkpoint(root) as w:
+        w.write_tensor("w", "param", torch.ones(8), shards=(8,), chunks=(4,))
+    n = 1 << 23
+    _lie(root, (n,), (n,), (1,))
+    _refused_without_allocating(root, slice(0, 1), r"shard c/0 .*size 76 bytes, the manifest records")
