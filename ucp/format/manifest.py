@@ -97,7 +97,24 @@ LISTED_CHUNKS = 4096  # grids up to this many chunks have their keys and file si
 
 def safe_rel(p) -> bool:
     """A relative path that cannot leave the root: no ``..``, no absolute path, no empty segment."""
-    return isinstance(p, str) and 0 < len(p) < 4096 and _REL.fullmatch(p) is not None
+    return isinstance(p, str) and 0 < len(p) < MAX_PATH and _REL.fullmatch(p) is not None
+
+
+MAX_PATH = 4096
+_RELS = re.compile(rf"(?:{_REL.pattern})(?:\n(?:{_REL.pattern}))*")  # "\n" is in no segment
+
+
+def all_safe_rel(paths) -> bool:
+    """``safe_rel`` of every path, in one regex call over the paths joined by newlines (no path can hold
+    one): at open this is a few thousand paths, where one call each costs more than the parsing."""
+    paths = list(paths)
+    if not paths:
+        return True
+    try:
+        joined = "\n".join(paths)
+    except TypeError:  # a path that is not a string
+        return False
+    return max(map(len, paths)) < MAX_PATH and _RELS.fullmatch(joined) is not None
 
 
 def _int(x, lo=0) -> bool:
@@ -119,7 +136,7 @@ def key_index(key: str) -> tuple[int, ...]:
 
 
 # -------------------------------------------------------------------------------------- records
-@dataclass
+@dataclass(slots=True)
 class ManifestArray:
     """One array: where it lives, its logical dtype, shape and chunk grid, and per chunk (or shard) key
     its file record: ``(size, crc32c)`` for a plain chunk, ``(size, index crc32c, content crc32c)`` for a
@@ -142,7 +159,7 @@ class ManifestArray:
     def itemsize(self) -> int:
         return dtypes.itemsize(self.dtype)
 
-    @functools.cached_property
+    @property
     def grid(self) -> ChunkGrid:
         return _grid(self.shape, self.chunks)
 
@@ -173,11 +190,12 @@ class ManifestArray:
 
     @classmethod
     def from_json(cls, rec, where: str, path=None, version=FORMAT_VERSION, complete=True) -> "ManifestArray":
-        """Check an array record (a dict from JSON) and build it; ``path``: the path it must have."""
+        """Check an array record (a dict from JSON) and build it; ``path``: the path it must have, which
+        the caller built from checked names (so equality with it is the safety check; else ``safe_rel``)."""
         if not isinstance(rec, dict):
             raise FormatError(f"{where}: array record is not an object")
         p = rec.get("path")
-        if not safe_rel(p) or (path is not None and p != path):
+        if not (p == path and len(p) < MAX_PATH if path is not None else safe_rel(p)):
             raise FormatError(f"{where}: unsafe or unexpected array path {p!r}")
         shape, chunks, inner = rec.get("shape"), rec.get("chunks"), rec.get("inner_chunks")
         if not _ints(shape, 0) or not _ints(chunks, 1) or len(chunks) != len(shape):
@@ -201,14 +219,16 @@ class ManifestArray:
         the one the geometry implies (so nothing is allocated for a size the manifest made up)."""
         if not isinstance(table, dict):
             raise FormatError(f"{where}: chunk_table is not an object")
+        width = 2 if self.inner_chunks is None or self.version < 2 else 3
+        sizes = _chunk_sizes(self.shape, self.chunks, self.inner_chunks, self.dtype)
+        if sizes is not None and (len(table) == len(sizes) or not complete):
+            out = _listed_table(table, sizes, width)
+            if out is not None:
+                return out
         grid = self.grid.grid
         if complete and len(table) != self.grid.nchunks:
             raise FormatError(f"{where}: chunk_table has {len(table)} entries, the grid {list(grid)} of shape "
                               f"{list(self.shape)} and chunks {list(self.chunks)} has {self.grid.nchunks}")
-        width = 2 if self.inner_chunks is None or self.version < 2 else 3
-        out = self._listed_table(table, width)
-        if out is not None:
-            return out
         out = {}
         for k, v in table.items():
             if not (isinstance(k, str) and _KEY.fullmatch(k)):
@@ -227,23 +247,20 @@ class ManifestArray:
             out[k] = tuple(v)
         return out
 
-    def _listed_table(self, table, width) -> dict | None:
-        """The checked table when every key and record passes against the geometry's listed chunk keys and
-        sizes (the same checks as ``_check_table``, one dict lookup per key: layers share geometries);
-        None when the grid is too large to list or anything fails (``_check_table`` then names it)."""
-        if self.grid.nchunks > LISTED_CHUNKS:
+
+def _listed_table(table, sizes, width) -> dict | None:
+    """The checked table when every key and record passes against the geometry's listed chunk keys and
+    file sizes ``sizes`` (the same checks as ``_check_table``, one dict lookup per key: layers share
+    geometries); None when anything fails (``_check_table`` then names it)."""
+    out = {}
+    for k, v in table.items():
+        if type(v) is not list or len(v) != width or type(v[0]) is not int or v[0] != sizes.get(k):
             return None
-        sizes = _chunk_sizes(self.shape, self.chunks, self.inner_chunks, self.itemsize)
-        out = {}
-        for k, v in table.items():
-            want = sizes.get(k) if isinstance(k, str) else None
-            if want is None or type(v) is not list or len(v) != width or type(v[0]) is not int or v[0] != want:
+        for c in v[1:]:
+            if type(c) is not int or not 0 <= c < 1 << 32:
                 return None
-            for c in v[1:]:
-                if type(c) is not int or not 0 <= c < 1 << 32:
-                    return None
-            out[k] = tuple(v)
-        return out
+        out[k] = tuple(v)
+    return out
 
 
 @functools.lru_cache(maxsize=1024)
@@ -253,16 +270,20 @@ def _grid(shape, chunks) -> ChunkGrid:
 
 
 @functools.lru_cache(maxsize=256)
-def _chunk_sizes(shape, chunks, inner, itemsize) -> dict[str, int]:
-    """``{chunk key: file size}`` of every chunk of a geometry (the file size a valid chunk or shard has)."""
-    indices = _grid(shape, chunks).indices()
+def _chunk_sizes(shape, chunks, inner, dtype) -> dict[str, int] | None:
+    """``{chunk key: file size}`` of every chunk of a geometry (the file size a valid chunk or shard has);
+    None for a grid of more than ``LISTED_CHUNKS`` chunks (checked key by key instead)."""
+    grid = _grid(shape, chunks)
+    if grid.nchunks > LISTED_CHUNKS:
+        return None
+    itemsize = dtypes.itemsize(dtype)
     if inner is None:
         size = math.prod(chunks) * itemsize + CRC_BYTES
-        return {chunk_key(idx): size for idx in indices}
-    return {chunk_key(idx): shard.file_size(shape, chunks, inner, idx, itemsize) for idx in indices}
+        return {chunk_key(idx): size for idx in grid.indices()}
+    return {chunk_key(idx): shard.file_size(shape, chunks, inner, idx, itemsize) for idx in grid.indices()}
 
 
-@dataclass
+@dataclass(slots=True)
 class ManifestParam:
     """One parameter: its name, group path, per-parameter metadata (§6.1) and arrays in saved order."""
 
@@ -281,22 +302,42 @@ class ManifestParam:
                 or "/" in p["path"] or not isinstance(p.get("states"), dict) \
                 or not isinstance(p.get("meta", {}), dict):
             raise FormatError(f"{where}: malformed parameter record {str(p)[:120]!r}")
+        name, path, states = p["name"], p["path"], p["states"]
         try:
-            enc = encode_param(p["name"])
+            enc = encode_param(name)
         except Exception:
             enc = None
-        if enc != p["path"]:
-            raise FormatError(f"{where}: parameter {p['name']!r} has path {p['path']!r}, expected {enc!r}")
-        order = p.get("state_order", list(p["states"]))
-        if not isinstance(order, list) or sorted(map(str, order)) != sorted(p["states"]):
-            raise FormatError(f"{where}: parameter {p['name']!r}: state_order {order!r} does not list its states")
-        states = {}
+        if enc != path:
+            raise FormatError(f"{where}: parameter {name!r} has path {path!r}, expected {enc!r}")
+        order = p.get("state_order")
+        if order is None:
+            order = list(states)
+        elif order != list(states) and (not isinstance(order, list)
+                                        or sorted(map(str, order)) != sorted(states)):
+            raise FormatError(f"{where}: parameter {name!r}: state_order {order!r} does not list its states")
+        out = {}
         for st in order:
             if not safe_rel(st) or "/" in st:
-                raise FormatError(f"{where}: parameter {p['name']!r}: unsafe state name {st!r}")
-            states[st] = ManifestArray.from_json(p["states"][st], f"{where}: parameter {p['name']!r} state {st!r}",
-                                                 f"{p['path']}/{st}", version, complete)
-        return cls(p["name"], p["path"], p.get("meta", {}), states)
+                raise FormatError(f"{where}: parameter {name!r}: unsafe state name {st!r}")
+            out[st] = ManifestArray.from_json(states[st], _Where(where, name, st), f"{path}/{st}", version,
+                                              complete)
+        return cls(name, path, p.get("meta", {}), out)
+
+
+class _Where:
+    """``{where}: parameter {name!r} state {state!r}``, formatted only when an error message uses it:
+    a manifest has thousands of states and almost never an error."""
+
+    __slots__ = ("where", "name", "state")
+
+    def __init__(self, where, name, state):
+        self.where, self.name, self.state = where, name, state
+
+    def __str__(self):
+        return f"{self.where}: parameter {self.name!r} state {self.state!r}"
+
+    def __format__(self, spec):
+        return format(str(self), spec)
 
 
 @dataclass
@@ -358,6 +399,17 @@ class Manifest:
     def _check_docs(self, where):
         """Every array's ``zarr.json`` record matches the document its manifest record implies, so the
         manifest cannot say one dtype or grid and ``zarr.json`` (what generic zarr readers use) another."""
+        files = self.files
+        for p in self.params:
+            for a in p.states.values():
+                if files.get(f"{a.path}/zarr.json") != a.doc_record():
+                    self._docs_error(where)
+        for a in self.meta_arrays.values():
+            if files.get(f"{a.path}/zarr.json") != a.doc_record():
+                self._docs_error(where)
+
+    def _docs_error(self, where):
+        """Name the first array whose ``zarr.json`` record is wrong (the error path of ``_check_docs``)."""
         for what, a in self.arrays():
             rel = f"{a.path}/zarr.json"
             rec = self.files.get(rel)
@@ -373,9 +425,12 @@ def _doc_record(shape, chunks, dtype, inner):
 
 
 def _check_files(files, where) -> dict:
-    if not isinstance(files, dict) or not all(safe_rel(k) for k in files):
+    if not isinstance(files, dict) or not all_safe_rel(files):
         raise FormatError(f"{where}: unsafe path in 'files'")
+    out = {}
     for k, v in files.items():
-        if not (isinstance(v, list) and len(v) == 2 and _int(v[0]) and _int(v[1]) and v[1] < 1 << 32):
+        if type(v) is not list or len(v) != 2 or type(v[0]) is not int or type(v[1]) is not int \
+                or v[0] < 0 or not 0 <= v[1] < 1 << 32:
             raise FormatError(f"{where}: files[{k!r}]: record {str(v)[:60]} is not [size, crc32c]")
-    return {k: tuple(v) for k, v in files.items()}
+        out[k] = (v[0], v[1])
+    return out

@@ -370,12 +370,14 @@ class Checkpoint:
     def _positions(self, a, sidx):
         return _shard.present_positions(a.info.shape, a.info.chunks, a.inner, sidx)
 
-    def _index(self, a, sidx, key, rel, size):
+    def _index(self, a, sidx, key, rel, size, whole=False):
         """The checked index of a shard, its content crc32c checked too (once per open Checkpoint).
-        Returns (entries, bytes read)."""
+        ``whole``: the caller reads every inner chunk, so their crc32c words are not read here; it
+        checks the content crc32c from the chunks (``_finish_content``). Returns (entries, bytes read,
+        the index positions whose words the caller must check, or None when checked)."""
         ent = self._index_cache.get(rel)
         if ent is not None:
-            return ent, 0
+            return ent, 0, None
         n = a.index_nb
         if n > BIG_ALLOC:
             self._check_size_first(a, key, rel, size, "shard")
@@ -391,88 +393,67 @@ class Checkpoint:
         positions = self._positions(a, sidx)
         for pos in positions:
             self._entry(ent, pos, a, data_end, key)
+        if whole:
+            return ent, n, positions
         ranges = _shard.crc_word_ranges(ent, positions)
         words = bytearray(CRC_BYTES * len(ranges))
         got2, _ = self._store.read_ranges(rel, ranges, words)
         if got2 != len(words):
             raise self._size_err(a, key, None, size, "shard")
-        self._check_content(a, key, [words[i:i + CRC_BYTES] for i in range(0, len(words), CRC_BYTES)])
+        self._finish_content(a, key, rel, ent, [words[i:i + CRC_BYTES] for i in range(0, len(words), CRC_BYTES)])
+        return ent, n + got2, None
+
+    def _finish_content(self, a, key, rel, ent, words):
+        """Check the content crc32c from the inner chunks' words (index order); then the index is trusted."""
+        self._check_content(a, key, words)
         self._index_cache[rel] = ent
-        return ent, n + got2
 
     def _read_shard(self, a, sidx, start, stop, onp):
-        """Read the inner chunks of shard ``sidx`` that intersect the box; returns (bytes read, inner chunks)."""
-        held = []
-        try:
-            return self._read_shard_into(a, sidx, start, stop, onp, held)
-        finally:
-            for h in held:
-                _shard.release(h)
-
-    def _read_shard_into(self, a, sidx, start, stop, onp, held):
+        """Read the inner chunks of shard ``sidx`` that intersect the box into ``onp``, a batch of
+        adjacent inner chunks at a time (``STREAM_BYTES``): each batch is copied out and its crc32c
+        computed while it is still in the CPU cache, instead of reading the whole shard into memory and
+        passing over it twice more. The checks run in the order of a whole-file read (index, content
+        crc32c, then each inner chunk's crc32c) before this returns; a failing read raises, leaving
+        ``onp`` partly written. Returns (bytes read, inner chunks read)."""
         key = chunk_key(sidx)
         size = a.table[key][0]
         rel = f"{a.info.path}/{key}"
-        inner = ChunkGrid(a.info.chunks, a.inner)  # the shard's inner grid, in shard coordinates
         cst = a.grid.chunk_start(sidx)
         ist, isp = a.grid.overlap(sidx, start, stop)
-        lst = [x - c for x, c in zip(ist, cst)]
-        lsp = [y - c for y, c in zip(isp, cst)]
+        inner = ChunkGrid(a.info.chunks, a.inner)  # the shard's inner grid, in shard coordinates
+        lst, lsp = [x - c for x, c in zip(ist, cst)], [y - c for y, c in zip(isp, cst)]
         locals_ = list(inner.indices_for(lst, lsp))
         _it, lim = _shard.present(a.info.shape, a.info.chunks, a.inner, sidx)
-        if all(len(r) == m for r, m in zip(inner.ranges(lst, lsp), lim)):  # every inner chunk: whole file
-            buf, pos, got = self._shard_whole(a, sidx, key, rel, size, locals_, held)
-        else:
-            buf, pos, got = self._shard_ranges(a, sidx, key, rel, size, locals_)
-        nd = a.inner_nb - CRC_BYTES
+        whole = all(len(r) == m for r, m in zip(inner.ranges(lst, lsp), lim))  # every inner chunk in the file
+        ent, got, pending = self._index(a, sidx, key, rel, size, whole)
+        data_end = size - a.index_nb
+        ig = _shard.inner_grid(a.info.chunks, a.inner)
+        spans = sorted((self._entry(ent, p, a, data_end, key)[0], p, loc)
+                       for loc, p in ((loc, _shard.linear(loc, ig)) for loc in locals_))
+        per = max(1, STREAM_BYTES // a.inner_nb)
+        box, words, bad = (inner, cst, ist, isp, start), {}, {}
+        for i in range(0, len(spans), per):
+            got += self._read_tiles(a, key, rel, size, spans[i:i + per], box, onp, words, bad)
+        if pending is not None:
+            self._finish_content(a, key, rel, ent, [words[p] for p in pending])
         for loc in locals_:
-            o = pos[loc]
-            c = crc32c.crc32c(buf[o:o + nd])
-            s = int.from_bytes(buf[o + nd:o + a.inner_nb], "little")
-            if c != s:
+            if loc in bad:
+                c, s = bad[loc]
                 raise CorruptChunkError(f"{self._where(a, key, 'shard')}: inner chunk {list(loc)} crc32c mismatch "
                                         f"(computed {c:#010x}, stored {s:#010x})")
-            tile = np.frombuffer(buf[o:o + nd], dtype=a.np).reshape(a.inner)
-            tst = [c0 + t for c0, t in zip(cst, inner.chunk_start(loc))]
-            x0 = [max(x, t) for x, t in zip(ist, tst)]
-            x1 = [min(y, t + k) for y, t, k in zip(isp, tst, a.inner)]
-            onp[box_slices(x0, x1, start)] = tile[box_slices(x0, x1, tst)]
-        return got, len(locals_)
+        return got, len(spans)
 
-    def _shard_whole(self, a, sidx, key, rel, size, locals_, held):
-        """Read a whole shard file; check its index and content crc32c. Returns (buffer, offsets, bytes)."""
-        self._check_size_first(a, key, rel, size, "shard")
-        if SHARD_MMAP:
-            try:
-                buf, fsize = self._store.map(rel)  # tiles are copied from the page cache straight to out
-            except (FileNotFoundError, NotADirectoryError):
-                raise self._open_err(a, key) from None
-            got = fsize
-        else:
-            held.append(_shard.acquire(size))  # reused across reads: no first touch per shard
-            buf = memoryview(held[-1])[:size]
-            got, fsize = self._readinto(a, key, rel, [buf])
-        if fsize != size or got != size:
-            raise self._size_err(a, key, fsize, size, "shard")
-        data_end = size - a.index_nb
-        ent = self._index_cache.get(rel)
-        if ent is None:
-            ent = self._parse_index(a, key, buf[data_end:size])
-            spans = [self._entry(ent, p, a, data_end, key) for p in self._positions(a, sidx)]
-            self._check_content(a, key, [buf[o + n - CRC_BYTES:o + n] for o, n in spans])
-            self._index_cache[rel] = ent
-        return buf, _offsets(ent, a, locals_), got
-
-    def _shard_ranges(self, a, sidx, key, rel, size, locals_):
-        """Read only the inner chunks ``locals_`` (merged byte ranges). Returns (buffer, offsets, bytes)."""
-        ent, got = self._index(a, sidx, key, rel, size)
-        ranges, pos, o = [], {}, 0
-        for off, loc in sorted((off, loc) for loc, off in _offsets(ent, a, locals_).items()):
+    def _read_tiles(self, a, key, rel, size, spans, box, onp, words, bad):
+        """Read the inner chunks ``spans`` (``(offset, index position, local index)``, ascending offsets;
+        adjacent ones in one read) into the thread's scratch buffer and copy each one's part of the box
+        into ``onp``; its stored crc32c word goes to ``words[position]``, a mismatch to ``bad[local index]``
+        (raised by the caller, after the content check). Returns the bytes read."""
+        ranges, o = [], 0
+        for off, _p, _loc in spans:
             if ranges and ranges[-1][1] == off:
                 ranges[-1][1] = off + a.inner_nb
             else:
                 ranges.append([off, off + a.inner_nb])
-            pos[loc] = o
             o += a.inner_nb
         buf = self._scratch(o)[:o]
         try:
@@ -481,7 +462,22 @@ class Checkpoint:
             raise self._open_err(a, key) from None
         if (fsize is not None and fsize != size) or n != o:
             raise self._size_err(a, key, fsize, size, "shard")
-        return buf, pos, got + n
+        inner, cst, ist, isp, start = box
+        nd = a.inner_nb - CRC_BYTES
+        for j, (_off, p, loc) in enumerate(spans):
+            o = j * a.inner_nb
+            stored = bytes(buf[o + nd:o + a.inner_nb])  # the scratch buffer is reused by the next batch
+            words[p] = stored
+            c, s = crc32c.crc32c(buf[o:o + nd]), int.from_bytes(stored, "little")
+            if c != s:
+                bad[loc] = (c, s)
+                continue
+            tile = np.frombuffer(buf[o:o + nd], dtype=a.np).reshape(a.inner)
+            tst = [c0 + t for c0, t in zip(cst, inner.chunk_start(loc))]
+            x0 = [max(x, t) for x, t in zip(ist, tst)]
+            x1 = [min(y, t + k) for y, t, k in zip(isp, tst, a.inner)]
+            onp[box_slices(x0, x1, start)] = tile[box_slices(x0, x1, tst)]
+        return n
 
     def _entry(self, ent, pos, a, data_end, key):
         try:
@@ -507,10 +503,10 @@ class Checkpoint:
 
 PREFETCH = 8  # plain chunks read ahead
 PREFETCH_BYTES = 64 << 20  # sharded arrays: shards read ahead, in bytes (at least one shard)
-# Whole-shard reads: pread into a pooled buffer (then one tile copy) rather than mmap. Measured
-# on the 2-core VM (320 MiB, 4 workers): cold 1.6-1.8 GB/s with pread against 1.2-1.3 with mmap,
-# warm 3.9 against 4.9. A checkpoint load is usually cold (a new job on new machines), so pread.
-SHARD_MMAP = False
+# Shards are read a batch of inner chunks at a time into a per-thread scratch buffer of about this
+# size (an L2 cache's worth), checked and copied out while still cached. Before: the whole shard
+# into a pooled buffer (one read, but the crc and copy passes then came from memory, not cache).
+STREAM_BYTES = 1 << 20
 _HUGE = 1 << 20
 BIG_ALLOC = 16 << 20  # files at least this large are stat'ed before their buffer is allocated
 
@@ -522,13 +518,6 @@ def _empty(shape, dtype, isz):
     if n * isz < _HUGE:
         return torch.empty(shape, dtype=dtype)
     return torch.from_numpy(np.empty(n * isz, dtype=np.uint8)).view(dtype).reshape(shape)
-
-
-def _offsets(ent, a, locals_):
-    """Byte offsets of the inner chunks ``locals_`` in their shard file. Every entry of a shard's
-    index was checked against the file (``_entry``) before the index was kept, so none is again."""
-    ig = _shard.inner_grid(a.info.chunks, a.inner)
-    return {loc: int(ent[_shard.linear(loc, ig), 0]) for loc in locals_}
 
 
 def _no_tensor(_p):
