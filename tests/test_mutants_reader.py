@@ -185,3 +185,16 @@ def test_shard_index_too_large_to_read_blind_is_checked_first(tmp_path):
     n = 1 << 23
     _lie(root, (n,), (n,), (1,))
     _refused_without_allocating(root, slice(0, 1), r"shard c/0 .*size 76 bytes, the manifest records")
+
+
+@pytest.mark.parametrize("index", [PART, WHOLE, slice(0, 6)], ids=["its-own", "whole-shard", "most"])
+def test_damaged_inner_chunk_is_named_by_a_first_read(shards, index):
+    """A data byte of inner chunk 1 flipped: its stored crc32c word is intact, so the shard's content
+    crc32c still checks out, and the first read of the shard names the damaged inner chunk."""
+    root, f = shards
+    data = bytearray(f.read_bytes())
+    data[2 * 8 * 4 + 4 + 5] ^= 1  # a data byte of inner chunk 1 (rows 2..3)
+    f.write_bytes(bytes(data))
+    with pytest.raises(CorruptChunkError, match=r"shard c/0/0 .*inner chunk \[1, 0\] crc32c mismatch"):
+        open_checkpoint(root).read("s", index=index)
+    assert torch.equal(open_checkpoint(root).read("s", index=slice(4, 16)), S[4:])  # the other chunks are fine
