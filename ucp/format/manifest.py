@@ -101,12 +101,13 @@ def safe_rel(p) -> bool:
 
 
 MAX_PATH = 4096
-_RELS = re.compile(rf"(?:{_REL.pattern})(?:\n(?:{_REL.pattern}))*")  # "\n" is in no segment
+_RELS = re.compile(rf"(?:{_REL.pattern})(?:\n(?:{_REL.pattern}))*")  # paths joined by "\n"
 
 
 def all_safe_rel(paths) -> bool:
-    """``safe_rel`` of every path, in one regex call over the paths joined by newlines (no path can hold
-    one): at open this is a few thousand paths, where one call each costs more than the parsing."""
+    """``safe_rel`` of every path, in one regex call over the paths joined by newlines (a path holding one
+    is refused by the count): at open this is a few thousand paths, where one call each costs more than
+    the parsing."""
     paths = list(paths)
     if not paths:
         return True
@@ -114,7 +115,8 @@ def all_safe_rel(paths) -> bool:
         joined = "\n".join(paths)
     except TypeError:  # a path that is not a string
         return False
-    return max(map(len, paths)) < MAX_PATH and _RELS.fullmatch(joined) is not None
+    return (max(map(len, paths)) < MAX_PATH and joined.count("\n") == len(paths) - 1  # no path holds one
+            and _RELS.fullmatch(joined) is not None)
 
 
 def _int(x, lo=0) -> bool:

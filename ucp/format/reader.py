@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,7 @@ class _Array:
         self.rec = rec
         self.table = rec.chunk_table
         self.grid = rec.grid
-        self.np = dtypes.numpy_storage_dtype(rec.dtype)
+        self.np = _numpy_dtype(rec.dtype)
         self.isz = rec.itemsize
         self.chunk_nbytes = rec.grid_chunk_nbytes
         self.inner = rec.inner_chunks
@@ -507,6 +508,12 @@ PREFETCH_BYTES = 64 << 20  # sharded arrays: shards read ahead, in bytes (at lea
 STREAM_BYTES = 1 << 20
 _HUGE = 1 << 20
 BIG_ALLOC = 16 << 20  # files at least this large are stat'ed before their buffer is allocated
+
+
+@functools.lru_cache(maxsize=None)
+def _numpy_dtype(name):
+    """The numpy storage dtype of a logical dtype name (one per name: arrays are opened by the thousand)."""
+    return dtypes.numpy_storage_dtype(name)
 
 
 def _empty(shape, dtype, isz):

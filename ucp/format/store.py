@@ -93,6 +93,9 @@ def readahead(path) -> None:
         os.close(fd)
 
 
+_PROC_FD = os.path.isdir("/proc/self/fd")  # Linux: an open file's resolved path can be read back
+
+
 class LocalStore:
     """A directory. Files are read with preadv/mmap; symbolic links inside the root are refused
     (a crafted checkpoint must not make a reader open files outside it)."""
@@ -140,13 +143,28 @@ class LocalStore:
         self._safe_dirs.add(d)
 
     def _open(self, rel):
+        """A read-only descriptor of ``rel``, refused when the file is a symbolic link or resolves outside
+        the root. Where ``/proc/self/fd`` exists the opened file's own path is read back (one readlink
+        instead of an lstat per new directory: checkpoints of many small arrays have a directory each)."""
         try:
-            return os.open(self._rp(rel), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            fd = os.open(self._p(rel) if _PROC_FD else self._rp(rel), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except OSError as e:
             if e.errno == 40:  # ELOOP: the file is a symbolic link
                 raise FormatError(f"{self.url}: {rel} is a symbolic link; a checkpoint holds only plain "
                                   "files, refused") from None
             raise
+        if _PROC_FD:
+            try:
+                real = os.readlink(f"/proc/self/fd/{fd}")
+                if self._real is None:
+                    self._real = os.path.realpath(self.root)
+                if not real.startswith(self._real + os.sep):
+                    raise FormatError(f"{self.url}: {rel}: a symbolic link leads outside the checkpoint "
+                                      f"(to {real}); refused")
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
 
     def describe_root(self):
         """Why the root cannot be a checkpoint (missing, not a directory), or None."""
@@ -294,10 +312,10 @@ class LocalStore:
         fd = self._open(rel)
         try:
             size = os.fstat(fd).st_size
-            total = 0
             mvs = [memoryview(b).cast("B") for b in buffers]
             want = sum(len(m) for m in mvs)
-            while total < want:
+            total = os.preadv(fd, mvs, 0) if want else 0  # almost always the whole read at once
+            while 0 < total < want:
                 # advance past fully read buffers
                 rest, acc = [], 0
                 for m in mvs:
