@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,15 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_reshard import best_of, drop_caches, llama_shapes, machine_load, model_args  # noqa: E402
+from _common import drop_caches, free_port  # noqa: E402
+from bench_reshard import best_of, llama_shapes, machine_load, model_args  # noqa: E402
 from ucp.demo import DEMO_SPEC  # noqa: E402
 from ucp.targets.ranks import save_ranks  # noqa: E402
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd, reps=1, out=None) -> tuple[float, float]:
@@ -83,7 +77,7 @@ def main():
         t1, rss1 = run([sys.executable, "-m", "ucp", "convert", str(src), str(base / "u1"), "-q"], a.reps, base / "u1")
         say(f"{'ucp convert, 1 process':34s} {t1:8.2f} {nbytes / t1 / 1e9:6.2f} {t_cp / t1:6.2f}x {rss1:13.0f}")
         t2, rss2 = run(lambda: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_addr", "127.0.0.1", "--master_port", str(_port()),
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                         "-m", "ucp", "convert", str(src), str(base / "u2"), "-q"], a.reps, base / "u2")
         say(f"{'torchrun -m ucp convert, 2 procs':34s} {t2:8.2f} {nbytes / t2 / 1e9:6.2f} {t_cp / t2:6.2f}x "
             f"{rss2:13.0f}")

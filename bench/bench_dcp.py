@@ -29,8 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +38,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import drop_caches, free_port  # noqa: E402  (no ucp import: safe before the path below)
+
 sys.path.insert(0, os.environ.get("UCP_BENCH_ROOT", str(ROOT)))   # the ucp under test (--compare-with)
 
 
@@ -59,26 +62,25 @@ def parse(argv=None):
 
 
 # ============================================================================ worker (under torchrun)
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
+def cpu_seconds() -> float:
+    """User + system CPU of this process, all its threads."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
-def timed(fn):
+def timed(fn, cpu=False):
+    """Max over ranks of ``fn``'s wall time; with ``cpu``: also the CPU seconds it took summed
+    over the ranks (on a shared machine a steadier measure of the work done than the time)."""
     import torch.distributed as dist
 
     dist.barrier()
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     fn()
-    dt = time.perf_counter() - t0
-    got = [0.0] * dist.get_world_size()
-    dist.all_gather_object(got, dt)
-    return max(got)
+    dt, dc = time.perf_counter() - t0, cpu_seconds() - c0
+    got = [None] * dist.get_world_size()
+    dist.all_gather_object(got, (dt, dc))
+    wall = max(g[0] for g in got)
+    return (wall, sum(g[1] for g in got)) if cpu else wall
 
 
 def counting_fs_reader(path):
@@ -139,7 +141,7 @@ def worker(args) -> None:
         for i, t in enumerate(sd["model"].values()):
             t.to_local().copy_(torch.randn(t.to_local().shape, generator=torch.Generator().manual_seed(rank * 997 + i)))
     ref = {k: v.full_tensor() for k, v in list(sd["model"].items())[:6]}
-    report = {"ranks": dist.get_world_size(), "save": {}, "load": {}}
+    report = {"ranks": dist.get_world_size(), "save": {}, "save_cpu": {}, "load": {}, "load_avg": os.getloadavg()[0]}
 
     w = args.workers
     writers = {"FileSystemWriter": lambda path: FileSystemWriter(path),
@@ -150,8 +152,9 @@ def worker(args) -> None:
             path = base / DIRS[name]
             if rank == 0:                    # each save into a fresh directory, cleared untimed
                 shutil.rmtree(path, ignore_errors=True)
-            t = timed(lambda: dcp.save(sd, storage_writer=make(path)))
+            t, c = timed(lambda: dcp.save(sd, storage_writer=make(path)), cpu=True)
             report["save"][name] = min(t, report["save"].get(name, t))
+            report["save_cpu"][name] = min(c, report["save_cpu"].get(name, c))
     del sd
     for layout in ("2d", "tp"):
         report["load"][layout] = load_layout(args, cfg, layout, base, ref, counting_fs_reader, UniversalReader)
@@ -220,9 +223,7 @@ def main(argv=None) -> None:
 
 def launch(argv, root: Path, job: Path, repeat: int) -> None:
     """One torchrun job of this script's worker with the ucp of ``root``."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "UCP_BENCH_ROOT": str(root),
            "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     args = [a for a in (argv if argv is not None else sys.argv[1:])]
@@ -237,6 +238,7 @@ def best_of(reports: list) -> dict:
     for r in reports[1:]:
         for name, t in r["save"].items():
             out["save"][name] = min(out["save"][name], t)
+            out["save_cpu"][name] = min(out["save_cpu"][name], r["save_cpu"][name])
         for layout, readers in r["load"].items():
             for name, x in readers.items():
                 if x["time"] < out["load"][layout][name]["time"]:
@@ -252,15 +254,17 @@ def render(args, rep, nbytes, label=None) -> str:
     lines = head + [f"# ucp DCP benchmark  TinyGPT hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, vocab "
              f"{args.vocab}; model + AdamW state {nbytes / 2**20:.0f} MiB (DCP files); saved from FSDP2 x4, "
              f"{rep['ranks']} ranks, gloo/CPU; loads {'cold (page cache dropped)' if args.cold else 'warm'}; "
-             f"best of {args.repeat}",
+             f"best of {args.repeat}; load average {rep.get('load_avg', 0.0):.1f} on {os.cpu_count()} cores",
              "# UniversalWriter: its default layout (since this session: one shard per saved FSDP2 box, inner "
              "chunks in column blocks; before: plain chunks aligned with the boxes); "
              f"'fine': chunk_bytes {args.chunk_kib} KiB, last dim in column blocks; {args.workers} threads per rank "
              "(FileSystemWriter: its default, 1)",
              "",
-             "dcp.save FSDP2 x4 (durable)      seconds  vs FileSystemWriter (aim <= 1.2)"]
+             "dcp.save FSDP2 x4 (durable)      seconds  vs FileSystemWriter (aim <= 1.2) | CPU s, all ranks  vs FSW"]
+    cpu = rep["save_cpu"]
     for name, t in s.items():
-        lines.append(f"{name:<32} {t:8.3f}  {t / fs:6.2f}x")
+        lines.append(f"{name:<32} {t:8.3f}  {t / fs:6.2f}x                           | {cpu[name]:16.3f}  "
+                     f"{cpu[name] / cpu['FileSystemWriter']:5.2f}x")
     names = {"2d": "FSDP2 x4 -> 2-D dp2 x tp2", "tp": "FSDP2 x4 -> TP x4"}
     for layout, r in rep["load"].items():
         base = r["FileSystemReader"]["time"]

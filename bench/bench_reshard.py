@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import drop_caches  # noqa: E402,F401  (also imported from here by bench_convert)
 
 import ucp  # noqa: E402
 from ucp.format import create_checkpoint  # noqa: E402
@@ -55,16 +57,6 @@ def machine_load() -> str:
     """The 1-minute load average against the core count: timings on a shared machine only
     compare within one run (hence the ratios), and this says how shared it was."""
     return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def model_args(result_name: str) -> argparse.Namespace:

@@ -267,3 +267,186 @@ def test_a_staged_piece_of_several_boxes_is_assembled(tmp_path):
     w.commit()
     assert commit_parts(root, 2)["assembled"] == 1
     assert torch.equal(open_checkpoint(root).read("a"), t)
+
+
+def test_a_rank_that_stages_pieces_of_several_chunks_keeps_each_piece(tmp_path):
+    """Each staged piece is its own stage file: rank 0 covers rows 0 and 2 of every 2x2 chunk of a
+    (4, 4) array (four pieces), rank 1 rows 1 and 3; the coordinator assembles all four chunks."""
+    root = tmp_path / "ck"
+    t = torch.arange(16.0).reshape(4, 4)
+    for r in range(2):
+        w = create_checkpoint(root, rank=r, world_size=2, durable=False)
+        a = w.add_array("a", "param", (4, 4), torch.float32, chunks=(2, 2))
+        a.write((r, 0), t[r:r + 1].clone())
+        a.write((r + 2, 0), t[r + 2:r + 3].clone())
+        w.commit()
+    assert sorted(p.name for p in (root / "_ucp" / "parts" / "0" / "stage").iterdir()) == ["0", "1", "2", "3"]
+    assert commit_parts(root, 2)["assembled"] == 4
+    assert torch.equal(open_checkpoint(root).read("a"), t)
+
+
+def test_a_part_writer_whose_lock_was_taken_over_does_not_commit(tmp_path):
+    """Like the single writer's: a rank's part is not committed when its lock file names another
+    writer (someone deleted it and another run of the same rank took it): no part record then."""
+    import json
+
+    from ucp.format import WriterLockedError
+
+    root = tmp_path / "ck"
+    w = create_checkpoint(root, rank=0, world_size=1, durable=False)
+    w.write_tensor("a", "param", torch.ones(2))
+    lock = root / "_ucp" / "parts" / "0.lock"
+    holder = json.loads(lock.read_bytes())
+    lock.write_text(json.dumps({**holder, "writer_id": "another"}))
+    with pytest.raises(WriterLockedError, match="no longer holds _ucp/parts/0.lock"):
+        w.commit()
+    assert not (root / "_ucp" / "parts" / "0.json").exists()
+
+
+@pytest.fixture
+def syncs(monkeypatch):
+    """Every fsync(2) and syncfs(2) the format code makes (counted, then made)."""
+    import os
+
+    from ucp.format import store
+
+    seen, real_fsync, real_syncfs = [], os.fsync, store.syncfs
+    monkeypatch.setattr(os, "fsync", lambda fd: seen.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(store, "syncfs", lambda fd: seen.append("syncfs") or real_syncfs(fd))
+    return seen
+
+
+@pytest.mark.parametrize("durable, sync, want", [
+    (False, True, []), (True, False, []), (True, True, ["fsync", "syncfs", "fsync", "fsync"])],
+    ids=["not-durable", "sync-false", "durable"])
+def test_a_part_is_made_durable_only_when_durable_and_synced(tmp_path, syncs, durable, sync, want):
+    """``commit(sync=False)`` leaves the flush to the manifest's commit (same process, same store),
+    ``durable=False`` never syncs; a durable part fsyncs its stage file as it writes it, syncs the
+    chunks (one syncfs), then fsyncs its part record and the directory holding it."""
+    w = create_checkpoint(tmp_path / "ck", rank=0, world_size=1, durable=durable)
+    w.add_array("a", "param", (4, 2), torch.float32, chunks=(4, 2)).write((0, 0), torch.ones(2, 2))  # staged
+    w.write_tensor("b", "param", torch.ones(3))
+    syncs.clear()
+    w.commit(sync=sync)
+    assert syncs == want
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_sync_data_syncs_the_chunks_written_so_far_when_durable(tmp_path, syncs, durable):
+    w = create_checkpoint(tmp_path / "ck", rank=0, world_size=1, durable=durable)
+    w.write_tensor("b", "param", torch.ones(3))
+    syncs.clear()
+    w.sync_data()
+    assert syncs == (["syncfs"] if durable else [])
+    w.commit(sync=False)
+    assert commit_parts(tmp_path / "ck", 1, durable=False)["chunks"] == 1
+
+
+def test_every_inconsistent_declaration_is_named(tmp_path):
+    """Two states of one parameter declared otherwise by rank 1: both are named, not only the first."""
+    root = tmp_path / "ck"
+    for r, cols in ((0, 2), (1, 3)):
+        w = create_checkpoint(root, rank=r, world_size=2, durable=False)
+        for s in ("param", "exp_avg"):
+            w.add_array("a", s, (4, cols), torch.float32, chunks=(2, cols))
+        w.commit()
+    with pytest.raises(UcpError, match=r"2 inconsistent declaration\(s\):\n.*state 'param' declared "
+                                       r"inconsistently.*\n.*state 'exp_avg' declared inconsistently"):
+        commit_parts(root, 2)
+
+
+def test_every_chunk_written_whole_and_in_pieces_is_named(tmp_path):
+    """Rank 0 writes both chunks of (4, 2) whole, rank 1 a row of each: both chunks are named."""
+    root = tmp_path / "ck"
+    for r in range(2):
+        w = create_checkpoint(root, rank=r, world_size=2, durable=False)
+        a = w.add_array("a", "param", (4, 2), torch.float32, chunks=(2, 2))
+        for row in ((0, 1, 2, 3) if r == 0 else (0, 2)):
+            a.write((row, 0), X[row:row + 1].clone())
+        w.commit()
+    with pytest.raises(UcpError, match=r"2 chunk\(s\) written by two ranks:\n.*chunk c/0/0: written whole by rank 0 "
+                                       r"and partly by rank 1 \[0:1, 0:2\]\n.*chunk c/1/0: written whole by rank 0"):
+        commit_parts(root, 2)
+    assert not (root / "ucp.manifest.json").exists()
+
+
+@pytest.mark.parametrize("doc, ok", [
+    ("x", False), ([64], False), ([64, 1, 2], False), ([-1, 5], False), (["64", 5], False), ([64, -5], False),
+    ([64, True], True), ([64, 0], True), ([0, 0], True)],
+    ids=["not-list", "short", "long", "negative-size", "str-size", "negative-crc", "bool", "crc-0", "zeros"])
+def test_a_rank_s_array_document_record_is_checked(tmp_path, doc, ok):
+    """Rank 0 wrote the array's ``zarr.json`` (it wrote chunk c/0/0) and recorded it as [size, crc32c]:
+    any pair of non-negative ints is a record (0 is a crc32c like any other; a record that does not
+    match the document only makes the coordinator write it again); anything else is refused."""
+    root = _parts(tmp_path / "ck")
+    rewrite_manifest(root, lambda d: d["params"][0]["states"]["param"].__setitem__("doc", doc),
+                     rel="_ucp/parts/0.json")
+    if not ok:
+        with pytest.raises(FormatError, match=r"state 'param': malformed 'doc' record .* \(want \[size, crc32c\]\)"):
+            commit_parts(root, 2)
+        return
+    commit_parts(root, 2)
+    assert verify(root) == [] and torch.equal(open_checkpoint(root).read("a"), X)
+
+
+def test_a_failed_commit_parts_releases_the_checkpoint_lock(tmp_path):
+    """A coordinator that fails (here: a damaged staged piece) releases the root's lock at once: the
+    rerun rank's part is then committed by the next ``commit_parts`` (of this or another process)."""
+    root = _parts(tmp_path / "ck")
+    piece = root / "_ucp" / "parts" / "1" / "stage" / "0"
+    piece.write_bytes(piece.read_bytes()[:-1])
+    with pytest.raises(FormatError, match="staged piece is corrupt"):
+        commit_parts(root, 2)
+    assert not (root / "ucp.lock").exists()
+    w = create_checkpoint(root, rank=1, world_size=2, durable=False)
+    w.add_array("a", "param", (10, 2), torch.float32, chunks=(4, 2)).write((5, 0), X[5:10])
+    w.add_param("a", {"frozen": False})
+    w.commit()
+    commit_parts(root, 2)
+    assert torch.equal(open_checkpoint(root).read("a"), X)
+
+
+def test_write_doc_writes_an_array_document_once_when_its_first_chunk_is_written(tmp_path, monkeypatch):
+    """``PartWriter.write_doc``: the array's ``zarr.json`` is written as soon as this rank has written
+    the array's first chunk whole (not before), once: ``commit`` records it without writing it again."""
+    import json
+
+    import crc32c
+
+    from ucp.format import store
+
+    puts, real = [], store.LocalStore.put
+    monkeypatch.setattr(store.LocalStore, "put", lambda self, rel, bufs, fsync=False:
+                        puts.append(rel) or real(self, rel, bufs, fsync))
+    root = tmp_path / "ck"
+    w = create_checkpoint(root, rank=0, world_size=1, durable=False)
+    a = w.add_array("a", "param", (4, 2), torch.float32, chunks=(2, 2))
+    a.write((2, 0), X[2:4])
+    w.write_doc(a)
+    assert not (root / "a" / "param" / "zarr.json").exists()
+    a.write((0, 0), X[:2])
+    w.write_doc(a)
+    w.write_doc(a)
+    assert (root / "a" / "param" / "zarr.json").exists()
+    w.commit()
+    rec = json.loads((root / "_ucp" / "parts" / "0.json").read_bytes())["params"][0]["states"]["param"]["doc"]
+    doc = (root / "a" / "param" / "zarr.json").read_bytes()
+    assert rec == [len(doc), crc32c.crc32c(doc)]  # recorded, so the coordinator does not write it again
+    commit_parts(root, 1, durable=False)
+    assert puts.count("a/param/zarr.json") == 1
+    assert verify(root) == [] and torch.equal(open_checkpoint(root).read("a"), X[:4])
+
+
+def test_a_part_handed_over_in_memory_writes_no_part_record(tmp_path):
+    """``commit(sync=False, record_file=False)``: the caller commits the manifest next from
+    ``records`` (``commit_parts(parts=)``), so no part record file is written; without sync=False
+    that is refused (nothing would make the part durable)."""
+    root = tmp_path / "ck"
+    w = create_checkpoint(root, rank=0, world_size=1, durable=False)
+    w.write_tensor("a", "param", X)
+    with pytest.raises(UcpError, match=r"rank 0: commit\(record_file=False\) needs sync=False"):
+        w.commit(record_file=False)
+    w.commit(sync=False, record_file=False)
+    assert not (root / "_ucp" / "parts" / "0.json").exists()
+    assert commit_parts(root, 1, durable=False, parts={0: w.records})["chunks"] == 1
+    assert torch.equal(open_checkpoint(root).read("a"), X)

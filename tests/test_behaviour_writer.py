@@ -225,7 +225,9 @@ def test_adjacent_boxes_in_one_chunk_are_not_overlaps(tmp_path):
     ({"padding": {"dim": 0}}, r"meta\['padding'\] needs dim and size"),
     ({"scalars": {"t": torch.ones(1)}}, "tensors are not allowed in per-parameter metadata"),
     ({"rule": ("copy",)}, r"meta\['rule'\] must be a str, got tuple"),
-], ids=["not-dict", "key", "type", "shape", "dtype", "parts", "padding", "tensor", "tuple-not-list"])
+    ({"shape": (2, 3), "frozen": "yes"}, r"meta\['frozen'\] must be a bool, got str"),
+], ids=["not-dict", "key", "type", "shape", "dtype", "parts", "padding", "tensor", "tuple-not-list",
+        "checked-after-a-tuple"])
 def test_malformed_parameter_metadata_is_refused(tmp_path, meta, match):
     w = create_checkpoint(tmp_path / "ck")
     with pytest.raises(UcpError, match=match):
@@ -314,3 +316,144 @@ def test_a_writer_that_fails_to_open_releases_its_lock(tmp_path):
     with create_checkpoint(root, overwrite=True) as w:
         w.write_tensor("w", "param", torch.zeros(2))
     assert torch.equal(open_checkpoint(root).read("w"), torch.zeros(2))
+
+
+def test_a_chunk_that_fails_in_a_writer_thread_fails_the_write(tmp_path):
+    """Chunks written by the writer's threads: one that cannot be written makes ``write`` raise (after
+    the other threads finished), and only that chunk is left to write."""
+    root = tmp_path / "ck"
+    w = create_checkpoint(root, workers=4)
+    a = w.add_array("w", "param", (6, 4), torch.float32, chunks=(2, 4))
+    (root / "w" / "param" / "c" / "1" / "0").mkdir(parents=True)  # a directory where chunk c/1/0's file goes
+    with pytest.raises(IsADirectoryError):
+        a.write((0, 0), torch.ones(6, 4))  # three chunks, three jobs for the pool
+    assert a.pending() == [((2, 0), (4, 4))]
+    w.abort()
+
+
+def test_an_error_inside_the_with_block_aborts_the_writer(tmp_path):
+    """The ``with`` form aborts on an exception: the writer is closed, its threads have ended and its
+    lock is released, so that the next save (here: a resume of the same directory) can start."""
+    import threading
+
+    root = tmp_path / "ck"
+    before = set(threading.enumerate())
+    with pytest.raises(KeyError, match="boom"):
+        with create_checkpoint(root, workers=4, chunk_bytes=4 * 4 * 4) as w:
+            w.write_tensor("w", "param", torch.ones(16, 4))  # four chunks: the writer's threads start
+            assert {th for th in threading.enumerate() if th.name.startswith("ucp-write")} - before
+            raise KeyError("boom")
+    assert w.closed
+    assert not [th.name for th in set(threading.enumerate()) - before if th.name.startswith("ucp-write")]
+    assert not (root / "ucp.lock").exists()
+    with create_checkpoint(root, resume=True, chunk_bytes=4 * 4 * 4) as again:
+        again.write_tensor("w", "param", torch.ones(16, 4))
+    assert torch.equal(open_checkpoint(root).read("w"), torch.ones(16, 4))
+
+
+def test_a_checkpoint_writer_neither_overwrites_nor_resumes_unless_asked(tmp_path):
+    """``CheckpointWriter(path)`` (the class ``create_checkpoint`` returns) refuses a committed
+    checkpoint and a directory holding an interrupted run: replacing or continuing one must be asked
+    for (overwrite=True, resume=True)."""
+    from ucp.errors import DestinationNotEmptyError
+    from ucp.format import CheckpointWriter
+
+    done, cut = tmp_path / "done", tmp_path / "cut"
+    with CheckpointWriter(done) as w:
+        w.write_tensor("w", "param", torch.ones(4))
+    w = CheckpointWriter(cut)
+    w.add_array("w", "param", (4, 4), torch.float32, chunks=(2, 4)).write((0, 0), torch.ones(2, 4))
+    w.abort()
+    for root in (done, cut):
+        with pytest.raises(DestinationNotEmptyError, match="is not empty; pass overwrite=True"):
+            CheckpointWriter(root)
+    assert torch.equal(open_checkpoint(done).read("w"), torch.ones(4))
+    with CheckpointWriter(cut, resume=True) as w:
+        w.add_array("w", "param", (4, 4), torch.float32, chunks=(2, 4)).write((2, 0), torch.zeros(2, 4))
+    assert torch.equal(open_checkpoint(cut).read("w"), torch.cat([torch.ones(2, 4), torch.zeros(2, 4)]))
+
+
+def test_metadata_tensors_are_arrays_numbered_from_0(tmp_path):
+    """FORMAT.md §2: the tensors inside non-tensor metadata are the arrays ``_ucp/meta/0``, ``1``, ``2``..."""
+    meta = {"rng": torch.arange(3), "opt": {"step": torch.tensor(7), "m": [torch.ones(2), torch.zeros(1)]}}
+    with create_checkpoint(tmp_path / "ck") as w:
+        w.write_tensor("w", "param", torch.ones(2))
+        w.set_metadata(meta)
+    got = sorted(p.name for p in (tmp_path / "ck" / "_ucp" / "meta").iterdir() if p.is_dir())
+    assert got == ["0", "1", "2", "3"]
+    back = open_checkpoint(tmp_path / "ck").metadata
+    assert torch.equal(back["rng"], meta["rng"]) and torch.equal(back["opt"]["m"][1], torch.zeros(1))
+
+
+@pytest.mark.parametrize("extra, fsynced", [(0, False), (1, True)], ids=["at-FSYNC_MIN", "above"])
+def test_chunk_files_above_fsync_min_are_fsynced_by_their_writer(tmp_path, monkeypatch, extra, fsynced):
+    """A durable writer fsyncs a chunk file of more than FSYNC_MIN bytes as it writes it; smaller ones
+    (FSYNC_MIN bytes included) are made durable by the one syncfs before the manifest."""
+    import os
+
+    from ucp.format.array_writer import FSYNC_MIN
+    from ucp.format.manifest import CRC_BYTES
+
+    seen, real = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: seen.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    n = FSYNC_MIN - CRC_BYTES + extra  # elements of one uint8 chunk: its file has FSYNC_MIN + extra bytes
+    with create_checkpoint(tmp_path / "ck", chunk_bytes=2 * n) as w:
+        w.write_tensor("w", "param", torch.zeros(n, dtype=torch.uint8))
+    chunk = tmp_path / "ck" / "w" / "param" / "c" / "0"
+    assert chunk.stat().st_size == FSYNC_MIN + extra
+    assert (str(chunk) in seen) is fsynced
+
+
+def test_each_document_is_written_once_and_after_its_parent_group(tmp_path, monkeypatch):
+    """On an object store the writer's threads write the ``zarr.json`` documents one depth at a time:
+    every document once, each group's before the documents inside it."""
+    from ucp.format import store
+
+    puts, real = [], store.FsspecStore.put
+    monkeypatch.setattr(store.FsspecStore, "put", lambda self, rel, bufs, fsync=False:
+                        puts.append(rel) or real(self, rel, bufs, fsync))
+    url = f"memory://ucp-behaviour-writer/{tmp_path.name}/docs"
+    with create_checkpoint(url, workers=4) as w:
+        for i in range(6):
+            w.write_tensor(f"layer{i}.w", "param", torch.full((3, 2), float(i)))
+    docs = [rel for rel in puts if rel.endswith("zarr.json")]
+    assert len(docs) == len(set(docs)) > 8
+    for k, rel in enumerate(docs):
+        parent = rel.rsplit("/", 2)[0] + "/zarr.json" if rel.count("/") > 1 else "zarr.json"
+        assert rel == "zarr.json" or parent in docs[:k], (rel, docs)
+    assert verify(url) == []
+
+
+def test_manifest_and_part_records_name_the_ucp_version_that_wrote_them(tmp_path):
+    import json
+
+    import ucp
+    from ucp.format import commit_parts
+
+    with create_checkpoint(tmp_path / "one") as w:
+        w.write_tensor("w", "param", torch.ones(2))
+    w = create_checkpoint(tmp_path / "parts", rank=0, world_size=1, durable=False)
+    w.write_tensor("w", "param", torch.ones(2))
+    w.commit()
+    part = json.loads((tmp_path / "parts" / "_ucp" / "parts" / "0.json").read_bytes())
+    commit_parts(tmp_path / "parts", 1, durable=False)
+    for root in ("one", "parts"):
+        assert json.loads((tmp_path / root / "ucp.manifest.json").read_bytes())["writer"] == f"ucp {ucp.__version__}"
+    assert part["writer"] == f"ucp {ucp.__version__}"
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("inner_bytes", [1, 3, 8])
+@pytest.mark.parametrize("shape", [(0, 5), (0,), (0, 3, 7), (1,), ()])
+def test_unsharded_default_chunks_keep_to_the_inner_chunk_budget(tmp_path, dtype, inner_bytes, shape):
+    """Empty, 0-d and small arrays are not sharded by default; their chunks, like the inner chunks of
+    sharded ones, hold at most ``inner_bytes`` (or one element, when an element is larger)."""
+    import math
+
+    with create_checkpoint(tmp_path / "ck", inner_bytes=inner_bytes) as w:
+        w.write_tensor("w", "param", torch.zeros(shape, dtype=dtype))
+    info = open_checkpoint(tmp_path / "ck").array_info("w")
+    isz = torch.tensor([], dtype=dtype).element_size()
+    assert (info.inner_chunks is None) == (math.prod(shape) * isz <= inner_bytes or 0 in shape or not shape)
+    chunk = info.inner_chunks or info.chunks
+    assert math.prod(chunk) * isz <= max(inner_bytes, isz), (chunk, shape)

@@ -9,6 +9,7 @@ import ctypes
 import os
 import pickle
 
+import crc32c
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -230,6 +231,39 @@ def test_writer_failure_leaves_no_manifest(tmp_path):
     assert not (tmp_path / "u" / "ucp.manifest.json").exists()
     with pytest.raises(UcpError):
         ucp.open(tmp_path / "u")
+
+
+def test_save_path_writes_each_array_document_once_before_commit(tmp_path):
+    """The several-writers path UniversalWriter takes: a rank writes the ``zarr.json`` of each
+    array whose first chunk it wrote as soon as it wrote it (``write_doc``, on its writer
+    thread), never again in ``commit``; the coordinator's records reach ``commit_parts`` in
+    memory (no part file); the checkpoint reads back and verifies."""
+    from ucp.format import commit_parts, create_checkpoint
+
+    path = tmp_path / "u"
+    data = torch.arange(24.0).reshape(6, 4)
+    ranks = [create_checkpoint(path, rank=r, world_size=2, durable=True) for r in range(2)]
+    arrs = [w.add_array("w", "param", (6, 4), torch.float32, chunks=(3, 4)) for w in ranks]
+    for r, (w, a) in enumerate(zip(ranks, arrs)):
+        a.write((3 * r, 0), data[3 * r:3 * r + 3])
+        w.write_doc(a)
+        w.add_param("w")
+    doc = path / "w" / "param" / "zarr.json"
+    first = os.stat(doc)
+    with pytest.raises(UcpError, match="record_file=False.*needs sync=False"):
+        ranks[0].commit(record_file=False)
+    ranks[1].commit()
+    ranks[0].commit(sync=False, record_file=False)
+    assert not (path / "_ucp" / "parts" / "0.json").exists() and (path / "_ucp" / "parts" / "1.json").exists()
+    on_disk = doc.read_bytes()
+    assert ranks[0].records[0][2] == {"w/param/zarr.json": (len(on_disk), crc32c.crc32c(on_disk))}
+    assert ranks[1].records[0][2] == {}                  # rank 1 wrote no first chunk: no document
+    commit_parts(path, 2, parts={0: ranks[0].records})
+    again = os.stat(doc)
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)   # never rewritten
+    ck = ucp.open(path)
+    assert same(ck.read("w"), data)
+    assert verify(path, deep=True) == []
 
 
 # ---------------------------------------------------------------------------- source and target

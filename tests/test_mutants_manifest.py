@@ -46,6 +46,8 @@ CASES = {
     # the root group's document is not an array's: only the record check can refuse a 33-bit crc32c
     "files-crc-33-bits": (lambda d: d["files"].__setitem__("zarr.json", [d["files"]["zarr.json"][0], 1 << 32]),
                           r"files\['zarr.json'\]: record .* is not \[size, crc32c\]"),
+    "files-size-negative": (lambda d: d["files"].__setitem__("zarr.json", [-1, d["files"]["zarr.json"][1]]),
+                            r"files\['zarr.json'\]: record .* is not \[size, crc32c\]"),
     "files-size-not-int": (lambda d: d["files"].__setitem__("zarr.json", [str(d["files"]["zarr.json"][0]),
                                                                          d["files"]["zarr.json"][1]]),
                            r"files\['zarr.json'\]: record .* is not \[size, crc32c\]"),
@@ -168,3 +170,36 @@ def test_a_crc32c_of_zero_is_a_valid_record(ck):
     assert open_checkpoint(ck).read("w").shape == (4, 4)
     (problem,) = verify(ck)
     assert "zarr.json: zarr.json document differs from the manifest's record" in problem
+
+
+@pytest.mark.parametrize("rel", ["_ucp/meta/0/zarr.json", "v/param/zarr.json"], ids=["metadata-array", "second-param"])
+@pytest.mark.parametrize("edit", ["crc", "missing"])
+def test_the_array_whose_document_record_is_wrong_is_named(tmp_path, rel, edit):
+    """Any array's ``files`` record of its zarr.json (a metadata array's or the second parameter's,
+    altered or missing) is refused, and the error names that document, not another one."""
+    root = tmp_path / "ck"
+    with create_checkpoint(root) as w:
+        w.write_tensor("w", "param", torch.ones(2))
+        w.write_tensor("v", "param", torch.ones(3))
+        w.set_metadata({"rng": torch.arange(3)})
+
+    def change(d):
+        if edit == "missing":
+            d["files"].pop(rel)
+        else:
+            d["files"][rel][1] ^= 1
+
+    rewrite_manifest(root, change)
+    with pytest.raises(FormatError, match=f"{rel} is not recorded in 'files' as the document"):
+        open_checkpoint(root)
+
+
+def test_a_files_record_of_size_0_and_crc32c_0_is_well_formed(ck):
+    """[0, 0] is a well-formed record (an empty file's): the manifest opens; verify then reports the
+    document differs from it."""
+    from ucp.format import verify
+
+    rewrite_manifest(ck, lambda d: d["files"].__setitem__("zarr.json", [0, 0]))
+    assert open_checkpoint(ck).read("w").shape == (4, 4)
+    (problem,) = verify(ck)
+    assert "zarr.json" in problem

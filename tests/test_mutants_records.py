@@ -75,3 +75,72 @@ def test_64_dimensions_are_accepted(tmp_path):
     with create_checkpoint(tmp_path / "ck") as w:
         w.write_tensor("t", "param", t)
     assert torch.equal(open_checkpoint(tmp_path / "ck").read("t"), t)
+
+
+# -- chunk records checked against the geometry, on both paths of ManifestArray._check_table: grids of
+# up to LISTED_CHUNKS chunks (checked against the geometry's listed sizes) and larger ones (per key)
+def _record(shape, chunks, table, dtype="float32"):
+    from ucp.format import dtypes
+
+    return {"path": "w/param", "dtype": dtype, "storage_dtype": dtypes.zarr_dtype(dtype), "shape": list(shape),
+            "chunks": list(chunks), "chunk_table": table}
+
+
+def _wrong_records(size):
+    """Every malformed or lying record of a chunk whose file has ``size`` bytes and crc32c 7."""
+    lies = [[s, 7] for s in range(0, 2 * size + 9) if s != size]  # any size but the geometry's
+    return lies + [[size - 1, size], [size + 1, size],  # a crc32c field that holds the right size
+                   [float(size), 7], [True, 7], [size, 7.0], [size, True], [size, -1], [size, 1 << 32],
+                   [size, "7"], (size, 7), [size], [size, 7, 7]]
+
+
+@pytest.mark.parametrize("nchunks", [6, 4097], ids=["listed", "large-grid"])
+def test_only_the_geometrys_chunk_size_and_a_32_bit_crc32c_are_accepted(nchunks):
+    """A float32 chunk of 2x3 elements has 6*4 data bytes + 4 crc32c bytes: 28. Every other size, a
+    size or crc32c that is not a (non-bool) int, a crc32c outside 0..2**32-1, a record that is not a
+    list of two are refused, whichever path checks the grid (the listed one up to 4096 chunks)."""
+    from ucp.format.manifest import LISTED_CHUNKS, ManifestArray
+
+    assert (nchunks > LISTED_CHUNKS) == (nchunks == 4097)
+    shape, keys = (2 * nchunks, 3), [f"c/{i}/0" for i in range(nchunks)]
+    crcs = [(0, 7, (1 << 32) - 1)[i % 3] for i in range(nchunks)]  # any 32-bit value, 0 and the largest too
+    ok = ManifestArray.from_json(_record(shape, (2, 3), {k: [28, c] for k, c in zip(keys, crcs)}), "ok")
+    assert ok.chunk_table == {k: (28, c) for k, c in zip(keys, crcs)}
+    for bad in _wrong_records(28):
+        table = dict.fromkeys(keys, bad)  # every record the same lie: no valid one makes a check give up early
+        with pytest.raises(FormatError, match=rf"chunk {keys[0]}: (record .* is not \[size, crc32c\]|the "
+                                              rf"manifest records {bad[0]} bytes, the shape, chunks and dtype "
+                                              r"imply 28)"):
+            ManifestArray.from_json(_record(shape, (2, 3), table), "bad")
+
+
+@pytest.mark.parametrize("dtype, size", [("uint8", 10), ("float16", 16), ("float64", 52)])
+def test_chunk_size_is_elements_times_itemsize_plus_the_crc32c(dtype, size):
+    """The file size of a chunk of 6 elements is 6 * itemsize + 4, for every itemsize: nothing else."""
+    from ucp.format.manifest import ManifestArray
+
+    assert ManifestArray.from_json(_record((2, 3), (2, 3), {"c/0/0": [size, 0]}, dtype), "ok").chunk_table == {
+        "c/0/0": (size, 0)}
+    for bad in range(0, 2 * size + 9):
+        if bad != size:
+            with pytest.raises(FormatError, match=f"records {bad} bytes"):
+                ManifestArray.from_json(_record((2, 3), (2, 3), {"c/0/0": [bad, 0]}, dtype), "bad")
+
+
+def test_no_path_of_4096_characters_or_more_is_accepted():
+    """PATH_MAX: the 'files' paths (checked all at once) and an array's path (checked by equality
+    with the one built from its parameter's path and state name) are shorter than 4096 characters."""
+    from ucp.format import manifest as M
+
+    assert M.all_safe_rel([]) and M.all_safe_rel(["zarr.json", "p" * 4095, "a/b/zarr.json"])
+    for bad in (["zarr.json", "p" * 4096], ["zarr.json", 5], ["a\nb"], ["a/../b"], ["/a"], ["a//b"], [""]):
+        assert not M.all_safe_rel(bad), bad
+        assert not all(M.safe_rel(p) for p in bad), bad
+    for n, ok in ((4095, True), (4096, False)):
+        rec = _record((2, 3), (2, 3), {"c/0/0": [28, 0]})
+        rec["path"] = "p" * (n - 6) + "/param"
+        if ok:
+            assert M.ManifestArray.from_json(rec, "x", path=rec["path"]).path == rec["path"]
+        else:
+            with pytest.raises(FormatError, match="unsafe or unexpected array path"):
+                M.ManifestArray.from_json(rec, "x", path=rec["path"])

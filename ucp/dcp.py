@@ -453,7 +453,8 @@ class UniversalWriter(StorageWriter):
             order, meta, universal_md = _merge_summaries(summaries)
             for name in order:
                 writer.add_param(name, meta.get(name) or None)
-            writer.commit(sync=False)      # commit_parts syncs everything before the manifest
+            # commit_parts syncs everything before the manifest; our records go to it in memory
+            writer.commit(sync=False, record_file=False)
         except BaseException:
             writer.abort()
             raise
@@ -499,8 +500,18 @@ def _chunk_grids(plans: list[SavePlan], chunk_bytes: Optional[int] = None) -> di
             boxes.setdefault((k.name, k.state), []).append(
                 (start, tuple(a + int(s) for a, s in zip(start, td.chunk.sizes))))
             meta[(k.name, k.state)] = (tuple(td.size), td.properties.dtype)
-    return {key: _grid(*meta[key], bx, chunk_bytes) if meta[key][0] else (None, None)
-            for key, bx in boxes.items()}
+    memo: dict[tuple, tuple] = {}     # a parameter and its optimizer states share shape and boxes
+    out = {}
+    for key, bx in boxes.items():
+        shape, dtype = meta[key]
+        if not shape:
+            out[key] = (None, None)
+            continue
+        sig = (shape, dtype, tuple(sorted(bx)))
+        if sig not in memo:
+            memo[sig] = _grid(shape, dtype, bx, chunk_bytes)
+        out[key] = memo[sig]
+    return out
 
 
 #: column blocks of the last dim of 2-D+ arrays when ``chunk_bytes`` is given
@@ -510,7 +521,7 @@ COLUMN_BLOCKS = 4
 def _grid(shape, dtype, boxes, chunk_bytes):
     from ucp.format import aligned_chunks, default_chunks
 
-    isz = torch.empty((), dtype=dtype).element_size()
+    isz = dtype.itemsize
     if not chunk_bytes:
         grid = aligned_chunks(shape, boxes, isz)
         k = _column_blocks(grid, isz) if grid is not None else 1
@@ -571,6 +582,7 @@ def _write_arrays(writer, items, grids, workers: int) -> list[WriteResult]:
         t = data.detach()
         t = (t.cpu() if t.device.type != "cpu" else t).contiguous()
         arr.write(offsets, t)
+        writer.write_doc(arr)     # on this thread, before the data sync, not in the serial commit
         return t.numel() * t.element_size()
 
     if workers > 1 and len(jobs) > 1:

@@ -17,7 +17,6 @@ from ucp.errors import FormatError, IncompleteCheckpointError, OverlapError, Ucp
 from ucp.format import manifest
 from ucp.format.array_writer import fmt_box
 from ucp.format.journal import journal_rel
-from ucp.format import layout
 from ucp.format.layout import chunk_key
 from ucp.format.manifest import ManifestArray, ManifestParam, key_index
 from ucp.format.store import MANIFEST, make_store
@@ -54,6 +53,7 @@ class PartWriter(CheckpointWriter):
             raise UcpError("overwrite=True cannot be used with rank=: several writers would race to clear "
                            "the root; clear it once before starting the ranks")
         self.rank, self.world_size = rank, world_size
+        self._docs = {}  # rel -> (size, crc32c) of the array documents written so far
         super().__init__(path, **kw)
 
     def lock_rel(self) -> str:
@@ -74,13 +74,18 @@ class PartWriter(CheckpointWriter):
         raise UcpError(f"rank {self.rank}: set_metadata is not available to one of several writers; "
                        "pass metadata= to commit_parts")
 
-    def commit(self, sync: bool = True) -> None:
+    def commit(self, sync: bool = True, record_file: bool = True) -> None:
         """Write this rank's stage files, array documents and part record (the coordinator's
         ``commit_parts`` reads them); ``records`` then holds the part as ``commit_parts(parts=)`` takes it.
 
         ``sync=False``: the caller commits the manifest next, in this process and on this store
         (``commit_parts`` makes every file durable before the manifest), so this part need not be
-        durable on its own."""
+        durable on its own. ``record_file=False`` (with ``sync=False``): that caller also hands
+        ``records`` to ``commit_parts(parts=)`` in memory, so no part record file is written (it
+        would be deleted with ``_ucp/parts`` right after the manifest)."""
+        if record_file is False and sync:
+            raise UcpError(f"rank {self.rank}: commit(record_file=False) needs sync=False (the caller "
+                           "commits the manifest next, from the records in memory)")
         self.check_open()
         durable = self.durable and sync
         params, records, stage = [], [], []
@@ -102,7 +107,8 @@ class PartWriter(CheckpointWriter):
         if durable:
             self.store.sync()  # the part record promises that its chunks and stage files are on stable storage
         self.writer_lock.check()
-        self.store.put_atomic(part_rel(self.rank), manifest.dump(body), fsync=durable)
+        if record_file:
+            self.store.put_atomic(part_rel(self.rank), manifest.dump(body), fsync=durable)
         self.records = records
         self.committed = True
         self._shutdown()
@@ -124,14 +130,25 @@ class PartWriter(CheckpointWriter):
                         "file": rel, "size": len(data), "crc32c": crc32c.crc32c(data)})
         return out
 
+    def write_doc(self, a) -> None:
+        """Write array ``a``'s ``zarr.json`` now if this rank has written its first chunk whole, not
+        in ``commit``: a caller writing its boxes on several threads writes the documents there, in
+        parallel with its data and before ``sync_data`` (under FSDP one rank owns the first chunk of
+        every array, so writing them all in its ``commit`` is a serial step the others wait for)."""
+        self._array_doc(a, a.completed())
+
     def _array_doc(self, a, done: ManifestArray):
-        """Write ``a``'s ``zarr.json`` when this rank wrote its first chunk whole (exactly one rank
-        did, or none: the coordinator assembles it and writes the document); its (size, crc32c)."""
+        """Write ``a``'s ``zarr.json`` (once) when this rank wrote its first chunk whole (exactly one
+        rank did, or none: the coordinator assembles it and writes the document); its (size, crc32c)."""
+        rel = f"{a.rel}/zarr.json"
+        if rel in self._docs:
+            return self._docs[rel]
         if chunk_key((0,) * len(a.shape)) not in done.chunk_table:
             return None
-        doc = layout.doc_bytes(a.doc())
-        self.store.put(f"{a.rel}/zarr.json", [doc])
-        return len(doc), crc32c.crc32c(doc)
+        doc = a.doc_bytes()
+        self.store.put(rel, [doc])
+        self._docs[rel] = rec = (len(doc), crc32c.crc32c(doc))
+        return rec
 
 
 def create_part(path, rank, world_size, **kw) -> PartWriter:

@@ -9,6 +9,7 @@ import crc32c
 import numpy as np
 import torch
 
+from ucp import __version__
 from ucp.errors import DestinationNotEmptyError, IncompleteCheckpointError, UcpError
 from ucp.format import dtypes, jsonmeta, layout, manifest, names
 from ucp.format.array_writer import FSYNC_MIN, ArrayWriter
@@ -24,12 +25,7 @@ PARAM_META_KEYS = ("shape", "dtype", "fragmentation", "parts", "padding", "tied_
 
 def writer_version() -> str:
     """``ucp <version>``: the ``writer`` field of manifests and part records."""
-    try:
-        import ucp
-
-        return f"ucp {ucp.__version__}"
-    except Exception:  # pragma: no cover
-        return "ucp"
+    return f"ucp {__version__}"
 
 
 def now() -> str:
@@ -109,9 +105,8 @@ class CheckpointWriter:
                 self.journal.resume(fingerprint)
             elif not self.coordinator:
                 self.journal.start(fingerprint)
-        except BaseException:
+        except BaseException:  # the half-built writer never reaches the caller: only its lock to release
             self.writer_lock.release()
-            self.closed = True
             raise
 
     def _set_layout(self, chunk_bytes, shard_bytes, inner_bytes, sharding):
@@ -330,7 +325,7 @@ class CheckpointWriter:
         files, docs = {}, []
 
         def put_doc(rel, doc):
-            data = layout.doc_bytes(doc)
+            data = doc if isinstance(doc, bytes) else layout.doc_bytes(doc)
             files[rel] = (len(data), crc32c.crc32c(data))
             if not self.doc_on_disk(rel, data):
                 docs.append((rel, data))
@@ -343,7 +338,7 @@ class CheckpointWriter:
             put_doc("_ucp/meta/zarr.json", layout.group_doc())
         meta_rec = {}
         for rel, a in self._meta_arrays.items():
-            put_doc(f"{rel}/zarr.json", a.doc())
+            put_doc(f"{rel}/zarr.json", a.doc_bytes())
             meta_rec[rel] = a.record()
         params = []
         for p in self.params.values():
@@ -354,7 +349,7 @@ class CheckpointWriter:
                 meta.setdefault("dtype", pa.dtype_name)
             put_doc(f"{p.enc}/zarr.json", layout.group_doc({"ucp": {"name": p.name, **meta}}))
             for a in p.arrays.values():
-                put_doc(f"{a.rel}/zarr.json", a.doc())
+                put_doc(f"{a.rel}/zarr.json", a.doc_bytes())
             params.append(ManifestParam(p.name, p.enc, meta, {s: a.record() for s, a in p.arrays.items()}))
         return Manifest(params, self._metadata, meta_rec, files, writer_version(), now()), docs
 

@@ -7,9 +7,11 @@ unexpected tensor is a hard error instead of a silent pass-through. Tensors are 
 box at a time through ``safe_open(...).get_slice``: a rank converting a share of the
 parameters reads only those bytes, never a whole file.
 
-A tied ``lm_head.weight`` (``tie_word_embeddings``) is absent from the files; it is recorded
-as tied (``tied_to`` on the embedding, ``metadata["hf"]["tied"]``) so that the HF target
-leaves it out again and another target can write it. ``config.json`` and
+A tied ``lm_head.weight`` (``tie_word_embeddings``) is absent from the files and from the
+universal checkpoint; the tie is recorded in ``metadata["hf"]["tied"]`` (alias -> the tensor
+that holds it) so that the HF target leaves it out again and another target can write it.
+The embedding, which holds the values, carries no ``tied_to``: that key marks an alias and
+names its holder (spec/FORMAT.md §6.1), as the DCP and DeepSpeed sources write it. ``config.json`` and
 ``generation_config.json`` are carried into the metadata as JSON.
 """
 from __future__ import annotations
@@ -124,11 +126,9 @@ class HFSource(Source):
         bound = bind_layout(self.spec or DEFAULT_SPEC, list(shapes), {})  # lists every unknown name
         frags = {f.name: f for f in bound.rank_fragments(shapes, {})}
         metadata = self._carried_metadata(set(shapes))
-        tied_to = {emb: head for head, emb in metadata["hf"].get("tied", {}).items()}
         params = [SourceParam(name=n, shape=shapes[n], dtypes={"param": dtypes[n]}, fragments=[frags[n]],
                               meta={**bound.param_meta(n, shapes[n]),
-                                    "fragmentation": {"layout": "hf", "file": self._files[n]},
-                                    **({"tied_to": tied_to[n]} if n in tied_to else {})})
+                                    "fragmentation": {"layout": "hf", "file": self._files[n]}})
                   for n in shapes]
         return SourceLayout(params=params, metadata=metadata, spec_name=bound.spec_name,
                             spec_text=bound.spec.text)

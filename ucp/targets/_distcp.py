@@ -1,59 +1,92 @@
-"""Writing torch DCP files item by item: ``.distcp`` files whose items are ``torch.save``
-records at ``(offset, length)``, as DCP's ``FileSystemWriter`` writes them, and the
-``.metadata`` (DCP's own ``Metadata`` classes) that indexes them, so that DCP's
-``FileSystemReader`` — and Megatron-Core's ``torch_dist`` loader on top of it — reads them as
-their own. Used by the Megatron target; the DCP target (``ucp.targets.dcp``) writes the same
-records and could share this.
+"""Writing torch DCP files item by item, for the DCP and Megatron targets: ``.distcp`` files
+whose items are ``torch.save`` records at ``(offset, length)``, as DCP's ``FileSystemWriter``
+writes them, and the ``.metadata`` (DCP's own ``Metadata`` classes) that indexes them, so that
+DCP's ``FileSystemReader`` — and Megatron-Core's ``torch_dist`` loader on top of it — reads
+them as their own.
+
+A file's index is a list of JSON-able records (:func:`write_items`), so that a target whose
+units are written by several processes can hand them to the one that writes ``.metadata``
+(:func:`build_metadata`); :class:`DistcpWriter` keeps them in memory for a single process.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
+
+
+def write_items(path: Path, items: Iterable) -> list[list]:
+    """Write ``items`` ``(key, offsets, global size, value)`` one after another into ``path``
+    (fsync'ed) and return one record per item: ``[key, offsets, global size, dtype, start,
+    length, local sizes]``.
+
+    ``value``: a tensor (saved contiguous, without the rest of a larger storage it views), a
+    non-tensor value (``torch.save``'d; offsets and size None) or ``bytes`` already serialised
+    by the caller (written as they are; offsets and size None). dtype None: not a tensor."""
+    import torch
+
+    records = []
+    with open(path, "wb") as f:
+        for key, offsets, size, value in items:
+            start = f.tell()
+            if isinstance(value, torch.Tensor):
+                t = value.contiguous()
+                if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                    t = t.clone()          # torch.save writes a view's whole storage
+                torch.save(t, f)
+                rec = [key, list(offsets), list(size), str(t.dtype).removeprefix("torch."), list(t.shape)]
+            else:
+                f.write(value) if isinstance(value, (bytes, bytearray)) else torch.save(value, f)
+                rec = [key, None, None, None, None]
+            records.append(rec[:4] + [start, f.tell() - start, rec[4]])
+        f.flush()
+        os.fsync(f.fileno())
+    return records
+
+
+def build_metadata(files: Mapping[str, list], planner_data=None, checkpoint_id=None):
+    """DCP ``Metadata`` indexing ``{rel: records of write_items}``. ``planner_data``: a callable
+    ``key -> planner path`` (DCP's ``flatten_state_dict`` layout), or None."""
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                       MetadataIndex, StorageMeta, TensorProperties,
+                                                       TensorStorageMetadata)
+
+    sdm: dict[str, Any] = {}
+    storage: dict = {}
+    for rel, records in files.items():
+        for key, offs, size, dtype, start, length, sizes in records:
+            if dtype is None:
+                sdm[key] = BytesStorageMetadata()
+                storage[MetadataIndex(key)] = _StorageInfo(rel, start, length)
+                continue
+            md = sdm.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=getattr(torch, dtype)),
+                                                           torch.Size(size), []))
+            storage[MetadataIndex(key, torch.Size(offs), len(md.chunks))] = _StorageInfo(rel, start, length)
+            md.chunks.append(ChunkStorageMetadata(torch.Size(offs), torch.Size(sizes)))
+    extra = {}
+    if planner_data is not None:
+        extra.update(planner_data={k: planner_data(k) for k in sdm}, version="1.0.0")
+    if checkpoint_id is not None:
+        extra["storage_meta"] = StorageMeta(checkpoint_id=str(checkpoint_id))
+    return Metadata(state_dict_metadata=sdm, storage_data=storage, **extra)
 
 
 class DistcpWriter:
-    """Items written as DCP's ``FileSystemWriter`` writes them; :meth:`metadata` is the
-    ``.metadata`` that indexes them."""
+    """Items written as DCP's ``FileSystemWriter`` writes them, in one process; :meth:`metadata`
+    is the ``.metadata`` that indexes them."""
 
     def __init__(self, root: Path):
         self.root = root
-        self.tensors: dict[str, tuple[Any, tuple, list]] = {}     # key -> (properties, size, chunks)
-        self.objects: list[str] = []
-        self.storage: dict[Any, Any] = {}
+        self.files: dict[str, list] = {}
         self.written: list[Path] = []
 
     def write(self, rel: str, items) -> None:
         """``items``: (key, global size, offsets, tensor) or (key, None, None, bytes)."""
-        from torch.distributed.checkpoint.filesystem import _StorageInfo
-        from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
-                                                           TensorProperties)
-        import torch
-
         path = self.root / rel
         self.written.append(path)
-        with open(path, "wb") as f:
-            for key, size, offsets, data in items:
-                start = f.tell()
-                if size is None:
-                    f.write(data)
-                    self.objects.append(key)
-                    index = MetadataIndex(key)
-                else:
-                    torch.save(data.contiguous(), f)
-                    props, _, chunks = self.tensors.setdefault(
-                        key, (TensorProperties.create_from_tensor(data), tuple(size), []))
-                    index = MetadataIndex(key, torch.Size(offsets), len(chunks))
-                    chunks.append(ChunkStorageMetadata(torch.Size(offsets), data.shape))
-                self.storage[index] = _StorageInfo(rel, start, f.tell() - start)
-            f.flush()
-            os.fsync(f.fileno())
+        self.files[rel] = write_items(path, ((k, offs, size, v) for k, size, offs, v in items))
 
     def metadata(self):
-        from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadata,
-                                                           TensorStorageMetadata)
-        import torch
-
-        sd = {k: TensorStorageMetadata(p, torch.Size(s), c) for k, (p, s, c) in self.tensors.items()}
-        sd.update({k: BytesStorageMetadata() for k in self.objects})
-        return Metadata(state_dict_metadata=sd, storage_data=self.storage)
+        return build_metadata(self.files)

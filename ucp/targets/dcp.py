@@ -106,21 +106,13 @@ class DcpTarget(Target):
         self._write_file(unit.key, items, extra=unit.coords.get("dp", 0) == 0)
 
     def _write_file(self, rel: str, items: list, extra: bool) -> None:
-        """Append each item as a ``torch.save`` stream; record ``[key, offsets, global shape,
-        dtype, offset, length]`` in the unit's JSON index (dtype None for non-tensor values)."""
+        """Write the items (``_distcp.write_items``); their records go to the unit's JSON index,
+        which ``finish`` merges (units may be written by other processes)."""
+        from ucp.targets._distcp import write_items
+
         path = self.dst / rel
         self._written += [path, path.with_name(path.name + INDEX_SUFFIX)]
-        records = []
-        with open(path, "wb") as f:
-            for key, offs, shape, value in items + (self._extra_items() if extra else []):
-                start = f.tell()
-                is_tensor = isinstance(value, torch.Tensor)
-                torch.save(value.contiguous().clone() if is_tensor else value, f)
-                dtype = str(value.dtype).removeprefix("torch.") if is_tensor else None
-                sizes = list(value.shape) if is_tensor else None
-                records.append([key, offs, shape, dtype, start, f.tell() - start, sizes])
-            f.flush()
-            os.fsync(f.fileno())
+        records = write_items(path, items + (self._extra_items() if extra else []))
         path.with_name(path.name + INDEX_SUFFIX).write_text(json.dumps(records))
 
     def _extra_items(self) -> list:
@@ -143,30 +135,12 @@ class DcpTarget(Target):
 
     def finish(self, checkpoint) -> None:
         """Merge the units' indexes into DCP ``Metadata`` and write ``.metadata`` last."""
-        from torch.distributed.checkpoint.filesystem import _StorageInfo
-        from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
-                                                           MetadataIndex, StorageMeta, TensorProperties,
-                                                           TensorStorageMetadata)
-
         from ucp.dcp import planner_path
+        from ucp.targets._distcp import build_metadata
 
-        sdm: dict[str, Any] = {}
-        storage: dict = {}
-        for r in range(self.world):
-            rel = f"__{r}_0.distcp"
-            index = self.dst / (rel + INDEX_SUFFIX)
-            for key, offs, shape, dtype, start, length, sizes in json.loads(index.read_text()):
-                if dtype is None:
-                    sdm[key] = BytesStorageMetadata()
-                    storage[MetadataIndex(key)] = _StorageInfo(rel, start, length)
-                    continue
-                md = sdm.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=getattr(torch, dtype)),
-                                                               torch.Size(shape), []))
-                md.chunks.append(ChunkStorageMetadata(torch.Size(offs), torch.Size(sizes)))
-                storage[MetadataIndex(key, offs)] = _StorageInfo(rel, start, length)
-        meta = Metadata(state_dict_metadata=sdm, storage_data=storage,
-                        planner_data={k: planner_path(k) for k in sdm}, version="1.0.0",
-                        storage_meta=StorageMeta(checkpoint_id=str(self.dst)))
+        files = {f"__{r}_0.distcp": json.loads((self.dst / f"__{r}_0.distcp{INDEX_SUFFIX}").read_text())
+                 for r in range(self.world)}
+        meta = build_metadata(files, planner_data=planner_path, checkpoint_id=self.dst)
         tmp = self.dst / ".metadata.tmp"
         self._written.append(tmp)
         with open(tmp, "wb") as f:
