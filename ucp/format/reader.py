@@ -344,11 +344,7 @@ class Checkpoint:
         self._check(a, key, got, fsize, size, crc, [buf[:n]], buf[n:n + CRC_BYTES])
         chunk = np.frombuffer(buf[:n], dtype=a.np).reshape(a.info.chunks)
         ist, isp = a.grid.overlap(idx, start, stop)
-        src = chunk[box_slices(ist, isp, a.grid.chunk_start(idx))]
-        if onp.ndim == 0:
-            onp[()] = src
-        else:
-            onp[box_slices(ist, isp, start)] = src
+        onp[box_slices(ist, isp, start)] = chunk[box_slices(ist, isp, a.grid.chunk_start(idx))]  # 0-d: onp[()]
         return got
 
     # -- sharded arrays ----------------------------------------------------------------------
@@ -431,10 +427,8 @@ class Checkpoint:
         _it, lim = _shard.present(a.info.shape, a.info.chunks, a.inner, sidx)
         whole = all(len(r) == m for r, m in zip(inner.ranges(lst, lsp), lim))  # every inner chunk in the file
         ent, got, pending = self._index(a, sidx, key, rel, size, whole)
-        data_end = size - a.index_nb
-        ig = _shard.inner_grid(a.info.chunks, a.inner)
-        spans = sorted((self._entry(ent, p, a, data_end, key)[0], p, loc)
-                       for loc, p in ((loc, _shard.linear(loc, ig)) for loc in locals_))
+        ig = _shard.inner_grid(a.info.chunks, a.inner)  # every entry was checked (_entry) before _index returned it
+        spans = sorted((int(ent[p, 0]), p, loc) for loc, p in ((loc, _shard.linear(loc, ig)) for loc in locals_))
         per = max(1, STREAM_BYTES // a.inner_nb)
         box, words, bad = (inner, cst, ist, isp, start), {}, {}
         for i in range(0, len(spans), per):

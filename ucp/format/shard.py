@@ -105,7 +105,14 @@ def present(shape, shard, inner, sidx):
     """Local inner indices (C order) of shard ``sidx`` that intersect the array, and their extent per dim."""
     valid = ChunkGrid(shape, shard).valid_shape(sidx)
     lim = tuple(min(g, n) for g, n in zip(inner_grid(shard, inner), ChunkGrid(valid, inner).grid))
-    return itertools.product(*(range(k) for k in lim)), lim
+    return _indices(lim), lim
+
+
+def _indices(lim):
+    """C-order indices below ``lim``, generated lazily: ``itertools.product`` alone turns each range
+    into a tuple when called, so a caller wanting only ``lim`` from a crafted geometry of 2^23 inner
+    chunks would pay hundreds of MB before any size check could refuse it."""
+    yield from itertools.product(*(range(k) for k in lim))
 
 
 def linear(local, ig):

@@ -1,0 +1,200 @@
+"""Reader behaviour that surviving mutants of ucp/format/reader.py (bench/mutation.py) showed no
+test pinned down:
+
+- chunks larger than the reader's 64 KiB scratch buffer read back right by every read path (rows
+  of a row chunk, a column box, a whole chunk);
+- which read path a box takes never changes its values: column chunks read as whole rows, 1-D
+  arrays, scalars;
+- the flat range of a whole array and an empty one are ranges like any other;
+- sizes (``ArrayInfo.nbytes``, ``Checkpoint.nbytes``) and statistics before any read;
+- checkpoint metadata is decoded once per open checkpoint;
+- a shard file is judged by its size before its index is believed; swapped shard files are
+  refused by whole-shard reads too; a shard deleted after its index was checked is named missing;
+- a missing chunk file too large to read blind is named missing, not short.
+"""
+import pytest
+import torch
+
+from ucp.errors import CorruptChunkError
+from ucp.format import create_checkpoint, open_checkpoint
+
+BIG = torch.arange(64 * 1024, dtype=torch.float32).reshape(64, 1024)  # one 256 KiB chunk
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    root = tmp_path_factory.mktemp("big") / "ck"
+    with create_checkpoint(root) as w:
+        w.write_tensor("w", "param", BIG, chunks=(64, 1024))
+    return root
+
+
+@pytest.mark.parametrize("index", [slice(10, 20), slice(0, 1), slice(63, 64), (slice(None), slice(5, 7)),
+                                   (slice(3, 40), slice(1000, 1024)), slice(None)],
+                         ids=["middle-rows", "first-row", "last-row", "columns", "corner", "whole"])
+def test_chunks_larger_than_the_scratch_buffer(big, index):
+    """Rows of a row chunk are read around a scratch buffer that must hold every other row of the
+    chunk and its crc32c; a column box reads the chunk whole into it."""
+    ck = open_checkpoint(big)
+    assert torch.equal(ck.read("w", index=index), BIG[index])
+    assert ck.last_read_stats["bytes_read"] == BIG.numel() * 4 + 4
+
+
+def test_read_paths_give_the_same_values(tmp_path):
+    t2 = torch.arange(10 * 6, dtype=torch.int32).reshape(10, 6)
+    t3 = torch.arange(4 * 3 * 5, dtype=torch.int16).reshape(4, 3, 5)
+    t1 = torch.arange(11, dtype=torch.int64)
+    with create_checkpoint(tmp_path / "ck") as w:
+        w.write_tensor("cols", "param", t2, chunks=(3, 4))  # column chunks: whole rows are not contiguous
+        w.write_tensor("rows3", "param", t3, chunks=(3, 3, 5))  # 3-D row chunks
+        w.write_tensor("vec", "param", t1, chunks=(4,))
+        w.write_tensor("one", "param", torch.tensor(7.5, dtype=torch.float64))
+    ck = open_checkpoint(tmp_path / "ck")
+    for index in (None, slice(2, 9), (slice(None), slice(1, 5)), 4):
+        assert torch.equal(ck.read("cols", index=index), t2 if index is None else t2[index])
+    for index in (None, slice(1, 4), (slice(None), slice(1, 2)), (slice(None), slice(None), slice(2, 3))):
+        assert torch.equal(ck.read("rows3", index=index), t3 if index is None else t3[index])
+    for index in (None, slice(3, 9), 10):
+        assert torch.equal(ck.read("vec", index=index), t1 if index is None else t1[index])
+    one = ck.read("one")
+    assert one.shape == () and one.item() == 7.5
+
+
+def test_flat_range_of_the_whole_array_and_empty_ranges(tmp_path):
+    t = torch.arange(10 * 4, dtype=torch.float32).reshape(10, 4)
+    with create_checkpoint(tmp_path / "ck") as w:
+        w.write_tensor("w", "param", t, chunks=(3, 4))
+    ck = open_checkpoint(tmp_path / "ck")
+    assert torch.equal(ck.read_flat("w", "param", 0, 40), t.reshape(-1))
+    assert torch.equal(ck.read_flat("w", "param", 0, 7), t.reshape(-1)[:7])
+    for k in (0, 17, 40):
+        empty = ck.read_flat("w", "param", k, k)
+        assert empty.shape == (0,) and empty.dtype == torch.float32
+        assert ck.last_read_stats == {"bytes_read": 0, "bytes_needed": 0, "chunks_read": 0}
+
+
+def test_sizes_and_statistics_before_any_read(tmp_path):
+    with create_checkpoint(tmp_path / "ck") as w:
+        w.write_tensor("w", "param", torch.zeros(10, 4, dtype=torch.bfloat16), chunks=(3, 4))
+        w.write_tensor("w", "exp_avg", torch.zeros(10, 4), chunks=(3, 4))
+        w.write_tensor("s", "param", torch.zeros(16, 8, dtype=torch.float64), shards=(8, 8), chunks=(2, 8))
+    ck = open_checkpoint(tmp_path / "ck")
+    assert ck.last_read_stats == {"bytes_read": 0, "bytes_needed": 0, "chunks_read": 0}
+    assert (ck.bytes_read, ck.chunks_read) == (0, 0)
+    assert [ck.array_info("w", s).nbytes for s in ("param", "exp_avg")] == [80, 160]
+    assert ck.array_info("s").nbytes == 16 * 8 * 8
+    assert ck.nbytes == 80 + 160 + 1024
+
+
+def test_metadata_is_decoded_once_per_open_checkpoint(tmp_path):
+    step = torch.arange(5, dtype=torch.int64)
+    with create_checkpoint(tmp_path / "ck") as w:
+        w.write_tensor("w", "param", torch.zeros(4))
+        w.set_metadata({"step": step, "lr": 0.5})
+    ck = open_checkpoint(tmp_path / "ck")
+    m = ck.metadata
+    assert torch.equal(m["step"], step) and m["lr"] == 0.5
+    assert ck.chunks_read == 1
+    assert ck.metadata is m and ck.chunks_read == 1  # the second look reads nothing again
+
+
+S = torch.arange(16 * 8, dtype=torch.float32).reshape(16, 8)
+PART, WHOLE = slice(2, 4), slice(0, 8)  # one inner chunk of shard c/0/0; all of it
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """(16, 8) float32 in 2 shards of (8, 8), inner chunks of (2, 8); returns (root, shard c/0/0)."""
+    with create_checkpoint(tmp_path / "ck") as w:
+        w.write_tensor("s", "param", S, shards=(8, 8), chunks=(2, 8))
+    return tmp_path / "ck", tmp_path / "ck" / "s" / "param" / "c" / "0" / "0"
+
+
+def test_a_shard_is_judged_by_its_size_before_its_index(shards):
+    """A byte inserted at the front shifts the index: the error names the size, not the index."""
+    root, f = shards
+    data = f.read_bytes()
+    f.write_bytes(b"\0" + data)
+    for index in (PART, WHOLE):
+        with pytest.raises(CorruptChunkError, match=rf"shard c/0/0 .*size {len(data) + 1} bytes, the manifest "
+                                                    rf"records {len(data)} \(extra bytes\)"):
+            open_checkpoint(root).read("s", index=index)
+
+
+def test_swapped_shards_are_refused_by_whole_shard_reads(shards):
+    """Each index checks out and the manifest's index crc32c is the same for both files: the
+    content crc32c binds a file to its place, also when the shard is read whole."""
+    root, f = shards
+    g = root / "s" / "param" / "c" / "1" / "0"
+    a, b = f.read_bytes(), g.read_bytes()
+    f.write_bytes(b)
+    g.write_bytes(a)
+    for index in (WHOLE, slice(8, 16), slice(None)):
+        with pytest.raises(CorruptChunkError, match=r"content crc32c 0x[0-9a-f]{8} differs from the manifest's"):
+            open_checkpoint(root).read("s", index=index)
+
+
+def test_shard_deleted_after_its_index_was_checked_is_named_missing(shards):
+    root, f = shards
+    ck = open_checkpoint(root)
+    assert torch.equal(ck.read("s", index=PART), S[PART])  # index checked and kept
+    f.unlink()
+    with pytest.raises(CorruptChunkError, match=r"chunk c/0/0: file s/param/c/0/0 is missing"):
+        ck.read("s", index=slice(4, 6))
+
+
+def test_missing_large_chunk_is_named_missing(tmp_path):
+    """The reader stats a chunk file before allocating more than 16 MiB for it: a missing one is
+    named missing there, by the row path (one row of a 24 MiB chunk) and the generic path alike."""
+    n = (6 << 20) // 4
+    with create_checkpoint(tmp_path / "ck") as w:
+        w.write_tensor("w", "param", torch.zeros(4, n), chunks=(4, n))
+    (tmp_path / "ck" / "w" / "param" / "c" / "0" / "0").unlink()
+    ck = open_checkpoint(tmp_path / "ck")
+    for index in (1, (slice(None), slice(0, 3))):
+        with pytest.raises(CorruptChunkError, match=r"chunk c/0/0: file w/param/c/0/0 is missing"):
+            ck.read("w", index=index)
+
+
+def test_format_version_1_shards_are_read_without_a_content_crc(shards):
+    """A format_version 1 manifest records [size, index crc32c] per shard: both read paths read
+    it (with the warning that contents are not bound)."""
+    from _manifest_edit import rewrite_manifest
+
+    root, _f = shards
+
+    def as_version_1(doc):
+        doc["format_version"] = 1
+        rec = doc["params"][0]["states"]["param"]
+        rec["chunk_table"] = {k: v[:2] for k, v in rec["chunk_table"].items()}
+    rewrite_manifest(root, as_version_1)
+    for index in (PART, WHOLE, slice(None)):
+        with pytest.warns(UserWarning, match="format_version 1 does not bind shard contents"):
+            ck = open_checkpoint(root)
+        assert torch.equal(ck.read("s", index=index), S[index])
+
+
+def test_shard_index_too_large_to_read_blind_is_checked_first(tmp_path):
+    """A manifest that claims a shard of 2^23 inner chunks (a 128 MiB index) while the file on disk
+    is small: a read of one inner chunk stats the file before allocating the index buffer."""
+    from test_behaviour_lies import _lie, _refused_without_allocating
+
+    root = tmp_path / "ck"
+    with create_checkpoint(root) as w:
+        w.write_tensor("w", "param", torch.ones(8), shards=(8,), chunks=(4,))
+    n = 1 << 23
+    _lie(root, (n,), (n,), (1,))
+    _refused_without_allocating(root, slice(0, 1), r"shard c/0 .*size 76 bytes, the manifest records")
+
+
+@pytest.mark.parametrize("index", [PART, WHOLE, slice(0, 6)], ids=["its-own", "whole-shard", "most"])
+def test_damaged_inner_chunk_is_named_by_a_first_read(shards, index):
+    """A data byte of inner chunk 1 flipped: its stored crc32c word is intact, so the shard's content
+    crc32c still checks out, and the first read of the shard names the damaged inner chunk."""
+    root, f = shards
+    data = bytearray(f.read_bytes())
+    data[2 * 8 * 4 + 4 + 5] ^= 1  # a data byte of inner chunk 1 (rows 2..3)
+    f.write_bytes(bytes(data))
+    with pytest.raises(CorruptChunkError, match=r"shard c/0/0 .*inner chunk \[1, 0\] crc32c mismatch"):
+        open_checkpoint(root).read("s", index=index)
+    assert torch.equal(open_checkpoint(root).read("s", index=slice(4, 16)), S[4:])  # the other chunks are fine
