@@ -185,3 +185,24 @@ def test_a_chunk_file_grown_by_a_byte_is_refused(rows, index):
     with pytest.raises(UcpError, match=rf"chunk c/0/0 .*size {CHUNK_FILE + 1} bytes, the manifest records "
                                        rf"{CHUNK_FILE} \(extra bytes\)"):
         open_checkpoint(rows).read("w", index=index)
+
+
+def test_whole_shards_on_an_object_store_take_one_data_request_each(tmp_path, monkeypatch):
+    """On an object store every request costs a round trip: a read of whole shards asks for each
+    shard's index and then its data in one request, not one request per streamed batch."""
+    from ucp.format.store import FsspecStore
+
+    url = f"memory://ucp-behaviour-reader/{tmp_path.name}/shards"
+    t = torch.arange(2 * (1 << 20), dtype=torch.float32)  # two 4 MiB shards of 256 KiB inner chunks
+    with create_checkpoint(url, shard_bytes=4 << 20, inner_bytes=256 << 10) as w:
+        w.write_tensor("w", "param", t)
+    ck = open_checkpoint(url, workers=1)
+    calls = []
+    for name in ("read_ranges", "get", "readinto", "map"):
+        real = getattr(FsspecStore, name)
+        monkeypatch.setattr(FsspecStore, name,
+                            lambda self, rel, *a, _real=real, _n=name, **k: calls.append((_n, rel)) or _real(self, rel, *a, **k))
+    assert torch.equal(ck.read("w"), t)
+    shards = {rel for _n, rel in calls}
+    assert len(shards) == 2, calls
+    assert len(calls) <= 2 * len(shards), calls

@@ -139,8 +139,7 @@ def check_universal(path, ref: dict, variant: GPTConfig) -> None:
     ck = ucp.open(path)
     assert ck.params == list(build(variant).state_dict())
     for name, t in ref["model"].items():
-        holder = ck.param_meta(name).get("tied_to", name)
-        assert same(ck.read(holder, "param"), t), name
+        assert same(ck.read(name, "param"), t), name   # an alias reads its holder's tensor (FORMAT.md 6.1)
     for name, states in ref["optim"]["state"].items():
         assert set(ck.states(name)) - {"param"} == {s for s, v in states.items() if v.dim()}, name
         for state, t in states.items():
@@ -156,6 +155,8 @@ def check_universal(path, ref: dict, variant: GPTConfig) -> None:
     for alias in (n for n in ck.params if "tied_to" in flags[n]):     # stored once, as its tied_to
         meta = ck.param_meta(alias)
         assert ck.states(alias) == [], alias
+        for state in ck.states(meta["tied_to"]):
+            assert same(ck.read(alias, state), ck.read(meta["tied_to"], state)), (alias, state)
         assert (meta["shape"], meta["dtype"]) == (list(ref["model"][alias].shape), "float32"), alias
     expect = {n: {} for n in ck.params}
     if variant.frozen:

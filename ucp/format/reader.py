@@ -122,7 +122,11 @@ class Checkpoint:
         if state is None and isinstance(name, str) and name.startswith("_ucp/meta/"):
             rec = self.catalog.meta_arrays[name]
         else:
-            st = self._param(name).states
+            p = self._param(name)
+            st = p.states
+            holder = p.meta.get("tied_to") if not st else None
+            if isinstance(holder, str) and holder in self._params and self._params[holder].states:
+                return self._array(holder, state)  # an alias stored once reads its holder (FORMAT.md 6.1)
             if state not in st:
                 close = difflib.get_close_matches(str(state), st, n=5) or list(st)
                 raise NotFoundError(f"{self.path}: parameter {name!r} has no state {state!r}; "
@@ -429,7 +433,8 @@ class Checkpoint:
         ent, got, pending = self._index(a, sidx, key, rel, size, whole)
         ig = _shard.inner_grid(a.info.chunks, a.inner)  # every entry was checked (_entry) before _index returned it
         spans = sorted((int(ent[p, 0]), p, loc) for loc, p in ((loc, _shard.linear(loc, ig)) for loc in locals_))
-        per = max(1, STREAM_BYTES // a.inner_nb)
+        # a local file streams through the thread's scratch; an object store gets one request per shard
+        per = len(spans) if self._store.parallel_reads else max(1, STREAM_BYTES // a.inner_nb)
         box, words, bad = (inner, cst, ist, isp, start), {}, {}
         for i in range(0, len(spans), per):
             got += self._read_tiles(a, key, rel, size, spans[i:i + per], box, onp, words, bad)
