@@ -206,3 +206,26 @@ def test_whole_shards_on_an_object_store_take_one_data_request_each(tmp_path, mo
     shards = {rel for _n, rel in calls}
     assert len(shards) == 2, calls
     assert len(calls) <= 2 * len(shards), calls
+
+
+def test_a_tied_alias_stored_once_reads_its_holder(tmp_path):
+    """FORMAT.md 6.1: an alias without arrays reads the holder's tensors, every state; an alias
+    that kept its own copy reads that copy; a tie to a parameter that is not there is not followed."""
+    with create_checkpoint(tmp_path / "ck") as w:
+        w.write_tensor("embed", "param", T)
+        w.write_tensor("embed", "exp_avg", T * 2)
+        w.add_param("head", {"tied_to": "embed", "shape": [10, 4], "dtype": "float32"})
+        w.write_tensor("copy", "param", T + 1)
+        w.add_param("copy", {"tied_to": "embed"})
+        w.add_param("dangling", {"tied_to": "nothing", "shape": [10, 4], "dtype": "float32"})
+        w.add_param("chained", {"tied_to": "head", "shape": [10, 4], "dtype": "float32"})  # not a holder
+    ck = open_checkpoint(tmp_path / "ck")
+    assert ck.states("head") == []
+    assert torch.equal(ck.read("head"), T) and torch.equal(ck.read("head", "exp_avg"), T * 2)
+    assert torch.equal(ck.read("copy"), T + 1)
+    with pytest.raises(NotFoundError, match="has no state 'exp_avg'"):
+        ck.read("copy", "exp_avg")
+    with pytest.raises(NotFoundError, match="'dangling' has no state 'param'"):
+        ck.read("dangling")
+    with pytest.raises(NotFoundError, match="'chained' has no state 'param'"):
+        ck.read("chained")
