@@ -339,11 +339,8 @@ class ArrayWriter:
         """The complete manifest record (after every chunk is written)."""
         return self._manifest_array({chunk_key(idx): self._done[chunk_key(idx)] for idx in self.grid.indices()})
 
-    def doc(self):
-        return layout.array_doc(self.shape, self.chunks, self.dtype_name, inner=self.inner)
-
     def doc_bytes(self) -> bytes:
-        """The bytes of :meth:`doc`, shared by every array of the same layout (a parameter and its
+        """The bytes of the array's ``zarr.json`` document, shared by every array of the same layout (a parameter and its
         optimizer states: one JSON encoding instead of three, on the rank and again at commit)."""
         return _doc_bytes(self.shape, self.chunks, self.dtype_name, self.inner)
 
