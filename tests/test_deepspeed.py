@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from _ports import free_port
-from _ds_env import DS_ENV
+from _ds_env import DS_ENV, run_ds_job
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                 reason="DeepSpeed is not installed")
@@ -43,15 +43,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def run_ds(nproc: int, *args, cwd: Path) -> None:
-    """One torchrun job of tests/dist/ds_train.py; returns when every rank has exited. Each job
-    gets its own port: DeepSpeed's CPU shared-memory allreduce names its buffers after
-    MASTER_ADDR/MASTER_PORT, so two jobs on one port would share (and corrupt) them."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(SCRIPT), *map(str, args)]
-    env = {**os.environ, **DS_ENV, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    if res.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+    """One torchrun job of tests/dist/ds_train.py."""
+    run_ds_job(SCRIPT, nproc, *args, cwd=cwd)
 
 
 @pytest.fixture(scope="session")

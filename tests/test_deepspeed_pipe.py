@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _ds_env import DS_ENV
-from _ports import free_port
+from _ds_env import DS_ENV, run_ds_job
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                 reason="DeepSpeed is not installed")
@@ -49,12 +48,8 @@ def pipe_runs(tmp_path_factory):
     out = {}
     for cell, (nproc, stage, dtype, extra) in CELLS.items():
         ck, ref = base / cell, base / f"{cell}-ref.pt"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(SCRIPT), "--out", str(ck),
-               "--pp", "2", "--stage", str(stage), "--dtype", dtype, "--ref", str(ref), *extra]
-        res = subprocess.run(cmd, cwd=base, env={**os.environ, **DS_ENV, "PYTHONPATH": str(ROOT)},
-                             capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stderr[-6000:]
+        run_ds_job(SCRIPT, nproc, "--out", ck, "--pp", 2, "--stage", stage, "--dtype", dtype, "--ref", ref, *extra,
+                   cwd=base)
         ucp.convert(str(ck), str(base / f"{cell}-u"), source="auto")
         refs = [torch.load(f"{ref}.stage{s}", weights_only=True) for s in (0, 1)]
         out[cell] = (ck, refs, ucp.open(str(base / f"{cell}-u")))

@@ -12,9 +12,7 @@ import pytest
 import torch
 
 import ucp
-from _ds_env import DS_ENV
-from _ports import free_port
-from tests.test_deepspeed import ROOT
+from _ds_env import ROOT, run_ds_job
 from tests.test_hf import INPUT, as_bits, load_all, logits_of
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -24,16 +22,8 @@ SCRIPT = ROOT / "tests" / "dist" / "hf_llama_deepspeed.py"
 
 @pytest.fixture(scope="session")
 def ds_llama(tmp_path_factory):
-    import os
-    import subprocess
-    import sys
-
     out = tmp_path_factory.mktemp("dsllama")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(SCRIPT), str(out)]
-    r = subprocess.run(cmd, env={**os.environ, **DS_ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    run_ds_job(SCRIPT, 2, out, timeout=900)
     trained = torch.load(out / "trained.pt", weights_only=True)
     assert torch.equal(trained["input"], INPUT)
     return out, trained

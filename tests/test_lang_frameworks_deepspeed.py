@@ -14,15 +14,12 @@ must rebuild them bit-exactly:
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from _ds_env import DS_ENV
+from _ds_env import run_ds_job
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
@@ -34,12 +31,7 @@ FROZEN = ["model.layers.0.post_attention_layernorm.weight", "model.layers.1.mlp.
 
 
 def _run(out: Path, nproc: int, stage: int, sub_group: int):
-    env = {**os.environ, **DS_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(nproc), str(SCRIPT), str(out), str(stage), "2", "1", "1", str(sub_group)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if p.returncode:
-        raise AssertionError(f"DeepSpeed run failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+    run_ds_job(SCRIPT, nproc, out, stage, 2, 1, 1, sub_group, timeout=900)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
     return ranks, torch.load(out / "full.pt", weights_only=True)
 
