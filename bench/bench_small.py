@@ -6,8 +6,8 @@ On this shared 2-core VM the wall time of one launch differs from the next by up
 20% change in the code. So each checkout (this one, plus every ``--against``: a directory holding a
 checkout, or a git revision that is exported with ``git archive`` into a temporary directory) runs
 ``--launches`` fresh processes, alternating checkouts (AB, BA, AB, ... so drift hits both alike).
-Each launch writes ``--n`` 4 KiB fp32 tensors, one array each, then measures, ``--reps`` times, the
-process CPU time (``time.process_time``: user + system of every thread, so the writer and reader
+Each launch writes ``--n`` 4 KiB fp32 tensors, one array each (the write is timed once), then
+measures, ``--reps`` times, the process CPU time (``time.process_time``: user + system of every thread, so the writer and reader
 threads count; waiting on the disk does not) of:
 
 - write: ``create_checkpoint`` + ``write_tensor`` of every tensor + commit, per tensor;
@@ -16,7 +16,7 @@ threads count; waiting on the disk does not) of:
 - read: ``read`` of every tensor of an opened checkpoint (open not included), per tensor;
 - load: open + read of every tensor, per tensor (what ``bench_format.py`` calls read).
 
-A launch keeps the least of its reps; printed are the MEDIAN and the interquartile range (IQR) over
+A launch keeps the least of its reps (write: its one run); printed are the MEDIAN and the interquartile range (IQR) over
 launches, and each checkout's median over the first one's. The child uses only the public API that
 every version has (``create_checkpoint``, ``write_tensor``, ``open_checkpoint``, ``params``,
 ``read``), so it runs the pre-format-v2 code (6a5af76) too. Results: stdout and
@@ -86,7 +86,7 @@ def child(a):
         return clock() - t0
 
     try:
-        out = {"write": min(write() for _ in range(a.reps)) / n}
+        out = {"write": write() / n}  # once per launch: the slowest phase, and not the one under study
         out["open_first"] = open_()
         out["open"] = min([out["open_first"]] + [open_() for _ in range(a.reps - 1)])
         out["read"] = min(read() for _ in range(a.reps)) / n
@@ -132,7 +132,7 @@ def quartiles(xs):
 
 def report(labels, runs, a, load_before, load_after) -> list[str]:
     out = [f"# bench_small: {a.n} tensors of 4 KiB, {a.launches} launches per checkout (alternating), "
-           f"least of {a.reps} reps per launch; process CPU time, MEDIAN [IQR q1..q3] over launches",
+           f"least of {a.reps} reps per launch (write: 1); process CPU time, MEDIAN [IQR q1..q3] over launches",
            f"# load average before {load_before}, after {load_after} (CPU time moves far less than wall "
            "time under load, but a loaded cache still slows it)"]
     for i, lab in enumerate(labels):
