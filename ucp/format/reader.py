@@ -45,18 +45,11 @@ class _Array:
         self.rec = rec
         self.table = rec.chunk_table
         self.grid = rec.grid
-        self.np = _numpy_dtype(rec.dtype)
-        self.isz = rec.itemsize
-        self.chunk_nbytes = rec.grid_chunk_nbytes
         self.inner = rec.inner_chunks
-        if self.inner is not None:
-            self.inner_nb = math.prod(self.inner) * self.isz + CRC_BYTES
-            self.index_nb = _shard.index_nbytes(rec.chunks, self.inner)
-        self.info = ArrayInfo(name, state, rec.path, rec.shape, dtypes.torch_dtype(rec.dtype), rec.storage_dtype,
-                              rec.chunks, math.prod(rec.shape) * self.isz, self.grid.nchunks, self.inner)
-        # a small array stored as one plain chunk of exactly its shape: read whole by ``_read_small``
-        small = self.inner is None and rec.chunks == rec.shape and 0 < self.info.nbytes <= SMALL_BYTES
-        self.small_key = chunk_key((0,) * len(rec.shape)) if small else None
+        (self.np, self.isz, self.chunk_nbytes, self.inner_nb, self.index_nb, torch_dtype, nbytes,
+         self.small_key) = _geometry(rec.dtype, rec.shape, rec.chunks, rec.inner_chunks)
+        self.info = ArrayInfo(name, state, rec.path, rec.shape, torch_dtype, rec.storage_dtype, rec.chunks, nbytes,
+                              self.grid.nchunks, self.inner)
 
     def content_crc(self, key):
         """The shard's recorded content crc32c (None in a format_version 1 manifest)."""
@@ -537,6 +530,23 @@ STREAM_BYTES = 1 << 20
 _HUGE = 1 << 20
 SMALL_BYTES = 1 << 20  # one-chunk arrays up to this size are read by ``Checkpoint._read_small``
 BIG_ALLOC = 16 << 20  # files at least this large are stat'ed before their buffer is allocated
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry(dtype, shape, chunks, inner):
+    """What every read of an array of this geometry needs, computed once per geometry (layers repeat
+    theirs; a checkpoint of thousands of small arrays builds thousands of ``_Array``): numpy dtype,
+    itemsize, chunk bytes, inner chunk file bytes and shard index bytes (sharded arrays), torch dtype,
+    array bytes, and the chunk key of a small one-chunk array (``_read_small``), else None."""
+    isz = dtypes.itemsize(dtype)
+    inner_nb = index_nb = None
+    if inner is not None:
+        inner_nb = math.prod(inner) * isz + CRC_BYTES
+        index_nb = _shard.index_nbytes(chunks, inner)
+    nbytes = math.prod(shape) * isz
+    small = inner is None and chunks == shape and 0 < nbytes <= SMALL_BYTES
+    return (_numpy_dtype(dtype), isz, math.prod(chunks) * isz, inner_nb, index_nb, dtypes.torch_dtype(dtype),
+            nbytes, chunk_key((0,) * len(shape)) if small else None)
 
 
 @functools.lru_cache(maxsize=None)
