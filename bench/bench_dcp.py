@@ -16,13 +16,17 @@ larger size, AdamW state initialised), sharded FSDP2 x4:
 
 Every load is checked: ``full_tensor()`` of a few parameters equals the saved state.
 
+``--large HxLxF`` (default 1536x6x4096, about 2.2 GiB with the AdamW state; ``none`` to skip):
+a second job on that larger model, FileSystemWriter and UniversalWriter (default layout) only,
+so that both the fixed costs (the small model) and the per-byte costs show.
+
 ``--compare-with DIR``: the same job is also run with the ``ucp`` of another checkout (e.g.
 ``/work/main``), alternating launches, each launch measuring ``FileSystemWriter`` /
 ``FileSystemReader`` again: an A/B of two ucp versions in one run, each against the peer.
 
 Usage: python bench/bench_dcp.py [--hidden 768] [--layers 4] [--ffn 2048] [--vocab 16003]
-       [--dir /tmp] [--repeat 2] [--cold] [--chunk-kib 1024] [--workers 4]
-       [--compare-with DIR] [--out bench/results/dcp.txt]
+       [--dir /tmp] [--repeat 2] [--cold] [--chunk-kib 1024] [--workers 4] [--reader-workers 0]
+       [--large 1536x6x4096|none] [--compare-with DIR] [--out bench/results/dcp.txt]
 """
 from __future__ import annotations
 
@@ -54,7 +58,11 @@ def parse(argv=None):
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each load (root)")
     ap.add_argument("--chunk-kib", type=int, default=1024, help="UniversalWriter chunk_bytes (KiB)")
-    ap.add_argument("--workers", type=int, default=4, help="threads per rank of UniversalWriter / Reader")
+    ap.add_argument("--workers", type=int, default=4, help="threads per rank of UniversalWriter")
+    ap.add_argument("--reader-workers", type=int, default=0,
+                    help="threads per rank of UniversalReader (0: its default, ucp.dcp.reader_threads)")
+    ap.add_argument("--large", default="1536x6x4096", help="HIDDENxLAYERSxFFN of the larger model job, or none")
+    ap.add_argument("--subset", default="all", help=argparse.SUPPRESS)   # "large": the default writers only
     ap.add_argument("--compare-with", default=None, help="also run the job with the ucp of this checkout")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dcp.txt"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -147,6 +155,8 @@ def worker(args) -> None:
     writers = {"FileSystemWriter": lambda path: FileSystemWriter(path),
                "UniversalWriter": lambda path: UniversalWriter(path, workers=w),
                "UniversalWriter fine": lambda path: UniversalWriter(path, workers=w, chunk_bytes=args.chunk_kib << 10)}
+    if args.subset == "large":
+        del writers["UniversalWriter fine"]
     for _ in range(args.repeat):
         for name, make in writers.items():
             path = base / DIRS[name]
@@ -157,7 +167,8 @@ def worker(args) -> None:
             report["save_cpu"][name] = min(c, report["save_cpu"].get(name, c))
     del sd
     for layout in ("2d", "tp"):
-        report["load"][layout] = load_layout(args, cfg, layout, base, ref, counting_fs_reader, UniversalReader)
+        report["load"][layout] = load_layout(args, cfg, layout, base, ref, counting_fs_reader, UniversalReader,
+                                             set(writers))
     if rank == 0:
         (base / "report.json").write_text(json.dumps(report))
     dist.barrier()
@@ -165,7 +176,7 @@ def worker(args) -> None:
     os._exit(0)
 
 
-def load_layout(args, cfg, layout, base, ref, fs_reader, ucp_reader) -> dict:
+def load_layout(args, cfg, layout, base, ref, fs_reader, ucp_reader, written) -> dict:
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -173,12 +184,15 @@ def load_layout(args, cfg, layout, base, ref, fs_reader, ucp_reader) -> dict:
     out = {}
     for _ in range(args.repeat):
         for name, written_by in READS.items():
+            if written_by not in written:
+                continue
             sd = fresh_state(cfg, layout)
             path = base / DIRS[written_by]
-            reader = fs_reader(path) if name == "FileSystemReader" else ucp_reader(path, workers=args.workers)
+            opts = {"workers": args.reader_workers} if args.reader_workers else {}   # else the version's default
+            reader = fs_reader(path) if name == "FileSystemReader" else ucp_reader(path, **opts)
             if args.cold and dist.get_rank() == 0:
                 drop_caches()
-            t = timed(lambda: dcp.load(sd, storage_reader=reader))
+            t, c = timed(lambda: dcp.load(sd, storage_reader=reader), cpu=True)
             for k, v in ref.items():
                 got = sd["model"][k]
                 got = got.full_tensor() if hasattr(got, "full_tensor") else got
@@ -187,7 +201,8 @@ def load_layout(args, cfg, layout, base, ref, fs_reader, ucp_reader) -> dict:
             ratios = [None] * dist.get_world_size()
             dist.all_gather_object(ratios, reader.bytes_read / max(1, reader.bytes_needed))
             prev = out.get(name)
-            out[name] = {"time": min(t, prev["time"]) if prev else t, "read_over_need": ratios}
+            out[name] = {"time": min(t, prev["time"]) if prev else t, "read_over_need": ratios,
+                         "cpu": min(c, prev["cpu"]) if prev else c}
     return out
 
 
@@ -201,19 +216,14 @@ def main(argv=None) -> None:
     roots = {"this checkout": ROOT}
     if args.compare_with:
         roots[f"{args.compare_with}"] = Path(args.compare_with).resolve()
+    argv = list(argv if argv is not None else sys.argv[1:])
+    jobs = [(args, argv)]
+    if args.large != "none":
+        h, n, f = (int(x) for x in args.large.split("x"))
+        large = argparse.Namespace(**{**vars(args), "hidden": h, "layers": n, "ffn": f, "subset": "large"})
+        jobs.append((large, argv + ["--hidden", str(h), "--layers", str(n), "--ffn", str(f), "--subset", "large"]))
     try:
-        reps = {label: [] for label in roots}
-        for i in range(args.repeat if len(roots) > 1 else 1):      # alternate the versions' launches
-            for label, root in roots.items():
-                job = base / f"{len(reps[label])}-{list(roots).index(label)}"
-                job.mkdir()
-                launch(argv, root, job, repeat=1 if len(roots) > 1 else args.repeat)
-                reps[label].append(json.loads((job / "report.json").read_text()))
-                nbytes = sum(f.stat().st_size for f in (job / "fs").iterdir())
-                if len(roots) > 1:
-                    shutil.rmtree(job, ignore_errors=True)
-        text = "\n".join(render(args, best_of(r), nbytes, label if len(roots) > 1 else None)
-                         for label, r in reps.items())
+        text = "\n".join(run_size(a, av, roots, base) for a, av in jobs)
         print(text)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
@@ -221,12 +231,26 @@ def main(argv=None) -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def run_size(args, argv, roots: dict, base: Path) -> str:
+    """The jobs of one model size, the versions' launches alternating; its report text."""
+    reps = {label: [] for label in roots}
+    for i in range(args.repeat if len(roots) > 1 else 1):
+        for label, root in roots.items():
+            job = base / f"{args.hidden}-{len(reps[label])}-{list(roots).index(label)}"
+            job.mkdir()
+            launch(argv, root, job, repeat=1 if len(roots) > 1 else args.repeat)
+            reps[label].append(json.loads((job / "report.json").read_text()))
+            nbytes = sum(f.stat().st_size for f in (job / "fs").iterdir())
+            shutil.rmtree(job, ignore_errors=True)
+    return "\n".join(render(args, best_of(r), nbytes, label if len(roots) > 1 else None) for label, r in reps.items())
+
+
 def launch(argv, root: Path, job: Path, repeat: int) -> None:
     """One torchrun job of this script's worker with the ucp of ``root``."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "UCP_BENCH_ROOT": str(root),
            "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    args = [a for a in (argv if argv is not None else sys.argv[1:])]
+    args = list(argv)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_addr", "127.0.0.1",
            "--master_port", str(port), __file__, *args, "--repeat", str(repeat), "--worker", str(job)]
     subprocess.run(cmd, env=env, check=True)
@@ -241,8 +265,10 @@ def best_of(reports: list) -> dict:
             out["save_cpu"][name] = min(out["save_cpu"][name], r["save_cpu"][name])
         for layout, readers in r["load"].items():
             for name, x in readers.items():
+                cpu = min(x["cpu"], out["load"][layout][name]["cpu"])
                 if x["time"] < out["load"][layout][name]["time"]:
                     out["load"][layout][name] = x
+                out["load"][layout][name]["cpu"] = cpu
     return out
 
 
@@ -258,7 +284,8 @@ def render(args, rep, nbytes, label=None) -> str:
              "# UniversalWriter: its default layout (since this session: one shard per saved FSDP2 box, inner "
              "chunks in column blocks; before: plain chunks aligned with the boxes); "
              f"'fine': chunk_bytes {args.chunk_kib} KiB, last dim in column blocks; {args.workers} threads per rank "
-             "(FileSystemWriter: its default, 1)",
+             "(FileSystemWriter: its default, 1); UniversalReader threads per rank: "
+             f"{args.reader_workers or 'the version default (since this session: ucp.dcp.reader_threads, the cores shared among the node ranks on local files; before: 4)'}",
              "",
              "dcp.save FSDP2 x4 (durable)      seconds  vs FileSystemWriter (aim <= 1.2) | CPU s, all ranks  vs FSW"]
     cpu = rep["save_cpu"]
@@ -267,14 +294,16 @@ def render(args, rep, nbytes, label=None) -> str:
                      f"{cpu[name] / cpu['FileSystemWriter']:5.2f}x")
     names = {"2d": "FSDP2 x4 -> 2-D dp2 x tp2", "tp": "FSDP2 x4 -> TP x4"}
     for layout, r in rep["load"].items():
-        base = r["FileSystemReader"]["time"]
+        base, bcpu = r["FileSystemReader"]["time"], r["FileSystemReader"]["cpu"]
         lines += ["", f"dcp.load {names[layout]:<23} seconds  speedup vs FileSystemReader (aim >= 1.5) | "
-                      "read/need worst   mean (aim <= 1.1)"]
+                      "read/need worst   mean (aim <= 1.1) | CPU s, all ranks  vs FSR"]
         for name, x in r.items():
             ratios = x["read_over_need"]
             lines.append(f"{name + ' (' + DIRS[READS[name]] + ')':<32} {x['time']:8.3f}  {base / x['time']:6.2f}x"
-                         f"                           | {max(ratios):15.3f}  {sum(ratios) / len(ratios):6.3f}")
-    lines += ["", "# times: max over ranks of the dcp.* call (planning collectives included); read/need: bytes the "
+                         f"                           | {max(ratios):15.3f}  {sum(ratios) / len(ratios):6.3f}"
+                         f"            | {x['cpu']:16.3f}  {x['cpu'] / bcpu:5.2f}x")
+    lines += ["", "# times: max over ranks of the dcp.* call (planning collectives included), best of the runs; CPU s: "
+              "user + system CPU of that call summed over the ranks, least of the runs; read/need: bytes the "
               "reader read from storage / bytes of the rank's local tensors it filled (FileSystemReader: the saved "
               "items it deserialised whole, once per read request)"]
     return "\n".join(lines) + "\n"
