@@ -27,9 +27,11 @@ optimizer state while the state dict has an optimizer gets ``frozen: true``.
 **Reading only what is needed.** The reader describes every universal array to DCP as ONE
 saved chunk covering the whole tensor; DCP's planner then asks, for each chunk of each rank's
 DTensor, for exactly the region it needs (``storage_offsets`` / ``lengths``), and
-:meth:`UniversalReader.read_data` reads that box with ``Checkpoint.read_box``, which touches
-only the zarr chunks it intersects. DCP's ``FileSystemReader`` instead loads each whole saved
-chunk and narrows it (pytorch issue 76331).
+:meth:`UniversalReader.read_data` hands all of a rank's regions to ``Checkpoint.read_boxes`` at
+once: it touches only the zarr chunks (inner chunks of shards) they intersect, reads them on one
+pool of :func:`reader_threads` threads and copies them straight into the DTensors' local shards.
+DCP's ``FileSystemReader`` instead loads each whole saved chunk and narrows it (pytorch issue
+76331).
 
 **Writing from every rank.** The writer uses the several-writers protocol (FORMAT.md §13):
 the coordinator picks each array's chunk grid in ``prepare_global_plan`` (aligned with every
