@@ -78,8 +78,9 @@ def test_resume_through_every_store_adopts_the_journaled_arrays(tmp_path, where)
 
 def test_local_put_makes_missing_directories_even_ones_it_made_and_lost(tmp_path):
     """Issue 17: ``put`` opens the file first and makes its directory only when that fails, so
-    files go straight into directories made earlier (``make_dirs``, by this or another process);
-    a directory this store made that was removed since is made again, not assumed."""
+    files go straight into directories made earlier (by this or another process, e.g. another
+    rank); a directory this store made that was removed since is made again, not assumed."""
+    import os
     import shutil
 
     s = make_store(tmp_path / "root")
@@ -88,9 +89,6 @@ def test_local_put_makes_missing_directories_even_ones_it_made_and_lost(tmp_path
     shutil.rmtree(tmp_path / "root/a/b")       # behind the store's back
     s.put("a/b/c/y", [b"two", b"!"])
     assert (tmp_path / "root/a/b/c/y").read_bytes() == b"two!"
-    s.make_dirs(["p/q", "p/r/s"])
-    assert (tmp_path / "root/p/q").is_dir() and (tmp_path / "root/p/r/s").is_dir()
-    other = make_store(tmp_path / "root")      # another writer: the directories are there
-    other.put("p/r/s/z", [b"three"])
+    os.makedirs(tmp_path / "root/p/r/s")       # another writer made these
+    s.put("p/r/s/z", [b"three"])
     assert (tmp_path / "root/p/r/s/z").read_bytes() == b"three"
-    make_store("memory://b/mk").make_dirs(["x/y"])   # object stores: nothing to make
