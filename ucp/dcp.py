@@ -396,7 +396,6 @@ class UniversalWriter(StorageWriter):
         _prepare_destination(self.path, self.overwrite, self.storage_options)
         arrays = _saved_arrays(plans)
         grids = _chunk_grids(arrays, self.chunk_bytes)
-        _make_dirs(self.path, arrays, grids, self.storage_options)
         return [dataclasses.replace(p, storage_data={"part": i, "world": len(plans), "grids": grids})
                 for i, p in enumerate(plans)]
 
@@ -516,18 +515,6 @@ def _chunk_grids(arrays: dict, chunk_bytes: Optional[int] = None) -> dict:
             memo[sig] = _grid(shape, dtype, bx, chunk_bytes)
         out[key] = memo[sig]
     return out
-
-
-def _make_dirs(path, arrays: dict, grids: dict, storage_options) -> None:
-    """Coordinator: every directory the ranks' chunk files go in, made once before they write
-    (``make_part_dirs``); an array left to the writer's default layout gets only its own."""
-    from ucp.format.parts import make_part_dirs
-
-    outer = []
-    for key, (shape, _dtype, _boxes) in arrays.items():
-        chunks, shards = grids[key]
-        outer.append((*key, shape, shards or chunks))
-    make_part_dirs(path, outer, storage_options)
 
 
 #: column blocks of the last dim of 2-D+ arrays when ``chunk_bytes`` is given
