@@ -16,17 +16,17 @@ larger size, AdamW state initialised), sharded FSDP2 x4:
 
 Every load is checked: ``full_tensor()`` of a few parameters equals the saved state.
 
-``--large HxLxF`` (default 1536x6x4096, about 2.2 GiB with the AdamW state; ``none`` to skip):
-a second job on that larger model, FileSystemWriter and UniversalWriter (default layout) only,
-so that both the fixed costs (the small model) and the per-byte costs show.
-
 ``--compare-with DIR``: the same job is also run with the ``ucp`` of another checkout (e.g.
 ``/work/main``), alternating launches, each launch measuring ``FileSystemWriter`` /
 ``FileSystemReader`` again: an A/B of two ucp versions in one run, each against the peer.
 
-Usage: python bench/bench_dcp.py [--hidden 768] [--layers 4] [--ffn 2048] [--vocab 16003]
+``--models``: one section per model size, ``HIDDENxFFN`` (default: the 571 MiB ``768x2048`` and the
+~1.6 GB ``1536x4096``, both with saves and loads; ``:save``: saves only): per-array costs dominate the
+small one, bytes the large one. Loads are timed and their CPU seconds (all ranks) shown.
+
+Usage: python bench/bench_dcp.py [--models 768x2048,1536x4096] [--layers 4] [--vocab 16003]
        [--dir /tmp] [--repeat 2] [--cold] [--chunk-kib 1024] [--workers 4] [--reader-workers 0]
-       [--large 1536x6x4096|none] [--compare-with DIR] [--out bench/results/dcp.txt]
+       [--compare-with DIR] [--out bench/results/dcp.txt]
 """
 from __future__ import annotations
 
@@ -50,9 +50,12 @@ sys.path.insert(0, os.environ.get("UCP_BENCH_ROOT", str(ROOT)))   # the ucp unde
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--models", default="768x2048,1536x4096",
+                    help="model sizes HIDDENxFFN, comma-separated, one section each; ':save': save rows only")
+    ap.add_argument("--hidden", type=int, default=768, help=argparse.SUPPRESS)    # set per model (--models)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--ffn", type=int, default=2048)
+    ap.add_argument("--ffn", type=int, default=2048, help=argparse.SUPPRESS)
+    ap.add_argument("--save-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, default=16003)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--repeat", type=int, default=2)
@@ -61,8 +64,6 @@ def parse(argv=None):
     ap.add_argument("--workers", type=int, default=4, help="threads per rank of UniversalWriter")
     ap.add_argument("--reader-workers", type=int, default=0,
                     help="threads per rank of UniversalReader (0: its default, ucp.dcp.reader_threads)")
-    ap.add_argument("--large", default="1536x6x4096", help="HIDDENxLAYERSxFFN of the larger model job, or none")
-    ap.add_argument("--subset", default="all", help=argparse.SUPPRESS)   # "large": the default writers only
     ap.add_argument("--compare-with", default=None, help="also run the job with the ucp of this checkout")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dcp.txt"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -155,8 +156,6 @@ def worker(args) -> None:
     writers = {"FileSystemWriter": lambda path: FileSystemWriter(path),
                "UniversalWriter": lambda path: UniversalWriter(path, workers=w),
                "UniversalWriter fine": lambda path: UniversalWriter(path, workers=w, chunk_bytes=args.chunk_kib << 10)}
-    if args.subset == "large":
-        del writers["UniversalWriter fine"]
     for _ in range(args.repeat):
         for name, make in writers.items():
             path = base / DIRS[name]
@@ -166,9 +165,8 @@ def worker(args) -> None:
             report["save"][name] = min(t, report["save"].get(name, t))
             report["save_cpu"][name] = min(c, report["save_cpu"].get(name, c))
     del sd
-    for layout in ("2d", "tp"):
-        report["load"][layout] = load_layout(args, cfg, layout, base, ref, counting_fs_reader, UniversalReader,
-                                             set(writers))
+    for layout in () if args.save_only else ("2d", "tp"):
+        report["load"][layout] = load_layout(args, cfg, layout, base, ref, counting_fs_reader, UniversalReader)
     if rank == 0:
         (base / "report.json").write_text(json.dumps(report))
     dist.barrier()
@@ -176,7 +174,7 @@ def worker(args) -> None:
     os._exit(0)
 
 
-def load_layout(args, cfg, layout, base, ref, fs_reader, ucp_reader, written) -> dict:
+def load_layout(args, cfg, layout, base, ref, fs_reader, ucp_reader) -> dict:
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -184,8 +182,6 @@ def load_layout(args, cfg, layout, base, ref, fs_reader, ucp_reader, written) ->
     out = {}
     for _ in range(args.repeat):
         for name, written_by in READS.items():
-            if written_by not in written:
-                continue
             sd = fresh_state(cfg, layout)
             path = base / DIRS[written_by]
             opts = {"workers": args.reader_workers} if args.reader_workers else {}   # else the version's default
@@ -216,14 +212,8 @@ def main(argv=None) -> None:
     roots = {"this checkout": ROOT}
     if args.compare_with:
         roots[f"{args.compare_with}"] = Path(args.compare_with).resolve()
-    argv = list(argv if argv is not None else sys.argv[1:])
-    jobs = [(args, argv)]
-    if args.large != "none":
-        h, n, f = (int(x) for x in args.large.split("x"))
-        large = argparse.Namespace(**{**vars(args), "hidden": h, "layers": n, "ffn": f, "subset": "large"})
-        jobs.append((large, argv + ["--hidden", str(h), "--layers", str(n), "--ffn", str(f), "--subset", "large"]))
     try:
-        text = "\n".join(run_size(a, av, roots, base) for a, av in jobs)
+        text = "\n".join(run_model(args, argv, roots, base, model) for model in args.models.split(","))
         print(text)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
@@ -231,18 +221,24 @@ def main(argv=None) -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def run_size(args, argv, roots: dict, base: Path) -> str:
-    """The jobs of one model size, the versions' launches alternating; its report text."""
+def run_model(args, argv, roots: dict, base: Path, model: str) -> str:
+    """The sections of one model size (``HIDDENxFFN[:save]``), every ucp version of ``roots``."""
+    size, _, only = model.partition(":")
+    hidden, ffn = (int(x) for x in size.split("x"))
+    extra = ["--hidden", str(hidden), "--ffn", str(ffn)] + (["--save-only"] if only == "save" else [])
+    margs = parse([*(argv if argv is not None else sys.argv[1:]), *extra])
     reps = {label: [] for label in roots}
-    for i in range(args.repeat if len(roots) > 1 else 1):
+    for i in range(args.repeat if len(roots) > 1 else 1):      # alternate the versions' launches
         for label, root in roots.items():
-            job = base / f"{args.hidden}-{len(reps[label])}-{list(roots).index(label)}"
+            job = base / f"{hidden}-{len(reps[label])}-{list(roots).index(label)}"
             job.mkdir()
-            launch(argv, root, job, repeat=1 if len(roots) > 1 else args.repeat)
+            launch([*(argv if argv is not None else sys.argv[1:]), *extra], root, job,
+                   repeat=1 if len(roots) > 1 else args.repeat)
             reps[label].append(json.loads((job / "report.json").read_text()))
             nbytes = sum(f.stat().st_size for f in (job / "fs").iterdir())
             shutil.rmtree(job, ignore_errors=True)
-    return "\n".join(render(args, best_of(r), nbytes, label if len(roots) > 1 else None) for label, r in reps.items())
+    return "\n".join(render(margs, best_of(r), nbytes, label if len(roots) > 1 else None)
+                     for label, r in reps.items())
 
 
 def launch(argv, root: Path, job: Path, repeat: int) -> None:
@@ -250,7 +246,7 @@ def launch(argv, root: Path, job: Path, repeat: int) -> None:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "UCP_BENCH_ROOT": str(root),
            "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    args = list(argv)
+    args = [a for a in (argv if argv is not None else sys.argv[1:])]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_addr", "127.0.0.1",
            "--master_port", str(port), __file__, *args, "--repeat", str(repeat), "--worker", str(job)]
     subprocess.run(cmd, env=env, check=True)
