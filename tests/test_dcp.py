@@ -267,6 +267,41 @@ def test_save_path_writes_each_array_document_once_before_commit(tmp_path):
     assert verify(path, deep=True) == []
 
 
+def test_ranks_write_their_arrays_from_staggered_starts_and_report_them_in_plan_order(tmp_path):
+    """Issue 17: each rank starts at another array (ranks creating the same directories at the
+    same moment wait for each other's mkdir): rank r of w starts at item len*r//w. The write
+    results still come back in plan order, each with its own byte count, and every array's
+    box is in the checkpoint."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorProperties
+    from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+    from ucp.dcp import _write_arrays
+    from ucp.format import commit_parts, create_checkpoint
+
+    path = tmp_path / "u"
+    full = {f"model.p{i}": torch.randn(3 * (i + 1), 4, generator=torch.Generator().manual_seed(i)) for i in range(7)}
+    world = 3
+    for rank in range(world):
+        w = create_checkpoint(path, rank=rank, world_size=world, durable=False)
+        items = []
+        for fqn, t in full.items():
+            n = t.shape[0] // world
+            box = t[rank * n:(rank + 1) * n]
+            chunk = ChunkStorageMetadata(torch.Size([rank * n, 0]), box.shape)
+            items.append((WriteItem(MetadataIndex(fqn, [rank * n, 0]), WriteItemType.SHARD, tensor_data=
+                                    TensorWriteData(chunk, TensorProperties(dtype=t.dtype), t.shape)), box))
+        results = _write_arrays(w, items, {}, workers=2)
+        assert [r.index.fqn for r in results] == list(full)
+        assert [r.size_in_bytes for r in results] == [b.numel() * 4 for _, b in items]
+        for fqn in full:
+            w.add_param(fqn[len("model."):])
+        w.commit()
+    commit_parts(path, world)
+    ck = ucp.open(path)
+    for fqn, t in full.items():
+        assert same(ck.read(fqn[len("model."):]), t)
+
+
 # ---------------------------------------------------------------------------- source and target
 def test_convert_equals_dcp_to_torch_save(tied_frozen, tmp_path):
     root, sd, ref = tied_frozen

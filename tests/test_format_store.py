@@ -74,3 +74,21 @@ def test_resume_through_every_store_adopts_the_journaled_arrays(tmp_path, where)
     w.commit()
     ck = open_checkpoint(url)
     assert torch.equal(ck.read("x"), x) and torch.equal(ck.read("y"), y)
+
+
+def test_local_put_makes_missing_directories_even_ones_it_made_and_lost(tmp_path):
+    """Issue 17: ``put`` opens the file first and makes its directory only when that fails, so
+    files go straight into directories made earlier (by this or another process, e.g. another
+    rank); a directory this store made that was removed since is made again, not assumed."""
+    import os
+    import shutil
+
+    s = make_store(tmp_path / "root")
+    s.put("a/b/c/x", [b"one"])                 # nothing exists yet, root included
+    assert (tmp_path / "root/a/b/c/x").read_bytes() == b"one"
+    shutil.rmtree(tmp_path / "root/a/b")       # behind the store's back
+    s.put("a/b/c/y", [b"two", b"!"])
+    assert (tmp_path / "root/a/b/c/y").read_bytes() == b"two!"
+    os.makedirs(tmp_path / "root/p/r/s")       # another writer made these
+    s.put("p/r/s/z", [b"three"])
+    assert (tmp_path / "root/p/r/s/z").read_bytes() == b"three"

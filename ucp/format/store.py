@@ -246,10 +246,26 @@ class LocalStore:
         with self._dlock:
             self._dirs.add(d)
 
+    def _create(self, path):
+        """Open ``path`` for writing, truncated. The file is opened first and its directory made only
+        when that fails: the directories are usually there already (made earlier by this store or,
+        for several writers, by another rank), and a mkdir of an existing directory still takes its
+        parent's lock, which writers creating files side by side contend for."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            return os.open(path, flags, 0o644)
+        except FileNotFoundError:
+            d = os.path.dirname(path)
+            with self._dlock:  # made by this store once but removed since: check them all again
+                x = d
+                while x != os.path.dirname(x):
+                    self._dirs.discard(x)
+                    x = os.path.dirname(x)
+            self._mkdir(d)
+            return os.open(path, flags, 0o644)
+
     def put(self, rel, buffers, fsync=False):
-        path = self._p(rel)
-        self._mkdir(os.path.dirname(path))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = self._create(self._p(rel))
         try:
             mvs = [m for m in (memoryview(b).cast("B") for b in buffers) if len(m)]
             while mvs:  # writev in batches (IOV_MAX is 1024 on Linux), resuming after short writes
