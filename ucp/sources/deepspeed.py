@@ -29,11 +29,12 @@ import math
 import os
 import re
 import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from ucp.engine.buffers import ReadBuffers  # noqa: F401  (the pool TensorFile reads into)
 from ucp.errors import UcpError
 from ucp.sources import Source, SourceLayout, SourceParam
 
@@ -135,17 +136,35 @@ class TensorFile:
         import torch
 
         hi = t.numel() if hi is None else hi
-        size = t.element_size()
-        offset = t.untyped_storage()._checkpoint_offset + (t.storage_offset() + lo) * size
-        n = (hi - lo) * size
+        n = (hi - lo) * t.element_size()
         out = self._buffers.take(n) if self._buffers else torch.empty(n, dtype=torch.uint8)
+        self._pread(t, lo, out)
+        return out.view(t.dtype)
+
+    def read_into(self, t, start, stop, out) -> bool:
+        """Read the box ``[start, stop)`` of contiguous meta tensor ``t`` straight into ``out``
+        (a contiguous tensor of the box's shape and ``t``'s dtype), with no buffer in between.
+        False, with ``out`` untouched, when the box is not one flat span of ``t`` (a
+        column block of a 2-D tensor): the caller reads it with :meth:`box`."""
+        import torch
+
+        if not out.numel():
+            return True
+        lo = sum(a * s for a, s in zip(start, t.stride()))
+        if sum((b - 1) * s for b, s in zip(stop, t.stride())) + 1 - lo != out.numel():
+            return False
+        self._pread(t, lo, out.view(-1).view(torch.uint8))
+        return True
+
+    def _pread(self, t, lo: int, out) -> None:
+        """Fill the uint8 tensor ``out`` from the file, starting at element ``lo`` of ``t``."""
+        offset = t.untyped_storage()._checkpoint_offset + (t.storage_offset() + lo) * t.element_size()
         if offset + out.numel() > self.size:
             raise DeepSpeedError(f"{self.path}: truncated: a tensor's bytes end at {offset + out.numel()}, "
                                  f"the file has {self.size}")
         got = os.preadv(self._fd, [out.numpy()], offset) if out.numel() else 0
         if got != out.numel():
             raise DeepSpeedError(f"{self.path}: short read at byte {offset} (truncated?)")
-        return out.view(t.dtype)
 
     def box(self, t, start, stop):
         """The box ``[start, stop)`` of meta tensor ``t``, reading only the flat span it covers."""
@@ -181,62 +200,6 @@ class TensorFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-
-class ReadBuffers:
-    """Byte buffers for :class:`TensorFile` reads, recycled once nothing views them any more.
-
-    Why: a fresh buffer per box costs the kernel a page fault and a page clear per 4 KiB before
-    ``preadv`` fills it, and an unmap after (as much CPU as the copy into the page cache that
-    writing the box costs). The engine holds a box only until it is staged or written, so the
-    buffers a conversion needs at once are about the boxes in flight; this keeps the freed ones
-    (up to ``keep`` bytes, best fit) for the next reads. A buffer comes back when the last
-    tensor or array viewing it goes (CPython frees it then), so no caller has to hand it back.
-    Not the format's shard pool (``ucp.format.shard.acquire``): that keeps four shard-sized
-    buffers handed back explicitly; sharing it left 110-130k page faults on the 628 MiB bench
-    against 80k with this one (175k with none).
-    """
-
-    def __init__(self, keep: int = 256 << 20):
-        self.keep = keep
-        self._free: list = []              # numpy uint8 buffers nobody views, smallest first
-        self._returned = deque()  # given back by finalizers, not yet sorted into _free
-        self._lock = threading.Lock()
-
-    def take(self, n: int):
-        """A 1-D uint8 tensor of ``n`` bytes (contents undefined) over a recycled buffer."""
-        import weakref
-
-        import numpy as np
-        import torch
-
-        with self._lock:
-            self._sort_returned()
-            i = next((i for i, b in enumerate(self._free) if b.size >= n), None)
-            buf = self._free.pop(i) if i is not None else None
-        if buf is None:
-            buf = np.empty(max(n, 1), dtype=np.uint8)
-        view = buf[:n]
-        # deque.append takes no lock: a finalizer may run inside a collection started while this
-        # thread holds ``_lock``, and must not wait for it
-        weakref.finalize(view, self._returned.append, buf)
-        return torch.from_numpy(view)
-
-    @property
-    def free_bytes(self) -> int:
-        """Bytes of the buffers kept for reuse (at most ``keep``)."""
-        with self._lock:
-            self._sort_returned()
-            return sum(b.size for b in self._free)
-
-    def _sort_returned(self) -> None:
-        """Move given-back buffers into the free list (caller holds ``_lock``), dropping the
-        largest while more than ``keep`` bytes are kept: the next few boxes rarely need them."""
-        while self._returned:
-            self._free.append(self._returned.popleft())
-        self._free.sort(key=lambda b: b.size)
-        while sum(b.size for b in self._free) > self.keep:
-            self._free.pop()
 
 
 # ------------------------------------------------------------------ finding the files
@@ -782,6 +745,17 @@ class DeepSpeedSource(Source):
         if t.device.type == "meta":
             return part._readers[path].box(t, piece.dst.start, piece.dst.stop).reshape(piece.src.shape)
         return t[piece.dst.slices()].reshape(piece.src.shape)
+
+    def read_into(self, fragment, state: str, piece, out) -> bool:
+        """Read the piece straight into ``out`` (contiguous, shape ``piece.src.shape``) when the
+        file holds it as one flat span in ``out``'s dtype: the engine gathers a whole state this
+        way with one copy (file -> ``out``). False, with ``out`` untouched, otherwise (the
+        engine then calls :meth:`read`, which checks the dtype)."""
+        part = self._stages[fragment.coord("pp")]
+        path, t = part._locate(fragment, state)
+        if t.device.type != "meta" or t.dtype != out.dtype or not t.is_contiguous():
+            return False
+        return part._readers[path].read_into(t, piece.dst.start, piece.dst.stop, out)
 
     def _locate(self, fragment, state: str):
         """(file, tensor as unpickled, possibly meta) holding ``state`` of ``fragment``; its shape
