@@ -32,22 +32,26 @@ def convert(source, dst, *, workers: int | None = None, resume: bool = False, ov
     ``overwrite`` replaces an existing ``dst``. The source is closed at the end.
     """
     from ucp.engine.jobs import failure_text, torchrun_rank
+    from ucp.format.manifest import gc_paused
 
     try:
         job = torchrun_rank()
-        layout = _describe(source, job)
-        mine = _my_params(layout, job)
-        writer = _open_writer(dst, job, workers=workers, resume=resume, overwrite=overwrite,
-                              storage_options=storage_options, fingerprint=source.fingerprint())
-        failure = None
-        try:
-            shown = progress and (job is None or job[0] == 0)  # one bar per job, not per process
-            write_params(writer, source, layout, [p for p in layout.params if p.name in mine], shown)
-        except Exception as e:
-            if job is None:
-                writer.abort()
-                raise
-            failure = failure_text(e)
+        # no cyclic GC while the layout's many small acyclic objects (fragments, boxes, pieces)
+        # are built and the boxes stream: its collections cost more than building them
+        with gc_paused():
+            layout = _describe(source, job)
+            mine = _my_params(layout, job)
+            writer = _open_writer(dst, job, workers=workers, resume=resume, overwrite=overwrite,
+                                  storage_options=storage_options, fingerprint=source.fingerprint())
+            failure = None
+            try:
+                shown = progress and (job is None or job[0] == 0)  # one bar per job, not per process
+                write_params(writer, source, layout, [p for p in layout.params if p.name in mine], shown)
+            except Exception as e:
+                if job is None:
+                    writer.abort()
+                    raise
+                failure = failure_text(e)
         _commit(writer, job, conversion_metadata(source, layout), failure, [p.name for p in layout.params])
     finally:
         source.close()
