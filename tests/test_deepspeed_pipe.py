@@ -196,24 +196,39 @@ def test_model_parallel_ranks_without_layer_files_refused(pipe_runs, tmp_path):
 
 
 # ------------------------------------------------------------------ pipeline x tensor parallelism
+#: cell -> (ZeRO stage, dtype): pp 2 x tp 2 on 4 ranks, 2 AdamW steps. Stage 0 with bf16 is
+#: DeepSpeed's BF16_Optimizer (Megatron-DeepSpeed's usual setting), which records no param_shapes:
+#: the blocks' shapes come from each tensor-parallel rank's own layer files.
+TP_CELLS = {"pp2tp2-z1-fp32": (1, "fp32"), "pp2tp2-bf16-optimizer": (0, "bf16")}
+
+
 @pytest.fixture(scope="session")
-def tp_run(tmp_path_factory):
-    """A pp 2 x tp 2 ZeRO-1 checkpoint (4 ranks, 2 AdamW steps), its per-stage references and
-    ucp's conversion with ``--from auto`` (the default spec, converters/deepspeed_pipe_tp.ucp)."""
+def tp_runs(tmp_path_factory):
+    """Every tensor-parallel cell's checkpoint, its per-stage references and ucp's conversion
+    with ``--from auto`` (the default spec, converters/deepspeed_pipe_tp.ucp)."""
     import ucp
 
     base = tmp_path_factory.mktemp("ds-pipe-tp")
-    ck, ref = base / "pp2tp2", base / "pp2tp2-ref.pt"
-    run_ds_job(TP_SCRIPT, 4, "--out", ck, "--pp", 2, "--tp", 2, "--ref", ref, cwd=base)
-    ucp.convert(str(ck), str(base / "u"), source="auto")
-    refs = [torch.load(f"{ref}.stage{s}", weights_only=True) for s in (0, 1)]
-    return ck, refs, ucp.open(str(base / "u"))
+    out = {}
+    for cell, (stage, dtype) in TP_CELLS.items():
+        ck, ref = base / cell, base / f"{cell}-ref.pt"
+        run_ds_job(TP_SCRIPT, 4, "--out", ck, "--pp", 2, "--tp", 2, "--stage", stage, "--dtype", dtype, "--ref", ref,
+                   cwd=base)
+        ucp.convert(str(ck), str(base / f"{cell}-u"), source="auto")
+        refs = [torch.load(f"{ref}.stage{s}", weights_only=True) for s in (0, 1)]
+        out[cell] = (ck, refs, ucp.open(str(base / f"{cell}-u")))
+    return out
+
+
+@pytest.fixture
+def tp_run(tp_runs):
+    return tp_runs["pp2tp2-z1-fp32"]
 
 
 def test_tp_files_are_deepspeeds_model_parallel_layout(tp_run):
     """What the fixture relies on: DeepSpeed names the files by layer and tensor-parallel rank,
     and by the model-parallel rank stage * tp + tp rank, one ZeRO-1 optimizer file each."""
-    names = sorted(p.name for p in (tp_run[0] / TP_TAG).iterdir())
+    names = sorted(p.name for p in (tp_run[0] / TP_TAG).iterdir())  # fp32 ZeRO-1: no bf16_ prefix
     assert [n for n in names if n.startswith("layer_")] == \
         [f"layer_{i:02d}-model_{t:02d}-model_states.pt" for i in range(6) for t in range(2)]
     assert [n for n in names if n.startswith(("mp_rank", "zero_pp"))] == \
@@ -221,12 +236,13 @@ def test_tp_files_are_deepspeeds_model_parallel_layout(tp_run):
         [f"zero_pp_rank_0_mp_rank_{m:02d}_optim_states.pt" for m in range(4)]
 
 
-def test_tp_states_equal_deepspeeds_gather_over_tp(tp_run):
+@pytest.mark.parametrize("cell", list(TP_CELLS))
+def test_tp_states_equal_deepspeeds_gather_over_tp(cell, tp_runs):
     """fp32 master, exp_avg and exp_avg_sq of every parameter of every stage equal DeepSpeed's
     own gather of each tensor-parallel block, concatenated over tp in the producing run (vocab
     rows and column-parallel rows on dim 0, row-parallel columns on dim 1), bit for bit; the
     replicated ones were equal on both ranks there; `step` is the stage optimizer's."""
-    _, refs, ck = tp_run
+    _, refs, ck = tp_runs[cell]
     seen = set()
     for ref in refs:
         assert ref["unequal_replicas"] == [] and ref["step"] == [2]
@@ -237,7 +253,8 @@ def test_tp_states_equal_deepspeeds_gather_over_tp(tp_run):
             assert ck.param_meta(name)["scalars"]["step"] == 2
         seen |= set(ref["param"])
     assert set(ck.params) == seen
-    assert {ref["tp_dim"]["1.self_attention.dense.weight"] for ref in refs[:1]} == {1}
+    assert refs[0]["tp_dim"]["1.self_attention.dense.weight"] == 1
+    assert ck.metadata["deepspeed"]["zero_stage"] == TP_CELLS[cell][0]
 
 
 def test_tp_layout_recorded(tp_run):

@@ -88,9 +88,11 @@ def init(seed, *shape, scale=0.02):
 
 
 def shard(full, dim):
-    """This tensor-parallel rank's block of ``full`` along ``dim``, as a parameter that records it."""
+    """This tensor-parallel rank's block of ``full`` along ``dim``, as a parameter that records it
+    (Megatron's attributes, by which DeepSpeed counts it once per rank in the gradient norm)."""
     p = nn.Parameter(full.chunk(TP["size"], dim=dim)[TP["rank"]].clone())
-    p.tp_dim = dim
+    p.tp_dim = p.partition_dim = dim
+    p.tensor_model_parallel, p.partition_stride = True, 1
     return p
 
 
