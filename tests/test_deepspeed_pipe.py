@@ -350,3 +350,21 @@ def test_tp_spec_without_a_rule_for_a_parameter_named(tp_run, tmp_path):
     msg = spec_error(tp_run, tmp_path, default_spec().replace('param "**" = replicate(over=tp)', ""))
     assert str(tp_run[0] / TP_TAG / "mp_rank_00_model_states.pt") in msg and "--spec" in msg
     assert "1.input_layernorm.weight" in msg and "5.bias" in msg and "tp_degree=2" in msg, msg
+
+
+def test_tp_export_to_ranks_at_tp2_gives_deepspeeds_own_blocks(tp_run, tmp_path):
+    """The other direction of the spec: `ucp export --to ranks --tp 2` (the spec the conversion
+    recorded) gives every tensor-parallel rank exactly the block DeepSpeed saved in its
+    ``layer_XX-model_YY`` file (fp32 ZeRO-1: the module weights are the fp32 master)."""
+    from ucp.cli import main
+
+    ck_dir, _, ck = tp_run
+    assert main(["export", str(tp_run[2].path), str(tmp_path / "r"), "--to", "ranks", "--tp", "2"]) == 0
+    for t in range(2):
+        held = torch.load(tmp_path / "r" / f"rank-tp{t}.pt", weights_only=True)["param"]
+        assert list(held) == list(ck.params)
+        for f in sorted((ck_dir / TP_TAG).glob(f"layer_*-model_{t:02d}-model_states.pt")):
+            layer = int(f.name[6:8])
+            for key, saved in torch.load(f, weights_only=True).items():
+                name = f"tied_modules.embed.{key}" if layer == 0 else f"{layer}.{key}"
+                assert same(held[name], saved), (t, name)
