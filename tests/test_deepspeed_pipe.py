@@ -196,10 +196,11 @@ def test_model_parallel_ranks_without_layer_files_refused(pipe_runs, tmp_path):
 
 
 # ------------------------------------------------------------------ pipeline x tensor parallelism
-#: cell -> (ZeRO stage, dtype): pp 2 x tp 2 on 4 ranks, 2 AdamW steps. Stage 0 with bf16 is
-#: DeepSpeed's BF16_Optimizer (Megatron-DeepSpeed's usual setting), which records no param_shapes:
-#: the blocks' shapes come from each tensor-parallel rank's own layer files.
-TP_CELLS = {"pp2tp2-z1-fp32": (1, "fp32"), "pp2tp2-bf16-optimizer": (0, "bf16")}
+#: cell -> (ZeRO stage, dtype, extra flags): pp 2 x tp 2 on 4 ranks, 2 AdamW steps. Stage 0 with
+#: bf16 is DeepSpeed's BF16_Optimizer (Megatron-DeepSpeed's usual setting), which records no
+#: param_shapes: the blocks' shapes come from each tensor-parallel rank's own layer files.
+#: --frozen freezes a replicated and a split weight (tests/dist/ds_pipe_tp.py FROZEN).
+TP_CELLS = {"pp2tp2-z1-fp32-frozen": (1, "fp32", ["--frozen"]), "pp2tp2-bf16-optimizer": (0, "bf16", [])}
 
 
 @pytest.fixture(scope="session")
@@ -210,10 +211,10 @@ def tp_runs(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("ds-pipe-tp")
     out = {}
-    for cell, (stage, dtype) in TP_CELLS.items():
+    for cell, (stage, dtype, extra) in TP_CELLS.items():
         ck, ref = base / cell, base / f"{cell}-ref.pt"
         run_ds_job(TP_SCRIPT, 4, "--out", ck, "--pp", 2, "--tp", 2, "--stage", stage, "--dtype", dtype, "--ref", ref,
-                   cwd=base)
+                   *extra, cwd=base)
         ucp.convert(str(ck), str(base / f"{cell}-u"), source="auto")
         refs = [torch.load(f"{ref}.stage{s}", weights_only=True) for s in (0, 1)]
         out[cell] = (ck, refs, ucp.open(str(base / f"{cell}-u")))
@@ -222,7 +223,7 @@ def tp_runs(tmp_path_factory):
 
 @pytest.fixture
 def tp_run(tp_runs):
-    return tp_runs["pp2tp2-z1-fp32"]
+    return tp_runs["pp2tp2-z1-fp32-frozen"]
 
 
 def test_tp_files_are_deepspeeds_model_parallel_layout(tp_run):
@@ -241,7 +242,9 @@ def test_tp_states_equal_deepspeeds_gather_over_tp(cell, tp_runs):
     """fp32 master, exp_avg and exp_avg_sq of every parameter of every stage equal DeepSpeed's
     own gather of each tensor-parallel block, concatenated over tp in the producing run (vocab
     rows and column-parallel rows on dim 0, row-parallel columns on dim 1), bit for bit; the
-    replicated ones were equal on both ranks there; `step` is the stage optimizer's."""
+    replicated ones were equal on both ranks there; `step` is the stage optimizer's. Frozen
+    weights (a replicated and a split one) equal the module's, gathered the same way, with
+    frozen recorded and no optimizer state."""
     _, refs, ck = tp_runs[cell]
     seen = set()
     for ref in refs:
@@ -251,8 +254,13 @@ def test_tp_states_equal_deepspeeds_gather_over_tp(cell, tp_runs):
                 assert same(ck.read(name, st), t), (st, name)
         for name in ref["param"]:
             assert ck.param_meta(name)["scalars"]["step"] == 2
-        seen |= set(ref["param"])
+        for name, t in ref["frozen"].items():
+            assert ck.param_meta(name).get("frozen") is True and ck.states(name) == ["param"]
+            assert same(ck.read(name, "param"), t), name
+        seen |= set(ref["param"]) | set(ref["frozen"])
     assert set(ck.params) == seen
+    assert {n for n in ck.params if ck.param_meta(n).get("frozen")} == \
+        ({"1.input_layernorm.weight", "2.mlp.dense_h_to_4h.bias"} if "--frozen" in TP_CELLS[cell][2] else set())
     assert refs[0]["tp_dim"]["1.self_attention.dense.weight"] == 1
     assert ck.metadata["deepspeed"]["zero_stage"] == TP_CELLS[cell][0]
 
@@ -273,7 +281,7 @@ def test_tp_layout_recorded(tp_run):
     assert ck.metadata["deepspeed"]["pipeline"] == {"pp_degree": 2, "tp_degree": 2}
     names = list(ck.params)
     assert names[0] == emb and names[-2:] == ["5.weight", "5.bias"]
-    assert names == list(dict.fromkeys([*refs[0]["param"], *refs[1]["param"]]))
+    assert names == list(dict.fromkeys([*refs[0]["order"], *refs[1]["order"]]))
 
 
 def test_tp_cli_with_a_spec_file_equals_the_default(tp_run, tmp_path):
