@@ -277,7 +277,8 @@ def test_tp_layout_recorded(tp_run):
     assert meta["rule"].endswith("deepspeed_pipe_tp.ucp:30:1")
     assert meta["fragmentation"]["degrees"] == {"pp": 2, "tp": 2, "dp": 1}
     ranks = ck.param_meta("1.self_attention.dense.weight")["fragmentation"]["ranks"]
-    assert [(r["coords"]["tp"], r["pieces"][0][:2]) for r in ranks] == [(0, [[0, 0], [72, 36]]), (1, [[0, 36], [72, 72]])]
+    assert [(r["coords"]["tp"], r["pieces"][0][:2]) for r in ranks] == \
+        [(0, [[0, 0], [72, 36]]), (1, [[0, 36], [72, 72]])]
     assert ck.metadata["deepspeed"]["pipeline"] == {"pp_degree": 2, "tp_degree": 2}
     names = list(ck.params)
     assert names[0] == emb and names[-2:] == ["5.weight", "5.bias"]
@@ -349,7 +350,8 @@ def test_tp_spec_whose_split_disagrees_with_the_files_named(tp_run, tmp_path):
     """A spec padding the vocabulary to 96 * tp rows (1152, blocks of 576) against files holding
     blocks of 512: the parameter, the files, the rule and the degree are named."""
     msg = spec_error(tp_run, tmp_path, default_spec().replace("vocab_multiple = 128", "vocab_multiple = 96"))
-    assert "tied_modules.embed.word_embeddings.weight" in msg and str(tp_run[0] / TP_TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt") in msg
+    assert "tied_modules.embed.word_embeddings.weight" in msg
+    assert str(tp_run[0] / TP_TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt") in msg
     assert "[(512, 72), (512, 72)]" in msg and "bad.ucp:30:1" in msg and "tp=2" in msg and "disagrees" in msg, msg
 
 

@@ -269,8 +269,8 @@ def main():
            "pipeline": {"pipe_partitioned": False, "grad_partitioned": False}}
     if args.dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                          config=cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=cfg)
     data = batches(0, args.steps, micro)
     for _ in range(args.steps):
         engine.train_batch(data)

@@ -14,6 +14,12 @@ DeepSpeed writes, per tag folder (``global_step3/``, named by ``latest``):
   in it (``param_slice_mappings``; padding stripped). ZeRO-3: per ``sub_group_size`` sub-group,
   the concatenation of every member parameter's own rank-r partition (``ceil(numel / dp)``
   elements, the last rank's padded).
+* Pipeline checkpoints (``PipelineModule``, the layout Megatron-DeepSpeed writes):
+  ``layer_XX[-model_YY]-model_states.pt`` per layer (and tensor-parallel rank YY), and the files
+  above once per model-parallel rank ``mp_rank_MM``, MM = stage * tp + YY. Which stage holds a
+  layer comes from the files; how each tensor-parallel block lies in the universal tensor from a
+  spec (``--spec``, default ``converters/deepspeed_pipe_tp.ucp``), the only part of the layout
+  DeepSpeed does not record.
 
 The fragments come from that saved metadata (``param_slice_mappings``, ``param_shapes``), so
 the layout is exactly what DeepSpeed recorded, whatever its alignment or ordering options. The
@@ -586,12 +592,13 @@ class DeepSpeedSource(Source):
                 raise DeepSpeedError(f"{files[extra[0]]}: a file of tensor-parallel rank {extra[0]}, but "
                                      f"{self.files.model[0].name} records tp_degree={tp}")
             if missing:
-                raise DeepSpeedError(f"{self.folder / f'layer_{layer:02d}-model_{missing[0]:02d}-model_states.pt'}: file "
-                                     f"is missing (the checkpoint records tp_degree={tp}; layer {layer} has files of "
-                                     f"tensor-parallel ranks {sorted(files)})")
+                gone = self.folder / f"layer_{layer:02d}-model_{missing[0]:02d}-model_states.pt"
+                raise DeepSpeedError(f"{gone}: file is missing (the checkpoint records tp_degree={tp}; layer {layer} "
+                                     f"has files of tensor-parallel ranks {sorted(files)})")
 
     def _for_model_rank(self, mp: int) -> "DeepSpeedSource":
-        """This checkpoint's reader for the files of model-parallel rank ``mp`` (one pipeline stage)."""
+        """This checkpoint's reader for the files of model-parallel rank ``mp`` (one pipeline stage's
+        block on one tensor-parallel rank)."""
         part = object.__new__(type(self))
         Source.__init__(part, self.path)
         part.folder, part.files = self.folder, RankFiles.scan(self.folder, mp)
