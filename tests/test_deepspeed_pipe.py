@@ -378,3 +378,27 @@ def test_tp_export_to_ranks_at_tp2_gives_deepspeeds_own_blocks(tp_run, tmp_path)
             for key, saved in torch.load(f, weights_only=True).items():
                 name = f"tied_modules.embed.{key}" if layer == 0 else f"{layer}.{key}"
                 assert same(held[name], saved), (t, name)
+
+
+def test_tp_equals_ds_to_universal(tp_run, tmp_path):
+    """DeepSpeed's own ``ds_to_universal`` on the same checkpoint, merging the tensor-parallel
+    slices by the ``universal_checkpoint_info`` patterns Megatron-DeepSpeed saves (row-parallel
+    weights on dim 1, replicated ones from one rank, the vocabulary cut back to its 1003 rows):
+    the same fp32 master, exp_avg and exp_avg_sq for every parameter it writes (frozen ones it
+    drops); ucp keeps the 21 padded vocabulary rows the tied head trained."""
+    ck_dir, _, ck = tp_run
+    out = tmp_path / "ds-universal"
+    res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                          str(ck_dir / TP_TAG), "--output_folder", str(out), "--num_extract_workers", "1",
+                          "--num_merge_workers", "1"], env={**os.environ, **DS_ENV}, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    written = sorted(p.name for p in (out / "zero").iterdir() if p.is_dir())
+    assert written == sorted(n for n in ck.params if not ck.param_meta(n).get("frozen"))
+    for name in written:
+        for stem, st in (("fp32", "param"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+            held = torch.load(out / "zero" / name / f"{stem}.pt", weights_only=True)
+            ours = ck.read(name, st)
+            assert same(ours[:1003] if held.get("vocab_tensor") else ours, held["param"]), (name, st)
+    assert torch.load(out / "zero" / "tied_modules.embed.word_embeddings.weight" / "fp32.pt",
+                      weights_only=True)["vocab_tensor"] is True

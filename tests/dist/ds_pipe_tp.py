@@ -234,6 +234,23 @@ def build(pp, tp, dp):
                           base_seed=1234)
 
 
+def universal_checkpoint_info():
+    """What Megatron-DeepSpeed saves as ``universal_checkpoint_info`` (GPTModelPipe's patterns,
+    the vocabulary sizes): how DeepSpeed's own ``ds_to_universal`` merges the tensor-parallel
+    slices of these names."""
+    from deepspeed.checkpoint import constants as c
+
+    return {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+            c.ORIGINAL_VOCAB_SIZE: VOCAB, c.PADDED_VOCAB_SIZE: padded_vocab(),
+            c.VOCABULARY_PARAMETER_PATTERNS: [r"tied_modules.embed.word_embeddings.weight"],
+            c.PIPELINE_REPLICATED_PARAMETER_PATTERNS: [r"tied_modules.embed.word_embeddings.weight"],
+            c.TP_REPLICATED_PARAMETER_PATTERNS: [
+                r"\d+.input_layernorm.weight", r"\d+.input_layernorm.bias", r"\d+.post_attention_layernorm.weight",
+                r"\d+.post_attention_layernorm.bias", r"\d+.self_attention.dense.bias", r"\d+.mlp.dense_4h_to_h.bias",
+                r"\d+.weight", r"\d+.bias"],
+            c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r"\d+.mlp.dense_4h_to_h.weight", r"\d+.self_attention.dense.weight"]}
+
+
 def batches(start, n, micro):
     for s in range(start, start + n):
         ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1000 + s))
@@ -274,7 +291,8 @@ def main():
     data = batches(0, args.steps, micro)
     for _ in range(args.steps):
         engine.train_batch(data)
-    engine.save_checkpoint(args.out, client_state={"note": "ucp pipeline tp fixture"})
+    engine.save_checkpoint(args.out, client_state={"note": "ucp pipeline tp fixture",
+                                                   "universal_checkpoint_info": universal_checkpoint_info()})
     if args.ref:
         dump_reference(engine, model, args.ref)
     dist.barrier()
