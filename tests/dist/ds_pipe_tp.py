@@ -21,10 +21,11 @@ then the reference answers: per stage, every parameter's fp32 master, ``exp_avg`
 ``exp_avg_sq`` as DeepSpeed gathers them over dp (``safe_get_full_fp32_param`` /
 ``safe_get_full_optimizer_state``), all-gathered over the tensor-parallel group and concatenated
 along the dimension the layer split (replicated ones: tensor-parallel rank 0's, with a check that
-every rank's copy is equal), saved by the stage's first rank as ``--ref``.stage{S} with torch.save.
+every rank's copy is equal), saved by the stage's first rank as ``--ref``.stage{S} with
+torch.save; ``--frozen`` weights as the module holds them (all-gathered the same way).
 
 Usage: torchrun --nproc_per_node PP*TP*DP ds_pipe_tp.py --out DIR --pp 2 --tp 2 --ref FILE
-       [--dtype fp32|bf16] [--stage 0|1] [--steps 2]
+       [--dtype fp32|bf16] [--stage 0|1] [--steps 2] [--frozen]
 """
 import argparse
 import os
@@ -36,6 +37,8 @@ from torch import nn
 
 VOCAB, VOCAB_MULTIPLE, HIDDEN, HEADS, FFN, LAYERS = 1003, 128, 72, 6, 200, 4
 BATCH, SEQ = 8, 12
+#: frozen by --frozen: a replicated and a column-parallel (split) weight
+FROZEN = ("1.input_layernorm.weight", "2.mlp.dense_h_to_4h.bias")
 TP = {"group": None, "rank": 0, "size": 1}
 
 
@@ -88,9 +91,11 @@ def init(seed, *shape, scale=0.02):
 
 
 def shard(full, dim):
-    """This tensor-parallel rank's block of ``full`` along ``dim``, as a parameter that records it."""
+    """This tensor-parallel rank's block of ``full`` along ``dim``, as a parameter that records it
+    (Megatron's attributes, by which DeepSpeed counts it once per rank in the gradient norm)."""
     p = nn.Parameter(full.chunk(TP["size"], dim=dim)[TP["rank"]].clone())
-    p.tp_dim = dim
+    p.tp_dim = p.partition_dim = dim
+    p.tensor_model_parallel, p.partition_stride = True, 1
     return p
 
 
@@ -229,6 +234,23 @@ def build(pp, tp, dp):
                           base_seed=1234)
 
 
+def universal_checkpoint_info():
+    """What Megatron-DeepSpeed saves as ``universal_checkpoint_info`` (GPTModelPipe's patterns,
+    the vocabulary sizes): how DeepSpeed's own ``ds_to_universal`` merges the tensor-parallel
+    slices of these names."""
+    from deepspeed.checkpoint import constants as c
+
+    return {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+            c.ORIGINAL_VOCAB_SIZE: VOCAB, c.PADDED_VOCAB_SIZE: padded_vocab(),
+            c.VOCABULARY_PARAMETER_PATTERNS: [r"tied_modules.embed.word_embeddings.weight"],
+            c.PIPELINE_REPLICATED_PARAMETER_PATTERNS: [r"tied_modules.embed.word_embeddings.weight"],
+            c.TP_REPLICATED_PARAMETER_PATTERNS: [
+                r"\d+.input_layernorm.weight", r"\d+.input_layernorm.bias", r"\d+.post_attention_layernorm.weight",
+                r"\d+.post_attention_layernorm.bias", r"\d+.self_attention.dense.bias", r"\d+.mlp.dense_4h_to_h.bias",
+                r"\d+.weight", r"\d+.bias"],
+            c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r"\d+.mlp.dense_4h_to_h.weight", r"\d+.self_attention.dense.weight"]}
+
+
 def batches(start, n, micro):
     for s in range(start, start + n):
         ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1000 + s))
@@ -244,6 +266,7 @@ def main():
     ap.add_argument("--stage", type=int, default=1)
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--frozen", action="store_true", help=f"freeze {', '.join(FROZEN)}")
     ap.add_argument("--ref")
     args = ap.parse_args()
 
@@ -252,6 +275,9 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo")
     dp = dist.get_world_size() // (args.pp * args.tp)
     model = build(args.pp, args.tp, dp)
+    for name, p in model.named_parameters():
+        if args.frozen and name in FROZEN:
+            p.requires_grad_(False)
     micro = BATCH // dp // 2
     cfg = {"train_batch_size": BATCH, "train_micro_batch_size_per_gpu": micro, "steps_per_print": 10 ** 9,
            "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
@@ -260,11 +286,13 @@ def main():
            "pipeline": {"pipe_partitioned": False, "grad_partitioned": False}}
     if args.dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=cfg)
     data = batches(0, args.steps, micro)
     for _ in range(args.steps):
         engine.train_batch(data)
-    engine.save_checkpoint(args.out, client_state={"note": "ucp pipeline tp fixture"})
+    engine.save_checkpoint(args.out, client_state={"note": "ucp pipeline tp fixture",
+                                                   "universal_checkpoint_info": universal_checkpoint_info()})
     if args.ref:
         dump_reference(engine, model, args.ref)
     dist.barrier()
@@ -290,10 +318,12 @@ def dump_reference(engine, model, path):
     if hasattr(opt, "_hp_optimizer_states_linked"):
         opt._hp_optimizer_states_linked = False
         opt._lazy_init_hp_params_optimizer_state()
-    out = {"param": {}, "exp_avg": {}, "exp_avg_sq": {}, "model": {}, "unequal_replicas": [], "tp_dim": {}}
+    out = {"param": {}, "exp_avg": {}, "exp_avg_sq": {}, "model": {}, "frozen": {}, "unequal_replicas": [],
+           "tp_dim": {}, "order": [name for name, _ in model.named_parameters()]}
     for name, p in model.named_parameters():
-        got = {"param": safe_get_full_fp32_param(p), "model": p.detach(),
-               **{st: safe_get_full_optimizer_state(p, st) for st in ("exp_avg", "exp_avg_sq")}}
+        got = {"frozen": p.detach()} if not p.requires_grad else {
+            "param": safe_get_full_fp32_param(p), "model": p.detach(),
+            **{st: safe_get_full_optimizer_state(p, st) for st in ("exp_avg", "exp_avg_sq")}}
         for st, t in got.items():
             out[st][name], equal = gather_tp(t.clone(), p.tp_dim)
             if not equal:
