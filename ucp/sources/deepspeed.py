@@ -833,7 +833,7 @@ class DeepSpeedSource(Source):
         file holds it as one flat span in ``out``'s dtype: the engine gathers a whole state this
         way with one copy (file -> ``out``). False, with ``out`` untouched, otherwise (the
         engine then calls :meth:`read`, which checks the dtype)."""
-        part = self._stages[fragment.coord("pp")]
+        part = self._part(fragment)
         path, t = part._locate(fragment, state)
         if t.device.type != "meta" or t.dtype != out.dtype or not t.is_contiguous():
             return False
