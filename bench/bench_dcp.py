@@ -20,7 +20,11 @@ Every load is checked: ``full_tensor()`` of a few parameters equals the saved st
 ``/work/main``), alternating launches, each launch measuring ``FileSystemWriter`` /
 ``FileSystemReader`` again: an A/B of two ucp versions in one run, each against the peer.
 
-Usage: python bench/bench_dcp.py [--hidden 768] [--layers 4] [--ffn 2048] [--vocab 16003]
+``--models``: one section per model size, ``HIDDENxFFN`` (default: the 571 MiB ``768x2048`` with
+saves and loads, and the ~2 GB ``1536x4096`` with saves only, ``:save``): per-array costs dominate the
+small one, bytes the large one.
+
+Usage: python bench/bench_dcp.py [--models 768x2048,1536x4096:save] [--layers 4] [--vocab 16003]
        [--dir /tmp] [--repeat 2] [--cold] [--chunk-kib 1024] [--workers 4]
        [--compare-with DIR] [--out bench/results/dcp.txt]
 """
@@ -46,9 +50,12 @@ sys.path.insert(0, os.environ.get("UCP_BENCH_ROOT", str(ROOT)))   # the ucp unde
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--models", default="768x2048,1536x4096:save",
+                    help="model sizes HIDDENxFFN, comma-separated, one section each; ':save': save rows only")
+    ap.add_argument("--hidden", type=int, default=768, help=argparse.SUPPRESS)    # set per model (--models)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--ffn", type=int, default=2048)
+    ap.add_argument("--ffn", type=int, default=2048, help=argparse.SUPPRESS)
+    ap.add_argument("--save-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, default=16003)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--repeat", type=int, default=2)
@@ -156,7 +163,7 @@ def worker(args) -> None:
             report["save"][name] = min(t, report["save"].get(name, t))
             report["save_cpu"][name] = min(c, report["save_cpu"].get(name, c))
     del sd
-    for layout in ("2d", "tp"):
+    for layout in () if args.save_only else ("2d", "tp"):
         report["load"][layout] = load_layout(args, cfg, layout, base, ref, counting_fs_reader, UniversalReader)
     if rank == 0:
         (base / "report.json").write_text(json.dumps(report))
@@ -202,23 +209,32 @@ def main(argv=None) -> None:
     if args.compare_with:
         roots[f"{args.compare_with}"] = Path(args.compare_with).resolve()
     try:
-        reps = {label: [] for label in roots}
-        for i in range(args.repeat if len(roots) > 1 else 1):      # alternate the versions' launches
-            for label, root in roots.items():
-                job = base / f"{len(reps[label])}-{list(roots).index(label)}"
-                job.mkdir()
-                launch(argv, root, job, repeat=1 if len(roots) > 1 else args.repeat)
-                reps[label].append(json.loads((job / "report.json").read_text()))
-                nbytes = sum(f.stat().st_size for f in (job / "fs").iterdir())
-                if len(roots) > 1:
-                    shutil.rmtree(job, ignore_errors=True)
-        text = "\n".join(render(args, best_of(r), nbytes, label if len(roots) > 1 else None)
-                         for label, r in reps.items())
+        text = "\n".join(run_model(args, argv, roots, base, model) for model in args.models.split(","))
         print(text)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def run_model(args, argv, roots: dict, base: Path, model: str) -> str:
+    """The sections of one model size (``HIDDENxFFN[:save]``), every ucp version of ``roots``."""
+    size, _, only = model.partition(":")
+    hidden, ffn = (int(x) for x in size.split("x"))
+    extra = ["--hidden", str(hidden), "--ffn", str(ffn)] + (["--save-only"] if only == "save" else [])
+    margs = parse([*(argv if argv is not None else sys.argv[1:]), *extra])
+    reps = {label: [] for label in roots}
+    for i in range(args.repeat if len(roots) > 1 else 1):      # alternate the versions' launches
+        for label, root in roots.items():
+            job = base / f"{hidden}-{len(reps[label])}-{list(roots).index(label)}"
+            job.mkdir()
+            launch([*(argv if argv is not None else sys.argv[1:]), *extra], root, job,
+                   repeat=1 if len(roots) > 1 else args.repeat)
+            reps[label].append(json.loads((job / "report.json").read_text()))
+            nbytes = sum(f.stat().st_size for f in (job / "fs").iterdir())
+            shutil.rmtree(job, ignore_errors=True)
+    return "\n".join(render(margs, best_of(r), nbytes, label if len(roots) > 1 else None)
+                     for label, r in reps.items())
 
 
 def launch(argv, root: Path, job: Path, repeat: int) -> None:

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from ucp.errors import IncompleteCheckpointError, NotCommittedError, OverlapError, UcpError
-from ucp.format import (aligned_chunks, commit_parts, create_checkpoint, open_checkpoint, split_boxes,
-                        verify)
+from ucp.format import (aligned_chunks, commit_parts, create_checkpoint, encode_param, open_checkpoint,
+                        split_boxes, verify)
+from ucp.format.store import make_store
 
 # The worker runs in a fresh interpreter (like a torchrun rank): it rebuilds the same full tensors
 # from a seed and writes its share of them.
@@ -354,3 +355,40 @@ def test_records_handed_over_in_memory_commit_the_same_checkpoint(tmp_path):
     ck = open_checkpoint(tmp_path)
     assert torch.equal(ck.read("a"), x) and torch.equal(ck.read("c"), x * 2)
     assert verify(tmp_path) == []
+
+
+def test_premade_dirs_are_exactly_where_the_ranks_write_their_chunk_files(tmp_path):
+    """Issue 17: the coordinator makes every chunk directory once before the ranks write
+    (``make_part_dirs``); the ranks then create no directory of their own. The rule that names
+    the directories must match the writer's chunk keys: plain 1-D and 3-D arrays, a sharded 2-D
+    array, a 0-d array and one left to the default layout (only its own directory)."""
+    from ucp.format.parts import chunk_dirs, make_part_dirs
+
+    x3 = torch.arange(5 * 6 * 4, dtype=torch.float32).reshape(5, 6, 4)
+    x2 = torch.arange(10 * 8, dtype=torch.float32).reshape(10, 8)
+    x1 = torch.arange(7, dtype=torch.int64)
+    decl = [("a.b", "param", x3, (2, 4, 4), None), ("a.b", "exp_avg", x2, (2, 4), (6, 8)),
+            ("c%d", "param", x1, (3,), None), ("s", "param", torch.tensor(2.5), (), None)]
+    n = make_part_dirs(tmp_path, [(nm, st, tuple(t.shape), sh or ch) for nm, st, t, ch, sh in decl]
+                       + [("d", "param", (9, 9), None)])
+    made = {os.path.relpath(dp, tmp_path) for dp, _dn, _fn in os.walk(tmp_path)} - {"."}
+    want = {"_ucp", "_ucp/parts", "d", "d/param", "a.b", "c%25d", "s"}
+    for nm, st, t, ch, sh in decl:
+        want |= set(chunk_dirs(f"{encode_param(nm)}/{st}", tuple(t.shape), sh or ch))
+    assert made == want and n == len(want) - 5      # the listed ones, parents made on the way
+    assert chunk_dirs("a/p", (5, 6, 4), (2, 4, 4)) == ["a/p", "a/p/c", "a/p/c/0", "a/p/c/1", "a/p/c/2",
+                                                         "a/p/c/0/0", "a/p/c/0/1", "a/p/c/1/0", "a/p/c/1/1",
+                                                         "a/p/c/2/0", "a/p/c/2/1"]
+    w = create_checkpoint(tmp_path, rank=0, world_size=1, durable=False)
+    for nm, st, t, ch, sh in decl:
+        w.add_array(nm, st, tuple(t.shape), t.dtype, chunks=ch, shards=sh).write((0,) * t.dim(), t)
+    w.commit()
+    chunk_files = [f for f in make_store(tmp_path).list_files() if not f.endswith(".json") and "/c" in f
+                   and not f.startswith("_ucp")]
+    assert {os.path.dirname(f) for f in chunk_files} <= made       # every chunk file in a premade dir
+    made_after = {os.path.relpath(dp, tmp_path) for dp, _dn, _fn in os.walk(tmp_path)} - {"."}
+    assert made_after == made                                    # and the rank made none of its own
+    commit_parts(tmp_path, 1)
+    ck = open_checkpoint(tmp_path)
+    for nm, st, t, _ch, _sh in decl:
+        assert torch.equal(ck.read(nm, st), t)

@@ -74,3 +74,23 @@ def test_resume_through_every_store_adopts_the_journaled_arrays(tmp_path, where)
     w.commit()
     ck = open_checkpoint(url)
     assert torch.equal(ck.read("x"), x) and torch.equal(ck.read("y"), y)
+
+
+def test_local_put_makes_missing_directories_even_ones_it_made_and_lost(tmp_path):
+    """Issue 17: ``put`` opens the file first and makes its directory only when that fails, so
+    files go straight into directories made earlier (``make_dirs``, by this or another process);
+    a directory this store made that was removed since is made again, not assumed."""
+    import shutil
+
+    s = make_store(tmp_path / "root")
+    s.put("a/b/c/x", [b"one"])                 # nothing exists yet, root included
+    assert (tmp_path / "root/a/b/c/x").read_bytes() == b"one"
+    shutil.rmtree(tmp_path / "root/a/b")       # behind the store's back
+    s.put("a/b/c/y", [b"two", b"!"])
+    assert (tmp_path / "root/a/b/c/y").read_bytes() == b"two!"
+    s.make_dirs(["p/q", "p/r/s"])
+    assert (tmp_path / "root/p/q").is_dir() and (tmp_path / "root/p/r/s").is_dir()
+    other = make_store(tmp_path / "root")      # another writer: the directories are there
+    other.put("p/r/s/z", [b"three"])
+    assert (tmp_path / "root/p/r/s/z").read_bytes() == b"three"
+    make_store("memory://b/mk").make_dirs(["x/y"])   # object stores: nothing to make

@@ -394,7 +394,9 @@ class UniversalWriter(StorageWriter):
         if self.path is None:
             raise UcpError("UniversalWriter: no path (pass it, or checkpoint_id= to dcp.save)")
         _prepare_destination(self.path, self.overwrite, self.storage_options)
-        grids = _chunk_grids(plans, self.chunk_bytes)
+        arrays = _saved_arrays(plans)
+        grids = _chunk_grids(arrays, self.chunk_bytes)
+        _make_dirs(self.path, arrays, grids, self.storage_options)
         return [dataclasses.replace(p, storage_data={"part": i, "world": len(plans), "grids": grids})
                 for i, p in enumerate(plans)]
 
@@ -476,20 +478,9 @@ def _prepare_destination(path, overwrite: bool, storage_options) -> None:
     store.clear()
 
 
-def _chunk_grids(plans: list[SavePlan], chunk_bytes: Optional[int] = None) -> dict:
-    """``(name, state) -> (chunks, shards)`` for every array (``(None, None)``: the writer's
-    default layout). By default: shards aligned with every rank's boxes (one file per box, no
-    chunk shared by two ranks, nothing staged) whose inner chunks cut the last dim in column
-    blocks (:func:`_column_blocks`), so that a load reads only the inner chunks it needs:
-    row-wise TP shards (o, down) split that dim, and the rows are already aligned with the
-    boxes. Arrays of one dim, or too narrow to cut: plain chunks on the aligned grid.
-    With ``chunk_bytes``: plain chunks of about that size,
-    the last dim cut in :data:`COLUMN_BLOCKS` where no box splits it (so column-sliced
-    reads, row-wise TP shards, read about what they need), and plain chunks of about that
-    size when the aligned grid has none within 2x of it (the coordinator then assembles the
-    chunks two ranks share: a slower save for finer-grained reads)."""
-    boxes: dict[tuple, list] = {}
-    meta: dict[tuple, tuple] = {}
+def _saved_arrays(plans: list[SavePlan]) -> dict:
+    """``(name, state) -> (shape, dtype, [(start, stop)] boxes of all ranks)`` of every array saved."""
+    out: dict[tuple, tuple] = {}
     for p in plans:
         for item in p.items:
             td = item.tensor_data
@@ -497,13 +488,26 @@ def _chunk_grids(plans: list[SavePlan], chunk_bytes: Optional[int] = None) -> di
             if td is None or not _is_array(k, td.size):
                 continue
             start = tuple(int(o) for o in td.chunk.offsets)
-            boxes.setdefault((k.name, k.state), []).append(
-                (start, tuple(a + int(s) for a, s in zip(start, td.chunk.sizes))))
-            meta[(k.name, k.state)] = (tuple(td.size), td.properties.dtype)
+            box = (start, tuple(a + int(s) for a, s in zip(start, td.chunk.sizes)))
+            out.setdefault((k.name, k.state), (tuple(td.size), td.properties.dtype, []))[2].append(box)
+    return out
+
+
+def _chunk_grids(arrays: dict, chunk_bytes: Optional[int] = None) -> dict:
+    """``(name, state) -> (chunks, shards)`` for every array of :func:`_saved_arrays` (``(None,
+    None)``: the writer's default layout). By default: shards aligned with every rank's boxes (one
+    file per box, no chunk shared by two ranks, nothing staged) whose inner chunks cut the last dim
+    in column blocks (:func:`_column_blocks`), so that a load reads only the inner chunks it needs:
+    row-wise TP shards (o, down) split that dim, and the rows are already aligned with the
+    boxes. Arrays of one dim, or too narrow to cut: plain chunks on the aligned grid.
+    With ``chunk_bytes``: plain chunks of about that size,
+    the last dim cut in :data:`COLUMN_BLOCKS` where no box splits it (so column-sliced
+    reads, row-wise TP shards, read about what they need), and plain chunks of about that
+    size when the aligned grid has none within 2x of it (the coordinator then assembles the
+    chunks two ranks share: a slower save for finer-grained reads)."""
     memo: dict[tuple, tuple] = {}     # a parameter and its optimizer states share shape and boxes
     out = {}
-    for key, bx in boxes.items():
-        shape, dtype = meta[key]
+    for key, (shape, dtype, bx) in arrays.items():
         if not shape:
             out[key] = (None, None)
             continue
@@ -512,6 +516,18 @@ def _chunk_grids(plans: list[SavePlan], chunk_bytes: Optional[int] = None) -> di
             memo[sig] = _grid(shape, dtype, bx, chunk_bytes)
         out[key] = memo[sig]
     return out
+
+
+def _make_dirs(path, arrays: dict, grids: dict, storage_options) -> None:
+    """Coordinator: every directory the ranks' chunk files go in, made once before they write
+    (``make_part_dirs``); an array left to the writer's default layout gets only its own."""
+    from ucp.format.parts import make_part_dirs
+
+    outer = []
+    for key, (shape, _dtype, _boxes) in arrays.items():
+        chunks, shards = grids[key]
+        outer.append((*key, shape, shards or chunks))
+    make_part_dirs(path, outer, storage_options)
 
 
 #: column blocks of the last dim of 2-D+ arrays when ``chunk_bytes`` is given
@@ -585,11 +601,17 @@ def _write_arrays(writer, items, grids, workers: int) -> list[WriteResult]:
         writer.write_doc(arr)     # on this thread, before the data sync, not in the serial commit
         return t.numel() * t.element_size()
 
+    # each rank starts at another array: under FSDP every rank writes a box of every array, and
+    # ranks making the same directories at the same moment wait for each other (a mkdir, even of
+    # a directory that exists, locks the parent); staggered, each array's are made by one rank
+    shift = len(jobs) * writer.rank // writer.world_size
+    order = jobs[shift:] + jobs[:shift]
     if workers > 1 and len(jobs) > 1:
         with ThreadPoolExecutor(workers, thread_name_prefix="ucp-dcp-write") as pool:
-            sizes = list(pool.map(write, jobs))
+            sizes = list(pool.map(write, order))
     else:
-        sizes = [write(j) for j in jobs]
+        sizes = [write(j) for j in order]
+    sizes = sizes[len(jobs) - shift:] + sizes[:len(jobs) - shift]
     return [WriteResult(item.index, n, None) for (item, _), n in zip(items, sizes)]
 
 

@@ -26,6 +26,11 @@ from ucp.plan.grid import ChunkGrid, box_slices, volume
 FSYNC_MIN = 1 << 20
 
 
+def array_rel(enc, state) -> str:
+    """Where the array of state ``state`` of the parameter stored at ``enc`` lives (§3)."""
+    return f"{enc}/{state}"
+
+
 def fmt_box(start, stop) -> str:
     return "[" + ", ".join(f"{a}:{b}" for a, b in zip(start, stop)) + "]"
 
@@ -51,7 +56,7 @@ class ArrayWriter:
     def __init__(self, owner, name, enc, state, shape, dtype_name, chunks, rel=None, inner=None, adopt=None):
         self._owner = owner
         self.name, self.state = name, state
-        self.rel = rel or f"{enc}/{state}"
+        self.rel = rel or array_rel(enc, state)
         self.shape = tuple(shape)
         self.dtype_name = dtype_name
         self.dtype = dtypes.torch_dtype(dtype_name)

@@ -31,6 +31,7 @@ class Store(Protocol):
     def put_atomic(self, rel, data: bytes, fsync=True) -> None: ...
     def create_exclusive(self, rel, data: bytes) -> bool: ...
     def append(self, rel, data: bytes) -> None: ...
+    def make_dirs(self, rels) -> None: ...
     def appender(self, rel) -> "Appender": ...
     def sync(self) -> None: ...
     def get(self, rel) -> bytes: ...
@@ -246,10 +247,32 @@ class LocalStore:
         with self._dlock:
             self._dirs.add(d)
 
+    def make_dirs(self, rels) -> None:
+        """Create the directories ``rels`` (and their parents) now, from this one process: writers
+        that put files into them later open those files straight away (see ``put``)."""
+        for rel in rels:
+            self._mkdir(self._p(rel))
+
+    def _create(self, path):
+        """Open ``path`` for writing, truncated. The file is opened first and its directory made only
+        when that fails: the directories are usually there already (made earlier by this store or,
+        for several writers, once by the coordinator, ``make_dirs``), and a mkdir of an existing
+        directory still takes its parent's lock, which writers creating files side by side contend for."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            return os.open(path, flags, 0o644)
+        except FileNotFoundError:
+            d = os.path.dirname(path)
+            with self._dlock:  # made by this store once but removed since: check them all again
+                x = d
+                while x != os.path.dirname(x):
+                    self._dirs.discard(x)
+                    x = os.path.dirname(x)
+            self._mkdir(d)
+            return os.open(path, flags, 0o644)
+
     def put(self, rel, buffers, fsync=False):
-        path = self._p(rel)
-        self._mkdir(os.path.dirname(path))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = self._create(self._p(rel))
         try:
             mvs = [m for m in (memoryview(b).cast("B") for b in buffers) if len(m)]
             while mvs:  # writev in batches (IOV_MAX is 1024 on Linux), resuming after short writes
@@ -477,6 +500,9 @@ class FsspecStore:
         except FileNotFoundError:
             old = b""
         return _ObjectAppender(lambda data: self.fs.pipe_file(self._p(rel), data), old)
+
+    def make_dirs(self, rels) -> None:
+        """Object stores have no directories (and ``file://`` ones are made on write)."""
 
     def put(self, rel, buffers, fsync=False):
         if len(buffers) == 1 and isinstance(buffers[0], bytes):
