@@ -1,5 +1,5 @@
 """The engine's whole-state gather (``ucp.engine.to_universal.write_state``): a state that no
-replica averages and that fits the pipeline budget is read piece by piece into one buffer —
+replica averages and of at most GATHER_MAX_BYTES is read piece by piece into one buffer —
 straight from the file where the source offers ``read_into``, else copied from ``read`` — and
 written as one box, so the writer takes every chunk whole. And the shard encoder that then pads
 edge chunks itself (``ucp.format.shard.encode``) instead of a padded copy of the whole chunk.
@@ -50,13 +50,21 @@ def _bits(t):
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-def test_gathered_states_equal_the_source_on_both_read_paths(tmp_path):
+@pytest.mark.parametrize("gather", [True, False])
+def test_gathered_states_equal_the_source_on_both_read_paths(tmp_path, monkeypatch, gather):
+    """Gathered (rank 1's pieces through ``read_into``, the others through ``read``) or, for
+    states above ``GATHER_MAX_BYTES``, written box by box: the same tensors, bit for bit."""
+    from ucp.engine import to_universal
+
+    if not gather:
+        monkeypatch.setattr(to_universal, "GATHER_MAX_BYTES", 0)
     g = torch.Generator().manual_seed(3)
     full = {"emb": torch.randn(1003, 72, generator=g), "bias": torch.randn(37, generator=g),
             "half": torch.randn(13, 11, generator=g).bfloat16()}
     src = FlatSource("<memory>", full=full)
     convert(src, tmp_path / "uni")
-    assert src.straight >= len(full)  # rank 1's pieces of every parameter went straight into place
+    # gathered: rank 1's pieces of every parameter went straight into place; box by box: none did
+    assert src.straight >= len(full) if gather else src.straight == 0
     assert verify(tmp_path / "uni") == []
     ck = ucp.open(tmp_path / "uni")
     for n, t in full.items():

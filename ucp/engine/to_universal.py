@@ -161,6 +161,10 @@ def write_params(writer, source, layout, params, progress: bool = False) -> None
                 pb.update(math.prod(p.shape))
 
 
+#: States up to this size are gathered whole (:func:`_gather`); a larger one is written box by box.
+#: In flight, a gathered state counts against the pipeline's budget like a box (one larger than
+#: the budget runs alone), so memory stays bounded by the largest gathered state.
+GATHER_MAX_BYTES = 256 << 20
 #: Freed whole-state buffers kept for the next states (the rest go back to the system).
 GATHER_KEEP_BYTES = 256 << 20
 
@@ -170,13 +174,13 @@ def write_state(array, source, p, state: str, dtype, pipe=None, buffers=None) ->
     it, or the average of the replicas an ``average`` axis declares (one rule:
     ``ucp.plan.replicas.average_replicas``). With ``pipe`` (a ``BoxPipeline``) each box is
     read and written as one of its tasks; with ``buffers`` too (a ``ReadBuffers``), a state
-    no replica averages and that fits the pipeline's budget is gathered whole first
+    no replica averages and of at most :data:`GATHER_MAX_BYTES` is gathered whole first
     (:func:`_gather`) and written as one box."""
     from ucp.plan import dedupe
 
     partitions = dedupe(p.fragments_of(state))
     nbytes = math.prod(p.shape) * dtype.itemsize
-    if buffers is not None and pipe is not None and nbytes <= pipe.budget and all(len(r) == 1 for r in partitions):
+    if buffers is not None and pipe is not None and nbytes <= GATHER_MAX_BYTES and all(len(r) == 1 for r in partitions):
         read = functools.partial(_gather, source, [r[0][0] for r in partitions], state, tuple(p.shape), dtype,
                                  buffers)
         pipe.submit(nbytes, read, functools.partial(array.write, (0,) * len(p.shape)))
