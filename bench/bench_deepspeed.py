@@ -148,6 +148,8 @@ def measure(a, ck: Path, tag: Path, base: Path) -> dict[str, Run]:
                           "--output_folder", str(base / f"ds_universal{i}")], ROOT))
         for name, cmd, root in jobs:
             rows.setdefault(name, []).append(timed(cmd, root))
+            r = rows[name][-1]  # as it comes: a later row failing (a full disk at 4 GB) loses none
+            print(f"#   {name}: {r.seconds:.2f} s, {r.cpu:.2f} CPU s, {r.rss_mib:.0f} MiB", flush=True)
             for f in base.iterdir():  # this row's output: keep the disk from filling at 4 GB
                 if f.name != "ds" and f.name != "against":
                     shutil.rmtree(f, ignore_errors=True)
