@@ -10,11 +10,11 @@ from collections import deque
 
 
 class ReadBuffers:
-    """Byte buffers for :class:`TensorFile` reads, recycled once nothing views them any more.
+    """Byte buffers for boxes and whole states read from files, recycled once nothing views them.
 
     Why: a fresh buffer per box costs the kernel a page fault and a page clear per 4 KiB before
     ``preadv`` fills it, and an unmap after (as much CPU as the copy into the page cache that
-    writing the box costs). The engine holds a box only until it is staged or written, so the
+    writing the box costs). The engine holds a box only until it is written, so the
     buffers a conversion needs at once are about the boxes in flight; this keeps the freed ones
     (up to ``keep`` bytes, best fit) for the next reads. A buffer comes back when the last
     tensor or array viewing it goes (CPython frees it then), so no caller has to hand it back.
