@@ -1,7 +1,7 @@
-"""The engine's whole-state gather (``ucp.engine.to_universal.write_state``): a state that no
-replica averages and of at most GATHER_MAX_BYTES is read piece by piece into one buffer —
-straight from the file where the source offers ``read_into``, else copied from ``read`` — and
-written as one box, so the writer takes every chunk whole. And the shard encoder that then pads
+"""The engine's whole-state gather (``ucp.engine.to_universal.write_state``): of a source that
+offers ``read_into``, a state that no replica averages and of at most GATHER_MAX_BYTES is read
+piece by piece into one buffer — straight into place where ``read_into`` takes the piece, else
+copied from ``read`` — and written as one box, so the writer takes every chunk whole. And the shard encoder that then pads
 edge chunks itself (``ucp.format.shard.encode``) instead of a padded copy of the whole chunk.
 """
 from __future__ import annotations

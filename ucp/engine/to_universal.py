@@ -175,12 +175,15 @@ def write_state(array, source, p, state: str, dtype, pipe=None, buffers=None) ->
     ``ucp.plan.replicas.average_replicas``). With ``pipe`` (a ``BoxPipeline``) each box is
     read and written as one of its tasks; with ``buffers`` too (a ``ReadBuffers``), a state
     no replica averages and of at most :data:`GATHER_MAX_BYTES` is gathered whole first
-    (:func:`_gather`) and written as one box."""
+    (:func:`_gather`) and written as one box, when the source can read pieces straight into
+    place (``read_into``; without it, gathering would add a copy of boxes the writer may take
+    whole as they are)."""
     from ucp.plan import dedupe
 
     partitions = dedupe(p.fragments_of(state))
     nbytes = math.prod(p.shape) * dtype.itemsize
-    if buffers is not None and pipe is not None and nbytes <= GATHER_MAX_BYTES and all(len(r) == 1 for r in partitions):
+    if buffers is not None and pipe is not None and hasattr(source, "read_into") and nbytes <= GATHER_MAX_BYTES \
+            and all(len(r) == 1 for r in partitions):
         read = functools.partial(_gather, source, [r[0][0] for r in partitions], state, tuple(p.shape), dtype,
                                  buffers)
         pipe.submit(nbytes, read, functools.partial(array.write, (0,) * len(p.shape)))
