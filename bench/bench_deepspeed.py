@@ -41,7 +41,6 @@ from _common import free_port  # noqa: E402  (no ucp import: the ucp under test 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0", "PYTHONPATH": str(ROOT),
        "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "ucp-torch-extensions")}
-#: runs argv, then prints the peak RSS (KiB) of everything it waited for
 #: runs argv, then prints the peak RSS (KiB) and the user + system CPU seconds of everything it waited for
 WRAPPER = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
            "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
@@ -128,6 +127,11 @@ def measure(a, ck: Path, tag: Path, base: Path) -> dict[str, Run]:
         old = base / "against"
         old.mkdir()
         subprocess.run(f"git -C {ROOT} archive {a.against} | tar -x -C {old}", shell=True, check=True)
+    for tree in [ROOT] + ([old] if old else []):
+        # the bytecode ``pip install`` leaves: with PYTHONDONTWRITEBYTECODE set (as in CI and the sessions'
+        # shells), each run would otherwise compile the ~30 modules convert imports lazily (0.2-0.4 CPU s)
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "ucp")], check=True,
+                       stdout=subprocess.DEVNULL)
     for i in range(a.repeat):
         jobs = [("cp -r + sync (same bytes)", ["bash", "-c", f"cp -r {tag} {base / f'copy{i}'} && sync"], ROOT),
                 ("python pread+pwrite + sync (same bytes)",
@@ -144,9 +148,11 @@ def measure(a, ck: Path, tag: Path, base: Path) -> dict[str, Run]:
                           "--output_folder", str(base / f"ds_universal{i}")], ROOT))
         for name, cmd, root in jobs:
             rows.setdefault(name, []).append(timed(cmd, root))
-        for f in base.iterdir():  # outputs of this repeat: keep the disk from filling at 4 GB
-            if f.name != "ds" and f.name != "against":
-                shutil.rmtree(f, ignore_errors=True)
+            r = rows[name][-1]  # as it comes: a later row failing (a full disk at 4 GB) loses none
+            print(f"#   {name}: {r.seconds:.2f} s, {r.cpu:.2f} CPU s, {r.rss_mib:.0f} MiB", flush=True)
+            for f in base.iterdir():  # this row's output: keep the disk from filling at 4 GB
+                if f.name != "ds" and f.name != "against":
+                    shutil.rmtree(f, ignore_errors=True)
     return {name: best(r) for name, r in rows.items()}
 
 

@@ -62,3 +62,29 @@ def test_boxes_through_recycled_buffers_equal_torch_load(tmp_path):
                 del box
     finally:
         reader.close()
+
+
+def test_read_into_fills_flat_spans_in_place_and_declines_column_blocks(tmp_path):
+    """``TensorFile.read_into`` (the engine's one-copy gather) reads a box that is one flat
+    span of the saved tensor straight into ``out``, bit-exact against ``torch.load``; a column
+    block is declined with ``out`` untouched (the engine then reads it with ``box``)."""
+    g = torch.Generator().manual_seed(11)
+    saved = {"w": torch.randn(37, 53, generator=g), "h": torch.randn(301, generator=g).bfloat16()}
+    path = tmp_path / "states.pt"
+    torch.save(saved, path)
+    want = torch.load(path, weights_only=True)
+    meta = load_pickle(path, lazy=True)
+    reader = TensorFile(path)
+    try:
+        for name, start, stop in (("w", (3, 0), (20, 53)), ("w", (5, 10), (6, 40)), ("h", (7,), (300,)),
+                                  ("h", (0,), (0,))):
+            ref = want[name][tuple(slice(a, b) for a, b in zip(start, stop))]
+            out = torch.full(ref.shape, 7, dtype=ref.dtype)
+            assert reader.read_into(meta[name], start, stop, out)
+            assert torch.equal(out.view(torch.int16 if ref.dtype == torch.bfloat16 else torch.int32),
+                               ref.view(torch.int16 if ref.dtype == torch.bfloat16 else torch.int32))
+        out = torch.full((37, 12), 7.0)
+        assert not reader.read_into(meta["w"], (0, 5), (37, 17), out)
+        assert bool((out == 7.0).all())
+    finally:
+        reader.close()

@@ -32,22 +32,26 @@ def convert(source, dst, *, workers: int | None = None, resume: bool = False, ov
     ``overwrite`` replaces an existing ``dst``. The source is closed at the end.
     """
     from ucp.engine.jobs import failure_text, torchrun_rank
+    from ucp.format.manifest import gc_paused
 
     try:
         job = torchrun_rank()
-        layout = _describe(source, job)
-        mine = _my_params(layout, job)
-        writer = _open_writer(dst, job, workers=workers, resume=resume, overwrite=overwrite,
-                              storage_options=storage_options, fingerprint=source.fingerprint())
-        failure = None
-        try:
-            shown = progress and (job is None or job[0] == 0)  # one bar per job, not per process
-            write_params(writer, source, layout, [p for p in layout.params if p.name in mine], shown)
-        except Exception as e:
-            if job is None:
-                writer.abort()
-                raise
-            failure = failure_text(e)
+        # no cyclic GC while the layout's many small acyclic objects (fragments, boxes, pieces)
+        # are built and the boxes stream: its collections cost more than building them
+        with gc_paused():
+            layout = _describe(source, job)
+            mine = _my_params(layout, job)
+            writer = _open_writer(dst, job, workers=workers, resume=resume, overwrite=overwrite,
+                                  storage_options=storage_options, fingerprint=source.fingerprint())
+            failure = None
+            try:
+                shown = progress and (job is None or job[0] == 0)  # one bar per job, not per process
+                write_params(writer, source, layout, [p for p in layout.params if p.name in mine], shown)
+            except Exception as e:
+                if job is None:
+                    writer.abort()
+                    raise
+                failure = failure_text(e)
         _commit(writer, job, conversion_metadata(source, layout), failure, [p.name for p in layout.params])
     finally:
         source.close()
@@ -141,28 +145,50 @@ def write_params(writer, source, layout, params, progress: bool = False) -> None
     """Declare and write ``params`` (``SourceParam`` s of ``layout``): boxes are read a few
     ahead of the one being written (``ucp.engine.pipeline``: memory bounded by the boxes in
     flight, errors raised in box order)."""
+    from ucp.engine.buffers import ReadBuffers
     from ucp.engine.pipeline import BoxPipeline
     from ucp.progress import bar
 
     with bar(total=sum(_volume(p) for p in params), desc="convert", unit="el",
              enabled=None if progress else False) as pb, \
             BoxPipeline(concurrent_reads=bool(getattr(source, "concurrent_reads", False))) as pipe:
+        buffers = ReadBuffers(keep=GATHER_KEEP_BYTES)
         for p in params:
             writer.add_param(p.name, meta=param_metadata(p, layout, source.name))
             for state, dtype in p.dtypes.items():
                 array = writer.add_array(p.name, state, tuple(p.shape), dtype)
-                write_state(array, source, p, state, dtype, pipe)
+                write_state(array, source, p, state, dtype, pipe, buffers)
                 pb.update(math.prod(p.shape))
 
 
-def write_state(array, source, p, state: str, dtype, pipe=None) -> None:
+#: States up to this size are gathered whole (:func:`_gather`); a larger one is written box by box.
+#: In flight, a gathered state counts against the pipeline's budget like a box (one larger than
+#: the budget runs alone), so memory stays bounded by the largest gathered state.
+GATHER_MAX_BYTES = 256 << 20
+#: Freed whole-state buffers kept for the next states (the rest go back to the system).
+GATHER_KEEP_BYTES = 256 << 20
+
+
+def write_state(array, source, p, state: str, dtype, pipe=None, buffers=None) -> None:
     """Write one state of one parameter: per distinct partition the one replica that holds
     it, or the average of the replicas an ``average`` axis declares (one rule:
     ``ucp.plan.replicas.average_replicas``). With ``pipe`` (a ``BoxPipeline``) each box is
-    read and written as one of its tasks."""
+    read and written as one of its tasks; with ``buffers`` too (a ``ReadBuffers``), a state
+    no replica averages and of at most :data:`GATHER_MAX_BYTES` is gathered whole first
+    (:func:`_gather`) and written as one box, when the source can read pieces straight into
+    place (``read_into``; without it, gathering would add a copy of boxes the writer may take
+    whole as they are)."""
     from ucp.plan import dedupe
 
-    for replicas in dedupe(p.fragments_of(state)):
+    partitions = dedupe(p.fragments_of(state))
+    nbytes = math.prod(p.shape) * dtype.itemsize
+    if buffers is not None and pipe is not None and hasattr(source, "read_into") and nbytes <= GATHER_MAX_BYTES \
+            and all(len(r) == 1 for r in partitions):
+        read = functools.partial(_gather, source, [r[0][0] for r in partitions], state, tuple(p.shape), dtype,
+                                 buffers)
+        pipe.submit(nbytes, read, functools.partial(array.write, (0,) * len(p.shape)))
+        return
+    for replicas in partitions:
         for i, piece in enumerate(replicas[0][0].pieces):
             read = functools.partial(_read_piece, source, replicas, i, state, dtype)
             write = functools.partial(array.write, tuple(piece.src.start))
@@ -170,6 +196,25 @@ def write_state(array, source, p, state: str, dtype, pipe=None) -> None:
                 write(read())
             else:
                 pipe.submit(len(replicas) * math.prod(piece.src.shape) * dtype.itemsize, read, write)
+
+
+def _gather(source, fragments, state, shape, dtype, buffers):
+    """The whole state in one buffer, each piece read where it belongs: straight from the file
+    when the source can (``source.read_into``: one copy, and the writer then takes every chunk
+    whole, with no staging copy), else copied from :meth:`Source.read`'s box. The fragments
+    tile the tensor (``check_layout``), so every element is written."""
+    whole = buffers.take(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
+    read_into = getattr(source, "read_into", None)
+    if sum(pc.src.numel for f in fragments for pc in f.pieces) != whole.numel():  # check_layout's rule, kept
+        raise UcpError(f"{fragments[0].name if fragments else shape}: the source's pieces of {state!r} do not "
+                       f"cover its {whole.numel()} elements exactly")
+    for f in fragments:
+        for piece in f.pieces:
+            region = whole[piece.src.slices()]
+            if region.is_contiguous() and read_into is not None and read_into(f, state, piece, region):
+                continue
+            region.copy_(_read(source, f, state, piece, dtype))
+    return whole
 
 
 def _read_piece(source, replicas, i, state, dtype):

@@ -235,12 +235,7 @@ class ArrayWriter:
         return tuple(-(-v // c) * c for v, c in zip(self.grid.valid_shape(idx), self.inner))
 
     def _encode_shard(self, key, arr):
-        idx = key_index(key)
-        pv = self._padded(idx)
-        if arr.shape != pv:
-            buf = np.zeros(pv, dtype=self.storage_np)
-            buf[tuple(slice(0, n) for n in arr.shape)] = arr
-            arr = buf
+        pv = self._padded(key_index(key))  # ``arr``: the valid region, padded or not (shards.encode pads)
         lim = tuple(p // c for p, c in zip(pv, self.inner))
         held = []
 

@@ -124,12 +124,14 @@ def linear(local, ig):
 
 
 def encode(buf: np.ndarray, shard, inner, lim, scratch=None):
-    """Buffers of the shard file for ``buf`` (shard-local data whose extent covers ``lim`` tiles,
-    padded with the fill value). Returns (buffers, file size, crc32c of the index, content crc32c).
+    """Buffers of the shard file for ``buf`` (shard-local data covering the shard's valid region,
+    with or without the padding up to ``lim`` tiles; missing padding is the fill value).
+    Returns (buffers, file size, crc32c of the index, content crc32c).
 
-    Contiguous tiles are written from ``buf`` as they are; the others are copied into ``scratch``
-    (a callable ``n -> writable buffer of >= n bytes``, reused across shards: fresh allocations per
-    tile cost a page fault per 4 KiB on the VMs measured), or into new arrays without it."""
+    Contiguous whole tiles are written from ``buf`` as they are; the others are copied into
+    ``scratch`` (a callable ``n -> writable buffer of >= n bytes``, reused across shards: fresh
+    allocations per tile cost a page fault per 4 KiB on the VMs measured), or into new arrays
+    without it, edge tiles padded there: no padded copy of the whole shard is made."""
     ig = inner_grid(shard, inner)
     index = np.full((math.prod(ig), 2), EMPTY, dtype="<u8")
     bufs = []
@@ -137,19 +139,19 @@ def encode(buf: np.ndarray, shard, inner, lim, scratch=None):
     nb = math.prod(inner) * buf.itemsize + CRC_BYTES
     tiles = [buf[tuple(slice(i * c, (i + 1) * c) for i, c in zip(local, inner))]
              for local in itertools.product(*(range(k) for k in lim))]
-    ncopy = sum(1 for t in tiles if not t.flags.c_contiguous)
+    ncopy = sum(1 for t in tiles if t.shape != inner or not t.flags.c_contiguous)
     content = 0
     sbuf = scratch(ncopy * (nb - CRC_BYTES)) if (scratch is not None and ncopy) else None
     spos = 0
     for local, tile in zip(itertools.product(*(range(k) for k in lim)), tiles):
-        if not tile.flags.c_contiguous:
+        if tile.shape != inner or not tile.flags.c_contiguous:
             if sbuf is not None:
-                dst = np.frombuffer(sbuf, dtype=buf.dtype, count=tile.size, offset=spos).reshape(inner)
-                np.copyto(dst, tile)
+                dst = np.frombuffer(sbuf, dtype=buf.dtype, count=math.prod(inner), offset=spos).reshape(inner)
                 spos += nb - CRC_BYTES
-                tile = dst
             else:
-                tile = np.ascontiguousarray(tile)
+                dst = np.empty(inner, dtype=buf.dtype)
+            _fill_tile(dst, tile)
+            tile = dst
         c = crc32c.crc32c(memoryview(tile).cast("B"))
         word = c.to_bytes(4, "little")
         content = crc32c.crc32c(word, content)
@@ -162,6 +164,14 @@ def encode(buf: np.ndarray, shard, inner, lim, scratch=None):
     bufs.append(ib)
     bufs.append(icrc.to_bytes(4, "little"))
     return bufs, off + len(ib) + CRC_BYTES, icrc, content
+
+
+def _fill_tile(dst, tile):
+    """``dst`` (a whole inner chunk) = ``tile`` (its part inside the data), the rest the fill value 0."""
+    if tile.shape != dst.shape:
+        dst.fill(0)
+        dst = dst[tuple(slice(0, n) for n in tile.shape)]
+    np.copyto(dst, tile)
 
 
 def parse_index(raw, shard, inner):

@@ -14,6 +14,12 @@ DeepSpeed writes, per tag folder (``global_step3/``, named by ``latest``):
   in it (``param_slice_mappings``; padding stripped). ZeRO-3: per ``sub_group_size`` sub-group,
   the concatenation of every member parameter's own rank-r partition (``ceil(numel / dp)``
   elements, the last rank's padded).
+* Pipeline checkpoints (``PipelineModule``, the layout Megatron-DeepSpeed writes):
+  ``layer_XX[-model_YY]-model_states.pt`` per layer (and tensor-parallel rank YY), and the files
+  above once per model-parallel rank ``mp_rank_MM``, MM = stage * tp + YY. Which stage holds a
+  layer comes from the files; how each tensor-parallel block lies in the universal tensor from a
+  spec (``--spec``, default ``converters/deepspeed_pipe_tp.ucp``), the only part of the layout
+  DeepSpeed does not record.
 
 The fragments come from that saved metadata (``param_slice_mappings``, ``param_shapes``), so
 the layout is exactly what DeepSpeed recorded, whatever its alignment or ordering options. The
@@ -29,11 +35,12 @@ import math
 import os
 import re
 import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from ucp.engine.buffers import ReadBuffers  # noqa: F401  (the pool TensorFile reads into)
 from ucp.errors import UcpError
 from ucp.sources import Source, SourceLayout, SourceParam
 
@@ -135,17 +142,35 @@ class TensorFile:
         import torch
 
         hi = t.numel() if hi is None else hi
-        size = t.element_size()
-        offset = t.untyped_storage()._checkpoint_offset + (t.storage_offset() + lo) * size
-        n = (hi - lo) * size
+        n = (hi - lo) * t.element_size()
         out = self._buffers.take(n) if self._buffers else torch.empty(n, dtype=torch.uint8)
+        self._pread(t, lo, out)
+        return out.view(t.dtype)
+
+    def read_into(self, t, start, stop, out) -> bool:
+        """Read the box ``[start, stop)`` of contiguous meta tensor ``t`` straight into ``out``
+        (a contiguous tensor of the box's shape and ``t``'s dtype), with no buffer in between.
+        False, with ``out`` untouched, when the box is not one flat span of ``t`` (a
+        column block of a 2-D tensor): the caller reads it with :meth:`box`."""
+        import torch
+
+        if not out.numel():
+            return True
+        lo = sum(a * s for a, s in zip(start, t.stride()))
+        if sum((b - 1) * s for b, s in zip(stop, t.stride())) + 1 - lo != out.numel():
+            return False
+        self._pread(t, lo, out.view(-1).view(torch.uint8))
+        return True
+
+    def _pread(self, t, lo: int, out) -> None:
+        """Fill the uint8 tensor ``out`` from the file, starting at element ``lo`` of ``t``."""
+        offset = t.untyped_storage()._checkpoint_offset + (t.storage_offset() + lo) * t.element_size()
         if offset + out.numel() > self.size:
             raise DeepSpeedError(f"{self.path}: truncated: a tensor's bytes end at {offset + out.numel()}, "
                                  f"the file has {self.size}")
         got = os.preadv(self._fd, [out.numpy()], offset) if out.numel() else 0
         if got != out.numel():
             raise DeepSpeedError(f"{self.path}: short read at byte {offset} (truncated?)")
-        return out.view(t.dtype)
 
     def box(self, t, start, stop):
         """The box ``[start, stop)`` of meta tensor ``t``, reading only the flat span it covers."""
@@ -181,62 +206,6 @@ class TensorFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-
-class ReadBuffers:
-    """Byte buffers for :class:`TensorFile` reads, recycled once nothing views them any more.
-
-    Why: a fresh buffer per box costs the kernel a page fault and a page clear per 4 KiB before
-    ``preadv`` fills it, and an unmap after (as much CPU as the copy into the page cache that
-    writing the box costs). The engine holds a box only until it is staged or written, so the
-    buffers a conversion needs at once are about the boxes in flight; this keeps the freed ones
-    (up to ``keep`` bytes, best fit) for the next reads. A buffer comes back when the last
-    tensor or array viewing it goes (CPython frees it then), so no caller has to hand it back.
-    Not the format's shard pool (``ucp.format.shard.acquire``): that keeps four shard-sized
-    buffers handed back explicitly; sharing it left 110-130k page faults on the 628 MiB bench
-    against 80k with this one (175k with none).
-    """
-
-    def __init__(self, keep: int = 256 << 20):
-        self.keep = keep
-        self._free: list = []              # numpy uint8 buffers nobody views, smallest first
-        self._returned = deque()  # given back by finalizers, not yet sorted into _free
-        self._lock = threading.Lock()
-
-    def take(self, n: int):
-        """A 1-D uint8 tensor of ``n`` bytes (contents undefined) over a recycled buffer."""
-        import weakref
-
-        import numpy as np
-        import torch
-
-        with self._lock:
-            self._sort_returned()
-            i = next((i for i, b in enumerate(self._free) if b.size >= n), None)
-            buf = self._free.pop(i) if i is not None else None
-        if buf is None:
-            buf = np.empty(max(n, 1), dtype=np.uint8)
-        view = buf[:n]
-        # deque.append takes no lock: a finalizer may run inside a collection started while this
-        # thread holds ``_lock``, and must not wait for it
-        weakref.finalize(view, self._returned.append, buf)
-        return torch.from_numpy(view)
-
-    @property
-    def free_bytes(self) -> int:
-        """Bytes of the buffers kept for reuse (at most ``keep``)."""
-        with self._lock:
-            self._sort_returned()
-            return sum(b.size for b in self._free)
-
-    def _sort_returned(self) -> None:
-        """Move given-back buffers into the free list (caller holds ``_lock``), dropping the
-        largest while more than ``keep`` bytes are kept: the next few boxes rarely need them."""
-        while self._returned:
-            self._free.append(self._returned.popleft())
-        self._free.sort(key=lambda b: b.size)
-        while sum(b.size for b in self._free) > self.keep:
-            self._free.pop()
 
 
 # ------------------------------------------------------------------ finding the files
@@ -391,7 +360,8 @@ class DeepSpeedSource(Source):
 
     # -- file access
     def _open_files(self) -> None:
-        self._stages: dict[int, DeepSpeedSource] = {0: self}  # pipeline stage -> its files' reader
+        self._stages: dict[int, DeepSpeedSource] = {0: self}  # model-parallel rank -> its files' reader
+        self._tp, self._tp_rank = 1, 0   # tensor-parallel degree (pipelines), rank of these files
         self._loaded: dict[Path, Any] = {}
         self._readers: dict[Path, TensorFile] = {}
         self._buffers = ReadBuffers()
@@ -471,48 +441,92 @@ class DeepSpeedSource(Source):
     # -- pipeline parallelism
     def _pipeline_layout(self, ranks: list[int]) -> SourceLayout:
         """Pipeline parallelism (DeepSpeed's ``PipelineModule``, the layout Megatron-DeepSpeed
-        writes): model-parallel rank ``mp_rank_XX`` is pipeline stage XX, its files a ZeRO-1/2
-        checkpoint of the stage's layers, named as the pipeline module names them
-        (``{layer}.{name}``, ``tied_modules.{key}.{name}``). A tied module is held by every stage
-        that uses it, identical (DeepSpeed all-reduces its gradients): converted from the first
-        stage, the others recorded. Frozen weights are in the ``layer_XX-model_states.pt`` files
-        only. Tensor parallelism inside a stage is refused."""
-        self._check_pipeline(ranks)
+        writes): model-parallel rank ``mp_rank_MM`` is pipeline stage ``MM // tp`` and
+        tensor-parallel rank ``MM % tp`` (DeepSpeed's model-parallel group spans the topology's
+        pipe and model axes), its files a ZeRO-1/2 checkpoint of that rank's block of the
+        stage's layers, named as the pipeline module names them (``{layer}.{name}``,
+        ``tied_modules.{key}.{name}``). A tied module is held by every stage that uses it,
+        identical (DeepSpeed all-reduces its gradients): converted from the first stage, the
+        others recorded. Frozen weights are in the layer files (``layer_XX[-model_YY]``) only.
+        With tp > 1 the blocks become universal tensors through the spec's tensor-parallel
+        layout (:meth:`_tensor_parallel`)."""
+        pp, tp = self._check_pipeline(ranks)
+        self._tp = tp
         self._stages.update({m: self._for_model_rank(m) for m in ranks[1:]})
+        blocks = [self._rank_params(t) for t in range(tp)]
+        params, bound = (list(blocks[0].values()), None) if tp == 1 else self._tensor_parallel(blocks)
+        metadata = self._metadata()
+        metadata["deepspeed"]["pipeline"] = {"pp_degree": pp, "tp_degree": tp}
+        degrees = {"pp": pp, **({"tp": tp} if tp > 1 else {}), "dp": self.dp}
+        return SourceLayout(params=params, metadata=metadata, degrees=degrees, constants={"zero_stage": self.stage},
+                            spec_name=bound.spec_name if bound else None, spec_text=bound.spec.text if bound else None)
+
+    def _rank_params(self, t: int) -> dict[str, SourceParam]:
+        """Every parameter as tensor-parallel rank ``t`` holds it (its block), in model order; each
+        fragment tagged with its stage ``pp``."""
         params, holders = {}, {}
-        for m, part in self._stages.items():
+        for m, part in sorted(self._stages.items()):
+            if m % self._tp != t:
+                continue
             for p in part._stage_layout().params:
-                holders.setdefault(p.name, []).append(m)
+                holders.setdefault(p.name, []).append(m // self._tp)
                 if p.name not in params:
-                    params[p.name] = _on_stage(p, m)
+                    params[p.name] = _on_stage(p, m // self._tp)
                 elif not p.name.startswith("tied_modules."):
-                    raise DeepSpeedError(f"{part.files.model[0]}: parameter {p.name} is also held by model-parallel "
-                                         f"rank {holders[p.name][0]}: tensor-parallel shards, which the deepspeed "
-                                         f"source does not read (only pipeline stages)")
-        frozen, order = self._pipeline_frozen(params)
+                    raise DeepSpeedError(f"{part.files.model[0]}: parameter {p.name} is also held by pipeline stage "
+                                         f"{holders[p.name][0]}, but the checkpoint records tp_degree={self._tp} "
+                                         f"(checkpoint_parallel_dimensions): the files disagree with it")
+        frozen, order = self._pipeline_frozen(params, t)
         params.update(frozen)
         order = list(dict.fromkeys(n for n in order if n in params)) + [n for n in params if n not in order]
-        out = [dataclasses.replace(params[n], meta={**params[n].meta, "pipeline_stages": holders.get(n)})
-               if n in holders else params[n] for n in order]
-        metadata = self._metadata()
-        metadata["deepspeed"]["pipeline"] = {"pp_degree": len(ranks), "tp_degree": 1}
-        return SourceLayout(params=out, metadata=metadata, degrees={"pp": len(ranks), "dp": self.dp},
-                            constants={"zero_stage": self.stage})
+        return {n: dataclasses.replace(params[n], meta={**params[n].meta, "pipeline_stages": holders[n]})
+                if n in holders else params[n] for n in order}
 
-    def _check_pipeline(self, ranks: list[int]) -> None:
+    def _tensor_parallel(self, blocks: list[dict[str, SourceParam]]) -> tuple[list[SourceParam], Any]:
+        """Each parameter's tensor-parallel blocks (``blocks[t]``: rank t's) as one universal
+        tensor. The spec (``--spec``, default :data:`PIPE_TP_SPEC`) says how rank t's block lies in
+        the universal tensor (its ``tp`` fragment); every fragment DeepSpeed's records give over
+        the block (flat ZeRO ranges, whole layer weights) is carried through it."""
+        from ucp.engine.specs import bind_layout
+        from ucp.lang import UnmatchedError
+
+        tp, where = len(blocks), self.files.model[0]
+        for t, held in enumerate(blocks[1:], 1):
+            odd = sorted(set(held) ^ set(blocks[0]))
+            if odd:
+                raise DeepSpeedError(f"{self.folder / f'mp_rank_{t:02d}_model_states.pt'}: tensor-parallel ranks 0 "
+                                     f"and {t} hold different parameters (e.g. {odd[0]})")
+        try:
+            bound = bind_layout(self.spec or PIPE_TP_SPEC, {n: p.shape for n, p in blocks[0].items()}, {"tp": tp})
+        except UnmatchedError as e:
+            raise DeepSpeedError(f"{where}: tensor parallelism (tp_degree={tp}) needs a spec declaring how each "
+                                 f"parameter is split (--spec FILE; the default is converters/{PIPE_TP_SPEC}.ucp, "
+                                 f"Megatron-DeepSpeed's GPTModelPipe): {e}") from None
+        out = []
+        for n, p in blocks[0].items():
+            shape, tp_frags = _tp_blocks(bound, n, [b[n] for b in blocks], self.folder)
+
+            def through(state):
+                return [_through_tp(f, tp_frags[t]) for t, b in enumerate(blocks) for f in b[n].fragments_of(state)]
+
+            out.append(dataclasses.replace(p, shape=shape, fragments=through("param"),
+                                           state_fragments={st: through(st) for st in p.state_fragments},
+                                           meta={**p.meta, **bound.param_meta(n, shape)}))
+        return out, bound
+
+    def _check_pipeline(self, ranks: list[int]) -> tuple[int, int]:
+        """(pipeline degree, tensor-parallel degree) as the checkpoint records them, checked
+        against the files present."""
+        path, world = self.files.model[0], int(self.model0.get("mp_world_size") or 0)
         dims = self.model0.get("checkpoint_parallel_dimensions") or {}
-        path, tp = self.files.model[0], int(dims.get("tp_degree", 1))
-        if tp != 1:
-            raise DeepSpeedError(f"{path}: tensor parallelism inside pipeline stages (tp_degree={tp}) is not "
-                                 f"supported by the deepspeed source")
+        tp = int(dims.get("tp_degree", 1))
+        pp = int(dims.get("pp_degree", world // tp if tp > 0 else 0))
+        if tp < 1 or pp * tp != world:
+            raise DeepSpeedError(f"{path}: checkpoint_parallel_dimensions pp_degree={pp}, tp_degree={tp} do not "
+                                 f"multiply to the recorded mp_world_size={world}")
         if self.stage == 3:
             raise DeepSpeedError(f"{path}: ZeRO-3 files of several model-parallel ranks (tensor parallelism) "
                                  f"are not supported by the deepspeed source")
-        if not any(LAYER_RE.match(f.name) for f in self.folder.iterdir()):
-            raise DeepSpeedError(f"{self.folder}: files of model-parallel ranks {ranks} but no pipeline layer files "
-                                 f"(layer_XX-model_states.pt): tensor parallelism is not supported by the deepspeed "
-                                 f"source")
-        world = int(self.model0.get("mp_world_size") or 0)
         missing = sorted(set(range(world)) - set(ranks))
         if missing:
             raise DeepSpeedError(f"{self.folder / f'mp_rank_{missing[0]:02d}_model_states.pt'}: file is missing "
@@ -520,27 +534,53 @@ class DeepSpeedSource(Source):
         if ranks != list(range(world)):
             raise DeepSpeedError(f"{self.folder}: files of model-parallel ranks {ranks} but the checkpoint records "
                                  f"mp_world_size={world}")
+        self._check_layer_files(ranks, tp)
+        return pp, tp
+
+    def _check_layer_files(self, ranks: list[int], tp: int) -> None:
+        """Every pipeline layer has one file per tensor-parallel rank (``layer_XX-model_YY``), and
+        no file names a rank the recorded tp degree does not have."""
+        held: dict[int, dict[int, Path]] = {}
+        for f in self.folder.iterdir():
+            hit = LAYER_RE.match(f.name)
+            if hit:
+                held.setdefault(int(hit.group(1)), {})[int(hit.group(2) or 0)] = f
+        if not held:
+            raise DeepSpeedError(f"{self.folder}: files of model-parallel ranks {ranks} but no pipeline layer files "
+                                 f"(layer_XX-model_states.pt): tensor parallelism without a PipelineModule is not "
+                                 f"supported by the deepspeed source")
+        for layer, files in sorted(held.items()):
+            extra, missing = sorted(set(files) - set(range(tp))), sorted(set(range(tp)) - set(files))
+            if extra:
+                raise DeepSpeedError(f"{files[extra[0]]}: a file of tensor-parallel rank {extra[0]}, but "
+                                     f"{self.files.model[0].name} records tp_degree={tp}")
+            if missing:
+                gone = self.folder / f"layer_{layer:02d}-model_{missing[0]:02d}-model_states.pt"
+                raise DeepSpeedError(f"{gone}: file is missing (the checkpoint records tp_degree={tp}; layer {layer} "
+                                     f"has files of tensor-parallel ranks {sorted(files)})")
 
     def _for_model_rank(self, mp: int) -> "DeepSpeedSource":
-        """This checkpoint's reader for the files of model-parallel rank ``mp`` (one pipeline stage)."""
+        """This checkpoint's reader for the files of model-parallel rank ``mp`` (one pipeline stage's
+        block on one tensor-parallel rank)."""
         part = object.__new__(type(self))
         Source.__init__(part, self.path)
         part.folder, part.files = self.folder, RankFiles.scan(self.folder, mp)
         part._open_files()
         part._buffers = self._buffers   # one pool of read buffers for the whole conversion
+        part._tp, part._tp_rank = self._tp, mp % self._tp
         if part.model0.get("global_steps") != self.model0.get("global_steps"):
             raise DeepSpeedError(f"{part.files.model[0]}: global_steps {part.model0.get('global_steps')} differs "
                                  f"from {self.model0.get('global_steps')} in {self.files.model[0].name}: files "
                                  f"of different saves are mixed")
         return part
 
-    def _pipeline_frozen(self, trainable) -> tuple[dict[str, SourceParam], list[str]]:
-        """(frozen parameters, model order) from the layer files: their weights that no stage's
-        optimizer holds are frozen. A layer none of whose weights is ``{layer}.{key}`` but whose
+    def _pipeline_frozen(self, trainable, t: int = 0) -> tuple[dict[str, SourceParam], list[str]]:
+        """(frozen parameters, model order) from tensor-parallel rank ``t``'s layer files: their
+        weights that no stage's optimizer holds are frozen. A layer none of whose weights is ``{layer}.{key}`` but whose
         keys and shapes all match one tied module's is that module's copy (the checkpoint does
         not record which layers are tied)."""
         frozen, order = {}, []
-        for f, idx, weights in self._layer_files():
+        for f, idx, weights in self._layer_files(t):
             names = {k: f"{idx}.{k}" for k in weights}
             tie = None if any(n in trainable for n in names.values()) else _tied_module(weights, trainable)
             if tie is not None:
@@ -633,18 +673,19 @@ class DeepSpeedSource(Source):
                                  f"from the model's weights (candidates: {sorted(shapes) or 'none'})")
         return next(iter(shapes))
 
-    def _layer_files(self) -> list[tuple[Path, int, dict[str, Any]]]:
-        """The pipeline layer files in layer order: (file, layer index, weights by key)."""
+    def _layer_files(self, model: int) -> list[tuple[Path, int, dict[str, Any]]]:
+        """Tensor-parallel rank ``model``'s pipeline layer files in layer order: (file, layer
+        index, weights by key)."""
         out = []
         for f in sorted(self.folder.iterdir()):
             hit = LAYER_RE.match(f.name)
-            if hit:
+            if hit and int(hit.group(2) or 0) == model:
                 out.append((f, int(hit.group(1)), {k: t for k, t in self._file(f).items() if _is_tensor(t)}))
         return sorted(out, key=lambda x: x[1])
 
     def _layer_weights(self) -> dict[str, Any]:
         """Every pipeline layer file's weights as ``{layer}.{key}``."""
-        return {f"{idx}.{k}": t for _, idx, weights in self._layer_files() for k, t in weights.items()}
+        return {f"{idx}.{k}": t for _, idx, weights in self._layer_files(self._tp_rank) for k, t in weights.items()}
 
     def _zero12_params(self) -> dict[str, SourceParam]:
         """ZeRO-1/2: each rank's slice of each parameter, where ``param_slice_mappings`` puts it
@@ -770,18 +811,33 @@ class DeepSpeedSource(Source):
         }
 
     # -- tensors
+    def _part(self, fragment) -> "DeepSpeedSource":
+        """The reader of the model-parallel rank whose files hold ``fragment``."""
+        return self._stages[fragment.coord("pp") * self._tp + fragment.coord("tp")]
+
     def local(self, fragment, state: str):
-        part = self._stages[fragment.coord("pp")]
+        part = self._part(fragment)
         path, t = part._locate(fragment, state)
         return part._readers[path].box(t, (0,) * t.ndim, tuple(t.shape)) if t.device.type == "meta" else t
 
     def read(self, fragment, state: str, piece):
         """Only the piece's bytes are read (see :class:`TensorFile`)."""
-        part = self._stages[fragment.coord("pp")]
+        part = self._part(fragment)
         path, t = part._locate(fragment, state)
         if t.device.type == "meta":
             return part._readers[path].box(t, piece.dst.start, piece.dst.stop).reshape(piece.src.shape)
         return t[piece.dst.slices()].reshape(piece.src.shape)
+
+    def read_into(self, fragment, state: str, piece, out) -> bool:
+        """Read the piece straight into ``out`` (contiguous, shape ``piece.src.shape``) when the
+        file holds it as one flat span in ``out``'s dtype: the engine gathers a whole state this
+        way with one copy (file -> ``out``). False, with ``out`` untouched, otherwise (the
+        engine then calls :meth:`read`, which checks the dtype)."""
+        part = self._part(fragment)
+        path, t = part._locate(fragment, state)
+        if t.device.type != "meta" or t.dtype != out.dtype or not t.is_contiguous():
+            return False
+        return part._readers[path].read_into(t, piece.dst.start, piece.dst.stop, out)
 
     def _locate(self, fragment, state: str):
         """(file, tensor as unpickled, possibly meta) holding ``state`` of ``fragment``; its shape
@@ -841,6 +897,63 @@ MODEL_KEYS = frozenset({
     "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config",
     "ds_version", "checkpoint_parallel_dimensions", "mp_world_size",
 })
+
+
+#: the tensor-parallel layout of pipeline checkpoints when no ``--spec`` is given (Megatron-DeepSpeed's names)
+PIPE_TP_SPEC = "deepspeed_pipe_tp"
+
+
+def _tp_blocks(bound, name: str, held: list[SourceParam], folder: Path) -> tuple[tuple, list]:
+    """(universal shape, the spec's fragment of each tensor-parallel rank's block) of ``name``,
+    whose blocks ``held`` (rank order) have the shapes DeepSpeed saved: the universal shape is
+    the block's, or the block's with one dimension summed over the ranks, whichever the spec
+    splits into exactly these blocks. None does: the spec disagrees with the files."""
+    from ucp.plan import PlanError
+
+    shapes = [tuple(p.shape) for p in held]
+    candidates = [shapes[0]] + [tuple(sum(s[d] for s in shapes) if i == d else n for i, n in enumerate(shapes[0]))
+                                for d in range(len(shapes[0]))]
+    for shape in dict.fromkeys(candidates):
+        try:
+            frags = [bound.rank_fragments({name: shape}, {"tp": t}) for t in range(len(held))]
+        except PlanError:
+            continue
+        if all(len(f) == 1 and tuple(f[0].local_shape) == s for f, s in zip(frags, shapes)):
+            return shape, [f[0] for f in frags]
+    origin = held[0].fragments[0].origin.partition(":")[0] if held[0].fragments else ""
+    rule = bound.matches[name].rule
+    raise DeepSpeedError(f"{folder / origin}: {name}: tensor-parallel ranks 0..{len(held) - 1} hold blocks of shapes "
+                         f"{shapes}, which rule {rule.origin} of spec {bound.spec_name} ({rule.pattern}) does not "
+                         f"give at tp={len(held)} (checkpoint_parallel_dimensions) for any universal shape: the "
+                         f"spec's tensor-parallel layout disagrees with the files")
+
+
+def _through_tp(fragment, block):
+    """``fragment``, whose pieces lie in a tensor-parallel rank's block, with pieces in the
+    universal tensor instead, through ``block`` (the spec's fragment of that block: universal
+    boxes <-> boxes of the block); it gains the block's ``tp`` coordinate and replication. A
+    flat piece (1-D local range) is cut into runs contiguous in its box's row-major order."""
+    from ucp.plan import Box, Piece, contiguous_runs, ravel
+
+    pieces = []
+    for piece in fragment.pieces:
+        for b in block.pieces:
+            common = piece.src.intersect(b.dst)
+            if common.empty:
+                continue
+            shift = tuple(u - v for u, v in zip(b.src.start, b.dst.start))
+            for run in [common] if piece.is_box else contiguous_runs(common, piece.src):
+                if piece.is_box:
+                    dst = run.translate(tuple(d - s for d, s in zip(piece.dst.start, piece.src.start)))
+                else:
+                    at = piece.dst.start[0] + ravel(run.relative_to(piece.src).start, piece.src.shape)
+                    dst = Box((at,), (at + run.numel,))
+                pieces.append(Piece(run.translate(shift), dst))
+    return dataclasses.replace(fragment, pieces=tuple(pieces), global_shape=tuple(block.global_shape),
+                               coords=(*fragment.coords, *block.coords), replica=fragment.replica or block.replica,
+                               replicated=tuple(dict.fromkeys((*fragment.replicated, *block.replicated))),
+                               averaged=tuple(dict.fromkeys((*fragment.averaged, *block.averaged))),
+                               weight=fragment.weight * block.weight)
 
 
 def _on_stage(p: SourceParam, stage: int) -> SourceParam:
