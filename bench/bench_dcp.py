@@ -20,12 +20,12 @@ Every load is checked: ``full_tensor()`` of a few parameters equals the saved st
 ``/work/main``), alternating launches, each launch measuring ``FileSystemWriter`` /
 ``FileSystemReader`` again: an A/B of two ucp versions in one run, each against the peer.
 
-``--models``: one section per model size, ``HIDDENxFFN`` (default: the 571 MiB ``768x2048`` with
-saves and loads, and the ~2 GB ``1536x4096`` with saves only, ``:save``): per-array costs dominate the
-small one, bytes the large one.
+``--models``: one section per model size, ``HIDDENxFFN`` (default: the 571 MiB ``768x2048`` and the
+~1.6 GB ``1536x4096``, both with saves and loads; ``:save``: saves only): per-array costs dominate the
+small one, bytes the large one. Loads are timed and their CPU seconds (all ranks) shown.
 
-Usage: python bench/bench_dcp.py [--models 768x2048,1536x4096:save] [--layers 4] [--vocab 16003]
-       [--dir /tmp] [--repeat 2] [--cold] [--chunk-kib 1024] [--workers 4]
+Usage: python bench/bench_dcp.py [--models 768x2048,1536x4096] [--layers 4] [--vocab 16003]
+       [--dir /tmp] [--repeat 2] [--cold] [--chunk-kib 1024] [--workers 4] [--reader-workers 0]
        [--compare-with DIR] [--out bench/results/dcp.txt]
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ sys.path.insert(0, os.environ.get("UCP_BENCH_ROOT", str(ROOT)))   # the ucp unde
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="768x2048,1536x4096:save",
+    ap.add_argument("--models", default="768x2048,1536x4096",
                     help="model sizes HIDDENxFFN, comma-separated, one section each; ':save': save rows only")
     ap.add_argument("--hidden", type=int, default=768, help=argparse.SUPPRESS)    # set per model (--models)
     ap.add_argument("--layers", type=int, default=4)
@@ -61,7 +61,9 @@ def parse(argv=None):
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each load (root)")
     ap.add_argument("--chunk-kib", type=int, default=1024, help="UniversalWriter chunk_bytes (KiB)")
-    ap.add_argument("--workers", type=int, default=4, help="threads per rank of UniversalWriter / Reader")
+    ap.add_argument("--workers", type=int, default=4, help="threads per rank of UniversalWriter")
+    ap.add_argument("--reader-workers", type=int, default=0,
+                    help="threads per rank of UniversalReader (0: its default, ucp.dcp.reader_threads)")
     ap.add_argument("--compare-with", default=None, help="also run the job with the ucp of this checkout")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dcp.txt"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -182,10 +184,11 @@ def load_layout(args, cfg, layout, base, ref, fs_reader, ucp_reader) -> dict:
         for name, written_by in READS.items():
             sd = fresh_state(cfg, layout)
             path = base / DIRS[written_by]
-            reader = fs_reader(path) if name == "FileSystemReader" else ucp_reader(path, workers=args.workers)
+            opts = {"workers": args.reader_workers} if args.reader_workers else {}   # else the version's default
+            reader = fs_reader(path) if name == "FileSystemReader" else ucp_reader(path, **opts)
             if args.cold and dist.get_rank() == 0:
                 drop_caches()
-            t = timed(lambda: dcp.load(sd, storage_reader=reader))
+            t, c = timed(lambda: dcp.load(sd, storage_reader=reader), cpu=True)
             for k, v in ref.items():
                 got = sd["model"][k]
                 got = got.full_tensor() if hasattr(got, "full_tensor") else got
@@ -194,7 +197,8 @@ def load_layout(args, cfg, layout, base, ref, fs_reader, ucp_reader) -> dict:
             ratios = [None] * dist.get_world_size()
             dist.all_gather_object(ratios, reader.bytes_read / max(1, reader.bytes_needed))
             prev = out.get(name)
-            out[name] = {"time": min(t, prev["time"]) if prev else t, "read_over_need": ratios}
+            out[name] = {"time": min(t, prev["time"]) if prev else t, "read_over_need": ratios,
+                         "cpu": min(c, prev["cpu"]) if prev else c}
     return out
 
 
@@ -257,8 +261,10 @@ def best_of(reports: list) -> dict:
             out["save_cpu"][name] = min(out["save_cpu"][name], r["save_cpu"][name])
         for layout, readers in r["load"].items():
             for name, x in readers.items():
+                cpu = min(x["cpu"], out["load"][layout][name]["cpu"])
                 if x["time"] < out["load"][layout][name]["time"]:
                     out["load"][layout][name] = x
+                out["load"][layout][name]["cpu"] = cpu
     return out
 
 
@@ -274,7 +280,8 @@ def render(args, rep, nbytes, label=None) -> str:
              "# UniversalWriter: its default layout (since this session: one shard per saved FSDP2 box, inner "
              "chunks in column blocks; before: plain chunks aligned with the boxes); "
              f"'fine': chunk_bytes {args.chunk_kib} KiB, last dim in column blocks; {args.workers} threads per rank "
-             "(FileSystemWriter: its default, 1)",
+             "(FileSystemWriter: its default, 1); UniversalReader threads per rank: "
+             f"{args.reader_workers or 'the version default (since this session: ucp.dcp.reader_threads, the cores shared among the node ranks on local files; before: 4)'}",
              "",
              "dcp.save FSDP2 x4 (durable)      seconds  vs FileSystemWriter (aim <= 1.2) | CPU s, all ranks  vs FSW"]
     cpu = rep["save_cpu"]
@@ -283,14 +290,16 @@ def render(args, rep, nbytes, label=None) -> str:
                      f"{cpu[name] / cpu['FileSystemWriter']:5.2f}x")
     names = {"2d": "FSDP2 x4 -> 2-D dp2 x tp2", "tp": "FSDP2 x4 -> TP x4"}
     for layout, r in rep["load"].items():
-        base = r["FileSystemReader"]["time"]
+        base, bcpu = r["FileSystemReader"]["time"], r["FileSystemReader"]["cpu"]
         lines += ["", f"dcp.load {names[layout]:<23} seconds  speedup vs FileSystemReader (aim >= 1.5) | "
-                      "read/need worst   mean (aim <= 1.1)"]
+                      "read/need worst   mean (aim <= 1.1) | CPU s, all ranks  vs FSR"]
         for name, x in r.items():
             ratios = x["read_over_need"]
             lines.append(f"{name + ' (' + DIRS[READS[name]] + ')':<32} {x['time']:8.3f}  {base / x['time']:6.2f}x"
-                         f"                           | {max(ratios):15.3f}  {sum(ratios) / len(ratios):6.3f}")
-    lines += ["", "# times: max over ranks of the dcp.* call (planning collectives included); read/need: bytes the "
+                         f"                           | {max(ratios):15.3f}  {sum(ratios) / len(ratios):6.3f}"
+                         f"            | {x['cpu']:16.3f}  {x['cpu'] / bcpu:5.2f}x")
+    lines += ["", "# times: max over ranks of the dcp.* call (planning collectives included), best of the runs; CPU s: "
+              "user + system CPU of that call summed over the ranks, least of the runs; read/need: bytes the "
               "reader read from storage / bytes of the rank's local tensors it filled (FileSystemReader: the saved "
               "items it deserialised whole, once per read request)"]
     return "\n".join(lines) + "\n"

@@ -7,8 +7,9 @@ Prints write and read throughput of large tensors (an fp32 one of --size-mb and 
 that) and of --small 4 KiB tensors, as ratios to numpy tofile(+fsync)/fromfile and to safetensors
 save_file/load_file; reads are measured warm (page cache) and, when /proc/sys/vm/drop_caches is
 writable, cold. The small tensors' process CPU time is printed too: under load it moves far less than
-wall time (--small-only runs just that part, for a quick A/B of two checkouts). Results go to stdout
-and bench/results/format.txt.
+wall time (--small-only runs just that part and writes no results file unless --out is given;
+bench/bench_small.py is the A/B of checkouts over many launches). Results go to stdout and
+bench/results/format.txt.
 """
 from __future__ import annotations
 
@@ -231,14 +232,20 @@ def main():
                     help="sharded configs: shard MiB / inner KiB (the first is the default layout)")
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir under /tmp)")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "format.txt"))
-    ap.add_argument("--small-only", action="store_true", help="only the small-tensor figures (quick A/B)")
+    ap.add_argument("--out", default=None,
+                    help="results file (default bench/results/format.txt; with --small-only: none, stdout only, so a "
+                         "quick run does not replace the full figures)")
+    ap.add_argument("--small-only", action="store_true",
+                    help="only the small-tensor figures (bench/bench_small.py is the sturdier A/B of checkouts)")
     a = ap.parse_args()
+    if a.out is None and not a.small_only:
+        a.out = str(pathlib.Path(__file__).parent / "results" / "format.txt")
     base = pathlib.Path(a.dir or tempfile.mkdtemp(prefix="ucp-bench-"))
     base.mkdir(parents=True, exist_ok=True)
     cold = can_drop()
     say(f"# ucp format benchmark  torch {torch.__version__}  cores {os.cpu_count()}  dir {base}  "
-        f"cold reads: {'yes' if cold else 'no (drop_caches not writable)'}")
+        f"cold reads: {'yes' if cold else 'no (drop_caches not writable)'}  load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} cores")
     say(f"# best of {a.reps}; throughput in GB/s (1e9 B/s); ratio = ucp / baseline (higher is better)")
     if not a.small_only:
         bench_large(a, base, cold)
@@ -296,8 +303,9 @@ def main():
     c_o = cpu_best(lambda: open_checkpoint(cks), a.reps)
     say(f"ucp CPU time (process, best of {a.reps})  write {c_w * 1e3 / n:.3f} ms/tensor   read {c_r * 1e3 / n:.3f} "
         f"ms/tensor   open {c_o * 1e3:.1f} ms")
-    pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(a.out).write_text("\n".join(LINES) + "\n")
+    if a.out:
+        pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(a.out).write_text("\n".join(LINES) + "\n")
     if not a.dir:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -2,6 +2,8 @@
 exactly what the one-path check accepts, and a path smuggled past the bulk joining is still refused."""
 
 import contextlib
+import copy
+import json
 
 import pytest
 import torch
@@ -68,3 +70,76 @@ def test_many_arrays_open_and_read_back(ck):
     c = open_checkpoint(ck)
     for i in range(3):
         assert torch.equal(c.read(f"layers.{i}.w"), torch.arange(8, dtype=torch.float32) + i)
+
+
+# ---- all parameter records checked at once (manifest._params_at_once) must agree with record by record
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory):
+    """A manifest with what records vary in: several states, sharded and plain, 0-d and empty arrays,
+    several dtypes, a parameter name that needs encoding, metadata arrays, and repeated geometries."""
+    root = tmp_path_factory.mktemp("varied") / "ck"
+    with create_checkpoint(root) as w:
+        for i in range(3):
+            w.write_tensor(f"layers.{i}.w", "param", torch.arange(24, dtype=torch.float32).reshape(4, 6) + i,
+                           chunks=(2, 6))
+            w.write_tensor(f"layers.{i}.w", "exp_avg", torch.zeros(4, 6, dtype=torch.bfloat16))
+        w.write_tensor("sharded", "param", torch.arange(64, dtype=torch.int32).reshape(8, 8), shards=(8, 8),
+                       chunks=(4, 4))
+        w.write_tensor("scalar", "param", torch.tensor(3.5, dtype=torch.float64))
+        w.write_tensor("empty", "param", torch.zeros(0, 3))
+        w.write_tensor("odd name/é", "param", torch.ones(5, dtype=torch.bool))
+        w.set_metadata({"step": 7, "rng": torch.arange(3)})
+    return json.loads((root / "ucp.manifest.json").read_bytes())
+
+
+def _outcome(doc, at_once):
+    try:
+        return M.Manifest.from_json(doc, "m.json", at_once=at_once)
+    except FormatError as e:
+        return type(e)
+
+
+def test_records_checked_at_once_equal_records_checked_one_by_one(varied):
+    doc = copy.deepcopy(varied)
+    doc.pop("crc32c")
+    assert M._params_at_once(doc["params"], "m.json", doc["format_version"]) is not None  # the bulk path took it
+    one_by_one = M.Manifest.from_json(doc, "m.json", at_once=False)
+    assert M.Manifest.from_json(doc, "m.json") == one_by_one
+    assert len(one_by_one.params) == 7 and one_by_one.meta_arrays
+
+
+# values a crafted record may hold where a checked one holds another: each must be refused (or accepted)
+# by the bulk path exactly as record by record
+ODD = [True, False, 1.0, 2.0, 4.0, 6.0, -1, 0, 1 << 40, "1", None, [], {}, [1], [True], [4, 6], [2, 6], [0, 3], "float32",
+       "float64", "uint16", "object", "x/../y", "layers.0.w/param", "c/0/0", [4100, 1], [100, 1, 2]]
+
+
+def _paths(x, at=()):
+    """Every (container, key) position inside the parameter records."""
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield x, k
+            yield from _paths(v)
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield x, i
+            yield from _paths(v)
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.data())
+def test_a_crafted_record_is_refused_or_accepted_alike_at_once_and_one_by_one(varied, data):
+    doc = copy.deepcopy(varied)
+    doc.pop("crc32c")
+    spots = list(_paths(doc["params"]))
+    for _ in range(data.draw(st.integers(1, 2))):
+        where, key = data.draw(st.sampled_from(spots))
+        action = data.draw(st.sampled_from(["set", "drop", "rename"]))
+        if action == "set" or isinstance(where, list):
+            where[key] = copy.deepcopy(data.draw(st.sampled_from(ODD)))
+        elif action == "drop":
+            del where[key]
+        else:
+            where[data.draw(st.sampled_from(["c/1/0", "c/0", "param", "exp_avg", "x"]))] = where.pop(key)
+        spots = list(_paths(doc["params"]))
+    assert _outcome(copy.deepcopy(doc), True) == _outcome(copy.deepcopy(doc), False)

@@ -27,9 +27,11 @@ optimizer state while the state dict has an optimizer gets ``frozen: true``.
 **Reading only what is needed.** The reader describes every universal array to DCP as ONE
 saved chunk covering the whole tensor; DCP's planner then asks, for each chunk of each rank's
 DTensor, for exactly the region it needs (``storage_offsets`` / ``lengths``), and
-:meth:`UniversalReader.read_data` reads that box with ``Checkpoint.read_box``, which touches
-only the zarr chunks it intersects. DCP's ``FileSystemReader`` instead loads each whole saved
-chunk and narrows it (pytorch issue 76331).
+:meth:`UniversalReader.read_data` hands all of a rank's regions to ``Checkpoint.read_boxes`` at
+once: it touches only the zarr chunks (inner chunks of shards) they intersect, reads them on one
+pool of :func:`reader_threads` threads and copies them straight into the DTensors' local shards.
+DCP's ``FileSystemReader`` instead loads each whole saved chunk and narrows it (pytorch issue
+76331).
 
 **Writing from every rank.** The writer uses the several-writers protocol (FORMAT.md §13):
 the coordinator picks each array's chunk grid in ``prepare_global_plan`` (aligned with every
@@ -146,10 +148,10 @@ class UniversalReader(StorageReader):
     Args:
         path: the universal checkpoint (local path or fsspec URL).
         storage_options: fsspec options for remote paths.
-        workers: reader threads of the underlying ``Checkpoint``.
+        workers: reader threads of the underlying ``Checkpoint`` (default: :func:`reader_threads`).
     """
 
-    def __init__(self, path=None, *, storage_options=None, workers: int = 4):
+    def __init__(self, path=None, *, storage_options=None, workers: Optional[int] = None):
         super().__init__()
         self.path = path
         self.storage_options = storage_options
@@ -210,11 +212,11 @@ class UniversalReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner) -> Future:
-        """Serve every ``ReadItem`` by reading exactly its region of the universal array;
-        several regions at once (``workers`` threads), the planner called from this thread only."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        jobs = []
+        """Serve every ``ReadItem`` by reading exactly its region of the universal array. All the
+        array regions go to :meth:`Checkpoint.read_boxes` at once (its one pool reads their chunks,
+        straight into the destination tensors DCP resolves); the planner is called from this
+        thread only."""
+        boxes, staged, done = [], [], []
         for req in plan.items:
             entry = self.storage_data.get(req.storage_index)
             if entry is None:
@@ -228,33 +230,34 @@ class UniversalReader(StorageReader):
                 continue
             target = planner.resolve_tensor(req).detach()
             self.bytes_needed += target.numel() * target.element_size()
-            jobs.append((entry, req, target))
-        if self.workers > 1 and len(jobs) > 1:
-            with ThreadPoolExecutor(self.workers, thread_name_prefix="ucp-dcp-read") as pool:
-                list(pool.map(lambda job: self._fill(*job), jobs))
-        else:
-            for job in jobs:
-                self._fill(*job)
-        for _, req, target in jobs:
+            done.append((req, target))
+            start = [int(o) for o in req.storage_offsets]
+            stop = [o + int(n) for o, n in zip(start, req.lengths)]
+            if entry[0] != "array":
+                _fill_value(entry, start, stop, target)
+                continue
+            out = self._destination(entry, target, staged)
+            boxes.append((entry[1], entry[2], start, stop, out))
+        if boxes:
+            self._checkpoint().read_boxes(boxes)
+        for target, out in staged:
+            target.copy_(out)
+        for req, target in done:
             planner.commit_tensor(req, target)
         fut = Future()
         fut.set_result(None)
         return fut
 
     # -- internals --------------------------------------------------------------------------
-    def _fill(self, entry, req, target: torch.Tensor) -> None:
-        start = [int(o) for o in req.storage_offsets]
-        stop = [o + int(n) for o, n in zip(start, req.lengths)]
-        if entry[0] == "array":
-            ck = self._checkpoint()
-            dtype = ck.array_info(entry[1], entry[2]).dtype
-            if target.dtype == dtype and target.is_contiguous() and target.device.type == "cpu":
-                ck.read_box(entry[1], entry[2], start, stop, out=target)
-            else:
-                target.copy_(ck.read_box(entry[1], entry[2], start, stop))
-            return
-        src = entry[1] if entry[0] == "value" else torch.tensor(entry[1], dtype=entry[2])
-        target.copy_(src[tuple(slice(a, b) for a, b in zip(start, stop))] if src.dim() else src)
+    def _destination(self, entry, target: torch.Tensor, staged: list) -> torch.Tensor:
+        """Where a region is read: the DCP destination itself when it is a contiguous CPU tensor of
+        the stored dtype, else a buffer copied into it afterwards (noted in ``staged``)."""
+        dtype = self._checkpoint().array_info(entry[1], entry[2]).dtype
+        if target.dtype == dtype and target.is_contiguous() and target.device.type == "cpu":
+            return target
+        out = torch.empty(target.shape, dtype=dtype)
+        staged.append((target, out))
+        return out
 
     def _checkpoint(self):
         if self._ck is None:
@@ -262,7 +265,8 @@ class UniversalReader(StorageReader):
 
             if self.path is None:
                 raise UcpError("UniversalReader: no path (pass it, or checkpoint_id= to dcp.load)")
-            self._ck = open_checkpoint(self.path, storage_options=self.storage_options, workers=self.workers)
+            workers = self.workers or reader_threads(self.path, self.storage_options)
+            self._ck = open_checkpoint(self.path, storage_options=self.storage_options, workers=workers)
         return self._ck
 
     @property
@@ -273,6 +277,34 @@ class UniversalReader(StorageReader):
         if self._ck is not None:
             self._ck.close()
             self._ck = None
+
+
+#: threads per rank of a UniversalReader at most (and on object stores)
+MAX_READ_THREADS = 4
+
+
+def reader_threads(path, storage_options=None) -> int:
+    """Reader threads per rank when not given. Object stores: :data:`MAX_READ_THREADS` (their
+    reads wait on the network). Local files: the cores this process may run on shared among the
+    ranks of this node (``LOCAL_WORLD_SIZE``, set by torchrun), at least 1: a warm read is memory
+    copies and crc32c, and threads beyond the cores only queue for them and for the GIL (4 ranks
+    of 4 threads on 2 cores, each thread handing the GIL back and forth around every read)."""
+    from ucp.format.store import make_store
+
+    if make_store(str(path), storage_options).parallel_reads:
+        return MAX_READ_THREADS
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, min(MAX_READ_THREADS, cores // local))
+
+
+def _fill_value(entry, start, stop, target: torch.Tensor) -> None:
+    """A region of a value kept in the metadata (a small tensor, or a scalar as a 0-d one)."""
+    src = entry[1] if entry[0] == "value" else torch.tensor(entry[1], dtype=entry[2])
+    target.copy_(src[tuple(slice(a, b) for a, b in zip(start, stop))] if src.dim() else src)
 
 
 def _param_groups(ck, md: dict) -> list:

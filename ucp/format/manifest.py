@@ -17,6 +17,8 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import itemgetter
 
 import crc32c
 
@@ -369,7 +371,10 @@ class Manifest:
                 "files": {k: list(v) for k, v in self.files.items()}}
 
     @classmethod
-    def from_json(cls, doc, where: str) -> "Manifest":
+    def from_json(cls, doc, where: str, at_once=True) -> "Manifest":
+        """Check a manifest (a dict from JSON) and build it. ``at_once``: first try ``_params_at_once``, the
+        same checks over all parameter records together; when anything there fails, or with
+        ``at_once=False``, every record is checked alone (which names the failing one)."""
         if not isinstance(doc, dict) or doc.get("format") != "ucp":
             raise FormatError(f"{where}: not a ucp manifest")
         v = doc.get("format_version")
@@ -382,7 +387,9 @@ class Manifest:
                           "checkpoint with this ucp", stacklevel=3)
         if not isinstance(doc.get("params"), list):
             raise FormatError(f"{where}: 'params' is not a list")
-        params = [ManifestParam.from_json(p, where, v) for p in doc["params"]]
+        params = _params_at_once(doc["params"], where, v) if at_once else None
+        if params is None:
+            params = [ManifestParam.from_json(p, where, v) for p in doc["params"]]
         if len({p.name for p in params}) != len(params):
             raise FormatError(f"{where}: a parameter is listed twice")
         metas = doc.get("meta_arrays") or {}
@@ -435,4 +442,96 @@ def _check_files(files, where) -> dict:
                 or v[0] < 0 or not 0 <= v[1] < 1 << 32:
             raise FormatError(f"{where}: files[{k!r}]: record {str(v)[:60]} is not [size, crc32c]")
         out[k] = (v[0], v[1])
+    return out
+
+
+# -------------------------------------------------------------------------------------- all records at once
+# Opening a checkpoint of thousands of small arrays spent more time checking records one by one than
+# parsing the JSON. The functions below run the same checks over all parameter records together: C-level
+# passes over columns (types, paths in one regex call) and, per distinct array geometry, one record checked
+# by ``ManifestArray.from_json`` standing for the others with equal (type-exact) geometry values. They
+# return None at the first doubt; ``ManifestParam.from_json`` then checks record by record and names it.
+
+def _params_at_once(ps, where, version) -> list | None:
+    """Every parameter record checked as ``ManifestParam.from_json`` would, or None."""
+    if not ps or set(map(type, ps)) != {dict}:
+        return None
+    try:
+        names, paths, states = (list(map(itemgetter(k), ps)) for k in ("name", "path", "states"))
+    except KeyError:
+        return None
+    metas = [p.get("meta", {}) for p in ps]
+    if set(map(type, names)) != {str} or set(map(type, states)) != {dict} or set(map(type, metas)) != {dict} \
+            or not all_safe_rel(paths) or "/" in "".join(paths):
+        return None
+    try:
+        if list(map(encode_param, names)) != paths:
+            return None
+    except Exception:
+        return None
+    orders = _state_orders(ps, states)
+    if orders is None:
+        return None
+    state_names = set(chain.from_iterable(orders))
+    if not all_safe_rel(state_names) or "/" in "".join(state_names):
+        return None
+    keys = [(i, st) for i, o in enumerate(orders) for st in o]
+    arrays = _arrays_at_once([states[i][st] for i, st in keys], [f"{paths[i]}/{st}" for i, st in keys],
+                             [(where, names[i], st) for i, st in keys], version)
+    if arrays is None:
+        return None
+    out = [ManifestParam(n, p, m, {}) for n, p, m in zip(names, paths, metas)]
+    for (i, st), a in zip(keys, arrays):
+        out[i].states[st] = a
+    return out
+
+
+def _state_orders(ps, states) -> list | None:
+    """Each record's states in saved order: its ``state_order`` when that lists exactly its states
+    (each once), else the states as stored; None when any ``state_order`` is otherwise."""
+    orders = []
+    try:
+        for p, s in zip(ps, states):
+            o = p.get("state_order")
+            if o is None:
+                o = list(s)
+            elif type(o) is not list or len(o) != len(s) or s.keys() != set(o):
+                return None
+            orders.append(o)
+    except TypeError:  # an unhashable entry in a state_order
+        return None
+    return orders
+
+
+def _arrays_at_once(recs, want, wheres, version) -> list | None:
+    """Complete array records ``recs`` (whose paths must be ``want``) checked as ``ManifestArray.from_json``
+    would, or None."""
+    if not recs or set(map(type, recs)) != {dict}:
+        return None
+    if [r.get("path") for r in recs] != want or max(map(len, want)) >= MAX_PATH:
+        return None
+    shapes, chunks, inners = ([r.get(k) for r in recs] for k in ("shape", "chunks", "inner_chunks"))
+    lists = shapes + chunks + [i for i in inners if i is not None]
+    if set(map(type, lists)) != {list} or not set(map(type, chain.from_iterable(lists))) <= {int}:
+        return None  # geometry values are lists of exact ints: equal keys below mean identical records
+    geoms = list(zip([r.get("dtype") for r in recs], [r.get("storage_dtype") for r in recs],
+                     map(tuple, shapes), map(tuple, chunks), [i if i is None else tuple(i) for i in inners]))
+    try:
+        first = {}
+        for j, g in enumerate(geoms):
+            if g not in first:
+                first[g] = ManifestArray.from_json(recs[j], _Where(*wheres[j]), want[j], version)
+    except (FormatError, TypeError):  # TypeError: an unhashable dtype value
+        return None
+    out = []
+    for r, p, g in zip(recs, want, geoms):
+        a = first[g]
+        sizes = _chunk_sizes(a.shape, a.chunks, a.inner_chunks, a.dtype)
+        table = r.get("chunk_table")
+        if sizes is None or type(table) is not dict or len(table) != len(sizes):
+            return None
+        table = _listed_table(table, sizes, 2 if a.inner_chunks is None or version < 2 else 3)
+        if table is None:
+            return None
+        out.append(ManifestArray(p, a.dtype, a.shape, a.chunks, table, a.inner_chunks, version))
     return out

@@ -39,21 +39,17 @@ class _Array:
     """An array being read: its manifest record plus the numbers every read of it needs."""
 
     __slots__ = ("info", "rec", "table", "np", "isz", "chunk_nbytes", "inner", "inner_nb", "index_nb", "grid",
-                 "positions")
+                 "positions", "small_key")
 
     def __init__(self, name, state, rec: ManifestArray):
         self.rec = rec
         self.table = rec.chunk_table
         self.grid = rec.grid
-        self.np = _numpy_dtype(rec.dtype)
-        self.isz = rec.itemsize
-        self.chunk_nbytes = rec.grid_chunk_nbytes
         self.inner = rec.inner_chunks
-        if self.inner is not None:
-            self.inner_nb = math.prod(self.inner) * self.isz + CRC_BYTES
-            self.index_nb = _shard.index_nbytes(rec.chunks, self.inner)
-        self.info = ArrayInfo(name, state, rec.path, rec.shape, dtypes.torch_dtype(rec.dtype), rec.storage_dtype,
-                              rec.chunks, math.prod(rec.shape) * self.isz, self.grid.nchunks, self.inner)
+        (self.np, self.isz, self.chunk_nbytes, self.inner_nb, self.index_nb, torch_dtype, nbytes,
+         self.small_key) = _geometry(rec.dtype, rec.shape, rec.chunks, rec.inner_chunks)
+        self.info = ArrayInfo(name, state, rec.path, rec.shape, torch_dtype, rec.storage_dtype, rec.chunks, nbytes,
+                              self.grid.nchunks, self.inner)
 
     def content_crc(self, key):
         """The shard's recorded content crc32c (None in a format_version 1 manifest)."""
@@ -159,6 +155,8 @@ class Checkpoint:
     def read(self, name, state="param", index=None, out=None) -> torch.Tensor:
         """An array (or the part ``index`` selects: ints, step-1 slices, ...) in its logical dtype."""
         a = self._array(name, state)
+        if index is None and out is None and a.small_key is not None:
+            return self._read_small(a)
         start, stop, squeeze = layout.normalize_index(index, a.info.shape)
         box = [b - s for s, b in zip(start, stop)]
         rshape = [n for d, n in enumerate(box) if d not in squeeze]
@@ -172,8 +170,57 @@ class Checkpoint:
         t = self.read_box(name, state, start, stop)
         return t.reshape(rshape) if squeeze else t
 
+    def _read_small(self, a) -> torch.Tensor:
+        """The whole of a small one-chunk array (``_Array.small_key``): the chunk's data read straight into
+        a new tensor and its crc32c word into scratch, in one preadv, with the checks of every chunk read
+        (``_check``), but none of the box, grid and job steps of ``read_box``: a checkpoint of thousands
+        of small tensors spent more time in those steps than in the system calls."""
+        key = a.small_key
+        size, crc = a.table[key]
+        raw = torch.empty(a.info.nbytes, dtype=torch.uint8)
+        data = raw.numpy()
+        crcb = self._scratch(CRC_BYTES)[:CRC_BYTES]
+        got, fsize = self._readinto(a, key, f"{a.info.path}/{key}", [data, crcb])
+        self._check(a, key, got, fsize, size, crc, [data], crcb)
+        with self._slock:
+            self.bytes_read += got
+            self.chunks_read += 1
+        self.last_read_stats = {"bytes_read": got, "bytes_needed": a.info.nbytes, "chunks_read": 1}
+        return raw.view(a.info.dtype).reshape(a.info.shape)
+
     def read_box(self, name, state, start, stop, out=None) -> torch.Tensor:
         """The box ``[start, stop)`` of an array (None: the whole extent), read into ``out`` if given."""
+        _a, start, stop, out = self._box(name, state, start, stop, out)
+        self.read_boxes([(name, state, start, stop, out)])
+        return out
+
+    def read_boxes(self, boxes) -> None:
+        """Read every box ``(name, state, start, stop, out)`` into its ``out`` (contiguous, CPU, the
+        box's shape and the array's dtype). The chunk reads of all the boxes go to ONE pool at once,
+        so many small boxes (a DCP rank's read requests) keep the threads busy without a pool per box
+        or a pool calling into a pool. ``last_read_stats`` sums over the boxes."""
+        tasks, counted, need = [], [], 0
+        for name, state, start, stop, out in boxes:
+            a, start, stop, out = self._box(name, state, start, stop, out)
+            if out.numel() == 0:
+                continue
+            jobs = list(a.grid.indices_for(start, stop))
+            fn, counts = self._reader_for(a, start, stop, out, jobs)
+            tasks += [(fn, j) for j in jobs]
+            counted.append(len(jobs) if counts is None else counts)
+            need += out.numel() * a.isz
+        if len(tasks) > 1 and self._workers > 1 and (need >= (8 << 20) or self._store.parallel_reads):
+            got = sum(self._thread_pool().map(_call, tasks))
+        else:
+            got = sum(fn(idx) for fn, idx in tasks)
+        nread = sum(c if isinstance(c, int) else sum(c) for c in counted)
+        with self._slock:
+            self.bytes_read += got
+            self.chunks_read += nread
+        self.last_read_stats = {"bytes_read": got, "bytes_needed": need, "chunks_read": nread}
+
+    def _box(self, name, state, start, stop, out):
+        """The array, the box as int lists (None: the whole extent) and the output tensor, checked."""
         a = self._array(name, state)
         shape = a.info.shape
         start = [0] * len(shape) if start is None else [int(x) for x in start]
@@ -187,26 +234,15 @@ class Checkpoint:
         elif list(out.shape) != bshape or out.dtype != a.info.dtype or not out.is_contiguous() \
                 or out.device.type != "cpu":
             raise UcpError(f"out must be a contiguous CPU {a.info.dtype} tensor of shape {tuple(bshape)}")
-        if out.numel() == 0:
-            self.last_read_stats = {"bytes_read": 0, "bytes_needed": 0, "chunks_read": 0}
-            return out
-        jobs = list(a.grid.indices_for(start, stop))
-        fn, counts = self._reader_for(a, start, stop, out, jobs)
-        nbytes_needed = out.numel() * a.isz
-        if len(jobs) > 1 and self._workers > 1 and (nbytes_needed >= (8 << 20) or self._store.parallel_reads):
-            if self._pool is None:
-                with self._slock:
-                    if self._pool is None:
-                        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="ucp-read")
-            got = sum(self._pool.map(fn, jobs))
-        else:
-            got = sum(fn(idx) for idx in jobs)
-        nread = len(jobs) if counts is None else sum(counts)
-        with self._slock:
-            self.bytes_read += got
-            self.chunks_read += nread
-        self.last_read_stats = {"bytes_read": got, "bytes_needed": nbytes_needed, "chunks_read": nread}
-        return out
+        return a, start, stop, out
+
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        """The Checkpoint's one reader pool (``workers`` threads), started on first use."""
+        if self._pool is None:
+            with self._slock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="ucp-read")
+        return self._pool
 
     def _reader_for(self, a, start, stop, out, jobs):
         """The per-chunk read function for this box (and a list it counts inner chunks in, for shards),
@@ -466,8 +502,9 @@ class Checkpoint:
             raise self._open_err(a, key) from None
         if (fsize is not None and fsize != size) or n != o:
             raise self._size_err(a, key, fsize, size, "shard")
-        inner, cst, ist, isp, start = box
+        _inner, cst, ist, isp, start = box
         nd = a.inner_nb - CRC_BYTES
+        run = _TileRun(a, buf, onp, start)
         for j, (_off, p, loc) in enumerate(spans):
             o = j * a.inner_nb
             stored = bytes(buf[o + nd:o + a.inner_nb])  # the scratch buffer is reused by the next batch
@@ -476,11 +513,10 @@ class Checkpoint:
             if c != s:
                 bad[loc] = (c, s)
                 continue
-            tile = np.frombuffer(buf[o:o + nd], dtype=a.np).reshape(a.inner)
-            tst = [c0 + t for c0, t in zip(cst, inner.chunk_start(loc))]
-            x0 = [max(x, t) for x, t in zip(ist, tst)]
-            x1 = [min(y, t + k) for y, t, k in zip(isp, tst, a.inner)]
-            onp[box_slices(x0, x1, start)] = tile[box_slices(x0, x1, tst)]
+            tst = [c0 + t * k for c0, t, k in zip(cst, loc, a.inner)]
+            run.add(j, tst, [max(x, t) for x, t in zip(ist, tst)],
+                    [min(y, t + k) for y, t, k in zip(isp, tst, a.inner)])
+        run.flush()
         return n
 
     def _entry(self, ent, pos, a, data_end, key):
@@ -505,6 +541,57 @@ class Checkpoint:
         return f"<ucp.Checkpoint {self.path!r}: {len(self._params)} params>"
 
 
+class _TileRun:
+    """Copies the inner chunks of one read batch into the output, one numpy copy per run of
+    chunks that lie side by side along the last dim, each wholly inside the box there, and next to
+    each other in the buffer (column blocks of the same rows: the default layout's inner chunks).
+    The run is viewed in place as ``(m, *inner)`` with the buffer's stride (the crc32c words in
+    between are skipped) and the box part as ``(..., m, k)``: no Python step per chunk beyond
+    ``add``. Any other chunk is copied on its own."""
+
+    __slots__ = ("a", "buf", "onp", "start", "first", "tst", "x0", "x1", "m")
+
+    def __init__(self, a, buf, onp, start):
+        self.a, self.buf, self.onp, self.start = a, buf, onp, start
+        self.m = 0
+
+    def add(self, j, tst, x0, x1):
+        k = self.a.inner[-1]
+        whole = x0[-1] == tst[-1] and x1[-1] == tst[-1] + k
+        if self.m and whole and j == self.first + self.m and tst[:-1] == self.tst[:-1] \
+                and tst[-1] == self.tst[-1] + self.m * k and x0[:-1] == self.x0[:-1] and x1[:-1] == self.x1[:-1]:
+            self.x1 = x1
+            self.m += 1
+            return
+        self.flush()
+        self.first, self.tst, self.x0, self.x1, self.m = j, tst, x0, x1, 1
+        if not whole:
+            self.flush()
+
+    def flush(self):
+        m = self.m
+        if not m:
+            return
+        self.m = 0
+        a, tst, x0, x1 = self.a, self.tst, self.x0, self.x1
+        inner, isz = a.inner, a.isz
+        cstr = tuple(isz * math.prod(inner[d + 1:]) for d in range(len(inner)))
+        src = np.ndarray((m,) + tuple(inner), dtype=a.np, buffer=self.buf, offset=self.first * a.inner_nb,
+                         strides=(a.inner_nb,) + cstr)
+        lead = tuple(slice(p - t, q - t) for p, q, t in zip(x0[:-1], x1[:-1], tst[:-1]))
+        src = src[(slice(None),) + lead + (slice(x0[-1] - tst[-1], x1[-1] - tst[-1]) if m == 1 else slice(None),)]
+        dst = self.onp[box_slices(x0, x1, self.start)]
+        if m > 1:
+            k = inner[-1]
+            dst = np.lib.stride_tricks.as_strided(dst, dst.shape[:-1] + (m, k),
+                                                  dst.strides[:-1] + (k * dst.strides[-1], dst.strides[-1]),
+                                                  writeable=True)
+            src = np.moveaxis(src, 0, -2)
+        else:
+            src = src[0]
+        dst[...] = src
+
+
 PREFETCH = 8  # plain chunks read ahead
 PREFETCH_BYTES = 64 << 20  # sharded arrays: shards read ahead, in bytes (at least one shard)
 # Shards are read a batch of inner chunks at a time into a per-thread scratch buffer of about this
@@ -512,7 +599,25 @@ PREFETCH_BYTES = 64 << 20  # sharded arrays: shards read ahead, in bytes (at lea
 # into a pooled buffer (one read, but the crc and copy passes then came from memory, not cache).
 STREAM_BYTES = 1 << 20
 _HUGE = 1 << 20
+SMALL_BYTES = 1 << 20  # one-chunk arrays up to this size are read by ``Checkpoint._read_small``
 BIG_ALLOC = 16 << 20  # files at least this large are stat'ed before their buffer is allocated
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry(dtype, shape, chunks, inner):
+    """What every read of an array of this geometry needs, computed once per geometry (layers repeat
+    theirs; a checkpoint of thousands of small arrays builds thousands of ``_Array``): numpy dtype,
+    itemsize, chunk bytes, inner chunk file bytes and shard index bytes (sharded arrays), torch dtype,
+    array bytes, and the chunk key of a small one-chunk array (``_read_small``), else None."""
+    isz = dtypes.itemsize(dtype)
+    inner_nb = index_nb = None
+    if inner is not None:
+        inner_nb = math.prod(inner) * isz + CRC_BYTES
+        index_nb = _shard.index_nbytes(chunks, inner)
+    nbytes = math.prod(shape) * isz
+    small = inner is None and chunks == shape and 0 < nbytes <= SMALL_BYTES
+    return (_numpy_dtype(dtype), isz, math.prod(chunks) * isz, inner_nb, index_nb, dtypes.torch_dtype(dtype),
+            nbytes, chunk_key((0,) * len(shape)) if small else None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -528,6 +633,11 @@ def _empty(shape, dtype, isz):
     if n * isz < _HUGE:
         return torch.empty(shape, dtype=dtype)
     return torch.from_numpy(np.empty(n * isz, dtype=np.uint8)).view(dtype).reshape(shape)
+
+
+def _call(task):
+    fn, idx = task
+    return fn(idx)
 
 
 def _no_tensor(_p):

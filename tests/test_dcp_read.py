@@ -1,0 +1,130 @@
+"""The UniversalReader read path: many boxes read at once on one pool (``Checkpoint.read_boxes``),
+inner column blocks copied out a run at a time, DCP destinations filled in place or staged, the
+reader's thread count. The distributed cross-layout loads are in ``test_dcp_dist.py``."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from ucp.dcp import MAX_READ_THREADS, UniversalReader, reader_threads
+from ucp.errors import CorruptChunkError
+from ucp.format import create_checkpoint, open_checkpoint
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as integers: equal means bit-exact (NaN and -0.0 included)."""
+    return t.contiguous().view(torch.uint8)
+
+
+def column_block_checkpoint(path, tensors: dict, shard_rows: int, cols: int):
+    """Arrays sharded like UniversalWriter's default: shards of ``shard_rows`` whole rows, inner
+    chunks of ``cols`` columns (the last dim need not divide: the edge block is clipped)."""
+    w = create_checkpoint(path, durable=False)
+    for name, t in tensors.items():
+        shard = (shard_rows,) + tuple(t.shape[1:-1]) + (-(-t.shape[-1] // cols) * cols,)
+        inner = (shard_rows,) + tuple(t.shape[1:-1]) + (cols,)
+        a = w.add_array(name, "param", tuple(t.shape), t.dtype, chunks=inner, shards=shard)
+        a.write((0,) * t.dim(), t)
+        w.add_param(name)
+    w.commit()
+
+
+def random_box(shape, rnd):
+    start = [rnd.randrange(n) for n in shape]
+    stop = [rnd.randint(s + 1, n) for s, n in zip(start, shape)]
+    return start, stop
+
+
+def select(t, start, stop):
+    return t[tuple(slice(a, b) for a, b in zip(start, stop))]
+
+
+@SETTINGS
+@given(rows=st.integers(2, 30), cols=st.integers(3, 40), depth=st.sampled_from([0, 3]),
+       block=st.integers(1, 9), shard_rows=st.integers(1, 12), workers=st.sampled_from([1, 3]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), seed=st.integers(0, 2**31))
+def test_read_boxes_equal_the_source_bit_for_bit(tmp_path_factory, rows, cols, depth, block, shard_rows, workers,
+                                                 dtype, seed):
+    """Random boxes of column-block sharded arrays (2-D and 3-D, clipped edge blocks, boxes that
+    cut blocks or cover runs of them, several at once, two arrays in one call) read by
+    ``read_boxes`` equal the written tensor's bytes; the stats count exactly the boxes' bytes."""
+    rnd = random.Random(seed)
+    shape = (rows, depth, cols) if depth else (rows, cols)
+    g = torch.Generator().manual_seed(seed)
+    src = {f"w{i}": torch.randn(shape, generator=g).to(dtype) for i in range(2)}
+    path = tmp_path_factory.mktemp("boxes") / "ck"
+    column_block_checkpoint(path, src, min(shard_rows, rows), min(block, cols))
+    ck = open_checkpoint(path, workers=workers)
+    boxes = [(name, "param", *random_box(shape, rnd)) for name in src for _ in range(3)]
+    boxes.append(("w0", "param", [0] * len(shape), list(shape)))           # whole array: every run whole
+    outs = [torch.empty([b - a for a, b in zip(st_, sp)], dtype=dtype) for _, _, st_, sp in boxes]
+    ck.read_boxes([(n, s, a, b, o) for (n, s, a, b), o in zip(boxes, outs)])
+    for (name, _, a, b), out in zip(boxes, outs):
+        assert torch.equal(bits(out), bits(select(src[name], a, b))), (name, a, b)
+    assert ck.last_read_stats["bytes_needed"] == sum(o.numel() * o.element_size() for o in outs)
+    assert ck.last_read_stats["bytes_read"] >= ck.last_read_stats["bytes_needed"]
+    ck.close()
+
+
+def test_read_boxes_reports_a_corrupt_inner_chunk_and_reads_the_others(tmp_path):
+    """One byte flipped in the second column block of an array: ``read_boxes`` with a box touching
+    it fails naming the inner chunk and the file; boxes of the intact blocks still read exactly."""
+    t = torch.arange(8 * 24, dtype=torch.float32).reshape(8, 24)
+    column_block_checkpoint(tmp_path / "ck", {"w": t, "v": t + 1}, 8, 6)
+    ck = open_checkpoint(tmp_path / "ck")
+    rel = ck.array_info("w").path
+    shard = next(p for p in (tmp_path / "ck" / rel).rglob("*") if p.is_file() and p.name != "zarr.json")
+    raw = bytearray(shard.read_bytes())
+    raw[8 * 6 * 4 + 5] ^= 0x10               # inside inner chunk [0, 1] (columns 6..11)
+    shard.write_bytes(bytes(raw))
+    ck = open_checkpoint(tmp_path / "ck")
+    outs = [torch.empty(8, 24), torch.empty(8, 12)]
+    with pytest.raises(CorruptChunkError, match=r"inner chunk \[0, 1\] crc32c mismatch") as e:
+        ck.read_boxes([("v", "param", [0, 0], [8, 24], outs[0]), ("w", "param", [0, 0], [8, 12], outs[1])])
+    assert str(shard.relative_to(tmp_path / "ck")) in str(e.value) or rel in str(e.value)
+    ck = open_checkpoint(tmp_path / "ck")
+    good = torch.empty(8, 12)
+    ck.read_boxes([("w", "param", [0, 12], [8, 24], good)])
+    assert torch.equal(good, t[:, 12:])
+
+
+def test_dcp_load_fills_in_place_and_stages_the_rest(tmp_path):
+    """One-process ``dcp.load``: a contiguous destination of the stored dtype is read into in
+    place (same storage after the load), a transposed (non-contiguous) one and one of another
+    dtype through a staging buffer; all equal the stored values."""
+    a = torch.randn(12, 40, generator=torch.Generator().manual_seed(3))
+    b = torch.randn(40, 12, generator=torch.Generator().manual_seed(4))
+    c = torch.randn(6, 20, generator=torch.Generator().manual_seed(5))
+    column_block_checkpoint(tmp_path / "ck", {"a": a, "b": b, "c": c}, 4, 8)
+    inplace = torch.zeros(12, 40)
+    ptr = inplace.data_ptr()
+    transposed = torch.zeros(12, 40).T                          # (40, 12), not contiguous
+    other = torch.zeros(6, 20, dtype=torch.float64)
+    sd = {"model.a": inplace, "model.b": transposed, "model.c": other}
+    reader = UniversalReader(tmp_path / "ck")
+    dcp.load(sd, storage_reader=reader, no_dist=True)
+    assert sd["model.a"].data_ptr() == ptr and torch.equal(bits(sd["model.a"]), bits(a))
+    assert not sd["model.b"].is_contiguous() and torch.equal(bits(sd["model.b"]), bits(b))
+    assert sd["model.c"].dtype == torch.float64 and torch.equal(sd["model.c"], c.double())
+    need = (a.numel() + b.numel()) * 4 + c.numel() * 8
+    assert reader.bytes_needed == need
+
+
+def test_reader_threads_share_the_cores_among_local_ranks(monkeypatch, tmp_path):
+    """Local files: the cores this process may use divided among the node's ranks (at least 1,
+    at most MAX_READ_THREADS); an object store: MAX_READ_THREADS whatever the ranks."""
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert reader_threads(tmp_path) == max(1, min(MAX_READ_THREADS, cores))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
+    assert reader_threads(tmp_path) == 1
+    assert reader_threads("memory://ucp-test-threads/ck") == MAX_READ_THREADS
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert reader_threads(tmp_path) == max(1, min(MAX_READ_THREADS, cores))
