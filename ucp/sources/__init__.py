@@ -72,6 +72,13 @@ class Source(Plugin):
     Order of calls by the engine: ``detect`` (only for ``--from auto``), ``__init__``,
     ``layout`` once, ``read`` (by default through ``local``) any number of times, ``close``
     (always, also after an error).
+
+    Optional: ``read_into(fragment, state, piece, out) -> bool`` fills the contiguous tensor
+    ``out`` (shape ``piece.src.shape``) straight from the file and returns True, or returns
+    False with ``out`` untouched when it cannot (then ``read`` is used). A source that has it
+    lets the engine gather a whole state into one recycled buffer with one copy, so the writer
+    takes every chunk whole; without it gathering would add a copy, so the engine streams boxes
+    (see ``ucp.engine.to_universal.write_state``). The DeepSpeed source has one.
     """
     #: ``--from auto`` tries sources in ascending priority (more specific layouts first)
     priority: ClassVar[int] = 100
