@@ -402,3 +402,25 @@ def test_tp_equals_ds_to_universal(tp_run, tmp_path):
             assert same(ours[:1003] if held.get("vocab_tensor") else ours, held["param"]), (name, st)
     assert torch.load(out / "zero" / "tied_modules.embed.word_embeddings.weight" / "fp32.pt",
                       weights_only=True)["vocab_tensor"] is True
+
+
+def test_tp_without_checkpoint_parallel_dimensions(tp_run, tmp_path):
+    """DeepSpeed before `checkpoint_parallel_dimensions` (what most Megatron-DeepSpeed runs saved
+    with) records no degrees: tp comes from the tensor-parallel ranks the layer files name, and
+    the conversion is the same, tensor for tensor."""
+    import ucp
+
+    ck_dir, _, ck = tp_run
+    old = tmp_path / "ck"
+    shutil.copytree(ck_dir, old)
+    for f in (old / TP_TAG).glob("mp_rank_*_model_states.pt"):
+        sd = torch.load(f, weights_only=True)
+        del sd["checkpoint_parallel_dimensions"]
+        torch.save(sd, f)
+    ucp.convert(str(old), str(tmp_path / "u"), source="auto")
+    got = ucp.open(str(tmp_path / "u"))
+    assert list(got.params) == list(ck.params) and got.metadata["deepspeed"]["pipeline"] == {"pp_degree": 2,
+                                                                                             "tp_degree": 2}
+    for name in ck.params:
+        for st in ck.states(name):
+            assert same(got.read(name, st), ck.read(name, st)), (name, st)

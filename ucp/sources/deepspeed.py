@@ -516,10 +516,13 @@ class DeepSpeedSource(Source):
 
     def _check_pipeline(self, ranks: list[int]) -> tuple[int, int]:
         """(pipeline degree, tensor-parallel degree) as the checkpoint records them, checked
-        against the files present."""
+        against the files present. DeepSpeed before ``checkpoint_parallel_dimensions`` (as most
+        Megatron-DeepSpeed runs used) records neither: tp is then the number of tensor-parallel
+        ranks the layer files name, pp = mp_world_size / tp."""
         path, world = self.files.model[0], int(self.model0.get("mp_world_size") or 0)
         dims = self.model0.get("checkpoint_parallel_dimensions") or {}
-        tp = int(dims.get("tp_degree", 1))
+        tp = int(dims["tp_degree"]) if "tp_degree" in dims else 1 + max(
+            (int(hit.group(2) or 0) for hit in map(LAYER_RE.match, os.listdir(self.folder)) if hit), default=0)
         pp = int(dims.get("pp_degree", world // tp if tp > 0 else 0))
         if tp < 1 or pp * tp != world:
             raise DeepSpeedError(f"{path}: checkpoint_parallel_dimensions pp_degree={pp}, tp_degree={tp} do not "
