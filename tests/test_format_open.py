@@ -143,3 +143,40 @@ def test_a_crafted_record_is_refused_or_accepted_alike_at_once_and_one_by_one(va
             where[data.draw(st.sampled_from(["c/1/0", "c/0", "param", "exp_avg", "x"]))] = where.pop(key)
         spots = list(_paths(doc["params"]))
     assert _outcome(copy.deepcopy(doc), True) == _outcome(copy.deepcopy(doc), False)
+
+
+def _rename_state(doc, name, old, new):
+    p = next(p for p in doc["params"] if p["name"] == name)
+    p["states"][new] = p["states"].pop(old)
+    p["states"][new]["path"] = f"{p['path']}/{new}"
+    if "state_order" in p:
+        p["state_order"] = [new if s == old else s for s in p["state_order"]]
+
+
+@pytest.mark.parametrize("bad", ["..", ".", "a\nb"])
+def test_an_unsafe_state_name_on_a_record_sharing_a_geometry_is_refused_at_once_too(varied, bad):
+    """The bulk path checks one record per geometry in full: a state name that no safe path allows, on
+    a record whose geometry an earlier record has (layers.1.w is shaped like layers.0.w), is refused
+    by the bulk check itself, not only record by record, and named as such (not as a missing document)."""
+    doc = copy.deepcopy(varied)
+    doc.pop("crc32c")
+    _rename_state(doc, "layers.1.w", "param", bad)
+    for at_once in (True, False):
+        with pytest.raises(FormatError, match="unsafe state name"):
+            M.Manifest.from_json(copy.deepcopy(doc), "m.json", at_once=at_once)
+
+
+def test_an_array_path_of_max_path_characters_is_refused_at_once_too(varied):
+    """A parameter path just under MAX_PATH whose longest array path ``<path>/exp_avg`` reaches it
+    exactly, on a record sharing a geometry with an earlier one: refused on both paths, and named."""
+    doc = copy.deepcopy(varied)
+    doc.pop("crc32c")
+    p = next(p for p in doc["params"] if p["name"] == "layers.1.w")
+    name = "x" * (M.MAX_PATH - len("/exp_avg"))
+    p["name"] = p["path"] = name
+    for st, rec in p["states"].items():
+        rec["path"] = f"{name}/{st}"
+    assert max(len(r["path"]) for r in p["states"].values()) == M.MAX_PATH and M.safe_rel(name)
+    for at_once in (True, False):
+        with pytest.raises(FormatError, match="unsafe or unexpected array path"):
+            M.Manifest.from_json(copy.deepcopy(doc), "m.json", at_once=at_once)
