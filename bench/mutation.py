@@ -47,7 +47,9 @@ DEFAULT_TESTS = {
                    "tests/test_format_binding.py", "tests/test_format_durability.py", "tests/test_format_resume.py",
                    "tests/test_format_roundtrip.py", "tests/test_format_sharding.py", "tests/test_format_property.py",
                    "tests/test_format_metadata.py", "tests/test_format_interop.py", "tests/test_hostile_manifest.py",
-                   "tests/test_format_parts.py", "tests/test_format_lock.py", "tests/test_format_store.py"],
+                   "tests/test_format_parts.py", "tests/test_format_lock.py", "tests/test_format_store.py",
+                   "tests/test_format_open.py", "tests/test_format_small.py", "tests/test_dcp_read.py",
+                   "tests/test_engine_gather.py"],
     "ucp/plan": ["tests/test_behaviour_*.py", "tests/test_mutants_*.py", "tests/test_plan_*.py",
                  "tests/test_converters_plan.py", "tests/test_lang_bind.py"],
 }
