@@ -23,3 +23,13 @@ def run_ds_job(script: Path, nproc: int, *args, cwd=None, timeout: int = 600) ->
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if res.returncode:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+
+
+def run_ds_to_universal(folder: Path, out: Path, timeout: int = 600) -> None:
+    """DeepSpeed's own ``ds_to_universal`` on the tag folder ``folder`` (one extract and one merge
+    worker: the tests' 2 cores), the reference answer several tests compare ucp with."""
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
+           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    res = subprocess.run(cmd, env={**os.environ, **DS_ENV}, capture_output=True, text=True, timeout=timeout)
+    if res.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")

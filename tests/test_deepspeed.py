@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from _ports import free_port
-from _ds_env import DS_ENV, run_ds_job
+from _ds_env import DS_ENV, run_ds_job, run_ds_to_universal
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                 reason="DeepSpeed is not installed")
@@ -266,10 +266,7 @@ def test_universal_source_equals_deepspeed_source(cell, ds_runs, converted, tmp_
 
     tag = ds_runs[cell][0] / "global_step3"
     out = tmp_path / "ds-universal"
-    res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag),
-                          "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                         env={**os.environ, **DS_ENV}, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_ds_to_universal(tag, out)
     assert detect(out) == "deepspeed-universal"
     ucp.convert(str(out), str(tmp_path / "u"))
     got, want = ucp.open(str(tmp_path / "u")), converted[cell]

@@ -17,16 +17,13 @@ group in the producing run.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from _ds_env import DS_ENV, run_ds_job
+from _ds_env import run_ds_job, run_ds_to_universal
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                 reason="DeepSpeed is not installed")
@@ -71,24 +68,45 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 
-@pytest.mark.parametrize("cell", list(CELLS))
-def test_states_equal_each_stages_deepspeed_gather(cell, pipe_runs):
-    """fp32 master, exp_avg and exp_avg_sq of every parameter of every stage equal what
-    DeepSpeed gathers in the producing run, bit for bit; `step` equals the stage optimizer's;
-    frozen weights equal the module's, in the model dtype, with frozen recorded."""
-    _, refs, ck = pipe_runs[cell]
+def equal_to_refs(ck, refs, step: int) -> set:
+    """Every parameter and Adam state bit-exact against the producing run's gathers, ``step`` on
+    each, frozen weights with ``frozen`` and no optimizer state; the names the gathers cover."""
     seen = set()
     for ref in refs:
         for st in ("param", "exp_avg", "exp_avg_sq"):
             for name, t in ref[st].items():
                 assert same(ck.read(name, st), t), (st, name)
         for name in ref["param"]:
-            assert [ck.param_meta(name)["scalars"]["step"]] == ref["step"] == [3]
+            assert ck.param_meta(name)["scalars"]["step"] == step
         for name, t in ref["frozen"].items():
             assert ck.param_meta(name).get("frozen") is True and ck.states(name) == ["param"]
             assert same(ck.read(name, "param"), t), name
         seen |= set(ref["param"]) | set(ref["frozen"])
-    assert set(ck.params) == seen
+    return seen
+
+
+def equal_to_ds_universal(ck, out: Path, vocab=None) -> list:
+    """Every parameter DeepSpeed's ``ds_to_universal`` wrote into ``out`` (the trainable ones:
+    it drops frozen weights) holds ucp's fp32 master, exp_avg and exp_avg_sq bit for bit (its
+    vocabulary tensors cut to ``vocab`` rows); the names it wrote."""
+    written = sorted(p.name for p in (out / "zero").iterdir() if p.is_dir())
+    assert written == sorted(n for n in ck.params if not ck.param_meta(n).get("frozen"))
+    for name in written:
+        for stem, st in (("fp32", "param"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+            held = torch.load(out / "zero" / name / f"{stem}.pt", weights_only=True)
+            ours = ck.read(name, st)
+            assert same(ours[:vocab] if held.get("vocab_tensor") else ours, held["param"]), (name, st)
+    return written
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_states_equal_each_stages_deepspeed_gather(cell, pipe_runs):
+    """fp32 master, exp_avg and exp_avg_sq of every parameter of every stage equal what
+    DeepSpeed gathers in the producing run, bit for bit; `step` equals the stage optimizer's;
+    frozen weights equal the module's, in the model dtype, with frozen recorded."""
+    _, refs, ck = pipe_runs[cell]
+    assert all(ref["step"] == [3] for ref in refs)
+    assert set(ck.params) == equal_to_refs(ck, refs, 3)
     assert {n for n in ck.params if ck.param_meta(n).get("frozen")} == \
         ({"1.input_layernorm.weight", "1.self_attn.k_proj.bias"} if "--frozen" in CELLS[cell][3] else set())
 
@@ -129,17 +147,8 @@ def test_equals_ds_to_universal(cell, pipe_runs, tmp_path):
 
     ck_dir, _, ck = pipe_runs[cell]
     out = tmp_path / "ds-universal"
-    res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                          str(ck_dir / TAG), "--output_folder", str(out), "--num_extract_workers", "1",
-                          "--num_merge_workers", "1"], env={**os.environ, **DS_ENV}, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    written = sorted(p.name for p in (out / "zero").iterdir() if p.is_dir())
-    assert written == sorted(n for n in ck.params if not ck.param_meta(n).get("frozen"))
-    for name in written:
-        for stem, st in (("fp32", "param"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
-            held = torch.load(out / "zero" / name / f"{stem}.pt", weights_only=True)
-            assert same(ck.read(name, st), held["param"]), (name, st)
+    run_ds_to_universal(ck_dir / TAG, out)
+    written = equal_to_ds_universal(ck, out)
     assert detect(out) == "deepspeed-universal"
     ucp.convert(str(out), str(tmp_path / "u"))
     got = ucp.open(str(tmp_path / "u"))
@@ -246,19 +255,8 @@ def test_tp_states_equal_deepspeeds_gather_over_tp(cell, tp_runs):
     weights (a replicated and a split one) equal the module's, gathered the same way, with
     frozen recorded and no optimizer state."""
     _, refs, ck = tp_runs[cell]
-    seen = set()
-    for ref in refs:
-        assert ref["unequal_replicas"] == [] and ref["step"] == [2]
-        for st in ("param", "exp_avg", "exp_avg_sq"):
-            for name, t in ref[st].items():
-                assert same(ck.read(name, st), t), (st, name)
-        for name in ref["param"]:
-            assert ck.param_meta(name)["scalars"]["step"] == 2
-        for name, t in ref["frozen"].items():
-            assert ck.param_meta(name).get("frozen") is True and ck.states(name) == ["param"]
-            assert same(ck.read(name, "param"), t), name
-        seen |= set(ref["param"]) | set(ref["frozen"])
-    assert set(ck.params) == seen
+    assert all(ref["unequal_replicas"] == [] and ref["step"] == [2] for ref in refs)
+    assert set(ck.params) == equal_to_refs(ck, refs, 2)
     assert {n for n in ck.params if ck.param_meta(n).get("frozen")} == \
         ({"1.input_layernorm.weight", "2.mlp.dense_h_to_4h.bias"} if "--frozen" in TP_CELLS[cell][2] else set())
     assert refs[0]["tp_dim"]["1.self_attention.dense.weight"] == 1
@@ -388,18 +386,8 @@ def test_tp_equals_ds_to_universal(tp_run, tmp_path):
     drops); ucp keeps the 21 padded vocabulary rows the tied head trained."""
     ck_dir, _, ck = tp_run
     out = tmp_path / "ds-universal"
-    res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                          str(ck_dir / TP_TAG), "--output_folder", str(out), "--num_extract_workers", "1",
-                          "--num_merge_workers", "1"], env={**os.environ, **DS_ENV}, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    written = sorted(p.name for p in (out / "zero").iterdir() if p.is_dir())
-    assert written == sorted(n for n in ck.params if not ck.param_meta(n).get("frozen"))
-    for name in written:
-        for stem, st in (("fp32", "param"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
-            held = torch.load(out / "zero" / name / f"{stem}.pt", weights_only=True)
-            ours = ck.read(name, st)
-            assert same(ours[:1003] if held.get("vocab_tensor") else ours, held["param"]), (name, st)
+    run_ds_to_universal(ck_dir / TP_TAG, out)
+    equal_to_ds_universal(ck, out, vocab=1003)
     assert torch.load(out / "zero" / "tied_modules.embed.word_embeddings.weight" / "fp32.pt",
                       weights_only=True)["vocab_tensor"] is True
 
