@@ -4,14 +4,16 @@ exactly what the one-path check accepts, and a path smuggled past the bulk joini
 import contextlib
 import copy
 import json
+import re
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from ucp.errors import FormatError
+from ucp.errors import FormatError, UcpError
 from ucp.format import create_checkpoint, open_checkpoint
 from ucp.format import manifest as M
+from ucp.format import names as N
 
 from _manifest_edit import rewrite_manifest
 
@@ -23,6 +25,52 @@ paths = st.text(alphabet="a/.\n%-_", max_size=8)
 @given(st.lists(paths, max_size=6))
 def test_bulk_path_check_agrees_with_the_one_path_check(ps):
     assert M.all_safe_rel(ps) == all(M.safe_rel(p) for p in ps)
+
+
+# what matters to the name rule: the reserved prefixes and file names, dots, newlines, a character to encode
+names = st.lists(st.sampled_from(["a", ".", "_", "-", "%", "/", "\n", "é", "_ucp", "__", "zarr.json"]),
+                 max_size=5).map("".join)
+
+
+@settings(deadline=None, max_examples=400)
+@given(st.lists(names, max_size=5))
+def test_bulk_name_rule_agrees_with_encode_param(ns):
+    """``all_encode_to_themselves`` is the open's shortcut for ``encode_param(n) == n`` of every name."""
+    def itself(n):
+        try:
+            return N.encode_param(n) == n
+        except UcpError:
+            return False
+    assert N.all_encode_to_themselves(ns) == (bool(ns) and all(map(itself, ns)))
+
+
+def test_bulk_name_rule_types():
+    assert N.all_encode_to_themselves(["a", "b.c"]) and not N.all_encode_to_themselves(["a", 5])
+
+
+@pytest.mark.parametrize("name", ["zarr.json", "..", "_ucp.x", "__x"])
+def test_a_name_stored_as_its_own_path_where_encoding_changes_it_is_refused(ck, name):
+    """A reserved or all-dot name whose record claims the name itself as its path passes the bulk
+    ``names == paths`` comparison; the name rule must still send it to the record check, which names it."""
+    def edit(d):
+        d["params"][0]["name"] = d["params"][0]["path"] = name
+        st_ = d["params"][0]["states"]["param"]
+        st_["path"] = f"{name}/param"
+    with crafted(ck, edit):
+        with pytest.raises(FormatError, match=r"has path|malformed parameter record"):
+            open_checkpoint(ck)
+
+
+_SEG_BACKTRACKING = r"[A-Za-z0-9_%-][A-Za-z0-9._%-]*|\.[A-Za-z0-9_%-][A-Za-z0-9._%-]*|\.\.[A-Za-z0-9._%-]+"
+_REL_BACKTRACKING = re.compile(rf"(?:{_SEG_BACKTRACKING})(?:/(?:{_SEG_BACKTRACKING}))*")
+
+
+@settings(deadline=None, max_examples=400)
+@given(st.text(alphabet="ab/.\n%-_é", max_size=10))
+def test_possessive_path_rule_accepts_what_the_backtracking_one_did(p):
+    """The path rule's quantifiers are possessive (no backtracking state: faster at open); the rule as
+    first written with plain quantifiers must accept exactly the same paths."""
+    assert M.safe_rel(p) == (0 < len(p) and _REL_BACKTRACKING.fullmatch(p) is not None)
 
 
 def test_bulk_path_check_length_and_types():

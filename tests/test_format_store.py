@@ -89,6 +89,9 @@ def test_local_put_makes_missing_directories_even_ones_it_made_and_lost(tmp_path
     shutil.rmtree(tmp_path / "root/a/b")       # behind the store's back
     s.put("a/b/c/y", [b"two", b"!"])
     assert (tmp_path / "root/a/b/c/y").read_bytes() == b"two!"
+    shutil.rmtree(tmp_path / "root/a")         # an ancestor it made, under a directory it never made
+    s.put("a/b/new/w", [b"four"])
+    assert (tmp_path / "root/a/b/new/w").read_bytes() == b"four"
     os.makedirs(tmp_path / "root/p/r/s")       # another writer made these
     s.put("p/r/s/z", [b"three"])
     assert (tmp_path / "root/p/r/s/z").read_bytes() == b"three"

@@ -25,7 +25,7 @@ import crc32c
 from ucp.errors import FormatError, NotCommittedError
 from ucp.format import dtypes, shard
 from ucp.format.layout import CRC_BYTES, array_doc, canonical, chunk_key, doc_bytes
-from ucp.format.names import encode_param
+from ucp.format.names import all_encode_to_themselves, encode_param
 from ucp.plan.grid import ChunkGrid
 
 FORMAT_VERSION = 2  # 2: every shard's inner chunk crc32c values are bound to the manifest (§4.3, §7)
@@ -91,9 +91,12 @@ def not_committed(path, why="no ucp.manifest.json (incomplete or still being wri
 
 
 # -------------------------------------------------------------------------------------- field checks
-_SEG = re.compile(r"[A-Za-z0-9_%-][A-Za-z0-9._%-]*|\.[A-Za-z0-9_%-][A-Za-z0-9._%-]*|\.\.[A-Za-z0-9._%-]+")
+# Possessive quantifiers (``*+``): a segment ends at "/" or "\n", which no class holds, so giving characters
+# back could never make a match; without them the matcher keeps backtracking state for every repetition
+# (measured: 4000 paths joined, 1.1-2.0 ms -> 0.45 ms).
+_SEG = re.compile(r"[A-Za-z0-9_%-][A-Za-z0-9._%-]*+|\.[A-Za-z0-9_%-][A-Za-z0-9._%-]*+|\.\.[A-Za-z0-9._%-]++")
 _KEY = re.compile(r"c(/[0-9]+)*")
-_REL = re.compile(rf"(?:{_SEG.pattern})(?:/(?:{_SEG.pattern}))*")  # segments joined by "/": one regex call
+_REL = re.compile(rf"(?:{_SEG.pattern})(?:/(?:{_SEG.pattern}))*+")  # segments joined by "/": one regex call
 LISTED_CHUNKS = 4096  # grids up to this many chunks have their keys and file sizes listed once (cached)
 
 
@@ -103,7 +106,7 @@ def safe_rel(p) -> bool:
 
 
 MAX_PATH = 4096
-_RELS = re.compile(rf"(?:{_REL.pattern})(?:\n(?:{_REL.pattern}))*")  # paths joined by "\n"
+_RELS = re.compile(rf"(?:{_REL.pattern})(?:\n(?:{_REL.pattern}))*+")  # paths joined by "\n"
 
 
 def all_safe_rel(paths) -> bool:
@@ -464,11 +467,12 @@ def _params_at_once(ps, where, version) -> list | None:
     if set(map(type, names)) != {str} or set(map(type, states)) != {dict} or set(map(type, metas)) != {dict} \
             or not all_safe_rel(paths) or "/" in "".join(paths):
         return None
-    try:
-        if list(map(encode_param, names)) != paths:
+    if not (names == paths and all_encode_to_themselves(names)):
+        try:
+            if list(map(encode_param, names)) != paths:
+                return None
+        except Exception:
             return None
-    except Exception:
-        return None
     orders = _state_orders(ps, states)
     if orders is None:
         return None

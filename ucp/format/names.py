@@ -31,6 +31,24 @@ def encode_param(name: str) -> str:
     return enc
 
 
+# One name per line that ``encode_param`` leaves as it is: plain characters, not reserved by its prefix,
+# not all dots (a reserved file name is plain too: ``all_encode_to_themselves`` refuses those by set).
+_SELF = r"(?!_ucp|__|\.++(?:\n|\Z))[A-Za-z0-9._-]++"
+_SELVES = re.compile(rf"{_SELF}(?:\n{_SELF})*+")
+
+
+def all_encode_to_themselves(names) -> bool:
+    """``encode_param(n) == n`` for every name, in one regex call over the names joined by newlines: a
+    manifest's parameter paths are almost always their names, and one ``encode_param`` call each costs
+    more at open than this whole check (2000 names: 1.4 -> 0.2 ms)."""
+    names = list(names)
+    if not names or set(map(type, names)) != {str}:
+        return False
+    joined = "\n".join(names)
+    return (joined.count("\n") == len(names) - 1 and RESERVED_FILES.isdisjoint(names)
+            and _SELVES.fullmatch(joined) is not None)
+
+
 def decode_param(enc: str) -> str:
     from urllib.parse import unquote
 

@@ -246,6 +246,13 @@ class LocalStore:
         with self._dlock:
             self._dirs.add(d)
 
+    def _forget_dirs(self, d):
+        """Forget that ``d`` and its ancestors were made (checked again on the next ``_mkdir``)."""
+        with self._dlock:
+            while d != os.path.dirname(d):
+                self._dirs.discard(d)
+                d = os.path.dirname(d)
+
     def _create(self, path):
         """Open ``path`` for writing, truncated. The file is opened first and its directory made only
         when that fails: the directories are usually there already (made earlier by this store or,
@@ -256,12 +263,13 @@ class LocalStore:
             return os.open(path, flags, 0o644)
         except FileNotFoundError:
             d = os.path.dirname(path)
-            with self._dlock:  # made by this store once but removed since: check them all again
-                x = d
-                while x != os.path.dirname(x):
-                    self._dirs.discard(x)
-                    x = os.path.dirname(x)
-            self._mkdir(d)
+            if d in self._dirs:  # made by this store once but removed since
+                self._forget_dirs(d)
+            try:
+                self._mkdir(d)
+            except FileNotFoundError:  # an ancestor this store made was removed since
+                self._forget_dirs(d)
+                self._mkdir(d)
             return os.open(path, flags, 0o644)
 
     def put(self, rel, buffers, fsync=False):
