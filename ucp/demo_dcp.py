@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ucp.demos._torchrun import run_module
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -254,19 +256,7 @@ def _worker(mode: str, out: str) -> None:
 
 
 def _torchrun(nproc: int, mode: str, out) -> None:
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(port), "-m", "ucp.demo_dcp", mode, str(out)]
-    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"torchrun {mode} failed:\n{r.stderr[-4000:]}")
+    run_module("ucp.demo_dcp", nproc, mode, out)
 
 
 def run_dcp_demo(directory=None, quiet: bool = False) -> bool:

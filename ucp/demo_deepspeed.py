@@ -20,8 +20,6 @@ MLP, vocabulary 1003; two AdamW param groups (ndim >= 2 with weight decay, the r
 import argparse
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -29,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ucp.demo_model import TinyConfig, TinyLlama
+from ucp.demos._torchrun import run_module
 
 CONFIG = dict(vocab_size=1003, hidden_size=72, intermediate_size=136, num_hidden_layers=2,
               num_attention_heads=6, num_key_value_heads=2)
@@ -198,26 +197,9 @@ ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0",
        "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "ucp-torch-extensions")}
 
 
-def free_port() -> int:
-    """A free port per job: DeepSpeed's CPU shared-memory allreduce names its buffers by
-    MASTER_ADDR/MASTER_PORT, so two jobs on one port would share them."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_workers(nproc: int, *args) -> None:
     """One torchrun job of this worker on ``nproc`` CPU ranks; raises with its output on failure."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "ucp.demo_deepspeed",
-           *map(str, args)]
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if res.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-4000:]}")
+    run_module("ucp.demo_deepspeed", nproc, *args, env=ENV)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
