@@ -93,6 +93,44 @@ def readahead(path) -> None:
         os.close(fd)
 
 
+#: Files of at least this many bytes are written with O_DIRECT (``LocalStore._put_direct``).
+DIRECT_MIN = 1 << 20
+#: Offset, length and memory alignment O_DIRECT needs (the page size covers every block size seen).
+DIRECT_ALIGN = mmap.PAGESIZE
+#: errno values meaning "no direct I/O here" (EINVAL: not supported or misaligned; EOPNOTSUPP).
+DIRECT_REFUSED = frozenset({22, 95})
+
+
+class AlignedBuffers:
+    """Page-aligned anonymous maps, recycled: O_DIRECT needs aligned memory, and reused memory
+    avoids the first-touch page faults a fresh map costs per 4 KiB. Keeps up to ``keep`` of them."""
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self._free: list = []
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> memoryview:
+        with self._lock:
+            i = next((i for i, (m, _v) in enumerate(self._free) if len(m) >= n), None)
+            held = self._free.pop(i) if i is not None else None
+        if held is None:
+            m = mmap.mmap(-1, n)
+            held = (m, memoryview(m))
+        return held[1][:n]
+
+    def give(self, view: memoryview) -> None:
+        m = view.obj
+        with self._lock:
+            self._free.append((m, memoryview(m)))
+            self._free.sort(key=lambda h: len(h[0]))
+            while len(self._free) > self.keep:
+                self._free.pop(0)
+
+
+_aligned = AlignedBuffers()
+
+
 _PROC_FD = os.path.isdir("/proc/self/fd")  # Linux: an open file's resolved path can be read back
 
 
@@ -109,6 +147,7 @@ class LocalStore:
         self._dlock = threading.Lock()
         self._real = None
         self._safe_dirs: set[str] = set()
+        self.direct = hasattr(os, "O_DIRECT")
 
     def _p(self, rel):
         return os.path.join(self.root, rel)
@@ -253,12 +292,12 @@ class LocalStore:
                 self._dirs.discard(d)
                 d = os.path.dirname(d)
 
-    def _create(self, path):
+    def _create(self, path, extra_flags=0):
         """Open ``path`` for writing, truncated. The file is opened first and its directory made only
         when that fails: the directories are usually there already (made earlier by this store or,
         for several writers, by another rank), and a mkdir of an existing directory still takes its
         parent's lock, which writers creating files side by side contend for."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | extra_flags
         try:
             return os.open(path, flags, 0o644)
         except FileNotFoundError:
@@ -273,9 +312,11 @@ class LocalStore:
             return os.open(path, flags, 0o644)
 
     def put(self, rel, buffers, fsync=False):
+        mvs = [m for m in (memoryview(b).cast("B") for b in buffers) if len(m)]
+        if self.direct and sum(len(m) for m in mvs) >= DIRECT_MIN and self._put_direct(rel, mvs, fsync):
+            return
         fd = self._create(self._p(rel))
         try:
-            mvs = [m for m in (memoryview(b).cast("B") for b in buffers) if len(m)]
             while mvs:  # writev in batches (IOV_MAX is 1024 on Linux), resuming after short writes
                 n = os.writev(fd, mvs[:1024])
                 while n and mvs:
@@ -289,6 +330,54 @@ class LocalStore:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+    def _put_direct(self, rel, mvs, fsync) -> bool:
+        """Write the file with O_DIRECT from a page-aligned image of it; False, leaving the
+        buffered path to write it, where the file system refuses direct I/O.
+
+        Why: a buffered write copies every byte into page-cache pages the kernel allocates for the
+        file. On the VMs measured, memory the guest has not touched lately costs a host fault per page
+        on first write, so that copy ran at 0.3-0.6 GB/s (3.4 s of system time for 2 GiB, against
+        0.2 s with O_DIRECT, which moves the image, reused memory, straight to the disk). The data
+        then bypasses the page cache, which also spares the flush the commit waits for."""
+        total = sum(len(m) for m in mvs)
+        image = _aligned.take(-(-total // DIRECT_ALIGN) * DIRECT_ALIGN)
+        try:
+            at = 0
+            for m in mvs:
+                image[at:at + len(m)] = m
+                at += len(m)
+            image[at:] = bytes(len(image) - at)
+            return self._write_direct(rel, image, total, fsync)
+        finally:
+            _aligned.give(image)
+
+    def _write_direct(self, rel, image, total, fsync) -> bool:
+        try:
+            fd = self._create(self._p(rel), os.O_DIRECT)
+        except OSError as e:
+            if e.errno not in DIRECT_REFUSED:
+                raise
+            self.direct = False
+            return False
+        try:
+            at = 0
+            while at < len(image):
+                n = os.write(fd, image[at:])
+                if n % DIRECT_ALIGN:  # a short write off the alignment: let the buffered path rewrite it
+                    return False
+                at += n
+            os.ftruncate(fd, total)
+            if fsync:
+                os.fsync(fd)
+        except OSError as e:
+            if e.errno not in DIRECT_REFUSED:
+                raise
+            self.direct = False
+            return False
+        finally:
+            os.close(fd)
+        return True
 
     def put_atomic(self, rel, data: bytes, fsync=True):
         path = self._p(rel)
