@@ -28,6 +28,8 @@ class Store(Protocol):
     def is_empty(self, ignore=()) -> bool: ...
     def clear(self, keep=()) -> None: ...
     def put(self, rel, buffers, fsync=False) -> None: ...
+    def file_buffer(self, n) -> memoryview: ...
+    def release_buffer(self, buf) -> None: ...
     def put_atomic(self, rel, data: bytes, fsync=True) -> None: ...
     def create_exclusive(self, rel, data: bytes) -> bool: ...
     def append(self, rel, data: bytes) -> None: ...
@@ -102,39 +104,74 @@ DIRECT_REFUSED = frozenset({22, 95})
 
 
 class AlignedBuffers:
-    """Page-aligned anonymous maps, recycled: O_DIRECT needs aligned memory, and reused memory
-    avoids the first-touch page faults a fresh map costs per 4 KiB. Keeps up to ``keep`` of them."""
+    """Page-aligned anonymous maps in which writers build files (``Store.file_buffer``), recycled.
+
+    Why: O_DIRECT needs aligned memory, and reused memory avoids the page faults a fresh
+    allocation costs per 4 KiB on first touch (slow on the VMs measured). Keeps up to ``keep``
+    free maps, the largest."""
 
     def __init__(self, keep: int = 4):
         self.keep = keep
-        self._free: list = []
+        self._free: list = []   # (map, its whole view), smallest first
+        self._lent: dict = {}   # id(map) -> map, for maps handed out and not given back
         self._lock = threading.Lock()
 
     def take(self, n: int) -> memoryview:
+        """A writable view of ``n`` bytes at the start of a map of whole pages."""
         with self._lock:
             i = next((i for i, (m, _v) in enumerate(self._free) if len(m) >= n), None)
-            held = self._free.pop(i) if i is not None else None
-        if held is None:
-            m = mmap.mmap(-1, n)
-            held = (m, memoryview(m))
-        return held[1][:n]
+            m, whole = self._free.pop(i) if i is not None else (None, None)
+        if m is None:
+            m = mmap.mmap(-1, max(1, -(-n // DIRECT_ALIGN)) * DIRECT_ALIGN)
+            whole = memoryview(m)
+        with self._lock:
+            self._lent[id(m)] = m
+        return whole[:n]
 
     def give(self, view: memoryview) -> None:
-        m = view.obj
+        """Take back a view :meth:`take` handed out (its map is reused)."""
         with self._lock:
+            m = self._lent.pop(id(view.obj), None)
+            if m is None:
+                return
             self._free.append((m, memoryview(m)))
             self._free.sort(key=lambda h: len(h[0]))
             while len(self._free) > self.keep:
                 self._free.pop(0)
 
+    def extent(self, view: memoryview):
+        """``view`` grown to whole pages when it starts one of the maps lent out (None otherwise):
+        the bytes O_DIRECT writes, the tail past ``view`` free to overwrite."""
+        with self._lock:
+            m = self._lent.get(id(view.obj))
+        if m is None or _address(view) != _address(memoryview(m)):
+            return None
+        return memoryview(m)[:-(-len(view) // DIRECT_ALIGN) * DIRECT_ALIGN]
+
+
+def _address(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
 
 _aligned = AlignedBuffers()
+
+
+class FileBuffers:
+    """``file_buffer`` / ``release_buffer`` of both stores: one recycled pool per process."""
+
+    def file_buffer(self, n) -> memoryview:
+        """A writable buffer of ``n`` bytes to build one file in: ``put(rel, [it])`` writes it (the
+        local store with no copy, by O_DIRECT). Give it back with :meth:`release_buffer`."""
+        return _aligned.take(n)
+
+    def release_buffer(self, buf) -> None:
+        _aligned.give(buf)
 
 
 _PROC_FD = os.path.isdir("/proc/self/fd")  # Linux: an open file's resolved path can be read back
 
 
-class LocalStore:
+class LocalStore(FileBuffers):
     """A directory. Files are read with preadv/mmap; symbolic links inside the root are refused
     (a crafted checkpoint must not make a reader open files outside it)."""
 
@@ -332,8 +369,9 @@ class LocalStore:
             os.close(fd)
 
     def _put_direct(self, rel, mvs, fsync) -> bool:
-        """Write the file with O_DIRECT from a page-aligned image of it; False, leaving the
-        buffered path to write it, where the file system refuses direct I/O.
+        """Write the file with O_DIRECT from a page-aligned image of it: the caller's own when it
+        built the file in a :meth:`file_buffer`, else a copy. False, leaving the buffered path to
+        write it, where the file system refuses direct I/O.
 
         Why: a buffered write copies every byte into page-cache pages the kernel allocates for the
         file. On the VMs measured, memory the guest has not touched lately costs a host fault per page
@@ -341,18 +379,21 @@ class LocalStore:
         0.2 s with O_DIRECT, which moves the image, reused memory, straight to the disk). The data
         then bypasses the page cache, which also spares the flush the commit waits for."""
         total = sum(len(m) for m in mvs)
-        image = _aligned.take(-(-total // DIRECT_ALIGN) * DIRECT_ALIGN)
+        whole = _aligned.extent(mvs[0]) if len(mvs) == 1 else None
+        if whole is not None:
+            return self._write_direct(rel, whole, total, fsync)
+        image = _aligned.take(total)
         try:
             at = 0
             for m in mvs:
                 image[at:at + len(m)] = m
                 at += len(m)
-            image[at:] = bytes(len(image) - at)
-            return self._write_direct(rel, image, total, fsync)
+            return self._write_direct(rel, _aligned.extent(image), total, fsync)
         finally:
             _aligned.give(image)
 
     def _write_direct(self, rel, image, total, fsync) -> bool:
+        image[total:] = bytes(len(image) - total)  # the last block's tail: cut off by the truncate below
         try:
             fd = self._create(self._p(rel), os.O_DIRECT)
         except OSError as e:
@@ -517,7 +558,7 @@ class LocalStore:
         return out
 
 
-class FsspecStore:
+class FsspecStore(FileBuffers):
     """Any fsspec file system (s3://, gs://, memory://, file:// with storage options)."""
 
     parallel_reads = True
