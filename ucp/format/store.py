@@ -29,6 +29,7 @@ class Store(Protocol):
     def clear(self, keep=()) -> None: ...
     def put(self, rel, buffers, fsync=False) -> None: ...
     def file_buffer(self, n) -> memoryview: ...
+    def writes_direct(self, nbytes) -> bool: ...
     def release_buffer(self, buf) -> None: ...
     def put_atomic(self, rel, data: bytes, fsync=True) -> None: ...
     def create_exclusive(self, rel, data: bytes) -> bool: ...
@@ -348,9 +349,13 @@ class LocalStore(FileBuffers):
                 self._mkdir(d)
             return os.open(path, flags, 0o644)
 
+    def writes_direct(self, nbytes) -> bool:
+        """Whether a file of ``nbytes`` goes straight to the disk (O_DIRECT), not through the page cache."""
+        return self.direct and nbytes >= DIRECT_MIN
+
     def put(self, rel, buffers, fsync=False):
         mvs = [m for m in (memoryview(b).cast("B") for b in buffers) if len(m)]
-        if self.direct and sum(len(m) for m in mvs) >= DIRECT_MIN and self._put_direct(rel, mvs, fsync):
+        if self.writes_direct(sum(len(m) for m in mvs)) and self._put_direct(rel, mvs, fsync):
             return
         fd = self._create(self._p(rel))
         try:
@@ -562,6 +567,9 @@ class FsspecStore(FileBuffers):
     """Any fsspec file system (s3://, gs://, memory://, file:// with storage options)."""
 
     parallel_reads = True
+
+    def writes_direct(self, nbytes) -> bool:
+        return False
 
     def __init__(self, url: str, storage_options: dict):
         import fsspec
