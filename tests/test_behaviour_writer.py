@@ -387,12 +387,16 @@ def test_metadata_tensors_are_arrays_numbered_from_0(tmp_path):
 
 @pytest.mark.parametrize("extra, fsynced", [(0, False), (1, True)], ids=["at-FSYNC_MIN", "above"])
 def test_chunk_files_above_fsync_min_are_fsynced_by_their_writer(tmp_path, monkeypatch, extra, fsynced):
-    """A durable writer fsyncs a chunk file of more than FSYNC_MIN bytes as it writes it; smaller ones
-    (FSYNC_MIN bytes included) are made durable by the one syncfs before the manifest."""
+    """A durable writer fsyncs a chunk file of more than FSYNC_MIN bytes written through the page
+    cache as it writes it; smaller ones (FSYNC_MIN bytes included) are made durable by the one syncfs
+    before the manifest. (Files written with O_DIRECT: tests/test_format_durability.py.)"""
     import os
 
+    from ucp.format import store
     from ucp.format.array_writer import FSYNC_MIN
     from ucp.format.manifest import CRC_BYTES
+
+    monkeypatch.setattr(store, "DIRECT_MIN", 1 << 62)
 
     seen, real = [], os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: seen.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))

@@ -95,3 +95,220 @@ def test_local_put_makes_missing_directories_even_ones_it_made_and_lost(tmp_path
     os.makedirs(tmp_path / "root/p/r/s")       # another writer made these
     s.put("p/r/s/z", [b"three"])
     assert (tmp_path / "root/p/r/s/z").read_bytes() == b"three"
+
+
+# -- large files go to the disk with O_DIRECT (LocalStore._put_direct), falling back to buffered writes
+import errno  # noqa: E402
+import os  # noqa: E402
+
+from ucp.format import store as store_mod  # noqa: E402
+
+
+def _payload(n, seed=0):
+    return bytes((i * 131 + seed) % 251 for i in range(n))
+
+
+def _parts(data):
+    """``data`` as the writer hands it over: a few buffers of odd sizes (numpy, bytes, a word)."""
+    import numpy as np
+
+    a, b = len(data) // 3, len(data) - 4
+    return [np.frombuffer(data[:a], dtype=np.uint8), data[a:b], memoryview(data[b:])]
+
+
+def _skip_without_direct_io(folder):
+    try:
+        os.close(os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except OSError:
+        pytest.skip(f"{folder}: this file system refuses O_DIRECT (the fallback is tested below)")
+
+
+@pytest.mark.parametrize("size", [store_mod.DIRECT_MIN, store_mod.DIRECT_MIN + 1, 3 * store_mod.DIRECT_MIN + 4097])
+@pytest.mark.parametrize("fsync", [False, True])
+def test_direct_put_writes_exactly_the_bytes(tmp_path, size, fsync):
+    _skip_without_direct_io(tmp_path)
+    s = LocalStore(str(tmp_path))
+    data = _payload(size)
+    s.put("a/b/c", _parts(data), fsync=fsync)
+    assert s.direct  # this file system takes O_DIRECT: the fast path ran, not the fallback
+    assert (tmp_path / "a/b/c").read_bytes() == data
+    s.put("a/b/c", [data[:size // 2 + 1]])  # rewritten shorter: truncated, not mixed with the old bytes
+    assert (tmp_path / "a/b/c").read_bytes() == data[:size // 2 + 1]
+
+
+def _flags_seen(monkeypatch):
+    seen = []
+    real = os.open
+
+    def spy(path, flags, *a):
+        seen.append(flags)
+        return real(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", spy)
+    return seen
+
+
+def test_small_files_and_a_disabled_store_are_written_buffered(tmp_path, monkeypatch):
+    _skip_without_direct_io(tmp_path)
+    seen = _flags_seen(monkeypatch)
+    s = LocalStore(str(tmp_path))
+    s.put("small", [_payload(store_mod.DIRECT_MIN - 1)])
+    s.direct = False
+    s.put("large", [_payload(store_mod.DIRECT_MIN)])
+    assert not any(f & os.O_DIRECT for f in seen)
+    assert (tmp_path / "small").read_bytes() == _payload(store_mod.DIRECT_MIN - 1)
+    assert (tmp_path / "large").read_bytes() == _payload(store_mod.DIRECT_MIN)
+    s.direct = True
+    s.put("large", [_payload(store_mod.DIRECT_MIN, 1)])
+    assert any(f & os.O_DIRECT for f in seen)
+    assert (tmp_path / "large").read_bytes() == _payload(store_mod.DIRECT_MIN, 1)
+
+
+@pytest.mark.parametrize("code", sorted(store_mod.DIRECT_REFUSED))
+@pytest.mark.parametrize("where", ["open", "write"])
+def test_refused_direct_io_falls_back_to_buffered_writes(tmp_path, monkeypatch, code, where):
+    """A file system without O_DIRECT (EINVAL at open or at the first write, EOPNOTSUPP): the same
+    bytes are written buffered, and the store stops trying."""
+    real_open, real_write, direct_fds = os.open, os.write, set()
+
+    def fake_open(path, flags, *a):
+        if flags & os.O_DIRECT and where == "open":
+            raise OSError(code, os.strerror(code))
+        fd = real_open(path, flags, *a)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def fake_write(fd, data):
+        if fd in direct_fds:
+            raise OSError(code, os.strerror(code))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "write", fake_write)
+    s = LocalStore(str(tmp_path))
+    data = _payload(2 * store_mod.DIRECT_MIN + 5)
+    s.put("x/y", _parts(data))
+    assert (tmp_path / "x/y").read_bytes() == data
+    assert s.direct is False
+
+
+def test_other_errors_of_direct_io_are_raised(tmp_path, monkeypatch):
+    """A full disk is not a reason to try again buffered: the error reaches the writer."""
+    _skip_without_direct_io(tmp_path)
+    real_write = os.write
+
+    def full(fd, data):
+        if len(data) >= store_mod.DIRECT_MIN:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    s = LocalStore(str(tmp_path))
+    with pytest.raises(OSError) as e:
+        s.put("x", [_payload(store_mod.DIRECT_MIN)])
+    assert e.value.errno == errno.ENOSPC
+    assert s.direct
+
+
+def test_a_short_direct_write_off_the_alignment_is_rewritten_buffered(tmp_path, monkeypatch):
+    _skip_without_direct_io(tmp_path)
+    real_write, calls = os.write, []
+
+    def short(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, memoryview(data)[:store_mod.DIRECT_ALIGN])  # aligned short write: continue
+        if len(calls) == 2:
+            return 100  # as if the device took 100 bytes: the rest cannot follow aligned
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", short)
+    s = LocalStore(str(tmp_path))
+    data = _payload(store_mod.DIRECT_MIN + 7)
+    s.put("x", [data])
+    assert (tmp_path / "x").read_bytes() == data
+    assert s.direct  # not a refusal: the next file is tried direct again
+
+
+def test_aligned_buffers_are_page_aligned_and_recycled():
+    import ctypes
+
+    pool = store_mod.AlignedBuffers(keep=2)
+    views = [pool.take(n) for n in (5000, 9000, 70000)]
+    for v in views:
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(v.obj))
+        assert addr % store_mod.DIRECT_ALIGN == 0
+    maps = [v.obj for v in views]
+    assert [len(v) for v in views] == [5000, 9000, 70000]
+    for v in views:
+        pool.give(v)
+    again = pool.take(6000)  # best fit of the two largest kept: the 9000-byte one, the smallest dropped
+    assert again.obj is maps[1] and len(again) == 6000
+    assert pool.take(70000).obj is maps[2]
+    assert pool.take(100).obj not in maps  # nothing left to recycle: a fresh map
+
+
+def test_a_file_built_in_a_file_buffer_is_written_without_a_copy(tmp_path, monkeypatch):
+    _skip_without_direct_io(tmp_path)
+    s = LocalStore(str(tmp_path))
+    n = store_mod.DIRECT_MIN + 3
+    buf = s.file_buffer(n)
+    buf[:] = _payload(n)
+    taken = []
+    real_take = store_mod._aligned.take
+    monkeypatch.setattr(store_mod._aligned, "take", lambda k: taken.append(k) or real_take(k))
+    s.put("f", [buf])
+    assert taken == []  # written from the caller's buffer itself
+    s.put("g", [buf[1:]])  # not the start of a map: copied into one first (O_DIRECT needs alignment)
+    assert taken == [n - 1]
+    s.release_buffer(buf)
+    assert (tmp_path / "f").read_bytes() == _payload(n)
+    assert (tmp_path / "g").read_bytes() == _payload(n)[1:]
+
+
+def test_extent_and_give_ignore_buffers_the_pool_did_not_lend():
+    pool = store_mod.AlignedBuffers(keep=2)
+    foreign = memoryview(bytearray(8192))
+    assert pool.extent(foreign) is None
+    pool.give(foreign)  # not ours: nothing kept
+    assert pool.take(10).obj is not foreign.obj
+    lent = pool.take(5000)
+    assert len(pool.extent(lent)) == 2 * store_mod.DIRECT_ALIGN
+    assert pool.extent(lent[store_mod.DIRECT_ALIGN:]) is None
+    pool.give(lent)
+    assert pool.extent(lent) is None  # given back: no longer the caller's to write
+
+
+def test_a_refused_open_other_than_no_direct_io_is_raised(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def denied(path, flags, *a):
+        if flags & os.O_DIRECT:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", denied)
+    s = LocalStore(str(tmp_path))
+    with pytest.raises(PermissionError):
+        s.put("x", [_payload(store_mod.DIRECT_MIN)])
+    assert s.direct
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_checkpoint_files_are_the_same_with_and_without_direct_io(tmp_path, monkeypatch, where):
+    """Shards large enough for O_DIRECT, and the same writes buffered: byte-identical files."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1000, 700, generator=g)  # 2.7 MB: default shards of several MiB
+    files, direct = [], store_mod.DIRECT_MIN
+    for n, direct_min in enumerate((direct, 1 << 62)):
+        monkeypatch.setattr(store_mod, "DIRECT_MIN", direct_min)
+        url = str(tmp_path / f"ck{n}") if where == "local" else f"memory://direct/{tmp_path.name}/ck{n}"
+        with create_checkpoint(url, durable=False) as w:
+            w.write_tensor("x", "param", x)
+            w.write_tensor("y", "param", x[:7, :11].bfloat16())
+        assert torch.equal(open_checkpoint(url).read("x"), x)
+        assert verify(url) == []
+        fs = make_store(url)
+        files.append({f: bytes(fs.get(f)) for f in fs.list_files() if "/c" in f})
+    assert files[0] == files[1] and max(len(b) for b in files[0].values()) >= direct

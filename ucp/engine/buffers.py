@@ -18,9 +18,9 @@ class ReadBuffers:
     buffers a conversion needs at once are about the boxes in flight; this keeps the freed ones
     (up to ``keep`` bytes, best fit) for the next reads. A buffer comes back when the last
     tensor or array viewing it goes (CPython frees it then), so no caller has to hand it back.
-    Not the format's shard pool (``ucp.format.shard.acquire``): that keeps four shard-sized
-    buffers handed back explicitly; sharing it left 110-130k page faults on the 628 MiB bench
-    against 80k with this one (175k with none).
+    Not the store's file buffers (``Store.file_buffer``): those keep four shard-sized
+    page-aligned maps handed back explicitly; sharing such a pool left 110-130k page faults on
+    the 628 MiB bench against 80k with this one (175k with none).
     """
 
     def __init__(self, keep: int = 256 << 20):

@@ -235,16 +235,18 @@ class ArrayWriter:
         return tuple(-(-v // c) * c for v, c in zip(self.grid.valid_shape(idx), self.inner))
 
     def _encode_shard(self, key, arr):
-        pv = self._padded(key_index(key))  # ``arr``: the valid region, padded or not (shards.encode pads)
+        """(the file's bytes, manifest record, the store buffer holding them to give back)."""
+        idx = key_index(key)
+        pv = self._padded(idx)  # ``arr``: the valid region, padded or not (shards.encode pads)
         lim = tuple(p // c for p, c in zip(pv, self.inner))
-        held = []
-
-        def scratch(n):
-            held.append(shards.acquire(n))
-            return memoryview(held[-1])
-
-        bufs, size, icrc, content = shards.encode(arr, self.chunks, self.inner, lim, scratch)
-        return bufs, (size, icrc, content), held
+        store = self._owner.store
+        held = store.file_buffer(shards.file_size(self.shape, self.chunks, self.inner, idx, self.itemsize))
+        try:
+            data, size, icrc, content = shards.encode(arr, self.chunks, self.inner, lim, held)
+        except BaseException:
+            store.release_buffer(held)
+            raise
+        return [data[:size]], (size, icrc, content), (held,)
 
     def _chunk_buffers(self, idx, src):
         ch = self.chunks
@@ -276,7 +278,7 @@ class ArrayWriter:
             finally:
                 del bufs
                 for h in held:
-                    shards.release(h)
+                    self._owner.store.release_buffer(h)
         except BaseException:
             with self._lock:
                 self._done.pop(key, None)

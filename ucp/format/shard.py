@@ -25,34 +25,6 @@ EMPTY = (1 << 64) - 1
 ENTRY_BYTES = 16
 
 
-POOL_MAX = 4  # encode/read buffers kept for reuse, process-wide (each about one shard)
-_pool: list = []
-_pool_lock = __import__("threading").Lock()
-
-
-def acquire(n):
-    """A bytearray of >= n bytes from the process-wide pool (first touch of fresh memory is slow on
-    the VMs measured, so shard-sized buffers are reused across writers and readers)."""
-    with _pool_lock:
-        best = None
-        for i, b in enumerate(_pool):
-            if len(b) >= n and (best is None or len(b) < len(_pool[best])):
-                best = i
-        if best is not None:
-            return _pool.pop(best)
-    return bytearray(n)
-
-
-def release(buf):
-    with _pool_lock:
-        if len(_pool) < POOL_MAX:
-            _pool.append(buf)
-        else:  # keep the largest ones
-            i = min(range(len(_pool)), key=lambda j: len(_pool[j]))
-            if len(_pool[i]) < len(buf):
-                _pool[i] = buf
-
-
 class ShardError(ValueError):
     """A shard file that does not check out (message says why)."""
 
@@ -123,47 +95,35 @@ def linear(local, ig):
     return p
 
 
-def encode(buf: np.ndarray, shard, inner, lim, scratch=None):
-    """Buffers of the shard file for ``buf`` (shard-local data covering the shard's valid region,
-    with or without the padding up to ``lim`` tiles; missing padding is the fill value).
-    Returns (buffers, file size, crc32c of the index, content crc32c).
+def encode(buf: np.ndarray, shard, inner, lim, out=None):
+    """The shard file of ``buf`` (shard-local data covering the shard's valid region, with or
+    without the padding up to ``lim`` tiles; missing padding is the fill value), laid out in
+    ``out``: a writable buffer of at least the file's size (:func:`file_size`), new when None.
+    Returns (out, file size, crc32c of the index, content crc32c).
 
-    Contiguous whole tiles are written from ``buf`` as they are; the others are copied into
-    ``scratch`` (a callable ``n -> writable buffer of >= n bytes``, reused across shards: fresh
-    allocations per tile cost a page fault per 4 KiB on the VMs measured), or into new arrays
-    without it, edge tiles padded there: no padded copy of the whole shard is made."""
+    Each tile is copied once, straight to where the file holds it (edge tiles padded there), so
+    the file's bytes are one buffer: the store writes it as it is (with O_DIRECT where it can)
+    instead of copying scattered tiles into the page cache."""
     ig = inner_grid(shard, inner)
     index = np.full((math.prod(ig), 2), EMPTY, dtype="<u8")
-    bufs = []
-    off = 0
-    nb = math.prod(inner) * buf.itemsize + CRC_BYTES
-    tiles = [buf[tuple(slice(i * c, (i + 1) * c) for i, c in zip(local, inner))]
-             for local in itertools.product(*(range(k) for k in lim))]
-    ncopy = sum(1 for t in tiles if t.shape != inner or not t.flags.c_contiguous)
-    content = 0
-    sbuf = scratch(ncopy * (nb - CRC_BYTES)) if (scratch is not None and ncopy) else None
-    spos = 0
-    for local, tile in zip(itertools.product(*(range(k) for k in lim)), tiles):
-        if tile.shape != inner or not tile.flags.c_contiguous:
-            if sbuf is not None:
-                dst = np.frombuffer(sbuf, dtype=buf.dtype, count=math.prod(inner), offset=spos).reshape(inner)
-                spos += nb - CRC_BYTES
-            else:
-                dst = np.empty(inner, dtype=buf.dtype)
-            _fill_tile(dst, tile)
-            tile = dst
-        c = crc32c.crc32c(memoryview(tile).cast("B"))
-        word = c.to_bytes(4, "little")
+    tile_n = math.prod(inner)
+    nb = tile_n * buf.itemsize + CRC_BYTES
+    size = math.prod(lim) * nb + index.nbytes + CRC_BYTES
+    out = memoryview(bytearray(size) if out is None else out).cast("B")
+    off, content = 0, 0
+    for local in itertools.product(*(range(k) for k in lim)):
+        tile = buf[tuple(slice(i * c, (i + 1) * c) for i, c in zip(local, inner))]
+        _fill_tile(np.frombuffer(out, dtype=buf.dtype, count=tile_n, offset=off).reshape(inner), tile)
+        word = crc32c.crc32c(out[off:off + nb - CRC_BYTES]).to_bytes(CRC_BYTES, "little")
+        out[off + nb - CRC_BYTES:off + nb] = word
         content = crc32c.crc32c(word, content)
-        bufs.append(tile)
-        bufs.append(word)
         index[linear(local, ig)] = (off, nb)
         off += nb
     ib = index.tobytes()
     icrc = crc32c.crc32c(ib)
-    bufs.append(ib)
-    bufs.append(icrc.to_bytes(4, "little"))
-    return bufs, off + len(ib) + CRC_BYTES, icrc, content
+    out[off:off + len(ib)] = ib
+    out[off + len(ib):size] = icrc.to_bytes(CRC_BYTES, "little")
+    return out, size, icrc, content
 
 
 def _fill_tile(dst, tile):

@@ -3,6 +3,7 @@ an fsspec store for URLs. Writers and readers call only the protocol's methods, 
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import shutil
@@ -28,6 +29,9 @@ class Store(Protocol):
     def is_empty(self, ignore=()) -> bool: ...
     def clear(self, keep=()) -> None: ...
     def put(self, rel, buffers, fsync=False) -> None: ...
+    def file_buffer(self, n) -> memoryview: ...
+    def release_buffer(self, buf) -> None: ...
+    def writes_direct(self, nbytes) -> bool: ...
     def put_atomic(self, rel, data: bytes, fsync=True) -> None: ...
     def create_exclusive(self, rel, data: bytes) -> bool: ...
     def append(self, rel, data: bytes) -> None: ...
@@ -93,10 +97,83 @@ def readahead(path) -> None:
         os.close(fd)
 
 
+#: Files of at least this many bytes are written with O_DIRECT (``LocalStore._put_direct``).
+DIRECT_MIN = 1 << 20
+#: Offset, length and memory alignment O_DIRECT needs (the page size covers every block size seen).
+DIRECT_ALIGN = mmap.PAGESIZE
+#: errno values meaning "no direct I/O here" (EINVAL: not supported or misaligned; EOPNOTSUPP).
+DIRECT_REFUSED = frozenset({errno.EINVAL, errno.EOPNOTSUPP})
+
+
+class AlignedBuffers:
+    """Page-aligned anonymous maps in which writers build files (``Store.file_buffer``), recycled.
+
+    Why: O_DIRECT needs aligned memory, and reused memory avoids the page faults a fresh
+    allocation costs per 4 KiB on first touch (slow on the VMs measured). Keeps up to ``keep``
+    free maps, the largest."""
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self._free: list = []   # (map, its whole view), smallest first
+        self._lent: dict = {}   # id(map) -> map, for maps handed out and not given back
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> memoryview:
+        """A writable view of ``n`` bytes at the start of a map of whole pages."""
+        with self._lock:
+            i = next((i for i, (m, _v) in enumerate(self._free) if len(m) >= n), None)
+            m, whole = self._free.pop(i) if i is not None else (None, None)
+        if m is None:
+            m = mmap.mmap(-1, max(1, -(-n // DIRECT_ALIGN)) * DIRECT_ALIGN)
+            whole = memoryview(m)
+        with self._lock:
+            self._lent[id(m)] = m
+        return whole[:n]
+
+    def give(self, view: memoryview) -> None:
+        """Take back a view :meth:`take` handed out (its map is reused)."""
+        with self._lock:
+            m = self._lent.pop(id(view.obj), None)
+            if m is None:
+                return
+            self._free.append((m, memoryview(m)))
+            self._free.sort(key=lambda h: len(h[0]))
+            while len(self._free) > self.keep:
+                self._free.pop(0)
+
+    def extent(self, view: memoryview):
+        """``view`` grown to whole pages when it starts one of the maps lent out (None otherwise):
+        the bytes O_DIRECT writes, the tail past ``view`` free to overwrite."""
+        with self._lock:
+            m = self._lent.get(id(view.obj))
+        if m is None or _address(view) != _address(memoryview(m)):
+            return None
+        return memoryview(m)[:-(-len(view) // DIRECT_ALIGN) * DIRECT_ALIGN]
+
+
+def _address(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+_aligned = AlignedBuffers()
+
+
+class FileBuffers:
+    """``file_buffer`` / ``release_buffer`` of both stores: one recycled pool per process."""
+
+    def file_buffer(self, n) -> memoryview:
+        """A writable buffer of ``n`` bytes to build one file in: ``put(rel, [it])`` writes it (the
+        local store with no copy, by O_DIRECT). Give it back with :meth:`release_buffer`."""
+        return _aligned.take(n)
+
+    def release_buffer(self, buf) -> None:
+        _aligned.give(buf)
+
+
 _PROC_FD = os.path.isdir("/proc/self/fd")  # Linux: an open file's resolved path can be read back
 
 
-class LocalStore:
+class LocalStore(FileBuffers):
     """A directory. Files are read with preadv/mmap; symbolic links inside the root are refused
     (a crafted checkpoint must not make a reader open files outside it)."""
 
@@ -109,6 +186,7 @@ class LocalStore:
         self._dlock = threading.Lock()
         self._real = None
         self._safe_dirs: set[str] = set()
+        self.direct = hasattr(os, "O_DIRECT")
 
     def _p(self, rel):
         return os.path.join(self.root, rel)
@@ -253,12 +331,12 @@ class LocalStore:
                 self._dirs.discard(d)
                 d = os.path.dirname(d)
 
-    def _create(self, path):
+    def _create(self, path, extra_flags=0):
         """Open ``path`` for writing, truncated. The file is opened first and its directory made only
         when that fails: the directories are usually there already (made earlier by this store or,
         for several writers, by another rank), and a mkdir of an existing directory still takes its
         parent's lock, which writers creating files side by side contend for."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | extra_flags
         try:
             return os.open(path, flags, 0o644)
         except FileNotFoundError:
@@ -272,10 +350,16 @@ class LocalStore:
                 self._mkdir(d)
             return os.open(path, flags, 0o644)
 
+    def writes_direct(self, nbytes) -> bool:
+        """Whether a file of ``nbytes`` goes straight to the disk (O_DIRECT), not through the page cache."""
+        return self.direct and nbytes >= DIRECT_MIN
+
     def put(self, rel, buffers, fsync=False):
+        mvs = [m for m in (memoryview(b).cast("B") for b in buffers) if len(m)]
+        if self.writes_direct(sum(len(m) for m in mvs)) and self._put_direct(rel, mvs, fsync):
+            return
         fd = self._create(self._p(rel))
         try:
-            mvs = [m for m in (memoryview(b).cast("B") for b in buffers) if len(m)]
             while mvs:  # writev in batches (IOV_MAX is 1024 on Linux), resuming after short writes
                 n = os.writev(fd, mvs[:1024])
                 while n and mvs:
@@ -289,6 +373,58 @@ class LocalStore:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+    def _put_direct(self, rel, mvs, fsync) -> bool:
+        """Write the file with O_DIRECT from a page-aligned image of it: the caller's own when it
+        built the file in a :meth:`file_buffer`, else a copy. False, leaving the buffered path to
+        write it, where the file system refuses direct I/O.
+
+        Why: a buffered write copies every byte into page-cache pages the kernel allocates for the
+        file. On the VMs measured, memory the guest has not touched lately costs a host fault per page
+        on first write, so that copy ran at 0.3-0.6 GB/s (3.4 s of system time for 2 GiB, against
+        0.2 s with O_DIRECT, which moves the image, reused memory, straight to the disk). The data
+        then bypasses the page cache, which also spares the flush the commit waits for."""
+        total = sum(len(m) for m in mvs)
+        whole = _aligned.extent(mvs[0]) if len(mvs) == 1 else None
+        if whole is not None:
+            return self._write_direct(rel, whole, total, fsync)
+        image = _aligned.take(total)
+        try:
+            at = 0
+            for m in mvs:
+                image[at:at + len(m)] = m
+                at += len(m)
+            return self._write_direct(rel, _aligned.extent(image), total, fsync)
+        finally:
+            _aligned.give(image)
+
+    def _write_direct(self, rel, image, total, fsync) -> bool:
+        image[total:] = bytes(len(image) - total)  # the last block's tail: cut off by the truncate below
+        try:
+            fd = self._create(self._p(rel), os.O_DIRECT)
+        except OSError as e:
+            if e.errno not in DIRECT_REFUSED:
+                raise
+            self.direct = False
+            return False
+        try:
+            at = 0
+            while at < len(image):
+                n = os.write(fd, image[at:])
+                if n % DIRECT_ALIGN:  # a short write off the alignment: let the buffered path rewrite it
+                    return False
+                at += n
+            os.ftruncate(fd, total)
+            if fsync:
+                os.fsync(fd)
+        except OSError as e:
+            if e.errno not in DIRECT_REFUSED:
+                raise
+            self.direct = False
+            return False
+        finally:
+            os.close(fd)
+        return True
 
     def put_atomic(self, rel, data: bytes, fsync=True):
         path = self._p(rel)
@@ -428,10 +564,13 @@ class LocalStore:
         return out
 
 
-class FsspecStore:
+class FsspecStore(FileBuffers):
     """Any fsspec file system (s3://, gs://, memory://, file:// with storage options)."""
 
     parallel_reads = True
+
+    def writes_direct(self, nbytes) -> bool:
+        return False
 
     def __init__(self, url: str, storage_options: dict):
         import fsspec

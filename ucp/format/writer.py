@@ -261,8 +261,16 @@ class CheckpointWriter:
 
     # -- I/O ---------------------------------------------------------------------------------
     def fsync_wanted(self, size) -> bool:
-        """Whether a chunk file of ``size`` bytes is fsync'ed by the thread that writes it."""
-        return bool(self.durable) and (self._fsync_each if self._fsync_each is not None else size > FSYNC_MIN)
+        """Whether a chunk file of ``size`` bytes is fsync'ed by the thread that writes it: a large
+        file, to flush its page-cache pages while others are written. The syncfs at commit makes
+        every file durable either way, and a file the store writes straight to the disk
+        (``Store.writes_direct``) has no pages to flush: an fsync would only wait for a journal
+        commit (about 4 ms a file measured, 30% of the time to write 2 GiB in 20 MB files)."""
+        if not self.durable:
+            return False
+        if self._fsync_each is not None:
+            return self._fsync_each
+        return size > FSYNC_MIN and not self.store.writes_direct(size)
 
     def run_jobs(self, arr, jobs) -> None:
         """Write the chunk jobs ``(key, data)`` of ``arr``, in parallel when there are several."""
