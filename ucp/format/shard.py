@@ -124,46 +124,79 @@ def linear(local, ig):
 
 
 def encode(buf: np.ndarray, shard, inner, lim, scratch=None):
-    """Buffers of the shard file for ``buf`` (shard-local data covering the shard's valid region,
-    with or without the padding up to ``lim`` tiles; missing padding is the fill value).
-    Returns (buffers, file size, crc32c of the index, content crc32c).
+    """Buffers of the shard file for ``buf`` (see :class:`ShardBytes`), all at once.
+    Returns (buffers, file size, crc32c of the index, content crc32c)."""
+    sb = ShardBytes(buf, shard, inner, lim, scratch)
+    bufs = [b for batch in sb.batches() for b in batch]
+    return bufs, sb.size, sb.index_crc, sb.content_crc
 
-    Contiguous whole tiles are written from ``buf`` as they are; the others are copied into
-    ``scratch`` (a callable ``n -> writable buffer of >= n bytes``, reused across shards: fresh
-    allocations per tile cost a page fault per 4 KiB on the VMs measured), or into new arrays
-    without it, edge tiles padded there: no padded copy of the whole shard is made."""
-    ig = inner_grid(shard, inner)
-    index = np.full((math.prod(ig), 2), EMPTY, dtype="<u8")
-    bufs = []
-    off = 0
-    nb = math.prod(inner) * buf.itemsize + CRC_BYTES
-    tiles = [buf[tuple(slice(i * c, (i + 1) * c) for i, c in zip(local, inner))]
-             for local in itertools.product(*(range(k) for k in lim))]
-    ncopy = sum(1 for t in tiles if t.shape != inner or not t.flags.c_contiguous)
-    content = 0
-    sbuf = scratch(ncopy * (nb - CRC_BYTES)) if (scratch is not None and ncopy) else None
-    spos = 0
-    for local, tile in zip(itertools.product(*(range(k) for k in lim)), tiles):
-        if tile.shape != inner or not tile.flags.c_contiguous:
-            if sbuf is not None:
-                dst = np.frombuffer(sbuf, dtype=buf.dtype, count=math.prod(inner), offset=spos).reshape(inner)
-                spos += nb - CRC_BYTES
-            else:
-                dst = np.empty(inner, dtype=buf.dtype)
-            _fill_tile(dst, tile)
-            tile = dst
-        c = crc32c.crc32c(memoryview(tile).cast("B"))
-        word = c.to_bytes(4, "little")
-        content = crc32c.crc32c(word, content)
-        bufs.append(tile)
-        bufs.append(word)
-        index[linear(local, ig)] = (off, nb)
-        off += nb
-    ib = index.tobytes()
-    icrc = crc32c.crc32c(ib)
-    bufs.append(ib)
-    bufs.append(icrc.to_bytes(4, "little"))
-    return bufs, off + len(ib) + CRC_BYTES, icrc, content
+
+class ShardBytes:
+    """The shard file for ``buf`` (shard-local data covering the shard's valid region, with or
+    without the padding up to ``lim`` tiles; missing padding is the fill value): ``size`` and
+    ``index_crc`` at once (the index depends only on the geometry), the buffers from
+    :meth:`batches`, and ``content_crc`` once they have all been taken.
+
+    Contiguous whole tiles are handed out from ``buf`` as they are; the others are copied into
+    ``scratch`` (a callable ``n -> writable buffer of >= n bytes``, reused across shards), or into
+    new arrays without it, edge tiles padded there: no padded copy of the whole shard is made.
+    With ``batch_bytes`` the scratch holds about that many bytes of copied tiles (at least one
+    tile), reused for each batch: a writer that writes each batch before taking the next touches
+    that much fresh memory, not a shard's worth (the first touch of fresh memory runs at
+    0.4 GB/s on the VMs measured, against 5 GB/s for a copy into memory already touched)."""
+
+    def __init__(self, buf: np.ndarray, shard, inner, lim, scratch=None, batch_bytes=None):
+        self._buf, self._inner, self._scratch, self._batch_bytes = buf, tuple(inner), scratch, batch_bytes
+        self._locals = list(itertools.product(*(range(k) for k in lim)))
+        self._tile_bytes = math.prod(inner) * buf.itemsize
+        nb = self._tile_bytes + CRC_BYTES
+        ig = inner_grid(shard, inner)
+        index = np.full((math.prod(ig), 2), EMPTY, dtype="<u8")
+        for i, local in enumerate(self._locals):   # the tiles back to back in C order of ``lim``
+            index[linear(local, ig)] = (i * nb, nb)
+        self._index = index.tobytes()
+        self.index_crc = crc32c.crc32c(self._index)
+        self.size = len(self._locals) * nb + len(self._index) + CRC_BYTES
+        self.content_crc = None
+
+    def _tiles(self):
+        for local in self._locals:
+            yield self._buf[tuple(slice(i * c, (i + 1) * c) for i, c in zip(local, self._inner))]
+
+    def _copied(self, tile) -> bool:
+        return tile.shape != self._inner or not tile.flags.c_contiguous
+
+    def _scratch_bytes(self) -> int:
+        ncopy = sum(1 for t in self._tiles() if self._copied(t))
+        if self._batch_bytes is None:
+            return ncopy * self._tile_bytes
+        per_batch = max(1, self._batch_bytes // max(1, self._tile_bytes))
+        return min(ncopy, per_batch) * self._tile_bytes
+
+    def batches(self):
+        """Lists of buffers, the whole file in order; a list may share scratch memory with the next,
+        so it must be consumed (written, copied) before the next is asked for."""
+        n = self._scratch_bytes() if self._scratch is not None else 0
+        sbuf = self._scratch(n) if n else None
+        out, spos, content = [], 0, 0
+        for tile in self._tiles():
+            if self._copied(tile):
+                if sbuf is not None and spos + self._tile_bytes > len(sbuf):
+                    yield out                      # the scratch is full: hand over, then reuse it
+                    out, spos = [], 0
+                if sbuf is not None:
+                    dst = np.frombuffer(sbuf, dtype=self._buf.dtype, count=math.prod(self._inner),
+                                        offset=spos).reshape(self._inner)
+                    spos += self._tile_bytes
+                else:
+                    dst = np.empty(self._inner, dtype=self._buf.dtype)
+                _fill_tile(dst, tile)
+                tile = dst
+            word = crc32c.crc32c(memoryview(tile).cast("B")).to_bytes(4, "little")
+            content = crc32c.crc32c(word, content)
+            out += [tile, word]
+        self.content_crc = content
+        yield out + [self._index, self.index_crc.to_bytes(4, "little")]
 
 
 def _fill_tile(dst, tile):

@@ -28,6 +28,7 @@ class Store(Protocol):
     def is_empty(self, ignore=()) -> bool: ...
     def clear(self, keep=()) -> None: ...
     def put(self, rel, buffers, fsync=False) -> None: ...
+    def put_batches(self, rel, batches, fsync=False) -> None: ...
     def put_atomic(self, rel, data: bytes, fsync=True) -> None: ...
     def create_exclusive(self, rel, data: bytes) -> bool: ...
     def append(self, rel, data: bytes) -> None: ...
@@ -91,6 +92,21 @@ def readahead(path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
     finally:
         os.close(fd)
+
+
+def _writev_all(fd, buffers) -> None:
+    """Write ``buffers`` at the descriptor's position: writev in batches (IOV_MAX is 1024 on Linux),
+    resuming after short writes."""
+    mvs = [m for m in (memoryview(b).cast("B") for b in buffers) if len(m)]
+    while mvs:
+        n = os.writev(fd, mvs[:1024])
+        while n and mvs:
+            if n >= len(mvs[0]):
+                n -= len(mvs[0])
+                mvs.pop(0)
+            else:
+                mvs[0] = mvs[0][n:]
+                n = 0
 
 
 _PROC_FD = os.path.isdir("/proc/self/fd")  # Linux: an open file's resolved path can be read back
@@ -265,18 +281,15 @@ class LocalStore:
             return os.open(path, flags, 0o644)
 
     def put(self, rel, buffers, fsync=False):
+        self.put_batches(rel, [buffers], fsync)
+
+    def put_batches(self, rel, batches, fsync=False):
+        """Write ``rel`` from lists of buffers, in order, each list written before the next is taken
+        (so that a producer may refill one buffer for them all)."""
         fd = self._create(self._p(rel))
         try:
-            mvs = [m for m in (memoryview(b).cast("B") for b in buffers) if len(m)]
-            while mvs:  # writev in batches (IOV_MAX is 1024 on Linux), resuming after short writes
-                n = os.writev(fd, mvs[:1024])
-                while n and mvs:
-                    if n >= len(mvs[0]):
-                        n -= len(mvs[0])
-                        mvs.pop(0)
-                    else:
-                        mvs[0] = mvs[0][n:]
-                        n = 0
+            for buffers in batches:
+                _writev_all(fd, buffers)
             if fsync:
                 os.fsync(fd)
         finally:
@@ -500,6 +513,10 @@ class FsspecStore:
         else:
             data = b"".join(memoryview(b).cast("B") for b in buffers)
         self.fs.pipe_file(self._p(rel), data)
+
+    def put_batches(self, rel, batches, fsync=False):
+        """One object from lists of buffers, each list copied before the next is taken."""
+        self.put(rel, [b"".join(memoryview(b).cast("B") for b in buffers) for buffers in batches], fsync)
 
     def put_atomic(self, rel, data, fsync=True):
         protos = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
