@@ -170,8 +170,10 @@ class ShardBytes:
         ncopy = sum(1 for t in self._tiles() if self._copied(t))
         if self._batch_bytes is None:
             return ncopy * self._tile_bytes
-        per_batch = max(1, self._batch_bytes // max(1, self._tile_bytes))
-        return min(ncopy, per_batch) * self._tile_bytes
+        if not ncopy:
+            return 0
+        # the same size for every shard with tiles up to batch_bytes: one pooled buffer serves them all
+        return max(self._tile_bytes, self._batch_bytes)
 
     def batches(self):
         """Lists of buffers, the whole file in order; a list may share scratch memory with the next,
