@@ -25,7 +25,7 @@ Every load is checked: ``full_tensor()`` of a few parameters equals the saved st
 small one, bytes the large one. Loads are timed and their CPU seconds (all ranks) shown.
 
 Usage: python bench/bench_dcp.py [--models 768x2048,1536x4096] [--layers 4] [--vocab 16003]
-       [--dir /tmp] [--repeat 2] [--cold] [--chunk-kib 1024] [--workers 4] [--reader-workers 0]
+       [--dir /tmp] [--repeat 2] [--cold] [--chunk-kib 1024] [--workers 0] [--reader-workers 0]
        [--compare-with DIR] [--out bench/results/dcp.txt]
 """
 from __future__ import annotations
@@ -61,9 +61,10 @@ def parse(argv=None):
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each load (root)")
     ap.add_argument("--chunk-kib", type=int, default=1024, help="UniversalWriter chunk_bytes (KiB)")
-    ap.add_argument("--workers", type=int, default=4, help="threads per rank of UniversalWriter")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="threads per rank of UniversalWriter (0: its default, ucp.dcp.rank_threads)")
     ap.add_argument("--reader-workers", type=int, default=0,
-                    help="threads per rank of UniversalReader (0: its default, ucp.dcp.reader_threads)")
+                    help="threads per rank of UniversalReader (0: its default, ucp.dcp.rank_threads)")
     ap.add_argument("--compare-with", default=None, help="also run the job with the ucp of this checkout")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dcp.txt"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -152,10 +153,10 @@ def worker(args) -> None:
     ref = {k: v.full_tensor() for k, v in list(sd["model"].items())[:6]}
     report = {"ranks": dist.get_world_size(), "save": {}, "save_cpu": {}, "load": {}, "load_avg": os.getloadavg()[0]}
 
-    w = args.workers
+    w = {"workers": args.workers} if args.workers else {}      # else the version's default
     writers = {"FileSystemWriter": lambda path: FileSystemWriter(path),
-               "UniversalWriter": lambda path: UniversalWriter(path, workers=w),
-               "UniversalWriter fine": lambda path: UniversalWriter(path, workers=w, chunk_bytes=args.chunk_kib << 10)}
+               "UniversalWriter": lambda path: UniversalWriter(path, **w),
+               "UniversalWriter fine": lambda path: UniversalWriter(path, chunk_bytes=args.chunk_kib << 10, **w)}
     for _ in range(args.repeat):
         for name, make in writers.items():
             path = base / DIRS[name]
@@ -279,9 +280,10 @@ def render(args, rep, nbytes, label=None) -> str:
              f"best of {args.repeat}; load average {rep.get('load_avg', 0.0):.1f} on {os.cpu_count()} cores",
              "# UniversalWriter: its default layout (since this session: one shard per saved FSDP2 box, inner "
              "chunks in column blocks; before: plain chunks aligned with the boxes); "
-             f"'fine': chunk_bytes {args.chunk_kib} KiB, last dim in column blocks; {args.workers} threads per rank "
+             f"'fine': chunk_bytes {args.chunk_kib} KiB, last dim in column blocks; UniversalWriter threads per rank: "
+             f"{args.workers or 'the version default (since dcpsave2: ucp.dcp.rank_threads, as for reading; before: 4)'} "
              "(FileSystemWriter: its default, 1); UniversalReader threads per rank: "
-             f"{args.reader_workers or 'the version default (since this session: ucp.dcp.reader_threads, the cores shared among the node ranks on local files; before: 4)'}",
+             f"{args.reader_workers or 'the version default (ucp.dcp.rank_threads, named reader_threads before dcpsave2: the cores shared among the node ranks on local files; before that: 4)'}",
              "",
              "dcp.save FSDP2 x4 (durable)      seconds  vs FileSystemWriter (aim <= 1.2) | CPU s, all ranks  vs FSW"]
     cpu = rep["save_cpu"]

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 import ucp
-from ucp.dcp import DcpKey, UniversalReader, UniversalWriter, parse_key
+from ucp.dcp import DcpKey, UniversalReader, UniversalWriter, parse_key, rank_threads
 from ucp.demo_dcp import GPTConfig, build, optimizer, train_step
 from ucp.errors import UcpError
 from ucp.format import verify
@@ -219,6 +219,17 @@ def test_writer_refuses_non_empty_destination_unless_overwrite(tmp_path):
     sd["model"]["w"] = torch.arange(6.0) * 2
     dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "u", overwrite=True))
     assert same(ucp.open(tmp_path / "u").read("w"), torch.arange(6.0) * 2)
+
+
+def test_writer_threads_default_to_the_ranks_share_of_the_cores(monkeypatch, tmp_path):
+    """Without ``workers`` a rank writes on as many threads as it would read with (``rank_threads``:
+    4 ranks of 4 threads on 2 cores only hand the GIL around); ``workers`` still wins."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * len(os.sched_getaffinity(0))))
+    assert UniversalWriter(tmp_path / "u").threads == rank_threads(tmp_path / "u") == 1
+    assert UniversalWriter(tmp_path / "u", workers=3).threads == 3
+    sd = {"model": {"w": torch.arange(24.0).view(4, 6)}}
+    dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "u"))
+    assert same(ucp.open(tmp_path / "u").read("w"), sd["model"]["w"])
 
 
 class Opaque:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ucp.dcp import MAX_READ_THREADS, UniversalReader, reader_threads
+from ucp.dcp import MAX_RANK_THREADS, UniversalReader, rank_threads
 from ucp.errors import CorruptChunkError
 from ucp.format import create_checkpoint, open_checkpoint
 
@@ -119,12 +119,12 @@ def test_dcp_load_fills_in_place_and_stages_the_rest(tmp_path):
 
 def test_reader_threads_share_the_cores_among_local_ranks(monkeypatch, tmp_path):
     """Local files: the cores this process may use divided among the node's ranks (at least 1,
-    at most MAX_READ_THREADS); an object store: MAX_READ_THREADS whatever the ranks."""
+    at most MAX_RANK_THREADS); an object store: MAX_RANK_THREADS whatever the ranks."""
     cores = len(os.sched_getaffinity(0))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert reader_threads(tmp_path) == max(1, min(MAX_READ_THREADS, cores))
+    assert rank_threads(tmp_path) == max(1, min(MAX_RANK_THREADS, cores))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
-    assert reader_threads(tmp_path) == 1
-    assert reader_threads("memory://ucp-test-threads/ck") == MAX_READ_THREADS
+    assert rank_threads(tmp_path) == 1
+    assert rank_threads("memory://ucp-test-threads/ck") == MAX_RANK_THREADS
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert reader_threads(tmp_path) == max(1, min(MAX_READ_THREADS, cores))
+    assert rank_threads(tmp_path) == max(1, min(MAX_RANK_THREADS, cores))

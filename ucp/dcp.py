@@ -29,7 +29,7 @@ saved chunk covering the whole tensor; DCP's planner then asks, for each chunk o
 DTensor, for exactly the region it needs (``storage_offsets`` / ``lengths``), and
 :meth:`UniversalReader.read_data` hands all of a rank's regions to ``Checkpoint.read_boxes`` at
 once: it touches only the zarr chunks (inner chunks of shards) they intersect, reads them on one
-pool of :func:`reader_threads` threads and copies them straight into the DTensors' local shards.
+pool of :func:`rank_threads` threads and copies them straight into the DTensors' local shards.
 DCP's ``FileSystemReader`` instead loads each whole saved chunk and narrows it (pytorch issue
 76331).
 
@@ -59,6 +59,12 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, SavePla
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 
 from ucp.errors import UcpError
+# imported with this module, not on the first dcp.save / dcp.load: the format's modules take
+# about 0.1-0.3 s to import (more where bytecode is not cached), which a save or load that
+# imported them itself paid inside its own time, once per process
+from ucp.format import (aligned_chunks, commit_parts, create_checkpoint, default_chunks, jsonmeta, layout,
+                        open_checkpoint)
+from ucp.format.store import MANIFEST, make_store
 
 MODEL = "model."
 OPTIM_STATE = "optim.state."
@@ -148,7 +154,7 @@ class UniversalReader(StorageReader):
     Args:
         path: the universal checkpoint (local path or fsspec URL).
         storage_options: fsspec options for remote paths.
-        workers: reader threads of the underlying ``Checkpoint`` (default: :func:`reader_threads`).
+        workers: reader threads of the underlying ``Checkpoint`` (default: :func:`rank_threads`).
     """
 
     def __init__(self, path=None, *, storage_options=None, workers: Optional[int] = None):
@@ -261,11 +267,9 @@ class UniversalReader(StorageReader):
 
     def _checkpoint(self):
         if self._ck is None:
-            from ucp.format import open_checkpoint
-
             if self.path is None:
                 raise UcpError("UniversalReader: no path (pass it, or checkpoint_id= to dcp.load)")
-            workers = self.workers or reader_threads(self.path, self.storage_options)
+            workers = self.workers or rank_threads(self.path, self.storage_options)
             self._ck = open_checkpoint(self.path, storage_options=self.storage_options, workers=workers)
         return self._ck
 
@@ -279,26 +283,25 @@ class UniversalReader(StorageReader):
             self._ck = None
 
 
-#: threads per rank of a UniversalReader at most (and on object stores)
-MAX_READ_THREADS = 4
+#: threads per rank of a UniversalReader or UniversalWriter at most (and on object stores)
+MAX_RANK_THREADS = 4
 
 
-def reader_threads(path, storage_options=None) -> int:
-    """Reader threads per rank when not given. Object stores: :data:`MAX_READ_THREADS` (their
-    reads wait on the network). Local files: the cores this process may run on shared among the
-    ranks of this node (``LOCAL_WORLD_SIZE``, set by torchrun), at least 1: a warm read is memory
-    copies and crc32c, and threads beyond the cores only queue for them and for the GIL (4 ranks
-    of 4 threads on 2 cores, each thread handing the GIL back and forth around every read)."""
-    from ucp.format.store import make_store
-
+def rank_threads(path, storage_options=None) -> int:
+    """Reader or writer threads per rank when not given. Object stores: :data:`MAX_RANK_THREADS`
+    (their requests wait on the network). Local files: the cores this process may run on shared
+    among the ranks of this node (``LOCAL_WORLD_SIZE``, set by torchrun), at least 1: a warm read
+    or a write into the page cache is memory copies and crc32c, and threads beyond the cores only
+    queue for them and for the GIL (4 ranks of 4 threads on 2 cores, each thread handing the GIL
+    back and forth around every read or write)."""
     if make_store(str(path), storage_options).parallel_reads:
-        return MAX_READ_THREADS
+        return MAX_RANK_THREADS
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
         local = 1
-    return max(1, min(MAX_READ_THREADS, cores // local))
+    return max(1, min(MAX_RANK_THREADS, cores // local))
 
 
 def _fill_value(entry, start, stop, target: torch.Tensor) -> None:
@@ -369,7 +372,7 @@ class UniversalWriter(StorageWriter):
         path: destination (local path or fsspec URL); or ``checkpoint_id=`` of ``dcp.save``.
         overwrite: replace an existing checkpoint / non-empty directory.
         durable: fsync chunk files, part records and manifest (FORMAT.md §2).
-        workers: writer threads per rank.
+        workers: writer threads per rank (default: :func:`rank_threads`).
         storage_options: fsspec options for remote paths.
         chunk_bytes: plain chunks of about this size instead of the default layout (one shard
             per saved box, inner chunks in column blocks: see ``_chunk_grids``). Smaller chunks
@@ -377,7 +380,7 @@ class UniversalWriter(StorageWriter):
             of staging the chunks two ranks share.
     """
 
-    def __init__(self, path=None, *, overwrite: bool = False, durable: bool = True, workers: int = 4,
+    def __init__(self, path=None, *, overwrite: bool = False, durable: bool = True, workers: Optional[int] = None,
                  storage_options=None, chunk_bytes: Optional[int] = None):
         super().__init__()
         self.path = path
@@ -409,6 +412,11 @@ class UniversalWriter(StorageWriter):
     def validate_checkpoint_id(cls, checkpoint_id) -> bool:
         return isinstance(checkpoint_id, (str, os.PathLike))
 
+    @property
+    def threads(self) -> int:
+        """Writer threads per rank: ``workers``, or :func:`rank_threads` when not given."""
+        return self.workers or rank_threads(self.path, self.storage_options)
+
     def storage_meta(self) -> Optional[StorageMeta]:
         return StorageMeta(checkpoint_id=str(self.path), save_id=self.save_id)
 
@@ -433,13 +441,11 @@ class UniversalWriter(StorageWriter):
 
     def write_data(self, plan: SavePlan, planner) -> Future:
         """Write this rank's boxes and part record (the coordinator's part waits for ``finish``)."""
-        from ucp.format import create_checkpoint
-
         info = plan.storage_data
         self._world = info["world"]
         # durable: one syncfs before the part record (format's rank protocol), no fsync per chunk
         writer = create_checkpoint(self.path, rank=info["part"], world_size=info["world"],
-                                   durable=self.durable, workers=self.workers, fsync_each=False,
+                                   durable=self.durable, workers=self.threads, fsync_each=False,
                                    storage_options=self.storage_options)
         try:
             summary = _RankSummary(info["part"])
@@ -456,7 +462,7 @@ class UniversalWriter(StorageWriter):
                     arrays.append((item, data))
                 else:
                     results.append(_record_item(item, data, summary))
-            results += _write_arrays(writer, arrays, info["grids"], self.workers)
+            results += _write_arrays(writer, arrays, info["grids"], self.threads)
             for name in summary.params:
                 writer.add_param(name)
             if self.is_coordinator:
@@ -476,8 +482,6 @@ class UniversalWriter(StorageWriter):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Coordinator, after every rank succeeded: per-parameter metadata (scalars, frozen,
         tied) into its own part, then ``commit_parts`` writes the manifest."""
-        from ucp.format import commit_parts
-
         writer, self._part = self._part, None
         if writer is None:
             raise UcpError(f"{self.path}: finish() on a rank that wrote no part (not the coordinator?)")
@@ -494,12 +498,10 @@ class UniversalWriter(StorageWriter):
         parts = {s.rank: s.records for s in summaries if s.records is not None}
         parts[writer.rank] = writer.records
         commit_parts(self.path, self._world, metadata=universal_md, storage_options=self.storage_options,
-                     durable=self.durable, workers=self.workers, param_order=order, parts=parts)
+                     durable=self.durable, workers=self.threads, param_order=order, parts=parts)
 
 
 def _prepare_destination(path, overwrite: bool, storage_options) -> None:
-    from ucp.format.store import MANIFEST, make_store
-
     store = make_store(path, storage_options)
     if store.is_empty():
         return
@@ -554,8 +556,6 @@ COLUMN_BLOCKS = 4
 
 
 def _grid(shape, dtype, boxes, chunk_bytes):
-    from ucp.format import aligned_chunks, default_chunks
-
     isz = dtype.itemsize
     if not chunk_bytes:
         grid = aligned_chunks(shape, boxes, isz)
@@ -577,8 +577,6 @@ def _column_blocks(shard, itemsize: int) -> int:
     """How many column blocks the inner chunks of an aligned shard cut its last dim into: the
     format's default split (``layout.DEFAULT_COL_SPLIT``) or the largest fewer that divides the
     shard's last dim into blocks of at least ``layout.MIN_COL_BYTES`` per row; 1 for 1-D."""
-    from ucp.format import layout
-
     if len(shard) < 2:
         return 1
     for k in range(layout.DEFAULT_COL_SPLIT, 1, -1):
@@ -658,12 +656,10 @@ def _record_item(item, data, summary: _RankSummary) -> WriteResult:
 def _load_value(fqn: str, buf) -> Any:
     """A non-tensor value DCP serialised with ``torch.save``, loaded back weights-only: ucp
     stores JSON, never pickles, and refuses what it cannot store faithfully."""
-    from ucp.format.jsonmeta import encode
-
     buf.seek(0)
     try:
         value = torch.load(buf, weights_only=True)
-        encode(value, lambda t: "", f"state-dict entry {fqn!r}")   # fail here, on this rank
+        jsonmeta.encode(value, lambda t: "", f"state-dict entry {fqn!r}")   # fail here, on this rank
         return value
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
