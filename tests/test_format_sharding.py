@@ -428,21 +428,28 @@ def test_band_reads_of_a_damaged_or_swapped_shard(tmp_path, how):
             band_read(open_checkpoint(tmp_path / "ck"), 100, index=idx)
 
 
-@pytest.mark.parametrize("stream, want", [(264, [[264]] * 4), (263, [[64] * 4, [68] * 4] * 2),
-                                          (100, ([[32] * 4] * 3 + [[36] * 4]) * 2)])
-def test_which_inner_chunks_are_read_in_bands(tmp_path, stream, want):
-    """Inner chunks are batched whole while two fit in ``STREAM_BYTES`` (132-byte chunks, 264), else
-    read in bands of as many rows of the side-by-side chunks as fit (at least one): the ranges each
-    read asks for, for one whole (8, 32) shard of four (4, 8) column blocks per row of chunks."""
+W, B = [132] * 4, []  # the kernel asked for a run's whole chunks once; nothing more for its later bands
+
+
+@pytest.mark.parametrize("stream, want, advised", [
+    (1056, [[1056]], [None]), (1055, [[528], [528]], [None] * 2), (528, [[528], [528]], [None] * 2),
+    (527, [[132] * 4] * 2, [W, W]), (263, [[64] * 4, [68] * 4] * 2, [W, B] * 2),
+    (100, ([[32] * 4] * 3 + [[36] * 4]) * 2, [W, B, B, B] * 2)])
+def test_which_inner_chunks_are_read_in_bands(tmp_path, stream, want, advised):
+    """Runs of side-by-side inner chunks (here four 132-byte column blocks, 528 bytes) are batched
+    whole up to ``STREAM_BYTES``; a larger run is read in bands of as many of its rows as fit (at
+    least one): the ranges each read asks for, for one whole (8, 32) shard of two runs, and the
+    ranges the kernel is asked to fetch ahead (None: the store's default, the ranges read)."""
     t = band_matrix(tmp_path / "ck")
     ck = open_checkpoint(tmp_path / "ck")
     ck.read("w", index=(slice(0, 1), slice(0, 1)))  # the shard's index is read and kept first
-    asked, read_ranges = [], ck._store.read_ranges
+    asked, ahead, read_ranges = [], [], ck._store.read_ranges
 
-    def spy(rel, ranges, buf):
+    def spy(rel, ranges, buf, advise=None):
         asked.append([b - a for a, b in ranges])
-        return read_ranges(rel, ranges, buf)
+        ahead.append(None if advise is None else [b - a for a, b in advise])
+        return read_ranges(rel, ranges, buf, advise)
 
     ck._store.read_ranges = spy
     assert torch.equal(band_read(ck, stream, index=slice(0, 8)), t[:8])
-    assert asked == want
+    assert (asked, ahead) == (want, advised)

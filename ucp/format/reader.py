@@ -470,14 +470,11 @@ class Checkpoint:
         ig = _shard.inner_grid(a.info.chunks, a.inner)  # every entry was checked (_entry) before _index returned it
         spans = sorted((int(ent[p, 0]), p, loc) for loc, p in ((loc, _shard.linear(loc, ig)) for loc in locals_))
         box, words, bad = (inner, cst, ist, isp, start), {}, {}
-        if self._store.parallel_reads or a.inner_nb * 2 <= STREAM_BYTES:
-            # a local file streams through the thread's scratch; an object store gets one request per shard
-            per = len(spans) if self._store.parallel_reads else STREAM_BYTES // a.inner_nb
-            for i in range(0, len(spans), per):
-                got += self._read_tiles(a, key, rel, size, spans[i:i + per], box, onp, words, bad)
-        else:
-            for group in _side_by_side(spans):
-                got += self._read_bands(a, key, rel, size, group, box, onp, words, bad)
+        # a local file streams through the thread's scratch; an object store gets one request per shard
+        limit = len(spans) * a.inner_nb if self._store.parallel_reads else STREAM_BYTES
+        for bands, part in _batches(spans, a.inner_nb, limit):
+            read = self._read_bands if bands else self._read_tiles
+            got += read(a, key, rel, size, part, box, onp, words, bad)
         if pending is not None:
             self._finish_content(a, key, rel, ent, [words[p] for p in pending])
         for loc in locals_:
@@ -515,8 +512,8 @@ class Checkpoint:
         return len(buf)
 
     def _read_bands(self, a, key, rel, size, group, box, onp, words, bad):
-        """Read inner chunks too large to batch whole (``group``: ``(offset, index position, local
-        index)``, side by side along the last dim) a band of their first dim at a time, every chunk's
+        """Read a run of inner chunks too large to batch whole (``group``: ``(offset, index position,
+        local index)``, side by side along the last dim) a band of their first dim at a time, every chunk's
         band in one scratch buffer of about ``STREAM_BYTES``, and copy each band's part of the box out
         while it is cached: the output then fills whole rows in order, where one chunk at a time would
         write a narrow column of rows a chunk's size apart (column-block inner chunks read whole, e.g.
@@ -531,11 +528,12 @@ class Checkpoint:
         band = max(1, STREAM_BYTES // (len(group) * row_nb))
         crcs = [0] * len(group)
         got = 0
+        advise = [(off, off + a.inner_nb) for off, _p, _loc in group]  # the kernel is asked once, for all
         for r0 in range(0, rows, band):
             r1 = min(rows, r0 + band)
             step = (r1 - r0) * row_nb + (CRC_BYTES if r1 == rows else 0)  # the last band ends with the word
             ranges = [(off + r0 * row_nb, off + r0 * row_nb + step) for off, _p, _loc in group]
-            buf = self._read_span(a, key, rel, size, ranges, step * len(group))
+            buf = self._read_span(a, key, rel, size, ranges, step * len(group), advise if r0 == 0 else ())
             got += len(buf)
             shape = (r1 - r0,) + tuple(a.inner[1:])
             run = _TileRun(a, buf, onp, start, shape, step)
@@ -553,11 +551,12 @@ class Checkpoint:
                 bad[loc] = (crcs[j], s)
         return got
 
-    def _read_span(self, a, key, rel, size, ranges, n):
-        """The byte ranges of a shard file back to back in the thread's scratch buffer (``n`` bytes)."""
+    def _read_span(self, a, key, rel, size, ranges, n, advise=None):
+        """The byte ranges of a shard file back to back in the thread's scratch buffer (``n`` bytes);
+        ``advise`` as in ``Store.read_ranges``."""
         buf = self._scratch(n)[:n]
         try:
-            got, fsize = self._store.read_ranges(rel, ranges, buf)
+            got, fsize = self._store.read_ranges(rel, ranges, buf, advise)
         except (FileNotFoundError, NotADirectoryError):
             raise self._open_err(a, key) from None
         if (fsize is not None and fsize != size) or got != n:
@@ -649,6 +648,26 @@ def _side_by_side(spans):
         group.append(span)
     if group:
         yield group
+
+
+def _batches(spans, inner_nb, limit):
+    """``(in bands?, spans)``: the runs of side-by-side chunks (``_side_by_side``) batched whole up to
+    ``limit`` bytes a batch, and each run larger than that alone, to be read in bands (``_read_bands``):
+    a run read a part at a time would write each output row in as many pieces."""
+    batch = []
+    for group in _side_by_side(spans):
+        if len(group) * inner_nb > limit:
+            if batch:
+                yield False, batch
+                batch = []
+            yield True, group
+            continue
+        if (len(batch) + len(group)) * inner_nb > limit:
+            yield False, batch
+            batch = []
+        batch += group
+    if batch:
+        yield False, batch
 
 
 def _tile_part(cst, loc, inner, r0, shape, ist, isp):
