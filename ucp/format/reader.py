@@ -451,9 +451,9 @@ class Checkpoint:
 
     def _read_shard(self, a, sidx, start, stop, onp):
         """Read the inner chunks of shard ``sidx`` that intersect the box into ``onp``, a batch of
-        adjacent inner chunks at a time (``STREAM_BYTES``): each batch is copied out and its crc32c
-        computed while it is still in the CPU cache, instead of reading the whole shard into memory and
-        passing over it twice more. The checks run in the order of a whole-file read (index, content
+        adjacent inner chunks (or a band of a run too large to batch, ``_batches``) at a time
+        (``STREAM_BYTES``): each batch is copied out and its crc32c computed while it is still in the
+        CPU cache, instead of reading the whole shard into memory and passing over it twice more. The checks run in the order of a whole-file read (index, content
         crc32c, then each inner chunk's crc32c) before this returns; a failing read raises, leaving
         ``onp`` partly written. Returns (bytes read, inner chunks read)."""
         key = chunk_key(sidx)
