@@ -440,16 +440,20 @@ def test_which_inner_chunks_are_read_in_bands(tmp_path, stream, want, advised):
     whole up to ``STREAM_BYTES``; a larger run is read in bands of as many of its rows as fit (at
     least one): the ranges each read asks for, for one whole (8, 32) shard of two runs, and the
     ranges the kernel is asked to fetch ahead (None: the store's default, the ranges read)."""
+    from unittest import mock
+
+    from ucp.format.store import LocalStore
+
     t = band_matrix(tmp_path / "ck")
     ck = open_checkpoint(tmp_path / "ck")
     ck.read("w", index=(slice(0, 1), slice(0, 1)))  # the shard's index is read and kept first
-    asked, ahead, read_ranges = [], [], ck._store.read_ranges
+    asked, ahead, read_ranges = [], [], LocalStore.read_ranges
 
-    def spy(rel, ranges, buf, advise=None):
+    def spy(store, rel, ranges, buf, advise=None):
         asked.append([b - a for a, b in ranges])
         ahead.append(None if advise is None else [b - a for a, b in advise])
-        return read_ranges(rel, ranges, buf, advise)
+        return read_ranges(store, rel, ranges, buf, advise)
 
-    ck._store.read_ranges = spy
-    assert torch.equal(band_read(ck, stream, index=slice(0, 8)), t[:8])
+    with mock.patch.object(LocalStore, "read_ranges", spy):
+        assert torch.equal(band_read(ck, stream, index=slice(0, 8)), t[:8])
     assert (asked, ahead) == (want, advised)
