@@ -317,3 +317,143 @@ def test_sharded_flat_ranges(shape, seed):
             y = rnd.randint(x, n)
             assert torch.equal(ck.read_flat("p", "exp_avg", x, y), t.reshape(-1)[x:y])
             assert ck.last_read_stats["bytes_needed"] == (y - x) * 4
+
+
+# -- band reads: inner chunks too large to batch whole (reader.STREAM_BYTES made tiny to get them) ---------
+def band_read(ck, stream, **kw):
+    """``ck.read(**kw)`` with inner chunks read a band at a time (``reader.STREAM_BYTES`` = ``stream``)."""
+    from unittest import mock
+
+    from ucp.format import reader
+
+    with mock.patch.object(reader, "STREAM_BYTES", stream):
+        return ck.read("w", **kw)
+
+
+@SETTINGS
+@given(shape=st.lists(st.integers(1, 30), min_size=1, max_size=3).map(tuple), seed=st.integers(0, 2**32 - 1),
+       stream=st.sampled_from([1, 40, 130, 300]), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_band_reads_equal_the_tensor(shape, seed, stream, dtype):
+    """Every box of a sharded array reads the same bits whether its inner chunks come whole or in
+    bands of their first dim (one row each with ``stream`` 1, several, an uneven last band), with the
+    bytes of whole inner chunks counted."""
+    rnd = random.Random(seed)
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(seed % 1000)).to(dtype)
+    with tempfile.TemporaryDirectory() as d:
+        with create_checkpoint(d + "/ck", durable=False, **SMALL) as w:
+            a = w.write_tensor("w", "param", t)
+        ck = open_checkpoint(d + "/ck")
+        for k in range(4):
+            idx = None if k == 0 else tuple(slice(a_, rnd.randint(a_, n)) for n in shape for a_ in [rnd.randint(0, n)])
+            want = t if idx is None else t[idx]
+            assert bits(band_read(ck, stream, index=idx)) == bits(want)
+            if a.inner is not None and want.numel():
+                s = ck.last_read_stats
+                assert s["bytes_read"] % (math.prod(a.inner) * t.element_size() + 4) == 0 or k == 0, s
+
+
+def band_matrix(path):
+    """(24, 32) float32: shards of (8, 32), inner chunks (4, 8): four column blocks side by side."""
+    t = torch.arange(24 * 32, dtype=torch.float32).reshape(24, 32)
+    with create_checkpoint(path, durable=False) as w:
+        w.write_tensor("w", "param", t, shards=(8, 32), chunks=(4, 8))
+    return t
+
+
+@pytest.mark.parametrize("stream", [1, 100, 200, 1 << 20], ids=["row-bands", "3-row-bands", "6-row-bands", "whole"])
+def test_band_reads_of_column_blocks(tmp_path, stream):
+    """Column blocks side by side are read in bands of rows and fill whole output rows; a band that
+    misses the box copies nothing; the shard's index, content crc32c and inner chunks are checked."""
+    t = band_matrix(tmp_path / "ck")
+    ck = open_checkpoint(tmp_path / "ck")
+    for idx in (None, slice(9, 11), (slice(3, 21), slice(5, 30)), (slice(8, 16), slice(8, 16)), (5, slice(None))):
+        assert torch.equal(band_read(ck, stream, index=idx), t if idx is None else t[idx])
+
+
+def test_band_reads_of_a_one_dim_array(tmp_path):
+    t = torch.arange(300, dtype=torch.int32)
+    with create_checkpoint(tmp_path / "ck", durable=False) as w:
+        w.write_tensor("w", "param", t, shards=(100,), chunks=(25,))
+    ck = open_checkpoint(tmp_path / "ck")
+    for idx in (None, slice(10, 290), slice(30, 40)):
+        assert torch.equal(band_read(ck, 24, index=idx), t if idx is None else t[idx])
+
+
+@pytest.mark.parametrize("stream", [1, 100])
+def test_band_reads_catch_every_byte_flip(tmp_path, stream):
+    """A flipped byte anywhere in a shard read whole in bands (data of any band, a crc32c word, the
+    index) fails the read; the other shards read on."""
+    t = band_matrix(tmp_path / "ck")
+    f = tmp_path / "ck" / "w" / "param" / "c" / "1" / "0"
+    data = f.read_bytes()
+    for i in range(0, len(data), 7):
+        bad = bytearray(data)
+        bad[i] ^= 0x10
+        f.write_bytes(bad)
+        with pytest.raises(CorruptChunkError):
+            band_read(open_checkpoint(tmp_path / "ck"), stream, index=slice(8, 16))
+        assert torch.equal(band_read(open_checkpoint(tmp_path / "ck"), stream, index=slice(0, 8)), t[:8])
+    f.write_bytes(data)
+
+
+def test_band_read_names_the_inner_chunk_that_fails(tmp_path):
+    band_matrix(tmp_path / "ck")
+    f = tmp_path / "ck" / "w" / "param" / "c" / "0" / "0"
+    b = bytearray(f.read_bytes())
+    b[(4 * 8 * 4 + 4) * 6 + 20] ^= 1  # inner chunk 6 in file order: rows 4.., column block 2
+    f.write_bytes(b)
+    ck = open_checkpoint(tmp_path / "ck")
+    with pytest.raises(CorruptChunkError, match=r"inner chunk \[1, 2\] crc32c mismatch"):
+        band_read(ck, 100, index=slice(0, 8))
+    assert torch.equal(band_read(ck, 100, index=(slice(0, 8), slice(0, 16))), torch.arange(24 * 32.).reshape(24, 32)[:8, :16])
+
+
+@pytest.mark.parametrize("how", ["truncate", "extend", "delete", "swap"])
+def test_band_reads_of_a_damaged_or_swapped_shard(tmp_path, how):
+    band_matrix(tmp_path / "ck")
+    f, g = (tmp_path / "ck" / "w" / "param" / "c" / str(i) / "0" for i in (0, 1))
+    data = f.read_bytes()
+    if how == "truncate":
+        f.write_bytes(data[:-1])
+    elif how == "extend":
+        f.write_bytes(data + b"\0")
+    elif how == "delete":
+        f.unlink()
+    else:
+        f.write_bytes(g.read_bytes())
+        g.write_bytes(data)
+    match = {"truncate": "truncated", "extend": "extra bytes", "delete": "missing", "swap": "content crc32c"}[how]
+    for idx in (slice(0, 8), (slice(0, 8), slice(8, 24))):
+        with pytest.raises(CorruptChunkError, match=match):
+            band_read(open_checkpoint(tmp_path / "ck"), 100, index=idx)
+
+
+W, B = [132] * 4, []  # the kernel asked for a run's whole chunks once; nothing more for its later bands
+
+
+@pytest.mark.parametrize("stream, want, advised", [
+    (1056, [[1056]], [None]), (1055, [[528], [528]], [None] * 2), (528, [[528], [528]], [None] * 2),
+    (527, [[132] * 4] * 2, [W, W]), (263, [[64] * 4, [68] * 4] * 2, [W, B] * 2),
+    (100, ([[32] * 4] * 3 + [[36] * 4]) * 2, [W, B, B, B] * 2)])
+def test_which_inner_chunks_are_read_in_bands(tmp_path, stream, want, advised):
+    """Runs of side-by-side inner chunks (here four 132-byte column blocks, 528 bytes) are batched
+    whole up to ``STREAM_BYTES``; a larger run is read in bands of as many of its rows as fit (at
+    least one): the ranges each read asks for, for one whole (8, 32) shard of two runs, and the
+    ranges the kernel is asked to fetch ahead (None: the store's default, the ranges read)."""
+    from unittest import mock
+
+    from ucp.format.store import LocalStore
+
+    t = band_matrix(tmp_path / "ck")
+    ck = open_checkpoint(tmp_path / "ck")
+    ck.read("w", index=(slice(0, 1), slice(0, 1)))  # the shard's index is read and kept first
+    asked, ahead, read_ranges = [], [], LocalStore.read_ranges
+
+    def spy(store, rel, ranges, buf, advise=None):
+        asked.append([b - a for a, b in ranges])
+        ahead.append(None if advise is None else [b - a for a, b in advise])
+        return read_ranges(store, rel, ranges, buf, advise)
+
+    with mock.patch.object(LocalStore, "read_ranges", spy):
+        assert torch.equal(band_read(ck, stream, index=slice(0, 8)), t[:8])
+    assert (asked, ahead) == (want, advised)

@@ -312,3 +312,21 @@ def test_checkpoint_files_are_the_same_with_and_without_direct_io(tmp_path, monk
         fs = make_store(url)
         files.append({f: bytes(fs.get(f)) for f in fs.list_files() if "/c" in f})
     assert files[0] == files[1] and max(len(b) for b in files[0].values()) >= direct
+
+
+def test_read_ranges_asks_the_kernel_for_what_it_is_told(tmp_path, monkeypatch):
+    """Several ranges are asked for ahead by default (cold files: one round trip for all), one range
+    is not; ``advise`` names other ranges instead, or none."""
+    from ucp.format import store as store_mod
+
+    (tmp_path / "f").write_bytes(bytes(range(100)))
+    s = store_mod.make_store(str(tmp_path))
+    asked = []
+    monkeypatch.setattr(store_mod.os, "posix_fadvise", lambda fd, a, n, how: asked.append((a, n)), raising=False)
+    buf = bytearray(30)
+    for ranges, advise, want in [([(0, 10), (50, 70)], None, [(0, 10), (50, 20)]), ([(5, 35)], None, []),
+                                 ([(0, 10), (50, 70)], [(0, 100)], [(0, 100)]), ([(0, 10), (50, 70)], (), [])]:
+        asked.clear()
+        assert s.read_ranges("f", ranges, buf, advise) == (30, 100)
+        assert bytes(buf) == b"".join(bytes(range(a, b)) for a, b in ranges)
+        assert asked == want, (ranges, advise)

@@ -41,7 +41,7 @@ class Store(Protocol):
     def exists(self, rel) -> bool: ...
     def size(self, rel) -> int | None: ...
     def readinto(self, rel, buffers) -> tuple[int, int]: ...
-    def read_ranges(self, rel, ranges, buf) -> tuple[int, int | None]: ...
+    def read_ranges(self, rel, ranges, buf, advise=None) -> tuple[int, int | None]: ...
     def map(self, rel) -> tuple[memoryview, int]: ...
     def prefetch(self, rels) -> None: ...
     def delete(self, rel) -> None: ...
@@ -510,15 +510,19 @@ class LocalStore(FileBuffers):
                 pass
         return memoryview(mm), size
 
-    def read_ranges(self, rel, ranges, buf):
+    def read_ranges(self, rel, ranges, buf, advise=None):
         """Read the byte ranges ``[(start, stop)]`` of the file back to back into ``buf``.
 
-        Returns (bytes read, file size). Raises FileNotFoundError for a missing file."""
+        ``advise``: the ranges the kernel is asked for first (default: these ranges when there are
+        several; a caller reading one region in several calls names it once). Returns (bytes read,
+        file size). Raises FileNotFoundError for a missing file."""
         fd = self._open(rel)
         try:
             size = os.fstat(fd).st_size
-            if len(ranges) > 1 and hasattr(os, "posix_fadvise"):
-                for a, b in ranges:  # cold: the kernel fetches every range at once, not one round trip each
+            if advise is None:
+                advise = ranges if len(ranges) > 1 else ()
+            if hasattr(os, "posix_fadvise"):
+                for a, b in advise:  # cold: the kernel fetches every range at once, not one round trip each
                     os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_WILLNEED)
             mv = memoryview(buf).cast("B")
             pos = got = 0
@@ -690,8 +694,9 @@ class FsspecStore(FileBuffers):
         except FileNotFoundError:
             return None
 
-    def read_ranges(self, rel, ranges, buf):
-        """Byte ranges of one object, back to back into ``buf``; file size unknown (None)."""
+    def read_ranges(self, rel, ranges, buf, advise=None):
+        """Byte ranges of one object, back to back into ``buf``; file size unknown (None). ``advise``:
+        nothing to ask ahead for (every range is fetched in this call)."""
         p = self._p(rel)
         mv = memoryview(buf).cast("B")
         if len(ranges) == 1:
