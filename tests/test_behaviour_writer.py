@@ -461,3 +461,26 @@ def test_unsharded_default_chunks_keep_to_the_inner_chunk_budget(tmp_path, dtype
     assert (info.inner_chunks is None) == (math.prod(shape) * isz <= inner_bytes or 0 in shape or not shape)
     chunk = info.inner_chunks or info.chunks
     assert math.prod(chunk) * isz <= max(inner_bytes, isz), (chunk, shape)
+
+
+def test_a_shard_that_fails_to_encode_gives_its_buffer_back_and_fails_the_write(tmp_path, monkeypatch):
+    """The store buffer a shard is built in goes back to the pool when encoding fails, the encoder's
+    own error reaches the caller, and the shard is left to write."""
+    from ucp.format import array_writer
+
+    def broken(*args, **kwargs):
+        raise ValueError("encoder failed")
+
+    root = tmp_path / "ck"
+    w = create_checkpoint(root, workers=0)
+    given, released = [], []
+    real_take, real_give = w.store.file_buffer, w.store.release_buffer
+    monkeypatch.setattr(w.store, "file_buffer", lambda n: given.append(real_take(n)) or given[-1])
+    monkeypatch.setattr(w.store, "release_buffer", lambda b: released.append(b) or real_give(b))
+    monkeypatch.setattr(array_writer.shards, "encode", broken)
+    a = w.add_array("w", "param", (64, 32), torch.float32, chunks=(16, 8), shards=(64, 32))
+    with pytest.raises(ValueError, match="encoder failed"):
+        a.write((0, 0), torch.ones(64, 32))
+    assert len(given) == 1 and released == given
+    assert a.pending() == [((0, 0), (64, 32))]
+    w.abort()
