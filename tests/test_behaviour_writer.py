@@ -484,3 +484,17 @@ def test_a_shard_that_fails_to_encode_gives_its_buffer_back_and_fails_the_write(
     assert len(given) == 1 and released == given
     assert a.pending() == [((0, 0), (64, 32))]
     w.abort()
+
+
+@pytest.mark.parametrize("each", [True, False])
+def test_fsync_each_decides_for_every_chunk_file_whatever_its_size(tmp_path, monkeypatch, each):
+    """``fsync_each=True``: every chunk file, a small one too, is fsync'ed by its writer; ``False``:
+    none is (the syncfs before the manifest covers them)."""
+    import os
+
+    seen, real = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: seen.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    with create_checkpoint(tmp_path / "ck", fsync_each=each) as w:
+        w.write_tensor("w", "param", torch.ones(16))
+    chunk = tmp_path / "ck" / "w" / "param" / "c" / "0"
+    assert chunk.exists() and (str(chunk) in seen) is each
