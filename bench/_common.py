@@ -1,4 +1,4 @@
-"""Helpers every benchmark shares: a free port for torchrun, dropping the page cache.
+"""Helpers every benchmark shares: a free port for torchrun, dropping or filling the page cache.
 
 Standard library only, and no ``import ucp``: a benchmark that runs one job with the ``ucp``
 of another checkout (``--compare-with``, an A/B of two versions in one run) imports this first,
@@ -28,3 +28,18 @@ def drop_caches() -> bool:
         return True
     except OSError:
         return False
+
+
+def read_tree(path) -> int:
+    """Read every file under ``path`` once (into the page cache), returning the bytes read. A warm
+    load must find every checkpoint's files cached whoever wrote them: a writer's buffered files
+    are cached by the save itself, but files written with O_DIRECT (ucp's large shard files) are
+    not, and a load right after such a save would be a cold one."""
+    n = 0
+    buf = bytearray(16 << 20)
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb", buffering=0) as f:
+                while k := f.readinto(buf):
+                    n += k
+    return n

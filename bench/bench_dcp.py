@@ -9,7 +9,9 @@ larger size, AdamW state initialised), sharded FSDP2 x4:
 - reshard load into each target layout (2-D dp2 x tp2, TP x4) of that same state:
   ``dcp.load`` from the FileSystemWriter checkpoint with ``FileSystemReader`` vs from each
   UniversalWriter checkpoint with ``UniversalReader``; time (max over ranks, best of
-  ``--repeat``, page cache dropped before each load when ``--cold`` and root) and the speedup
+  ``--repeat``; warm: every file of the checkpoint read once just before each load, since
+  UniversalWriter's O_DIRECT shard files are not left in the page cache by the save as
+  FileSystemWriter's are; ``--cold``: page cache dropped before each load, root) and the speedup
   (aim >= 1.5x); bytes read / bytes needed per rank for both readers (aim <= 1.1 for ucp).
   FileSystemReader's bytes are the saved items it deserialises: it loads a whole saved chunk
   for every read request and narrows it (pytorch issue 76331).
@@ -43,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import drop_caches, free_port  # noqa: E402  (no ucp import: safe before the path below)
+from _common import drop_caches, free_port, read_tree  # noqa: E402  (no ucp import: safe before the path below)
 
 sys.path.insert(0, os.environ.get("UCP_BENCH_ROOT", str(ROOT)))   # the ucp under test (--compare-with)
 
@@ -187,8 +189,9 @@ def load_layout(args, cfg, layout, base, ref, fs_reader, ucp_reader) -> dict:
             path = base / DIRS[written_by]
             opts = {"workers": args.reader_workers} if args.reader_workers else {}   # else the version's default
             reader = fs_reader(path) if name == "FileSystemReader" else ucp_reader(path, **opts)
-            if args.cold and dist.get_rank() == 0:
-                drop_caches()
+            if dist.get_rank() == 0:   # cold: nothing cached; warm: every file cached, whoever wrote it
+                drop_caches() if args.cold else read_tree(path)
+            dist.barrier()
             t, c = timed(lambda: dcp.load(sd, storage_reader=reader), cpu=True)
             for k, v in ref.items():
                 got = sd["model"][k]
@@ -276,7 +279,7 @@ def render(args, rep, nbytes, label=None) -> str:
         if label else []
     lines = head + [f"# ucp DCP benchmark  TinyGPT hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, vocab "
              f"{args.vocab}; model + AdamW state {nbytes / 2**20:.0f} MiB (DCP files); saved from FSDP2 x4, "
-             f"{rep['ranks']} ranks, gloo/CPU; loads {'cold (page cache dropped)' if args.cold else 'warm'}; "
+             f"{rep['ranks']} ranks, gloo/CPU; loads {'cold (page cache dropped)' if args.cold else 'warm (files read just before)'}; "
              f"best of {args.repeat}; load average {rep.get('load_avg', 0.0):.1f} on {os.cpu_count()} cores",
              "# UniversalWriter: its default layout (since this session: one shard per saved FSDP2 box, inner "
              "chunks in column blocks; before: plain chunks aligned with the boxes); "

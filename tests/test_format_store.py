@@ -330,3 +330,52 @@ def test_read_ranges_asks_the_kernel_for_what_it_is_told(tmp_path, monkeypatch):
         assert s.read_ranges("f", ranges, buf, advise) == (30, 100)
         assert bytes(buf) == b"".join(bytes(range(a, b)) for a, b in ranges)
         assert asked == want, (ranges, advise)
+
+
+def test_prefetch_asks_for_the_ranges_it_is_given_and_skips_missing_files(tmp_path, monkeypatch):
+    """``prefetch`` is a hint: whole files by default, the named ranges otherwise, and a file that
+    is not there (or cannot be opened) is passed over, not raised."""
+    from ucp.format import store as store_mod
+
+    (tmp_path / "a").write_bytes(bytes(100))
+    (tmp_path / "b").write_bytes(bytes(50))
+    s = store_mod.make_store(str(tmp_path))
+    asked = []
+    monkeypatch.setattr(store_mod.os, "posix_fadvise", lambda fd, a, n, how: asked.append((a, n)), raising=False)
+    s.prefetch(["a", "gone", "b"])
+    assert asked == [(0, 0), (0, 0)]
+    asked.clear()
+    s.prefetch(["a", "gone", "b"], [[(90, 100)], [(0, 5)], [(0, 10), (40, 50)]])
+    assert asked == [(90, 10), (0, 10), (40, 10)]
+
+
+def test_reads_across_shard_files_ask_ahead_for_every_unread_index(tmp_path, monkeypatch):
+    """A read spanning several shard files hints each file's index (its last ``index_nb`` bytes)
+    from look-ahead threads, each file once, none twice; once the indexes are checked a second read
+    hints nothing, and the values are the same whatever the hints did."""
+    from ucp.format import reader as reader_mod, store as store_mod
+
+    x = torch.arange(64 * 48, dtype=torch.float32).reshape(64, 48)
+    with create_checkpoint(str(tmp_path / "ck"), durable=False) as w:
+        w.write_tensor("x", "param", x, chunks=(16, 16), shards=(16, 48))
+    ck = open_checkpoint(str(tmp_path / "ck"))
+    a = ck._array("x", "param")
+    hinted, lock = [], __import__("threading").Lock()
+    real = store_mod.LocalStore.prefetch
+
+    def record(self, rels, ranges=None):
+        with lock:
+            hinted.extend(zip(rels, ranges))
+        real(self, rels, ranges)
+    monkeypatch.setattr(store_mod.LocalStore, "prefetch", record)
+    monkeypatch.setattr(reader_mod, "PREFETCH_BYTES", 0)  # only the look-ahead hints, not whole-row read-ahead
+    got = ck.read_box("x", "param", [8, 16], [60, 32])
+    assert torch.equal(got, x[8:60, 16:32])
+    for t in __import__("threading").enumerate():
+        if t.name == "ucp-look-ahead":
+            t.join()
+    want = {f"{a.info.path}/{k}": [(n - a.index_nb, n)] for k, (n, *_r) in a.table.items()}
+    assert sorted(hinted) == sorted(want.items()) and len(want) == 4
+    hinted.clear()
+    assert torch.equal(ck.read_box("x", "param", [0, 0], [64, 48]), x)
+    assert hinted == []

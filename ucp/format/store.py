@@ -43,7 +43,7 @@ class Store(Protocol):
     def readinto(self, rel, buffers) -> tuple[int, int]: ...
     def read_ranges(self, rel, ranges, buf, advise=None) -> tuple[int, int | None]: ...
     def map(self, rel) -> tuple[memoryview, int]: ...
-    def prefetch(self, rels) -> None: ...
+    def prefetch(self, rels, ranges=None) -> None: ...
     def delete(self, rel) -> None: ...
     def delete_tree(self, rel) -> None: ...
     def list_files(self) -> list[str]: ...
@@ -83,8 +83,9 @@ def syncfs(fd) -> bool:
         return False
 
 
-def readahead(path) -> None:
-    """Ask the kernel to read a whole file in the background (posix_fadvise WILLNEED)."""
+def readahead(path, ranges=((0, 0),)) -> None:
+    """Ask the kernel to read byte ranges of a file in the background (posix_fadvise WILLNEED;
+    ``(0, 0)``: the whole file). A missing or unreadable file is skipped: this is only a hint."""
     if not hasattr(os, "posix_fadvise"):
         return
     try:
@@ -92,7 +93,10 @@ def readahead(path) -> None:
     except OSError:
         return
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        for a, b in ranges:
+            os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
@@ -540,10 +544,11 @@ class LocalStore(FileBuffers):
         finally:
             os.close(fd)
 
-    def prefetch(self, rels):
-        """Ask the kernel to start reading these files (cold reads overlap with the current one)."""
-        for rel in rels:
-            readahead(self._p(rel))
+    def prefetch(self, rels, ranges=None):
+        """Ask the kernel to start reading these files (cold reads overlap with the current one);
+        ``ranges``: for each file, the byte ranges wanted (default: the whole file)."""
+        for i, rel in enumerate(rels):
+            readahead(self._p(rel), ((0, 0),) if ranges is None else ranges[i])
 
     def delete(self, rel):
         """Remove one file; a missing file is not an error."""
@@ -682,7 +687,7 @@ class FsspecStore(FileBuffers):
         data = self.fs.cat_file(self._p(rel))
         return memoryview(data), len(data)
 
-    def prefetch(self, rels):
+    def prefetch(self, rels, ranges=None):
         """Nothing to hint: reads of an object store are already parallel requests."""
 
     def exists(self, rel):
