@@ -349,33 +349,102 @@ def test_prefetch_asks_for_the_ranges_it_is_given_and_skips_missing_files(tmp_pa
     assert asked == [(90, 10), (0, 10), (40, 10)]
 
 
-def test_reads_across_shard_files_ask_ahead_for_every_unread_index(tmp_path, monkeypatch):
-    """A read spanning several shard files hints each file's index (its last ``index_nb`` bytes)
-    from look-ahead threads, each file once, none twice; once the indexes are checked a second read
-    hints nothing, and the values are the same whatever the hints did."""
-    from ucp.format import reader as reader_mod, store as store_mod
-
+def _four_shards(tmp_path):
     x = torch.arange(64 * 48, dtype=torch.float32).reshape(64, 48)
     with create_checkpoint(str(tmp_path / "ck"), durable=False) as w:
         w.write_tensor("x", "param", x, chunks=(16, 16), shards=(16, 48))
-    ck = open_checkpoint(str(tmp_path / "ck"))
-    a = ck._array("x", "param")
-    hinted, lock = [], __import__("threading").Lock()
-    real = store_mod.LocalStore.prefetch
+    return x, str(tmp_path / "ck")
 
-    def record(self, rels, ranges=None):
+
+def test_reads_across_shard_files_fetch_their_indexes_ahead(tmp_path, monkeypatch):
+    """A read of part of several shard files has look-ahead threads fetch and check every file's
+    index (once each) and ask the kernel for the inner chunks the read needs; the read counts the
+    same bytes as without them and gets the same values, and once the indexes are checked a second
+    read fetches none. Files read whole are only hinted."""
+    import threading
+
+    from ucp.format import reader as reader_mod, store as store_mod
+
+    x, url = _four_shards(tmp_path)
+    calls, lock = [], threading.Lock()
+    real_rr, real_pf = store_mod.LocalStore.read_ranges, store_mod.LocalStore.prefetch
+
+    def rr(self, rel, ranges, buf, advise=None):
         with lock:
-            hinted.extend(zip(rels, ranges))
-        real(self, rels, ranges)
-    monkeypatch.setattr(store_mod.LocalStore, "prefetch", record)
-    monkeypatch.setattr(reader_mod, "PREFETCH_BYTES", 0)  # only the look-ahead hints, not whole-row read-ahead
-    got = ck.read_box("x", "param", [8, 16], [60, 32])
-    assert torch.equal(got, x[8:60, 16:32])
-    for t in __import__("threading").enumerate():
-        if t.name == "ucp-look-ahead":
-            t.join()
-    want = {f"{a.info.path}/{k}": [(n - a.index_nb, n)] for k, (n, *_r) in a.table.items()}
-    assert sorted(hinted) == sorted(want.items()) and len(want) == 4
-    hinted.clear()
+            calls.append(("read", threading.current_thread().name.startswith("ucp-look-ahead"), rel, ranges[-1][1]))
+        return real_rr(self, rel, ranges, buf, advise)
+
+    def pf(self, rels, ranges=None):
+        with lock:
+            calls.append(("hint", threading.current_thread().name.startswith("ucp-look-ahead"), tuple(rels), ranges))
+        return real_pf(self, rels, ranges)
+    monkeypatch.setattr(store_mod.LocalStore, "read_ranges", rr)
+    monkeypatch.setattr(store_mod.LocalStore, "prefetch", pf)
+    monkeypatch.setattr(reader_mod, "PREFETCH_BYTES", 0)  # no whole-row read-ahead: only the look-ahead's
+
+    plain = open_checkpoint(url)
+    monkeypatch.setattr(plain, "_look_ahead", lambda shards: None)
+    assert torch.equal(plain.read_box("x", "param", [8, 16], [60, 32]), x[8:60, 16:32])
+    want_stats = plain.last_read_stats
+    calls.clear()
+
+    ck = open_checkpoint(url)
+    a = ck._array("x", "param")
+    assert torch.equal(ck.read_box("x", "param", [8, 16], [60, 32]), x[8:60, 16:32])
+    assert ck.last_read_stats == want_stats
+    size = {f"{a.info.path}/{k}": v[0] for k, v in a.table.items()}
+    index_reads = [(rel, ahead) for kind, ahead, rel, end in calls if kind == "read" and end == size[rel]]
+    assert sorted(index_reads) == sorted((rel, True) for rel in size) and len(size) == 4
+    data_hints = sorted((rel, [b - a0 for a0, b in rs[0]]) for kind, ahead, rel, rs in calls if kind == "hint" and ahead)
+    assert data_hints == sorted(((r,), [a.inner_nb]) for r in size)  # one inner chunk of each: the box's column block
+    calls.clear()
     assert torch.equal(ck.read_box("x", "param", [0, 0], [64, 48]), x)
-    assert hinted == []
+    assert not any(ahead for _k, ahead, *_r in calls)
+
+    calls.clear()  # every inner chunk of every file: hints, no fetch
+    fresh = open_checkpoint(url)
+    assert torch.equal(fresh.read_box("x", "param", [0, 0], [64, 48]), x)
+    fresh.close()
+    assert sorted(c[2] for c in calls if c[0] == "hint") == sorted((rel,) for rel in size)
+    assert not any(ahead for kind, ahead, *_r in calls if kind == "read")
+
+
+def test_a_bad_index_fetched_ahead_is_reported_by_the_read(tmp_path):
+    """The look-ahead swallows what it finds; the read that needs the file raises it, naming it."""
+    from ucp.errors import CorruptChunkError
+
+    x, url = _four_shards(tmp_path)
+    ck = open_checkpoint(url)
+    a = ck._array("x", "param")
+    key = sorted(a.table)[2]
+    f = tmp_path / "ck" / a.info.path / key
+    data = bytearray(f.read_bytes())
+    data[-6] ^= 0xFF  # inside the index
+    f.write_bytes(bytes(data))
+    with pytest.raises(CorruptChunkError, match=f"{a.info.path}/{key}.*index"):
+        ck.read_box("x", "param", [0, 16], [64, 32])
+    assert torch.equal(ck.read_box("x", "param", [0, 16], [16, 32]), x[:16, 16:32])  # the others still read
+
+
+def test_the_look_ahead_stays_within_its_window(tmp_path, monkeypatch):
+    """With a window smaller than one file's data, two files at most are ahead of the read, and
+    every file is still fetched ahead."""
+    from ucp.format import reader as reader_mod
+
+    x, url = _four_shards(tmp_path)
+    monkeypatch.setattr(reader_mod, "LOOK_AHEAD_BYTES", 1)
+    monkeypatch.setattr(reader_mod, "PREFETCH_BYTES", 0)
+    most, order, real_fill, real_fetch = [0], [], reader_mod._LookAhead.fill, reader_mod.Checkpoint._fetch
+
+    def fill(self):
+        real_fill(self)
+        most[0] = max(most[0], self.ahead_files)
+
+    def fetch(self, a, sidx, rel, start, stop):
+        order.append(sidx)
+        return real_fetch(self, a, sidx, rel, start, stop)
+    monkeypatch.setattr(reader_mod._LookAhead, "fill", fill)
+    monkeypatch.setattr(reader_mod.Checkpoint, "_fetch", fetch)
+    ck = open_checkpoint(url)
+    assert torch.equal(ck.read_box("x", "param", [0, 16], [64, 32]), x[:, 16:32])
+    assert most[0] == 2 and sorted(order) == [(0, 0), (1, 0), (2, 0), (3, 0)]

@@ -1,6 +1,7 @@
 """Reading universal checkpoints: one manifest read to open, only intersecting chunks per read."""
 from __future__ import annotations
 
+import collections
 import difflib
 import functools
 import math
@@ -81,6 +82,8 @@ class Checkpoint:
         self._tls = threading.local()
         self._slock = threading.Lock()
         self._index_cache: dict[str, np.ndarray] = {}  # shard path -> checked index entries
+        self._ahead: dict = {}  # shard path -> the look-ahead's work on it (_Ahead)
+        self._ahead_pool = None
         self.bytes_read = 0
         self.chunks_read = 0
         self.last_read_stats = {"bytes_read": 0, "bytes_needed": 0, "chunks_read": 0}
@@ -210,10 +213,7 @@ class Checkpoint:
             counted.append(len(jobs) if counts is None else counts)
             need += out.numel() * a.isz
             if a.inner is not None:
-                for j in jobs:
-                    ent = a.table.get(chunk_key(j))
-                    if ent is not None:  # a missing one is reported by its read
-                        tails[f"{a.info.path}/{chunk_key(j)}"] = [(max(0, ent[0] - a.index_nb), ent[0])]
+                tails.update((f"{a.info.path}/{chunk_key(j)}", (a, j, start, stop)) for j in jobs)
         self._look_ahead(tails)
         if len(tasks) > 1 and self._workers > 1 and (need >= (8 << 20) or self._store.parallel_reads):
             got = sum(self._thread_pool().map(_call, tasks))
@@ -225,21 +225,44 @@ class Checkpoint:
             self.chunks_read += nread
         self.last_read_stats = {"bytes_read": got, "bytes_needed": need, "chunks_read": nread}
 
-    def _look_ahead(self, tails):
-        """Open the shard files about to be read and ask the kernel for their indexes, in a thread
-        ahead of the reads. Read cold, each file costs an open (its inode and directory) and an index
-        read, one round trip each before its data can be asked for; with one reader thread per rank
-        (``rank_threads`` on a small node) these waits add up (a 2-D DCP load of ~1200 shard files spent
-        0.46 s of 2.4 in ``open``). Only hints: whatever the thread does, the reads check everything.
-        Skipped for indexes already checked, for a single file, and for object stores (reads there
-        are already parallel requests)."""
-        rels = [r for r in tails if r not in self._index_cache]
-        if len(rels) < 2 or self._store.parallel_reads:
+    def _look_ahead(self, shards):
+        """Fetch and check the indexes of the shard files a read spans, and ask the kernel for the data
+        the read needs of each, in threads ahead of the reads (``shards``: path -> (array, shard
+        index, box start, stop), in read order). Read cold, a file's open, its index and the crc32c
+        words of its content check are a round trip each before its data can be asked for; with one
+        reader thread per rank (``rank_threads`` on a small node) these waits add up (a 2-D DCP load of
+        ~1200 shard files spent 0.45 s of 2.4 in ``open`` alone). A file read whole is only hinted.
+        At most ``LOOK_AHEAD_BYTES`` of data are asked for ahead of the read, so that a read larger
+        than memory does not evict what it asked for before using it. The read of a file waits for
+        its fetch and counts its bytes (``_read_shard``); a fetch that fails is done again by the
+        read, which raises. Skipped for indexes already checked, for a single file, and for object
+        stores (reads there are already parallel requests)."""
+        todo = [(rel, v) for rel, v in shards.items() if rel not in self._index_cache and rel not in self._ahead]
+        if len(todo) < 2 or self._store.parallel_reads:
             return
-        for k in range(min(LOOK_AHEAD_THREADS, len(rels))):  # interleaved: each takes every n-th file
-            part = rels[k::LOOK_AHEAD_THREADS]
-            threading.Thread(target=self._store.prefetch, args=(part, [tails[r] for r in part]),
-                             name="ucp-look-ahead", daemon=True).start()
+        if self._ahead_pool is None:
+            with self._slock:
+                if self._ahead_pool is None:
+                    self._ahead_pool = ThreadPoolExecutor(LOOK_AHEAD_THREADS, thread_name_prefix="ucp-look-ahead")
+        _LookAhead(self, todo).fill()
+
+    def _fetch(self, a, sidx, rel, start, stop) -> int:
+        """The look-ahead's work for one file: the bytes it read (0 when the fetch failed: the read
+        does it again and raises)."""
+        key = chunk_key(sidx)
+        size = a.table[key][0]
+        _cst, _ist, _isp, _inner, locals_, whole = self._shard_part(a, sidx, start, stop)
+        if whole:  # its content check comes from its chunks: only hinted
+            self._store.prefetch([rel])
+            return 0
+        try:
+            ent, got, _pending = self._index(a, sidx, key, rel, size)
+        except Exception:  # noqa: BLE001 - reported by the read itself, in order
+            return 0
+        ig = _shard.inner_grid(a.info.chunks, a.inner)
+        self._store.prefetch([rel], [[(int(ent[p, 0]), int(ent[p, 0]) + a.inner_nb)
+                                      for p in (_shard.linear(loc, ig) for loc in locals_)]])
+        return got
 
     def _box(self, name, state, start, stop, out):
         """The array, the box as int lists (None: the whole extent) and the output tensor, checked."""
@@ -481,14 +504,11 @@ class Checkpoint:
         key = chunk_key(sidx)
         size = a.table[key][0]
         rel = f"{a.info.path}/{key}"
-        cst = a.grid.chunk_start(sidx)
-        ist, isp = a.grid.overlap(sidx, start, stop)
-        inner = ChunkGrid(a.info.chunks, a.inner)  # the shard's inner grid, in shard coordinates
-        lst, lsp = [x - c for x, c in zip(ist, cst)], [y - c for y, c in zip(isp, cst)]
-        locals_ = list(inner.indices_for(lst, lsp))
-        _it, lim = _shard.present(a.info.shape, a.info.chunks, a.inner, sidx)
-        whole = all(len(r) == m for r, m in zip(inner.ranges(lst, lsp), lim))  # every inner chunk in the file
+        cst, ist, isp, inner, locals_, whole = self._shard_part(a, sidx, start, stop)
+        ahead = self._ahead.pop(rel, None)
+        pre = ahead.wait() if ahead is not None else 0  # what the look-ahead read of this file
         ent, got, pending = self._index(a, sidx, key, rel, size, whole)
+        got += pre
         ig = _shard.inner_grid(a.info.chunks, a.inner)  # every entry was checked (_entry) before _index returned it
         spans = sorted((int(ent[p, 0]), p, loc) for loc, p in ((loc, _shard.linear(loc, ig)) for loc in locals_))
         box, words, bad = (inner, cst, ist, isp, start), {}, {}
@@ -505,6 +525,20 @@ class Checkpoint:
                 raise CorruptChunkError(f"{self._where(a, key, 'shard')}: inner chunk {list(loc)} crc32c mismatch "
                                         f"(computed {c:#010x}, stored {s:#010x})")
         return got, len(spans)
+
+    @staticmethod
+    def _shard_part(a, sidx, start, stop):
+        """What the box needs of shard ``sidx``: its start, the box's overlap with it, its inner grid
+        (shard coordinates), the inner chunks the overlap touches, and whether those are every inner
+        chunk in the file."""
+        cst = a.grid.chunk_start(sidx)
+        ist, isp = a.grid.overlap(sidx, start, stop)
+        inner = ChunkGrid(a.info.chunks, a.inner)
+        lst, lsp = [x - c for x, c in zip(ist, cst)], [y - c for y, c in zip(isp, cst)]
+        locals_ = list(inner.indices_for(lst, lsp))
+        _it, lim = _shard.present(a.info.shape, a.info.chunks, a.inner, sidx)
+        whole = all(len(r) == m for r, m in zip(inner.ranges(lst, lsp), lim))
+        return cst, ist, isp, inner, locals_, whole
 
     def _read_tiles(self, a, key, rel, size, spans, box, onp, words, bad):
         """Read the inner chunks ``spans`` (``(offset, index position, local index)``, ascending offsets;
@@ -592,9 +626,12 @@ class Checkpoint:
             raise CorruptChunkError(f"{self._where(a, key, 'shard')}: {e}") from None
 
     def close(self):
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        for name in ("_pool", "_ahead_pool"):
+            pool = getattr(self, name)
+            if pool is not None:
+                pool.shutdown()
+                setattr(self, name, None)
+        self._ahead.clear()
 
     def __enter__(self):
         return self
@@ -701,8 +738,46 @@ def _tile_part(cst, loc, inner, r0, shape, ist, isp):
             [min(y, t + k) for y, t, k in zip(isp, tst, shape)])
 
 
+class _LookAhead:
+    """The look-ahead of one read: its files in read order, handed to the pool while less than
+    ``LOOK_AHEAD_BYTES`` of the data they need is ahead of the read (at least two files)."""
+
+    def __init__(self, ck, todo):
+        self.ck, self.todo, self.lock = ck, collections.deque(todo), threading.Lock()
+        self.ahead_bytes = self.ahead_files = 0
+
+    def fill(self):
+        with self.lock:
+            while self.todo and (self.ahead_files < 2 or self.ahead_bytes < LOOK_AHEAD_BYTES):
+                rel, (a, sidx, start, stop) = self.todo.popleft()
+                n = math.prod(y - x for x, y in zip(*a.grid.overlap(sidx, start, stop))) * a.isz
+                self.ahead_bytes += n
+                self.ahead_files += 1
+                self.ck._ahead[rel] = _Ahead(self, n, self.ck._ahead_pool.submit(self.ck._fetch, a, sidx, rel, start, stop))
+
+    def done(self, n):
+        with self.lock:
+            self.ahead_bytes -= n
+            self.ahead_files -= 1
+        self.fill()
+
+
+@dataclass
+class _Ahead:
+    """The look-ahead's work on one file; ``wait`` is called by the read of that file."""
+    owner: _LookAhead
+    nbytes: int
+    future: object
+
+    def wait(self) -> int:
+        got = self.future.result()
+        self.owner.done(self.nbytes)
+        return got
+
+
 PREFETCH = 8  # plain chunks read ahead
-LOOK_AHEAD_THREADS = 8  # threads opening shard files ahead of the reads (waiting on the disk, not the CPU)
+LOOK_AHEAD_THREADS = 8  # threads fetching shard indexes ahead of the reads (waiting on the disk, not the CPU)
+LOOK_AHEAD_BYTES = 64 << 20  # data of shard files asked for ahead of a read
 PREFETCH_BYTES = 64 << 20  # sharded arrays: shards read ahead, in bytes (at least one shard)
 # Shards are read a batch of inner chunks at a time into a per-thread scratch buffer of about this
 # size (an L2 cache's worth), checked and copied out while still cached. Before: the whole shard
