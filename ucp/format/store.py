@@ -358,12 +358,14 @@ class LocalStore(FileBuffers):
         parent's lock, which writers creating files side by side contend for. The store of a
         ``sole_writer`` knows a directory it has not made is missing, and makes it first."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | extra_flags
-        d = os.path.dirname(path)
-        if self._sole and d not in self._dirs:  # missing (sole_writer): made first, no open that fails
-            self._mkdir(d)
+        if self._sole:
+            d = os.path.dirname(path)
+            if d not in self._dirs:  # missing (sole_writer): made first, no open that fails
+                self._mkdir(d)
         try:
             return os.open(path, flags, 0o644)
         except FileNotFoundError:
+            d = os.path.dirname(path)
             if d in self._dirs:  # made by this store once but removed since
                 self._forget_dirs(d)
             try:
