@@ -380,8 +380,12 @@ class LocalStore(FileBuffers):
         return self.direct and nbytes >= DIRECT_MIN
 
     def put(self, rel, buffers, fsync=False):
-        mvs = [m for m in (memoryview(b).cast("B") for b in buffers) if len(m)]
-        total = sum(len(m) for m in mvs)
+        mvs, total = [], 0
+        for b in buffers:  # a loop, not a list and a sum over generators: three puts per small array
+            m = memoryview(b).cast("B")
+            if len(m):
+                mvs.append(m)
+                total += len(m)
         if self.writes_direct(total) and self._put_direct(rel, mvs, total, fsync):
             return
         fd = self._create(self._p(rel))
