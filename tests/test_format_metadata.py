@@ -116,3 +116,21 @@ def test_param_name_encoding(name):
     assert set(enc) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-%")
     assert enc not in names.RESERVED_FILES
     assert names.decode_param(enc) == name
+
+
+@pytest.mark.parametrize("obj", [
+    {"b": [1, 2.5, None], "a": {"z": "é\u2028", "y": True}},
+    {"path": "m.w/param", "layout": {"shape": [3, 0], "dtype": "bfloat16", "chunks": [3, 1], "inner_chunks": None}},
+    "x", [], 7,
+])
+def test_json_encodings_are_json_dumps_with_their_options(obj):
+    """``layout.canonical`` / ``doc_bytes`` keep one encoder each (not one per ``json.dumps`` call): the bytes
+    are those of ``json.dumps`` with the same options, and a NaN is refused by both."""
+    from ucp.format import layout
+
+    assert layout.canonical(obj) == json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                                               allow_nan=False).encode()
+    assert layout.doc_bytes(obj) == json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    for encode in (layout.canonical, layout.doc_bytes):
+        with pytest.raises(ValueError):
+            encode({"x": [float("nan")]})

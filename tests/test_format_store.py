@@ -97,6 +97,42 @@ def test_local_put_makes_missing_directories_even_ones_it_made_and_lost(tmp_path
     assert (tmp_path / "root/p/r/s/z").read_bytes() == b"three"
 
 
+def test_a_sole_writers_store_makes_new_directories_without_asking_first(tmp_path, monkeypatch):
+    """Issue 14: the store of a writer that holds an empty root alone (``sole_writer``) makes a new
+    file's directories straight away: no open and no stat that fail first. Directories made or
+    removed behind its back still work (an EEXIST; made again)."""
+    import os
+    import shutil
+
+    s = make_store(tmp_path / "root")
+    assert s.create_exclusive("ucp.lock", b"me")  # a writer takes the root, then finds it empty
+    s.sole_writer()
+    calls = []
+    real_open, real_stat = os.open, os.stat
+
+    def counted(real, what):
+        def call(path, *a, **k):
+            calls.append((what, os.fspath(path)))
+            return real(path, *a, **k)
+        return call
+
+    monkeypatch.setattr(os, "open", counted(real_open, "open"))
+    monkeypatch.setattr(os, "stat", counted(real_stat, "stat"))
+    s.put("a/b/c/x", [b"one"])
+    s.put("a/b/c/y", [b"two"])
+    s.put("a/d/z", [b"three"])
+    monkeypatch.undo()
+    assert calls == [("open", str(tmp_path / f"root/{f}")) for f in ("a/b/c/x", "a/b/c/y", "a/d/z")]
+    assert [(tmp_path / f"root/{f}").read_bytes() for f in ("a/b/c/x", "a/b/c/y", "a/d/z")] == \
+        [b"one", b"two", b"three"]
+    os.makedirs(tmp_path / "root/p/r")         # made behind its back
+    s.put("p/r/s/w", [b"four"])
+    shutil.rmtree(tmp_path / "root/a")         # removed behind its back
+    s.put("a/b/c/x", [b"five"])
+    assert (tmp_path / "root/p/r/s/w").read_bytes() == b"four"
+    assert (tmp_path / "root/a/b/c/x").read_bytes() == b"five"
+
+
 # -- large files go to the disk with O_DIRECT (LocalStore._put_direct), falling back to buffered writes
 import errno  # noqa: E402
 import os  # noqa: E402

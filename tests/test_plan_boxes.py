@@ -111,3 +111,22 @@ def test_chunks_intersecting_and_read_cost():
     assert needed == read == 56 * 2
     needed, read = read_cost([Box((0, 0), (1, 7)), Box((1, 0), (2, 7))], (4, 7), arr, 1)
     assert (needed, read) == (14, 28)
+
+
+@given(shapes, st.data())
+def test_chunk_grid_overlap_is_the_box_intersection(shape, data):
+    """``ChunkGrid.overlap``, ``Box.intersect`` and the array writer all cut boxes by ``grid.intersect``."""
+    from ucp.plan.grid import chunk_grid, intersect
+
+    chunks = tuple(data.draw(st.integers(1, max(1, n))) for n in shape)
+    grid = chunk_grid(shape, chunks)
+    assert grid is chunk_grid(tuple(shape), tuple(chunks))  # one frozen grid per geometry, shared
+    start = tuple(data.draw(st.integers(0, n)) for n in shape)
+    stop = tuple(data.draw(st.integers(a, n)) for a, n in zip(start, shape))
+    for idx in grid.indices():
+        lo, hi = grid.overlap(idx, start, stop)
+        assert (lo, hi) == intersect(start, stop, *grid.chunk_box(idx))
+        got = Box(start, stop).intersect(Box(*grid.chunk_box(idx)))
+        assert (got.start, got.stop) == (lo, hi)
+        assert got.empty == any(
+            b <= a or b <= s or e <= a for a, b, s, e in zip(start, stop, *grid.chunk_box(idx)))

@@ -19,7 +19,7 @@ from ucp.format import dtypes, layout, shard as shards
 from ucp.format.layout import CRC_BYTES, chunk_key
 from ucp.format.manifest import ManifestArray, key_index
 from ucp.plan.boxes import flat_to_boxes
-from ucp.plan.grid import ChunkGrid, box_slices, volume
+from ucp.plan.grid import box_slices, chunk_grid, intersect, volume
 
 # Chunks above this size are fsync'ed by the thread that wrote them (overlaps the flush with other
 # writes: 0.87x -> 0.9x of numpy tofile+fsync measured); smaller files rely on one syncfs at commit.
@@ -57,7 +57,7 @@ class ArrayWriter:
         self.dtype = dtypes.torch_dtype(dtype_name)
         self.chunks = tuple(chunks)  # the outer grid: plain chunks, or shards when ``inner`` is set
         self.inner = tuple(inner) if inner is not None else None
-        self.grid = ChunkGrid(self.shape, self.chunks)
+        self.grid = chunk_grid(self.shape, self.chunks)  # shared by the arrays of this geometry
         self.nchunks = self.grid.nchunks
         self.storage_np = dtypes.numpy_storage_dtype(dtype_name)
         self.itemsize = dtypes.itemsize(dtype_name)
@@ -183,7 +183,7 @@ class ArrayWriter:
     def _place(self, idx, start, stop, arr):
         """Claim chunk ``idx``'s share of the box: a job (key, data) when the chunk is now whole."""
         cst, csp = self.grid.chunk_box(idx)
-        ist, isp = self.grid.overlap(idx, start, stop)
+        ist, isp = intersect(start, stop, cst, csp)
         src = arr[box_slices(ist, isp, start)]
         key = chunk_key(idx)
         whole = ist == cst and isp == csp
@@ -195,19 +195,19 @@ class ArrayWriter:
             return None
         if whole:
             return self._claim_whole(idx, key, src, ist, isp)
-        return self._stage(idx, key, src, ist, isp)
+        return self._stage(idx, key, src, ist, isp, cst, csp)
 
     def _claim_whole(self, idx, key, src, ist, isp):
+        """``src``: the chunk's whole valid region."""
         with self._lock:
             if key in self._done or idx in self._staged:
                 raise OverlapError(f"{self.where} chunk {key}: region {fmt_box(ist, isp)} was already written")
             self._done[key] = None
         if self.inner is not None:
             return key, src  # encoded by the thread that writes it (_flush)
-        return key, self._chunk_buffers(idx, src)
+        return key, self._chunk_buffers(src)
 
-    def _stage(self, idx, key, src, ist, isp):
-        cst, csp = self.grid.chunk_box(idx)
+    def _stage(self, idx, key, src, ist, isp, cst, csp):
         with self._lock:
             if key in self._done:
                 raise OverlapError(f"{self.where} chunk {key}: region {fmt_box(ist, isp)} overlaps a write "
@@ -248,9 +248,10 @@ class ArrayWriter:
             raise
         return [data[:size]], (size, icrc, content), (held,)
 
-    def _chunk_buffers(self, idx, src):
+    def _chunk_buffers(self, src):
+        """The buffers of a plain chunk file's data, ``src`` being the chunk's whole valid region."""
         ch = self.chunks
-        valid_shape = self.grid.valid_shape(idx)
+        valid_shape = src.shape
         if valid_shape == ch:
             return [src if src.flags.c_contiguous else np.ascontiguousarray(src)]
         # edge chunk: padded with the fill value (0) to the full chunk shape

@@ -130,12 +130,19 @@ def group_doc(attrs=None) -> dict:
     return {"zarr_format": 3, "node_type": "group", "attributes": attrs or {}}
 
 
+# The two JSON encodings, built once: ``json.dumps`` with any non-default option builds a new encoder
+# on every call (about a quarter of encoding a small document: a journal line, a zarr.json). An
+# encoder holds only its options, so one serves every thread.
+_DOC = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
 def doc_bytes(doc) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    return _DOC.encode(doc).encode()
 
 
 def canonical(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+    return _CANONICAL.encode(obj).encode()
 
 
 def normalize_index(index, shape):

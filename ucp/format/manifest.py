@@ -26,7 +26,7 @@ from ucp.errors import FormatError, NotCommittedError
 from ucp.format import dtypes, shard
 from ucp.format.layout import CRC_BYTES, array_doc, canonical, chunk_key, doc_bytes
 from ucp.format.names import all_encode_to_themselves, encode_param
-from ucp.plan.grid import ChunkGrid
+from ucp.plan.grid import ChunkGrid, chunk_grid
 
 FORMAT_VERSION = 2  # 2: every shard's inner chunk crc32c values are bound to the manifest (§4.3, §7)
 OLDEST_READABLE = 1
@@ -168,7 +168,7 @@ class ManifestArray:
 
     @property
     def grid(self) -> ChunkGrid:
-        return _grid(self.shape, self.chunks)
+        return chunk_grid(self.shape, self.chunks)
 
     def chunk_file_size(self, idx) -> int:
         """The size every valid chunk or shard file ``idx`` has (a function of the geometry alone)."""
@@ -270,17 +270,11 @@ def _listed_table(table, sizes, width) -> dict | None:
     return out
 
 
-@functools.lru_cache(maxsize=1024)
-def _grid(shape, chunks) -> ChunkGrid:
-    """One ``ChunkGrid`` per geometry (frozen, so records of the same shape and chunks share it)."""
-    return ChunkGrid(shape, chunks)
-
-
 @functools.lru_cache(maxsize=256)
 def _chunk_sizes(shape, chunks, inner, dtype) -> dict[str, int] | None:
     """``{chunk key: file size}`` of every chunk of a geometry (the file size a valid chunk or shard has);
     None for a grid of more than ``LISTED_CHUNKS`` chunks (checked key by key instead)."""
-    grid = _grid(shape, chunks)
+    grid = chunk_grid(shape, chunks)
     if grid.nchunks > LISTED_CHUNKS:
         return None
     itemsize = dtypes.itemsize(dtype)

@@ -138,6 +138,7 @@ class CheckpointWriter:
             if not overwrite:
                 raise DestinationNotEmptyError(f"{self.path} is not empty; pass overwrite=True to replace it")
             self.store.clear(keep=(LOCK,))
+        self.store.sole_writer()  # locked and empty: every directory under the root is ours to make
 
     # -- declaring ---------------------------------------------------------------------------
     def add_param(self, name, meta=None) -> None:

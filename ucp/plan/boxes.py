@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
 from ucp.plan.errors import PlanError
-from ucp.plan.grid import ChunkGrid
+from ucp.plan.grid import ChunkGrid, intersect
 
 Shape = tuple[int, ...]
 
@@ -70,9 +70,7 @@ class Box:
         """The common box (possibly ``empty``)."""
         if self.ndim != other.ndim:
             raise ValueError(f"cannot intersect boxes of rank {self.ndim} and {other.ndim}")
-        st = tuple(max(a, c) for a, c in zip(self.start, other.start))
-        sp = tuple(max(s, min(b, d)) for s, b, d in zip(st, self.stop, other.stop))
-        return Box(st, sp)
+        return Box(*intersect(self.start, self.stop, other.start, other.stop))
 
     def overlaps(self, other: "Box") -> bool:
         return not self.intersect(other).empty

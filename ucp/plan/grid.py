@@ -72,10 +72,22 @@ class ChunkGrid:
 
     def overlap(self, idx: Sequence[int], start: Sequence[int], stop: Sequence[int]) -> tuple[Index, Index]:
         """``box ∩ chunk idx`` as ``(start, stop)`` in array coordinates (empty where they miss)."""
-        cst, csp = self.chunk_box(idx)
-        lo = tuple(max(a, b) for a, b in zip(start, cst))
-        hi = tuple(max(x, min(a, b)) for x, a, b in zip(lo, stop, csp))
-        return lo, hi
+        return intersect(start, stop, *self.chunk_box(idx))
+
+
+@functools.lru_cache(maxsize=1024)
+def chunk_grid(shape: Index, chunks: Index) -> ChunkGrid:
+    """The ``ChunkGrid`` of a geometry (int tuples), one per geometry: a frozen value, so the records and
+    writers of arrays of the same shape and chunks (layers repeat) share it and its cached ``grid``."""
+    return ChunkGrid(shape, chunks)
+
+
+def intersect(start: Sequence[int], stop: Sequence[int], box_start: Sequence[int],
+              box_stop: Sequence[int]) -> tuple[Index, Index]:
+    """``[start, stop) ∩ [box_start, box_stop)`` as ``(start, stop)`` (empty where they miss)."""
+    lo = tuple(max(a, b) for a, b in zip(start, box_start))
+    hi = tuple(max(x, min(a, b)) for x, a, b in zip(lo, stop, box_stop))
+    return lo, hi
 
 
 def box_slices(start: Sequence[int], stop: Sequence[int], origin: Sequence[int] | None = None) -> tuple:
