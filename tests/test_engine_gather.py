@@ -95,3 +95,25 @@ def test_shard_encoder_pads_edge_chunks_like_a_padded_copy(shape, shard, inner):
     for out in (None, memoryview(pool)):
         pool[:] = b"\x07" * len(pool)  # stale bytes in a reused buffer must not leak into padding
         assert file_bytes(data, out) == want
+
+
+def test_gather_buffers_keep_the_largest_state_beside_a_budget_of_smaller_ones():
+    """The engine's gather pool (``ReadBuffers(keep=GATHER_KEEP_BYTES)``) keeps a buffer of the
+    largest gathered state while a pipeline budget of smaller states' buffers comes and goes, so
+    the next large state (an embedding's second and third states, the output layer after the
+    layers) reuses its memory instead of faulting in fresh pages. No page is touched here."""
+    from ucp.engine.buffers import ReadBuffers
+    from ucp.engine.pipeline import BUDGET_BYTES
+    from ucp.engine.to_universal import GATHER_KEEP_BYTES, GATHER_MAX_BYTES
+
+    pool = ReadBuffers(keep=GATHER_KEEP_BYTES)
+    big = pool.take(GATHER_MAX_BYTES)
+    del big
+    # a layer's states in flight together (the pipeline's budget; the first takes the one free
+    # buffer, the large one), then freed: the large buffer must stay in the pool
+    layer = [pool.take(BUDGET_BYTES // 4) for _ in range(4)]
+    del layer
+    assert pool.free_bytes == GATHER_MAX_BYTES + 3 * (BUDGET_BYTES // 4)
+    again = pool.take(GATHER_MAX_BYTES)    # the next large state: the kept buffer, no fresh memory
+    assert pool.free_bytes == 3 * (BUDGET_BYTES // 4)
+    del again
