@@ -22,7 +22,8 @@ FLAT = 'spec f\naxes dp\nparam "**" = flat(over=dp)\n'
 
 class FlatSource(Source, register=False):
     """ZeRO-like: every state flat-partitioned over 3 ranks, held in memory. ``read_into``
-    serves only pieces of rank 1 and counts them; the others go through ``read``."""
+    serves only pieces of rank 1 and counts them, ``view`` only rank 2's; the others go
+    through ``read``."""
     name = "test-flat-gather"
     description = "test plug-in: flat partitions, read_into for rank 1"
 
@@ -30,7 +31,7 @@ class FlatSource(Source, register=False):
         full = self.options["full"]
         shapes = {n: tuple(t.shape) for n, t in full.items()}
         flat = bind_layout(parse_spec(FLAT, "flat"), list(shapes), {"dp": 3}).fragments_by_param(shapes)
-        self.straight = 0
+        self.straight = self.viewed = 0
         return SourceLayout([SourceParam(n, shapes[n], {"param": full[n].dtype}, fragments=flat[n]) for n in shapes],
                             degrees={"dp": 3})
 
@@ -45,6 +46,12 @@ class FlatSource(Source, register=False):
         out.copy_(self.read(fragment, state, piece))
         self.straight += 1
         return True
+
+    def view(self, fragment, state, piece):
+        if fragment.coord("dp") != 2:
+            return None
+        self.viewed += 1
+        return self.read(fragment, state, piece).clone()
 
 
 def _bits(t):
@@ -80,7 +87,10 @@ def test_gathered_states_equal_the_source_on_both_read_paths(tmp_path, monkeypat
         rows = emb[0][0][0]
         assert len(emb) == 9 and sorted(o for _, o, _ in emb) == [(r, 0) for r in range(0, 1003, rows)]
         assert all(s == (min(rows, 1003 - o[0]), 72) for _, o, s in emb)
-    elif gather:
+        assert src.viewed == 3   # the bands inside rank 2's rows 669..1003 (672, 784, 896): the source's view
+    else:
+        assert src.viewed == 0   # whole states span every rank; box by box never asks for a view
+    if gather is True:
         assert len(emb) == 1
     # gathered: rank 1's pieces of every parameter went straight into place; box by box: none did
     assert src.straight >= len(full) if gather else src.straight == 0

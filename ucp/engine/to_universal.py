@@ -232,15 +232,22 @@ def _gather(source, fragments, state, band, dtype, buffers):
     """The box ``band`` of the state in one buffer, each piece of it read where it belongs:
     straight from the file when the source can (``source.read_into``: one copy, and the writer
     then takes every chunk whole, with no staging copy), else copied from :meth:`Source.read`'s
-    box. The fragments tile the tensor (``check_layout``), so every element is written."""
+    box. The fragments tile the tensor (``check_layout``), so every element is written. A band
+    that one piece covers comes from ``source.view`` where the source has one and can: the
+    file's bytes with no copy (the writer copies them once, into the file it builds)."""
     from ucp.plan import pieces_within
 
+    parts = [(f, sub) for f in fragments for piece in f.pieces for sub in pieces_within(piece, band)]
+    if sum(sub.src.numel for _, sub in parts) != band.numel:  # check_layout's rule, kept
+        raise UcpError(f"{fragments[0].name if fragments else band}: the source's pieces of {state!r} do not "
+                       f"cover the {band.numel} elements of {band} exactly")
+    view = getattr(source, "view", None)
+    if len(parts) == 1 and view is not None:  # one piece: the source's bytes as they are, if it can
+        box = view(parts[0][0], state, parts[0][1])
+        if box is not None:
+            return _checked(source, parts[0][0], state, box, dtype)
     whole = buffers.take(band.numel * dtype.itemsize).view(dtype).view(band.shape)
     read_into = getattr(source, "read_into", None)
-    parts = [(f, sub) for f in fragments for piece in f.pieces for sub in pieces_within(piece, band)]
-    if sum(sub.src.numel for _, sub in parts) != whole.numel():  # check_layout's rule, kept
-        raise UcpError(f"{fragments[0].name if fragments else band}: the source's pieces of {state!r} do not "
-                       f"cover the {whole.numel()} elements of {band} exactly")
     for f, sub in parts:
         region = whole[sub.src.relative_to(band).slices()]
         if region.is_contiguous() and read_into is not None and read_into(f, state, sub, region):
@@ -261,7 +268,10 @@ def _read_piece(source, replicas, i, state, dtype):
 
 
 def _read(source, fragment, state, piece, dtype):
-    box = source.read(fragment, state, piece)
+    return _checked(source, fragment, state, source.read(fragment, state, piece), dtype)
+
+
+def _checked(source, fragment, state, box, dtype):
     if box.dtype != dtype:
         raise UcpError(f"{source.describe(fragment, state)}: dtype {box.dtype}, but the source's layout "
                        f"says {dtype} (ucp never casts implicitly)")
