@@ -8,9 +8,10 @@ tests hold each kind of view, check the buffer is not reused while it lives and 
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
-from ucp.sources.deepspeed import ReadBuffers, TensorFile, load_pickle
+from ucp.sources.deepspeed import DeepSpeedError, ReadBuffers, TensorFile, load_pickle
 
 
 def test_buffer_reused_only_after_every_view_is_gone():
@@ -86,5 +87,43 @@ def test_read_into_fills_flat_spans_in_place_and_declines_column_blocks(tmp_path
         out = torch.full((37, 12), 7.0)
         assert not reader.read_into(meta["w"], (0, 5), (37, 17), out)
         assert bool((out == 7.0).all())
+    finally:
+        reader.close()
+
+
+def test_view_maps_flat_spans_bit_exact_with_no_copy(tmp_path):
+    """``TensorFile.view`` (a band the engine writes as it is) gives the bytes ``torch.load``
+    gives, over a private map of the file (no buffer of the pool is used), at any offset
+    (maps start on the allocation granularity); ``DeepSpeedSource.view``'s flat-span rule
+    declines a column block; a file cut short fails naming it."""
+    from ucp.sources.deepspeed import flat_span
+
+    g = torch.Generator().manual_seed(13)
+    saved = {"w": torch.randn(37, 53, generator=g), "h": torch.randn(70001, generator=g).bfloat16()}
+    path = tmp_path / "states.pt"
+    torch.save(saved, path)
+    want = torch.load(path, weights_only=True)
+    meta = load_pickle(path, lazy=True)
+    pool = ReadBuffers()
+    reader = TensorFile(path, pool)
+    try:
+        for name, start, stop in (("w", (3, 0), (20, 53)), ("w", (5, 10), (6, 40)), ("h", (7,), (70000,)),
+                                  ("h", (40961,), (70001,))):
+            t = meta[name]
+            lo, hi = flat_span(t, start, stop)
+            box = reader.view(t, lo, hi)
+            ref = want[name][tuple(slice(a, b) for a, b in zip(start, stop))].reshape(-1)
+            assert box.dtype == ref.dtype and box.shape == ref.shape and box.view(torch.uint8).numpy().flags.writeable
+            assert torch.equal(box.view(torch.uint8), ref.contiguous().view(torch.uint8))
+        assert pool.free_bytes == 0 and reader.view(meta["h"], 5, 5).numel() == 0
+        assert flat_span(meta["w"], (0, 5), (37, 17)) is None
+    finally:
+        reader.close()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(path.read_bytes()[:-300_000])
+    reader = TensorFile(cut)
+    try:
+        with pytest.raises(DeepSpeedError, match="cut.pt: truncated"):
+            reader.view(meta["h"], 0, 70001)
     finally:
         reader.close()

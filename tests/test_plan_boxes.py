@@ -130,3 +130,15 @@ def test_chunk_grid_overlap_is_the_box_intersection(shape, data):
         assert (got.start, got.stop) == (lo, hi)
         assert got.empty == any(
             b <= a or b <= s or e <= a for a, b, s, e in zip(start, stop, *grid.chunk_box(idx)))
+
+
+def test_pieces_within_cuts_box_and_flat_pieces_to_a_box():
+    from ucp.plan import Piece, pieces_within
+
+    flat = Piece(Box((0, 0), (4, 5)), Box((7,), (27,)))          # rows 0..3 of a 5-wide tensor at local 7
+    assert pieces_within(flat, Box((1, 0), (3, 5))) == [Piece(Box((1, 0), (3, 5)), Box((12,), (22,)))]
+    assert pieces_within(flat, Box((1, 1), (3, 3))) == [Piece(Box((1, 1), (2, 3)), Box((13,), (15,))),
+                                                         Piece(Box((2, 1), (3, 3)), Box((18,), (20,)))]
+    assert pieces_within(flat, Box((4, 0), (6, 5))) == []
+    box = Piece(Box((2, 3), (6, 8)), Box((0, 0), (4, 5)))         # a box copy into a local block
+    assert pieces_within(box, Box((0, 0), (3, 4))) == [Piece(Box((2, 3), (3, 4)), Box((0, 0), (1, 1)))]

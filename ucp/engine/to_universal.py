@@ -13,6 +13,7 @@ import functools
 import math
 from typing import Any, Mapping
 
+from ucp.engine.pipeline import BUDGET_BYTES
 from ucp.errors import UcpError
 
 #: Per-parameter metadata lists each fragment's boxes up to this many fragments; beyond it
@@ -161,12 +162,19 @@ def write_params(writer, source, layout, params, progress: bool = False) -> None
                 pb.update(math.prod(p.shape))
 
 
-#: States up to this size are gathered whole (:func:`_gather`); a larger one is written box by box.
-#: In flight, a gathered state counts against the pipeline's budget like a box (one larger than
-#: the budget runs alone), so memory stays bounded by the largest gathered state.
+#: A state is gathered (:func:`_gather`) in row bands of about this many bytes, each whole outer
+#: chunks (shards) of the array, so that the first band is written while the next is read: whole,
+#: the first shard of a 221 MB embedding state waited for all of it to be read (0.7 s at the
+#: start of the 4 GiB DeepSpeed bench with no write under way), and its buffer set the memory.
+GATHER_BAND_BYTES = 32 << 20
+#: A gather buffer (one band, or a whole state when the array's chunks are unknown) holds at most
+#: this many bytes; a larger one is written box by box. In flight, a band counts against the
+#: pipeline's budget like a box (one larger than the budget runs alone).
 GATHER_MAX_BYTES = 256 << 20
-#: Freed whole-state buffers kept for the next states (the rest go back to the system).
-GATHER_KEEP_BYTES = 256 << 20
+#: Freed gather buffers kept for the next bands (the rest go back to the system): room for a
+#: band beside a pipeline budget of smaller states' buffers, the working set of the conversion;
+#: fewer kept, the next states read into fresh memory (a page fault and a page clear per page).
+GATHER_KEEP_BYTES = GATHER_BAND_BYTES + BUDGET_BYTES
 
 
 def write_state(array, source, p, state: str, dtype, pipe=None, buffers=None) -> None:
@@ -174,20 +182,22 @@ def write_state(array, source, p, state: str, dtype, pipe=None, buffers=None) ->
     it, or the average of the replicas an ``average`` axis declares (one rule:
     ``ucp.plan.replicas.average_replicas``). With ``pipe`` (a ``BoxPipeline``) each box is
     read and written as one of its tasks; with ``buffers`` too (a ``ReadBuffers``), a state
-    no replica averages and of at most :data:`GATHER_MAX_BYTES` is gathered whole first
-    (:func:`_gather`) and written as one box, when the source can read pieces straight into
-    place (``read_into``; without it, gathering would add a copy of boxes the writer may take
-    whole as they are)."""
+    no replica averages is gathered band by band (:func:`gather_bands`, :func:`_gather`), each
+    band written as one box, when the source can read pieces straight into place
+    (``read_into``; without it, gathering would add a copy of boxes the writer may take whole
+    as they are)."""
     from ucp.plan import dedupe
 
     partitions = dedupe(p.fragments_of(state))
-    nbytes = math.prod(p.shape) * dtype.itemsize
-    if buffers is not None and pipe is not None and hasattr(source, "read_into") and nbytes <= GATHER_MAX_BYTES \
+    if buffers is not None and pipe is not None and hasattr(source, "read_into") \
             and all(len(r) == 1 for r in partitions):
-        read = functools.partial(_gather, source, [r[0][0] for r in partitions], state, tuple(p.shape), dtype,
-                                 buffers)
-        pipe.submit(nbytes, read, functools.partial(array.write, (0,) * len(p.shape)))
-        return
+        bands = gather_bands(tuple(p.shape), dtype.itemsize, getattr(array, "chunks", None))
+        if bands is not None:
+            fragments = [r[0][0] for r in partitions]
+            for band in bands:
+                read = functools.partial(_gather, source, fragments, state, band, dtype, buffers)
+                pipe.submit(band.numel * dtype.itemsize, read, functools.partial(array.write, band.start))
+            return
     for replicas in partitions:
         for i, piece in enumerate(replicas[0][0].pieces):
             read = functools.partial(_read_piece, source, replicas, i, state, dtype)
@@ -198,22 +208,51 @@ def write_state(array, source, p, state: str, dtype, pipe=None, buffers=None) ->
                 pipe.submit(len(replicas) * math.prod(piece.src.shape) * dtype.itemsize, read, write)
 
 
-def _gather(source, fragments, state, shape, dtype, buffers):
-    """The whole state in one buffer, each piece read where it belongs: straight from the file
-    when the source can (``source.read_into``: one copy, and the writer then takes every chunk
-    whole, with no staging copy), else copied from :meth:`Source.read`'s box. The fragments
-    tile the tensor (``check_layout``), so every element is written."""
-    whole = buffers.take(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
+def gather_bands(shape, itemsize: int, chunks=None):
+    """The boxes a state of ``shape`` is gathered in: row bands spanning the trailing
+    dimensions, each a whole number of the array's outer chunk rows (``chunks``: its outer
+    chunk shape, so that the writer takes every chunk whole), of about
+    :data:`GATHER_BAND_BYTES`; the whole state when it is no larger, or when ``chunks`` is
+    None. None when a band would exceed :data:`GATHER_MAX_BYTES` (written box by box)."""
+    from ucp.plan import Box
+
+    full = Box.full(shape)
+    nbytes = full.numel * itemsize
+    if nbytes <= GATHER_BAND_BYTES or chunks is None or not shape:
+        return [full] if nbytes <= GATHER_MAX_BYTES else None
+    row = math.prod(shape[1:]) * itemsize
+    step = chunks[0] * max(1, GATHER_BAND_BYTES // max(1, chunks[0] * row))
+    if min(step, shape[0]) * row > GATHER_MAX_BYTES:
+        return [full] if nbytes <= GATHER_MAX_BYTES else None
+    rest = tuple(shape[1:])
+    return [Box((r,) + (0,) * len(rest), (min(r + step, shape[0]),) + rest) for r in range(0, shape[0], step)]
+
+
+def _gather(source, fragments, state, band, dtype, buffers):
+    """The box ``band`` of the state in one buffer, each piece of it read where it belongs:
+    straight from the file when the source can (``source.read_into``: one copy, and the writer
+    then takes every chunk whole, with no staging copy), else copied from :meth:`Source.read`'s
+    box. The fragments tile the tensor (``check_layout``), so every element is written. A band
+    that one piece covers comes from ``source.view`` where the source has one and can: the
+    file's bytes with no copy (the writer copies them once, into the file it builds)."""
+    from ucp.plan import pieces_within
+
+    parts = [(f, sub) for f in fragments for piece in f.pieces for sub in pieces_within(piece, band)]
+    if sum(sub.src.numel for _, sub in parts) != band.numel:  # check_layout's rule, kept
+        raise UcpError(f"{fragments[0].name if fragments else band}: the source's pieces of {state!r} do not "
+                       f"cover the {band.numel} elements of {band} exactly")
+    view = getattr(source, "view", None)
+    if len(parts) == 1 and view is not None:  # one piece: the source's bytes as they are, if it can
+        box = view(parts[0][0], state, parts[0][1])
+        if box is not None:
+            return _checked(source, parts[0][0], state, box, dtype)
+    whole = buffers.take(band.numel * dtype.itemsize).view(dtype).view(band.shape)
     read_into = getattr(source, "read_into", None)
-    if sum(pc.src.numel for f in fragments for pc in f.pieces) != whole.numel():  # check_layout's rule, kept
-        raise UcpError(f"{fragments[0].name if fragments else shape}: the source's pieces of {state!r} do not "
-                       f"cover its {whole.numel()} elements exactly")
-    for f in fragments:
-        for piece in f.pieces:
-            region = whole[piece.src.slices()]
-            if region.is_contiguous() and read_into is not None and read_into(f, state, piece, region):
-                continue
-            region.copy_(_read(source, f, state, piece, dtype))
+    for f, sub in parts:
+        region = whole[sub.src.relative_to(band).slices()]
+        if region.is_contiguous() and read_into is not None and read_into(f, state, sub, region):
+            continue
+        region.copy_(_read(source, f, state, sub, dtype))
     return whole
 
 
@@ -229,7 +268,10 @@ def _read_piece(source, replicas, i, state, dtype):
 
 
 def _read(source, fragment, state, piece, dtype):
-    box = source.read(fragment, state, piece)
+    return _checked(source, fragment, state, source.read(fragment, state, piece), dtype)
+
+
+def _checked(source, fragment, state, box, dtype):
     if box.dtype != dtype:
         raise UcpError(f"{source.describe(fragment, state)}: dtype {box.dtype}, but the source's layout "
                        f"says {dtype} (ucp never casts implicitly)")

@@ -12,7 +12,7 @@ from ucp.plan.boxes import (Box, box_flat_range, chunks_intersecting, contiguous
 from ucp.plan.errors import CoverageError, PlanError, PlanSpecError, Pos, SpecError
 from ucp.plan.fragments import (Fragment, Piece, Read, apply_reads, assemble, check_coverage, dedupe,
                                 fragment, layout_fragments, match_captures, mesh_coords, owner,
-                                plan_reads, plan_universal_reads, rank_fragments, read_cost,
+                                pieces_within, plan_reads, plan_universal_reads, rank_fragments, read_cost,
                                 representatives, split, split_group, state_fragments)
 from ucp.plan.placement import Location, ends_admit, locate, place, unplace
 from ucp.plan.ops import (ORDERS, PARTITIONS, SPLITS, Average, BoundRule, Flat, Pad, Parts, Renumber,
@@ -23,7 +23,7 @@ __all__ = [
     "split_range", "split_sizes", "union_numel", "unravel",
     "CoverageError", "PlanError", "PlanSpecError", "Pos", "SpecError",
     "Fragment", "Piece", "Read", "apply_reads", "assemble", "check_coverage", "dedupe", "fragment",
-    "layout_fragments", "match_captures", "mesh_coords", "owner", "plan_reads",
+    "layout_fragments", "match_captures", "mesh_coords", "owner", "pieces_within", "plan_reads",
     "plan_universal_reads", "rank_fragments", "read_cost", "representatives", "split",
     "split_group", "state_fragments",
     "Location", "ends_admit", "locate", "place", "unplace",

@@ -526,6 +526,15 @@ def _runs(piece: Piece, sub: Box) -> list[Box]:
     return [sub] if piece.is_box else contiguous_runs(sub, piece.src)
 
 
+def pieces_within(piece: Piece, box: Box) -> list[Piece]:
+    """The part of ``piece`` whose universal boxes lie in ``box``, as pieces (a flat piece's
+    part cut into runs contiguous in its local range); none when they do not meet."""
+    common = piece.src.intersect(box)
+    if common.empty:
+        return []
+    return [Piece(run, _dst_of(piece, run)) for run in _runs(piece, common)]
+
+
 class _PieceIndex:
     """Pieces sorted by their universal start on dim 0; a query scans only the pieces whose
     dim-0 range can meet the box (starts in ``[box.start - longest, box.stop)``)."""

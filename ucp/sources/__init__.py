@@ -79,6 +79,11 @@ class Source(Plugin):
     lets the engine gather a whole state into one recycled buffer with one copy, so the writer
     takes every chunk whole; without it gathering would add a copy, so the engine streams boxes
     (see ``ucp.engine.to_universal.write_state``). The DeepSpeed source has one.
+
+    Optional too: ``view(fragment, state, piece)`` returns the piece (shape
+    ``piece.src.shape``) over the file's bytes with no copy (a private memory map), or None
+    when it cannot; the engine writes a gathered band that one piece covers from it as it is.
+    The DeepSpeed source has one.
     """
     #: ``--from auto`` tries sources in ascending priority (more specific layouts first)
     priority: ClassVar[int] = 100

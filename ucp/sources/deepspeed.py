@@ -156,18 +156,47 @@ class TensorFile:
 
         if not out.numel():
             return True
-        lo = sum(a * s for a, s in zip(start, t.stride()))
-        if sum((b - 1) * s for b, s in zip(stop, t.stride())) + 1 - lo != out.numel():
+        span = flat_span(t, start, stop)
+        if span is None:
             return False
-        self._pread(t, lo, out.view(-1).view(torch.uint8))
+        self._pread(t, span[0], out.view(-1).view(torch.uint8))
         return True
+
+    def view(self, t, lo: int, hi: int):
+        """Elements ``[lo, hi)`` of the storage run that starts at meta tensor ``t``'s first
+        element, as a 1-D CPU tensor over a private map of just those bytes of the file: no
+        copy, where :meth:`read` copies them into a buffer (a write to the tensor would copy the
+        page it touches, never reach the file). The map goes when the last view of it does.
+
+        Why: the engine hands a band that one piece covers to the writer as it is, and the
+        writer copies it once more into the file it builds: the page cache -> the file's bytes
+        in one copy instead of two (2 GiB in 32 MiB windows: 0.28 CPU s against 0.64 with
+        ``preadv`` into a reused buffer and a copy; populating a shared map when made, no faster)."""
+        import mmap
+
+        import numpy as np
+        import torch
+
+        n = (hi - lo) * t.element_size()
+        offset = self._offset(t, lo, n)
+        if not n:
+            return torch.empty(0, dtype=t.dtype)
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        window = mmap.mmap(self._fd, offset + n - start, flags=mmap.MAP_PRIVATE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        return torch.from_numpy(np.frombuffer(window, dtype=np.uint8, count=n, offset=offset - start)).view(t.dtype)
+
+    def _offset(self, t, lo: int, n: int) -> int:
+        """The file offset of element ``lo`` of ``t``, checked to have ``n`` bytes after it."""
+        offset = t.untyped_storage()._checkpoint_offset + (t.storage_offset() + lo) * t.element_size()
+        if offset + n > self.size:
+            raise DeepSpeedError(f"{self.path}: truncated: a tensor's bytes end at {offset + n}, "
+                                 f"the file has {self.size}")
+        return offset
 
     def _pread(self, t, lo: int, out) -> None:
         """Fill the uint8 tensor ``out`` from the file, starting at element ``lo`` of ``t``."""
-        offset = t.untyped_storage()._checkpoint_offset + (t.storage_offset() + lo) * t.element_size()
-        if offset + out.numel() > self.size:
-            raise DeepSpeedError(f"{self.path}: truncated: a tensor's bytes end at {offset + out.numel()}, "
-                                 f"the file has {self.size}")
+        offset = self._offset(t, lo, out.numel())
         got = os.preadv(self._fd, [out.numpy()], offset) if out.numel() else 0
         if got != out.numel():
             raise DeepSpeedError(f"{self.path}: short read at byte {offset} (truncated?)")
@@ -206,6 +235,14 @@ class TensorFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def flat_span(t, start, stop) -> Optional[tuple[int, int]]:
+    """``[lo, hi)``: the elements of contiguous tensor ``t`` that its box ``[start, stop)``
+    (not empty) covers, when they are one flat span; None otherwise (a column block)."""
+    lo = sum(a * s for a, s in zip(start, t.stride()))
+    hi = sum((b - 1) * s for b, s in zip(stop, t.stride())) + 1
+    return (lo, hi) if hi - lo == math.prod(b - a for a, b in zip(start, stop)) else None
 
 
 # ------------------------------------------------------------------ finding the files
@@ -841,6 +878,19 @@ class DeepSpeedSource(Source):
         if t.device.type != "meta" or t.dtype != out.dtype or not t.is_contiguous():
             return False
         return part._readers[path].read_into(t, piece.dst.start, piece.dst.stop, out)
+
+    def view(self, fragment, state: str, piece):
+        """The piece (shape ``piece.src.shape``) over a private map of the file's bytes, with
+        no copy (:meth:`TensorFile.view`), when the file holds it as one flat span; None
+        otherwise (the engine then reads it with :meth:`read_into` or :meth:`read`)."""
+        part = self._part(fragment)
+        path, t = part._locate(fragment, state)
+        if t.device.type != "meta" or not t.is_contiguous() or not piece.numel:
+            return None
+        span = flat_span(t, piece.dst.start, piece.dst.stop)
+        if span is None:
+            return None
+        return part._readers[path].view(t, *span).view(piece.src.shape)
 
     def _locate(self, fragment, state: str):
         """(file, tensor as unpickled, possibly meta) holding ``state`` of ``fragment``; its shape
