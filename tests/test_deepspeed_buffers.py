@@ -14,6 +14,18 @@ import torch
 from ucp.sources.deepspeed import DeepSpeedError, ReadBuffers, TensorFile, load_pickle
 
 
+def _saved(tmp_path, saved):
+    """``saved`` written with ``torch.save``: its path, ``torch.load``'s answer, and ucp's lazy metadata."""
+    path = tmp_path / "states.pt"
+    torch.save(saved, path)
+    return path, torch.load(path, weights_only=True), load_pickle(path, lazy=True)
+
+
+def _bits_equal(a, b) -> bool:
+    """Bit-exact equality (NaN payloads and signed zeros included)."""
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
 def test_buffer_reused_only_after_every_view_is_gone():
     pool = ReadBuffers()
     a = pool.take(4096)
@@ -45,10 +57,7 @@ def test_boxes_through_recycled_buffers_equal_torch_load(tmp_path):
     g = torch.Generator().manual_seed(7)
     saved = {"w": torch.randn(37, 53, generator=g), "h": torch.randn(301, generator=g).bfloat16(),
              "t": torch.randn(29, 41, generator=g).t()}        # a non-contiguous tensor too
-    path = tmp_path / "states.pt"
-    torch.save(saved, path)
-    want = torch.load(path, weights_only=True)
-    meta = load_pickle(path, lazy=True)
+    path, want, meta = _saved(tmp_path, saved)
     pool = ReadBuffers(keep=1 << 20)
     reader = TensorFile(path, pool)
     try:
@@ -58,8 +67,7 @@ def test_boxes_through_recycled_buffers_equal_torch_load(tmp_path):
                 box = reader.box(meta[name], start, stop)
                 ref = want[name][tuple(slice(a, b) for a, b in zip(start, stop))]
                 assert box.dtype == ref.dtype and box.shape == ref.shape
-                assert torch.equal(box.contiguous().view(torch.int16 if ref.dtype == torch.bfloat16 else torch.int32),
-                                   ref.contiguous().view(torch.int16 if ref.dtype == torch.bfloat16 else torch.int32))
+                assert _bits_equal(box, ref)
                 del box
     finally:
         reader.close()
@@ -71,10 +79,7 @@ def test_read_into_fills_flat_spans_in_place_and_declines_column_blocks(tmp_path
     block is declined with ``out`` untouched (the engine then reads it with ``box``)."""
     g = torch.Generator().manual_seed(11)
     saved = {"w": torch.randn(37, 53, generator=g), "h": torch.randn(301, generator=g).bfloat16()}
-    path = tmp_path / "states.pt"
-    torch.save(saved, path)
-    want = torch.load(path, weights_only=True)
-    meta = load_pickle(path, lazy=True)
+    path, want, meta = _saved(tmp_path, saved)
     reader = TensorFile(path)
     try:
         for name, start, stop in (("w", (3, 0), (20, 53)), ("w", (5, 10), (6, 40)), ("h", (7,), (300,)),
@@ -82,8 +87,7 @@ def test_read_into_fills_flat_spans_in_place_and_declines_column_blocks(tmp_path
             ref = want[name][tuple(slice(a, b) for a, b in zip(start, stop))]
             out = torch.full(ref.shape, 7, dtype=ref.dtype)
             assert reader.read_into(meta[name], start, stop, out)
-            assert torch.equal(out.view(torch.int16 if ref.dtype == torch.bfloat16 else torch.int32),
-                               ref.view(torch.int16 if ref.dtype == torch.bfloat16 else torch.int32))
+            assert _bits_equal(out, ref)
         out = torch.full((37, 12), 7.0)
         assert not reader.read_into(meta["w"], (0, 5), (37, 17), out)
         assert bool((out == 7.0).all())
@@ -100,10 +104,7 @@ def test_view_maps_flat_spans_bit_exact_with_no_copy(tmp_path):
 
     g = torch.Generator().manual_seed(13)
     saved = {"w": torch.randn(37, 53, generator=g), "h": torch.randn(70001, generator=g).bfloat16()}
-    path = tmp_path / "states.pt"
-    torch.save(saved, path)
-    want = torch.load(path, weights_only=True)
-    meta = load_pickle(path, lazy=True)
+    path, want, meta = _saved(tmp_path, saved)
     pool = ReadBuffers()
     reader = TensorFile(path, pool)
     try:
@@ -114,7 +115,7 @@ def test_view_maps_flat_spans_bit_exact_with_no_copy(tmp_path):
             box = reader.view(t, lo, hi)
             ref = want[name][tuple(slice(a, b) for a, b in zip(start, stop))].reshape(-1)
             assert box.dtype == ref.dtype and box.shape == ref.shape and box.view(torch.uint8).numpy().flags.writeable
-            assert torch.equal(box.view(torch.uint8), ref.contiguous().view(torch.uint8))
+            assert _bits_equal(box, ref)
         assert pool.free_bytes == 0 and reader.view(meta["h"], 5, 5).numel() == 0
         assert flat_span(meta["w"], (0, 5), (37, 17)) is None
     finally:
