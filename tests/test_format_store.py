@@ -396,10 +396,11 @@ def test_reads_across_shard_files_fetch_their_indexes_ahead(tmp_path, monkeypatc
     """A read of part of several shard files has look-ahead threads fetch and check every file's
     index (once each) and ask the kernel for the inner chunks the read needs; the read counts the
     same bytes as without them and gets the same values, and once the indexes are checked a second
-    read fetches none. Files read whole are only hinted."""
+    read fetches none. Files read whole are only hinted, and are the only hints: the look-ahead is
+    the one read-ahead of shard files."""
     import threading
 
-    from ucp.format import reader as reader_mod, store as store_mod
+    from ucp.format import store as store_mod
 
     x, url = _four_shards(tmp_path)
     calls, lock = [], threading.Lock()
@@ -416,7 +417,6 @@ def test_reads_across_shard_files_fetch_their_indexes_ahead(tmp_path, monkeypatc
         return real_pf(self, rels, ranges)
     monkeypatch.setattr(store_mod.LocalStore, "read_ranges", rr)
     monkeypatch.setattr(store_mod.LocalStore, "prefetch", pf)
-    monkeypatch.setattr(reader_mod, "PREFETCH_BYTES", 0)  # no whole-row read-ahead: only the look-ahead's
 
     plain = open_checkpoint(url)
     monkeypatch.setattr(plain, "_look_ahead", lambda shards: None)
@@ -433,9 +433,11 @@ def test_reads_across_shard_files_fetch_their_indexes_ahead(tmp_path, monkeypatc
     assert sorted(index_reads) == sorted((rel, True) for rel in size) and len(size) == 4
     data_hints = sorted((rel, [b - a0 for a0, b in rs[0]]) for kind, ahead, rel, rs in calls if kind == "hint" and ahead)
     assert data_hints == sorted(((r,), [a.inner_nb]) for r in size)  # one inner chunk of each: the box's column block
-    calls.clear()
+    calls.clear()  # indexes checked: the look-ahead only hints, every inner chunk of every file
     assert torch.equal(ck.read_box("x", "param", [0, 0], [64, 48]), x)
-    assert not any(ahead for _k, ahead, *_r in calls)
+    assert not any(c[0] == "read" and c[1] for c in calls)
+    assert sorted(c[2] for c in calls if c[0] == "hint") == sorted((rel,) for rel in size)
+    assert all(c[1] and c[3] is None for c in calls if c[0] == "hint")
 
     calls.clear()  # every inner chunk of every file: hints, no fetch
     fresh = open_checkpoint(url)
@@ -469,7 +471,6 @@ def test_the_look_ahead_stays_within_its_window(tmp_path, monkeypatch):
 
     x, url = _four_shards(tmp_path)
     monkeypatch.setattr(reader_mod, "LOOK_AHEAD_BYTES", 1)
-    monkeypatch.setattr(reader_mod, "PREFETCH_BYTES", 0)
     most, order, real_fill, real_fetch = [0], [], reader_mod._LookAhead.fill, reader_mod.Checkpoint._fetch
 
     def fill(self):

@@ -235,9 +235,10 @@ class Checkpoint:
         At most ``LOOK_AHEAD_BYTES`` of data are asked for ahead of the read, so that a read larger
         than memory does not evict what it asked for before using it. The read of a file waits for
         its fetch and counts its bytes (``_read_shard``); a fetch that fails is done again by the
-        read, which raises. Skipped for indexes already checked, for a single file, and for object
-        stores (reads there are already parallel requests)."""
-        todo = [(rel, v) for rel, v in shards.items() if rel not in self._index_cache and rel not in self._ahead]
+        read, which raises. A file whose index is already checked is not fetched again, only hinted. This is the one
+        read-ahead of shard files. Skipped for a single file and for object stores (reads there are
+        already parallel requests)."""
+        todo = [(rel, v) for rel, v in shards.items() if rel not in self._ahead]
         if len(todo) < 2 or self._store.parallel_reads:
             return
         if self._ahead_pool is None:
@@ -291,41 +292,38 @@ class Checkpoint:
 
     def _reader_for(self, a, start, stop, out, jobs):
         """The per-chunk read function for this box (and a list it counts inner chunks in, for shards),
-        with kernel read-ahead of the next chunks where whole rows are read."""
+        with kernel read-ahead of the next plain chunks."""
         shape, ch = a.info.shape, a.info.chunks
         onp = dtypes.to_storage_numpy(out)
-        full_rows = all(s == 0 for s in start[1:]) and list(stop[1:]) == list(shape[1:])
-        counts = None
-        if a.inner is not None:
+        if a.inner is not None:  # the look-ahead (``_look_ahead``) asks for what each shard read needs
             counts = [0] * len(jobs)
             jpos = {j: i for i, j in enumerate(jobs)}
-            pf = min(PREFETCH, max(1, PREFETCH_BYTES // max(1, a.chunk_nbytes))) if PREFETCH_BYTES and full_rows else 0
 
-            def fn(idx):
+            def shard(idx):
                 got, n = self._read_shard(a, idx, start, stop, onp)
                 counts[jpos[idx]] = n
                 return got
-        elif len(shape) >= 1 and tuple(ch[1:]) == tuple(shape[1:]) and full_rows:
+            return shard, counts
+        full_rows = all(s == 0 for s in start[1:]) and list(stop[1:]) == list(shape[1:])
+        if len(shape) >= 1 and tuple(ch[1:]) == tuple(shape[1:]) and full_rows:
             obytes = onp.reshape(-1).view(np.uint8)
-            pf = PREFETCH
             fn = lambda idx: self._read_rows(a, idx, start, stop, obytes)  # noqa: E731
         else:
-            pf = PREFETCH
             fn = lambda idx: self._read_generic(a, idx, start, stop, onp)  # noqa: E731
-        if not pf or len(jobs) < 2:
-            return fn, counts
+        if len(jobs) < 2:
+            return fn, None
         keys = [f"{a.info.path}/{chunk_key(j)}" for j in jobs]
-        self._store.prefetch(keys[1:pf + 1])
-        if len(jobs) <= pf + 1:
-            return fn, counts
-        fn0, pos = fn, {j: i for i, j in enumerate(jobs)}
+        self._store.prefetch(keys[1:PREFETCH + 1])
+        if len(jobs) <= PREFETCH + 1:
+            return fn, None
+        pos = {j: i for i, j in enumerate(jobs)}
 
-        def ahead(idx):  # keep the kernel reading pf chunks ahead (posix_fadvise WILLNEED)
-            i = pos[idx] + pf + 1
+        def ahead(idx):  # keep the kernel reading PREFETCH chunks ahead (posix_fadvise WILLNEED)
+            i = pos[idx] + PREFETCH + 1
             if i < len(keys):
                 self._store.prefetch(keys[i:i + 1])
-            return fn0(idx)
-        return ahead, counts
+            return fn(idx)
+        return ahead, None
 
     def read_flat(self, name, state, start, stop, out=None) -> torch.Tensor:
         """Elements [start, stop) of the C-order flattened array, as a 1-D tensor (flat-partitioned ranges).
@@ -778,7 +776,6 @@ class _Ahead:
 PREFETCH = 8  # plain chunks read ahead
 LOOK_AHEAD_THREADS = 8  # threads fetching shard indexes ahead of the reads (waiting on the disk, not the CPU)
 LOOK_AHEAD_BYTES = 64 << 20  # data of shard files asked for ahead of a read
-PREFETCH_BYTES = 64 << 20  # sharded arrays: shards read ahead, in bytes (at least one shard)
 # Shards are read a batch of inner chunks at a time into a per-thread scratch buffer of about this
 # size (an L2 cache's worth), checked and copied out while still cached. Before: the whole shard
 # into a pooled buffer (one read, but the crc and copy passes then came from memory, not cache).
