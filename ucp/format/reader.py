@@ -777,9 +777,14 @@ PREFETCH = 8  # plain chunks read ahead
 LOOK_AHEAD_THREADS = 8  # threads fetching shard indexes ahead of the reads (waiting on the disk, not the CPU)
 LOOK_AHEAD_BYTES = 64 << 20  # data of shard files asked for ahead of a read
 # Shards are read a batch of inner chunks at a time into a per-thread scratch buffer of about this
-# size (an L2 cache's worth), checked and copied out while still cached. Before: the whole shard
-# into a pooled buffer (one read, but the crc and copy passes then came from memory, not cache).
-STREAM_BYTES = 1 << 20
+# size, checked and copied out while still in the CPU cache. Before: the whole shard into a pooled
+# buffer (one read, but the crc and copy passes then came from memory, not cache). 1 MiB (an L2's
+# worth) cost more in Python steps per batch or band (an open, a fadvise, a preadv per chunk band,
+# the tile arithmetic) than it saved: a warm read into a preallocated tensor of the default layout
+# (32 MiB shards of 128 x 512 fp32 inner chunks, 4 workers, 2-core VM) took 0.12-0.15 s of CPU per
+# 320 MiB at 4 MiB, 0.13-0.16 at 2, 0.16 at 8, 0.18-0.20 at 1, against 0.16-0.18 for the whole-shard
+# read (cf900bf), same runs.
+STREAM_BYTES = 4 << 20
 _HUGE = 1 << 20
 SMALL_BYTES = 1 << 20  # one-chunk arrays up to this size are read by ``Checkpoint._read_small``
 BIG_ALLOC = 16 << 20  # files at least this large are stat'ed before their buffer is allocated
