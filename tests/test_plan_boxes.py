@@ -142,3 +142,14 @@ def test_pieces_within_cuts_box_and_flat_pieces_to_a_box():
     assert pieces_within(flat, Box((4, 0), (6, 5))) == []
     box = Piece(Box((2, 3), (6, 8)), Box((0, 0), (4, 5)))         # a box copy into a local block
     assert pieces_within(box, Box((0, 0), (3, 4))) == [Piece(Box((2, 3), (3, 4)), Box((0, 0), (1, 1)))]
+
+
+def test_an_empty_grid_lists_no_chunks_without_materialising_its_other_dims():
+    """A grid with a zero-length dim has no chunks, however many the other dims have: ``indices``
+    must not build a range of 2^40 first (a crafted manifest record, shape [0, 2^40] with chunks
+    [1, 1], made the open raise MemoryError instead of checking it)."""
+    from ucp.plan.grid import ChunkGrid
+
+    g = ChunkGrid((0, 1 << 40), (1, 1))
+    assert g.nchunks == 0 and list(g.indices()) == []
+    assert list(ChunkGrid((2, 3), (1, 2)).indices()) == [(0, 0), (0, 1), (1, 0), (1, 1)]

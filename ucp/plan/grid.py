@@ -58,7 +58,10 @@ class ChunkGrid:
         return tuple(b - a for a, b in zip(*self.chunk_box(idx)))
 
     def indices(self) -> Iterator[Index]:
-        """Every chunk index, in C order."""
+        """Every chunk index, in C order. ``itertools.product`` turns every range into a tuple first:
+        a grid with no chunks (a zero-length dim) returns at once, whatever its other dims."""
+        if self.nchunks == 0:
+            return iter(())
         return itertools.product(*(range(g) for g in self.grid))
 
     def ranges(self, start: Sequence[int], stop: Sequence[int]) -> list[range]:
