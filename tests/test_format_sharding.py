@@ -442,18 +442,18 @@ def test_which_inner_chunks_are_read_in_bands(tmp_path, stream, want, advised):
     ranges the kernel is asked to fetch ahead (None: the store's default, the ranges read)."""
     from unittest import mock
 
-    from ucp.format.store import LocalStore
+    from ucp.format.store import _LocalRanges
 
     t = band_matrix(tmp_path / "ck")
     ck = open_checkpoint(tmp_path / "ck")
     ck.read("w", index=(slice(0, 1), slice(0, 1)))  # the shard's index is read and kept first
-    asked, ahead, read_ranges = [], [], LocalStore.read_ranges
+    asked, ahead, read_ranges = [], [], _LocalRanges.read_ranges
 
-    def spy(store, rel, ranges, buf, advise=None):
+    def spy(f, ranges, buf, advise=None):
         asked.append([b - a for a, b in ranges])
         ahead.append(None if advise is None else [b - a for a, b in advise])
-        return read_ranges(store, rel, ranges, buf, advise)
+        return read_ranges(f, ranges, buf, advise)
 
-    with mock.patch.object(LocalStore, "read_ranges", spy):
+    with mock.patch.object(_LocalRanges, "read_ranges", spy):
         assert torch.equal(band_read(ck, stream, index=slice(0, 8)), t[:8])
     assert (asked, ahead) == (want, advised)

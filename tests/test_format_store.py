@@ -392,6 +392,30 @@ def _four_shards(tmp_path):
     return x, str(tmp_path / "ck")
 
 
+def test_a_shard_read_opens_its_file_once(tmp_path, monkeypatch):
+    """The index, the crc32c words and every batch of inner chunks of one shard read come through one
+    open file (``Store.ranges_reader``), with the symlink check once, not once per request; the values
+    are the same, and a missing shard is still named."""
+    from ucp.errors import CorruptChunkError
+    from ucp.format.layout import chunk_key
+
+    x, url = _four_shards(tmp_path)
+    opened, real_open = [], store_mod.LocalStore._open
+    monkeypatch.setattr(store_mod.LocalStore, "_open", lambda self, rel: opened.append(rel) or real_open(self, rel))
+    ck = open_checkpoint(url, workers=1)
+    monkeypatch.setattr(ck, "_look_ahead", lambda shards: None)
+    a = ck._array("x", "param")
+    opened.clear()
+    assert torch.equal(ck.read_box("x", "param", [0, 16], [16, 48]), x[:16, 16:])  # two of three column chunks
+    assert opened == [f"{a.info.path}/{chunk_key((0, 0))}"]
+    opened.clear()
+    assert torch.equal(ck.read_box("x", "param", [16, 0], [64, 48]), x[16:])
+    assert sorted(opened) == sorted(f"{a.info.path}/{chunk_key((i, 0))}" for i in (1, 2, 3))
+    (tmp_path / "ck" / a.info.path / chunk_key((3, 0))).unlink()
+    with pytest.raises(CorruptChunkError, match=f"{a.info.path}/{chunk_key((3, 0))} is missing"):
+        open_checkpoint(url).read_box("x", "param", [48, 0], [64, 16])
+
+
 def test_reads_across_shard_files_fetch_their_indexes_ahead(tmp_path, monkeypatch):
     """A read of part of several shard files has look-ahead threads fetch and check every file's
     index (once each) and ask the kernel for the inner chunks the read needs; the read counts the
@@ -404,18 +428,18 @@ def test_reads_across_shard_files_fetch_their_indexes_ahead(tmp_path, monkeypatc
 
     x, url = _four_shards(tmp_path)
     calls, lock = [], threading.Lock()
-    real_rr, real_pf = store_mod.LocalStore.read_ranges, store_mod.LocalStore.prefetch
+    real_rr, real_pf = store_mod._LocalRanges.read_ranges, store_mod.LocalStore.prefetch
 
-    def rr(self, rel, ranges, buf, advise=None):
+    def rr(f, ranges, buf, advise=None):
         with lock:
-            calls.append(("read", threading.current_thread().name.startswith("ucp-look-ahead"), rel, ranges[-1][1]))
-        return real_rr(self, rel, ranges, buf, advise)
+            calls.append(("read", threading.current_thread().name.startswith("ucp-look-ahead"), f.rel, ranges[-1][1]))
+        return real_rr(f, ranges, buf, advise)
 
     def pf(self, rels, ranges=None):
         with lock:
             calls.append(("hint", threading.current_thread().name.startswith("ucp-look-ahead"), tuple(rels), ranges))
         return real_pf(self, rels, ranges)
-    monkeypatch.setattr(store_mod.LocalStore, "read_ranges", rr)
+    monkeypatch.setattr(store_mod._LocalRanges, "read_ranges", rr)
     monkeypatch.setattr(store_mod.LocalStore, "prefetch", pf)
 
     plain = open_checkpoint(url)

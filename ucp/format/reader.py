@@ -454,22 +454,23 @@ class Checkpoint:
     def _positions(self, a, sidx):
         return _shard.present_positions(a.info.shape, a.info.chunks, a.inner, sidx)
 
-    def _index(self, a, sidx, key, rel, size, whole=False):
+    def _index(self, a, sidx, key, rel, size, whole=False, src=None):
         """The checked index of a shard, its content crc32c checked too (once per open Checkpoint).
         ``whole``: the caller reads every inner chunk, so their crc32c words are not read here; it
-        checks the content crc32c from the chunks (``_finish_content``). Returns (entries, bytes read,
-        the index positions whose words the caller must check, or None when checked)."""
+        checks the content crc32c from the chunks (``_finish_content``). ``src``: the file already
+        open (``Store.ranges_reader``). Returns (entries, bytes read, the index positions whose words
+        the caller must check, or None when checked)."""
         ent = self._index_cache.get(rel)
         if ent is not None:
             return ent, 0, None
+        if src is None:
+            with self._ranges_reader(a, key, rel) as src:
+                return self._index(a, sidx, key, rel, size, whole, src)
         n = a.index_nb
         if n > BIG_ALLOC:
             self._check_size_first(a, key, rel, size, "shard")
         buf = bytearray(n)
-        try:
-            got, fsize = self._store.read_ranges(rel, [(size - n, size)], buf)
-        except (FileNotFoundError, NotADirectoryError):
-            raise self._open_err(a, key) from None
+        got, fsize = src.read_ranges([(size - n, size)], buf)
         if (fsize is not None and fsize != size) or got != n:
             raise self._size_err(a, key, fsize, size, "shard")
         ent = self._parse_index(a, key, buf)
@@ -481,7 +482,7 @@ class Checkpoint:
             return ent, n, positions
         ranges = _shard.crc_word_ranges(ent, positions)
         words = bytearray(CRC_BYTES * len(ranges))
-        got2, _ = self._store.read_ranges(rel, ranges, words)
+        got2, _ = src.read_ranges(ranges, words)
         if got2 != len(words):
             raise self._size_err(a, key, None, size, "shard")
         self._finish_content(a, key, rel, ent, [words[i:i + CRC_BYTES] for i in range(0, len(words), CRC_BYTES)])
@@ -505,16 +506,17 @@ class Checkpoint:
         cst, ist, isp, inner, locals_, whole = self._shard_part(a, sidx, start, stop)
         ahead = self._ahead.pop(rel, None)
         pre = ahead.wait() if ahead is not None else 0  # what the look-ahead read of this file
-        ent, got, pending = self._index(a, sidx, key, rel, size, whole)
-        got += pre
-        ig = _shard.inner_grid(a.info.chunks, a.inner)  # every entry was checked (_entry) before _index returned it
-        spans = sorted((int(ent[p, 0]), p, loc) for loc, p in ((loc, _shard.linear(loc, ig)) for loc in locals_))
-        box, words, bad = (inner, cst, ist, isp, start), {}, {}
-        # a local file streams through the thread's scratch; an object store gets one request per shard
-        limit = len(spans) * a.inner_nb if self._store.parallel_reads else STREAM_BYTES
-        for bands, part in _batches(spans, a.inner_nb, limit):
-            read = self._read_bands if bands else self._read_tiles
-            got += read(a, key, rel, size, part, box, onp, words, bad)
+        with self._ranges_reader(a, key, rel) as src:
+            ent, got, pending = self._index(a, sidx, key, rel, size, whole, src)
+            got += pre
+            ig = _shard.inner_grid(a.info.chunks, a.inner)  # every entry was checked (_entry) before _index returned it
+            spans = sorted((int(ent[p, 0]), p, loc) for loc, p in ((loc, _shard.linear(loc, ig)) for loc in locals_))
+            box, words, bad = (inner, cst, ist, isp, start), {}, {}
+            # a local file streams through the thread's scratch; an object store gets one request per shard
+            limit = len(spans) * a.inner_nb if self._store.parallel_reads else STREAM_BYTES
+            for bands, part in _batches(spans, a.inner_nb, limit):
+                read = self._read_bands if bands else self._read_tiles
+                got += read(a, key, src, size, part, box, onp, words, bad)
         if pending is not None:
             self._finish_content(a, key, rel, ent, [words[p] for p in pending])
         for loc in locals_:
@@ -531,14 +533,14 @@ class Checkpoint:
         chunk in the file."""
         cst = a.grid.chunk_start(sidx)
         ist, isp = a.grid.overlap(sidx, start, stop)
-        inner = ChunkGrid(a.info.chunks, a.inner)
+        inner = _inner_grid(a.info.chunks, a.inner)
         lst, lsp = [x - c for x, c in zip(ist, cst)], [y - c for y, c in zip(isp, cst)]
         locals_ = list(inner.indices_for(lst, lsp))
-        _it, lim = _shard.present(a.info.shape, a.info.chunks, a.inner, sidx)
+        lim = _present_extent(a.info.shape, a.info.chunks, a.inner, sidx)
         whole = all(len(r) == m for r, m in zip(inner.ranges(lst, lsp), lim))
         return cst, ist, isp, inner, locals_, whole
 
-    def _read_tiles(self, a, key, rel, size, spans, box, onp, words, bad):
+    def _read_tiles(self, a, key, src, size, spans, box, onp, words, bad):
         """Read the inner chunks ``spans`` (``(offset, index position, local index)``, ascending offsets;
         adjacent ones in one read) into the thread's scratch buffer and copy each one's part of the box
         into ``onp``; its stored crc32c word goes to ``words[position]``, a mismatch to ``bad[local index]``
@@ -549,7 +551,7 @@ class Checkpoint:
                 ranges[-1][1] = off + a.inner_nb
             else:
                 ranges.append([off, off + a.inner_nb])
-        buf = self._read_span(a, key, rel, size, ranges, len(spans) * a.inner_nb)
+        buf = self._read_span(a, key, src, size, ranges, len(spans) * a.inner_nb)
         _inner, cst, ist, isp, start = box
         nd = a.inner_nb - CRC_BYTES
         run = _TileRun(a, buf, onp, start, a.inner, a.inner_nb)
@@ -565,7 +567,7 @@ class Checkpoint:
         run.flush()
         return len(buf)
 
-    def _read_bands(self, a, key, rel, size, group, box, onp, words, bad):
+    def _read_bands(self, a, key, src, size, group, box, onp, words, bad):
         """Read a run of inner chunks too large to batch whole (``group``: ``(offset, index position,
         local index)``, side by side along the last dim) a band of their first dim at a time, every chunk's
         band in one scratch buffer of about ``STREAM_BYTES``, and copy each band's part of the box out
@@ -587,7 +589,7 @@ class Checkpoint:
             r1 = min(rows, r0 + band)
             step = (r1 - r0) * row_nb + (CRC_BYTES if r1 == rows else 0)  # the last band ends with the word
             ranges = [(off + r0 * row_nb, off + r0 * row_nb + step) for off, _p, _loc in group]
-            buf = self._read_span(a, key, rel, size, ranges, step * len(group), advise if r0 == 0 else ())
+            buf = self._read_span(a, key, src, size, ranges, step * len(group), advise if r0 == 0 else ())
             got += len(buf)
             shape = (r1 - r0,) + tuple(a.inner[1:])
             run = _TileRun(a, buf, onp, start, shape, step)
@@ -605,17 +607,21 @@ class Checkpoint:
                 bad[loc] = (crcs[j], s)
         return got
 
-    def _read_span(self, a, key, rel, size, ranges, n, advise=None):
-        """The byte ranges of a shard file back to back in the thread's scratch buffer (``n`` bytes);
-        ``advise`` as in ``Store.read_ranges``."""
+    def _read_span(self, a, key, src, size, ranges, n, advise=None):
+        """The byte ranges of a shard file (open: ``src``) back to back in the thread's scratch buffer
+        (``n`` bytes); ``advise`` as in ``Store.read_ranges``."""
         buf = self._scratch(n)[:n]
-        try:
-            got, fsize = self._store.read_ranges(rel, ranges, buf, advise)
-        except (FileNotFoundError, NotADirectoryError):
-            raise self._open_err(a, key) from None
+        got, fsize = src.read_ranges(ranges, buf, advise)
         if (fsize is not None and fsize != size) or got != n:
             raise self._size_err(a, key, fsize, size, "shard")
         return buf
+
+    def _ranges_reader(self, a, key, rel):
+        """The shard file ``rel`` open for its reads (a missing one named as the reads name it)."""
+        try:
+            return self._store.ranges_reader(rel)
+        except (FileNotFoundError, NotADirectoryError):
+            raise self._open_err(a, key) from None
 
     def _entry(self, ent, pos, a, data_end, key):
         try:
@@ -805,6 +811,20 @@ def _geometry(dtype, shape, chunks, inner):
     small = inner is None and chunks == shape and 0 < nbytes <= SMALL_BYTES
     return (_numpy_dtype(dtype), isz, math.prod(chunks) * isz, inner_nb, index_nb, dtypes.torch_dtype(dtype),
             nbytes, chunk_key((0,) * len(shape)) if small else None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _inner_grid(chunks, inner) -> ChunkGrid:
+    """The inner chunk grid of a shard (shard coordinates), one per geometry: a DCP load asks for it
+    once per shard file it reads, hundreds of times a load."""
+    return ChunkGrid(chunks, inner)
+
+
+@functools.lru_cache(maxsize=4096)
+def _present_extent(shape, chunks, inner, sidx):
+    """How many inner chunks of shard ``sidx`` intersect the array, per dim (``shard.present``), once
+    per shard."""
+    return _shard.present(shape, chunks, inner, sidx)[1]
 
 
 @functools.lru_cache(maxsize=None)

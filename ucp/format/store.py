@@ -43,12 +43,22 @@ class Store(Protocol):
     def size(self, rel) -> int | None: ...
     def readinto(self, rel, buffers) -> tuple[int, int]: ...
     def read_ranges(self, rel, ranges, buf, advise=None) -> tuple[int, int | None]: ...
+    def ranges_reader(self, rel) -> "RangesReader": ...
     def map(self, rel) -> tuple[memoryview, int]: ...
     def prefetch(self, rels, ranges=None) -> None: ...
     def delete(self, rel) -> None: ...
     def delete_tree(self, rel) -> None: ...
     def list_files(self) -> list[str]: ...
     def describe_root(self) -> str | None: ...
+
+
+class RangesReader(Protocol):
+    """One file held open for several ``read_ranges`` calls (``Store.ranges_reader``): a shard read
+    asks for its index, its crc32c words and its data in several calls, and opening the file for each
+    (with the symlink check of ``LocalStore._open``) cost more than the reads of a warm 2-D DCP load."""
+
+    def read_ranges(self, ranges, buf, advise=None) -> tuple[int, int | None]: ...
+    def close(self) -> None: ...
 
 
 class Appender(Protocol):
@@ -549,29 +559,12 @@ class LocalStore(FileBuffers):
         ``advise``: the ranges the kernel is asked for first (default: these ranges when there are
         several; a caller reading one region in several calls names it once). Returns (bytes read,
         file size). Raises FileNotFoundError for a missing file."""
-        fd = self._open(rel)
-        try:
-            size = os.fstat(fd).st_size
-            if advise is None:
-                advise = ranges if len(ranges) > 1 else ()
-            if hasattr(os, "posix_fadvise"):
-                for a, b in advise:  # cold: the kernel fetches every range at once, not one round trip each
-                    os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_WILLNEED)
-            mv = memoryview(buf).cast("B")
-            pos = got = 0
-            for a, b in ranges:
-                want = b - a
-                while want:
-                    n = os.preadv(fd, [mv[pos:pos + want]], a)
-                    if n == 0:
-                        return got, size
-                    pos += n
-                    got += n
-                    a += n
-                    want -= n
-            return got, size
-        finally:
-            os.close(fd)
+        with self.ranges_reader(rel) as f:
+            return f.read_ranges(ranges, buf, advise)
+
+    def ranges_reader(self, rel) -> "_LocalRanges":
+        """``rel`` opened (and checked, ``_open``) once for several ``read_ranges`` calls."""
+        return _LocalRanges(self._open(rel), rel)
 
     def prefetch(self, rels, ranges=None):
         """Ask the kernel to start reading these files (cold reads overlap with the current one);
@@ -731,6 +724,10 @@ class FsspecStore(FileBuffers):
         except FileNotFoundError:
             return None
 
+    def ranges_reader(self, rel) -> "_ObjectRanges":
+        """Each ``read_ranges`` call is its own request(s): nothing to hold open."""
+        return _ObjectRanges(self, rel)
+
     def read_ranges(self, rel, ranges, buf, advise=None):
         """Byte ranges of one object, back to back into ``buf``; file size unknown (None). ``advise``:
         nothing to ask ahead for (every range is fetched in this call)."""
@@ -768,6 +765,68 @@ class FsspecStore(FileBuffers):
             return [p[len(self.root) + 1:] for p in self.fs.find(self.root)]
         except FileNotFoundError:
             return []
+
+
+class _LocalRanges:
+    """A local file open for reading byte ranges (``LocalStore.ranges_reader``); its size is read once."""
+
+    def __init__(self, fd, rel):
+        self.fd, self.rel, self.size = fd, rel, None
+
+    def read_ranges(self, ranges, buf, advise=None):
+        """As ``LocalStore.read_ranges``, on the open file."""
+        fd = self.fd
+        if self.size is None:
+            self.size = os.fstat(fd).st_size
+        if advise is None:
+            advise = ranges if len(ranges) > 1 else ()
+        if hasattr(os, "posix_fadvise"):
+            for a, b in advise:  # cold: the kernel fetches every range at once, not one round trip each
+                os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_WILLNEED)
+        mv = memoryview(buf).cast("B")
+        pos = got = 0
+        for a, b in ranges:
+            want = b - a
+            while want:
+                n = os.preadv(fd, [mv[pos:pos + want]], a)
+                if n == 0:
+                    return got, self.size
+                pos += n
+                got += n
+                a += n
+                want -= n
+        return got, self.size
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class _ObjectRanges:
+    """An object of an fsspec store read by byte ranges (``FsspecStore.ranges_reader``)."""
+
+    def __init__(self, store, rel):
+        self.store, self.rel = store, rel
+
+    def read_ranges(self, ranges, buf, advise=None):
+        return self.store.read_ranges(self.rel, ranges, buf, advise)
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 class _FileAppender:
