@@ -392,6 +392,50 @@ def _four_shards(tmp_path):
     return x, str(tmp_path / "ck")
 
 
+@pytest.fixture
+def uncached(monkeypatch):
+    """The store reports no file in the page cache, as after a restart: the look-ahead runs
+    (``test_a_warm_read_does_not_fetch_ahead`` checks the real probe)."""
+    monkeypatch.setattr(LocalStore, "cached", lambda self, rel, start, stop: False)
+
+
+def _evict(root):
+    """Drop every file under ``root`` from the page cache (written back first: dirty pages stay)."""
+    for f in root.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def test_a_warm_read_does_not_fetch_ahead(tmp_path, monkeypatch):
+    """Files in the page cache: the look-ahead would only move the reads' own work to other threads,
+    so a read whose first file's index is cached runs none; once evicted, the next open fetches
+    ahead again. ``Store.cached`` tells the two apart (RWF_NOWAIT)."""
+    from ucp.format import reader as reader_mod
+
+    x, url = _four_shards(tmp_path)
+    for f in (tmp_path / "ck").rglob("*"):
+        if f.is_file():
+            f.read_bytes()
+    fetched = []
+    real_fetch = reader_mod.Checkpoint._fetch
+    monkeypatch.setattr(reader_mod.Checkpoint, "_fetch", lambda self, a, sidx, *r: fetched.append(sidx) or real_fetch(self, a, sidx, *r))
+    ck = open_checkpoint(url)
+    a = ck._array("x", "param")
+    assert ck._store.cached(f"{a.info.path}/{sorted(a.table)[0]}", 0, 4) is True
+    assert torch.equal(ck.read_box("x", "param", [0, 16], [64, 32]), x[:, 16:32])
+    assert fetched == []
+    _evict(tmp_path / "ck")
+    assert ck._store.cached(f"{a.info.path}/{sorted(a.table)[0]}", 0, 4) is False
+    _evict(tmp_path / "ck")  # the probe may have started the kernel's read-ahead of that page
+    assert torch.equal(open_checkpoint(url).read_box("x", "param", [0, 16], [64, 32]), x[:, 16:32])
+    assert sorted(fetched) == [(0, 0), (1, 0), (2, 0), (3, 0)]
+
+
 def test_a_shard_read_opens_its_file_once(tmp_path, monkeypatch):
     """The index, the crc32c words and every batch of inner chunks of one shard read come through one
     open file (``Store.ranges_reader``), with the symlink check once, not once per request; the values
@@ -416,7 +460,7 @@ def test_a_shard_read_opens_its_file_once(tmp_path, monkeypatch):
         open_checkpoint(url).read_box("x", "param", [48, 0], [64, 16])
 
 
-def test_reads_across_shard_files_fetch_their_indexes_ahead(tmp_path, monkeypatch):
+def test_reads_across_shard_files_fetch_their_indexes_ahead(tmp_path, uncached, monkeypatch):
     """A read of part of several shard files has look-ahead threads fetch and check every file's
     index (once each) and ask the kernel for the inner chunks the read needs; the read counts the
     same bytes as without them and gets the same values, and once the indexes are checked a second
@@ -471,7 +515,7 @@ def test_reads_across_shard_files_fetch_their_indexes_ahead(tmp_path, monkeypatc
     assert not any(ahead for kind, ahead, *_r in calls if kind == "read")
 
 
-def test_a_bad_index_fetched_ahead_is_reported_by_the_read(tmp_path):
+def test_a_bad_index_fetched_ahead_is_reported_by_the_read(tmp_path, uncached):
     """The look-ahead swallows what it finds; the read that needs the file raises it, naming it."""
     from ucp.errors import CorruptChunkError
 
@@ -488,7 +532,7 @@ def test_a_bad_index_fetched_ahead_is_reported_by_the_read(tmp_path):
     assert torch.equal(ck.read_box("x", "param", [0, 16], [16, 32]), x[:16, 16:32])  # the others still read
 
 
-def test_the_look_ahead_stays_within_its_window(tmp_path, monkeypatch):
+def test_the_look_ahead_stays_within_its_window(tmp_path, uncached, monkeypatch):
     """With a window smaller than one file's data, two files at most are ahead of the read, and
     every file is still fetched ahead."""
     from ucp.format import reader as reader_mod

@@ -44,6 +44,7 @@ class Store(Protocol):
     def readinto(self, rel, buffers) -> tuple[int, int]: ...
     def read_ranges(self, rel, ranges, buf, advise=None) -> tuple[int, int | None]: ...
     def ranges_reader(self, rel) -> "RangesReader": ...
+    def cached(self, rel, start, stop) -> bool | None: ...
     def map(self, rel) -> tuple[memoryview, int]: ...
     def prefetch(self, rels, ranges=None) -> None: ...
     def delete(self, rel) -> None: ...
@@ -566,6 +567,19 @@ class LocalStore(FileBuffers):
         """``rel`` opened (and checked, ``_open``) once for several ``read_ranges`` calls."""
         return _LocalRanges(self._open(rel), rel)
 
+    def cached(self, rel, start, stop):
+        """Whether bytes ``[start, stop)`` of the file are in the page cache: a read that may not wait
+        for the disk (``preadv2`` with ``RWF_NOWAIT``) gets them all. None where the kernel cannot
+        say, or the file cannot be opened (the read that needs it reports that)."""
+        if not hasattr(os, "RWF_NOWAIT"):
+            return None
+        try:
+            f = self.ranges_reader(rel)
+        except (OSError, FormatError):
+            return None
+        with f:
+            return f.cached(start, stop)
+
     def prefetch(self, rels, ranges=None):
         """Ask the kernel to start reading these files (cold reads overlap with the current one);
         ``ranges``: for each file, the byte ranges wanted (default: the whole file)."""
@@ -728,6 +742,10 @@ class FsspecStore(FileBuffers):
         """Each ``read_ranges`` call is its own request(s): nothing to hold open."""
         return _ObjectRanges(self, rel)
 
+    def cached(self, rel, start, stop):
+        """An object store keeps no page cache this process can ask about."""
+        return None
+
     def read_ranges(self, rel, ranges, buf, advise=None):
         """Byte ranges of one object, back to back into ``buf``; file size unknown (None). ``advise``:
         nothing to ask ahead for (every range is fetched in this call)."""
@@ -796,6 +814,16 @@ class _LocalRanges:
                 a += n
                 want -= n
         return got, self.size
+
+    def cached(self, start, stop):
+        """As ``LocalStore.cached``, on the open file."""
+        buf = bytearray(stop - start)
+        try:
+            return os.preadv(self.fd, [buf], start, os.RWF_NOWAIT) == len(buf)
+        except BlockingIOError:
+            return False
+        except OSError:  # EOPNOTSUPP and the like: the kernel cannot say
+            return None
 
     def close(self):
         if self.fd is not None:
