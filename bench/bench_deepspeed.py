@@ -15,7 +15,8 @@ imported, no conversion) is measured too, so that the memory the conversion itse
 ``--size GIB`` picks the hidden size (a multiple of 64) whose checkpoint is closest to GIB GiB at
 the given layers and vocabulary, since fixed start-up cost (the interpreter with torch imported)
 dominates small checkpoints; ``--checkpoint DIR`` reuses a DeepSpeed save folder made earlier
-(e.g. by ``--keep``) instead of training one.
+(e.g. by ``--keep``; the model sizes it was trained with are read from its ``bench_model.json``)
+instead of training one.
 
 Usage: python bench/bench_deepspeed.py [--hidden 512 | --size 2] [--layers 8] [--vocab 32003]
                                        [--stage 3] [--dtype bf16] [--ranks 2] [--dir /tmp]
@@ -115,7 +116,12 @@ def make_checkpoint(a, base: Path) -> Path:
                     str(ROOT / "tests" / "dist" / "ds_train.py"), "--out", str(out), "--stage", str(a.stage),
                     "--dtype", a.dtype, "--steps", "1", "--config", json.dumps(cfg)],
                    check=True, env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (out / MODEL_FILE).write_text(json.dumps(cfg))
     return out
+
+
+#: the model config a checkpoint of this bench was trained with, kept in its folder for ``--checkpoint``
+MODEL_FILE = "bench_model.json"
 
 
 def measure(a, ck: Path, tag: Path, base: Path) -> dict[str, Run]:
@@ -207,6 +213,9 @@ def main():
 
     try:
         ck = Path(a.checkpoint) if a.checkpoint else make_checkpoint(a, base)
+        if a.checkpoint and (ck / MODEL_FILE).exists():   # its sizes, not the command line's defaults
+            cfg = json.loads((ck / MODEL_FILE).read_text())
+            a.hidden, a.layers, a.vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
         tag = ck / (ck / "latest").read_text().strip()
         largest = 4 * a.vocab * a.hidden / 2 ** 20
         say(f"# DeepSpeed ZeRO-{a.stage} {a.dtype} checkpoint, {a.ranks} ranks, hidden {a.hidden}, {a.layers} layers, "
