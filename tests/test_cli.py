@@ -178,3 +178,20 @@ def test_from_and_to_help_come_from_the_registries(capsys):
         for name, cls in registry.items():
             listed = f"{name}({''.join(cls.description.split())})" if cls.description else name
             assert listed in out, (cmd, name)
+
+
+def test_help_and_usage_errors_do_not_import_torch():
+    """Building the parser imports every plug-in; none imports torch at module level, so
+    ``ucp --help``, ``--version`` and usage errors answer in a fraction of a second instead of
+    the ~2 s torch takes to import (every command imports it once the arguments are parsed)."""
+    probe = ("import sys\n"
+             "from ucp.cli import main\n"
+             "for argv in (['--help'], ['--version'], ['convert', '--help'], ['export', '--help'], ['convert']):\n"
+             "    try:\n"
+             "        main(argv)\n"
+             "    except SystemExit:\n"
+             "        pass\n"
+             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout[-2000:]
+    assert "usage: ucp convert" in r.stderr      # the usage error was reached, and reported

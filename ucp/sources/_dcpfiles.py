@@ -31,8 +31,6 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-import torch
-
 from ucp.errors import UcpError
 
 METADATA_FILE = ".metadata"
@@ -44,6 +42,7 @@ class DcpFileError(UcpError):
 
 
 def _metadata_classes() -> list[Any]:
+    import torch
     from torch.distributed.checkpoint import filesystem, metadata
 
     return [metadata.Metadata, metadata.TensorStorageMetadata, metadata.BytesStorageMetadata,
@@ -60,6 +59,7 @@ def metadata_globals(extra: Iterable[Any] = ()) -> dict[str, Any]:
     user-registered safe globals."""
     import collections
     import pathlib
+    import torch
 
     allowed: dict[str, Any] = {}
     objs = _metadata_classes() + [collections.OrderedDict, pathlib.PosixPath, pathlib.PurePosixPath,
@@ -241,6 +241,8 @@ class DcpFiles:
 
     def obj(self, index) -> Any:
         """A non-tensor item (``BytesStorageMetadata``), through ``torch.load(weights_only=True)``."""
+        import torch
+
         view, where = self._view(index)
         try:
             return torch.load(view, map_location="cpu", weights_only=True)
@@ -266,6 +268,8 @@ class DcpFiles:
 
 
 def _load_mapped(zf: zipfile.ZipFile, view: _MapView, where: str) -> torch.Tensor:
+    import torch
+
     names = zf.namelist()
     pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
     if len(pkl) != 1:

@@ -24,8 +24,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ucp.errors import UcpError
 from ucp.sources import Source, SourceLayout, SourceParam
 from ucp.sources._dcpfiles import DcpFiles, chunk_box, is_dcp_dir
@@ -93,6 +91,8 @@ class DcpSource(Source):
 
     def _whole_tensor(self, fqn: str, tmd) -> torch.Tensor:
         """A tensor outside model/optim (kept as metadata), assembled from its chunks."""
+        import torch
+
         out = torch.empty(tuple(tmd.size), dtype=tmd.properties.dtype)
         for k, ch in enumerate(tmd.chunks):
             start, stop = chunk_box(ch)
@@ -149,6 +149,8 @@ class DcpSource(Source):
         return ties
 
     def _same_chunks(self, a, b) -> bool:
+        import torch
+
         (fa, ta), (fb, tb) = a, b
         if (tuple(ta.size), ta.properties.dtype) != (tuple(tb.size), tb.properties.dtype):
             return False
@@ -202,4 +204,6 @@ def _key_order(md) -> list[str]:
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return t.contiguous().reshape(-1).view(torch.uint8)

@@ -16,8 +16,6 @@ import threading
 from pathlib import Path
 from typing import Mapping
 
-import torch
-
 from ucp.errors import UcpError
 from ucp.sources import Source, SourceLayout, SourceParam
 
@@ -51,6 +49,8 @@ def read_layout(src) -> dict:
 
 def load_rank_file(path: Path) -> dict:
     """A rank (or metadata) file, weights-only and memory-mapped; errors name the file."""
+    import torch
+
     from ucp.format.store import readahead
 
     if not path.is_file():
@@ -153,6 +153,8 @@ class RanksSource(Source):
 def load_ranks_full(src) -> dict[str, dict[str, torch.Tensor]]:
     """Assemble rank files back into full tensors ``{state: {name: tensor}}``: coverage checked
     once by the engine's rule, replicas averaged by the one rule (``ucp.plan.assemble``)."""
+    import torch
+
     from ucp.engine import check_layout
     from ucp.plan import assemble
 

@@ -25,8 +25,6 @@ import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-
 from ucp.errors import UcpError
 from ucp.targets import Target, TargetUnit
 
@@ -117,6 +115,8 @@ class DcpTarget(Target):
 
     def _extra_items(self) -> list:
         """Scalars (0-d tensors) and non-tensor entries, written with file 0."""
+        import torch
+
         ck = self._ck
         out = []
         for name in ck.params:

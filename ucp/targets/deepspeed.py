@@ -31,13 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-
 from ucp.errors import UcpError
 from ucp.sources.deepspeed import flat_fragment, whole_fragment, zero3_buffer, zero3_partition
 from ucp.targets import Target, TargetUnit
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: --dtype -> the torch dtype's name (the run's model dtype)
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 ZERO_ALIGN = 2  # stage_1_and_2.py: nccl_start_alignment_factor
 
 
@@ -174,12 +173,14 @@ class DeepSpeedTarget(Target):
 
     # -- planning
     def plan(self, checkpoint) -> list[TargetUnit]:
+        import torch
+
         if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())):
             raise DeepSpeedTargetError(f"{self.dst}: destination is not empty")
         self.model = Model.of(checkpoint)
         self.md = checkpoint.metadata if isinstance(checkpoint.metadata, dict) else {}
         self.config = self._config()
-        self.dtype = DTYPES[self._dtype_name()]
+        self.dtype = getattr(torch, DTYPES[self._dtype_name()])
         self.tag = str(self.options.get("tag") or f"global_step{self.md.get('iteration') or 0}")
         if self.stage == 3:
             sub = self.options.get("sub_group_size") or (self.config["zero_optimization"].get("sub_group_size"))
@@ -232,6 +233,8 @@ class DeepSpeedTarget(Target):
         return zero12_groups(self.model, self.dp, rank)
 
     def _optim_file(self, rank: int) -> str:
+        import torch
+
         return f"{'bf16_' if self.dtype == torch.bfloat16 else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
 
     # -- writing
@@ -244,11 +247,14 @@ class DeepSpeedTarget(Target):
         self._save(body, self.dst / self.tag / unit.key)
 
     def _save(self, obj, path: Path) -> None:
+        import torch
+
         path.parent.mkdir(parents=True, exist_ok=True)
         self._written.append(path)
         torch.save(obj, path)
 
     def _model_states(self, rank: int, params: Mapping[str, torch.Tensor]) -> dict:
+        import torch
         from deepspeed import __version__
 
         m = self.model
@@ -306,6 +312,8 @@ class DeepSpeedTarget(Target):
 
     def _adam_state(self, groups: list[FlatGroup], tensors) -> dict:
         """Torch optimizer state per flat buffer (skipped when the checkpoint has no moments)."""
+        import torch
+
         out = {}
         if not self.model.states:
             return out
@@ -327,6 +335,8 @@ class DeepSpeedTarget(Target):
         return out
 
     def _dynamic(self) -> bool:
+        import torch
+
         return self.dtype == torch.float16 and (self.config.get("fp16") or {}).get("loss_scale", 0) == 0
 
     def _loss_scaler(self):
@@ -367,6 +377,8 @@ class DeepSpeedTarget(Target):
 
 def buffer(tensors, state: str, group: FlatGroup) -> torch.Tensor:
     """The rank's buffer of ``group`` for ``state``; zeros where the rank holds only padding."""
+    import torch
+
     got = tensors.get(state, {}).get(group.key)
     return got if got is not None else torch.zeros(group.lengths[state], dtype=torch.float32)
 
@@ -394,6 +406,8 @@ class DeepSpeedUniversalTarget(DeepSpeedTarget):
         return models + params
 
     def write_unit(self, unit: TargetUnit, tensors: Mapping[str, Mapping[str, Any]]) -> None:
+        import torch
+
         if not unit.key.startswith("zero/"):
             return super().write_unit(unit, tensors)
         name = unit.key[len("zero/"):]
@@ -417,6 +431,7 @@ class DeepSpeedUniversalTarget(DeepSpeedTarget):
     def _universal_optimizer_state(self) -> dict:
         """What ``ds_to_universal`` keeps of rank 0's optimizer file: the global state and the
         param groups (ZeRO-3 also reads ``state[0]["step"]``)."""
+        import torch
         from deepspeed import __version__
         from deepspeed.runtime.zero.config import ZeroStageEnum
 

@@ -14,8 +14,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import torch
-
 from ucp.sources.ranks import FORMAT_NAME, LAYOUT_FILE, META_FILE, RanksError, rank_file_name
 from ucp.targets import Target, TargetUnit
 
@@ -70,12 +68,16 @@ class RanksTarget(Target):
         return parse_spec(recorded["spec_text"], recorded.get("spec") or "<recorded spec>"), constants
 
     def write_unit(self, unit: TargetUnit, tensors: Mapping[str, Mapping[str, Any]]) -> None:
+        import torch
+
         out = {st: dict(tensors.get(st, {})) for st in self._states}  # every state, "param" first
         path = self.dst / unit.key
         self._written.append(path)
         torch.save(out, path)
 
     def finish(self, checkpoint) -> None:
+        import torch
+
         from ucp.format.dtypes import dtype_name
 
         bound = self._bound
