@@ -313,6 +313,59 @@ def test_ranks_write_their_arrays_from_staggered_starts_and_report_them_in_plan_
         assert same(ck.read(fqn[len("model."):]), t)
 
 
+def test_array_documents_are_spread_over_the_ranks_that_write_the_arrays(tmp_path, monkeypatch):
+    """Issue 17: under FSDP rank 0 holds the first chunk of every array, so by the format's default
+    rule it would write every ``zarr.json`` while the other ranks wait for it. The coordinator
+    names one writer per array among the ranks writing a box of it, the fewest documents each: each
+    document is written once, by that rank, recorded in its part, never again by the coordinator,
+    and a rank with an empty box of an array is never its writer."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorProperties
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    from ucp.dcp import _doc_writers, _saved_arrays, _write_arrays
+    from ucp.format import commit_parts, create_checkpoint, store
+
+    puts, real = [], store.LocalStore.put
+    monkeypatch.setattr(store.LocalStore, "put", lambda self, rel, bufs, fsync=False:
+                        puts.append(rel) or real(self, rel, bufs, fsync))
+    path, world = tmp_path / "u", 3
+    full = {f"model.p{i}": torch.randn(3 * (i + 1), 4, generator=torch.Generator().manual_seed(i)) for i in range(8)}
+    full["model.short"] = torch.randn(2, 4)           # rows for ranks 0 and 1 only: rank 2's box is empty
+
+    def items(rank):
+        out = []
+        for fqn, t in full.items():
+            n = -(-t.shape[0] // world)
+            box = t[rank * n:(rank + 1) * n]
+            chunk = ChunkStorageMetadata(torch.Size([min(rank * n, t.shape[0]), 0]), box.shape)
+            out.append((WriteItem(MetadataIndex(fqn, [rank * n, 0]), WriteItemType.SHARD, tensor_data=
+                                  TensorWriteData(chunk, TensorProperties(dtype=t.dtype), t.shape)), box))
+        return out
+
+    plans = [SavePlan([item for item, _ in items(r)]) for r in range(world)]
+    docs = _doc_writers(_saved_arrays(plans), world)
+    assert docs[("short", "param")] in (0, 1)
+    assert sorted(list(docs.values()).count(r) for r in range(world)) == [3, 3, 3]
+    writers = []
+    for rank in range(world):
+        w = create_checkpoint(path, rank=rank, world_size=world, durable=False)
+        _write_arrays(w, items(rank), {}, workers=2, docs=docs)
+        for fqn in full:
+            w.add_param(fqn[len("model."):])
+        w.commit()
+        writers.append(w)
+    for rank, w in enumerate(writers):               # each rank recorded exactly the documents named to it
+        recorded = {rel for _, _, d in w.records for rel in d}
+        assert recorded == {f"{name}/{state}/zarr.json" for (name, state), r in docs.items() if r == rank}
+    commit_parts(path, world)
+    array_docs = [p for p in puts if p.endswith("/param/zarr.json")]
+    assert sorted(array_docs) == sorted(f"{fqn[len('model.'):]}/param/zarr.json" for fqn in full)  # once each
+    assert verify(path, deep=True) == []
+    ck = ucp.open(path)
+    for fqn, t in full.items():
+        assert same(ck.read(fqn[len("model."):]), t)
+
+
 # ---------------------------------------------------------------------------- source and target
 def test_convert_equals_dcp_to_torch_save(tied_frozen, tmp_path):
     root, sd, ref = tied_frozen

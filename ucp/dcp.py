@@ -436,7 +436,8 @@ class UniversalWriter(StorageWriter):
         _prepare_destination(self.path, self.overwrite, self.storage_options)
         arrays = _saved_arrays(plans)
         grids = _chunk_grids(arrays, self.chunk_bytes)
-        return [dataclasses.replace(p, storage_data={"part": i, "world": len(plans), "grids": grids})
+        docs = _doc_writers(arrays, len(plans))
+        return [dataclasses.replace(p, storage_data={"part": i, "world": len(plans), "grids": grids, "docs": docs})
                 for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner) -> Future:
@@ -462,7 +463,7 @@ class UniversalWriter(StorageWriter):
                     arrays.append((item, data))
                 else:
                     results.append(_record_item(item, data, summary))
-            results += _write_arrays(writer, arrays, info["grids"], self.threads)
+            results += _write_arrays(writer, arrays, info["grids"], self.threads, info.get("docs"))
             for name in summary.params:
                 writer.add_param(name)
             if self.is_coordinator:
@@ -512,9 +513,10 @@ def _prepare_destination(path, overwrite: bool, storage_options) -> None:
 
 
 def _saved_arrays(plans: list[SavePlan]) -> dict:
-    """``(name, state) -> (shape, dtype, [(start, stop)] boxes of all ranks)`` of every array saved."""
+    """``(name, state) -> (shape, dtype, [(start, stop)] boxes of all ranks, [the plans (parts)
+    that write a box of it]))`` of every array saved."""
     out: dict[tuple, tuple] = {}
-    for p in plans:
+    for i, p in enumerate(plans):
         for item in p.items:
             td = item.tensor_data
             k = parse_key(item.index.fqn)
@@ -522,7 +524,25 @@ def _saved_arrays(plans: list[SavePlan]) -> dict:
                 continue
             start = tuple(int(o) for o in td.chunk.offsets)
             box = (start, tuple(a + int(s) for a, s in zip(start, td.chunk.sizes)))
-            out.setdefault((k.name, k.state), (tuple(td.size), td.properties.dtype, []))[2].append(box)
+            shape, dtype, boxes, parts = out.setdefault((k.name, k.state), (tuple(td.size), td.properties.dtype, [], []))
+            boxes.append(box)
+            if not _writes_nothing(td):
+                parts.append(i)
+    return out
+
+
+def _doc_writers(arrays: dict, world: int) -> dict:
+    """``(name, state) -> the part that writes the array's zarr.json``: one of the parts writing
+    a box of it, the fewest documents each (under FSDP every rank writes a box of every array, and
+    the rank holding every first chunk, the default writer, would write them all while the others
+    wait). An array no part writes a box of is left to the coordinator."""
+    load = [0] * world
+    out = {}
+    # the arrays fewest parts write first, while those parts still have the fewest documents
+    for key, (_, _, _, parts) in sorted(arrays.items(), key=lambda kv: len(kv[1][3])):
+        if parts:
+            out[key] = min(parts, key=lambda r: (load[r], r))
+            load[out[key]] += 1
     return out
 
 
@@ -540,7 +560,7 @@ def _chunk_grids(arrays: dict, chunk_bytes: Optional[int] = None) -> dict:
     chunks two ranks share: a slower save for finer-grained reads)."""
     memo: dict[tuple, tuple] = {}     # a parameter and its optimizer states share shape and boxes
     out = {}
-    for key, (shape, dtype, bx) in arrays.items():
+    for key, (shape, dtype, bx, _) in arrays.items():
         if not shape:
             out[key] = (None, None)
             continue
@@ -591,31 +611,38 @@ def _is_array(k: DcpKey, size) -> bool:
     return k.kind == "param" or (k.kind == "state" and len(size) > 0)
 
 
-def _write_arrays(writer, items, grids, workers: int) -> list[WriteResult]:
+def _writes_nothing(td) -> bool:
+    """A rank's empty box of a non-empty array: nothing to write, and nothing to declare (the
+    ranks holding the rest declare it; an empty shard cannot show a tie, so an alias is never
+    declared by this rank alone)."""
+    return 0 in td.chunk.sizes and math.prod(td.size) > 0
+
+
+def _write_arrays(writer, items, grids, workers: int, docs: Optional[dict] = None) -> list[WriteResult]:
     """Write the array boxes of this rank, several at once (chunk files are independent: their
-    writes and fsyncs overlap). Arrays are declared first, in plan order."""
+    writes and fsyncs overlap). Arrays are declared first, in plan order. ``docs``: the part that
+    writes each array's ``zarr.json`` (:func:`_doc_writers`; None: the format's default rule)."""
     from concurrent.futures import ThreadPoolExecutor
 
     jobs = []
     for item, data in items:
         k, td = parse_key(item.index.fqn), item.tensor_data
-        if 0 in td.chunk.sizes and math.prod(td.size):
-            # nothing to write, and nothing to declare: the ranks holding the rest declare it (an
-            # empty shard cannot show a tie, so an alias is never declared by this rank alone)
+        if _writes_nothing(td):
             jobs.append(None)
             continue
         chunks, shards = grids.get((k.name, k.state), (None, None))
         arr = writer.add_array(k.name, k.state, tuple(td.size), td.properties.dtype, chunks=chunks, shards=shards)
-        jobs.append((arr, tuple(int(o) for o in td.chunk.offsets), data))
+        mine = None if docs is None else docs.get((k.name, k.state)) == writer.rank
+        jobs.append((arr, tuple(int(o) for o in td.chunk.offsets), data, mine))
 
     def write(job):
         if job is None:
             return 0
-        arr, offsets, data = job
+        arr, offsets, data, mine = job
         t = data.detach()
         t = (t.cpu() if t.device.type != "cpu" else t).contiguous()
         arr.write(offsets, t)
-        writer.write_doc(arr)     # on this thread, before the data sync, not in the serial commit
+        writer.write_doc(arr, mine)     # on this thread, before the data sync, not in the serial commit
         return t.numel() * t.element_size()
 
     # each rank starts at another array: under FSDP every rank writes a box of every array, and

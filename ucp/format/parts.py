@@ -10,6 +10,8 @@ it checks every part, assembles the staged chunks through an ordinary ``Checkpoi
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import crc32c
 import numpy as np
 
@@ -54,6 +56,7 @@ class PartWriter(CheckpointWriter):
                            "the root; clear it once before starting the ranks")
         self.rank, self.world_size = rank, world_size
         self._docs = {}  # rel -> (size, crc32c) of the array documents written so far
+        self._doc_mine: dict[str, bool] = {}  # rel -> whether this rank writes it, as the caller named
         super().__init__(path, **kw)
 
     def lock_rel(self) -> str:
@@ -130,20 +133,30 @@ class PartWriter(CheckpointWriter):
                         "file": rel, "size": len(data), "crc32c": crc32c.crc32c(data)})
         return out
 
-    def write_doc(self, a) -> None:
-        """Write array ``a``'s ``zarr.json`` now if this rank has written its first chunk whole, not
-        in ``commit``: a caller writing its boxes on several threads writes the documents there, in
-        parallel with its data and before ``sync_data`` (under FSDP one rank owns the first chunk of
-        every array, so writing them all in its ``commit`` is a serial step the others wait for)."""
-        self._array_doc(a, a.completed())
+    def write_doc(self, a, mine: Optional[bool] = None) -> None:
+        """Write array ``a``'s ``zarr.json`` now if this rank is its writer, not in ``commit``: a
+        caller writing its boxes on several threads writes the documents there, in parallel with its
+        data and before ``sync_data``.
+
+        ``mine``: the caller, who knows every rank's boxes, names one writer per array: this rank
+        (True) or another (False), for good (``commit`` follows it). Under FSDP one rank holds the
+        first chunk of every array, so by the default rule it would write every document while the
+        others wait for it. None: the default, the rank that wrote the array's first chunk whole."""
+        rel = f"{a.rel}/zarr.json"
+        if mine is not None:
+            self._doc_mine[rel] = bool(mine)
+        if mine is not False:
+            self._array_doc(a, a.completed())
 
     def _array_doc(self, a, done: ManifestArray):
-        """Write ``a``'s ``zarr.json`` (once) when this rank wrote its first chunk whole (exactly one
-        rank did, or none: the coordinator assembles it and writes the document); its (size, crc32c)."""
+        """Write ``a``'s ``zarr.json`` (once) when this rank is its writer: the one the caller named
+        (``write_doc``), else the rank that wrote its first chunk whole (exactly one rank did, or
+        none: the coordinator assembles it and writes the document); its (size, crc32c)."""
         rel = f"{a.rel}/zarr.json"
         if rel in self._docs:
             return self._docs[rel]
-        if chunk_key((0,) * len(a.shape)) not in done.chunk_table:
+        mine = self._doc_mine.get(rel)
+        if not (chunk_key((0,) * len(a.shape)) in done.chunk_table if mine is None else mine):
             return None
         doc = a.doc_bytes()
         self.store.put(rel, [doc])
