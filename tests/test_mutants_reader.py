@@ -198,3 +198,157 @@ def test_damaged_inner_chunk_is_named_by_a_first_read(shards, index):
     with pytest.raises(CorruptChunkError, match=r"shard c/0/0 .*inner chunk \[1, 0\] crc32c mismatch"):
         open_checkpoint(root).read("s", index=index)
     assert torch.equal(open_checkpoint(root).read("s", index=slice(4, 16)), S[4:])  # the other chunks are fine
+
+
+# -- survivors of the rerun on the look-ahead / one-open-file reader (bench/results/mutation_reader.txt)
+def _grid_shards(root):
+    """(64, 48) float32 in 4 shard files of (16, 48), inner chunks of (16, 16): each shard one row
+    of 3 inner chunks (1028 bytes each with its crc32c word)."""
+    x = torch.arange(64 * 48, dtype=torch.float32).reshape(64, 48)
+    with create_checkpoint(str(root), durable=False) as w:
+        w.write_tensor("x", "param", x, chunks=(16, 16), shards=(16, 48))
+    return x
+
+
+@pytest.fixture
+def uncached(monkeypatch):
+    """No shard file in the page cache (as after a restart): reads across files fetch ahead."""
+    from ucp.format.store import LocalStore
+
+    monkeypatch.setattr(LocalStore, "cached", lambda self, rel, start, stop: False)
+
+
+def test_small_arrays_read_by_index_and_into_out(tmp_path):
+    """A small one-chunk array takes the short path only when read whole into a new tensor: an index
+    or an ``out`` buffer is honoured like for any other array."""
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    with create_checkpoint(tmp_path / "ck") as w:
+        w.write_tensor("b", "param", t)
+    ck = open_checkpoint(tmp_path / "ck")
+    assert ck._array("b", "param").small_key is not None  # the array this test is about
+    out = torch.full((3, 4), -1.0)
+    assert ck.read("b", out=out) is out and torch.equal(out, t)
+    assert torch.equal(ck.read("b", index=1), t[1])
+    assert torch.equal(ck.read("b", index=(slice(None), slice(1, 3))), t[:, 1:3])
+    assert ck.last_read_stats == {"bytes_read": 12 * 4 + 4, "bytes_needed": 3 * 2 * 4, "chunks_read": 1}
+
+
+def test_an_empty_box_does_not_stop_the_boxes_after_it(tmp_path):
+    t = torch.arange(10 * 4, dtype=torch.float32).reshape(10, 4)
+    with create_checkpoint(tmp_path / "ck") as w:
+        w.write_tensor("w", "param", t, chunks=(3, 4))
+    ck = open_checkpoint(tmp_path / "ck")
+    out = torch.full((3, 4), -1.0)
+    ck.read_boxes([("w", "param", [2, 0], [2, 4], torch.empty(0, 4)), ("w", "param", [4, 0], [7, 4], out)])
+    assert torch.equal(out, t[4:7])
+    assert ck.last_read_stats == {"bytes_read": 2 * (3 * 4 * 4 + 4), "bytes_needed": 3 * 4 * 4, "chunks_read": 2}
+
+
+def test_a_closed_checkpoint_reads_again(tmp_path):
+    """``close`` (the end of a ``with``) stops the reader threads; a later read starts new ones."""
+    url = f"memory://ucp-mutants-reader/{tmp_path.name}/ck"  # an object store: reads run on threads
+    t = torch.arange(64, dtype=torch.float32).reshape(16, 4)
+    with create_checkpoint(url, chunk_bytes=64) as w:
+        w.write_tensor("w", "param", t)
+    with open_checkpoint(url) as ck:
+        assert torch.equal(ck.read("w"), t)
+    assert torch.equal(ck.read("w"), t)
+    assert ck.last_read_stats["chunks_read"] == 4
+
+
+def test_a_checkpoint_closed_after_a_failed_read_reads_the_other_shards(tmp_path, uncached, monkeypatch):
+    """A read that fails on its first shard leaves files fetched ahead that it never read; ``close``
+    drops that look-ahead, and a read of the other shards afterwards gets their values."""
+    from ucp.format import reader as reader_mod
+
+    root = tmp_path / "ck"
+    x = _grid_shards(root)
+    monkeypatch.setattr(reader_mod, "LOOK_AHEAD_BYTES", 1)  # two files ahead: one left unread
+    ck = open_checkpoint(str(root), workers=1)
+    a = ck._array("x", "param")
+    f = root / a.info.path / sorted(a.table)[0]
+    data = bytearray(f.read_bytes())
+    data[-6] ^= 0xFF  # inside the index of shard 0
+    f.write_bytes(bytes(data))
+    with pytest.raises(CorruptChunkError, match="index"):
+        ck.read_box("x", "param", [0, 16], [64, 32])
+    ck.close()
+    assert torch.equal(ck.read_box("x", "param", [16, 16], [64, 32]), x[16:, 16:32])
+
+
+@pytest.mark.parametrize("index", [None, (slice(None), slice(16, 48))], ids=["whole", "columns"])
+def test_runs_read_in_bands_count_the_bytes_read(tmp_path, monkeypatch, index):
+    """A run of inner chunks larger than the batch limit is read in bands: the same values and the
+    same bytes counted as a read of the same box in whole batches."""
+    from ucp.format import reader as reader_mod
+
+    root = tmp_path / "ck"
+    x = _grid_shards(root)
+    want = x if index is None else x[index]
+    ck = open_checkpoint(str(root), workers=1)
+    monkeypatch.setattr(ck, "_look_ahead", lambda shards: None)
+    assert torch.equal(ck.read("x", index=index), want)
+    batched = ck.last_read_stats
+    monkeypatch.setattr(reader_mod, "STREAM_BYTES", 2048)  # a run of 2 or 3 chunks (2056, 3084 bytes): bands of 10 rows
+    ck = open_checkpoint(str(root), workers=1)
+    monkeypatch.setattr(ck, "_look_ahead", lambda shards: None)
+    bands = []
+    real = reader_mod.Checkpoint._read_bands
+    monkeypatch.setattr(reader_mod.Checkpoint, "_read_bands", lambda self, *a: bands.append(1) or real(self, *a))
+    assert torch.equal(ck.read("x", index=index), want)
+    assert len(bands) == 4  # one run per shard file
+    assert ck.last_read_stats == batched
+    assert ck.bytes_read == batched["bytes_read"] > 0
+
+
+def test_whole_shard_reads_fetched_ahead_count_the_bytes_read(tmp_path, uncached, monkeypatch):
+    """Files read whole are only hinted by the look-ahead: it adds nothing to the bytes the read counts."""
+    root = tmp_path / "ck"
+    x = _grid_shards(root)
+    plain = open_checkpoint(str(root))
+    monkeypatch.setattr(plain, "_look_ahead", lambda shards: None)
+    assert torch.equal(plain.read("x"), x)
+    ck = open_checkpoint(str(root))
+    assert torch.equal(ck.read("x"), x)
+    assert ck.last_read_stats == plain.last_read_stats
+    assert ck.bytes_read == sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and "/c/" in str(f))
+
+
+def test_whole_2d_shards_on_an_object_store_take_one_data_request_each(tmp_path, monkeypatch):
+    """Like the 1-D case (test_behaviour_reader): a shard whose inner chunks are row blocks (each its
+    own run) is still fetched in one data request after its index, not one per run."""
+    from ucp.format.store import FsspecStore
+
+    url = f"memory://ucp-mutants-reader/{tmp_path.name}/shards2d"
+    t = torch.arange(16 * 8, dtype=torch.float32).reshape(16, 8)
+    with create_checkpoint(url) as w:
+        w.write_tensor("s", "param", t, shards=(8, 8), chunks=(2, 8))  # 2 shards of 4 row-block inner chunks
+    ck = open_checkpoint(url, workers=1)
+    calls = []
+    real = FsspecStore.read_ranges
+    monkeypatch.setattr(FsspecStore, "read_ranges",
+                        lambda self, rel, *a, **k: calls.append(rel) or real(self, rel, *a, **k))
+    assert torch.equal(ck.read("s"), t)
+    assert len(set(calls)) == 2 and len(calls) == 4, calls
+
+
+@pytest.mark.parametrize("window, ahead", [(1, [2, 2, 2, 1, 0]), (3 * 1024, [3, 3, 2, 1, 0])],
+                         ids=["below-one-file", "three-files"])
+def test_the_look_ahead_keeps_its_window_full(tmp_path, uncached, monkeypatch, window, ahead):
+    """The files fetched ahead and not yet read, after each step of the look-ahead of a read of 4
+    files needing 1 KiB each: as many as the window's bytes hold, never fewer than two while files
+    are left, refilled as each read takes its file."""
+    from ucp.format import reader as reader_mod
+
+    root = tmp_path / "ck"
+    x = _grid_shards(root)
+    monkeypatch.setattr(reader_mod, "LOOK_AHEAD_BYTES", window)
+    seen, real_fill = [], reader_mod._LookAhead.fill
+
+    def fill(self):
+        real_fill(self)
+        seen.append(len(self.ck._ahead))
+    monkeypatch.setattr(reader_mod._LookAhead, "fill", fill)
+    ck = open_checkpoint(str(root), workers=1)
+    assert torch.equal(ck.read_box("x", "param", [0, 16], [64, 32]), x[:, 16:32])  # 16 x 16 of each file
+    assert seen == ahead
