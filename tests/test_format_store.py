@@ -399,22 +399,68 @@ def uncached(monkeypatch):
     monkeypatch.setattr(LocalStore, "cached", lambda self, rel, start, stop: False)
 
 
-def _evict(root):
-    """Drop every file under ``root`` from the page cache (written back first: dirty pages stay)."""
-    for f in root.rglob("*"):
-        if f.is_file():
+def _resident(path) -> bool:
+    """Whether any page of the file is in the page cache (mincore(2) of a private map of it, which
+    faults nothing in): the eviction's own check, independent of the probe under test."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    if not size:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        pages = -(-size // mmap.PAGESIZE)
+        vec = ctypes.create_string_buffer(pages)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+        return any(b & 1 for b in vec.raw)
+
+
+def _evict(root, attempts=100):
+    """Drop every file under ``root`` from the page cache (written back first: dirty pages stay),
+    until none of their pages is resident: on a loaded machine a page the kernel has not yet put on
+    its LRU lists (per-CPU batches) survives one ``FADV_DONTNEED`` now and then."""
+    files = [f for f in root.rglob("*") if f.is_file()]
+    for _ in range(attempts):
+        for f in files:
             fd = os.open(f, os.O_RDONLY)
             try:
                 os.fsync(fd)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
+        if not any(_resident(f) for f in files):
+            return
+    raise AssertionError(f"{root}: pages still resident after {attempts} evictions")
+
+
+def test_the_page_cache_probe_reads_nothing(tmp_path):
+    """``Store.cached`` says whether a file's pages are resident without reading them: a probe of an
+    evicted file says False and leaves it evicted (a ``preadv2(RWF_NOWAIT)`` probe started the
+    kernel's read of the page it did not find, and on a fast disk returned it: a cold file was
+    reported cached, and the look-ahead skipped a cold read)."""
+    _, url = _four_shards(tmp_path)
+    store = make_store(url)
+    ck = open_checkpoint(url)
+    a = ck._array("x", "param")
+    rel = f"{a.info.path}/{sorted(a.table)[0]}"
+    path = tmp_path / "ck" / rel
+    size = path.stat().st_size
+    path.read_bytes()
+    assert store.cached(rel, size - 64, size) is True and store.cached(rel, 0, size) is True
+    for _ in range(20):   # each time: evicted, probed, still evicted
+        _evict(tmp_path / "ck")
+        assert store.cached(rel, size - 64, size) is False and store.cached(rel, 0, size) is False
+        assert not _resident(path)
+    assert store.cached("x/param/c/9/9", 0, 4) is None      # no such file: the read reports it
 
 
 def test_a_warm_read_does_not_fetch_ahead(tmp_path, monkeypatch):
     """Files in the page cache: the look-ahead would only move the reads' own work to other threads,
     so a read whose first file's index is cached runs none; once evicted, the next open fetches
-    ahead again. ``Store.cached`` tells the two apart (RWF_NOWAIT)."""
+    ahead again. ``Store.cached`` tells the two apart (mincore)."""
     from ucp.format import reader as reader_mod
 
     x, url = _four_shards(tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import shutil
@@ -95,6 +96,44 @@ def syncfs(fd) -> bool:
         return libc.syncfs(fd) == 0
     except (OSError, AttributeError):
         return False
+
+
+def resident(fd, start, stop) -> bool | None:
+    """Whether every page of bytes ``[start, stop)`` of file ``fd`` is in the page cache: mincore(2)
+    on a map of them, which reads nothing; None where the kernel cannot say.
+
+    Why not a read that may not wait (``preadv2`` with ``RWF_NOWAIT``): not finding a page, it starts
+    the kernel's read of it, and on a fast disk the page can arrive before the read gives up, so a
+    file just evicted was reported cached (the look-ahead then skipped a cold read)."""
+    lo = start - start % mmap.PAGESIZE
+    n = max(stop, start + 1) - lo
+    try:
+        libc = _libc()
+        addr = libc.mmap(None, n, mmap.PROT_READ, mmap.MAP_SHARED, fd, lo)
+        if addr in (None, _MAP_FAILED):
+            return None
+        try:
+            vec = ctypes.create_string_buffer(-(-n // mmap.PAGESIZE))
+            if libc.mincore(addr, n, vec) != 0:
+                return None
+            return all(b & 1 for b in vec.raw)
+        finally:
+            libc.munmap(addr, n)
+    except (OSError, AttributeError):
+        return None
+
+
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
 
 
 def readahead(path, ranges=((0, 0),)) -> None:
@@ -570,11 +609,8 @@ class LocalStore(FileBuffers):
         return _LocalRanges(self._open(rel), rel)
 
     def cached(self, rel, start, stop):
-        """Whether bytes ``[start, stop)`` of the file are in the page cache: a read that may not wait
-        for the disk (``preadv2`` with ``RWF_NOWAIT``) gets them all. None where the kernel cannot
-        say, or the file cannot be opened (the read that needs it reports that)."""
-        if not hasattr(os, "RWF_NOWAIT"):
-            return None
+        """Whether bytes ``[start, stop)`` of the file are in the page cache (:func:`resident`). None
+        where the kernel cannot say, or the file cannot be opened (the read that needs it reports that)."""
         try:
             f = self.ranges_reader(rel)
         except (OSError, FormatError):
@@ -819,13 +855,7 @@ class _LocalRanges:
 
     def cached(self, start, stop):
         """As ``LocalStore.cached``, on the open file."""
-        buf = bytearray(stop - start)
-        try:
-            return os.preadv(self.fd, [buf], start, os.RWF_NOWAIT) == len(buf)
-        except BlockingIOError:
-            return False
-        except OSError:  # EOPNOTSUPP and the like: the kernel cannot say
-            return None
+        return resident(self.fd, start, stop)
 
     def close(self):
         if self.fd is not None:
