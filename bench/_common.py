@@ -1,4 +1,5 @@
-"""Helpers every benchmark shares: a free port for torchrun, dropping or filling the page cache.
+"""Helpers every benchmark shares: a free port for torchrun, dropping or filling the page cache,
+recording a run's report.
 
 Standard library only, and no ``import ucp``: a benchmark that runs one job with the ``ucp``
 of another checkout (``--compare-with``, an A/B of two versions in one run) imports this first,
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -43,3 +45,13 @@ def read_tree(path) -> int:
                 while k := f.readinto(buf):
                     n += k
     return n
+
+
+def record(path, text: str) -> None:
+    """Put this run's report at the top of ``path``, above the runs recorded there before: the
+    results files keep every sitting (each dated, with its commit and command), and a run with the
+    default ``--out`` replaced them (the DeepSpeed sittings were lost that way once, and restored
+    from git)."""
+    p = Path(path)
+    old = p.read_text() if p.exists() else ""
+    p.write_text(text.rstrip("\n") + "\n" + ("\n" + old if old.strip() else ""))

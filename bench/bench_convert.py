@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import drop_caches, free_port  # noqa: E402
+from _common import drop_caches, free_port, record  # noqa: E402
 from bench_reshard import best_of, llama_shapes, machine_load, model_args  # noqa: E402
 from ucp.demo import DEMO_SPEC  # noqa: E402
 from ucp.targets.ranks import save_ranks  # noqa: E402
@@ -89,7 +89,7 @@ def main():
     finally:
         shutil.rmtree(base, ignore_errors=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text("\n".join(lines) + "\n")
+    record(a.out, "\n".join(lines))
 
 
 if __name__ == "__main__":

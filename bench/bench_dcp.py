@@ -45,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import drop_caches, free_port, read_tree  # noqa: E402  (no ucp import: safe before the path below)
+from _common import drop_caches, free_port, read_tree, record  # noqa: E402  (no ucp import: safe before the path below)
 
 sys.path.insert(0, os.environ.get("UCP_BENCH_ROOT", str(ROOT)))   # the ucp under test (--compare-with)
 
@@ -220,7 +220,7 @@ def main(argv=None) -> None:
         text = "\n".join(run_model(args, argv, roots, base, model) for model in args.models.split(","))
         print(text)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        record(args.out, text)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

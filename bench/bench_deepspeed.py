@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_port  # noqa: E402  (no ucp import: the ucp under test is chosen per job)
+from _common import free_port, record  # noqa: E402  (no ucp import: the ucp under test is chosen per job)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0", "PYTHONPATH": str(ROOT),
@@ -223,7 +223,7 @@ def main():
             + (" (reused checkpoint)" if a.checkpoint else ""))
         runs = measure(a, ck, tag, base)
         report(a, runs, largest, say)
-        Path(a.out).write_text("\n".join(lines) + "\n")
+        record(a.out, "\n".join(lines))
     finally:
         if a.keep and not a.checkpoint:
             kept = base.with_name(base.name + "-checkpoint")

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _common import record  # noqa: E402
 from ucp.format import create_checkpoint, open_checkpoint  # noqa: E402
 
 MiB = 1 << 20
@@ -305,7 +307,7 @@ def main():
         f"ms/tensor   open {c_o * 1e3:.1f} ms")
     if a.out:
         pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(a.out).write_text("\n".join(LINES) + "\n")
+        record(a.out, "\n".join(LINES))
     if not a.dir:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import drop_caches  # noqa: E402,F401  (also imported from here by bench_convert)
+from _common import drop_caches, record  # noqa: E402,F401  (also imported from here by bench_convert)
 
 import ucp  # noqa: E402
 from ucp.format import create_checkpoint  # noqa: E402
@@ -168,7 +168,7 @@ def main():
     finally:
         shutil.rmtree(base, ignore_errors=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text("\n".join(lines) + "\n")
+    record(a.out, "\n".join(lines))
 
 
 if __name__ == "__main__":

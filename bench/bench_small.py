@@ -37,6 +37,8 @@ import time
 
 HERE = pathlib.Path(__file__).resolve()
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))
+from _common import record  # noqa: E402  (standard library only: no ucp before --root picks one)
 PHASES = [("write", "write ms/tensor", 1e3), ("open_first", "open 1st ms", 1e3), ("open", "open ms", 1e3),
           ("read", "read ms/tensor", 1e3), ("load", "load ms/tensor", 1e3)]
 
@@ -181,7 +183,7 @@ def main():
     lines = report(labels, runs, a, before, after)
     print("\n".join(lines))
     pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(a.out).write_text("\n".join(lines) + "\n")
+    record(a.out, "\n".join(lines))
 
 
 if __name__ == "__main__":
