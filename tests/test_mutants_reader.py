@@ -347,8 +347,70 @@ def test_the_look_ahead_keeps_its_window_full(tmp_path, uncached, monkeypatch, w
 
     def fill(self):
         real_fill(self)
-        seen.append(len(self.ck._ahead))
+        seen.append(sum(isinstance(v, reader_mod._Ahead) for v in self.ck._ahead.values()))  # not the queued marks
     monkeypatch.setattr(reader_mod._LookAhead, "fill", fill)
     ck = open_checkpoint(str(root), workers=1)
     assert torch.equal(ck.read_box("x", "param", [0, 16], [64, 32]), x[:, 16:32])  # 16 x 16 of each file
     assert seen == ahead
+
+
+def _tails(ck, start, stop):
+    """The shard files a read of box [start, stop) of x spans, as ``read_boxes`` hands them to the
+    look-ahead (path -> (array, shard index, start, stop)), in read order."""
+    from ucp.format.layout import chunk_key
+
+    a = ck._array("x", "param")
+    return a, {f"{a.info.path}/{chunk_key(j)}": (a, j, start, stop) for j in a.grid.indices_for(start, stop)}
+
+
+def test_a_file_read_before_the_look_ahead_reaches_it_is_never_fetched(tmp_path, uncached, monkeypatch):
+    """Reads on the pool can outrun the look-ahead. A file whose read takes it before the look-ahead
+    hands it out is struck from the queue: never fetched after its read (I/O for nothing, its bytes
+    then counted by the next read of that file), and when the read is over none of the look-ahead's
+    bookkeeping is left behind."""
+    from ucp.format import reader as reader_mod
+
+    root = tmp_path / "ck"
+    x = _grid_shards(root)
+    monkeypatch.setattr(reader_mod, "LOOK_AHEAD_BYTES", 1)        # two files ahead at a time
+    fetched, real_fetch = [], reader_mod.Checkpoint._fetch
+    monkeypatch.setattr(reader_mod.Checkpoint, "_fetch",
+                        lambda self, a, sidx, *r: fetched.append(sidx) or real_fetch(self, a, sidx, *r))
+    ck = open_checkpoint(str(root), workers=1)
+    start, stop = [0, 16], [64, 32]
+    _, tails = _tails(ck, start, stop)
+    rels = list(tails)
+    ahead = ck._look_ahead(tails)
+    assert ck._take_ahead(rels[3]) is None          # the last file's read came first: struck, not fetched
+    for rel in rels[:3]:                             # each read takes its file's fetch, and the window moves on
+        assert ck._take_ahead(rel).wait() > 0
+    ahead.close()
+    assert sorted(fetched) == [(0, 0), (1, 0), (2, 0)] and ck._ahead == {}
+    _next_read_takes_nothing_ahead(ck, monkeypatch, start, stop, x[:, 16:32])
+
+
+def _next_read_takes_nothing_ahead(ck, monkeypatch, start, stop, want):
+    """A read after the look-ahead of an earlier one (its own look-ahead off) reads right and finds
+    no work of the earlier one to wait for and count."""
+    taken, real_take = [], ck._take_ahead
+    monkeypatch.setattr(ck, "_look_ahead", lambda shards: None)
+    monkeypatch.setattr(ck, "_take_ahead", lambda rel: taken.append(real_take(rel)) or taken[-1])
+    assert torch.equal(ck.read_box("x", "param", start, stop), want)
+    assert len(taken) == 4 and taken == [None] * 4
+
+
+def test_a_read_that_fails_leaves_no_fetch_for_the_next_read_to_count(tmp_path, uncached, monkeypatch):
+    """The files a failed read had fetched ahead and not read are dropped when it ends: the next read
+    of them reads and counts its own bytes only, not the earlier fetch's."""
+    from ucp.format import reader as reader_mod
+
+    root = tmp_path / "ck"
+    x = _grid_shards(root)
+    ck = open_checkpoint(str(root), workers=1)
+    start, stop = [0, 16], [64, 32]
+    _, tails = _tails(ck, start, stop)
+    ahead = ck._look_ahead(tails)
+    assert any(isinstance(v, reader_mod._Ahead) for v in ck._ahead.values())
+    ahead.close()                                     # as read_boxes does when a read raises
+    assert ck._ahead == {}
+    _next_read_takes_nothing_ahead(ck, monkeypatch, start, stop, x[:, 16:32])

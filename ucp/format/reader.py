@@ -82,7 +82,8 @@ class Checkpoint:
         self._tls = threading.local()
         self._slock = threading.Lock()
         self._index_cache: dict[str, np.ndarray] = {}  # shard path -> checked index entries
-        self._ahead: dict = {}  # shard path -> the look-ahead's work on it (_Ahead)
+        self._ahead: dict = {}  # shard path -> the look-ahead's work on it (_Ahead), or the _LookAhead queueing it
+        self._alock = threading.Lock()  # _ahead: a read takes a file's entry as the look-ahead hands the file out
         self._ahead_pool = None
         self.bytes_read = 0
         self.chunks_read = 0
@@ -214,11 +215,15 @@ class Checkpoint:
             need += out.numel() * a.isz
             if a.inner is not None:
                 tails.update((f"{a.info.path}/{chunk_key(j)}", (a, j, start, stop)) for j in jobs)
-        self._look_ahead(tails)
-        if len(tasks) > 1 and self._workers > 1 and (need >= (8 << 20) or self._store.parallel_reads):
-            got = sum(self._thread_pool().map(_call, tasks))
-        else:
-            got = sum(fn(idx) for fn, idx in tasks)
+        ahead = self._look_ahead(tails)
+        try:
+            if len(tasks) > 1 and self._workers > 1 and (need >= (8 << 20) or self._store.parallel_reads):
+                got = sum(self._thread_pool().map(_call, tasks))
+            else:
+                got = sum(fn(idx) for fn, idx in tasks)
+        finally:
+            if ahead is not None:
+                ahead.close()
         nread = sum(c if isinstance(c, int) else sum(c) for c in counted)
         with self._slock:
             self.bytes_read += got
@@ -243,16 +248,27 @@ class Checkpoint:
         with it)."""
         todo = [(rel, v) for rel, v in shards.items() if rel not in self._ahead]
         if len(todo) < 2 or self._store.parallel_reads:
-            return
+            return None
         rel, (a, sidx, _start, _stop) = todo[0]
         size = a.table[chunk_key(sidx)][0]
         if self._store.cached(rel, size - min(a.index_nb, PROBE_BYTES), size):
-            return
+            return None
         if self._ahead_pool is None:
             with self._slock:
                 if self._ahead_pool is None:
                     self._ahead_pool = ThreadPoolExecutor(LOOK_AHEAD_THREADS, thread_name_prefix="ucp-look-ahead")
-        _LookAhead(self, todo).fill()
+        ahead = _LookAhead(self, todo)
+        ahead.fill()
+        return ahead
+
+    def _take_ahead(self, rel):
+        """The look-ahead's work on file ``rel`` for the read about to read it (None: none was
+        handed out). A file the look-ahead has not reached yet is struck from its queue: reads on the
+        pool can outrun it, and a fetch of a file already read would be I/O for nothing, its bytes
+        counted by whichever read of that file came next."""
+        with self._alock:
+            got = self._ahead.pop(rel, None)
+        return got if isinstance(got, _Ahead) else None
 
     def _fetch(self, a, sidx, rel, start, stop) -> int:
         """The look-ahead's work for one file: the bytes it read (0 when the fetch failed: the read
@@ -511,7 +527,7 @@ class Checkpoint:
         size = a.table[key][0]
         rel = f"{a.info.path}/{key}"
         cst, ist, isp, inner, locals_, whole = self._shard_part(a, sidx, start, stop)
-        ahead = self._ahead.pop(rel, None)
+        ahead = self._take_ahead(rel)
         pre = ahead.wait() if ahead is not None else 0  # what the look-ahead read of this file
         with self._ranges_reader(a, key, rel) as src:
             ent, got, pending = self._index(a, sidx, key, rel, size, whole, src)
@@ -751,20 +767,36 @@ def _tile_part(cst, loc, inner, r0, shape, ist, isp):
 
 class _LookAhead:
     """The look-ahead of one read: its files in read order, handed to the pool while less than
-    ``LOOK_AHEAD_BYTES`` of the data they need is ahead of the read (at least two files)."""
+    ``LOOK_AHEAD_BYTES`` of the data they need is ahead of the read (at least two files). Each file
+    waiting in the queue is marked in ``ck._ahead``; a read that takes the mark first
+    (``Checkpoint._take_ahead``) has the file skipped. ``close`` when the read is done."""
 
     def __init__(self, ck, todo):
         self.ck, self.todo, self.lock = ck, collections.deque(todo), threading.Lock()
         self.ahead_bytes = self.ahead_files = 0
+        with ck._alock:
+            ck._ahead.update((rel, self) for rel, _ in todo)
 
     def fill(self):
         with self.lock:
             while self.todo and (self.ahead_files < 2 or self.ahead_bytes < LOOK_AHEAD_BYTES):
                 rel, (a, sidx, start, stop) = self.todo.popleft()
-                n = math.prod(y - x for x, y in zip(*a.grid.overlap(sidx, start, stop))) * a.isz
-                self.ahead_bytes += n
-                self.ahead_files += 1
-                self.ck._ahead[rel] = _Ahead(self, n, self.ck._ahead_pool.submit(self.ck._fetch, a, sidx, rel, start, stop))
+                with self.ck._alock:
+                    if self.ck._ahead.get(rel) is not self:  # its read came first
+                        continue
+                    n = math.prod(y - x for x, y in zip(*a.grid.overlap(sidx, start, stop))) * a.isz
+                    self.ahead_bytes += n
+                    self.ahead_files += 1
+                    self.ck._ahead[rel] = _Ahead(self, n, self.ck._ahead_pool.submit(
+                        self.ck._fetch, a, sidx, rel, start, stop))
+
+    def close(self):
+        """The read is over (done or failed): nothing more is handed out, and the work no read took
+        (files of a read that failed part way) is dropped, not left for a later read to count."""
+        with self.lock, self.ck._alock:
+            self.todo.clear()
+            for rel in [r for r, v in self.ck._ahead.items() if v is self or getattr(v, "owner", None) is self]:
+                del self.ck._ahead[rel]
 
     def done(self, n):
         with self.lock:
