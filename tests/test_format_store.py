@@ -385,10 +385,11 @@ def test_prefetch_asks_for_the_ranges_it_is_given_and_skips_missing_files(tmp_pa
     assert asked == [(90, 10), (0, 10), (40, 10)]
 
 
-def _four_shards(tmp_path):
-    x = torch.arange(64 * 48, dtype=torch.float32).reshape(64, 48)
+def _four_shards(tmp_path, cols=48):
+    """(64, cols) float32 in four shard files of 16 rows, three inner chunks each."""
+    x = torch.arange(64 * cols, dtype=torch.float32).reshape(64, cols)
     with create_checkpoint(str(tmp_path / "ck"), durable=False) as w:
-        w.write_tensor("x", "param", x, chunks=(16, 16), shards=(16, 48))
+        w.write_tensor("x", "param", x, chunks=(16, cols // 3), shards=(16, cols))
     return x, str(tmp_path / "ck")
 
 
@@ -457,13 +458,18 @@ def test_the_page_cache_probe_reads_nothing(tmp_path):
     assert store.cached("x/param/c/9/9", 0, 4) is None      # no such file: the read reports it
 
 
-def test_a_warm_read_does_not_fetch_ahead(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cols", [48, 63], ids=["3-KiB-files", "files-ending-on-a-page"])
+def test_a_warm_read_does_not_fetch_ahead(tmp_path, monkeypatch, cols):
     """Files in the page cache: the look-ahead would only move the reads' own work to other threads,
     so a read whose first file's index is cached runs none; once evicted, the next open fetches
-    ahead again. ``Store.cached`` tells the two apart (mincore)."""
+    ahead again. ``Store.cached`` tells the two apart (mincore), probing the file's last bytes (its
+    index): with 63 columns each file is exactly 4096 bytes, so a probe past the end would look at a
+    page that is never cached."""
     from ucp.format import reader as reader_mod
 
-    x, url = _four_shards(tmp_path)
+    x, url = _four_shards(tmp_path, cols)
+    if cols == 63:
+        assert {f.stat().st_size for f in (tmp_path / "ck" / "x" / "param" / "c").rglob("*") if f.is_file()} == {4096}
     for f in (tmp_path / "ck").rglob("*"):
         if f.is_file():
             f.read_bytes()

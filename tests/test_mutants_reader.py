@@ -381,11 +381,13 @@ def test_a_file_read_before_the_look_ahead_reaches_it_is_never_fetched(tmp_path,
     _, tails = _tails(ck, start, stop)
     rels = list(tails)
     ahead = ck._look_ahead(tails)
-    assert ck._take_ahead(rels[3]) is None          # the last file's read came first: struck, not fetched
-    for rel in rels[:3]:                             # each read takes its file's fetch, and the window moves on
+    assert ck._take_ahead(rels[2]) is None          # the third file's read came first: struck, not fetched
+    assert ck._take_ahead(rels[0]).wait() > 0        # the first read takes its fetch: the window moves on
+    assert isinstance(ck._ahead[rels[3]], reader_mod._Ahead)      # past the struck file, at once
+    for rel in (rels[1], rels[3]):
         assert ck._take_ahead(rel).wait() > 0
     ahead.close()
-    assert sorted(fetched) == [(0, 0), (1, 0), (2, 0)] and ck._ahead == {}
+    assert sorted(fetched) == [(0, 0), (1, 0), (3, 0)] and ck._ahead == {}
     _next_read_takes_nothing_ahead(ck, monkeypatch, start, stop, x[:, 16:32])
 
 
@@ -406,11 +408,33 @@ def test_a_read_that_fails_leaves_no_fetch_for_the_next_read_to_count(tmp_path, 
 
     root = tmp_path / "ck"
     x = _grid_shards(root)
+    monkeypatch.setattr(reader_mod, "LOOK_AHEAD_BYTES", 1)        # two files fetched, two queued
     ck = open_checkpoint(str(root), workers=1)
     start, stop = [0, 16], [64, 32]
     _, tails = _tails(ck, start, stop)
     ahead = ck._look_ahead(tails)
-    assert any(isinstance(v, reader_mod._Ahead) for v in ck._ahead.values())
+    kinds = sorted(type(v).__name__ for v in ck._ahead.values())
+    assert kinds == ["_Ahead", "_Ahead", "_LookAhead", "_LookAhead"]
     ahead.close()                                     # as read_boxes does when a read raises
     assert ck._ahead == {}
     _next_read_takes_nothing_ahead(ck, monkeypatch, start, stop, x[:, 16:32])
+
+
+def test_read_boxes_closes_its_look_ahead_when_a_read_fails(tmp_path, uncached, monkeypatch):
+    """A read that raises on its second file leaves nothing of its look-ahead behind (the files
+    fetched or queued after the bad one), and the error names the file."""
+    from ucp.format import reader as reader_mod
+    from ucp.format.layout import chunk_key
+
+    root = tmp_path / "ck"
+    x = _grid_shards(root)
+    monkeypatch.setattr(reader_mod, "LOOK_AHEAD_BYTES", 1)
+    bad = root / "x" / "param" / chunk_key((1, 0))
+    raw = bytearray(bad.read_bytes())
+    raw[1028 + 100] ^= 0xFF                          # in the second inner chunk (the columns read): its crc32c fails
+    bad.write_bytes(bytes(raw))
+    ck = open_checkpoint(str(root), workers=1)
+    with pytest.raises(CorruptChunkError, match=r"c/1/0"):
+        ck.read_box("x", "param", [0, 16], [64, 32])
+    assert ck._ahead == {}
+    assert torch.equal(ck.read_box("x", "param", [32, 16], [64, 32]), x[32:, 16:32])
