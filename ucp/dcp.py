@@ -524,7 +524,7 @@ def _saved_arrays(plans: list[SavePlan]) -> dict:
                 continue
             start = tuple(int(o) for o in td.chunk.offsets)
             box = (start, tuple(a + int(s) for a, s in zip(start, td.chunk.sizes)))
-            shape, dtype, boxes, parts = out.setdefault((k.name, k.state), (tuple(td.size), td.properties.dtype, [], []))
+            _, _, boxes, parts = out.setdefault((k.name, k.state), (tuple(td.size), td.properties.dtype, [], []))
             boxes.append(box)
             if not _writes_nothing(td):
                 parts.append(i)

@@ -92,8 +92,7 @@ def make_store(path, storage_options=None) -> Store:
 def syncfs(fd) -> bool:
     """syncfs(2) on the file system of ``fd``; False where the call is not available."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syncfs(fd) == 0
+        return _libc().syncfs(fd) == 0
     except (OSError, AttributeError):
         return False
 
@@ -128,6 +127,7 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 @functools.lru_cache(maxsize=1)
 def _libc():
+    """The C library, loaded once, with the signatures of the calls made through it."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
