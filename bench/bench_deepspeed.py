@@ -9,11 +9,12 @@ the largest parameter's fp32 state.
 
 ``--against REF`` (e.g. ``main``) also times ``ucp convert`` of git revision REF (exported
 with ``git archive`` into the bench's temporary folder) on the same checkpoint in the same run,
-for an A/B comparison on a loaded machine. The fixed base (the interpreter with torch and ucp
-imported, no conversion) is measured too, so that the memory the conversion itself adds shows.
+for an A/B comparison on a loaded machine. The fixed bases (the interpreter with ucp's modules
+imported, no conversion; and with torch imported, the floor of any tool that reads DeepSpeed's
+files through torch) are measured too, so that the time and memory the conversion itself adds show.
 
 ``--size GIB`` picks the hidden size (a multiple of 64) whose checkpoint is closest to GIB GiB at
-the given layers and vocabulary, since fixed start-up cost (the interpreter with torch imported)
+the given layers and vocabulary, since fixed start-up cost (the interpreter and its imports)
 dominates small checkpoints; ``--checkpoint DIR`` reuses a DeepSpeed save folder made earlier
 (e.g. by ``--keep``; the model sizes it was trained with are read from its ``bench_model.json``)
 instead of training one.
@@ -46,6 +47,13 @@ ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0", "PY
 WRAPPER = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
            "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
            "u = resource.getrusage(resource.RUSAGE_CHILDREN); print(u.ru_maxrss, u.ru_utime + u.ru_stime)")
+
+
+#: the start-up rows: what ``ucp convert --from deepspeed`` imports (not torch), and what any tool
+#: that reads DeepSpeed's files with torch imports first
+UCP_BARE = "python: import ucp's modules (no work)"
+TORCH_BARE = "python: import torch (no work)"
+UCP_IMPORTS = "import ucp.cli, ucp.engine, ucp.format, ucp.sources.deepspeed"
 
 
 class Run(NamedTuple):
@@ -142,7 +150,8 @@ def measure(a, ck: Path, tag: Path, base: Path) -> dict[str, Run]:
         jobs = [("cp -r + sync (same bytes)", ["bash", "-c", f"cp -r {tag} {base / f'copy{i}'} && sync"], ROOT),
                 ("python pread+pwrite + sync (same bytes)",
                  [sys.executable, str(Path(__file__).resolve()), "--raw-copy", str(tag), str(base / f"raw{i}")], ROOT),
-                ("python: import torch + ucp (no work)", [sys.executable, "-c", "import torch, ucp.cli"], ROOT),
+                (UCP_BARE, [sys.executable, "-c", UCP_IMPORTS], ROOT),
+                (TORCH_BARE, [sys.executable, "-c", "import torch"], ROOT),
                 ("ucp convert --from deepspeed",
                  [sys.executable, "-m", "ucp", "convert", str(ck), str(base / f"ucp{i}"), "--from", "deepspeed"], ROOT)]
         if old is not None:
@@ -163,7 +172,7 @@ def measure(a, ck: Path, tag: Path, base: Path) -> dict[str, Run]:
 
 
 def report(a, runs: dict[str, Run], largest: float, say) -> None:
-    cp, bare = runs["cp -r + sync (same bytes)"], runs["python: import torch + ucp (no work)"]
+    cp, bare, torch_bare = runs["cp -r + sync (same bytes)"], runs[UCP_BARE], runs[TORCH_BARE]
     ucp, ds = runs["ucp convert --from deepspeed"], runs["python -m ...ds_to_universal (defaults)"]
     say(f"# best of {a.repeat} (ds_to_universal: {a.repeat if a.repeat_ds else 1}); CPU = user + system seconds")
     say(f"{'run':40s} {'seconds':>8s} {'vs cp':>7s} {'CPU s':>7s} {'peak RSS MiB':>13s}")
@@ -172,10 +181,11 @@ def report(a, runs: dict[str, Run], largest: float, say) -> None:
     say(f"# ucp convert is {ds.seconds / ucp.seconds:.2f}x faster than ds_to_universal ({ds.cpu / ucp.cpu:.2f}x less "
         f"CPU); peak RSS {ucp.rss_mib:.0f} vs {ds.rss_mib:.0f} MiB ({ucp.rss_mib / largest:.1f}x vs "
         f"{ds.rss_mib / largest:.1f}x the largest parameter's fp32 size). Both include interpreter and import start-up.")
-    say(f"# without the start-up (the bare interpreter with torch and ucp imported): ucp {ucp.seconds - bare.seconds:.2f} s "
-        f"/ {ucp.cpu - bare.cpu:.2f} CPU s, ds_to_universal {ds.seconds - bare.seconds:.2f} s / "
-        f"{ds.cpu - bare.cpu:.2f} CPU s: {(ds.seconds - bare.seconds) / (ucp.seconds - bare.seconds):.2f}x")
-    say(f"# memory the conversion adds to the bare interpreter with torch ({bare.rss_mib:.0f} MiB): "
+    say(f"# without the start-up (the interpreter with what each imports: ucp's modules; torch for "
+        f"ds_to_universal): ucp {ucp.seconds - bare.seconds:.2f} s / {ucp.cpu - bare.cpu:.2f} CPU s, ds_to_universal "
+        f"{ds.seconds - torch_bare.seconds:.2f} s / {ds.cpu - torch_bare.cpu:.2f} CPU s: "
+        f"{(ds.seconds - torch_bare.seconds) / (ucp.seconds - bare.seconds):.2f}x")
+    say(f"# memory the conversion adds to the bare interpreter with ucp's modules ({bare.rss_mib:.0f} MiB): "
         f"{ucp.rss_mib - bare.rss_mib:.0f} MiB = {(ucp.rss_mib - bare.rss_mib) / largest:.1f}x the largest "
         f"parameter's fp32 size")
     if a.against:

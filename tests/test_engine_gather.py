@@ -13,7 +13,7 @@ import torch
 import ucp
 from ucp.engine import bind_layout, convert, parse_spec
 from ucp.format import shard as shards
-from ucp.format import layout, verify
+from ucp.format import dtypes, layout, verify
 from ucp.format.array_writer import ArrayWriter
 from ucp.sources import Source, SourceLayout, SourceParam
 
@@ -41,9 +41,11 @@ class FlatSource(Source, register=False):
         return split(self.options["full"][fragment.name], fragment)
 
     def read_into(self, fragment, state, piece, out):
+        """``out``: the engine's gather buffer, numpy in the storage dtype (bfloat16 as uint16)."""
         if fragment.coord("dp") != 1:
             return False
-        out.copy_(self.read(fragment, state, piece))
+        assert isinstance(out, np.ndarray) and out.flags.c_contiguous
+        out[...] = dtypes.to_storage_numpy(self.read(fragment, state, piece))
         self.straight += 1
         return True
 

@@ -1,7 +1,8 @@
 """Recycled byte buffers for boxes read from source files (``ReadBuffers``).
 
 Used by the engine for the whole-state buffers it gathers boxes into (``ucp.engine.to_universal``)
-and by sources that ``pread`` boxes into fresh memory (the DeepSpeed source's ``TensorFile``).
+and by readers that ``pread`` boxes into fresh memory (``ucp.sources.torchfile.TorchFile``, the
+DeepSpeed source's).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ class ReadBuffers:
     writing the box costs). The engine holds a box only until it is written, so the
     buffers a conversion needs at once are about the boxes in flight; this keeps the freed ones
     (up to ``keep`` bytes, best fit) for the next reads. A buffer comes back when the last
-    tensor or array viewing it goes (CPython frees it then), so no caller has to hand it back.
+    array (or tensor made from it) viewing it goes (CPython frees it then), so no caller has to hand it back.
     Not the store's file buffers (``Store.file_buffer``): those keep four shard-sized
     page-aligned maps handed back explicitly; sharing such a pool left 110-130k page faults on
     the 628 MiB bench against 80k with this one (175k with none).
@@ -30,11 +31,10 @@ class ReadBuffers:
         self._lock = threading.Lock()
 
     def take(self, n: int):
-        """A 1-D uint8 tensor of ``n`` bytes (contents undefined) over a recycled buffer."""
+        """A 1-D uint8 numpy array of ``n`` bytes (contents undefined) over a recycled buffer."""
         import weakref
 
         import numpy as np
-        import torch
 
         with self._lock:
             self._sort_returned()
@@ -42,11 +42,15 @@ class ReadBuffers:
             buf = self._free.pop(i) if i is not None else None
         if buf is None:
             buf = np.empty(max(n, 1), dtype=np.uint8)
-        view = buf[:n]
+        # over a memoryview, not ``buf[:n]``: numpy gives every array derived from a slice of
+        # ``buf`` ``buf`` itself as its base, so the slice could die (and hand ``buf`` back)
+        # while a derived array still used it; an array over a memoryview is the base of all
+        # arrays derived from it
+        view = np.frombuffer(memoryview(buf)[:n], dtype=np.uint8)
         # deque.append takes no lock: a finalizer may run inside a collection started while this
         # thread holds ``_lock``, and must not wait for it
         weakref.finalize(view, self._returned.append, buf)
-        return torch.from_numpy(view)
+        return view
 
     @property
     def free_bytes(self) -> int:

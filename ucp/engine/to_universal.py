@@ -13,6 +13,8 @@ import functools
 import math
 from typing import Any, Mapping
 
+import numpy as np
+
 from ucp.engine.pipeline import BUDGET_BYTES
 from ucp.errors import UcpError
 
@@ -246,13 +248,13 @@ def _gather(source, fragments, state, band, dtype, buffers):
         box = view(parts[0][0], state, parts[0][1])
         if box is not None:
             return _checked(source, parts[0][0], state, box, dtype)
-    whole = buffers.take(band.numel * dtype.itemsize).view(dtype).view(band.shape)
+    whole = buffers.take(band.numel * dtype.itemsize).view(_storage(dtype)).reshape(band.shape)
     read_into = getattr(source, "read_into", None)
     for f, sub in parts:
         region = whole[sub.src.relative_to(band).slices()]
-        if region.is_contiguous() and read_into is not None and read_into(f, state, sub, region):
+        if region.flags.c_contiguous and read_into is not None and read_into(f, state, sub, region):
             continue
-        region.copy_(_read(source, f, state, sub, dtype))
+        region[...] = _as_storage(_read(source, f, state, sub, dtype))
     return whole
 
 
@@ -260,19 +262,46 @@ def _read_piece(source, replicas, i, state, dtype):
     """Piece ``i`` of one partition: the replica's box, or the average of every replica's."""
     from ucp.plan.replicas import average_replicas
 
+    from ucp.format import dtypes
+
     first = replicas[0][0]
     if len(replicas) == 1:
         return _read(source, first, state, first.pieces[i], dtype)
     boxes = [_read(source, f, state, f.pieces[i], dtype) for f, _ in replicas]
-    return average_replicas(boxes, [w for _, w in replicas], dtype)
+    name = dtypes.dtype_name(dtype)
+    boxes = [dtypes.to_torch(b, name) if isinstance(b, np.ndarray) else b for b in boxes]
+    return average_replicas(boxes, [w for _, w in replicas], dtypes.torch_dtype(name))
 
 
 def _read(source, fragment, state, piece, dtype):
     return _checked(source, fragment, state, source.read(fragment, state, piece), dtype)
 
 
+def _storage(dtype) -> np.dtype:
+    """The numpy dtype a box of logical ``dtype`` (torch's, or ``dtypes.Dtype``) is held in."""
+    from ucp.format import dtypes
+
+    return dtypes.numpy_storage_dtype(dtypes.dtype_name(dtype))
+
+
+def _as_storage(box) -> np.ndarray:
+    """A box as numpy in its storage dtype: as it is, or a torch tensor's bytes (no copy)."""
+    from ucp.format import dtypes
+
+    return box if isinstance(box, np.ndarray) else dtypes.to_storage_numpy(box)
+
+
 def _checked(source, fragment, state, box, dtype):
-    if box.dtype != dtype:
+    """``box``, unless its dtype is not the layout's: a torch tensor's own, a numpy array's its
+    storage dtype (sources that read without torch give numpy: a bfloat16 box is ``uint16``)."""
+    from ucp.format import dtypes
+
+    if isinstance(box, np.ndarray):
+        same = box.dtype == _storage(dtype)
+    else:
+        same = box.dtype == dtype or (dtypes.is_supported(box.dtype)
+                                      and dtypes.dtype_name(box.dtype) == dtypes.dtype_name(dtype))
+    if not same:
         raise UcpError(f"{source.describe(fragment, state)}: dtype {box.dtype}, but the source's layout "
                        f"says {dtype} (ucp never casts implicitly)")
     return box

@@ -36,7 +36,6 @@ from ucp.format.lock import WriterLockedError
 from ucp.format.manifest import FORMAT_VERSION, Manifest, ManifestArray, ManifestParam
 from ucp.format.names import decode_param, encode_param
 from ucp.format.parts import PartWriter, commit_parts, create_part
-from ucp.format.reader import ArrayInfo, Checkpoint, open_checkpoint
 from ucp.format.splits import aligned_chunks, split_boxes
 from ucp.format.verify import verify, verify_report
 from ucp.format.writer import CheckpointWriter
@@ -47,3 +46,13 @@ __all__ = ["create_checkpoint", "open_checkpoint", "verify", "Checkpoint", "Chec
            "split_boxes", "aligned_chunks", "create_distributed", "commit_distributed", "PartWriter", "verify_report",
            "source_fingerprint", "ResumeMismatchError", "WriterLockedError", "Manifest", "ManifestArray",
            "ManifestParam"]
+
+
+def __getattr__(name):
+    """The reader, imported on first use: it holds torch tensors (and imports torch), which
+    writing a checkpoint from numpy boxes never needs."""
+    if name in ("ArrayInfo", "Checkpoint", "open_checkpoint"):
+        from ucp.format import reader
+
+        return getattr(reader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

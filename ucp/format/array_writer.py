@@ -12,7 +12,6 @@ import threading
 
 import crc32c
 import numpy as np
-import torch
 
 from ucp.errors import OverlapError, UcpError
 from ucp.format import dtypes, layout, shard as shards
@@ -54,7 +53,6 @@ class ArrayWriter:
         self.rel = rel or f"{enc}/{state}"
         self.shape = tuple(shape)
         self.dtype_name = dtype_name
-        self.dtype = dtypes.torch_dtype(dtype_name)
         self.chunks = tuple(chunks)  # the outer grid: plain chunks, or shards when ``inner`` is set
         self.inner = tuple(inner) if inner is not None else None
         self.grid = chunk_grid(self.shape, self.chunks)  # shared by the arrays of this geometry
@@ -135,11 +133,22 @@ class ArrayWriter:
             self._done.update({k: tuple(v) for k, v in table.items()})
 
     # -- writing -----------------------------------------------------------------------------
-    def write(self, offset, tensor: torch.Tensor) -> None:
-        """Write ``tensor`` as the box of this array starting at ``offset``."""
-        if not isinstance(tensor, torch.Tensor):
-            raise UcpError(f"{self.where}: write() needs a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dtype != self.dtype:
+    @property
+    def dtype(self):
+        """The array's torch dtype (imports torch)."""
+        return dtypes.torch_dtype(self.dtype_name)
+
+    def write(self, offset, tensor) -> None:
+        """Write ``tensor`` (a torch tensor, or a numpy array in the storage dtype: a bfloat16
+        box is ``uint16``) as the box of this array starting at ``offset``."""
+        if isinstance(tensor, np.ndarray):
+            if tensor.dtype != self.storage_np:
+                raise UcpError(f"{self.where}: array dtype {tensor.dtype} differs from the storage dtype "
+                               f"{self.storage_np} of the array's {self.dtype_name} (ucp never casts implicitly)")
+            return self.write_storage(offset, tensor)
+        if not dtypes.is_torch_dtype(getattr(tensor, "dtype", None)):
+            raise UcpError(f"{self.where}: write() needs a torch.Tensor or a numpy array, got {type(tensor).__name__}")
+        if dtypes.dtype_name(tensor.dtype) != self.dtype_name:
             raise UcpError(f"{self.where}: tensor dtype {tensor.dtype} differs from the array's {self.dtype} "
                            "(ucp never casts implicitly)")
         self.write_storage(offset, dtypes.to_storage_numpy(tensor))
@@ -165,7 +174,7 @@ class ArrayWriter:
         finally:  # chunks claimed before an error (e.g. an overlap further on) are still written
             self._owner.run_jobs(self, jobs)
 
-    def write_flat(self, start: int, tensor: torch.Tensor) -> None:
+    def write_flat(self, start: int, tensor) -> None:
         """Write a 1-D ``tensor`` as the C-order flat range [start, start + numel) (fragments of flat-partitioned state)."""
         if tensor.dim() != 1:
             raise UcpError(f"{self.where}: write_flat needs a 1-D tensor, got shape {tuple(tensor.shape)}")

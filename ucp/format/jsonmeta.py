@@ -4,7 +4,8 @@ Encoding: dict with str keys -> object (a dict with a non-str key, or a key star
 becomes {"$dict": [[key, value], ...]}); list/tuple -> array; None/bool/int/str as is;
 float -> number, non-finite as {"$float": "nan"|"inf"|"-inf"}; numpy/torch scalars -> Python
 numbers; bytes -> {"$bytes": base64}; torch.Tensor / numpy.ndarray -> {"$tensor": "_ucp/meta/<n>"}
-stored as a small array; torch.dtype -> {"$dtype": name}.
+stored as a small array; torch.dtype (or ``dtypes.Dtype``) -> {"$dtype": name}. Encoding never
+imports torch: where it is not imported, no value is a torch object.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import base64
 import binascii
 import math
 
+import sys
+
 import numpy as np
-import torch
 
 from ucp.errors import FormatError, MetadataEncodingError
 from ucp.format import dtypes
@@ -35,10 +37,9 @@ def encode(obj, add_tensor, where="metadata"):
         return int(obj)
     if isinstance(obj, float):
         return _float(float(obj))
-    if isinstance(obj, torch.Tensor):
+    torch = sys.modules.get("torch")
+    if isinstance(obj, np.ndarray) or (torch is not None and isinstance(obj, torch.Tensor)):
         return {"$tensor": add_tensor(obj)}
-    if isinstance(obj, np.ndarray):
-        return {"$tensor": add_tensor(torch.from_numpy(np.ascontiguousarray(obj)))}
     if isinstance(obj, np.bool_):
         return bool(obj)
     if isinstance(obj, np.integer):
@@ -47,8 +48,8 @@ def encode(obj, add_tensor, where="metadata"):
         return _float(float(obj))
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return {"$bytes": base64.b64encode(bytes(obj)).decode("ascii")}
-    if isinstance(obj, torch.dtype):
-        if obj not in dtypes.BY_TORCH:
+    if isinstance(obj, dtypes.Dtype) or dtypes.is_torch_dtype(obj):
+        if not dtypes.is_supported(obj):
             raise MetadataEncodingError(f"{where}: dtype {obj} is not a ucp dtype ({', '.join(dtypes.SUPPORTED)})")
         return {"$dtype": dtypes.dtype_name(obj)}
     if isinstance(obj, dict):
@@ -56,7 +57,7 @@ def encode(obj, add_tensor, where="metadata"):
             return {k: encode(v, add_tensor, f"{where}.{k}") for k, v in obj.items()}
         return {"$dict": [[encode(k, add_tensor, f"{where}[key]"), encode(v, add_tensor, f"{where}[{k!r}]")]
                           for k, v in obj.items()]}
-    if isinstance(obj, (list, tuple, torch.Size)):
+    if isinstance(obj, (list, tuple)):   # torch.Size is a tuple
         return [encode(v, add_tensor, f"{where}[{i}]") for i, v in enumerate(obj)]
     raise MetadataEncodingError(
         f"{where}: cannot store a {type(obj).__module__}.{type(obj).__qualname__} in ucp metadata "

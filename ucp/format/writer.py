@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import crc32c
 import numpy as np
-import torch
 
 from ucp import __version__
 from ucp.errors import DestinationNotEmptyError, IncompleteCheckpointError, UcpError
@@ -155,7 +154,7 @@ class CheckpointWriter:
                 if not isinstance(meta, dict):
                     raise UcpError(f"param {name!r}: meta must be a dict")
                 meta = dict(meta)
-                if isinstance(meta.get("dtype"), torch.dtype):
+                if isinstance(meta.get("dtype"), dtypes.Dtype) or dtypes.is_torch_dtype(meta.get("dtype")):
                     meta["dtype"] = dtypes.dtype_name(meta["dtype"])
                 _check_meta(name, meta)
                 p.meta.update(jsonmeta.encode(dict(meta), _no_tensor, f"param {name!r} meta"))
@@ -227,10 +226,8 @@ class CheckpointWriter:
 
     def write_tensor(self, name, state, tensor, chunks=None, shards=None) -> ArrayWriter:
         """Declare ``name``/``state`` with the tensor's shape and dtype and write it whole."""
-        if isinstance(tensor, np.ndarray):
-            tensor = torch.from_numpy(tensor)
         a = self.add_array(name, state, tuple(tensor.shape), tensor.dtype, chunks, shards)
-        a.write((0,) * tensor.dim(), tensor)
+        a.write((0,) * len(tensor.shape), tensor)
         return a
 
     def set_metadata(self, obj) -> None:
@@ -243,11 +240,12 @@ class CheckpointWriter:
                 n = self._meta_n
                 self._meta_n += 1
             rel = f"_ucp/meta/{n}"
-            t = t.detach().cpu()
-            ch, inner = self._layout(tuple(t.shape), t.element_size())
-            a = ArrayWriter(self, "_ucp", "_ucp", str(n), tuple(t.shape), dtypes.dtype_name(t.dtype),
-                            ch, rel=rel, inner=inner)
-            a.write((0,) * t.dim(), t)
+            if not isinstance(t, np.ndarray):
+                t = t.detach().cpu()
+            name = dtypes.dtype_name(t.dtype)
+            ch, inner = self._layout(tuple(t.shape), dtypes.itemsize(name))
+            a = ArrayWriter(self, "_ucp", "_ucp", str(n), tuple(t.shape), name, ch, rel=rel, inner=inner)
+            a.write((0,) * len(t.shape), t)
             new[rel] = a
             return rel
 

@@ -73,8 +73,14 @@ class Source(Plugin):
     ``layout`` once, ``read`` (by default through ``local``) any number of times, ``close``
     (always, also after an error).
 
-    Optional: ``read_into(fragment, state, piece, out) -> bool`` fills the contiguous tensor
-    ``out`` (shape ``piece.src.shape``) straight from the file and returns True, or returns
+    Boxes (what ``read``, ``local`` and ``view`` return) are torch tensors, or numpy arrays in
+    the storage dtype (``ucp.format.dtypes``: a bfloat16 box is ``uint16``) for a source that
+    reads without torch, as the DeepSpeed source does; the layout's dtypes are then
+    ``ucp.format.dtypes.Dtype`` s. The engine and the writer take both and never cast.
+
+    Optional: ``read_into(fragment, state, piece, out) -> bool`` fills ``out``, a contiguous
+    numpy array of shape ``piece.src.shape`` in the storage dtype (the engine's gather buffer),
+    straight from the file and returns True, or returns
     False with ``out`` untouched when it cannot (then ``read`` is used). A source that has it
     lets the engine gather a whole state into one recycled buffer with one copy, so the writer
     takes every chunk whole; without it gathering would add a copy, so the engine streams boxes

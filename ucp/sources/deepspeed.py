@@ -23,9 +23,11 @@ DeepSpeed writes, per tag folder (``global_step3/``, named by ``latest``):
 
 The fragments come from that saved metadata (``param_slice_mappings``, ``param_shapes``), so
 the layout is exactly what DeepSpeed recorded, whatever its alignment or ordering options. The
-pickles are loaded with ``torch.load(weights_only=True)`` and :data:`ALLOWED_GLOBALS`: stand-in
-classes under DeepSpeed's qualified names, so neither DeepSpeed nor any pickled code is needed,
-and a pickle naming any other global is refused with the global's name.
+pickles are read without torch (``ucp.sources.torchfile``: the weights-only rules of
+``torch.load(weights_only=True)``) with :data:`ALLOWED_GLOBALS`: stand-in classes under
+DeepSpeed's qualified names, so neither DeepSpeed nor any pickled code is needed, and a pickle
+naming any other global is refused with the global's name. Boxes are numpy arrays in the
+storage dtype (bfloat16 as ``uint16``); the conversion never imports torch.
 """
 from __future__ import annotations
 
@@ -40,9 +42,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from ucp.engine.buffers import ReadBuffers  # noqa: F401  (the pool TensorFile reads into)
+from ucp.engine.buffers import ReadBuffers  # noqa: F401  (the pool TorchFile reads into)
 from ucp.errors import UcpError
+from ucp.format import dtypes
 from ucp.sources import Source, SourceLayout, SourceParam
+from ucp.sources.torchfile import RefusedGlobal, SavedTensor, TorchFile, TorchFileError, flat_span
+
+#: the master weights and Adam moments of every ZeRO partition
+FLOAT32 = dtypes.Dtype("float32")
 
 
 class DeepSpeedError(UcpError):
@@ -73,14 +80,12 @@ class LossScalerState:
         self.__dict__.update(state)
 
     def to_json(self) -> dict:
-        import torch
-
         return {k: v for k, v in vars(self).items()
-                if isinstance(v, (int, float, bool, str, type(None), torch.dtype))}
+                if isinstance(v, (int, float, bool, str, type(None), dtypes.Dtype)) or dtypes.is_torch_dtype(v)}
 
 
 #: (stand-in, DeepSpeed's qualified name): every non-torch global a DeepSpeed 0.x checkpoint
-#: pickles. ``torch.load(weights_only=True)`` allows torch's own tensor globals by itself.
+#: pickles (torch's own tensor globals: ``ucp.sources.torchfile.TORCH_GLOBALS``).
 ALLOWED_GLOBALS = [
     (FragmentAddress, "deepspeed.utils.tensor_fragment.fragment_address"),
     (ZeroStage, "deepspeed.runtime.zero.config.ZeroStageEnum"),
@@ -89,160 +94,46 @@ ALLOWED_GLOBALS = [
 ]
 
 
-def load_pickle(path: Path, *, lazy: bool = False) -> dict:
-    """``torch.load`` a DeepSpeed file with only :data:`ALLOWED_GLOBALS` beyond torch's
-    weights-only set; every failure names the file (and the refused global).
+#: ``module.name`` -> stand-in, as :class:`ucp.sources.torchfile.TorchFile` takes them
+ALLOWED = {name: cls for cls, name in ALLOWED_GLOBALS}
 
-    ``lazy``: tensors come back on the meta device (shapes, dtypes, strides) and no tensor byte
-    is read; :class:`TensorFile` reads the ranges the conversion asks for. Otherwise the file
-    is memory-mapped."""
-    import torch
 
-    if not path.is_file():
-        raise DeepSpeedError(f"{path}: file is missing")
-    where = {"map_location": "meta"} if lazy else {"map_location": "cpu", "mmap": True}
+def open_file(path: Path, buffers: Optional["ReadBuffers"] = None) -> TorchFile:
+    """A DeepSpeed file read without torch (:class:`ucp.sources.torchfile.TorchFile`): its
+    pickle with only :data:`ALLOWED_GLOBALS` beyond torch's weights-only set, tensors as
+    :class:`SavedTensor` read box by box; every failure names the file (and the refused global)."""
     try:
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-            return torch.load(path, weights_only=True, **where)
-    except Exception as e:  # torch raises many types for truncated or hostile files
-        msg = str(e)
-        hit = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"Unsupported global: ([\w.]+)", msg)
-        if hit:
-            raise DeepSpeedError(f"{path}: refuses to unpickle global {hit.group(1)} (not in the "
-                                 f"DeepSpeed allow-list; see docs/deepspeed.md)") from None
-        first = msg.strip().splitlines()[0] if msg.strip() else ""
-        raise DeepSpeedError(f"{path}: cannot be read as a DeepSpeed checkpoint file, truncated or "
-                             f"corrupt? ({type(e).__name__}: {first})") from None
+        return TorchFile(path, ALLOWED, buffers)
+    except RefusedGlobal as e:
+        raise DeepSpeedError(f"{path}: refuses to unpickle global {e.global_name} (not in the "
+                             f"DeepSpeed allow-list; see docs/deepspeed.md)") from None
+    except TorchFileError as e:
+        raise DeepSpeedError(str(e)) from None
+    except OSError as e:
+        raise DeepSpeedError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
-class TensorFile:
-    """Reads byte ranges of the tensors that ``load_pickle(path, lazy=True)`` returned as meta
-    tensors, into fresh memory with ``pread``.
-
-    Why not the memory map: mapped pages stay resident (and count in the process's memory)
-    until the map goes, so converting a checkpoint mapped every optimizer file whole; reading
-    only each box, into a buffer freed once written, keeps memory bounded by the largest box.
-    torch records where each storage starts in the file (``_checkpoint_offset``, set by
-    ``torch.load(map_location="meta")``); a torch without it makes the source fall back to the
-    memory map."""
-
-    def __init__(self, path: Path, buffers: Optional["ReadBuffers"] = None):
-        self.path = path
-        self.size = path.stat().st_size
-        self._fd = os.open(path, os.O_RDONLY)
-        self._buffers = buffers
-
-    @staticmethod
-    def supported(t) -> bool:
-        return getattr(t.untyped_storage(), "_checkpoint_offset", None) is not None
-
-    def read(self, t, lo: int = 0, hi: Optional[int] = None):
-        """Elements ``[lo, hi)`` of the storage run that starts at meta tensor ``t``'s first
-        element (a contiguous tensor's flat elements), as a new 1-D CPU tensor."""
-        import torch
-
-        hi = t.numel() if hi is None else hi
-        n = (hi - lo) * t.element_size()
-        out = self._buffers.take(n) if self._buffers else torch.empty(n, dtype=torch.uint8)
-        self._pread(t, lo, out)
-        return out.view(t.dtype)
-
-    def read_into(self, t, start, stop, out) -> bool:
-        """Read the box ``[start, stop)`` of contiguous meta tensor ``t`` straight into ``out``
-        (a contiguous tensor of the box's shape and ``t``'s dtype), with no buffer in between.
-        False, with ``out`` untouched, when the box is not one flat span of ``t`` (a
-        column block of a 2-D tensor): the caller reads it with :meth:`box`."""
-        import torch
-
-        if not out.numel():
-            return True
-        span = flat_span(t, start, stop)
-        if span is None:
-            return False
-        self._pread(t, span[0], out.view(-1).view(torch.uint8))
-        return True
-
-    def view(self, t, lo: int, hi: int):
-        """Elements ``[lo, hi)`` of the storage run that starts at meta tensor ``t``'s first
-        element, as a 1-D CPU tensor over a private map of just those bytes of the file: no
-        copy, where :meth:`read` copies them into a buffer (a write to the tensor would copy the
-        page it touches, never reach the file). The map goes when the last view of it does.
-
-        Why: the engine hands a band that one piece covers to the writer as it is, and the
-        writer copies it once more into the file it builds: the page cache -> the file's bytes
-        in one copy instead of two (2 GiB in 32 MiB windows: 0.28 CPU s against 0.64 with
-        ``preadv`` into a reused buffer and a copy; populating a shared map when made, no faster)."""
-        import mmap
-
-        import numpy as np
-        import torch
-
-        n = (hi - lo) * t.element_size()
-        offset = self._offset(t, lo, n)
-        if not n:
-            return torch.empty(0, dtype=t.dtype)
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        window = mmap.mmap(self._fd, offset + n - start, flags=mmap.MAP_PRIVATE,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-        return torch.from_numpy(np.frombuffer(window, dtype=np.uint8, count=n, offset=offset - start)).view(t.dtype)
-
-    def _offset(self, t, lo: int, n: int) -> int:
-        """The file offset of element ``lo`` of ``t``, checked to have ``n`` bytes after it."""
-        offset = t.untyped_storage()._checkpoint_offset + (t.storage_offset() + lo) * t.element_size()
-        if offset + n > self.size:
-            raise DeepSpeedError(f"{self.path}: truncated: a tensor's bytes end at {offset + n}, "
-                                 f"the file has {self.size}")
-        return offset
-
-    def _pread(self, t, lo: int, out) -> None:
-        """Fill the uint8 tensor ``out`` from the file, starting at element ``lo`` of ``t``."""
-        offset = self._offset(t, lo, out.numel())
-        got = os.preadv(self._fd, [out.numpy()], offset) if out.numel() else 0
-        if got != out.numel():
-            raise DeepSpeedError(f"{self.path}: short read at byte {offset} (truncated?)")
-
-    def box(self, t, start, stop):
-        """The box ``[start, stop)`` of meta tensor ``t``, reading only the flat span it covers."""
-        import torch
-
-        if not t.is_contiguous():  # DeepSpeed saves clones; read the extent and view it as saved
-            extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
-            whole = torch.as_strided(self.read(t, 0, extent), tuple(t.shape), t.stride())
-            return whole[tuple(slice(a, b) for a, b in zip(start, stop))]
-        shape = tuple(b - a for a, b in zip(start, stop))
-        if 0 in shape:
-            return torch.empty(shape, dtype=t.dtype)
-        lo = sum(a * s for a, s in zip(start, t.stride()))
-        hi = sum((b - 1) * s for b, s in zip(stop, t.stride())) + 1
-        return torch.as_strided(self.read(t, lo, hi), shape, t.stride())
-
-    def materialise(self, obj, limit: int = 4096):
-        """``obj`` with every meta tensor of at most ``limit`` elements read (Adam ``step``, small
-        metadata tensors); larger ones stay meta, to be read box by box."""
-        import torch
-
-        if isinstance(obj, torch.Tensor):
-            if obj.device.type == "meta" and obj.numel() <= limit:
-                return self.box(obj, (0,) * obj.ndim, tuple(obj.shape)).clone()
-            return obj
-        if type(obj) in (dict, OrderedDict, list, tuple):
-            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
-            done = [(k, self.materialise(v, limit)) for k, v in items]
-            return type(obj)(done) if isinstance(obj, dict) else type(obj)(v for _, v in done)
-        return obj
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+def load_pickle(path: Path) -> Any:
+    """What the DeepSpeed file at ``path`` pickled, every tensor read (as numpy, or as torch
+    where numpy has no such dtype): for tools and tests; the source reads box by box."""
+    f = open_file(path)
+    try:
+        return materialise(f.obj)
+    finally:
+        f.close()
 
 
-def flat_span(t, start, stop) -> Optional[tuple[int, int]]:
-    """``[lo, hi)``: the elements of contiguous tensor ``t`` that its box ``[start, stop)``
-    (not empty) covers, when they are one flat span; None otherwise (a column block)."""
-    lo = sum(a * s for a, s in zip(start, t.stride()))
-    hi = sum((b - 1) * s for b, s in zip(stop, t.stride())) + 1
-    return (lo, hi) if hi - lo == math.prod(b - a for a, b in zip(start, stop)) else None
+def materialise(obj):
+    """``obj`` with every :class:`SavedTensor` read: a numpy array where numpy has the dtype,
+    else (bfloat16, float8) a torch tensor, so that metadata keeps the logical dtype."""
+    if isinstance(obj, SavedTensor):
+        a = obj.numpy()
+        return a if a.dtype.name == obj.dtype.name else dtypes.to_torch(a, obj.dtype.name)
+    if type(obj) in (dict, OrderedDict, list, tuple):
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        done = [(k, materialise(v)) for k, v in items]
+        return type(obj)(done) if isinstance(obj, dict) else type(obj)(v for _, v in done)
+    return obj
 
 
 # ------------------------------------------------------------------ finding the files
@@ -400,29 +291,21 @@ class DeepSpeedSource(Source):
         self._stages: dict[int, DeepSpeedSource] = {0: self}  # model-parallel rank -> its files' reader
         self._tp, self._tp_rank = 1, 0   # tensor-parallel degree (pipelines), rank of these files
         self._loaded: dict[Path, Any] = {}
-        self._readers: dict[Path, TensorFile] = {}
+        self._readers: dict[Path, TorchFile] = {}
         self._buffers = ReadBuffers()
         self._lock = threading.Lock()
 
     def _file(self, path: Path):
-        """The unpickled file: tensors of more than a few thousand elements stay on the meta
-        device, read box by box (:meth:`read`) from the file (or, on a torch that does not
-        record storage offsets, memory-mapped)."""
+        """What the file pickled, tensors as :class:`SavedTensor`: read box by box (:meth:`read`)."""
         with self._lock:
             if path not in self._loaded:
-                held = load_pickle(path, lazy=True)
-                probe = _first_tensor(held)
-                if probe is not None and not TensorFile.supported(probe):
-                    self._loaded[path] = load_pickle(path)
-                else:
-                    reader = self._readers[path] = TensorFile(path, self._buffers)
-                    self._loaded[path] = reader.materialise(held)
+                reader = self._readers[path] = open_file(path, self._buffers)
+                self._loaded[path] = reader.obj
             return self._loaded[path]
 
     def _values(self, path: Path, obj):
         """``obj`` (from ``path``) with every tensor in it read: for metadata."""
-        reader = self._readers.get(path)
-        return reader.materialise(obj, limit=math.inf) if reader else obj
+        return materialise(obj)
 
     def _optim(self, rank: int) -> dict:
         path = self.files.optim[rank]
@@ -732,8 +615,6 @@ class DeepSpeedSource(Source):
         in the rank's partition of the group; ranks hold consecutive slices. The fp32 partition
         is saved with the group padding stripped, the Adam moments with it: the same pieces in
         local tensors of two lengths."""
-        import torch
-
         shapes = self._group_shapes()
         out = {}
         group_of = self._group_of_local()
@@ -751,14 +632,12 @@ class DeepSpeedSource(Source):
                     at[n] += addr.numel
             for n, shape in group_shapes.items():
                 out[n] = SourceParam(name=n, shape=tuple(shape),
-                                     dtypes={"param": torch.float32, **{s: torch.float32 for s in states}},
+                                     dtypes={"param": FLOAT32, **{s: FLOAT32 for s in states}},
                                      fragments=frags[n]["param"], state_fragments=frags[n], scalars=scalars,
                                      meta={"optimizer_group": group_of.get(g, g), "zero_stage": self.stage})
         return out
 
     def _zero3_params(self) -> dict[str, SourceParam]:
-        import torch
-
         shapes = self.model0.get("param_shapes") or []
         flat0 = self._optim(0).get("fp32_flat_groups")
         if not isinstance(flat0, list) or len(flat0) != len(shapes):
@@ -780,7 +659,7 @@ class DeepSpeedSource(Source):
                     frags[f.name].append(f)
             for n, shape in sub.items():
                 out[n] = SourceParam(name=n, shape=tuple(shape),
-                                     dtypes={"param": torch.float32, **{s: torch.float32 for s in states}},
+                                     dtypes={"param": FLOAT32, **{s: FLOAT32 for s in states}},
                                      fragments=frags[n], scalars=scalars,
                                      meta={"optimizer_group": group_of.get(i, i), "zero_stage": 3,
                                            "sub_group": i})
@@ -834,7 +713,7 @@ class DeepSpeedSource(Source):
         client = self._values(self.files.model[0], {k: v for k, v in m.items() if k not in MODEL_KEYS})
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self._base_state(0)["param_groups"]]
         scaler = opt0.get("loss_scaler")
-        return {
+        return materialise({   # a tensor anywhere in DeepSpeed's records (an lr as a tensor) is read
             "iteration": m.get("global_steps"),
             "lr_scheduler": self._values(self.files.model[0], m.get("lr_scheduler")),
             "client_state": client,
@@ -848,7 +727,7 @@ class DeepSpeedSource(Source):
                 "clip_grad": opt0.get("clip_grad"),
                 "bf16_files": any(p.name.startswith("bf16_") for p in self.files.optim.values()),
             },
-        }
+        })
 
     # -- tensors
     def _part(self, fragment) -> "DeepSpeedSource":
@@ -856,44 +735,43 @@ class DeepSpeedSource(Source):
         return self._stages[fragment.coord("pp") * self._tp + fragment.coord("tp")]
 
     def local(self, fragment, state: str):
+        """The local tensor as numpy in its storage dtype (bfloat16 as ``uint16``)."""
         part = self._part(fragment)
         path, t = part._locate(fragment, state)
-        return part._readers[path].box(t, (0,) * t.ndim, tuple(t.shape)) if t.device.type == "meta" else t
+        return part._readers[path].box(t, (0,) * t.ndim, tuple(t.shape))
 
     def read(self, fragment, state: str, piece):
-        """Only the piece's bytes are read (see :class:`TensorFile`)."""
+        """Only the piece's bytes are read (see :class:`TorchFile`), as numpy in the storage dtype."""
         part = self._part(fragment)
         path, t = part._locate(fragment, state)
-        if t.device.type == "meta":
-            return part._readers[path].box(t, piece.dst.start, piece.dst.stop).reshape(piece.src.shape)
-        return t[piece.dst.slices()].reshape(piece.src.shape)
+        return part._readers[path].box(t, piece.dst.start, piece.dst.stop).reshape(piece.src.shape)
 
     def read_into(self, fragment, state: str, piece, out) -> bool:
-        """Read the piece straight into ``out`` (contiguous, shape ``piece.src.shape``) when the
-        file holds it as one flat span in ``out``'s dtype: the engine gathers a whole state this
-        way with one copy (file -> ``out``). False, with ``out`` untouched, otherwise (the
-        engine then calls :meth:`read`, which checks the dtype)."""
+        """Read the piece straight into ``out`` (contiguous numpy, shape ``piece.src.shape``) when
+        the file holds it as one flat span in ``out``'s (storage) dtype: the engine gathers a
+        whole state this way with one copy (file -> ``out``). False, with ``out`` untouched,
+        otherwise (the engine then calls :meth:`read`, which checks the dtype)."""
         part = self._part(fragment)
         path, t = part._locate(fragment, state)
-        if t.device.type != "meta" or t.dtype != out.dtype or not t.is_contiguous():
+        if t.dtype.storage != out.dtype or not t.is_contiguous():
             return False
         return part._readers[path].read_into(t, piece.dst.start, piece.dst.stop, out)
 
     def view(self, fragment, state: str, piece):
         """The piece (shape ``piece.src.shape``) over a private map of the file's bytes, with
-        no copy (:meth:`TensorFile.view`), when the file holds it as one flat span; None
+        no copy (:meth:`TorchFile.view`), when the file holds it as one flat span; None
         otherwise (the engine then reads it with :meth:`read_into` or :meth:`read`)."""
         part = self._part(fragment)
         path, t = part._locate(fragment, state)
-        if t.device.type != "meta" or not t.is_contiguous() or not piece.numel:
+        if not t.is_contiguous() or not piece.numel:
             return None
         span = flat_span(t, piece.dst.start, piece.dst.stop)
         if span is None:
             return None
-        return part._readers[path].view(t, *span).view(piece.src.shape)
+        return part._readers[path].view(t, *span).reshape(piece.src.shape)
 
     def _locate(self, fragment, state: str):
-        """(file, tensor as unpickled, possibly meta) holding ``state`` of ``fragment``; its shape
+        """(file, :class:`SavedTensor`) holding ``state`` of ``fragment``; its shape
         checked against the one DeepSpeed's metadata implies."""
         rank = fragment.coord("dp")
         ln = fragment.local_name
@@ -1029,27 +907,13 @@ def _tied_module(weights: Mapping[str, Any], trainable: Mapping[str, SourceParam
     return next((key for key in keys if matches(key)), None)
 
 
-def _first_tensor(obj):
-    """The first tensor met walking ``obj`` (dicts, lists, tuples), or None."""
-    if _is_tensor(obj):
-        return obj
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    for v in values:
-        t = _first_tensor(v)
-        if t is not None:
-            return t
-    return None
-
-
 def _is_tensor(v) -> bool:
-    import torch
-
-    return isinstance(v, torch.Tensor)
+    return isinstance(v, SavedTensor)
 
 
 def _scalar(v):
     """A 0-d tensor (Adam ``step``) as a Python number: int when integral."""
-    if _is_tensor(v):
+    if isinstance(v, SavedTensor):
         v = v.item()
     if isinstance(v, float) and v.is_integer():
         return int(v)

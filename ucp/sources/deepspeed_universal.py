@@ -10,12 +10,13 @@ are recovered from those model states, as the ``deepspeed`` source does).
 """
 from __future__ import annotations
 
+import math
 from functools import cached_property
 from pathlib import Path
 
 from ucp.sources import SourceParam
-from ucp.sources.deepspeed import (DeepSpeedError, DeepSpeedSource, LossScalerState, RankFiles, _scalar,
-                                   flat_fragment, whole_fragment)
+from ucp.sources.deepspeed import (FLOAT32, DeepSpeedError, DeepSpeedSource, LossScalerState, RankFiles, _scalar,
+                                   flat_fragment, materialise, whole_fragment)
 
 STATE_FILES = {"fp32": "param"}  # file stem -> universal state name (others keep their name)
 
@@ -76,8 +77,6 @@ class DeepSpeedUniversalSource(DeepSpeedSource):
         return groups
 
     def _trainable(self) -> dict[str, SourceParam]:
-        import torch
-
         shapes = self._param_shapes
         group_of = {int(i): g for g, grp in enumerate(self._param_groups()) for i in grp.get("params", [])}
         out = {}
@@ -89,9 +88,9 @@ class DeepSpeedUniversalSource(DeepSpeedSource):
                 states = ["param"] + sorted(STATE_FILES.get(p.stem, p.stem) for p in folder.glob("*.pt")
                                             if p.stem not in ("fp32", "step"))
                 shape = tuple(shape)
-                frag = (flat_fragment(n, shape, 0, n, torch.Size(shape).numel(), 0, torch.Size(shape).numel(), 0,
+                frag = (flat_fragment(n, shape, 0, n, math.prod(shape), 0, math.prod(shape), 0,
                                       f"zero/{n}") if self.stage == 3 else whole_fragment(n, shape, f"zero/{n}"))
-                out[n] = SourceParam(name=n, shape=shape, dtypes={st: torch.float32 for st in states},
+                out[n] = SourceParam(name=n, shape=shape, dtypes={st: FLOAT32 for st in states},
                                      fragments=[frag], scalars=self._scalars(n, index),
                                      meta={"optimizer_group": group_of.get(index, index), "zero_stage": self.stage})
         return out
@@ -109,7 +108,7 @@ class DeepSpeedUniversalSource(DeepSpeedSource):
         from ucp.sources.deepspeed import MODEL_KEYS
 
         scaler = self.optimizer_state.get("loss_scaler")
-        return {
+        return materialise({
             "iteration": m.get("global_steps"),
             "lr_scheduler": self._values(self.files.model[0], m.get("lr_scheduler")),
             "client_state": self._values(self.files.model[0], {k: v for k, v in m.items() if k not in MODEL_KEYS}),
@@ -120,7 +119,7 @@ class DeepSpeedUniversalSource(DeepSpeedSource):
                           "global_samples": m.get("global_samples"), "skipped_steps": m.get("skipped_steps"),
                           "loss_scaler": scaler.to_json() if isinstance(scaler, LossScalerState) else None,
                           "universal": True},
-        }
+        })
 
     def _locate(self, fragment, state: str):
         if fragment.local_name.startswith("frozen:") or fragment.local_name not in self._trainable_names:
