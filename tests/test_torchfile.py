@@ -258,3 +258,22 @@ def test_pickle_is_refused_by_pickle_module_rules_too(tmp_path):
             z.writestr(n, data)
     with pytest.raises(TorchFileError, match="bad.pt: cannot be unpickled"):
         TorchFile(path)
+
+
+def test_metadata_tensors_keep_their_dtype(tmp_path):
+    """``materialise`` (the DeepSpeed source's metadata: lr scheduler, client state) reads every
+    tensor: numpy where numpy has the dtype, a torch tensor for bfloat16 (a ``uint16`` array
+    would be stored as uint16), bit-exact, containers kept."""
+    from ucp.sources.deepspeed import materialise
+
+    saved = {"sched": [torch.tensor(0.5), torch.arange(3)], "h": torch.randn(5).bfloat16(), "n": 3}
+    path, want, reader = _saved(tmp_path, saved)
+    try:
+        got = materialise(reader.obj)
+    finally:
+        reader.close()
+    assert isinstance(got["sched"], list) and got["n"] == 3
+    assert isinstance(got["sched"][0], np.ndarray) and got["sched"][0].dtype == np.float32 and got["sched"][0] == 0.5
+    assert isinstance(got["sched"][1], np.ndarray) and got["sched"][1].tolist() == [0, 1, 2]
+    assert isinstance(got["h"], torch.Tensor) and got["h"].dtype == torch.bfloat16
+    assert torch.equal(got["h"].view(torch.int16), want["h"].view(torch.int16))

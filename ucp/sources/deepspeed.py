@@ -113,16 +113,6 @@ def open_file(path: Path, buffers: Optional["ReadBuffers"] = None) -> TorchFile:
         raise DeepSpeedError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
-def load_pickle(path: Path) -> Any:
-    """What the DeepSpeed file at ``path`` pickled, every tensor read (as numpy, or as torch
-    where numpy has no such dtype): for tools and tests; the source reads box by box."""
-    f = open_file(path)
-    try:
-        return materialise(f.obj)
-    finally:
-        f.close()
-
-
 def materialise(obj):
     """``obj`` with every :class:`SavedTensor` read: a numpy array where numpy has the dtype,
     else (bfloat16, float8) a torch tensor, so that metadata keeps the logical dtype."""
