@@ -183,7 +183,8 @@ def test_from_and_to_help_come_from_the_registries(capsys):
 def test_help_and_usage_errors_do_not_import_torch():
     """Building the parser imports every plug-in; none imports torch at module level, so
     ``ucp --help``, ``--version`` and usage errors answer in a fraction of a second instead of
-    the ~2 s torch takes to import (every command imports it once the arguments are parsed)."""
+    the ~2 s torch takes to import (commands but ``convert`` and ``verify`` import it once the
+    arguments are parsed)."""
     probe = ("import sys\n"
              "from ucp.cli import main\n"
              "for argv in (['--help'], ['--version'], ['convert', '--help'], ['export', '--help'], ['convert']):\n"
@@ -195,3 +196,25 @@ def test_help_and_usage_errors_do_not_import_torch():
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout[-2000:]
     assert "usage: ucp convert" in r.stderr      # the usage error was reached, and reported
+
+
+def test_verify_runs_without_torch(tmp_path):
+    """``ucp verify`` reads bytes and checksums only: with ``import torch`` blocked it checks a
+    good checkpoint (exit 0) and finds a corrupted chunk (exit 1, naming it)."""
+    _make(tmp_path / "ck")
+    probe = ("import sys; sys.modules['torch'] = None\n"
+             "from ucp.cli import main\n"
+             "sys.exit(main(['verify', sys.argv[1]]))\n")
+
+    def verify():
+        return subprocess.run([sys.executable, "-c", probe, str(tmp_path / "ck")], capture_output=True, text=True)
+
+    good = verify()
+    assert good.returncode == 0 and "OK" in good.stdout, good.stderr[-2000:]
+    chunk = next(p for p in sorted((tmp_path / "ck").rglob("c/*")) if p.is_file() and p.stat().st_size > 8)
+    data = bytearray(chunk.read_bytes())
+    data[0] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    bad = verify()
+    assert bad.returncode == 1 and chunk.relative_to(tmp_path / "ck").parts[0] in bad.stdout + bad.stderr, \
+        bad.stdout[-2000:] + bad.stderr[-2000:]
