@@ -329,6 +329,25 @@ def test_export_under_torchrun_equals_one_process(converted, tmp_path):
             assert same(a.read(n, st), b.read(n, st)), (n, st)
 
 
+def test_convert_under_torchrun_equals_one_process(converted, ds_runs, tmp_path):
+    """`torchrun -m ucp convert --from deepspeed` (parameters split over 2 processes by size, one
+    collective commit; numpy boxes from the torch-free reader) writes the checkpoint one process
+    writes: every array bit for bit, per-parameter and checkpoint metadata equal."""
+    import ucp
+    from ucp.format.compare import diff_report
+
+    dst = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "ucp", "convert",
+           str(ds_runs["z3-bf16"][0]), str(dst), "--from", "deepspeed"]
+    res = subprocess.run(cmd, env={**os.environ, **DS_ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    want, got = converted["z3-bf16"], ucp.open(str(dst))
+    report = diff_report(want, got)
+    assert report["equal"] and len(report["rows"]) > 30, report["metadata_differences"] or report["rows"]
+    assert [want.param_meta(n) for n in want.params] == [got.param_meta(n) for n in got.params]
+
+
 def test_fp16_resume_on_other_degree_and_stage(ds_runs, converted, tmp_path):
     """fp16 ZeRO-1 on 2 ranks -> universal -> `--to deepspeed` for 3 ranks at ZeRO-3 (fp16, with
     the dynamic loss scaler): DeepSpeed loads it and its own gathers of the fp32 params and Adam
