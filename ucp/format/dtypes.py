@@ -68,11 +68,8 @@ def dtype_name(dtype) -> str:
     if isinstance(dtype, Dtype):
         return dtype.name
     name = _by_torch().get(dtype) if is_torch_dtype(dtype) else None
-    if name is None and isinstance(dtype, (np.dtype, type)) and not is_torch_dtype(dtype):
-        try:
-            name = np.dtype(dtype).name
-        except TypeError:
-            name = None
+    if name is None and (isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic))):
+        name = np.dtype(dtype).name
     if name not in _TABLE:
         raise UcpError(f"dtype {dtype} is not supported by the ucp format; supported: {', '.join(SUPPORTED)}")
     return name
