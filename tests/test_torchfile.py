@@ -277,3 +277,135 @@ def test_metadata_tensors_keep_their_dtype(tmp_path):
     assert isinstance(got["sched"][1], np.ndarray) and got["sched"][1].tolist() == [0, 1, 2]
     assert isinstance(got["h"], torch.Tensor) and got["h"].dtype == torch.bfloat16
     assert torch.equal(got["h"].view(torch.int16), want["h"].view(torch.int16))
+
+
+def _rewrite(path, edit, compression=None):
+    """Rewrite the zip archive at ``path`` entry by entry: ``edit(name, data)`` returns the new
+    bytes, or None to drop the entry."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        entries = [(i.filename, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(path, "w", compression=compression or zipfile.ZIP_STORED) as z:
+        for name, data in entries:
+            new = edit(name, data)
+            if new is not None:
+                z.writestr(name, new)
+
+
+@pytest.mark.parametrize("damage", ["deflated", "missing storage", "no data.pkl", "big-endian", "entry header",
+                                    "short storage"])
+def test_archives_torch_did_not_write_are_refused_naming_the_file(tmp_path, damage):
+    """A storage compressed, missing from the archive, no pickle, a big-endian save, or a local
+    entry header overwritten: each is refused naming the file and what is wrong, never read as
+    other bytes."""
+    import zipfile
+
+    path, _, reader = _saved(tmp_path, {"w": torch.randn(64, 64), "b": torch.randn(7)}, name="d.pt")
+    reader.close()
+    want = {"deflated": "is compressed", "missing storage": "storage 0 is missing", "no data.pkl": "no data.pkl",
+            "big-endian": "big-endian", "entry header": "no zip entry header",
+            "short storage": "truncated: storage .*data/0 needs 16384 bytes"}[damage]
+    if damage == "deflated":
+        _rewrite(path, lambda n, d: d, zipfile.ZIP_DEFLATED)
+    elif damage == "missing storage":
+        _rewrite(path, lambda n, d: None if n.endswith("/data/0") else d)
+    elif damage == "no data.pkl":
+        _rewrite(path, lambda n, d: None if n.endswith("data.pkl") else d)
+    elif damage == "short storage":    # the archive is whole, the storage entry is not
+        _rewrite(path, lambda n, d: d[:-4] if n.endswith("/data/0") else d)
+    elif damage == "big-endian":
+        _rewrite(path, lambda n, d: b"big" if n.endswith("/byteorder") else d)
+    else:
+        with zipfile.ZipFile(path) as z:
+            at = next(i for i in z.infolist() if i.filename.endswith("/data/0")).header_offset
+        raw = bytearray(path.read_bytes())
+        raw[at:at + 4] = b"XXXX"
+        path.write_bytes(bytes(raw))
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(TorchFileError, match=rf"d.pt: .*{want}"):
+        TorchFile(path)
+    assert len(os.listdir("/proc/self/fd")) == fds   # the failed open closed its file
+
+
+def test_shapes_strides_and_reshape_as_torch_has_them(tmp_path):
+    """``SavedTensor`` answers as the torch tensor does: strides with size-1 dimensions,
+    contiguity, the extent of an empty tensor, ``reshape`` (``-1``, a tuple, a refused
+    non-contiguous one or a wrong size), and ``read`` of the whole storage run by default."""
+    base = torch.randn(6, 8)
+    saved = {"col": torch.randn(5, 1), "t": base.t(), "empty": torch.zeros(0, 4), "w": base,
+             "row": torch.randn(1, 9)[:, ::2], "half_rows": torch.randn(4, 8)[::2]}
+    path, want, reader = _saved(tmp_path, saved)
+    try:
+        o = reader.obj
+        for k, ref in want.items():
+            assert o[k].is_contiguous() == ref.is_contiguous(), k
+            assert o[k].numel() == ref.numel() and o[k].ndim == ref.dim() and o[k].element_size() == 4
+        assert o["empty"].extent() == 0 and reader.box(o["empty"], (0, 0), (0, 4)).shape == (0, 4)
+        flat = o["w"].reshape(-1)
+        assert flat.shape == (48,) and flat.stride() == (1,) and _bits_equal(flat.numpy(), want["w"].reshape(-1))
+        two = o["w"].reshape((4, 12))
+        assert two.shape == (4, 12) and two.stride() == (12, 1) and _bits_equal(two.numpy(), want["w"].reshape(4, 12))
+        assert o["w"].reshape(2, -1, 4).shape == (2, 6, 4)
+        with pytest.raises(TorchFileError, match="cannot view"):
+            o["t"].reshape(-1)
+        with pytest.raises(TorchFileError, match="cannot view"):
+            o["w"].reshape(5, 10)
+        assert _bits_equal(reader.read(o["w"]), want["w"].reshape(-1))
+        assert _bits_equal(reader.read(o["w"], 40), want["w"].reshape(-1)[40:])
+        assert reader.read(o["w"], 5, 5).size == 0
+        with pytest.raises(TorchFileError, match=r"states.pt: truncated: a tensor's bytes end at \d+, the file has"):
+            reader.read(o["w"], 0, 10**8)   # a range no tensor of the file has: never read past its end
+        assert _bits_equal(reader.box(o["w"], (2, 0), (3, 8)), want["w"][2:3])   # a dimension of 1
+        assert "shape=(6, 8)" in repr(o["w"]) and "float32" in repr(o["w"])
+        assert not reader.box(o["w"], (1, 2), (3, 5)).flags.writeable   # a view of a recycled read, not the file
+    finally:
+        fd = reader._fd
+        reader.close()
+    reader.close()   # twice: nothing left to close
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed
+
+
+def test_tensors_with_attributes_load_and_subclasses_do_not(tmp_path):
+    """A tensor carrying Python attributes (DeepSpeed's partitions do) is pickled through
+    ``_rebuild_from_type_v2`` and reads as the tensor; a class other than torch's tensor classes
+    there is refused even when its name is allowed (a subclass)."""
+    t = torch.arange(6.0)
+    t.ds_id = 3
+    path, want, reader = _saved(tmp_path, {"t": t})
+    try:
+        assert _bits_equal(reader.obj["t"].numpy(), want["t"])
+    finally:
+        reader.close()
+    sub = tmp_path / "sub.pt"
+    torch.save({"x": torch.zeros(3).as_subclass(Sub)}, sub)
+    with pytest.raises(TorchFileError, match="sub.pt: cannot be unpickled.*a tensor subclass"):
+        TorchFile(sub, allowed={f"{Sub.__module__}.Sub": object})
+
+
+def test_storage_and_persistent_id_checks(tmp_path):
+    """A tensor that would run past its storage, or a persistent id that is not a storage, is
+    refused (torch.save never writes either; a crafted file could)."""
+    from ucp.sources import torchfile
+
+    class Crafted(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("not-a-storage",) if obj == "marker" else None
+
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    Crafted(buf, protocol=2).dump({"x": "marker"})
+    path = tmp_path / "crafted.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("crafted/data.pkl", buf.getvalue())
+    with pytest.raises(TorchFileError, match="crafted.pt: cannot be unpickled.*unknown persistent id"):
+        TorchFile(path)
+    storage = torchfile._Storage(None, dtypes.Dtype("float32"), 10, 0)
+    assert torchfile._rebuild_tensor(storage, 2, (2, 4), (4, 1)).shape == (2, 4)
+    with pytest.raises(pickle.UnpicklingError, match="runs past its storage of 10"):
+        torchfile._rebuild_tensor(storage, 3, (2, 4), (4, 1))
+    with pytest.raises(pickle.UnpicklingError, match="not a storage"):
+        torchfile._rebuild_tensor("bytes", 0, (2,), (1,))
