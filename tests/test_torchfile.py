@@ -20,7 +20,7 @@ import torch
 
 from ucp.engine.buffers import ReadBuffers
 from ucp.format import dtypes
-from ucp.sources.torchfile import RefusedGlobal, SavedTensor, TorchFile, TorchFileError, flat_span
+from ucp.sources.torchfile import RefusedGlobal, SavedTensor, TorchFile, TorchFileError, flat_span, materialise
 
 
 def _saved(tmp_path, saved, name="states.pt"):
@@ -264,8 +264,6 @@ def test_metadata_tensors_keep_their_dtype(tmp_path):
     """``materialise`` (the DeepSpeed source's metadata: lr scheduler, client state) reads every
     tensor: numpy where numpy has the dtype, a torch tensor for bfloat16 (a ``uint16`` array
     would be stored as uint16), bit-exact, containers kept."""
-    from ucp.sources.deepspeed import materialise
-
     saved = {"sched": [torch.tensor(0.5), torch.arange(3)], "h": torch.randn(5).bfloat16(), "n": 3}
     path, want, reader = _saved(tmp_path, saved)
     try:

@@ -1,8 +1,7 @@
 """Recycled byte buffers for boxes read from source files (``ReadBuffers``).
 
 Used by the engine for the whole-state buffers it gathers boxes into (``ucp.engine.to_universal``)
-and by readers that ``pread`` boxes into fresh memory (``ucp.sources.torchfile.TorchFile``, the
-DeepSpeed source's).
+and by readers that ``pread`` boxes into fresh memory (``ucp.sources.torchfile.TorchFile``).
 """
 from __future__ import annotations
 

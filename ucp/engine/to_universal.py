@@ -260,9 +260,8 @@ def _gather(source, fragments, state, band, dtype, buffers):
 
 def _read_piece(source, replicas, i, state, dtype):
     """Piece ``i`` of one partition: the replica's box, or the average of every replica's."""
-    from ucp.plan.replicas import average_replicas
-
     from ucp.format import dtypes
+    from ucp.plan.replicas import average_replicas
 
     first = replicas[0][0]
     if len(replicas) == 1:

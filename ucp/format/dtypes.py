@@ -1,7 +1,7 @@
 """Logical dtypes <-> zarr v3 storage data types (bit-exact views), with or without torch.
 
-The table is by name, so that code that never touches a torch tensor (the DeepSpeed source
-reading ``torch.save`` files through ``ucp.sources.torchfile``, and the writer under it) runs
+The table is by name, so that code that never touches a torch tensor (a source reading
+``torch.save`` files through ``ucp.sources.torchfile``, and the writer under it) runs
 without importing torch (1.5-2 s of a 5 s conversion); torch dtypes are looked up only when a
 caller holds one, so torch is imported by then.
 """
@@ -60,6 +60,12 @@ def _by_torch() -> dict:
 def is_torch_dtype(dtype) -> bool:
     torch = sys.modules.get("torch")   # no torch imported: nothing is a torch dtype
     return torch is not None and isinstance(dtype, torch.dtype)
+
+
+def is_dtype(obj) -> bool:
+    """Whether ``obj`` is a logical dtype object: a torch dtype or a :class:`Dtype` (metadata
+    stores either as ``{"$dtype": name}``)."""
+    return isinstance(obj, Dtype) or is_torch_dtype(obj)
 
 
 def dtype_name(dtype) -> str:

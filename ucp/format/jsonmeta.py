@@ -48,7 +48,7 @@ def encode(obj, add_tensor, where="metadata"):
         return _float(float(obj))
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return {"$bytes": base64.b64encode(bytes(obj)).decode("ascii")}
-    if isinstance(obj, dtypes.Dtype) or dtypes.is_torch_dtype(obj):
+    if dtypes.is_dtype(obj):
         if not dtypes.is_supported(obj):
             raise MetadataEncodingError(f"{where}: dtype {obj} is not a ucp dtype ({', '.join(dtypes.SUPPORTED)})")
         return {"$dtype": dtypes.dtype_name(obj)}

@@ -154,7 +154,7 @@ class CheckpointWriter:
                 if not isinstance(meta, dict):
                     raise UcpError(f"param {name!r}: meta must be a dict")
                 meta = dict(meta)
-                if isinstance(meta.get("dtype"), dtypes.Dtype) or dtypes.is_torch_dtype(meta.get("dtype")):
+                if dtypes.is_dtype(meta.get("dtype")):
                     meta["dtype"] = dtypes.dtype_name(meta["dtype"])
                 _check_meta(name, meta)
                 p.meta.update(jsonmeta.encode(dict(meta), _no_tensor, f"param {name!r} meta"))

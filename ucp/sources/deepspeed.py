@@ -37,7 +37,6 @@ import math
 import os
 import re
 import threading
-from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -46,7 +45,7 @@ from ucp.engine.buffers import ReadBuffers  # noqa: F401  (the pool TorchFile re
 from ucp.errors import UcpError
 from ucp.format import dtypes
 from ucp.sources import Source, SourceLayout, SourceParam
-from ucp.sources.torchfile import RefusedGlobal, SavedTensor, TorchFile, TorchFileError, flat_span
+from ucp.sources.torchfile import RefusedGlobal, SavedTensor, TorchFile, TorchFileError, flat_span, materialise
 
 #: the master weights and Adam moments of every ZeRO partition
 FLOAT32 = dtypes.Dtype("float32")
@@ -81,7 +80,7 @@ class LossScalerState:
 
     def to_json(self) -> dict:
         return {k: v for k, v in vars(self).items()
-                if isinstance(v, (int, float, bool, str, type(None), dtypes.Dtype)) or dtypes.is_torch_dtype(v)}
+                if isinstance(v, (int, float, bool, str, type(None))) or dtypes.is_dtype(v)}
 
 
 #: (stand-in, DeepSpeed's qualified name): every non-torch global a DeepSpeed 0.x checkpoint
@@ -111,19 +110,6 @@ def open_file(path: Path, buffers: Optional["ReadBuffers"] = None) -> TorchFile:
         raise DeepSpeedError(str(e)) from None
     except OSError as e:
         raise DeepSpeedError(f"{path}: cannot be read ({e.strerror or e})") from None
-
-
-def materialise(obj):
-    """``obj`` with every :class:`SavedTensor` read: a numpy array where numpy has the dtype,
-    else (bfloat16, float8) a torch tensor, so that metadata keeps the logical dtype."""
-    if isinstance(obj, SavedTensor):
-        a = obj.numpy()
-        return a if a.dtype.name == obj.dtype.name else dtypes.to_torch(a, obj.dtype.name)
-    if type(obj) in (dict, OrderedDict, list, tuple):
-        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
-        done = [(k, materialise(v)) for k, v in items]
-        return type(obj)(done) if isinstance(obj, dict) else type(obj)(v for _, v in done)
-    return obj
 
 
 # ------------------------------------------------------------------ finding the files
@@ -292,10 +278,6 @@ class DeepSpeedSource(Source):
                 reader = self._readers[path] = open_file(path, self._buffers)
                 self._loaded[path] = reader.obj
             return self._loaded[path]
-
-    def _values(self, path: Path, obj):
-        """``obj`` (from ``path``) with every tensor in it read: for metadata."""
-        return materialise(obj)
 
     def _optim(self, rank: int) -> dict:
         path = self.files.optim[rank]
@@ -700,12 +682,12 @@ class DeepSpeedSource(Source):
     # -- metadata
     def _metadata(self) -> dict:
         m, opt0 = self.model0, self._optim(0)
-        client = self._values(self.files.model[0], {k: v for k, v in m.items() if k not in MODEL_KEYS})
+        client = {k: v for k, v in m.items() if k not in MODEL_KEYS}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self._base_state(0)["param_groups"]]
         scaler = opt0.get("loss_scaler")
         return materialise({   # a tensor anywhere in DeepSpeed's records (an lr as a tensor) is read
             "iteration": m.get("global_steps"),
-            "lr_scheduler": self._values(self.files.model[0], m.get("lr_scheduler")),
+            "lr_scheduler": m.get("lr_scheduler"),
             "client_state": client,
             "optimizer": {"param_groups": groups},
             "deepspeed": {

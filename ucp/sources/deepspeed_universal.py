@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ucp.sources import SourceParam
 from ucp.sources.deepspeed import (FLOAT32, DeepSpeedError, DeepSpeedSource, LossScalerState, RankFiles, _scalar,
-                                   flat_fragment, materialise, whole_fragment)
+                                   flat_fragment, whole_fragment)
+from ucp.sources.torchfile import materialise
 
 STATE_FILES = {"fp32": "param"}  # file stem -> universal state name (others keep their name)
 
@@ -110,8 +111,8 @@ class DeepSpeedUniversalSource(DeepSpeedSource):
         scaler = self.optimizer_state.get("loss_scaler")
         return materialise({
             "iteration": m.get("global_steps"),
-            "lr_scheduler": self._values(self.files.model[0], m.get("lr_scheduler")),
-            "client_state": self._values(self.files.model[0], {k: v for k, v in m.items() if k not in MODEL_KEYS}),
+            "lr_scheduler": m.get("lr_scheduler"),
+            "client_state": {k: v for k, v in m.items() if k not in MODEL_KEYS},
             "optimizer": {"param_groups": [{k: v for k, v in g.items() if k != "params"}
                                            for g in self._param_groups()]},
             "deepspeed": {"zero_stage": self.stage, "dp_world_size": self.dp, "ds_version": m.get("ds_version"),

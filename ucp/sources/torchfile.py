@@ -27,6 +27,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from ucp.errors import UcpError
+from ucp.format import dtypes
 from ucp.format.dtypes import SUPPORTED, Dtype
 
 
@@ -323,6 +324,20 @@ def flat_span(t, start, stop) -> Optional[tuple[int, int]]:
     lo = sum(a * s for a, s in zip(start, t.stride()))
     hi = sum((b - 1) * s for b, s in zip(stop, t.stride())) + 1
     return (lo, hi) if hi - lo == math.prod(b - a for a, b in zip(start, stop)) else None
+
+
+def materialise(obj):
+    """``obj`` with every :class:`SavedTensor` in its containers read: a numpy array where numpy
+    has the dtype, else (bfloat16, float8) a torch tensor, so that metadata keeps the logical
+    dtype (torch is imported only then)."""
+    if isinstance(obj, SavedTensor):
+        a = obj.numpy()
+        return a if a.dtype.name == obj.dtype.name else dtypes.to_torch(a, obj.dtype.name)
+    if type(obj) in (dict, OrderedDict, list, tuple):
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        done = [(k, materialise(v)) for k, v in items]
+        return type(obj)(done) if isinstance(obj, dict) else type(obj)(v for _, v in done)
+    return obj
 
 
 class _Unpickler(pickle.Unpickler):
