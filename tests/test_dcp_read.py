@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 
 import pytest
 import torch
@@ -93,6 +94,49 @@ def test_read_boxes_reports_a_corrupt_inner_chunk_and_reads_the_others(tmp_path)
     good = torch.empty(8, 12)
     ck.read_boxes([("w", "param", [0, 12], [8, 24], good)])
     assert torch.equal(good, t[:, 12:])
+
+
+def test_failed_pooled_read_leaves_no_read_running(tmp_path):
+    """A chunk read that fails on the pool: ``read_boxes`` raises only once no other read of the
+    call is still writing into the caller's tensors (the ones already running finish, the ones not
+    started never start). Otherwise a caller that catches the error and reuses or frees its
+    buffers would have them overwritten behind its back. The good reads wait until the bad one has
+    failed, so the failure always comes first with a read running beside it."""
+    rows = 256                       # 8 boxes of 1 MiB: enough for read_boxes to use its pool
+    t = torch.arange(8 * rows * 1024, dtype=torch.float32).reshape(8 * rows, 1024)
+    column_block_checkpoint(tmp_path / "ck", {"bad": t[:rows], "good": t}, rows, 256)
+    shard = tmp_path / "ck" / open_checkpoint(tmp_path / "ck").array_info("bad").path / "c" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[3] ^= 0x01
+    shard.write_bytes(bytes(raw))
+
+    ck = open_checkpoint(tmp_path / "ck", workers=2)
+    failed, events, lock = threading.Event(), [], threading.Lock()
+    read_shard = ck._read_shard
+
+    def watched(a, sidx, start, stop, onp):
+        if a.info.name == "bad":
+            try:
+                return read_shard(a, sidx, start, stop, onp)
+            finally:
+                failed.set()
+        assert failed.wait(timeout=60)
+        try:
+            return read_shard(a, sidx, start, stop, onp)
+        finally:
+            with lock:
+                events.append("read done")
+
+    ck._read_shard = watched
+    boxes = [("bad", "param", [0, 0], [rows, 1024], torch.empty(rows, 1024))] + [
+        ("good", "param", [rows * i, 0], [rows * i + rows, 1024], torch.empty(rows, 1024)) for i in range(7)]
+    with pytest.raises(CorruptChunkError, match="crc32c mismatch"):
+        ck.read_boxes(boxes)
+    with lock:
+        events.append("raised")
+    ck.close()                       # joins the pool: every read that was going to run has run
+    assert events[-1] == "raised", events
+    assert events.count("read done") >= 1       # one good read ran beside the failing one
 
 
 def test_dcp_load_fills_in_place_and_stages_the_rest(tmp_path):

@@ -6,7 +6,7 @@ import difflib
 import functools
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import crc32c
@@ -218,7 +218,7 @@ class Checkpoint:
         ahead = self._look_ahead(tails)
         try:
             if len(tasks) > 1 and self._workers > 1 and (need >= (8 << 20) or self._store.parallel_reads):
-                got = sum(self._thread_pool().map(_call, tasks))
+                got = self._run_pooled(tasks)
             else:
                 got = sum(fn(idx) for fn, idx in tasks)
         finally:
@@ -229,6 +229,20 @@ class Checkpoint:
             self.bytes_read += got
             self.chunks_read += nread
         self.last_read_stats = {"bytes_read": got, "bytes_needed": need, "chunks_read": nread}
+
+    def _run_pooled(self, tasks) -> int:
+        """Run the chunk reads on the pool; their bytes read. A read that fails lets the reads already
+        running finish and drops those not started before the first failure (in task order) is
+        raised: each read writes into its caller's tensor, and none may still be writing once
+        ``read_boxes`` has raised and its caller reuses or frees that tensor."""
+        futures = [self._thread_pool().submit(fn, idx) for fn, idx in tasks]
+        _done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        if pending:
+            for f in pending:
+                f.cancel()
+            wait(pending)
+        # the pool starts reads in task order: any read before a failed one has started (not cancelled)
+        return sum(f.result() for f in futures)
 
     def _look_ahead(self, shards):
         """Fetch and check the indexes of the shard files a read spans, and ask the kernel for the data
@@ -880,11 +894,6 @@ def _empty(shape, dtype, isz):
     if n * isz < _HUGE:
         return torch.empty(shape, dtype=dtype)
     return torch.from_numpy(np.empty(n * isz, dtype=np.uint8)).view(dtype).reshape(shape)
-
-
-def _call(task):
-    fn, idx = task
-    return fn(idx)
 
 
 def _no_tensor(_p):
