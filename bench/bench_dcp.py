@@ -104,6 +104,10 @@ def timed(fn, cpu=False):
     return (wall, sum(g[1] for g in got)) if cpu else wall
 
 
+#: the row of ``floor_reader``
+FLOOR = "floor: 1 pread per byte"
+
+
 def counting_fs_reader(path):
     """FileSystemReader that counts the saved bytes it deserialises (one whole item per request)."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -137,10 +141,68 @@ def fresh_state(cfg, layout):
     return {"model": msd, "optim": osd}
 
 
+def floor_reader(ucp_reader):
+    """Not a reader: the floor under any reader of the universal checkpoint. DCP plans the load on
+    UniversalReader's metadata as for a real load, then every tensor destination is filled by one
+    ``pread`` of its size from the checkpoint's files, in turn (warm: one kernel copy per byte
+    needed, straight into the tensor; no checksum, no tiling, values NOT loaded). A reader that
+    reads what it needs and nothing more can come near this and not below it; the rows above it
+    say how far each real reader is from it."""
+    import io
+
+    import torch
+
+    class Floor(ucp_reader):
+        def read_data(self, plan, planner):
+            from torch.futures import Future
+
+            files = self._files()
+            i = 0
+            for req in plan.items:
+                if req.type.name != "TENSOR":
+                    buf = io.BytesIO()
+                    torch.save(self.storage_data[req.storage_index][1], buf)
+                    buf.seek(0)
+                    planner.load_bytes(req, buf)
+                    continue
+                target = planner.resolve_tensor(req).detach()
+                raw = memoryview(target.contiguous().reshape(-1).view(torch.uint8).numpy()) if target.numel() else b""
+                pos = 0
+                while pos < len(raw):
+                    fd, size = files[i % len(files)]
+                    i += 1
+                    pos += os.preadv(fd, [raw[pos:pos + size]], 0)
+                self.bytes_needed += len(raw)
+                self.floor_bytes += len(raw)
+                planner.commit_tensor(req, target)
+            for fd, _ in files:
+                os.close(fd)
+            fut = Future()
+            fut.set_result(None)
+            return fut
+
+        def _files(self):
+            found = []
+            for d, _, names in os.walk(self.path):
+                for n in names:
+                    if n != "zarr.json" and not n.endswith(".json"):
+                        p = os.path.join(d, n)
+                        found.append((os.path.getsize(p), p))
+            return [(os.open(p, os.O_RDONLY), size) for size, p in sorted(found, reverse=True)[:64] if size]
+
+        floor_bytes = 0
+
+        @property
+        def bytes_read(self):
+            return self.floor_bytes
+
+    return Floor
+
+
 #: checkpoint directory of each writer; each reader reads the one of the same name
 DIRS = {"FileSystemWriter": "fs", "UniversalWriter": "ucp", "UniversalWriter fine": "ucp-fine"}
 READS = {"FileSystemReader": "FileSystemWriter", "UniversalReader": "UniversalWriter",
-         "UniversalReader fine": "UniversalWriter fine"}
+         "UniversalReader fine": "UniversalWriter fine", FLOOR: "UniversalWriter"}
 
 
 def worker(args) -> None:
@@ -197,12 +259,13 @@ def load_layout(args, cfg, layout, base, ref, fs_reader, ucp_reader) -> dict:
             sd = fresh_state(cfg, layout)
             path = base / DIRS[written_by]
             opts = {"workers": args.reader_workers} if args.reader_workers else {}   # else the version's default
-            reader = fs_reader(path) if name == "FileSystemReader" else ucp_reader(path, **opts)
+            reader = fs_reader(path) if name == "FileSystemReader" else \
+                floor_reader(ucp_reader)(path, **opts) if name == FLOOR else ucp_reader(path, **opts)
             if dist.get_rank() == 0:   # cold: nothing cached; warm: every file cached, whoever wrote it
                 drop_caches() if args.cold else read_tree(path)
             dist.barrier()
             t, c = timed(lambda: dcp.load(sd, storage_reader=reader), cpu=True)
-            for k, v in ref.items():
+            for k, v in ref.items() if name != FLOOR else ():
                 got = sd["model"][k]
                 got = got.full_tensor() if hasattr(got, "full_tensor") else got
                 if not torch.equal(got, v):
@@ -315,7 +378,9 @@ def render(args, rep, nbytes, label=None) -> str:
     lines += ["", "# times: max over ranks of the dcp.* call (planning collectives included), best of the runs; CPU s: "
               "user + system CPU of that call summed over the ranks, least of the runs; read/need: bytes the "
               "reader read from storage / bytes of the rank's local tensors it filled (FileSystemReader: the saved "
-              "items it deserialised whole, once per read request)"]
+              "items it deserialised whole, once per read request); " + FLOOR + ": not a reader, DCP's planning on "
+              "UniversalReader's metadata and one pread per byte needed straight into each tensor (values not "
+              "loaded): the floor under any reader of these bytes (bench_dcp.floor_reader)"]
     return "\n".join(lines) + "\n"
 
 

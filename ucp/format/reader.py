@@ -489,7 +489,7 @@ class Checkpoint:
                                     f"the manifest's {want:#010x} (the file is another shard's, or stale)")
 
     def _positions(self, a, sidx):
-        return _shard.present_positions(a.info.shape, a.info.chunks, a.inner, sidx)
+        return _present_positions(a.info.shape, a.info.chunks, a.inner, sidx)
 
     def _index(self, a, sidx, key, rel, size, whole=False, src=None):
         """The checked index of a shard, its content crc32c checked too (once per open Checkpoint).
@@ -513,8 +513,7 @@ class Checkpoint:
         ent = self._parse_index(a, key, buf)
         data_end = size - n
         positions = self._positions(a, sidx)
-        for pos in positions:
-            self._entry(ent, pos, a, data_end, key)
+        self._entries(ent, positions, a, data_end, key)
         if whole:
             return ent, n, positions
         ranges = _shard.crc_word_ranges(ent, positions)
@@ -660,6 +659,16 @@ class Checkpoint:
         except (FileNotFoundError, NotADirectoryError):
             raise self._open_err(a, key) from None
 
+    def _entries(self, ent, positions, a, data_end, key):
+        """Every entry at ``positions`` checked at once; the first bad one is named as ``_entry`` names
+        it (a DCP load checks the index of each of the hundreds of shard files it opens)."""
+        nb = a.inner_nb
+        sel = ent[list(positions)]
+        if data_end >= nb and bool(((sel[:, 1] == nb) & (sel[:, 0] <= data_end - nb)).all()):
+            return
+        for pos in positions:
+            self._entry(ent, pos, a, data_end, key)
+
     def _entry(self, ent, pos, a, data_end, key):
         try:
             return _shard.check_entry(ent, pos, a.inner_nb, data_end, f"inner chunk at index position {pos}")
@@ -731,7 +740,8 @@ class _TileRun:
             dst = np.lib.stride_tricks.as_strided(dst, dst.shape[:-1] + (m, k),
                                                   dst.strides[:-1] + (k * dst.strides[-1], dst.strides[-1]),
                                                   writeable=True)
-            src = np.moveaxis(src, 0, -2)
+            nd = len(inner)
+            src = src.transpose(tuple(range(1, nd)) + (0, nd))   # np.moveaxis(src, 0, -2), without its checks
         else:
             src = src[0]
         dst[...] = src
@@ -865,6 +875,13 @@ def _geometry(dtype, shape, chunks, inner):
     small = inner is None and chunks == shape and 0 < nbytes <= SMALL_BYTES
     return (_numpy_dtype(dtype), isz, math.prod(chunks) * isz, inner_nb, index_nb, dtypes.torch_dtype(dtype),
             nbytes, chunk_key((0,) * len(shape)) if small else None)
+
+
+@functools.lru_cache(maxsize=4096)
+def _present_positions(shape, chunks, inner, sidx) -> tuple:
+    """``shard.present_positions``, once per shard geometry: a DCP load opens a new ``Checkpoint``,
+    whose first read of each shard file checks the index positions of its present inner chunks."""
+    return tuple(_shard.present_positions(shape, chunks, inner, sidx))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -59,11 +59,8 @@ def content_crc(crc_words) -> int:
 
 def crc_word_ranges(entries, positions):
     """Byte ranges ``(start, stop)`` of the stored crc32c word of each inner chunk at ``positions``."""
-    out = []
-    for pos in positions:
-        end = int(entries[pos, 0]) + int(entries[pos, 1])
-        out.append((end - CRC_BYTES, end))
-    return out
+    ends = (entries[list(positions), 0] + entries[list(positions), 1]).tolist()
+    return [(end - CRC_BYTES, end) for end in ends]
 
 
 def present_positions(shape, shard, inner, sidx):
