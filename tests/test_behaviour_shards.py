@@ -104,7 +104,8 @@ def _recraft_index(root, f, edit):
     (lambda e: e.__setitem__((3, 0), int(e[3, 0]) + 4), r"inner chunk at index position 3: index entry .* is invalid"),
     (lambda e: e.__setitem__((3,), [2**64 - 1, 2**64 - 1]), r"inner chunk at index position 3: missing from the"),
     (lambda e: e.__setitem__((3, 1), int(e[3, 1]) - 4), r"inner chunk at index position 3: index entry .* is invalid"),
-], ids=["past-the-data", "missing", "short"])
+    (lambda e: e.__setitem__((slice(None), 1), e[:, 1] - 4), r"inner chunk at index position 0: index entry .* is invalid"),
+], ids=["past-the-data", "missing", "short", "all-short"])
 def test_crafted_index_signed_in_the_manifest_is_refused_by_reads(ck, edit, match):
     """Even an index the manifest vouches for must describe this shard's geometry."""
     root, f = ck
