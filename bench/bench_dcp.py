@@ -143,21 +143,29 @@ def fresh_state(cfg, layout):
 
 def floor_reader(ucp_reader):
     """Not a reader: the floor under any reader of the universal checkpoint. DCP plans the load on
-    UniversalReader's metadata as for a real load, then every tensor destination is filled by one
-    ``pread`` of its size from the checkpoint's files, in turn (warm: one kernel copy per byte
-    needed, straight into the tensor; no checksum, no tiling, values NOT loaded). A reader that
-    reads what it needs and nothing more can come near this and not below it; the rows above it
-    say how far each real reader is from it."""
+    UniversalReader's metadata as for a real load, then every tensor destination is filled by
+    ``pread`` straight into it from the checkpoint's data files, read on from where the last
+    destination stopped, a file after another (each rank starting at its own place in the list):
+    each byte needed read once, never a byte twice, so that a cold run (``--cold``) reads the disk
+    as much as a reader reading exactly what it needs. Warm: one kernel copy per byte needed. No
+    index, checksum or tiling; values NOT loaded. A reader that reads what it needs and nothing
+    more can come near this and not below it; the rows above it say how far each real reader is."""
     import io
 
     import torch
+    import torch.distributed as dist
 
     class Floor(ucp_reader):
+        floor_bytes = 0
+
+        @property
+        def bytes_read(self):
+            return self.floor_bytes
+
         def read_data(self, plan, planner):
             from torch.futures import Future
 
-            files = self._files()
-            i = 0
+            stream = self._stream()
             for req in plan.items:
                 if req.type.name != "TENSOR":
                     buf = io.BytesIO()
@@ -167,34 +175,45 @@ def floor_reader(ucp_reader):
                     continue
                 target = planner.resolve_tensor(req).detach()
                 raw = memoryview(target.contiguous().reshape(-1).view(torch.uint8).numpy()) if target.numel() else b""
-                pos = 0
-                while pos < len(raw):
-                    fd, size = files[i % len(files)]
-                    i += 1
-                    pos += os.preadv(fd, [raw[pos:pos + size]], 0)
+                stream.send(raw)
                 self.bytes_needed += len(raw)
                 self.floor_bytes += len(raw)
                 planner.commit_tensor(req, target)
-            for fd, _ in files:
-                os.close(fd)
+            stream.close()
             fut = Future()
             fut.set_result(None)
             return fut
 
-        def _files(self):
-            found = []
-            for d, _, names in os.walk(self.path):
-                for n in names:
-                    if n != "zarr.json" and not n.endswith(".json"):
-                        p = os.path.join(d, n)
-                        found.append((os.path.getsize(p), p))
-            return [(os.open(p, os.O_RDONLY), size) for size, p in sorted(found, reverse=True)[:64] if size]
+        def _stream(self):
+            """A generator that fills each buffer sent to it from the data files in turn."""
+            paths = sorted(os.path.join(d, n) for d, _, names in os.walk(self.path) for n in names
+                           if not n.endswith(".json"))
+            rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+            k = rank * len(paths) // world
+            paths = paths[k:] + paths[:k]
 
-        floor_bytes = 0
-
-        @property
-        def bytes_read(self):
-            return self.floor_bytes
+            def run():
+                i, fd, off = 0, None, 0
+                try:
+                    raw = yield
+                    while True:
+                        pos = 0
+                        while pos < len(raw):
+                            if fd is None:
+                                fd, off = os.open(paths[i % len(paths)], os.O_RDONLY), 0
+                                i += 1
+                            n = os.preadv(fd, [raw[pos:]], off)
+                            if n == 0:
+                                os.close(fd)
+                                fd = None
+                            pos, off = pos + n, off + n
+                        raw = yield
+                finally:
+                    if fd is not None:
+                        os.close(fd)
+            gen = run()
+            next(gen)
+            return gen
 
     return Floor
 
