@@ -257,7 +257,7 @@ def worker(args) -> None:
             t, c = timed(lambda: dcp.save(sd, storage_writer=make(path)), cpu=True)
             report["save"][name] = min(t, report["save"].get(name, t))
             report["save_cpu"][name] = min(c, report["save_cpu"].get(name, c))
-    del sd
+    sd = None                                  # the save state is not needed by the loads
     for layout in () if args.save_only else ("2d", "tp"):
         report["load"][layout] = load_layout(args, cfg, layout, base, ref, counting_fs_reader, UniversalReader)
     if rank == 0:
