@@ -59,8 +59,8 @@ def content_crc(crc_words) -> int:
 
 def crc_word_ranges(entries, positions):
     """Byte ranges ``(start, stop)`` of the stored crc32c word of each inner chunk at ``positions``."""
-    ends = (entries[list(positions), 0] + entries[list(positions), 1]).tolist()
-    return [(end - CRC_BYTES, end) for end in ends]
+    sel = entries[list(positions)]
+    return [(end - CRC_BYTES, end) for end in (sel[:, 0] + sel[:, 1]).tolist()]
 
 
 def present_positions(shape, shard, inner, sidx):
