@@ -150,72 +150,62 @@ def floor_reader(ucp_reader):
     as much as a reader reading exactly what it needs. Warm: one kernel copy per byte needed. No
     index, checksum or tiling; values NOT loaded. A reader that reads what it needs and nothing
     more can come near this and not below it; the rows above it say how far each real reader is."""
-    import io
-
     import torch
     import torch.distributed as dist
 
     class Floor(ucp_reader):
-        floor_bytes = 0
-
         @property
         def bytes_read(self):
-            return self.floor_bytes
+            return self.bytes_needed        # it reads exactly the bytes of each destination
 
         def read_data(self, plan, planner):
+            from torch.distributed.checkpoint.planner import LoadPlan
             from torch.futures import Future
 
-            stream = self._stream()
-            for req in plan.items:
-                if req.type.name != "TENSOR":
-                    buf = io.BytesIO()
-                    torch.save(self.storage_data[req.storage_index][1], buf)
-                    buf.seek(0)
-                    planner.load_bytes(req, buf)
-                    continue
-                target = planner.resolve_tensor(req).detach()
-                raw = memoryview(target.contiguous().reshape(-1).view(torch.uint8).numpy()) if target.numel() else b""
-                stream.send(raw)
-                self.bytes_needed += len(raw)
-                self.floor_bytes += len(raw)
-                planner.commit_tensor(req, target)
-            stream.close()
+            super().read_data(LoadPlan([r for r in plan.items if r.type.name != "TENSOR"]), planner)
+            files = _DataFiles(self.path, *((dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)))
+            try:
+                for req in plan.items:
+                    if req.type.name == "TENSOR":
+                        target = planner.resolve_tensor(req).detach()
+                        raw = memoryview(target.contiguous().reshape(-1).view(torch.uint8).numpy()) \
+                            if target.numel() else b""
+                        files.fill(raw)
+                        self.bytes_needed += len(raw)
+                        planner.commit_tensor(req, target)
+            finally:
+                files.close()
             fut = Future()
             fut.set_result(None)
             return fut
 
-        def _stream(self):
-            """A generator that fills each buffer sent to it from the data files in turn."""
-            paths = sorted(os.path.join(d, n) for d, _, names in os.walk(self.path) for n in names
-                           if not n.endswith(".json"))
-            rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-            k = rank * len(paths) // world
-            paths = paths[k:] + paths[:k]
-
-            def run():
-                i, fd, off = 0, None, 0
-                try:
-                    raw = yield
-                    while True:
-                        pos = 0
-                        while pos < len(raw):
-                            if fd is None:
-                                fd, off = os.open(paths[i % len(paths)], os.O_RDONLY), 0
-                                i += 1
-                            n = os.preadv(fd, [raw[pos:]], off)
-                            if n == 0:
-                                os.close(fd)
-                                fd = None
-                            pos, off = pos + n, off + n
-                        raw = yield
-                finally:
-                    if fd is not None:
-                        os.close(fd)
-            gen = run()
-            next(gen)
-            return gen
-
     return Floor
+
+
+class _DataFiles:
+    """The data files of a universal checkpoint read on, a file after another, each byte once
+    (``floor_reader``); rank ``rank`` of ``world`` starts at its own place in the list."""
+
+    def __init__(self, root, rank, world):
+        paths = sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names if not n.endswith(".json"))
+        k = rank * len(paths) // world
+        self.paths, self.i, self.fd, self.off = paths[k:] + paths[:k], 0, None, 0
+
+    def fill(self, raw) -> None:
+        pos = 0
+        while pos < len(raw):
+            if self.fd is None:
+                self.fd, self.off = os.open(self.paths[self.i % len(self.paths)], os.O_RDONLY), 0
+                self.i += 1
+            n = os.preadv(self.fd, [raw[pos:]], self.off)
+            if n == 0:              # this file is used up
+                self.close()
+            pos, self.off = pos + n, self.off + n
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 #: checkpoint directory of each writer; each reader reads the one of the same name
