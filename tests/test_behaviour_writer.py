@@ -252,6 +252,26 @@ def test_overwrite_leaves_nothing_of_the_checkpoint_it_replaces(tmp_path):
     assert ck.params == ["new"] and torch.equal(ck.read("new"), torch.arange(6.0))
 
 
+def test_overwrite_refuses_what_is_not_a_ucp_checkpoint_and_leaves_it_whole(tmp_path):
+    """``overwrite=True`` replaces a checkpoint or an interrupted write's leftovers (FORMAT.md §2),
+    never a directory of other files: a wrong path must not cost a user their files."""
+    other = tmp_path / "other"
+    (other / "sub").mkdir(parents=True)
+    (other / "train.py").write_text("x")
+    (other / "sub" / "data.bin").write_bytes(b"y")
+    with pytest.raises(UcpError, match=r"other is not a ucp checkpoint \(it holds sub, train\.py\); "
+                                       r"overwrite=True replaces only"):
+        create_checkpoint(other, overwrite=True)
+    assert sorted(p.relative_to(other).as_posix() for p in other.rglob("*")) == ["sub", "sub/data.bin", "train.py"]
+    ck = tmp_path / "ck"
+    with create_checkpoint(ck) as w:
+        w.write_tensor("w", "param", torch.ones(4))
+    (ck / "notes.txt").write_text("mine")
+    with pytest.raises(UcpError, match=r"holds files that a ucp checkpoint does not have at its root \(notes\.txt\)"):
+        create_checkpoint(ck, overwrite=True)
+    assert torch.equal(open_checkpoint(ck).read("w"), torch.ones(4))
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_writer_without_worker_threads_writes_every_chunk(tmp_path, workers):
     """``workers=0`` or ``1`` (no thread pool: e.g. inside a framework's own worker thread) still

@@ -65,6 +65,7 @@ from ucp.errors import UcpError
 from ucp.format import (aligned_chunks, commit_parts, create_checkpoint, default_chunks, jsonmeta, layout,
                         open_checkpoint)
 from ucp.format.store import MANIFEST, make_store
+from ucp.format.writer import clear_to_overwrite
 
 MODEL = "model."
 OPTIM_STATE = "optim.state."
@@ -357,6 +358,7 @@ class _RankSummary:
     ties: dict = dataclasses.field(default_factory=dict)         # alias -> target
     shapes: dict = dataclasses.field(default_factory=dict)       # model name -> (shape, dtype name)
     keys: set = dataclasses.field(default_factory=set)           # every flattened key on this rank
+    listed: set = dataclasses.field(default_factory=set)         # FQNs the param groups list
     params: list = dataclasses.field(default_factory=list)       # model order on this rank
     records: Optional[list] = None                               # the committed part (PartWriter.records)
 
@@ -433,6 +435,9 @@ class UniversalWriter(StorageWriter):
         ranks' boxes, and tell each rank its part number and the grids."""
         if self.path is None:
             raise UcpError("UniversalWriter: no path (pass it, or checkpoint_id= to dcp.save)")
+        keys = [parse_key(item.index.fqn) for p in plans for item in p.items]
+        check_states_held(self.path, [k.name for k in keys if k.kind == "state"],
+                          [k.name for k in keys if k.kind == "param"])
         _prepare_destination(self.path, self.overwrite, self.storage_options)
         arrays = _saved_arrays(plans)
         grids = _chunk_grids(arrays, self.chunk_bytes)
@@ -451,7 +456,7 @@ class UniversalWriter(StorageWriter):
         try:
             summary = _RankSummary(info["part"])
             _summarize_state_dict(getattr(planner, "state_dict", None) or {}, summary)
-            aliases = tied_aliases(summary.params, summary.keys, summary.ties)
+            aliases = tied_aliases(summary.params, summary.keys, summary.ties, summary.listed)
             arrays, results = [], []
             for item in plan.items:
                 k = parse_key(item.index.fqn)
@@ -509,7 +514,7 @@ def _prepare_destination(path, overwrite: bool, storage_options) -> None:
     if not overwrite:
         what = "a committed ucp checkpoint" if store.exists(MANIFEST) else "not empty"
         raise UcpError(f"{path} is {what}; pass UniversalWriter(path, overwrite=True) to replace it")
-    store.clear()
+    clear_to_overwrite(store, path)
 
 
 def _saved_arrays(plans: list[SavePlan]) -> dict:
@@ -701,6 +706,8 @@ def _summarize_state_dict(state_dict: dict, summary: _RankSummary) -> None:
     for fqn, v in state_dict.items():
         summary.keys.add(fqn)
         k = parse_key(fqn)
+        if k.kind == "group":
+            summary.listed |= listed_params({(k.group, k.state): v})
         if k.kind != "param" or not isinstance(v, torch.Tensor):
             continue
         summary.params.append(k.name)
@@ -721,6 +728,7 @@ def _merge_summaries(summaries: list[_RankSummary]) -> tuple[list, dict, dict]:
     every rank's summary."""
     order: list[str] = []
     keys: set[str] = set()
+    listed: set[str] = set()
     meta: dict[str, dict] = {}
     groups: dict[tuple, Any] = {}
     extras: dict[str, Any] = {}
@@ -731,6 +739,7 @@ def _merge_summaries(summaries: list[_RankSummary]) -> tuple[list, dict, dict]:
         for n in s.params:
             meta.setdefault(n, {})
         keys |= s.keys
+        listed |= s.listed
         for n, sc in s.scalars.items():
             meta.setdefault(n, {}).setdefault("scalars", {}).update(sc)
             meta[n].setdefault("scalar_dtypes", {}).update(s.scalar_dtypes.get(n, {}))
@@ -742,7 +751,7 @@ def _merge_summaries(summaries: list[_RankSummary]) -> tuple[list, dict, dict]:
                 extras[key] = _Pieces(extras[key] + v)
             else:
                 extras.setdefault(key, v)
-    for n, flags in param_flags(order, keys, ties).items():
+    for n, flags in param_flags(order, keys, ties, listed).items():
         meta.setdefault(n, {}).update(flags)
         if "tied_to" in flags and n in shapes:     # an alias has no array to take them from
             meta[n].update(shape=shapes[n][0], dtype=shapes[n][1])
@@ -750,30 +759,57 @@ def _merge_summaries(summaries: list[_RankSummary]) -> tuple[list, dict, dict]:
     return order, meta, md
 
 
-def param_flags(names, keys, ties: dict) -> dict[str, dict]:
+def param_flags(names, keys, ties: dict, listed=frozenset()) -> dict[str, dict]:
     """``tied_to`` / ``frozen`` of model parameters ``names`` from the flattened keys of the
-    state dict and the ties found (``alias -> other``, either way round).
+    state dict, the ties found (``alias -> other``, either way round) and the FQNs its param
+    groups list (``optim.param_groups.<i>.params``, :func:`listed_params`).
 
-    The tie points to the one the optimizer steps (it has ``optim.state`` entries). A model
-    tensor with no optimizer state, not tied, in a state dict that has an optimizer, is
-    frozen."""
+    The optimizer trains what its param groups list, and what it keeps state for. Keeping no
+    state says little (SGD without momentum keeps none; Adam none for a parameter that has not
+    had a gradient yet), so a model tensor is frozen only when the state dict has an optimizer
+    that neither lists it nor keeps state for it, and it is not tied. The tie points to the one
+    the optimizer keeps state for, else to the one it lists."""
     parsed = [parse_key(k) for k in keys]
     has_optim = any(k.kind in ("state", "group") for k in parsed)
     stepped = {k.name for k in parsed if k.kind == "state"}
     out: dict[str, dict] = {n: {} for n in names}
+
+    def trained(n):
+        return n in stepped, n in listed
+
     for alias, target in ties.items():
-        if alias in stepped and target not in stepped:
+        if trained(alias) > trained(target):
             alias, target = target, alias
         out.setdefault(alias, {})["tied_to"] = target
     for n in names:
-        if has_optim and n not in stepped and "tied_to" not in out[n]:
+        if has_optim and not any(trained(n)) and "tied_to" not in out[n]:
             out[n]["frozen"] = True
     return out
 
 
-def tied_aliases(names, keys, ties: dict) -> set:
+def listed_params(groups: dict) -> set:
+    """The FQNs the param groups list (``{(group, key): value}``): ``get_state_dict`` names each
+    parameter of a group in its ``params`` (a plain ``optimizer.state_dict()`` numbers them, and
+    lists no names)."""
+    return {p for (_, key), v in groups.items() if key == "params" and isinstance(v, (list, tuple))
+            for p in v if isinstance(p, str)}
+
+
+def tied_aliases(names, keys, ties: dict, listed=frozenset()) -> set:
     """The model tensors stored through another one (``tied_to`` of :func:`param_flags`)."""
-    return {n for n, f in param_flags(names, keys, ties).items() if "tied_to" in f}
+    return {n for n, f in param_flags(names, keys, ties, listed).items() if "tied_to" in f}
+
+
+def check_states_held(where, state_names, param_names) -> None:
+    """Optimizer state must come with its model tensor: a universal parameter is made from its
+    ``model.<fqn>`` entry (its ``param`` array), so state alone could be stored but never loaded
+    or exported."""
+    missing = sorted(set(state_names) - set(param_names))
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise UcpError(f"{where}: optimizer state for {', '.join(missing[:5])}{more}, which the model "
+                       "section (model.<fqn>) does not hold: save the model's state dict with the "
+                       "optimizer's ({'model': ..., 'optim': ...} of get_state_dict(model, optimizer))")
 
 
 def non_tensor_metadata(groups: dict, extras: dict) -> dict:

@@ -27,6 +27,7 @@ class Store(Protocol):
     url: str
     parallel_reads: bool
 
+    def top_level(self, ignore=()) -> dict[str, bool]: ...
     def is_empty(self, ignore=()) -> bool: ...
     def clear(self, keep=()) -> None: ...
     def sole_writer(self) -> None: ...
@@ -310,12 +311,16 @@ class LocalStore(FileBuffers):
             return "it is a file, not a checkpoint directory"
         return None
 
-    def is_empty(self, ignore=()) -> bool:
+    def top_level(self, ignore=()) -> dict:
         if not os.path.exists(self.root):
-            return True
+            return {}
         if not os.path.isdir(self.root):
             raise UcpError(f"{self.root} exists and is not a directory")
-        return not [f for f in os.listdir(self.root) if f not in ignore]
+        with os.scandir(self.root) as entries:
+            return {e.name: e.is_dir(follow_symlinks=False) for e in entries if e.name not in ignore}
+
+    def is_empty(self, ignore=()) -> bool:
+        return not self.top_level(ignore)
 
     def clear(self, keep=()):
         """Remove everything under the root except the top-level names in ``keep`` (a writer's lock)."""
@@ -678,14 +683,21 @@ class FsspecStore(FileBuffers):
             return None
         return None
 
-    def is_empty(self, ignore=()):
+    def top_level(self, ignore=()):
         try:
             if not self.fs.exists(self.root):
-                return True
-            return not [p for p in self.fs.ls(self.root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1]
-                        not in ignore]
+                return {}
+            out = {}
+            for e in self.fs.ls(self.root, detail=True):
+                name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+                if name not in ignore:
+                    out[name] = e.get("type") == "directory"
+            return out
         except FileNotFoundError:
-            return True
+            return {}
+
+    def is_empty(self, ignore=()):
+        return not self.top_level(ignore)
 
     def clear(self, keep=()):
         try:

@@ -31,6 +31,35 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+#: the files a writer makes at the root (FORMAT.md §2); the rest of a checkpoint is directories
+ROOT_FILES = frozenset({MANIFEST, MANIFEST + ".tmp", "zarr.json", LOCK})
+
+
+def clear_to_overwrite(store, path, keep=()) -> None:
+    """Clear a root for ``overwrite``, which replaces a ucp checkpoint, or what an interrupted ucp
+    write left, and nothing else. DCP's ``FileSystemWriter(overwrite=True)`` replaces only the
+    files it writes, and users carry the flag over: a project directory, or stock DCP files, handed
+    to a ucp writer by mistake is refused, not wiped. ``keep``: top-level names the writer holds
+    (its lock), neither evidence nor cleared."""
+    entries = store.top_level(ignore=keep)
+    if not entries:
+        return
+
+    def some(names):
+        names = sorted(names)
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    if not (MANIFEST in entries or LOCK in entries or entries.get("_ucp")):
+        raise UcpError(f"{path} is not a ucp checkpoint (it holds {some(entries)}); overwrite=True replaces "
+                       "only a ucp checkpoint or what an interrupted ucp write left: empty it yourself or "
+                       "choose another directory")
+    foreign = [n for n, is_dir in entries.items() if not is_dir and n not in ROOT_FILES]
+    if foreign:
+        raise UcpError(f"{path} holds files that a ucp checkpoint does not have at its root ({some(foreign)}); "
+                       "overwrite=True replaces only a ucp checkpoint: move them first")
+    store.clear(keep=keep)
+
+
 def _no_tensor(_t):
     raise UcpError("tensors are not allowed in per-parameter metadata; store them as a state array")
 
@@ -136,7 +165,7 @@ class CheckpointWriter:
         if not self.store.is_empty(ignore=(LOCK,)):
             if not overwrite:
                 raise DestinationNotEmptyError(f"{self.path} is not empty; pass overwrite=True to replace it")
-            self.store.clear(keep=(LOCK,))
+            clear_to_overwrite(self.store, self.path, keep=(LOCK,))
         self.store.sole_writer()  # locked and empty: every directory under the root is ours to make
 
     # -- declaring ---------------------------------------------------------------------------

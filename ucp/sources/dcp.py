@@ -10,11 +10,12 @@ Keys follow ``ucp.dcp.parse_key`` (``get_state_dict``'s layout): ``model.<fqn>``
 ``<fqn>``; ``optim.state.<fqn>.<state>`` -> state (0-d ones, Adam ``step``, -> scalars);
 ``optim.param_groups.*`` and other entries -> non-tensor metadata.
 
-Frozen and tied parameters: a model tensor without optimizer state in a checkpoint that has
-an optimizer is either a tied alias (DCP stores it again under its own key) or frozen. It is
-tied to a stepped model tensor of the same shape, dtype and chunking whose saved bytes are
-identical — read once at ``layout()`` time, for those candidates only — and frozen otherwise.
-A tied alias is stored once: a parameter with no arrays, ``tied_to`` the stepped one.
+Frozen and tied parameters: a model tensor that the optimizer of the checkpoint neither keeps
+state for nor lists in a param group is either a tied alias (DCP stores it again under its own
+key; the optimizer knows it under one name) or frozen. It is tied to a trained model tensor of
+the same shape, dtype and chunking whose saved bytes are identical — read once at ``layout()``
+time, for those candidates only — and frozen otherwise (``ucp.dcp.param_flags``). A tied alias
+is stored once: a parameter with no arrays, ``tied_to`` the trained one.
 
 Files are read through ``ucp.sources._dcpfiles``: metadata through an allow-list unpickler,
 items as memory-mapped tensors, so the engine's box reads touch only the pages they need.
@@ -52,17 +53,15 @@ class DcpSource(Source):
         return self._files
 
     def layout(self) -> SourceLayout:
-        from ucp.dcp import non_tensor_metadata, param_flags, parse_key
+        from ucp.dcp import check_states_held, listed_params, non_tensor_metadata, param_flags, parse_key
 
         md = self.files().metadata
         keys = _key_order(md)
         arrays, scalars, groups, extras = self._classify(keys, parse_key)
         names = [k.name for k in (parse_key(x) for x in keys) if k.kind == "param"]
-        missing = sorted({n for n, _ in arrays} - set(names))
-        if missing:
-            raise UcpError(f"{self.path}: optimizer state for {', '.join(missing[:5])}, which the model "
-                           "section (model.<fqn>) does not hold")
-        flags = param_flags(names, keys, self._ties(names, keys, arrays))
+        check_states_held(self.path, [n for n, _ in arrays] + list(scalars), names)
+        listed = listed_params(groups)
+        flags = param_flags(names, keys, self._ties(names, keys, arrays, listed), listed)
         params = [self._alias(n, arrays, flags[n]) if "tied_to" in flags[n] else
                   self._param(n, arrays, scalars.get(n, {}), flags[n]) for n in names]
         return SourceLayout(params=params, metadata=non_tensor_metadata(groups, extras))
@@ -132,17 +131,19 @@ class DcpSource(Source):
                                 origin=f"{self.path}/.metadata"))
         return out
 
-    def _ties(self, names, keys, arrays) -> dict:
-        """``alias -> target`` for model tensors without optimizer state whose saved chunks are
-        bytewise those of a stepped model tensor (same shape, dtype and chunk boxes)."""
+    def _ties(self, names, keys, arrays, listed) -> dict:
+        """``alias -> target`` for model tensors the optimizer neither keeps state for nor lists
+        (``listed``) whose saved chunks are bytewise those of a model tensor it trains (same shape,
+        dtype and chunk boxes): DCP saves a tied tensor under each of its names, the optimizer
+        knows it under one."""
         from ucp.dcp import parse_key
 
-        stepped = {k.name for k in map(parse_key, keys) if k.kind == "state"}
-        if not stepped:
+        trained = {k.name for k in map(parse_key, keys) if k.kind == "state"} | set(listed)
+        if not trained:
             return {}
         ties = {}
-        for alias in (n for n in names if n not in stepped):
-            for target in (n for n in names if n in stepped):
+        for alias in (n for n in names if n not in trained):
+            for target in (n for n in names if n in trained):
                 if self._same_chunks(arrays[(alias, "param")], arrays[(target, "param")]):
                     ties[alias] = target
                     break

@@ -1,0 +1,120 @@
+"""What ucp makes of a DCP state dict beyond its tensors: which parameters are trained and which
+frozen, optimizer state that has no model entry, and what ``overwrite=True`` may replace. Real
+``dcp.save`` / ``get_state_dict`` make every state dict; the same rules hold for UniversalWriter
+(a live save) and the DCP source (``ucp convert`` of stock DCP files)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict
+
+import ucp
+from ucp.dcp import UniversalReader, UniversalWriter
+from ucp.errors import UcpError
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+def stepped(opt_factory, frozen_bias=False, untouched=False):
+    """A small model after one optimizer step, as ``get_state_dict`` lays it out. ``frozen_bias``:
+    the first layer's bias has requires_grad=False and is in no param group. ``untouched``: the
+    last layer takes no part in the loss, so Adam keeps no state for it although it is trained."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2), nn.Linear(2, 2))
+    if frozen_bias:
+        model[0].bias.requires_grad_(False)
+    opt = opt_factory([p for p in model.parameters() if p.requires_grad])
+    model[1](model[0](torch.randn(5, 4))).sum().backward()
+    if not untouched:
+        model[2].weight.grad = torch.ones_like(model[2].weight)
+        model[2].bias.grad = torch.ones_like(model[2].bias)
+    opt.step()
+    msd, osd = get_state_dict(model, opt)
+    return {"model": msd, "optim": osd}
+
+
+def flags(path):
+    ck = ucp.open(path)
+    return {n: bool(ck.param_meta(n).get("frozen")) for n in ck.params}
+
+
+CASES = {
+    # SGD without momentum keeps no per-parameter state at all: every parameter is still trained
+    "sgd": (lambda p: torch.optim.SGD(p, lr=0.1), {}, set()),
+    # a parameter outside every param group is frozen, whatever the optimizer keeps
+    "sgd-frozen": (lambda p: torch.optim.SGD(p, lr=0.1), {"frozen_bias": True}, {"0.bias"}),
+    # Adam keeps no state for a parameter that never had a gradient; it is trained all the same
+    "adam-untouched": (lambda p: torch.optim.Adam(p, lr=0.1), {"untouched": True}, set()),
+    "adam-frozen": (lambda p: torch.optim.Adam(p, lr=0.1), {"frozen_bias": True}, {"0.bias"}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_frozen_means_in_no_param_group_for_writer_and_source(tmp_path, case):
+    """``frozen`` is what the param groups say (``optim.param_groups.<i>.params`` lists every FQN the
+    optimizer steps), not whether the optimizer happens to keep state: a DeepSpeed export of a
+    parameter wrongly marked frozen would never train it again."""
+    make, kw, want = CASES[case]
+    sd = stepped(make, **kw)
+    dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "live"))
+    dcp.save(sd, checkpoint_id=tmp_path / "dcp")
+    ucp.convert(tmp_path / "dcp", tmp_path / "conv", source="dcp")
+    expect = {n: n in want for n in sd["model"]}
+    assert flags(tmp_path / "live") == expect
+    assert flags(tmp_path / "conv") == expect
+
+
+@pytest.mark.parametrize("part", ["optim-only", "state-of-a-stranger"])
+def test_optimizer_state_without_its_model_entry_is_refused_before_anything_is_written(tmp_path, part):
+    """A universal parameter is made from its ``model.`` entry: optimizer state alone could be stored
+    but never loaded (UniversalReader and ``export`` need the parameter's array). UniversalWriter
+    refuses it at planning time, before it clears or writes anything, as ``ucp convert`` refuses the
+    same DCP files."""
+    sd = stepped(lambda p: torch.optim.Adam(p, lr=0.1))
+    if part == "optim-only":
+        sd = {"optim": sd["optim"]}
+        missing = "0.bias, 0.weight, 1.bias, 1.weight, 2.bias"
+    else:
+        del sd["model"]["1.weight"]
+        missing = "1.weight"
+    dst = tmp_path / "u"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("a user's file: must survive")
+    with pytest.raises(BaseException, match=f"optimizer state for {missing}.*, which the model section"):
+        dcp.save(sd, storage_writer=UniversalWriter(dst, overwrite=True))
+    assert [p.name for p in dst.iterdir()] == ["notes.txt"]
+    dcp.save(sd, checkpoint_id=tmp_path / "dcp")
+    with pytest.raises(UcpError, match=f"optimizer state for {missing}.*, which the model section"):
+        ucp.convert(tmp_path / "dcp", tmp_path / "conv", source="dcp")
+
+
+def test_overwrite_replaces_a_ucp_checkpoint_and_refuses_other_directories(tmp_path):
+    """DCP's FileSystemWriter(overwrite=True) only replaces the files it writes, and users carry the
+    flag over: UniversalWriter(overwrite=True) must not wipe a project directory or stock DCP files.
+    It replaces a ucp checkpoint, or what an interrupted ucp save left behind."""
+    sd = {"model": {"w": torch.arange(6.0)}}
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "train.py").write_text("print('hi')")
+    (project / "src" / "notes.txt").write_text("notes")
+    stock = tmp_path / "stock"
+    dcp.save(sd, checkpoint_id=stock)
+    before = {d: sorted(p.relative_to(d).as_posix() for p in d.rglob("*")) for d in (project, stock)}
+    for d in (project, stock):
+        with pytest.raises(BaseException, match=rf"{d}.* not a ucp checkpoint.*overwrite=True replaces only"):
+            dcp.save(sd, storage_writer=UniversalWriter(d, overwrite=True))
+        assert sorted(p.relative_to(d).as_posix() for p in d.rglob("*")) == before[d]
+
+    ours = tmp_path / "ours"
+    dcp.save(sd, storage_writer=UniversalWriter(ours))
+    (ours / "train.log").write_text("a user's file beside a checkpoint")
+    with pytest.raises(BaseException, match=r"train\.log"):
+        dcp.save(sd, storage_writer=UniversalWriter(ours, overwrite=True))
+    (ours / "train.log").unlink()
+    sd["model"]["w"] = torch.arange(6.0) * 3
+    dcp.save(sd, storage_writer=UniversalWriter(ours, overwrite=True))
+    back = {"model": {"w": torch.zeros(6)}}
+    dcp.load(back, storage_reader=UniversalReader(ours))
+    assert torch.equal(back["model"]["w"], torch.arange(6.0) * 3)
