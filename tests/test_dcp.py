@@ -401,3 +401,29 @@ def test_export_to_dcp_loads_with_filesystem_reader(tied_frozen, tmp_path, dp):
     assert same(back["extra"]["rng"], sd["extra"]["rng"]) and back["extra"]["iteration"] == 2
     chunks = load_metadata(tmp_path / "out").state_dict_metadata["model.embed.weight"].chunks
     assert sorted(int(c.sizes[0]) for c in chunks) == sorted(len(x) for x in torch.arange(1003).chunk(dp))
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+def test_export_to_dcp_writes_zero_size_tensors_once_as_dcp_save_does(tmp_path, dp):
+    """A 0x4 / 4x0 tensor is stored as stock ``dcp.save`` stores it: one chunk at offsets 0 of
+    the full (empty) size, in file 0, so that FileSystemReader loads it."""
+    sd = {"model": {"w": torch.ones(4, 3), "e0": torch.empty(0, 4),
+                    "e1": torch.empty(4, 0, dtype=torch.bfloat16)},
+          "optim": {"state": {"w": {"exp_avg": torch.ones(4, 3)}, "e0": {"exp_avg": torch.empty(0, 4)}},
+                    "param_groups": [{"lr": 0.1, "params": ["w", "e0", "e1"]}]}}
+    dcp.save(sd, checkpoint_id=tmp_path / "dcp")
+    ucp.convert(tmp_path / "dcp", tmp_path / "u")
+    ucp.export(tmp_path / "u", tmp_path / "out", "dcp", degrees={"dp": dp})
+    stock, ours = load_metadata(tmp_path / "dcp"), load_metadata(tmp_path / "out")
+    for key in ("model.e0", "model.e1", "optim.state.e0.exp_avg"):
+        assert ours.state_dict_metadata[key] == stock.state_dict_metadata[key], key
+        assert [(i.offset, i.index, ours.storage_data[i].relative_path) for i in ours.storage_data
+                if i.fqn == key] == [(torch.Size([0, 0]), 0, "__0_0.distcp")], key
+    back = {"model": {k: torch.full_like(t, 7) for k, t in sd["model"].items()},
+            "optim": {"state": {p: {s: torch.full_like(t, 7) for s, t in st.items()}
+                                for p, st in sd["optim"]["state"].items()},
+                      "param_groups": [{"lr": 0.0, "params": ["w", "e0", "e1"]}]}}
+    dcp.load(back, checkpoint_id=tmp_path / "out")
+    for k, t in sd["model"].items():
+        assert same(back["model"][k], t), k
+    assert same(back["optim"]["state"]["e0"]["exp_avg"], sd["optim"]["state"]["e0"]["exp_avg"])

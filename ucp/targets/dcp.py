@@ -9,8 +9,9 @@ keys (nested dicts flattened with dots, as DCP flattens them). The conversion re
 (``metadata["source"]``) is not written.
 
 Layout: ``--dp N`` files, file ``r`` holding rows chunk ``r`` (``torch.chunk`` along dim 0,
-FSDP2's convention) of every tensor, and non-tensor and 0-d items in file 0. Any layout can
-load it (``dcp.load`` reshards); with ``--dp N`` it is exactly what FSDP2 over N ranks saves.
+FSDP2's convention) of every tensor, and non-tensor, 0-d and zero-size items (one chunk of the
+whole size, as ``dcp.save`` writes them) in file 0. Any layout can load it (``dcp.load``
+reshards); with ``--dp N`` it is exactly what FSDP2 over N ranks saves.
 Each item is a ``torch.save`` stream at ``(offset, length)`` of its file, as DCP's
 ``FileSystemWriter`` writes them; ``.metadata`` is written last (atomically), by DCP's own
 classes, so ``FileSystemReader`` reads it as its own. Each unit leaves a small JSON index of
@@ -64,7 +65,8 @@ class DcpTarget(Target):
         return units
 
     def _fragments(self, ck, name: str, rank: int) -> list:
-        """Rows chunk ``rank`` of ``name`` (0-d and empty chunks: rank 0 / none)."""
+        """Rows chunk ``rank`` of ``name``; none where that chunk is empty. A 0-d or zero-size
+        tensor is one item of rank 0, at offsets 0 of its whole size, as ``dcp.save`` writes it."""
         from ucp.format import split_boxes
         from ucp.plan import Box, Fragment, Piece
 
@@ -75,19 +77,13 @@ class DcpTarget(Target):
                 raise UcpError(f"{getattr(ck, 'path', ck)}: parameter {name!r} has no 'param' array")
             self._aliases[name] = name
         shape = tuple(ck.array_info(holder, "param").shape)
-        if not shape:
-            boxes = [((), ())] if rank == 0 else []
+        whole = Box.full(shape)
+        if not shape or whole.empty:
+            boxes = [whole] if rank == 0 else []
         else:
-            boxes = [split_boxes(shape, self.world, 0, "chunk")[rank]]
-        out = []
-        for start, stop in boxes:
-            box = Box(start, stop)
-            if shape and box.empty:
-                continue
-            sizes = tuple(b - a for a, b in zip(start, stop))
-            out.append(Fragment(name=holder, local_name=name, coords=(("dp", rank),), local_shape=sizes,
-                                pieces=(Piece(box, Box.full(sizes)),), global_shape=shape))
-        return out
+            boxes = [box for box in [Box(*split_boxes(shape, self.world, 0, "chunk")[rank])] if not box.empty]
+        return [Fragment(name=holder, local_name=name, coords=(("dp", rank),), local_shape=box.shape,
+                         pieces=(Piece(box, Box.full(box.shape)),), global_shape=shape) for box in boxes]
 
     # -- writing -------------------------------------------------------------------------------
     def write_unit(self, unit: TargetUnit, tensors: Mapping[str, Mapping[str, Any]]) -> None:
