@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import os
 import pickle
+import re
 
 import crc32c
 import pytest
@@ -117,6 +118,47 @@ def test_non_tensor_item_refuses_pickled_objects(tmp_path):
     files = DcpFiles(tmp_path / "ck")
     with pytest.raises(DcpFileError, match=r"__0_0\.distcp .*obj\.when.*refused to unpickle"):
         files.obj(MetadataIndex("obj.when"))
+
+
+def _corrupt_zip_record(root, fqn: str, record: str, where: str) -> tuple[str, int, int]:
+    """Corrupt the zip record ``record`` (``archive/data.pkl``, ...) of the stored item ``fqn``:
+    flip the first byte of its local header (``where="header"``) or of its bytes (``"data"``),
+    or the high byte of its header's extra-field length (``"extra"``). Returns the item's file
+    name and byte range."""
+    import io
+    import zipfile
+
+    info = next(v for k, v in load_metadata(root).storage_data.items() if k.fqn == fqn)
+    path = root / info.relative_path
+    raw = bytearray(path.read_bytes())
+    item = bytes(raw[info.offset:info.offset + info.length])
+    at = info.offset + zipfile.ZipFile(io.BytesIO(item)).getinfo(record).header_offset
+    if where == "extra":
+        at += 29
+    elif where == "data":
+        name_len, extra_len = (int.from_bytes(raw[at + i:at + i + 2], "little") for i in (26, 28))
+        at += 30 + name_len + extra_len
+    raw[at] ^= 0x5A
+    path.write_bytes(bytes(raw))
+    return info.relative_path, info.offset, info.length
+
+
+@pytest.mark.parametrize("record, where, problem", [
+    ("archive/data.pkl", "header", "BadZipFile: Bad magic number for file header"),
+    ("archive/data.pkl", "data", "BadZipFile: Bad CRC-32 for file 'archive/data.pkl'"),
+    ("archive/byteorder", "data", "BadZipFile: Bad CRC-32 for file 'archive/byteorder'"),
+    ("archive/data/0", "extra", "lie beyond the item"),
+])
+def test_corrupt_zip_record_of_an_item_names_file_range_and_key(tmp_path, record, where, problem):
+    from ucp.cli import main
+
+    dcp.save({"model": {"w": torch.randn(64, 64)}}, checkpoint_id=tmp_path / "dcp")
+    rel, start, length = _corrupt_zip_record(tmp_path / "dcp", "model.w", record, where)
+    want = rf"dcp/{rel} \[{start}, \+{length}\) \(model\.w\): corrupt zip record {record}\b"
+    want += f".*{re.escape(problem)}"
+    with DcpFiles(tmp_path / "dcp") as files, pytest.raises(DcpFileError, match=want):
+        files.tensor(next(iter(files.metadata.storage_data)))
+    assert main(["convert", "--from", "dcp", str(tmp_path / "dcp"), str(tmp_path / "u"), "--quiet"]) == 2
 
 
 # ---------------------------------------------------------------------------- keys

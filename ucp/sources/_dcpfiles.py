@@ -165,7 +165,8 @@ class _MapView(io.RawIOBase):
 
 
 def _record_data_offset(view: _MapView, info: zipfile.ZipInfo, where: str) -> int:
-    """Offset (inside the archive) of the bytes of a stored (uncompressed) zip record."""
+    """Offset (inside the archive) of the bytes of a stored (uncompressed) zip record, checked
+    to lie inside the archive."""
     if info.compress_type != zipfile.ZIP_STORED:
         raise DcpFileError(f"{where}: record {info.filename} is compressed; torch.save stores tensors raw")
     view.seek(info.header_offset)
@@ -173,7 +174,19 @@ def _record_data_offset(view: _MapView, info: zipfile.ZipInfo, where: str) -> in
     if len(head) != 30 or head[:4] != b"PK\x03\x04":
         raise DcpFileError(f"{where}: bad zip local header for {info.filename}")
     name_len, extra_len = struct.unpack("<HH", head[26:30])
-    return info.header_offset + 30 + name_len + extra_len
+    start = info.header_offset + 30 + name_len + extra_len
+    if start + info.file_size > view._len:
+        raise DcpFileError(f"{where}: corrupt zip record {info.filename}: its {info.file_size} bytes at "
+                           f"{start} lie beyond the item ({view._len} bytes)")
+    return start
+
+
+def _read_record(zf: zipfile.ZipFile, name: str, where: str) -> bytes:
+    """The bytes of the zip record ``name``, CRC-checked by ``zipfile``."""
+    try:
+        return zf.read(name)
+    except Exception as e:   # zipfile raises BadZipFile, EOFError, NotImplementedError, RuntimeError, ...
+        raise DcpFileError(f"{where}: corrupt zip record {name} ({type(e).__name__}: {e})") from None
 
 
 class DcpFiles:
@@ -233,9 +246,9 @@ class DcpFiles:
         view, where = self._view(index)
         try:
             zf = zipfile.ZipFile(view)
-        except zipfile.BadZipFile as e:
-            raise DcpFileError(f"{where}: not a torch.save archive ({e}); only DCP's default "
-                               "torch_save serialization is supported") from None
+        except Exception as e:   # BadZipFile, or what a corrupt directory trips (UnicodeDecodeError, ...)
+            raise DcpFileError(f"{where}: not a torch.save archive ({type(e).__name__}: {e}); only DCP's "
+                               "default torch_save serialization is supported") from None
         with zf:
             return _load_mapped(zf, view, where)
 
@@ -275,7 +288,9 @@ def _load_mapped(zf: zipfile.ZipFile, view: _MapView, where: str) -> torch.Tenso
     if len(pkl) != 1:
         raise DcpFileError(f"{where}: torch.save archive without data.pkl")
     prefix = pkl[0][: -len("data.pkl")]
-    order = zf.read(prefix + "byteorder").decode() if prefix + "byteorder" in names else "little"
+    order = "little"
+    if prefix + "byteorder" in names:
+        order = _read_record(zf, prefix + "byteorder", where).decode("utf-8", errors="replace")
     if order != "little":
         raise DcpFileError(f"{where}: tensor saved with byte order {order!r}; only little-endian is supported")
     infos = {i.filename: i for i in zf.infolist()}
@@ -300,12 +315,16 @@ def _load_mapped(zf: zipfile.ZipFile, view: _MapView, where: str) -> torch.Tenso
 
     from torch import _weights_only_unpickler as wo
 
-    unpickler = wo.Unpickler(io.BytesIO(zf.read(pkl[0])), encoding="utf-8")
+    unpickler = wo.Unpickler(io.BytesIO(_read_record(zf, pkl[0], where)), encoding="utf-8")
     unpickler.persistent_load = persistent_load
     try:
         t = unpickler.load()
+    except DcpFileError:
+        raise
     except pickle.UnpicklingError as e:
         raise DcpFileError(f"{where}: refused to unpickle: {str(e).splitlines()[0]}") from None
+    except Exception as e:   # a data.pkl that passed its CRC yet does not rebuild a tensor
+        raise DcpFileError(f"{where}: unreadable item ({type(e).__name__}: {e})") from None
     if not isinstance(t, torch.Tensor):
         raise DcpFileError(f"{where}: item holds a {type(t).__name__}, a tensor was expected")
     return t
