@@ -175,3 +175,33 @@ def test_dcp_converted_llama_exports_to_hf_and_loads(tmp_path):
     with torch.no_grad():
         want = model(INPUT).logits
     assert torch.equal(logits_of(tmp_path / "out"), want)
+
+
+def test_megatron_names_without_model_constants_need_and_take_a_config(hf_models, tmp_path):
+    """A checkpoint with Megatron names that records neither Megatron's model config nor an HF
+    config.json: the export to HF says how to give one (--config / config=), and with the
+    model's config.json it writes the original files bit-exactly."""
+    from tests._manifest_edit import rewrite_manifest
+
+    src, logits = hf_models["untied-bias-sharded"]
+    ucp.convert(src, tmp_path / "u1")
+    ucp.export(tmp_path / "u1", tmp_path / "meg", "megatron")
+    ucp.convert(tmp_path / "meg", tmp_path / "u2")
+    rewrite_manifest(tmp_path / "u2", lambda doc: [doc["metadata"].pop(k) for k in ("megatron", "hf")])
+    with pytest.raises(UcpError, match=r"spec megatron_to_hf_llama needs the model constants layers, heads, "
+                                       r"kv_heads, head_dim; the checkpoint records neither a Megatron model "
+                                       r"config nor an HF config\.json: pass the model's config\.json as "
+                                       r"--config PATH \(Python: config=PATH\)"):
+        ucp.export(tmp_path / "u2", tmp_path / "out", "hf")
+    with pytest.raises(UcpError, match=r"needs the model constants layers, heads, kv_heads, head_dim; the given "
+                                       r"config\.json lacks them \(num_hidden_layers, "):
+        ucp.export(tmp_path / "u2", tmp_path / "out", "hf", config={"hidden_size": 96})
+    assert not (tmp_path / "out").exists()
+    ucp.export(tmp_path / "u2", tmp_path / "out", "hf", config=src / "config.json")
+    want, got = load_all(src), load_all(tmp_path / "out")
+    assert sorted(got) == sorted(want)
+    for k, t in want.items():
+        assert torch.equal(as_bits(got[k]), as_bits(t)), k
+    config = [json.loads((d / "config.json").read_text()) for d in (src, tmp_path / "out")]
+    assert config[0] == config[1]
+    assert torch.equal(logits_of(tmp_path / "out"), logits)

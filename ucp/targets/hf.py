@@ -143,7 +143,7 @@ class HFTarget(Target):
         spec = load(self.spec or DEFAULT_RENAME_SPEC)
         if not spec.renames and _all_match(spec, names):
             return {n: (shapes[n], Segment(n)) for n in names}
-        bound = spec.bind(constants=model_constants(md, spec))
+        bound = spec.bind(constants=model_constants(md, spec, self.config, config_option=True))
         return split_views(bound, names, shapes)
 
     # ------------------------------------------------------------------ writing
@@ -214,21 +214,31 @@ def _write_json(path: Path, doc) -> None:
     os.replace(tmp, path)
 
 
-def model_constants(md: Mapping, spec) -> dict[str, int]:
-    """The constants a spec needs (layers, heads, kv_heads, head_dim, ...) from the
-    checkpoint's metadata: recorded by the Megatron source, or read from an HF config."""
+def model_constants(md: Mapping, spec, config: Mapping | None = None, *,
+                    config_option: bool = False) -> dict[str, int]:
+    """The constants a spec needs (layers, heads, kv_heads, head_dim, ...): recorded by the
+    Megatron source in the checkpoint's metadata, else read from ``config`` (an HF config.json
+    the user gave) or from the HF config.json the checkpoint carries. ``config_option``: the
+    caller takes a config.json (``--config`` / ``config=``), and the error says so."""
     recorded = dict(md.get("megatron", {}).get("constants", {}))
-    cfg = md.get("hf", {}).get("config", {})
+    cfg = config or md.get("hf", {}).get("config", {})
     if cfg and not recorded:
         heads = cfg.get("num_attention_heads")
+        hidden = cfg.get("hidden_size")
         recorded = {"layers": cfg.get("num_hidden_layers"), "heads": heads,
                     "kv_heads": cfg.get("num_key_value_heads") or heads,
-                    "head_dim": cfg.get("head_dim") or cfg.get("hidden_size", 0) // max(1, heads or 1)}
+                    "head_dim": cfg.get("head_dim") or (hidden // heads if hidden and heads else None)}
     need = spec.constants_needed
     missing = [c for c in need if recorded.get(c) is None and spec.constants.get(c) is None]
     if missing:
-        raise HFTargetError(f"spec {spec.name} needs the model constants {', '.join(missing)}; the checkpoint "
-                            "records neither a Megatron model config nor an HF config.json")
+        if config:
+            why = ("the given config.json lacks them (num_hidden_layers, num_attention_heads, "
+                   "num_key_value_heads, head_dim or hidden_size)")
+        else:
+            why = "the checkpoint records neither a Megatron model config nor an HF config.json"
+            if config_option:
+                why += ": pass the model's config.json as --config PATH (Python: config=PATH)"
+        raise HFTargetError(f"spec {spec.name} needs the model constants {', '.join(missing)}; {why}")
     return {k: int(v) for k, v in recorded.items() if k in spec.configs and v is not None}
 
 
