@@ -118,3 +118,41 @@ def test_overwrite_replaces_a_ucp_checkpoint_and_refuses_other_directories(tmp_p
     back = {"model": {"w": torch.zeros(6)}}
     dcp.load(back, storage_reader=UniversalReader(ours))
     assert torch.equal(back["model"]["w"], torch.arange(6.0) * 3)
+
+
+def test_entries_outside_model_and_optim_keep_their_nested_shape_without_a_template(tmp_path):
+    """DCP flattens ``{"sched": {"base_lrs": [t0, t1]}}`` to ``sched.base_lrs.0`` / ``.1`` and keeps
+    the nested path of each key (``planner_data``: list indexes as ints, a dict key with a dot as
+    one step). A load without a template (``dcp_to_torch_save``'s ``_EmptyStateDictLoadPlanner``)
+    rebuilds the state dict from those paths: through ucp it must come back as DCP's own files give
+    it (lists stay lists), whether UniversalWriter saved it, ``ucp convert`` converted it, or
+    ``ucp export --to dcp`` wrote it back."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    sd = {"model": {"w": torch.arange(6.0)},
+          "sched": {"base_lrs": [torch.tensor(0.1), torch.tensor(0.2)], "a.b": torch.tensor(3.0),
+                    "last_epoch": 4, "milestones": [{"at": torch.tensor(7)}]}}
+    dcp.save(sd, checkpoint_id=tmp_path / "dcp")
+    dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "live"))
+    ucp.convert(tmp_path / "dcp", tmp_path / "conv", source="dcp")
+    ucp.export(tmp_path / "live", tmp_path / "back", "dcp")
+
+    def template_free(reader):
+        out: dict = {}
+        _load_state_dict(out, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        return out
+
+    want = template_free(FileSystemReader(tmp_path / "dcp"))
+    assert isinstance(want["sched"]["base_lrs"], list) and "a.b" in want["sched"]      # DCP's own answer
+    for got in (template_free(UniversalReader(tmp_path / "live")), template_free(UniversalReader(tmp_path / "conv")),
+                template_free(FileSystemReader(tmp_path / "back"))):
+        assert torch.equal(got["model"]["w"], want["model"]["w"])
+        assert got["sched"].keys() == want["sched"].keys()
+        assert type(got["sched"]["base_lrs"]) is list and type(got["sched"]["milestones"]) is list
+        for a, b in zip(got["sched"]["base_lrs"], want["sched"]["base_lrs"]):
+            assert torch.equal(a, b)
+        assert torch.equal(got["sched"]["a.b"], want["sched"]["a.b"])
+        assert torch.equal(got["sched"]["milestones"][0]["at"], want["sched"]["milestones"][0]["at"])
+        assert got["sched"]["last_epoch"] == 4

@@ -109,9 +109,11 @@ def optim_key(name: str, state: str) -> str:
     return f"{OPTIM_STATE}{name}.{state}" if state != "param" else model_key(name)
 
 
-def planner_path(fqn: str) -> tuple:
+def planner_path(fqn: str, paths: Optional[dict] = None) -> tuple:
     """The nested-dict path of a flattened key (DCP's ``planner_data``), so that tools that
-    rebuild nested state dicts (``format_utils.dcp_to_torch_save``) work on universal ones."""
+    rebuild nested state dicts (``format_utils.dcp_to_torch_save``) work on universal ones.
+    ``paths``: the saved paths of entries outside model/optim that the dotted key alone does not
+    give (``metadata["dcp_paths"]``, :func:`extra_paths`)."""
     k = parse_key(fqn)
     if k.kind == "param":
         return ("model", k.name)
@@ -119,7 +121,21 @@ def planner_path(fqn: str) -> tuple:
         return ("optim", "state", k.name, k.state)
     if k.kind == "group":
         return ("optim", "param_groups", k.group, k.state)
-    return tuple(fqn.split("."))
+    saved = (paths or {}).get(fqn)
+    return tuple(saved) if saved else tuple(fqn.split("."))
+
+
+def extra_paths(keys, planner_data) -> dict:
+    """``{key: path}`` of the entries outside model/optim whose nested path (DCP's
+    ``planner_data``) is not their key split at the dots: a list index (an int step), a dict key
+    holding a dot. Kept as ``metadata["dcp_paths"]``, so that :func:`planner_path` rebuilds them as
+    saved (lists stay lists)."""
+    out = {}
+    for fqn in keys:
+        path = (planner_data or {}).get(fqn) if isinstance(planner_data, dict) else None
+        if path is not None and parse_key(fqn).kind == "extra" and list(path) != fqn.split("."):
+            out[fqn] = list(path)
+    return out
 
 
 def scalar_value(t: torch.Tensor):
@@ -205,8 +221,9 @@ class UniversalReader(StorageReader):
                 value(f"{PARAM_GROUPS}{i}.{k}", v)
         for key, v in (md.get("dcp") or {}).items():
             value(key, v)
+        paths = md.get("dcp_paths")
         return Metadata(state_dict_metadata=sdm, storage_data=storage,
-                        planner_data={k: planner_path(k) for k in sdm},
+                        planner_data={k: planner_path(k, paths) for k in sdm},
                         storage_meta=StorageMeta(checkpoint_id=str(self.path), load_id=self.load_id))
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
@@ -493,7 +510,7 @@ class UniversalWriter(StorageWriter):
             raise UcpError(f"{self.path}: finish() on a rank that wrote no part (not the coordinator?)")
         try:
             summaries = [r.storage_data for rs in results for r in rs if r.index.fqn == _SUMMARY]
-            order, meta, universal_md = _merge_summaries(summaries)
+            order, meta, universal_md = _merge_summaries(summaries, metadata.planner_data)
             for name in order:
                 writer.add_param(name, meta.get(name) or None)
             # commit_parts syncs everything before the manifest; our records go to it in memory
@@ -723,9 +740,9 @@ def _summarize_state_dict(state_dict: dict, summary: _RankSummary) -> None:
             seen[ident] = k.name
 
 
-def _merge_summaries(summaries: list[_RankSummary]) -> tuple[list, dict, dict]:
+def _merge_summaries(summaries: list[_RankSummary], planner_data=None) -> tuple[list, dict, dict]:
     """Model order, per-parameter metadata and the checkpoint's non-tensor metadata from
-    every rank's summary."""
+    every rank's summary (``planner_data``: DCP's, the nested paths of the saved keys)."""
     order: list[str] = []
     keys: set[str] = set()
     listed: set[str] = set()
@@ -755,7 +772,7 @@ def _merge_summaries(summaries: list[_RankSummary]) -> tuple[list, dict, dict]:
         meta.setdefault(n, {}).update(flags)
         if "tied_to" in flags and n in shapes:     # an alias has no array to take them from
             meta[n].update(shape=shapes[n][0], dtype=shapes[n][1])
-    md = non_tensor_metadata(groups, {k: _assemble_extra(v) for k, v in extras.items()})
+    md = non_tensor_metadata(groups, {k: _assemble_extra(v) for k, v in extras.items()}, planner_data)
     return order, meta, md
 
 
@@ -812,10 +829,11 @@ def check_states_held(where, state_names, param_names) -> None:
                        "optimizer's ({'model': ..., 'optim': ...} of get_state_dict(model, optimizer))")
 
 
-def non_tensor_metadata(groups: dict, extras: dict) -> dict:
+def non_tensor_metadata(groups: dict, extras: dict, planner_data=None) -> dict:
     """The universal checkpoint's non-tensor metadata: ``{"optimizer": {"param_groups":
-    [...]}}`` from ``{(group, key): value}`` and ``{"dcp": {key: value}}`` from the other
-    entries."""
+    [...]}}`` from ``{(group, key): value}``, ``{"dcp": {key: value}}`` from the other entries,
+    and their nested paths where the keys alone do not give them (``"dcp_paths"``,
+    :func:`extra_paths` of the saved ``planner_data``)."""
     md: dict[str, Any] = {}
     if groups:
         n_groups = max(i for i, _ in groups) + 1
@@ -823,6 +841,9 @@ def non_tensor_metadata(groups: dict, extras: dict) -> dict:
                                              if i == g} for g in range(n_groups)]}
     if extras:
         md["dcp"] = dict(extras)
+        paths = extra_paths(extras, planner_data)
+        if paths:
+            md["dcp_paths"] = paths
     return md
 
 

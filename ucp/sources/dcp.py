@@ -64,7 +64,7 @@ class DcpSource(Source):
         flags = param_flags(names, keys, self._ties(names, keys, arrays, listed), listed)
         params = [self._alias(n, arrays, flags[n]) if "tied_to" in flags[n] else
                   self._param(n, arrays, scalars.get(n, {}), flags[n]) for n in names]
-        return SourceLayout(params=params, metadata=non_tensor_metadata(groups, extras))
+        return SourceLayout(params=params, metadata=non_tensor_metadata(groups, extras, md.planner_data))
 
     def _classify(self, keys, parse_key):
         """``arrays[(name, state)] = (fqn, TensorStorageMetadata)``, per-parameter scalars

@@ -136,7 +136,9 @@ class DcpTarget(Target):
 
         files = {f"__{r}_0.distcp": json.loads((self.dst / f"__{r}_0.distcp{INDEX_SUFFIX}").read_text())
                  for r in range(self.world)}
-        meta = build_metadata(files, planner_data=planner_path, checkpoint_id=self.dst)
+        md = checkpoint.metadata if isinstance(checkpoint.metadata, dict) else {}
+        paths = md.get("dcp_paths")
+        meta = build_metadata(files, planner_data=lambda k: planner_path(k, paths), checkpoint_id=self.dst)
         tmp = self.dst / ".metadata.tmp"
         self._written.append(tmp)
         with open(tmp, "wb") as f:
@@ -156,7 +158,8 @@ class DcpTarget(Target):
 
 def _non_tensor_entries(md: dict) -> list[tuple[str, Any]]:
     """``(key, value)`` of every non-tensor entry to write: param groups, the ``dcp`` entries,
-    then other metadata flattened with dots (the conversion record left out)."""
+    then other metadata flattened with dots (the conversion record and the entries' saved paths,
+    ``dcp_paths``, left out)."""
     from ucp.dcp import PARAM_GROUPS
 
     out = []
@@ -164,7 +167,7 @@ def _non_tensor_entries(md: dict) -> list[tuple[str, Any]]:
         out += [(f"{PARAM_GROUPS}{i}.{k}", v) for k, v in group.items()]
     out += list((md.get("dcp") or {}).items())
     for key, value in md.items():
-        if key not in ("optimizer", "dcp", "source"):
+        if key not in ("optimizer", "dcp", "dcp_paths", "source"):
             out += _flatten(key, value)
     return out
 
