@@ -156,3 +156,34 @@ def test_entries_outside_model_and_optim_keep_their_nested_shape_without_a_templ
         assert torch.equal(got["sched"]["a.b"], want["sched"]["a.b"])
         assert torch.equal(got["sched"]["milestones"][0]["at"], want["sched"]["milestones"][0]["at"])
         assert got["sched"]["last_epoch"] == 4
+
+
+@pytest.mark.parametrize("how", ["live", "convert"])
+def test_param_group_membership_survives_an_export_to_deepspeed(tmp_path, how):
+    """``get_state_dict`` names each group's parameters (``params``); DeepSpeed's files do not, and
+    its flat groups are built from the universal ``optimizer_group`` of each parameter. A DCP
+    checkpoint of two groups (decay / no decay) exported to DeepSpeed must keep every parameter in
+    its own group, with that group's hyper-parameters: read back by the DeepSpeed source."""
+    from ucp.demo_dcp import GPTConfig, build, optimizer, train_step
+
+    model = build(GPTConfig())
+    opt = optimizer(model)
+    train_step(model, opt, 0)
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd}
+    if how == "live":
+        dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "u"))
+    else:
+        dcp.save(sd, checkpoint_id=tmp_path / "dcp")
+        ucp.convert(tmp_path / "dcp", tmp_path / "u", source="dcp")
+    want = {n: i for i, g in enumerate(osd["param_groups"]) for n in g["params"]}
+    assert {ucp.open(tmp_path / "u").param_meta(n).get("optimizer_group") for n in want} == {0, 1}
+    ucp.export(tmp_path / "u", tmp_path / "ds", "deepspeed", degrees={"dp": 1}, zero_stage=2)
+    ucp.convert(tmp_path / "ds", tmp_path / "back", source="deepspeed")
+    back = ucp.open(tmp_path / "back")
+    groups = back.metadata["optimizer"]["param_groups"]
+    for n, i in want.items():
+        g = back.param_meta(n)["optimizer_group"]
+        assert g == i, n
+        assert groups[g]["weight_decay"] == osd["param_groups"][i]["weight_decay"], n
+        assert torch.equal(back.read(n, "exp_avg"), osd["state"][n]["exp_avg"]), n

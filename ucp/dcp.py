@@ -375,7 +375,7 @@ class _RankSummary:
     ties: dict = dataclasses.field(default_factory=dict)         # alias -> target
     shapes: dict = dataclasses.field(default_factory=dict)       # model name -> (shape, dtype name)
     keys: set = dataclasses.field(default_factory=set)           # every flattened key on this rank
-    listed: set = dataclasses.field(default_factory=set)         # FQNs the param groups list
+    listed: dict = dataclasses.field(default_factory=dict)       # FQN -> the param group listing it
     params: list = dataclasses.field(default_factory=list)       # model order on this rank
     records: Optional[list] = None                               # the committed part (PartWriter.records)
 
@@ -724,7 +724,7 @@ def _summarize_state_dict(state_dict: dict, summary: _RankSummary) -> None:
         summary.keys.add(fqn)
         k = parse_key(fqn)
         if k.kind == "group":
-            summary.listed |= listed_params({(k.group, k.state): v})
+            summary.listed.update(param_group_of({(k.group, k.state): v}))
         if k.kind != "param" or not isinstance(v, torch.Tensor):
             continue
         summary.params.append(k.name)
@@ -745,7 +745,7 @@ def _merge_summaries(summaries: list[_RankSummary], planner_data=None) -> tuple[
     every rank's summary (``planner_data``: DCP's, the nested paths of the saved keys)."""
     order: list[str] = []
     keys: set[str] = set()
-    listed: set[str] = set()
+    listed: dict[str, int] = {}
     meta: dict[str, dict] = {}
     groups: dict[tuple, Any] = {}
     extras: dict[str, Any] = {}
@@ -756,7 +756,7 @@ def _merge_summaries(summaries: list[_RankSummary], planner_data=None) -> tuple[
         for n in s.params:
             meta.setdefault(n, {})
         keys |= s.keys
-        listed |= s.listed
+        listed.update(s.listed)
         for n, sc in s.scalars.items():
             meta.setdefault(n, {}).setdefault("scalars", {}).update(sc)
             meta[n].setdefault("scalar_dtypes", {}).update(s.scalar_dtypes.get(n, {}))
@@ -776,16 +776,20 @@ def _merge_summaries(summaries: list[_RankSummary], planner_data=None) -> tuple[
     return order, meta, md
 
 
-def param_flags(names, keys, ties: dict, listed=frozenset()) -> dict[str, dict]:
-    """``tied_to`` / ``frozen`` of model parameters ``names`` from the flattened keys of the
-    state dict, the ties found (``alias -> other``, either way round) and the FQNs its param
-    groups list (``optim.param_groups.<i>.params``, :func:`listed_params`).
+def param_flags(names, keys, ties: dict, listed=None) -> dict[str, dict]:
+    """``tied_to`` / ``frozen`` / ``optimizer_group`` of model parameters ``names`` from the
+    flattened keys of the state dict, the ties found (``alias -> other``, either way round) and
+    the group of each FQN its param groups list (``optim.param_groups.<i>.params``,
+    :func:`param_group_of`). ``optimizer_group`` is how the universal form records membership
+    for every source (DeepSpeed's files do not list a group's parameters; its target builds its
+    flat groups from it).
 
     The optimizer trains what its param groups list, and what it keeps state for. Keeping no
     state says little (SGD without momentum keeps none; Adam none for a parameter that has not
     had a gradient yet), so a model tensor is frozen only when the state dict has an optimizer
     that neither lists it nor keeps state for it, and it is not tied. The tie points to the one
     the optimizer keeps state for, else to the one it lists."""
+    listed = listed or {}
     parsed = [parse_key(k) for k in keys]
     has_optim = any(k.kind in ("state", "group") for k in parsed)
     stepped = {k.name for k in parsed if k.kind == "state"}
@@ -801,18 +805,20 @@ def param_flags(names, keys, ties: dict, listed=frozenset()) -> dict[str, dict]:
     for n in names:
         if has_optim and not any(trained(n)) and "tied_to" not in out[n]:
             out[n]["frozen"] = True
+        if n in listed:
+            out[n]["optimizer_group"] = listed[n]
     return out
 
 
-def listed_params(groups: dict) -> set:
-    """The FQNs the param groups list (``{(group, key): value}``): ``get_state_dict`` names each
-    parameter of a group in its ``params`` (a plain ``optimizer.state_dict()`` numbers them, and
-    lists no names)."""
-    return {p for (_, key), v in groups.items() if key == "params" and isinstance(v, (list, tuple))
+def param_group_of(groups: dict) -> dict[str, int]:
+    """The group of each FQN the param groups list (``{(group, key): value}``): ``get_state_dict``
+    names each parameter of a group in its ``params`` (a plain ``optimizer.state_dict()`` numbers
+    them, and lists no names)."""
+    return {p: i for (i, key), v in groups.items() if key == "params" and isinstance(v, (list, tuple))
             for p in v if isinstance(p, str)}
 
 
-def tied_aliases(names, keys, ties: dict, listed=frozenset()) -> set:
+def tied_aliases(names, keys, ties: dict, listed=None) -> set:
     """The model tensors stored through another one (``tied_to`` of :func:`param_flags`)."""
     return {n for n, f in param_flags(names, keys, ties, listed).items() if "tied_to" in f}
 

@@ -53,14 +53,14 @@ class DcpSource(Source):
         return self._files
 
     def layout(self) -> SourceLayout:
-        from ucp.dcp import check_states_held, listed_params, non_tensor_metadata, param_flags, parse_key
+        from ucp.dcp import check_states_held, non_tensor_metadata, param_group_of, param_flags, parse_key
 
         md = self.files().metadata
         keys = _key_order(md)
         arrays, scalars, groups, extras = self._classify(keys, parse_key)
         names = [k.name for k in (parse_key(x) for x in keys) if k.kind == "param"]
         check_states_held(self.path, [n for n, _ in arrays] + list(scalars), names)
-        listed = listed_params(groups)
+        listed = param_group_of(groups)
         flags = param_flags(names, keys, self._ties(names, keys, arrays, listed), listed)
         params = [self._alias(n, arrays, flags[n]) if "tied_to" in flags[n] else
                   self._param(n, arrays, scalars.get(n, {}), flags[n]) for n in names]
