@@ -24,7 +24,7 @@ def open(path, **kwargs):  # noqa: A001 - mirrors zarr.open / builtins.open on p
     return open_checkpoint(path, **kwargs)
 
 
-def convert(src, dst, source="auto", spec=None, *, storage_options=None, **options):
+def convert(src, dst, source="auto", spec=None, *, storage_options=None, distributed=None, **options):
     """Convert the framework checkpoint at ``src`` into a universal checkpoint at ``dst``.
 
     Args:
@@ -32,6 +32,12 @@ def convert(src, dst, source="auto", spec=None, *, storage_options=None, **optio
             from file names and small index files only, never by unpickling).
         spec: a spec file or bundled converters/ name, for sources that take one.
         storage_options: fsspec options for ``dst`` (and ``src`` where the source reads URLs).
+        distributed: who converts. ``True``: every process of the job calls this, and each
+            converts a share (in the caller's process group, or one made from the torchrun
+            environment). ``False``: this process alone, whatever the environment or process
+            group (e.g. under ``if rank == 0:``). ``None``: a job when started by torchrun
+            (``torchrun -m ucp convert``), else alone; refused when the caller already made a
+            process group of several processes, since ucp cannot tell who calls.
         options: ``workers``, ``resume``, ``overwrite``, ``progress`` go to the engine
             (``ucp.engine.convert``); any other option to the source, which refuses unknown ones.
 
@@ -43,7 +49,7 @@ def convert(src, dst, source="auto", spec=None, *, storage_options=None, **optio
     name = _detected(src) if source in (None, "auto") else source
     engine_opts = {k: options.pop(k) for k in _CONVERT_ENGINE_OPTIONS if options.get(k) is not None}
     plugin = get_source(name)(src, spec=spec, storage_options=storage_options, **options)
-    return engine.convert(plugin, dst, storage_options=storage_options, **engine_opts)
+    return engine.convert(plugin, dst, storage_options=storage_options, distributed=distributed, **engine_opts)
 
 
 def _detected(src) -> str:
@@ -56,7 +62,8 @@ def _detected(src) -> str:
     return detect(src)
 
 
-def export(src, dst, target, degrees=None, spec=None, *, storage_options=None, progress=False, **options):
+def export(src, dst, target, degrees=None, spec=None, *, storage_options=None, progress=False, distributed=None,
+           **options):
     """Write the universal checkpoint ``src`` as ``target``'s files at ``dst``.
 
     Args:
@@ -64,6 +71,8 @@ def export(src, dst, target, degrees=None, spec=None, *, storage_options=None, p
         degrees: the parallelism to write, e.g. ``{"tp": 2, "dp": 4}``.
         spec: a spec file or converters/ name, for targets that take one.
         storage_options: fsspec options for reading ``src``.
+        distributed: who writes: ``True`` every process of the job (each a share), ``False``
+            this process alone, ``None`` as torchrun started it; as in :func:`convert`.
         options: target options (``zero_stage``, ``max_shard_size``, ...); the target refuses
             unknown ones. ``None`` values count as not given.
 
@@ -74,7 +83,7 @@ def export(src, dst, target, degrees=None, spec=None, *, storage_options=None, p
 
     plugin = get_target(target)(dst, degrees=degrees or {}, spec=spec, storage_options=storage_options,
                                 **{k: v for k, v in options.items() if v is not None})
-    return engine.export(src, plugin, progress=progress, storage_options=storage_options)
+    return engine.export(src, plugin, progress=progress, storage_options=storage_options, distributed=distributed)
 
 
 def load_rank(path, spec, degrees, coords, **kwargs):

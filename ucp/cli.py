@@ -143,7 +143,8 @@ def cmd_convert(args) -> int:
     try:
         ucp.convert(args.src, args.dst, source=getattr(args, "from"), spec=args.spec,
                     workers=args.workers, resume=args.resume, overwrite=args.overwrite or None,
-                    progress=not args.quiet, storage_options=_storage_options(args))
+                    progress=not args.quiet, storage_options=_storage_options(args),
+                    distributed=False if args.single_process else None)
     except DestinationNotEmptyError:
         raise UcpError(f"{args.dst} is not empty: --resume finishes an interrupted conversion into it, "
                        "--overwrite replaces it") from None
@@ -170,7 +171,7 @@ def cmd_export(args) -> int:
     ucp.export(args.src, args.dst, args.to, degrees=degrees, spec=args.spec, zero_stage=args.zero_stage,
                max_shard_size=args.max_shard_size, config=args.config, dtype=args.dtype,
                sub_group_size=args.sub_group_size, tag=args.tag, progress=not args.quiet,
-               storage_options=_storage_options(args))
+               storage_options=_storage_options(args), distributed=False if args.single_process else None)
     rank, world = _dist_rank()
     if rank == 0:
         print(f"exported {args.src} -> {args.dst} ({args.to}, {degrees or 'single rank'})"
@@ -188,6 +189,14 @@ def cmd_demo(args) -> int:
 def _plugin_help(registry: dict) -> str:
     return "; ".join(f"{name} ({cls.description})" if cls.description else name
                      for name, cls in sorted(registry.items()))
+
+
+def _single_process(sp) -> None:
+    sp.add_argument("--single-process", action="store_true",
+                    help="run in this process alone, even with a torchrun environment (WORLD_SIZE, "
+                         "MASTER_ADDR, ...), e.g. when started from one rank of a training job. Without it, "
+                         "under torchrun every process of the job converts a share, and a process left "
+                         "alone fails after UCP_RENDEZVOUS_TIMEOUT seconds (default 120)")
 
 
 def _common(sp, json_flag=False) -> None:
@@ -209,6 +218,7 @@ def _add_convert(sub) -> None:
     sp.add_argument("--workers", type=int, default=None, help="writer threads")
     sp.add_argument("--resume", action="store_true", help="finish an interrupted conversion into DST")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    _single_process(sp)
     _common(sp)
     sp.set_defaults(fn=cmd_convert)
 
@@ -232,6 +242,7 @@ def _add_export(sub) -> None:
     sp.add_argument("--tag", default=None, help="checkpoint tag folder to write (targets that take it)")
     sp.add_argument("--config", default=None,
                     help="the model's config file to write with it, e.g. HF config.json (targets that take one)")
+    _single_process(sp)
     _common(sp)
     sp.set_defaults(fn=cmd_export)
 

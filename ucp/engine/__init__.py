@@ -3,8 +3,9 @@
 one spec.
 
     ucp.engine.convert(source, dst, workers=None, resume=False, overwrite=False,
-                       progress=False, storage_options=None)
-    ucp.engine.export(checkpoint_or_path, target, progress=False, storage_options=None)
+                       progress=False, storage_options=None, distributed=None)
+    ucp.engine.export(checkpoint_or_path, target, progress=False, storage_options=None,
+                      distributed=None)
 
 ``ucp.convert`` / ``ucp.export`` pick the plug-in by name from the registries
 (``ucp.sources``, ``ucp.targets``) and call these. Spec-driven plug-ins bind their spec with

@@ -22,21 +22,21 @@ def open_universal(checkpoint, storage_options: Mapping[str, Any] | None = None)
 
 
 def export(checkpoint, target, *, progress: bool = False,
-           storage_options: Mapping[str, Any] | None = None):
+           storage_options: Mapping[str, Any] | None = None, distributed: bool | None = None):
     """Write the universal ``checkpoint`` (a path, URL or open reader) through ``target``
     (a :class:`ucp.targets.Target`): ``plan`` -> ``write_unit`` per unit -> ``finish``.
 
-    Under torchrun every process plans, writes its share of the units (by size) and process
-    0 finishes once every unit is written; a failure anywhere makes every process abort and
-    raise. Returns the target's destination."""
+    In a job (``distributed``: see ``ucp.engine.jobs.torchrun_rank``) every process opens the
+    checkpoint and plans, writes its share of the units (by size) and process 0 finishes
+    once every unit is written; a failure anywhere makes every process abort and raise.
+    Returns the target's destination."""
     from ucp.engine.jobs import torchrun_rank
 
-    ck = open_universal(checkpoint, storage_options)
-    job = torchrun_rank()
+    job = torchrun_rank(distributed)
     if job is None:
-        _export_alone(ck, target, progress)
+        _export_alone(open_universal(checkpoint, storage_options), target, progress)
     else:
-        _export_shared(ck, target, job, progress)
+        _export_shared(lambda: open_universal(checkpoint, storage_options), target, job, progress)
     return target.dst
 
 
@@ -66,19 +66,22 @@ def _unit_volume(unit) -> int:
     return sum(f.numel for f in frags)
 
 
-def _export_shared(ck, target, job, progress: bool) -> None:
-    """One process of a torchrun export: plan everywhere (every plan checked before anything
-    is written), write this process's share of the units, then finish on process 0. After
-    each step the processes agree; on any failure every process aborts and raises. A target
-    with ``split_under_torchrun = False`` is run whole by process 0 (the others wait)."""
+def _export_shared(opened, target, job, progress: bool) -> None:
+    """One process of a job's export: open the checkpoint (``opened()``) and plan everywhere
+    (every plan checked before anything is written), write this process's share of the
+    units, then finish on process 0. After each step the processes agree; on any failure
+    every process aborts and raises. A target with ``split_under_torchrun = False`` is run
+    whole by process 0 (the others wait)."""
     from ucp.engine.jobs import agree, failure_text
     from ucp.plan.assign import assign_by_size
 
     rank, world = job
     split = bool(getattr(target, "split_under_torchrun", True))
-    planned: list = []
+    ck, planned = None, []
 
     def plan():
+        nonlocal ck
+        ck = opened()
         if split or rank == 0:
             planned.extend(target.plan(ck))
 

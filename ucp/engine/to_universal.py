@@ -25,20 +25,22 @@ MAX_LISTED_FRAGMENTS = 64
 
 
 def convert(source, dst, *, workers: int | None = None, resume: bool = False, overwrite: bool = False,
-            progress: bool = False, storage_options: Mapping[str, Any] | None = None) -> None:
+            progress: bool = False, storage_options: Mapping[str, Any] | None = None,
+            distributed: bool | None = None) -> None:
     """Convert what ``source`` (a :class:`ucp.sources.Source`) describes into a committed
     universal checkpoint at ``dst`` (local path or fsspec URL).
 
-    Under torchrun every process converts a share of the parameters (by size) and the job
-    commits once; a failure on any process leaves no manifest. ``resume`` finishes an
-    interrupted conversion into ``dst`` (chunks already written and checked are kept);
-    ``overwrite`` replaces an existing ``dst``. The source is closed at the end.
+    In a job (``distributed``: see ``ucp.engine.jobs.torchrun_rank``) every process converts
+    a share of the parameters (by size) and the job commits once; a failure on any process
+    leaves no manifest. ``resume`` finishes an interrupted conversion into ``dst`` (chunks
+    already written and checked are kept); ``overwrite`` replaces an existing ``dst``. The
+    source is closed at the end.
     """
     from ucp.engine.jobs import failure_text, torchrun_rank
     from ucp.format.manifest import gc_paused
 
     try:
-        job = torchrun_rank()
+        job = torchrun_rank(distributed)
         # no cyclic GC while the layout's many small acyclic objects (fragments, boxes, pieces)
         # are built and the boxes stream: its collections cost more than building them
         with gc_paused():
