@@ -164,6 +164,17 @@ def test_failure_on_one_rank_leaves_no_manifest(saved):
         ucp.open(saved / "failed")
 
 
+def test_ranks_given_different_paths_commit_nothing(saved):
+    """Each rank passed its own directory to UniversalWriter: the save fails on every rank, and the
+    coordinator's directory holds no manifest (it would list the other ranks' files, not there)."""
+    rep = json.loads((saved / "split.json").read_text())
+    assert rep["manifest"] is False
+    assert all(e and "the parts of rank(s) 1, 2, 3 were written elsewhere: every rank must pass the same "
+               "path" in e for e in rep["errors"]), rep["errors"]
+    with pytest.raises(ucp.UcpError):
+        ucp.open(saved / "split" / "0")
+
+
 # ---------------------------------------------------------------------------- loads into other layouts
 EXPECTED_WORLD = {"fsdp4-to-tp2": 2, "fsdp4-uw-to-tp2-resume": 2, "fsdp4-tf-to-tp2": 2, "2d-to-fsdp3": 3,
                   "2d-uw-to-fsdp3": 3, "2d-uwa-to-fsdp3": 3, "fsdp4-tf-uw-to-fsdp3": 3, "tp2-to-2d4": 4,

@@ -187,3 +187,24 @@ def test_param_group_membership_survives_an_export_to_deepspeed(tmp_path, how):
         assert g == i, n
         assert groups[g]["weight_decay"] == osd["param_groups"][i]["weight_decay"], n
         assert torch.equal(back.read(n, "exp_avg"), osd["state"][n]["exp_avg"]), n
+
+
+def test_export_to_deepspeed_refuses_optimizer_state_without_hyper_parameters(tmp_path):
+    """``get_state_dict(..., options=StateDictOptions(flatten_optimizer_state_dict=True))`` saves the
+    hyper-parameters per parameter (``optim.param_groups.<fqn>.lr``). ucp keeps them as they are
+    (loads give them back) but does not map them to param groups, so an export to DeepSpeed has
+    none to write: it must say so, not write groups without lr."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    assert "param_groups.0.weight.lr" in osd
+    dcp.save({"model": msd, "optim": osd}, storage_writer=UniversalWriter(tmp_path / "u"))
+    with pytest.raises(UcpError, match=r"optimizer state \(exp_avg, exp_avg_sq\) but no optimizer hyper-parameters"
+                                       r".*saved per parameter \(optim\.param_groups\.<fqn>\.<key>"):
+        ucp.export(tmp_path / "u", tmp_path / "ds", "deepspeed", degrees={"dp": 1}, zero_stage=2)
+    assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").iterdir())

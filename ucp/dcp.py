@@ -64,6 +64,7 @@ from ucp.errors import UcpError
 # imported them itself paid inside its own time, once per process
 from ucp.format import (aligned_chunks, commit_parts, create_checkpoint, default_chunks, jsonmeta, layout,
                         open_checkpoint)
+from ucp.format.parts import part_rel
 from ucp.format.store import MANIFEST, make_store
 from ucp.format.writer import clear_to_overwrite
 
@@ -96,7 +97,7 @@ def parse_key(fqn: str) -> DcpKey:
             return DcpKey("state", name, state)
     if fqn.startswith(PARAM_GROUPS):
         idx, _, key = fqn[len(PARAM_GROUPS):].partition(".")
-        if idx.isdigit() and key:
+        if idx.isdigit() and key and "." not in key:  # "0.weight.lr": per parameter (flattened), an extra
             return DcpKey("group", state=key, group=int(idx))
     return DcpKey("extra", fqn)
 
@@ -510,6 +511,7 @@ class UniversalWriter(StorageWriter):
             raise UcpError(f"{self.path}: finish() on a rank that wrote no part (not the coordinator?)")
         try:
             summaries = [r.storage_data for rs in results for r in rs if r.index.fqn == _SUMMARY]
+            _check_parts_here(self.path, self.storage_options, [s.rank for s in summaries if s.records is not None])
             order, meta, universal_md = _merge_summaries(summaries, metadata.planner_data)
             for name in order:
                 writer.add_param(name, meta.get(name) or None)
@@ -522,6 +524,19 @@ class UniversalWriter(StorageWriter):
         parts[writer.rank] = writer.records
         commit_parts(self.path, self._world, metadata=universal_md, storage_options=self.storage_options,
                      durable=self.durable, workers=self.threads, param_order=order, parts=parts)
+
+
+def _check_parts_here(path, storage_options, ranks) -> None:
+    """Every other rank's part record must be in the coordinator's checkpoint. The coordinator
+    commits the manifest from the records DCP hands it in memory, so a rank that was given another
+    path (a per-rank directory, a node-local mount) would otherwise leave a committed manifest
+    listing files that are not there."""
+    store = make_store(path, storage_options)
+    away = [r for r in sorted(ranks) if not store.exists(part_rel(r))]
+    if away:
+        raise UcpError(f"{path}: the parts of rank(s) {', '.join(map(str, away[:8]))} were written elsewhere: "
+                       "every rank must pass the same path (one shared checkpoint) to UniversalWriter; "
+                       "nothing was committed")
 
 
 def _prepare_destination(path, overwrite: bool, storage_options) -> None:

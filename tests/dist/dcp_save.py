@@ -84,12 +84,30 @@ def failing_save(out: str) -> None:
             json.dump({"errors": got, "manifest": os.path.exists(f"{out}/failed/ucp.manifest.json")}, f)
 
 
+def split_save(out: str) -> None:
+    """Every rank passes its own directory: rank 0, the coordinator, must not commit a manifest
+    listing the other ranks' files, which are not in it."""
+    rank = dist.get_rank()
+    seen = None
+    try:
+        dcp.save({"model": {f"w{rank}": torch.arange(8.0) + rank}},
+                 storage_writer=UniversalWriter(f"{out}/split/{rank}"))
+    except BaseException as e:
+        seen = f"{type(e).__module__}.{type(e).__name__}: {str(e)[:2000]}"
+    got = [None] * dist.get_world_size()
+    dist.all_gather_object(got, seen)
+    if rank == 0:
+        with open(f"{out}/split.json", "w") as f:
+            json.dump({"errors": got, "manifest": os.path.exists(f"{out}/split/0/ucp.manifest.json")}, f)
+
+
 def main() -> None:
     out = sys.argv[1]
     dist.init_process_group("gloo")
     for layout, variant in CASES:
         save_case(out, layout, variant)
     failing_save(out)
+    split_save(out)
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)

@@ -16,7 +16,7 @@ stage3.py), computed from the parameters alone, so any source and any stage can 
   its members' partitions. Frozen weights are 1-D partitions in every rank's model states.
 
 Which group a parameter belongs to comes from its ``optimizer_group`` metadata (recorded by
-the DeepSpeed sources; group 0 otherwise), the groups' hyper-parameters from
+the DeepSpeed sources and by the DCP ones from the groups' ``params``; group 0 otherwise), the groups' hyper-parameters from
 ``metadata["optimizer"]["param_groups"]``. Writing DeepSpeed's pickles needs DeepSpeed
 installed (its loss scaler, ZeRO stage enum and fragment address classes are pickled by
 reference, as DeepSpeed itself saves them).
@@ -70,11 +70,26 @@ class Model:
         count = max([len(hyper), 1] + [int(meta[n].get("optimizer_group", 0)) + 1 for n in trainable])
         groups = [[n for n in trainable if int(meta[n].get("optimizer_group", 0)) == g] for g in range(count)]
         states = sorted({st for n in trainable for st in ck.states(n)} - {"param"})
+        if states and not hyper:
+            raise UcpError(f"{ck.path}: optimizer state ({', '.join(states)}) but no optimizer hyper-parameters "
+                           "(metadata optimizer.param_groups: lr, betas, ...), which DeepSpeed's files need"
+                           + _hyper_hint(md))
         steps = [next((meta[n].get("scalars", {}).get("step") for n in grp), None) for grp in groups]
         return Model(names, shapes, frozen, tied, groups, states, steps, hyper)
 
     def numel(self, name: str) -> int:
         return math.prod(self.shapes[name])
+
+
+def _hyper_hint(md: dict) -> str:
+    """Where the hyper-parameters went, when a DCP save kept them in a form ucp does not map."""
+    from ucp.dcp import PARAM_GROUPS
+
+    if any(k.startswith(PARAM_GROUPS) for k in (md.get("dcp") or {})):
+        return (f": they were saved per parameter ({PARAM_GROUPS}<fqn>.<key>, get_state_dict's "
+                "flatten_optimizer_state_dict=True), a form ucp keeps as it is but does not map to param "
+                "groups; save with the default (per-group) optimizer state dict")
+    return ""
 
 
 # ------------------------------------------------------------------ DeepSpeed's partitioning
