@@ -167,9 +167,10 @@ def test_corrupt_zip_record_of_an_item_names_file_range_and_key(tmp_path, record
     ("optim.state.blocks.0.attn.q.weight.exp_avg", DcpKey("state", "blocks.0.attn.q.weight", "exp_avg")),
     ("optim.state.embed.weight.step", DcpKey("state", "embed.weight", "step")),
     ("optim.param_groups.1.betas", DcpKey("group", state="betas", group=1)),
-    ("optim.param_groups.x.lr", DcpKey("extra", "optim.param_groups.x.lr")),
-    # per parameter (flatten_optimizer_state_dict=True) of FQN "0.weight": not group 0's key "weight.lr"
-    ("optim.param_groups.0.weight.lr", DcpKey("extra", "optim.param_groups.0.weight.lr")),
+    # per parameter (flatten_optimizer_state_dict=True); "0.weight"'s is not group 0's key "weight.lr"
+    ("optim.param_groups.x.lr", DcpKey("hyper", "x", "lr")),
+    ("optim.param_groups.0.weight.lr", DcpKey("hyper", "0.weight", "lr")),
+    ("optim.param_groups.lr", DcpKey("extra", "optim.param_groups.lr")),
     ("extra.rng", DcpKey("extra", "extra.rng")),
 ])
 def test_parse_key(fqn, want):

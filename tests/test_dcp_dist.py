@@ -1,6 +1,6 @@
 """torch DCP under real torchrun (gloo, CPU): FSDP2, TP, 2-D with _StridedShard.
 
-Five torchrun launches for the whole file, made once per session:
+Six torchrun launches for the whole file, made once per session:
 
 1. ``dcp_save.py`` on 4 ranks: TinyGPT (vocab 1003, GQA, SwiGLU 170, biases, LayerNorm with
    bias; plain and tied + frozen variants) trained 2 steps under FSDP2x4, 2-D (dp2 x tp2) and
@@ -10,6 +10,7 @@ Five torchrun launches for the whole file, made once per session:
    2-D x4 (4 ranks): every rank's shards against DCP's own consolidation of the original.
 5. ``ds_train.py`` (the DeepSpeed fixtures' script) on 2 ranks, ZeRO-2: converted with ``ucp
    convert --from deepspeed`` and loaded into 2-D x4 by launch 4, against DeepSpeed's own answers.
+6. ``dcp_pipe.py`` on 2 ranks: two pipeline stages with flattened optimizer state dicts.
 """
 from __future__ import annotations
 
@@ -252,3 +253,60 @@ def test_tp2_to_one_rank(saved):
         dcp.load(sd, storage_reader=UniversalReader(saved / "tpdp-plain" / ckpt))
         bad, counts = loader.compare(sd, ref)
         assert bad == [] and counts["plain"] == len(ref["model"]) + sum(len(s) for s in ref["optim"]["state"].values())
+
+
+# ---------------------------------------------------------------------------- pipeline stages
+def test_pipeline_stages_convert_and_load_unstaged(tmp_path):
+    """Two pipeline stages saved with flattened optimizer state dicts (``dcp_pipe.py``, torchrun 2
+    ranks): ``ucp convert`` of DCP's files and the UniversalWriter save both hold every parameter
+    and state equal to DCP's own consolidation (``dcp_to_torch_save``), each parameter in the group
+    of its hyper-parameters; and one process without stages loads the whole model and optimizer
+    from them, as it would from DCP's files, and again without a template, in DCP's nesting."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from ucp.dcp import UniversalReader
+    from ucp.demo_dcp import build, optimizer
+
+    torchrun(2, "dcp_pipe.py", tmp_path)
+    dcp_to_torch_save(tmp_path / "dcp", tmp_path / "ref.pt")
+    ref = torch.load(tmp_path / "ref.pt", weights_only=True)
+    ucp.convert(tmp_path / "dcp", tmp_path / "conv")
+    full = build(GPTConfig())
+    assert sorted(ref["model"]) == sorted(full.state_dict())          # the stages hold every parameter
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    for path in ("conv", "uw"):
+        ck = ucp.open(tmp_path / path)
+        assert sorted(ck.params) == sorted(full.state_dict())   # no rank holds the whole model's order
+        groups = ck.metadata["optimizer"]["param_groups"]
+        for name in ck.params:
+            assert torch.equal(ck.read(name), ref["model"][name]), (path, name)
+            for state in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(ck.read(name, state), ref["optim"][f"state.{name}.{state}"]), (path, name, state)
+            assert ck.param_meta(name)["scalars"]["step"] == ref["optim"][f"state.{name}.step"].item()
+            group = groups[ck.param_meta(name)["optimizer_group"]]
+            assert group["weight_decay"] == ref["optim"][f"param_groups.{name}.weight_decay"], (path, name)
+
+        model = build(GPTConfig(), seed=5)
+        opt = optimizer(model)
+        msd, osd = get_state_dict(model, opt, options=flat)
+        sd = {"model": msd, "optim": osd}
+        want = {"model": dict(msd), "optim": dict(osd)}
+        dcp.load(want, storage_reader=FileSystemReader(tmp_path / "dcp"))
+        dcp.load(sd, storage_reader=UniversalReader(tmp_path / path))
+        for k, v in want["model"].items():
+            assert torch.equal(sd["model"][k], v), (path, k)
+        for k, v in want["optim"].items():
+            got = sd["optim"][k]
+            assert torch.equal(got, v) if isinstance(v, torch.Tensor) else \
+                got == (list(v) if isinstance(v, tuple) else v), (path, k)
+        set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=flat)
+
+        nested: dict = {}
+        _load_state_dict(nested, storage_reader=UniversalReader(tmp_path / path),
+                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        assert nested.keys() == ref.keys() and nested["optim"].keys() == ref["optim"].keys(), path

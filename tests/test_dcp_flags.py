@@ -189,22 +189,80 @@ def test_param_group_membership_survives_an_export_to_deepspeed(tmp_path, how):
         assert torch.equal(back.read(n, "exp_avg"), osd["state"][n]["exp_avg"]), n
 
 
-def test_export_to_deepspeed_refuses_optimizer_state_without_hyper_parameters(tmp_path):
-    """``get_state_dict(..., options=StateDictOptions(flatten_optimizer_state_dict=True))`` saves the
-    hyper-parameters per parameter (``optim.param_groups.<fqn>.lr``). ucp keeps them as they are
-    (loads give them back) but does not map them to param groups, so an export to DeepSpeed has
-    none to write: it must say so, not write groups without lr."""
+
+def flat_trained(tmp_path):
+    """A model with two param groups (different lr and weight decay) after one step, its optimizer
+    state dict flattened (``flatten_optimizer_state_dict=True``: ``optim.param_groups.<fqn>.<key>``),
+    saved by stock DCP and by UniversalWriter; the stock files also converted."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
-    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    opt = torch.optim.AdamW([{"params": [model[0].weight, model[1].weight], "weight_decay": 0.1},
+                             {"params": [model[0].bias, model[1].bias], "weight_decay": 0.0, "lr": 0.5}], lr=0.1)
     model(torch.randn(5, 4)).sum().backward()
     opt.step()
-    msd, osd = get_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
-    assert "param_groups.0.weight.lr" in osd
-    dcp.save({"model": msd, "optim": osd}, storage_writer=UniversalWriter(tmp_path / "u"))
-    with pytest.raises(UcpError, match=r"optimizer state \(exp_avg, exp_avg_sq\) but no optimizer hyper-parameters"
-                                       r".*saved per parameter \(optim\.param_groups\.<fqn>\.<key>"):
-        ucp.export(tmp_path / "u", tmp_path / "ds", "deepspeed", degrees={"dp": 1}, zero_stage=2)
-    assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").iterdir())
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    msd, osd = get_state_dict(model, opt, options=flat)
+    sd = {"model": msd, "optim": osd}
+    dcp.save(sd, checkpoint_id=tmp_path / "dcp")
+    dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "live"))
+    ucp.convert(tmp_path / "dcp", tmp_path / "conv", source="dcp")
+    return model, opt, sd, flat
+
+
+def test_flattened_optimizer_state_maps_to_param_groups_and_loads_back_in_its_form(tmp_path):
+    """The flattened form numbers no groups: ucp rebuilds them from the parameters' values (equal
+    values, one group, in model order), records each parameter's group and that the save was
+    flattened, and gives that form back to loads (``UniversalReader``, ``export --to dcp`` +
+    ``FileSystemReader``) and bit-exact values to a fresh optimizer."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    model, opt, sd, flat = flat_trained(tmp_path)
+    ucp.export(tmp_path / "live", tmp_path / "back", "dcp")
+    for path in ("live", "conv"):
+        ck = ucp.open(tmp_path / path)
+        groups = ck.metadata["optimizer"]["param_groups"]
+        assert ck.metadata["optimizer"]["flattened"] is True and "dcp" not in ck.metadata
+        assert [g["params"] for g in groups] == [["0.weight", "1.weight"], ["0.bias", "1.bias"]]
+        assert [(g["lr"], g["weight_decay"]) for g in groups] == [(0.1, 0.1), (0.5, 0.0)]
+        assert {n: ck.param_meta(n)["optimizer_group"] for n in ck.params} == \
+            {"0.weight": 0, "1.weight": 0, "0.bias": 1, "1.bias": 1}
+    for reader in (UniversalReader(tmp_path / "live"), UniversalReader(tmp_path / "conv"),
+                   FileSystemReader(tmp_path / "back")):
+        torch.manual_seed(1)
+        fresh = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+        fopt = torch.optim.AdamW([{"params": [fresh[0].weight, fresh[1].weight]},
+                                  {"params": [fresh[0].bias, fresh[1].bias]}], lr=0.9)
+        fresh(torch.randn(5, 4)).sum().backward()
+        fopt.step()
+        msd, osd = get_state_dict(fresh, fopt, options=flat)
+        target = {"model": msd, "optim": osd}
+        dcp.load(target, storage_reader=reader)
+        assert target["optim"].keys() == sd["optim"].keys()
+        for k, v in sd["optim"].items():   # tuples (betas) come back as lists, as in the indexed form
+            got = target["optim"][k]
+            assert torch.equal(got, v) if isinstance(v, torch.Tensor) else got == (list(v) if isinstance(v, tuple) else v), k
+        set_state_dict(fresh, fopt, model_state_dict=target["model"], optim_state_dict=target["optim"], options=flat)
+        assert [(g["lr"], g["weight_decay"]) for g in fopt.param_groups] == [(0.1, 0.1), (0.5, 0.0)]
+        for p, q in zip(fresh.parameters(), model.parameters()):
+            assert torch.equal(p, q) and torch.equal(fopt.state[p]["exp_avg"], opt.state[q]["exp_avg"])
+
+
+def test_export_to_deepspeed_takes_flattened_groups_and_refuses_none(tmp_path):
+    """A flattened optimizer state dict exports to DeepSpeed with its groups; optimizer state with
+    no hyper-parameters at all is refused (DeepSpeed's files need lr, betas, ...), not written as
+    groups without them."""
+    flat_trained(tmp_path)
+    ucp.export(tmp_path / "live", tmp_path / "ds", "deepspeed", degrees={"dp": 1}, zero_stage=2)
+    ucp.convert(tmp_path / "ds", tmp_path / "ds_back", source="deepspeed")
+    back = ucp.open(tmp_path / "ds_back")
+    groups = back.metadata["optimizer"]["param_groups"]
+    assert {n: (groups[back.param_meta(n)["optimizer_group"]]["lr"]) for n in back.params} == \
+        {"0.weight": 0.1, "1.weight": 0.1, "0.bias": 0.5, "1.bias": 0.5}
+
+    bare = {"model": {"w": torch.ones(4)}, "optim": {"state": {"w": {"exp_avg": torch.zeros(4)}}}}
+    dcp.save(bare, storage_writer=UniversalWriter(tmp_path / "bare"))
+    with pytest.raises(UcpError, match=r"optimizer state \(exp_avg\) but no optimizer hyper-parameters"):
+        ucp.export(tmp_path / "bare", tmp_path / "ds2", "deepspeed", degrees={"dp": 1}, zero_stage=2)

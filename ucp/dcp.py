@@ -17,12 +17,17 @@ the reader, the writer, the DCP source and the DCP target). With ``get_state_dic
 * ``optim.state.<fqn>.<state>`` — state ``<state>`` of ``<fqn>``; 0-d states (Adam ``step``)
   are per-parameter ``scalars`` in the parameter's metadata, their dtypes in ``scalar_dtypes``;
 * ``optim.param_groups.<i>.<key>`` — ``metadata["optimizer"]["param_groups"][i][key]``;
+* ``optim.param_groups.<fqn>.<key>`` (``flatten_optimizer_state_dict=True``, which pipeline stages
+  need: each stage's groups are numbered from 0) — the same groups, rebuilt from the
+  parameters' values (:func:`regroup`), with ``metadata["optimizer"]["flattened"]`` so that
+  reads and exports give back that form;
 * anything else — ``metadata["dcp"][<key>]`` (values JSON-encoded, tensors as small arrays).
 
 A model tensor that is the same storage as another (tied embeddings) is stored once: the alias
 is a parameter with no arrays, ``tied_to`` the one the optimizer steps (and that one's shape
-and dtype), and the reader serves both keys from the one stored array. A model tensor with no
-optimizer state while the state dict has an optimizer gets ``frozen: true``.
+and dtype), and the reader serves both keys from the one stored array. A model tensor that the
+optimizer neither lists in a group nor keeps state for gets ``frozen: true``
+(:func:`param_flags`).
 
 **Reading only what is needed.** The reader describes every universal array to DCP as ONE
 saved chunk covering the whole tensor; DCP's planner then asks, for each chunk of each rank's
@@ -80,7 +85,9 @@ class DcpKey:
     """What a flattened DCP state-dict key means in the universal checkpoint.
 
     ``kind``: ``"param"`` (``name``, state ``param``), ``"state"`` (``name``, ``state``),
-    ``"group"`` (``group`` index, ``state`` = the hyper-parameter) or ``"extra"``."""
+    ``"group"`` (``group`` index, ``state`` = the hyper-parameter), ``"hyper"`` (a
+    hyper-parameter ``state`` of parameter ``name``: flattened groups; an extra where ``name`` is
+    no model tensor) or ``"extra"``."""
     kind: str
     name: str = ""
     state: str = ""
@@ -96,9 +103,13 @@ def parse_key(fqn: str) -> DcpKey:
         if name and state:
             return DcpKey("state", name, state)
     if fqn.startswith(PARAM_GROUPS):
-        idx, _, key = fqn[len(PARAM_GROUPS):].partition(".")
-        if idx.isdigit() and key and "." not in key:  # "0.weight.lr": per parameter (flattened), an extra
+        rest = fqn[len(PARAM_GROUPS):]
+        idx, _, key = rest.partition(".")
+        if idx.isdigit() and key and "." not in key:  # not "0.weight.lr": lr of parameter "0.weight"
             return DcpKey("group", state=key, group=int(idx))
+        name, _, key = rest.rpartition(".")
+        if name and key:
+            return DcpKey("hyper", name, key)
     return DcpKey("extra", fqn)
 
 
@@ -110,14 +121,17 @@ def optim_key(name: str, state: str) -> str:
     return f"{OPTIM_STATE}{name}.{state}" if state != "param" else model_key(name)
 
 
-def planner_path(fqn: str, paths: Optional[dict] = None) -> tuple:
+def planner_path(fqn: str, paths: Optional[dict] = None, flattened: bool = False) -> tuple:
     """The nested-dict path of a flattened key (DCP's ``planner_data``), so that tools that
     rebuild nested state dicts (``format_utils.dcp_to_torch_save``) work on universal ones.
     ``paths``: the saved paths of entries outside model/optim that the dotted key alone does not
-    give (``metadata["dcp_paths"]``, :func:`extra_paths`)."""
+    give (``metadata["dcp_paths"]``, :func:`extra_paths`). ``flattened``: the optimizer state
+    dict was saved flattened, one level of dotted keys (``state.<fqn>.<state>``)."""
     k = parse_key(fqn)
     if k.kind == "param":
         return ("model", k.name)
+    if k.kind in ("state", "hyper") and flattened:
+        return ("optim", fqn[len("optim."):])
     if k.kind == "state":
         return ("optim", "state", k.name, k.state)
     if k.kind == "group":
@@ -217,14 +231,13 @@ class UniversalReader(StorageReader):
         for name in ck.params:
             _describe_param(ck, name, tensor)
         md = ck.metadata if isinstance(ck.metadata, dict) else {}
-        for i, group in enumerate(_param_groups(ck, md)):
-            for k, v in group.items():
-                value(f"{PARAM_GROUPS}{i}.{k}", v)
+        for key, v in group_entries(_param_groups(ck, md), is_flattened(md)):
+            value(key, v)
         for key, v in (md.get("dcp") or {}).items():
             value(key, v)
-        paths = md.get("dcp_paths")
+        paths, flat = md.get("dcp_paths"), is_flattened(md)
         return Metadata(state_dict_metadata=sdm, storage_data=storage,
-                        planner_data={k: planner_path(k, paths) for k in sdm},
+                        planner_data={k: planner_path(k, paths, flat) for k in sdm},
                         storage_meta=StorageMeta(checkpoint_id=str(self.path), load_id=self.load_id))
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
@@ -376,7 +389,7 @@ class _RankSummary:
     ties: dict = dataclasses.field(default_factory=dict)         # alias -> target
     shapes: dict = dataclasses.field(default_factory=dict)       # model name -> (shape, dtype name)
     keys: set = dataclasses.field(default_factory=set)           # every flattened key on this rank
-    listed: dict = dataclasses.field(default_factory=dict)       # FQN -> the param group listing it
+    listed: dict = dataclasses.field(default_factory=dict)       # FQN -> its param group (None: flattened)
     params: list = dataclasses.field(default_factory=list)       # model order on this rank
     records: Optional[list] = None                               # the committed part (PartWriter.records)
 
@@ -740,6 +753,8 @@ def _summarize_state_dict(state_dict: dict, summary: _RankSummary) -> None:
         k = parse_key(fqn)
         if k.kind == "group":
             summary.listed.update(param_group_of({(k.group, k.state): v}))
+        elif k.kind == "hyper":   # flattened groups: listed, in a group numbered at the merge
+            summary.listed.setdefault(k.name, None)
         if k.kind != "param" or not isinstance(v, torch.Tensor):
             continue
         summary.params.append(k.name)
@@ -760,7 +775,6 @@ def _merge_summaries(summaries: list[_RankSummary], planner_data=None) -> tuple[
     every rank's summary (``planner_data``: DCP's, the nested paths of the saved keys)."""
     order: list[str] = []
     keys: set[str] = set()
-    listed: dict[str, int] = {}
     meta: dict[str, dict] = {}
     groups: dict[tuple, Any] = {}
     extras: dict[str, Any] = {}
@@ -771,7 +785,6 @@ def _merge_summaries(summaries: list[_RankSummary], planner_data=None) -> tuple[
         for n in s.params:
             meta.setdefault(n, {})
         keys |= s.keys
-        listed.update(s.listed)
         for n, sc in s.scalars.items():
             meta.setdefault(n, {}).setdefault("scalars", {}).update(sc)
             meta[n].setdefault("scalar_dtypes", {}).update(s.scalar_dtypes.get(n, {}))
@@ -783,12 +796,12 @@ def _merge_summaries(summaries: list[_RankSummary], planner_data=None) -> tuple[
                 extras[key] = _Pieces(extras[key] + v)
             else:
                 extras.setdefault(key, v)
-    for n, flags in param_flags(order, keys, ties, listed).items():
+    groups, extras, flattened = regroup(groups, {k: _assemble_extra(v) for k, v in extras.items()}, order)
+    for n, flags in param_flags(order, keys, ties, param_group_of(groups)).items():
         meta.setdefault(n, {}).update(flags)
         if "tied_to" in flags and n in shapes:     # an alias has no array to take them from
             meta[n].update(shape=shapes[n][0], dtype=shapes[n][1])
-    md = non_tensor_metadata(groups, {k: _assemble_extra(v) for k, v in extras.items()}, planner_data)
-    return order, meta, md
+    return order, meta, non_tensor_metadata(groups, extras, planner_data, flattened)
 
 
 def param_flags(names, keys, ties: dict, listed=None) -> dict[str, dict]:
@@ -806,7 +819,7 @@ def param_flags(names, keys, ties: dict, listed=None) -> dict[str, dict]:
     the optimizer keeps state for, else to the one it lists."""
     listed = listed or {}
     parsed = [parse_key(k) for k in keys]
-    has_optim = any(k.kind in ("state", "group") for k in parsed)
+    has_optim = any(k.kind in ("state", "group", "hyper") for k in parsed)
     stepped = {k.name for k in parsed if k.kind == "state"}
     out: dict[str, dict] = {n: {} for n in names}
 
@@ -820,9 +833,67 @@ def param_flags(names, keys, ties: dict, listed=None) -> dict[str, dict]:
     for n in names:
         if has_optim and not any(trained(n)) and "tied_to" not in out[n]:
             out[n]["frozen"] = True
-        if n in listed:
+        if listed.get(n) is not None:
             out[n]["optimizer_group"] = listed[n]
     return out
+
+
+def regroup(groups: dict, extras: dict, names) -> tuple[dict, dict, bool]:
+    """Param groups ``{(group, key): value}`` with the per-parameter hyper-parameters among
+    ``extras`` (``optim.param_groups.<fqn>.<key>`` of model tensors ``names``: a flattened optimizer
+    state dict) turned into indexed groups: tensors whose hyper-parameters are all equal share a
+    group, numbered in model order after any indexed one, that lists them in ``params``. Returns
+    (groups, the other extras, whether any entry was per parameter). The flattened form does not
+    number the groups, so two groups of equal hyper-parameters come back as one."""
+    known = set(names)
+    per: dict[str, dict] = {}
+    rest = {}
+    for fqn, v in extras.items():
+        k = parse_key(fqn)
+        if k.kind == "hyper" and k.name in known:
+            per.setdefault(k.name, {})[k.state] = v
+        else:
+            rest[fqn] = v
+    if not per:
+        return groups, extras, False
+    found: list[tuple[dict, list]] = []
+    for n in names:
+        if n in per:
+            i = next((j for j, (g, _) in enumerate(found) if _same_values(g, per[n])), None)
+            if i is None:
+                found.append((per[n], []))
+            found[-1 if i is None else i][1].append(n)
+    out = dict(groups)
+    base = max((i for i, _ in groups), default=-1) + 1
+    for i, (g, members) in enumerate(found, start=base):
+        out.update({(i, k): v for k, v in g.items()})
+        out[(i, "params")] = members
+    return out, rest, True
+
+
+def _same_values(a: dict, b: dict) -> bool:
+    def same(x, y):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
+                    and x.shape == y.shape and torch.equal(x, y))
+        return type(x) is type(y) and x == y
+
+    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+
+
+def is_flattened(md: dict) -> bool:
+    """Whether the checkpoint's optimizer state dict was saved flattened (:func:`regroup`)."""
+    return bool((md.get("optimizer") or {}).get("flattened"))
+
+
+def group_entries(groups: list, flattened: bool) -> list[tuple[str, Any]]:
+    """The DCP ``(key, value)`` entries of param groups (dicts listing their ``params``), in the
+    form they were saved in: ``optim.param_groups.<i>.<key>``, or with ``flattened``
+    ``optim.param_groups.<fqn>.<key>`` for each parameter listed (its group's values)."""
+    if not flattened:
+        return [(f"{PARAM_GROUPS}{i}.{k}", v) for i, g in enumerate(groups) for k, v in g.items()]
+    return [(f"{PARAM_GROUPS}{n}.{k}", v) for g in groups for n in g.get("params") or []
+            for k, v in g.items() if k != "params"]
 
 
 def param_group_of(groups: dict) -> dict[str, int]:
@@ -850,16 +921,19 @@ def check_states_held(where, state_names, param_names) -> None:
                        "optimizer's ({'model': ..., 'optim': ...} of get_state_dict(model, optimizer))")
 
 
-def non_tensor_metadata(groups: dict, extras: dict, planner_data=None) -> dict:
+def non_tensor_metadata(groups: dict, extras: dict, planner_data=None, flattened: bool = False) -> dict:
     """The universal checkpoint's non-tensor metadata: ``{"optimizer": {"param_groups":
-    [...]}}`` from ``{(group, key): value}``, ``{"dcp": {key: value}}`` from the other entries,
-    and their nested paths where the keys alone do not give them (``"dcp_paths"``,
-    :func:`extra_paths` of the saved ``planner_data``)."""
+    [...]}}`` from ``{(group, key): value}`` (``"flattened": true`` where they were saved per
+    parameter, :func:`regroup`), ``{"dcp": {key: value}}`` from the other entries, and their
+    nested paths where the keys alone do not give them (``"dcp_paths"``, :func:`extra_paths` of
+    the saved ``planner_data``)."""
     md: dict[str, Any] = {}
     if groups:
         n_groups = max(i for i, _ in groups) + 1
         md["optimizer"] = {"param_groups": [{k: v for (i, k), v in sorted(groups.items(), key=_group_order)
                                              if i == g} for g in range(n_groups)]}
+        if flattened:
+            md["optimizer"]["flattened"] = True
     if extras:
         md["dcp"] = dict(extras)
         paths = extra_paths(extras, planner_data)

@@ -53,18 +53,19 @@ class DcpSource(Source):
         return self._files
 
     def layout(self) -> SourceLayout:
-        from ucp.dcp import check_states_held, non_tensor_metadata, param_group_of, param_flags, parse_key
+        from ucp.dcp import check_states_held, non_tensor_metadata, param_flags, param_group_of, parse_key, regroup
 
         md = self.files().metadata
         keys = _key_order(md)
         arrays, scalars, groups, extras = self._classify(keys, parse_key)
         names = [k.name for k in (parse_key(x) for x in keys) if k.kind == "param"]
         check_states_held(self.path, [n for n, _ in arrays] + list(scalars), names)
+        groups, extras, flattened = regroup(groups, extras, names)
         listed = param_group_of(groups)
         flags = param_flags(names, keys, self._ties(names, keys, arrays, listed), listed)
         params = [self._alias(n, arrays, flags[n]) if "tied_to" in flags[n] else
                   self._param(n, arrays, scalars.get(n, {}), flags[n]) for n in names]
-        return SourceLayout(params=params, metadata=non_tensor_metadata(groups, extras, md.planner_data))
+        return SourceLayout(params=params, metadata=non_tensor_metadata(groups, extras, md.planner_data, flattened))
 
     def _classify(self, keys, parse_key):
         """``arrays[(name, state)] = (fqn, TensorStorageMetadata)``, per-parameter scalars

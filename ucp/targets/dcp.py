@@ -131,14 +131,14 @@ class DcpTarget(Target):
 
     def finish(self, checkpoint) -> None:
         """Merge the units' indexes into DCP ``Metadata`` and write ``.metadata`` last."""
-        from ucp.dcp import planner_path
+        from ucp.dcp import is_flattened, planner_path
         from ucp.targets._distcp import build_metadata
 
         files = {f"__{r}_0.distcp": json.loads((self.dst / f"__{r}_0.distcp{INDEX_SUFFIX}").read_text())
                  for r in range(self.world)}
         md = checkpoint.metadata if isinstance(checkpoint.metadata, dict) else {}
-        paths = md.get("dcp_paths")
-        meta = build_metadata(files, planner_data=lambda k: planner_path(k, paths), checkpoint_id=self.dst)
+        paths, flat = md.get("dcp_paths"), is_flattened(md)
+        meta = build_metadata(files, planner_data=lambda k: planner_path(k, paths, flat), checkpoint_id=self.dst)
         tmp = self.dst / ".metadata.tmp"
         self._written.append(tmp)
         with open(tmp, "wb") as f:
@@ -160,11 +160,9 @@ def _non_tensor_entries(md: dict) -> list[tuple[str, Any]]:
     """``(key, value)`` of every non-tensor entry to write: param groups, the ``dcp`` entries,
     then other metadata flattened with dots (the conversion record and the entries' saved paths,
     ``dcp_paths``, left out)."""
-    from ucp.dcp import PARAM_GROUPS
+    from ucp.dcp import group_entries, is_flattened
 
-    out = []
-    for i, group in enumerate((md.get("optimizer") or {}).get("param_groups") or []):
-        out += [(f"{PARAM_GROUPS}{i}.{k}", v) for k, v in group.items()]
+    out = group_entries((md.get("optimizer") or {}).get("param_groups") or [], is_flattened(md))
     out += list((md.get("dcp") or {}).items())
     for key, value in md.items():
         if key not in ("optimizer", "dcp", "dcp_paths", "source"):

@@ -72,24 +72,12 @@ class Model:
         states = sorted({st for n in trainable for st in ck.states(n)} - {"param"})
         if states and not hyper:
             raise UcpError(f"{ck.path}: optimizer state ({', '.join(states)}) but no optimizer hyper-parameters "
-                           "(metadata optimizer.param_groups: lr, betas, ...), which DeepSpeed's files need"
-                           + _hyper_hint(md))
+                           "(metadata optimizer.param_groups: lr, betas, ...), which DeepSpeed's files need")
         steps = [next((meta[n].get("scalars", {}).get("step") for n in grp), None) for grp in groups]
         return Model(names, shapes, frozen, tied, groups, states, steps, hyper)
 
     def numel(self, name: str) -> int:
         return math.prod(self.shapes[name])
-
-
-def _hyper_hint(md: dict) -> str:
-    """Where the hyper-parameters went, when a DCP save kept them in a form ucp does not map."""
-    from ucp.dcp import PARAM_GROUPS
-
-    if any(k.startswith(PARAM_GROUPS) for k in (md.get("dcp") or {})):
-        return (f": they were saved per parameter ({PARAM_GROUPS}<fqn>.<key>, get_state_dict's "
-                "flatten_optimizer_state_dict=True), a form ucp keeps as it is but does not map to param "
-                "groups; save with the default (per-group) optimizer state dict")
-    return ""
 
 
 # ------------------------------------------------------------------ DeepSpeed's partitioning
