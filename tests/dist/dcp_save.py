@@ -67,38 +67,19 @@ class NotStorable:
     """A value with no JSON form: ucp must refuse it rather than pickle it."""
 
 
-def failing_save(out: str) -> None:
-    rank = dist.get_rank()
-    sd = {"w": torch.arange(8.0) + rank}
-    if rank == 1:
-        sd["only_on_rank_1"] = NotStorable()
+def record_failed_save(sd: dict, path: str, report: str) -> None:
+    """``dcp.save(sd)`` through UniversalWriter(path), expected to fail on every rank: each rank's
+    error (or None) and whether a manifest was left, written to ``report`` by rank 0."""
     seen = None
     try:
-        dcp.save(sd, storage_writer=UniversalWriter(f"{out}/failed"))
+        dcp.save(sd, storage_writer=UniversalWriter(path))
     except BaseException as e:  # CheckpointException derives from BaseException
         seen = f"{type(e).__module__}.{type(e).__name__}: {str(e)[:2000]}"
     got = [None] * dist.get_world_size()
     dist.all_gather_object(got, seen)
-    if rank == 0:
-        with open(f"{out}/failure.json", "w") as f:
-            json.dump({"errors": got, "manifest": os.path.exists(f"{out}/failed/ucp.manifest.json")}, f)
-
-
-def split_save(out: str) -> None:
-    """Every rank passes its own directory: rank 0, the coordinator, must not commit a manifest
-    listing the other ranks' files, which are not in it."""
-    rank = dist.get_rank()
-    seen = None
-    try:
-        dcp.save({"model": {f"w{rank}": torch.arange(8.0) + rank}},
-                 storage_writer=UniversalWriter(f"{out}/split/{rank}"))
-    except BaseException as e:
-        seen = f"{type(e).__module__}.{type(e).__name__}: {str(e)[:2000]}"
-    got = [None] * dist.get_world_size()
-    dist.all_gather_object(got, seen)
-    if rank == 0:
-        with open(f"{out}/split.json", "w") as f:
-            json.dump({"errors": got, "manifest": os.path.exists(f"{out}/split/0/ucp.manifest.json")}, f)
+    if dist.get_rank() == 0:
+        with open(report, "w") as f:
+            json.dump({"errors": got, "manifest": os.path.exists(f"{path}/ucp.manifest.json")}, f)
 
 
 def main() -> None:
@@ -106,8 +87,12 @@ def main() -> None:
     dist.init_process_group("gloo")
     for layout, variant in CASES:
         save_case(out, layout, variant)
-    failing_save(out)
-    split_save(out)
+    rank = dist.get_rank()
+    bad = {"w": torch.arange(8.0) + rank, **({"only_on_rank_1": NotStorable()} if rank == 1 else {})}
+    record_failed_save(bad, f"{out}/failed", f"{out}/failure.json")
+    # every rank its own directory: rank 0, the coordinator, must not commit a manifest listing
+    # the other ranks' files, which are not in its directory
+    record_failed_save({"model": {f"w{rank}": torch.arange(8.0) + rank}}, f"{out}/split/{rank}", f"{out}/split.json")
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)
