@@ -266,3 +266,22 @@ def test_export_to_deepspeed_takes_flattened_groups_and_refuses_none(tmp_path):
     dcp.save(bare, storage_writer=UniversalWriter(tmp_path / "bare"))
     with pytest.raises(UcpError, match=r"optimizer state \(exp_avg\) but no optimizer hyper-parameters"):
         ucp.export(tmp_path / "bare", tmp_path / "ds2", "deepspeed", degrees={"dp": 1}, zero_stage=2)
+
+
+def test_export_to_deepspeed_keeps_integer_buffers_out_of_the_flat_groups(tmp_path):
+    """A model-only checkpoint marks nothing frozen (no optimizer says what it trains), but an
+    integer buffer is never a trained parameter: DeepSpeed's export keeps it whole in the module
+    states, as DeepSpeed does, instead of failing to put it in a floating-point flat group."""
+    class Counted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.register_buffer("count", torch.arange(3))
+
+    model = Counted()
+    dcp.save({"model": model.state_dict()}, storage_writer=UniversalWriter(tmp_path / "u"))
+    ucp.export(tmp_path / "u", tmp_path / "ds", "deepspeed", degrees={"dp": 1}, zero_stage=2)
+    ucp.convert(tmp_path / "ds", tmp_path / "back", source="deepspeed")
+    back = ucp.open(tmp_path / "back")
+    assert torch.equal(back.read("count"), torch.arange(3)) and back.param_meta("count").get("frozen")
+    assert torch.equal(back.read("lin.weight"), model.lin.weight.detach())
