@@ -285,3 +285,42 @@ def test_export_to_deepspeed_keeps_integer_buffers_out_of_the_flat_groups(tmp_pa
     back = ucp.open(tmp_path / "back")
     assert torch.equal(back.read("count"), torch.arange(3)) and back.param_meta("count").get("frozen")
     assert torch.equal(back.read("lin.weight"), model.lin.weight.detach())
+
+
+def test_flattened_groups_of_parameters_named_by_digits(tmp_path):
+    """Parameters named "0", "1" (an ``nn.ParameterList`` at the root): flattened, parameter "0"'s lr
+    is ``optim.param_groups.0.lr``, which also spells group 0's lr. No group lists its parameters,
+    so the form is the flattened one: each parameter keeps its own group and hyper-parameters, and
+    a load without a template nests as DCP's own files do."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    model = nn.ParameterList([nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(4))])
+    opt = torch.optim.AdamW([{"params": [model[0]], "lr": 1e-2}, {"params": [model[1]], "lr": 5e-3,
+                                                                   "weight_decay": 0.0}])
+    sum((p ** 2).sum() for p in model).backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    assert "param_groups.0.lr" in osd and "param_groups.1.weight_decay" in osd
+    sd = {"model": msd, "optim": osd}
+    dcp.save(sd, checkpoint_id=tmp_path / "dcp")
+    dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "live"))
+    ucp.convert(tmp_path / "dcp", tmp_path / "conv", source="dcp")
+
+    def template_free(reader):
+        out: dict = {}
+        _load_state_dict(out, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        return out
+
+    want = template_free(FileSystemReader(tmp_path / "dcp"))
+    for path in ("live", "conv"):
+        ck = ucp.open(tmp_path / path)
+        groups = ck.metadata["optimizer"]["param_groups"]
+        assert ck.metadata["optimizer"]["flattened"] is True
+        assert [(g["params"], g["lr"], g["weight_decay"]) for g in groups] == [(["0"], 1e-2, 0.01), (["1"], 5e-3, 0.0)]
+        assert [ck.param_meta(n)["optimizer_group"] for n in ("0", "1")] == [0, 1]
+        got = template_free(UniversalReader(tmp_path / path))
+        assert got["optim"].keys() == want["optim"].keys(), path
+        assert got["optim"]["param_groups.1.lr"] == 5e-3 and torch.equal(got["model"]["1"], want["model"]["1"])

@@ -130,7 +130,7 @@ def planner_path(fqn: str, paths: Optional[dict] = None, flattened: bool = False
     k = parse_key(fqn)
     if k.kind == "param":
         return ("model", k.name)
-    if k.kind in ("state", "hyper") and flattened:
+    if k.kind in ("state", "hyper", "group") and flattened:
         return ("optim", fqn[len("optim."):])
     if k.kind == "state":
         return ("optim", "state", k.name, k.state)
@@ -846,8 +846,14 @@ def regroup(groups: dict, extras: dict, names) -> tuple[dict, dict, bool]:
     (groups, the other extras, whether any entry was per parameter). The flattened form does not
     number the groups, so two groups of equal hyper-parameters come back as one."""
     known = set(names)
+    listed = any(key == "params" for _, key in groups)
     per: dict[str, dict] = {}
-    rest = {}
+    kept, rest = {}, {}
+    for (i, key), v in groups.items():
+        if not listed and str(i) in known:   # flattened: "optim.param_groups.0.lr" is parameter "0"'s lr
+            per.setdefault(str(i), {})[key] = v
+        else:
+            kept[(i, key)] = v
     for fqn, v in extras.items():
         k = parse_key(fqn)
         if k.kind == "hyper" and k.name in known:
@@ -863,8 +869,8 @@ def regroup(groups: dict, extras: dict, names) -> tuple[dict, dict, bool]:
             if i is None:
                 found.append((per[n], []))
             found[-1 if i is None else i][1].append(n)
-    out = dict(groups)
-    base = max((i for i, _ in groups), default=-1) + 1
+    out = kept
+    base = max((i for i, _ in kept), default=-1) + 1
     for i, (g, members) in enumerate(found, start=base):
         out.update({(i, k): v for k, v in g.items()})
         out[(i, "params")] = members

@@ -197,12 +197,30 @@ def _index(fqn: str, offsets=None, k=None):
 
 
 def _key_order(md) -> list[str]:
-    """State-dict keys in the order the saving rank flattened them (``planner_data`` keeps
-    the model's order); keys only in ``state_dict_metadata`` follow."""
+    """State-dict keys in model order: each rank's keys in the order it flattened them
+    (``planner_data``), the ranks in order of the lowest one storing a key, since DCP merges the
+    ranks' ``planner_data`` in no model order (pipeline stages came last stage first, and a
+    DeepSpeed export flattens its groups in this order). Keys only in ``state_dict_metadata``
+    follow."""
     keys = [k for k in (md.planner_data or {}) if k in md.state_dict_metadata] \
         if isinstance(md.planner_data, dict) else []
     seen = set(keys)
-    return keys + [k for k in md.state_dict_metadata if k not in seen]
+    keys += [k for k in md.state_dict_metadata if k not in seen]
+    first: dict[str, int] = {}
+    for index, info in md.storage_data.items():
+        r = _file_rank(getattr(info, "relative_path", ""))
+        first[index.fqn] = min(first.get(index.fqn, r), r)
+    return sorted(keys, key=lambda k: first.get(k, _NO_RANK))   # stable: each rank's own order kept
+
+
+_NO_RANK = 1 << 30
+
+
+def _file_rank(rel: str) -> int:
+    """The saving rank in a DCP file name (``__<rank>_<n>.distcp``, FileSystemWriter's), else
+    after every rank."""
+    head = rel.rsplit("/", 1)[-1].removeprefix("__").split("_", 1)[0]
+    return int(head) if rel.rsplit("/", 1)[-1].startswith("__") and head.isdigit() else _NO_RANK
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
