@@ -310,4 +310,4 @@ def test_pipeline_stages_convert_and_load_unstaged(tmp_path):
         nested: dict = {}
         _load_state_dict(nested, storage_reader=UniversalReader(tmp_path / path),
                          planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-        assert nested.keys() == ref.keys() and nested["optim"].keys() == ref["optim"].keys(), path
+        assert nested.keys() == ref.keys() and set(ref["optim"]) <= set(nested["optim"]), path   # + indexed form

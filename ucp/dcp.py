@@ -130,7 +130,7 @@ def planner_path(fqn: str, paths: Optional[dict] = None, flattened: bool = False
     k = parse_key(fqn)
     if k.kind == "param":
         return ("model", k.name)
-    if k.kind in ("state", "hyper", "group") and flattened:
+    if k.kind == "hyper" or (k.kind in ("state", "group") and flattened):
         return ("optim", fqn[len("optim."):])
     if k.kind == "state":
         return ("optim", "state", k.name, k.state)
@@ -231,7 +231,11 @@ class UniversalReader(StorageReader):
         for name in ck.params:
             _describe_param(ck, name, tensor)
         md = ck.metadata if isinstance(ck.metadata, dict) else {}
-        for key, v in group_entries(_param_groups(ck, md), is_flattened(md)):
+        groups, flat = _param_groups(ck, md), is_flattened(md)
+        served = dict(group_entries(groups, flat))
+        for key, v in group_entries(groups, not flat):   # the other form too, where it spells no key
+            served.setdefault(key, v)                    # of the saved one: a job loads either
+        for key, v in served.items():
             value(key, v)
         for key, v in (md.get("dcp") or {}).items():
             value(key, v)
@@ -898,6 +902,8 @@ def group_entries(groups: list, flattened: bool) -> list[tuple[str, Any]]:
     ``optim.param_groups.<fqn>.<key>`` for each parameter listed (its group's values)."""
     if not flattened:
         return [(f"{PARAM_GROUPS}{i}.{k}", v) for i, g in enumerate(groups) for k, v in g.items()]
+    if any("params" not in g for g in groups):
+        return []   # groups that do not list their parameters have no per-parameter form
     return [(f"{PARAM_GROUPS}{n}.{k}", v) for g in groups for n in g.get("params") or []
             for k, v in g.items() if k != "params"]
 
