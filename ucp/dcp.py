@@ -239,7 +239,7 @@ class UniversalReader(StorageReader):
             value(key, v)
         for key, v in (md.get("dcp") or {}).items():
             value(key, v)
-        paths, flat = md.get("dcp_paths"), is_flattened(md)
+        paths = md.get("dcp_paths")
         return Metadata(state_dict_metadata=sdm, storage_data=storage,
                         planner_data={k: planner_path(k, paths, flat) for k in sdm},
                         storage_meta=StorageMeta(checkpoint_id=str(self.path), load_id=self.load_id))
