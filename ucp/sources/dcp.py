@@ -197,23 +197,42 @@ def _index(fqn: str, offsets=None, k=None):
 
 
 def _key_order(md) -> list[str]:
-    """State-dict keys in model order: each rank's keys in the order it flattened them
-    (``planner_data``), the ranks in order of the lowest one storing a key, since DCP merges the
-    ranks' ``planner_data`` in no model order (pipeline stages came last stage first, and a
-    DeepSpeed export flattens its groups in this order). Keys only in ``state_dict_metadata``
-    follow."""
+    """State-dict keys in model order. ``planner_data`` keeps each rank's flattening order, but
+    DCP merges the ranks' maps as a ``ChainMap`` (the last rank's keys first), which for pipeline
+    stages puts the last stage first (and a DeepSpeed export flattens its groups in this order).
+    So the keys are grouped by the ranks that store them: ranks that store chunks of a common key
+    hold one part of the model (a stage; under FSDP, TP or 2-D every rank shares keys, so there is
+    one part and the order is DCP's), and the parts go in order of their lowest rank, each in its
+    own order. Keys only in ``state_dict_metadata`` follow."""
     keys = [k for k in (md.planner_data or {}) if k in md.state_dict_metadata] \
         if isinstance(md.planner_data, dict) else []
     seen = set(keys)
     keys += [k for k in md.state_dict_metadata if k not in seen]
-    first: dict[str, int] = {}
+    holders: dict[str, set] = {}
     for index, info in md.storage_data.items():
-        r = _file_rank(getattr(info, "relative_path", ""))
-        first[index.fqn] = min(first.get(index.fqn, r), r)
-    return sorted(keys, key=lambda k: first.get(k, _NO_RANK))   # stable: each rank's own order kept
+        holders.setdefault(index.fqn, set()).add(getattr(info, "relative_path", ""))
+    part = _parts({k: {_file_rank(f) for f in files} for k, files in holders.items()})
+    return sorted(keys, key=lambda k: part.get(k, _NO_RANK))   # stable: each part's own order kept
 
 
 _NO_RANK = 1 << 30
+
+
+def _parts(ranks_of: dict) -> dict:
+    """``key -> the lowest rank of its part``: ranks joined when they store chunks of one key."""
+    parent: dict[int, int] = {}
+
+    def root(r):
+        while parent.setdefault(r, r) != r:
+            r = parent[r]
+        return r
+
+    for ranks in ranks_of.values():
+        first, *rest = sorted(ranks)
+        for r in rest:
+            a, b = root(first), root(r)
+            parent[max(a, b)] = min(a, b)
+    return {k: root(min(ranks)) for k, ranks in ranks_of.items() if ranks}
 
 
 def _file_rank(rel: str) -> int:
