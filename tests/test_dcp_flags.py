@@ -40,6 +40,27 @@ def flags(path):
     return {n: bool(ck.param_meta(n).get("frozen")) for n in ck.params}
 
 
+def template_free(reader) -> dict:
+    """What a load without a template (``dcp_to_torch_save``'s planner) rebuilds from ``reader``."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    out: dict = {}
+    _load_state_dict(out, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return out
+
+
+def two_groups():
+    """A model with two param groups (different lr and weight decay) after one AdamW step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    opt = torch.optim.AdamW([{"params": [model[0].weight, model[1].weight], "weight_decay": 0.1},
+                             {"params": [model[0].bias, model[1].bias], "weight_decay": 0.0, "lr": 0.5}], lr=0.1)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    return model, opt
+
+
 CASES = {
     # SGD without momentum keeps no per-parameter state at all: every parameter is still trained
     "sgd": (lambda p: torch.optim.SGD(p, lr=0.1), {}, set()),
@@ -128,8 +149,6 @@ def test_entries_outside_model_and_optim_keep_their_nested_shape_without_a_templ
     it (lists stay lists), whether UniversalWriter saved it, ``ucp convert`` converted it, or
     ``ucp export --to dcp`` wrote it back."""
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     sd = {"model": {"w": torch.arange(6.0)},
           "sched": {"base_lrs": [torch.tensor(0.1), torch.tensor(0.2)], "a.b": torch.tensor(3.0),
@@ -138,11 +157,6 @@ def test_entries_outside_model_and_optim_keep_their_nested_shape_without_a_templ
     dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "live"))
     ucp.convert(tmp_path / "dcp", tmp_path / "conv", source="dcp")
     ucp.export(tmp_path / "live", tmp_path / "back", "dcp")
-
-    def template_free(reader):
-        out: dict = {}
-        _load_state_dict(out, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-        return out
 
     want = template_free(FileSystemReader(tmp_path / "dcp"))
     assert isinstance(want["sched"]["base_lrs"], list) and "a.b" in want["sched"]      # DCP's own answer
@@ -196,12 +210,7 @@ def flat_trained(tmp_path):
     saved by stock DCP and by UniversalWriter; the stock files also converted."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
-    opt = torch.optim.AdamW([{"params": [model[0].weight, model[1].weight], "weight_decay": 0.1},
-                             {"params": [model[0].bias, model[1].bias], "weight_decay": 0.0, "lr": 0.5}], lr=0.1)
-    model(torch.randn(5, 4)).sum().backward()
-    opt.step()
+    model, opt = two_groups()
     flat = StateDictOptions(flatten_optimizer_state_dict=True)
     msd, osd = get_state_dict(model, opt, options=flat)
     sd = {"model": msd, "optim": osd}
@@ -293,9 +302,7 @@ def test_flattened_groups_of_parameters_named_by_digits(tmp_path):
     so the form is the flattened one: each parameter keeps its own group and hyper-parameters, and
     a load without a template nests as DCP's own files do."""
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict import StateDictOptions
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     model = nn.ParameterList([nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(4))])
     opt = torch.optim.AdamW([{"params": [model[0]], "lr": 1e-2}, {"params": [model[1]], "lr": 5e-3,
@@ -308,11 +315,6 @@ def test_flattened_groups_of_parameters_named_by_digits(tmp_path):
     dcp.save(sd, checkpoint_id=tmp_path / "dcp")
     dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "live"))
     ucp.convert(tmp_path / "dcp", tmp_path / "conv", source="dcp")
-
-    def template_free(reader):
-        out: dict = {}
-        _load_state_dict(out, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-        return out
 
     want = template_free(FileSystemReader(tmp_path / "dcp"))
     for path in ("live", "conv"):
@@ -332,25 +334,14 @@ def test_either_optimizer_form_loads_from_either_save(tmp_path, saved_flat):
     one), not by how the checkpoint it resumes from was saved (another layout, or another
     framework): UniversalReader serves both forms, each value as saved, and the DCP target's
     loads without a template still nest as saved."""
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    def trained():
-        torch.manual_seed(0)
-        m = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
-        o = torch.optim.AdamW([{"params": [m[0].weight, m[1].weight], "weight_decay": 0.1},
-                               {"params": [m[0].bias, m[1].bias], "weight_decay": 0.0, "lr": 0.5}], lr=0.1)
-        m(torch.randn(5, 4)).sum().backward()
-        o.step()
-        return m, o
-
-    model, opt = trained()
+    model, opt = two_groups()
     save_opts = StateDictOptions(flatten_optimizer_state_dict=saved_flat)
     msd, osd = get_state_dict(model, opt, options=save_opts)
     dcp.save({"model": msd, "optim": osd}, storage_writer=UniversalWriter(tmp_path / "u"))
     for load_flat in (False, True):
-        fresh, fopt = trained()
+        fresh, fopt = two_groups()
         with torch.no_grad():
             for p in fresh.parameters():
                 p.zero_()
@@ -362,7 +353,4 @@ def test_either_optimizer_form_loads_from_either_save(tmp_path, saved_flat):
         assert [(g["lr"], g["weight_decay"]) for g in fopt.param_groups] == [(0.1, 0.1), (0.5, 0.0)], load_flat
         for p, q in zip(fresh.parameters(), model.parameters()):
             assert torch.equal(p, q) and torch.equal(fopt.state[p]["exp_avg_sq"], opt.state[q]["exp_avg_sq"])
-    nested: dict = {}
-    _load_state_dict(nested, storage_reader=UniversalReader(tmp_path / "u"), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
-    assert set(osd) <= set(nested["optim"])
+    assert set(osd) <= set(template_free(UniversalReader(tmp_path / "u"))["optim"])

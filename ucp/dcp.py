@@ -822,9 +822,8 @@ def param_flags(names, keys, ties: dict, listed=None) -> dict[str, dict]:
     that neither lists it nor keeps state for it, and it is not tied. The tie points to the one
     the optimizer keeps state for, else to the one it lists."""
     listed = listed or {}
-    parsed = [parse_key(k) for k in keys]
-    has_optim = any(k.kind in ("state", "group", "hyper") for k in parsed)
-    stepped = {k.name for k in parsed if k.kind == "state"}
+    has_optim = any(parse_key(k).kind in ("state", "group", "hyper") for k in keys)
+    stepped = stepped_params(keys)
     out: dict[str, dict] = {n: {} for n in names}
 
     def trained(n):
@@ -842,6 +841,11 @@ def param_flags(names, keys, ties: dict, listed=None) -> dict[str, dict]:
     return out
 
 
+def stepped_params(keys) -> set:
+    """The model tensors the optimizer keeps state for (``optim.state.<fqn>.<state>`` keys)."""
+    return {k.name for k in map(parse_key, keys) if k.kind == "state"}
+
+
 def regroup(groups: dict, extras: dict, names) -> tuple[dict, dict, bool]:
     """Param groups ``{(group, key): value}`` with the per-parameter hyper-parameters among
     ``extras`` (``optim.param_groups.<fqn>.<key>`` of model tensors ``names``: a flattened optimizer
@@ -850,11 +854,11 @@ def regroup(groups: dict, extras: dict, names) -> tuple[dict, dict, bool]:
     (groups, the other extras, whether any entry was per parameter). The flattened form does not
     number the groups, so two groups of equal hyper-parameters come back as one."""
     known = set(names)
-    listed = any(key == "params" for _, key in groups)
+    numbered = any(key == "params" for _, key in groups)   # the indexed form lists each group's params
     per: dict[str, dict] = {}
     kept, rest = {}, {}
     for (i, key), v in groups.items():
-        if not listed and str(i) in known:   # flattened: "optim.param_groups.0.lr" is parameter "0"'s lr
+        if not numbered and str(i) in known:   # flattened: "optim.param_groups.0.lr" is parameter "0"'s lr
             per.setdefault(str(i), {})[key] = v
         else:
             kept[(i, key)] = v

@@ -137,9 +137,9 @@ class DcpSource(Source):
         (``listed``) whose saved chunks are bytewise those of a model tensor it trains (same shape,
         dtype and chunk boxes): DCP saves a tied tensor under each of its names, the optimizer
         knows it under one."""
-        from ucp.dcp import parse_key
+        from ucp.dcp import stepped_params
 
-        trained = {k.name for k in map(parse_key, keys) if k.kind == "state"} | set(listed)
+        trained = stepped_params(keys) | set(listed)
         if not trained:
             return {}
         ties = {}
@@ -238,8 +238,9 @@ def _parts(ranks_of: dict) -> dict:
 def _file_rank(rel: str) -> int:
     """The saving rank in a DCP file name (``__<rank>_<n>.distcp``, FileSystemWriter's), else
     after every rank."""
-    head = rel.rsplit("/", 1)[-1].removeprefix("__").split("_", 1)[0]
-    return int(head) if rel.rsplit("/", 1)[-1].startswith("__") and head.isdigit() else _NO_RANK
+    name = rel.rsplit("/", 1)[-1]
+    head = name.removeprefix("__").split("_", 1)[0]
+    return int(head) if name.startswith("__") and head.isdigit() else _NO_RANK
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -60,13 +60,14 @@ class Model:
     @staticmethod
     def of(ck) -> "Model":
         names = list(ck.params)
-        shapes = {n: tuple(ck.array_info(n, "param").shape) for n in names}
+        infos = {n: ck.array_info(n, "param") for n in names}
+        shapes = {n: tuple(info.shape) for n, info in infos.items()}
         meta = {n: ck.param_meta(n) for n in names}
         tied = {n: m["tied_to"] for n, m in meta.items() if m.get("tied_to")}
         # an integer tensor (a buffer of a checkpoint without optimizer) is never trained: DeepSpeed's
         # flat groups hold floating point only
         frozen = [n for n in names if n not in tied and (meta[n].get("frozen")
-                                                         or not ck.array_info(n, "param").dtype.is_floating_point)]
+                                                         or not infos[n].dtype.is_floating_point)]
         md = ck.metadata if isinstance(ck.metadata, dict) else {}
         hyper = list(((md.get("optimizer") or {}).get("param_groups")) or [])
         trainable = [n for n in names if n not in tied and n not in frozen]
