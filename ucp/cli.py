@@ -170,7 +170,7 @@ def cmd_export(args) -> int:
                                                  ("ep", args.ep)) if v}
     ucp.export(args.src, args.dst, args.to, degrees=degrees, spec=args.spec, zero_stage=args.zero_stage,
                max_shard_size=args.max_shard_size, config=args.config, dtype=args.dtype,
-               sub_group_size=args.sub_group_size, tag=args.tag, progress=not args.quiet,
+               sub_group_size=args.sub_group_size, tag=args.tag, keys=args.keys, progress=not args.quiet,
                storage_options=_storage_options(args), distributed=False if args.single_process else None)
     rank, world = _dist_rank()
     if rank == 0:
@@ -242,6 +242,9 @@ def _add_export(sub) -> None:
     sp.add_argument("--tag", default=None, help="checkpoint tag folder to write (targets that take it)")
     sp.add_argument("--config", default=None,
                     help="the model's config file to write with it, e.g. HF config.json (targets that take one)")
+    sp.add_argument("--keys", default=None, metavar="FORM",
+                    help="state-dict key form to write: get_state_dict, or torchtitan (model keys at the top "
+                         "level, optimizer under optimizer.); default: the form saved (targets that take it: dcp)")
     _single_process(sp)
     _common(sp)
     sp.set_defaults(fn=cmd_export)

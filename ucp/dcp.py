@@ -113,6 +113,55 @@ def parse_key(fqn: str) -> DcpKey:
     return DcpKey("extra", fqn)
 
 
+#: How a DCP state dict lays out its keys. ``get_state_dict``: ``{"model": ..., "optim": ...}``
+#: (the keys above). ``torchtitan``: the model's keys at the top level and the optimizer's state
+#: dict under ``optimizer`` (flattened there by torchtitan), beside torchtitan's other states
+#: (:data:`TITAN_STATES`); a plain ``dcp.save(model.state_dict())`` has this form too.
+#: Inside ucp every key is in the first form (:func:`canonical_key`); a checkpoint of the other
+#: records it (``metadata["dcp_keys"]``) and is read and exported in it (:func:`form_key`).
+KEY_FORMS = ("get_state_dict", "torchtitan")
+TITAN_OPTIM = "optimizer."
+#: the other states torchtitan's CheckpointManager saves beside the model and the optimizer
+TITAN_STATES = ("lr_scheduler.", "dataloader.", "train_state.")
+
+
+def key_form(keys: dict) -> str:
+    """The form of a state dict's keys (``{key: number of dims, None for a value}``): an
+    ``optim.`` section, or tensors all under ``model.``, say ``get_state_dict``; an optimizer under
+    ``optimizer.``, or tensors outside ``model.`` (a Hugging Face ``lm_head.weight`` beside its
+    ``model.*``), say ``torchtitan``."""
+    if any(k.startswith("optim.") for k in keys):
+        return "get_state_dict"
+    if any(k.startswith((TITAN_OPTIM + "state.", TITAN_OPTIM + "param_groups.")) for k in keys):
+        return "torchtitan"
+    arrays = [k for k, nd in keys.items() if nd]
+    return "torchtitan" if arrays and not all(k.startswith(MODEL) for k in arrays) else "get_state_dict"
+
+
+def check_form(form: str, what: str) -> str:
+    if form not in KEY_FORMS:
+        raise UcpError(f"{what}={form!r}: the key forms are {', '.join(map(repr, KEY_FORMS))}")
+    return form
+
+
+def canonical_key(fqn: str, form: str) -> str:
+    """``fqn`` of a state dict in ``form`` as the ``get_state_dict`` form spells it."""
+    if form == "get_state_dict" or fqn.startswith(TITAN_STATES):
+        return fqn
+    if fqn.startswith(TITAN_OPTIM):
+        return "optim." + fqn[len(TITAN_OPTIM):]
+    return MODEL + fqn
+
+
+def form_key(key: str, form: str) -> str:
+    """A ``get_state_dict`` key as ``form`` spells it (:func:`canonical_key` undone)."""
+    if form == "get_state_dict":
+        return key
+    if key.startswith(MODEL):
+        return key[len(MODEL):]
+    return TITAN_OPTIM + key[len("optim."):] if key.startswith("optim.") else key
+
+
 def model_key(name: str) -> str:
     return MODEL + name
 
@@ -121,23 +170,26 @@ def optim_key(name: str, state: str) -> str:
     return f"{OPTIM_STATE}{name}.{state}" if state != "param" else model_key(name)
 
 
-def planner_path(fqn: str, paths: Optional[dict] = None, flattened: bool = False) -> tuple:
+def planner_path(fqn: str, paths: Optional[dict] = None, flattened: bool = False,
+                 form: str = "get_state_dict") -> tuple:
     """The nested-dict path of a flattened key (DCP's ``planner_data``), so that tools that
     rebuild nested state dicts (``format_utils.dcp_to_torch_save``) work on universal ones.
-    ``paths``: the saved paths of entries outside model/optim that the dotted key alone does not
-    give (``metadata["dcp_paths"]``, :func:`extra_paths`). ``flattened``: the optimizer state
-    dict was saved flattened, one level of dotted keys (``state.<fqn>.<state>``)."""
+    ``fqn``: a ``get_state_dict`` key, its path given as ``form`` nests it. ``paths``: the saved
+    paths of entries outside model/optim that the dotted key alone does not give
+    (``metadata["dcp_paths"]``, :func:`extra_paths`). ``flattened``: the optimizer state dict was
+    saved flattened, one level of dotted keys (``state.<fqn>.<state>``)."""
     k = parse_key(fqn)
+    optim = "optim" if form == "get_state_dict" else TITAN_OPTIM[:-1]
     if k.kind == "param":
-        return ("model", k.name)
+        return ("model", k.name) if form == "get_state_dict" else (k.name,)
     if k.kind == "hyper" or (k.kind in ("state", "group") and flattened):
-        return ("optim", fqn[len("optim."):])
+        return (optim, fqn[len("optim."):])
     if k.kind == "state":
-        return ("optim", "state", k.name, k.state)
+        return (optim, "state", k.name, k.state)
     if k.kind == "group":
-        return ("optim", "param_groups", k.group, k.state)
+        return (optim, "param_groups", k.group, k.state)
     saved = (paths or {}).get(fqn)
-    return tuple(saved) if saved else tuple(fqn.split("."))
+    return tuple(saved) if saved else tuple(form_key(fqn, form).split("."))
 
 
 def extra_paths(keys, planner_data) -> dict:
@@ -187,11 +239,17 @@ class UniversalReader(StorageReader):
         path: the universal checkpoint (local path or fsspec URL).
         storage_options: fsspec options for remote paths.
         workers: reader threads of the underlying ``Checkpoint`` (default: :func:`rank_threads`).
+        keys: the form of the keys to serve (:data:`KEY_FORMS`: ``"get_state_dict"``, or
+            ``"torchtitan"``: the model's keys at the top level, the optimizer under
+            ``optimizer.``); default: the form the checkpoint was saved in (``get_state_dict``
+            for checkpoints from other frameworks).
     """
 
-    def __init__(self, path=None, *, storage_options=None, workers: Optional[int] = None):
+    def __init__(self, path=None, *, storage_options=None, workers: Optional[int] = None,
+                 keys: Optional[str] = None):
         super().__init__()
         self.path = path
+        self.keys = None if keys is None else check_form(keys, "keys")
         self.storage_options = storage_options
         self.workers = workers
         self.storage_data: dict = {}
@@ -231,7 +289,7 @@ class UniversalReader(StorageReader):
         for name in ck.params:
             _describe_param(ck, name, tensor)
         md = ck.metadata if isinstance(ck.metadata, dict) else {}
-        groups, flat = _param_groups(ck, md), is_flattened(md)
+        groups, flat = listed_param_groups(ck, md), is_flattened(md)
         served = dict(group_entries(groups, flat))
         for key, v in group_entries(groups, not flat):   # the other form too, where it spells no key
             served.setdefault(key, v)                    # of the saved one: a job loads either
@@ -239,9 +297,11 @@ class UniversalReader(StorageReader):
             value(key, v)
         for key, v in (md.get("dcp") or {}).items():
             value(key, v)
-        paths = md.get("dcp_paths")
-        return Metadata(state_dict_metadata=sdm, storage_data=storage,
-                        planner_data={k: planner_path(k, paths, flat) for k in sdm},
+        paths, form = md.get("dcp_paths"), self.keys or md.get("dcp_keys") or "get_state_dict"
+        served = {k: form_key(k, form) for k in sdm}
+        return Metadata(state_dict_metadata={served[k]: v for k, v in sdm.items()},
+                        storage_data={MetadataIndex(served[i.fqn], i.offset): e for i, e in storage.items()},
+                        planner_data={served[k]: planner_path(k, paths, flat, form) for k in sdm},
                         storage_meta=StorageMeta(checkpoint_id=str(self.path), load_id=self.load_id))
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
@@ -346,7 +406,7 @@ def _fill_value(entry, start, stop, target: torch.Tensor) -> None:
     target.copy_(src[tuple(slice(a, b) for a, b in zip(start, stop))] if src.dim() else src)
 
 
-def _param_groups(ck, md: dict) -> list:
+def listed_param_groups(ck, md: dict) -> list:
     """The optimizer's param groups as ``get_state_dict`` lays them out. A checkpoint converted
     from a framework whose groups do not list their parameters (DeepSpeed) records each one's
     group as ``optimizer_group``: ``params`` is then rebuilt from it, in model order."""
@@ -431,6 +491,7 @@ class UniversalWriter(StorageWriter):
         self.save_id = str(uuid.uuid4())
         self._part = None         # the coordinator's own part writer, committed in finish()
         self._world = 1
+        self._form = "get_state_dict"     # the saved keys' form (key_form), found by the coordinator
 
     def reset(self, checkpoint_id=None) -> None:
         if checkpoint_id is not None:
@@ -470,31 +531,33 @@ class UniversalWriter(StorageWriter):
         ranks' boxes, and tell each rank its part number and the grids."""
         if self.path is None:
             raise UcpError("UniversalWriter: no path (pass it, or checkpoint_id= to dcp.save)")
-        keys = [parse_key(item.index.fqn) for p in plans for item in p.items]
+        self._form = key_form({item.index.fqn: _ndim(item) for p in plans for item in p.items})
+        keys = [_parse(item.index.fqn, self._form) for p in plans for item in p.items]
         check_states_held(self.path, [k.name for k in keys if k.kind == "state"],
                           [k.name for k in keys if k.kind == "param"])
         _prepare_destination(self.path, self.overwrite, self.storage_options)
-        arrays = _saved_arrays(plans)
+        arrays = _saved_arrays(plans, self._form)
         grids = _chunk_grids(arrays, self.chunk_bytes)
         docs = _doc_writers(arrays, len(plans))
-        return [dataclasses.replace(p, storage_data={"part": i, "world": len(plans), "grids": grids, "docs": docs})
+        return [dataclasses.replace(p, storage_data={"part": i, "world": len(plans), "grids": grids, "docs": docs,
+                                                     "keys": self._form})
                 for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner) -> Future:
         """Write this rank's boxes and part record (the coordinator's part waits for ``finish``)."""
         info = plan.storage_data
-        self._world = info["world"]
+        self._world, form = info["world"], info["keys"]
         # durable: one syncfs before the part record (format's rank protocol), no fsync per chunk
         writer = create_checkpoint(self.path, rank=info["part"], world_size=info["world"],
                                    durable=self.durable, workers=self.threads, fsync_each=False,
                                    storage_options=self.storage_options)
         try:
             summary = _RankSummary(info["part"])
-            _summarize_state_dict(getattr(planner, "state_dict", None) or {}, summary)
+            _summarize_state_dict(getattr(planner, "state_dict", None) or {}, summary, form)
             aliases = tied_aliases(summary.params, summary.keys, summary.ties, summary.listed)
             arrays, results = [], []
             for item in plan.items:
-                k = parse_key(item.index.fqn)
+                k = _parse(item.index.fqn, form)
                 if k.kind == "param" and k.name in aliases:     # stored once, as its tied_to
                     results.append(WriteResult(item.index, 0, None))
                     continue
@@ -502,8 +565,8 @@ class UniversalWriter(StorageWriter):
                 if item.type != WriteItemType.BYTE_IO and _is_array(k, item.tensor_data.size):
                     arrays.append((item, data))
                 else:
-                    results.append(_record_item(item, data, summary))
-            results += _write_arrays(writer, arrays, info["grids"], self.threads, info.get("docs"))
+                    results.append(_record_item(item, data, summary, form))
+            results += _write_arrays(writer, arrays, info["grids"], self.threads, info.get("docs"), form)
             for name in summary.params:
                 writer.add_param(name)
             if self.is_coordinator:
@@ -529,7 +592,7 @@ class UniversalWriter(StorageWriter):
         try:
             summaries = [r.storage_data for rs in results for r in rs if r.index.fqn == _SUMMARY]
             _check_parts_here(self.path, self.storage_options, [s.rank for s in summaries if s.records is not None])
-            order, meta, universal_md = _merge_summaries(summaries, metadata.planner_data)
+            order, meta, universal_md = _merge_summaries(summaries, metadata.planner_data, self._form)
             for name in order:
                 writer.add_param(name, meta.get(name) or None)
             # commit_parts syncs everything before the manifest; our records go to it in memory
@@ -566,14 +629,14 @@ def _prepare_destination(path, overwrite: bool, storage_options) -> None:
     clear_to_overwrite(store, path)
 
 
-def _saved_arrays(plans: list[SavePlan]) -> dict:
+def _saved_arrays(plans: list[SavePlan], form: str = "get_state_dict") -> dict:
     """``(name, state) -> (shape, dtype, [(start, stop)] boxes of all ranks, [the plans (parts)
     that write a box of it]))`` of every array saved."""
     out: dict[tuple, tuple] = {}
     for i, p in enumerate(plans):
         for item in p.items:
             td = item.tensor_data
-            k = parse_key(item.index.fqn)
+            k = _parse(item.index.fqn, form)
             if td is None or not _is_array(k, td.size):
                 continue
             start = tuple(int(o) for o in td.chunk.offsets)
@@ -672,7 +735,8 @@ def _writes_nothing(td) -> bool:
     return 0 in td.chunk.sizes and math.prod(td.size) > 0
 
 
-def _write_arrays(writer, items, grids, workers: int, docs: Optional[dict] = None) -> list[WriteResult]:
+def _write_arrays(writer, items, grids, workers: int, docs: Optional[dict] = None,
+                  form: str = "get_state_dict") -> list[WriteResult]:
     """Write the array boxes of this rank, several at once (chunk files are independent: their
     writes and fsyncs overlap). Arrays are declared first, in plan order. ``docs``: the part that
     writes each array's ``zarr.json`` (:func:`_doc_writers`; None: the format's default rule)."""
@@ -680,7 +744,7 @@ def _write_arrays(writer, items, grids, workers: int, docs: Optional[dict] = Non
 
     jobs = []
     for item, data in items:
-        k, td = parse_key(item.index.fqn), item.tensor_data
+        k, td = _parse(item.index.fqn, form), item.tensor_data
         if _writes_nothing(td):
             jobs.append(None)
             continue
@@ -713,23 +777,25 @@ def _write_arrays(writer, items, grids, workers: int, docs: Optional[dict] = Non
     return [WriteResult(item.index, n, None) for (item, _), n in zip(items, sizes)]
 
 
-def _record_item(item, data, summary: _RankSummary) -> WriteResult:
+def _record_item(item, data, summary: _RankSummary, form: str = "get_state_dict") -> WriteResult:
     """A non-array item goes to the coordinator through ``summary``: a param-group value, a
-    0-d optimizer state (scalar), or another entry (a value, or a piece of a tensor)."""
-    k = parse_key(item.index.fqn)
+    0-d optimizer state (scalar), or another entry (a value, or a piece of a tensor), under its
+    ``get_state_dict`` key."""
+    key = canonical_key(item.index.fqn, form)
+    k = parse_key(key)
     if item.type == WriteItemType.BYTE_IO:
         value = _load_value(item.index.fqn, data)
         if k.kind == "group":
             summary.groups[(k.group, k.state)] = value
         else:
-            summary.extras[item.index.fqn] = value
+            summary.extras[key] = value
         return WriteResult(item.index, data.getbuffer().nbytes, None)
     t = data.detach().cpu()
     if k.kind == "state":
         summary.scalars.setdefault(k.name, {})[k.state] = scalar_value(t)
         summary.scalar_dtypes.setdefault(k.name, {})[k.state] = _dtype_name(t.dtype)
     else:
-        summary.extras.setdefault(item.index.fqn, _Pieces()).append(
+        summary.extras.setdefault(key, _Pieces()).append(
             (tuple(item.tensor_data.chunk.offsets), tuple(item.tensor_data.size), t.clone()))
     return WriteResult(item.index, t.numel() * t.element_size(), None)
 
@@ -748,11 +814,12 @@ def _load_value(fqn: str, buf) -> Any:
                        f"store this one ({first})") from None
 
 
-def _summarize_state_dict(state_dict: dict, summary: _RankSummary) -> None:
-    """Keys, model order and tied model tensors (same storage, shape and strides) of this
-    rank's flattened state dict (DefaultSavePlanner's ``state_dict``)."""
+def _summarize_state_dict(state_dict: dict, summary: _RankSummary, form: str = "get_state_dict") -> None:
+    """Keys (``get_state_dict``'s), model order and tied model tensors (same storage, shape and
+    strides) of this rank's flattened state dict (DefaultSavePlanner's ``state_dict``)."""
     seen: dict[tuple, str] = {}
     for fqn, v in state_dict.items():
+        fqn = canonical_key(fqn, form)
         summary.keys.add(fqn)
         k = parse_key(fqn)
         if k.kind == "group":
@@ -774,9 +841,11 @@ def _summarize_state_dict(state_dict: dict, summary: _RankSummary) -> None:
             seen[ident] = k.name
 
 
-def _merge_summaries(summaries: list[_RankSummary], planner_data=None) -> tuple[list, dict, dict]:
+def _merge_summaries(summaries: list[_RankSummary], planner_data=None,
+                     form: str = "get_state_dict") -> tuple[list, dict, dict]:
     """Model order, per-parameter metadata and the checkpoint's non-tensor metadata from
-    every rank's summary (``planner_data``: DCP's, the nested paths of the saved keys)."""
+    every rank's summary (``planner_data``: DCP's, the nested paths of the saved keys, in
+    ``form``)."""
     order: list[str] = []
     keys: set[str] = set()
     meta: dict[str, dict] = {}
@@ -805,7 +874,7 @@ def _merge_summaries(summaries: list[_RankSummary], planner_data=None) -> tuple[
         meta.setdefault(n, {}).update(flags)
         if "tied_to" in flags and n in shapes:     # an alias has no array to take them from
             meta[n].update(shape=shapes[n][0], dtype=shapes[n][1])
-    return order, meta, non_tensor_metadata(groups, extras, planner_data, flattened)
+    return order, meta, non_tensor_metadata(groups, extras, canonical_paths(planner_data, form), flattened, form)
 
 
 def param_flags(names, keys, ties: dict, listed=None) -> dict[str, dict]:
@@ -937,13 +1006,17 @@ def check_states_held(where, state_names, param_names) -> None:
                        "optimizer's ({'model': ..., 'optim': ...} of get_state_dict(model, optimizer))")
 
 
-def non_tensor_metadata(groups: dict, extras: dict, planner_data=None, flattened: bool = False) -> dict:
+def non_tensor_metadata(groups: dict, extras: dict, planner_data=None, flattened: bool = False,
+                        form: str = "get_state_dict") -> dict:
     """The universal checkpoint's non-tensor metadata: ``{"optimizer": {"param_groups":
     [...]}}`` from ``{(group, key): value}`` (``"flattened": true`` where they were saved per
     parameter, :func:`regroup`), ``{"dcp": {key: value}}`` from the other entries, and their
     nested paths where the keys alone do not give them (``"dcp_paths"``, :func:`extra_paths` of
-    the saved ``planner_data``)."""
+    the saved ``planner_data``, keyed as ``extras``); ``"dcp_keys"``: the form of the saved keys
+    where it is not ``get_state_dict``."""
     md: dict[str, Any] = {}
+    if form != "get_state_dict":
+        md["dcp_keys"] = form
     if groups:
         n_groups = max(i for i, _ in groups) + 1
         md["optimizer"] = {"param_groups": [{k: v for (i, k), v in sorted(groups.items(), key=_group_order)
@@ -956,6 +1029,23 @@ def non_tensor_metadata(groups: dict, extras: dict, planner_data=None, flattened
         if paths:
             md["dcp_paths"] = paths
     return md
+
+
+def canonical_paths(planner_data, form: str) -> Optional[dict]:
+    """DCP's ``planner_data`` (saved key -> nested path) keyed by ``get_state_dict`` keys."""
+    if not isinstance(planner_data, dict) or form == "get_state_dict":
+        return planner_data
+    return {canonical_key(k, form): v for k, v in planner_data.items()}
+
+
+def _parse(fqn: str, form: str) -> DcpKey:
+    """The meaning of a key of a state dict in ``form``."""
+    return parse_key(canonical_key(fqn, form))
+
+
+def _ndim(item) -> Optional[int]:
+    """Dims of a saved item's tensor; None for a value (``key_form``)."""
+    return None if item.type == WriteItemType.BYTE_IO or item.tensor_data is None else len(item.tensor_data.size)
 
 
 def _group_order(item):

@@ -8,7 +8,9 @@ replicas to dedupe.
 
 Keys follow ``ucp.dcp.parse_key`` (``get_state_dict``'s layout): ``model.<fqn>`` -> parameter
 ``<fqn>``; ``optim.state.<fqn>.<state>`` -> state (0-d ones, Adam ``step``, -> scalars);
-``optim.param_groups.*`` and other entries -> non-tensor metadata.
+``optim.param_groups.*`` and other entries -> non-tensor metadata. A checkpoint saved the
+torchtitan way (model keys at the top level, the optimizer under ``optimizer.``:
+``ucp.dcp.key_form``) is read through ``ucp.dcp.canonical_key`` and records its form.
 
 Frozen and tied parameters: a model tensor that the optimizer of the checkpoint neither keeps
 state for nor lists in a param group is either a tied alias (DCP stores it again under its own
@@ -53,11 +55,15 @@ class DcpSource(Source):
         return self._files
 
     def layout(self) -> SourceLayout:
-        from ucp.dcp import check_states_held, non_tensor_metadata, param_flags, param_group_of, parse_key, regroup
+        from ucp.dcp import (canonical_key, canonical_paths, check_states_held, key_form, non_tensor_metadata,
+                             param_flags, param_group_of, parse_key, regroup)
 
         md = self.files().metadata
-        keys = _key_order(md)
-        arrays, scalars, groups, extras = self._classify(keys, parse_key)
+        saved = _key_order(md)
+        form = key_form({k: _ndim(md.state_dict_metadata[k]) for k in saved})
+        canon = {k: canonical_key(k, form) for k in saved}
+        keys = [canon[k] for k in saved]
+        arrays, scalars, groups, extras = self._classify(canon, parse_key)
         names = [k.name for k in (parse_key(x) for x in keys) if k.kind == "param"]
         check_states_held(self.path, [n for n, _ in arrays] + list(scalars), names)
         groups, extras, flattened = regroup(groups, extras, names)
@@ -65,28 +71,30 @@ class DcpSource(Source):
         flags = param_flags(names, keys, self._ties(names, keys, arrays, listed), listed)
         params = [self._alias(n, arrays, flags[n]) if "tied_to" in flags[n] else
                   self._param(n, arrays, scalars.get(n, {}), flags[n]) for n in names]
-        return SourceLayout(params=params, metadata=non_tensor_metadata(groups, extras, md.planner_data, flattened))
+        paths = canonical_paths(md.planner_data, form)
+        return SourceLayout(params=params, metadata=non_tensor_metadata(groups, extras, paths, flattened, form))
 
-    def _classify(self, keys, parse_key):
-        """``arrays[(name, state)] = (fqn, TensorStorageMetadata)``, per-parameter scalars
-        ``{name: {state: (value, dtype)}}``, param-group values and other entries."""
+    def _classify(self, canon: dict, parse_key):
+        """``arrays[(name, state)] = (saved key, TensorStorageMetadata)``, per-parameter scalars
+        ``{name: {state: (value, dtype)}}``, param-group values and other entries (under their
+        ``get_state_dict`` keys: ``canon`` maps each saved key to it)."""
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         files, sdm = self.files(), self.files().metadata.state_dict_metadata
         arrays, scalars, groups, extras = {}, {}, {}, {}
-        for fqn in keys:
-            k, tmd = parse_key(fqn), sdm[fqn]
+        for fqn, key in canon.items():
+            k, tmd = parse_key(key), sdm[fqn]
             if not isinstance(tmd, TensorStorageMetadata):
                 value = files.obj(_index(fqn))
                 (groups.__setitem__((k.group, k.state), value) if k.kind == "group"
-                 else extras.__setitem__(fqn, value))
+                 else extras.__setitem__(key, value))
             elif k.kind == "param" or (k.kind == "state" and len(tmd.size)):
                 arrays[(k.name, k.state)] = (fqn, tmd)
             elif k.kind == "state":
                 t = files.tensor(_index(fqn, tmd.chunks[0].offsets, 0))
                 scalars.setdefault(k.name, {})[k.state] = (t.item(), t.dtype)
             else:
-                extras[fqn] = self._whole_tensor(fqn, tmd)
+                extras[key] = self._whole_tensor(fqn, tmd)
         return arrays, scalars, groups, extras
 
     def _whole_tensor(self, fqn: str, tmd) -> torch.Tensor:
@@ -241,6 +249,12 @@ def _file_rank(rel: str) -> int:
     name = rel.rsplit("/", 1)[-1]
     head = name.removeprefix("__").split("_", 1)[0]
     return int(head) if name.startswith("__") and head.isdigit() else _NO_RANK
+
+
+def _ndim(tmd):
+    """Dims of a saved tensor; None for a value (``key_form``)."""
+    size = getattr(tmd, "size", None)
+    return None if size is None else len(size)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,10 @@ Keys follow ``ucp.dcp`` (``get_state_dict``'s layout): ``model.<fqn>``,
 ``optim.state.<fqn>.<state>`` (scalars such as Adam ``step`` as 0-d tensors of their recorded
 dtype), ``optim.param_groups.<i>.<key>``, the entries a DCP source or ``UniversalWriter``
 kept under ``metadata["dcp"]`` under their own keys, and other non-tensor metadata under their
-keys (nested dicts flattened with dots, as DCP flattens them). The conversion record
-(``metadata["source"]``) is not written.
+keys (nested dicts flattened with dots, as DCP flattens them); all spelled in the form the
+checkpoint was saved in (``metadata["dcp_keys"]``) or the one ``--keys`` names
+(``ucp.dcp.KEY_FORMS``: ``torchtitan`` puts the model's keys at the top level and the optimizer
+under ``optimizer.``). The conversion record (``metadata["source"]``) is not written.
 
 Layout: ``--dp N`` files, file ``r`` holding rows chunk ``r`` (``torch.chunk`` along dim 0,
 FSDP2's convention) of every tensor, and non-tensor, 0-d and zero-size items (one chunk of the
@@ -34,11 +36,15 @@ INDEX_SUFFIX = ".ucp-index.json"
 
 class DcpTarget(Target):
     name = "dcp"
-    description = "torch DCP directory (.metadata + __<r>_0.distcp), get_state_dict keys; --dp N files"
+    description = "torch DCP directory (.metadata + __<r>_0.distcp), get_state_dict or --keys torchtitan keys; --dp N files"
 
     def __init__(self, dst, *, degrees=None, spec=None, storage_options=None, **options):
+        from ucp.dcp import check_form
+
         super().__init__(Path(dst), degrees=degrees, spec=spec, storage_options=storage_options, **options)
-        self.reject_options()
+        self.reject_options(allowed=("keys",))
+        keys = self.options.get("keys")
+        self.keys = None if keys is None else check_form(keys, "keys")
         if spec is not None:
             raise UcpError("--to dcp takes no --spec: DCP files describe their own layout")
         others = sorted(a for a, d in self.degrees.items() if a != "dp" and int(d or 1) > 1)
@@ -60,6 +66,12 @@ class DcpTarget(Target):
         units = [TargetUnit(key=f"__{r}_0.distcp", coords={"dp": r},
                             fragments=[f for n in checkpoint.params for f in self._fragments(checkpoint, n, r)])
                  for r in range(self.world)]
+        from ucp.dcp import is_flattened
+
+        md = checkpoint.metadata if isinstance(checkpoint.metadata, dict) else {}
+        self.form = self.keys or md.get("dcp_keys") or "get_state_dict"
+        # param groups as saved, or as the form asked for saves them (torchtitan flattens them)
+        self.flat = is_flattened(md) if self.keys is None else self.keys == "torchtitan"
         self._made_dst = not self.dst.exists()
         self.dst.mkdir(parents=True, exist_ok=True)
         return units
@@ -87,7 +99,7 @@ class DcpTarget(Target):
 
     # -- writing -------------------------------------------------------------------------------
     def write_unit(self, unit: TargetUnit, tensors: Mapping[str, Mapping[str, Any]]) -> None:
-        from ucp.dcp import optim_key
+        from ucp.dcp import form_key, optim_key
 
         frags = {f.local_name: f for f in unit.fragments}
         items = []
@@ -96,7 +108,8 @@ class DcpTarget(Target):
                 if state != "param" and local in self._aliases:
                     continue   # an alias read through its tied_to: the optimizer state is the other's
                 f = frags[local]
-                items.append((optim_key(local, state), list(f.pieces[0].src.start), list(f.global_shape), t))
+                items.append((form_key(optim_key(local, state), self.form), list(f.pieces[0].src.start),
+                              list(f.global_shape), t))
         self._write_file(unit.key, items, extra=unit.coords.get("dp", 0) == 0)
 
     def _write_file(self, rel: str, items: list, extra: bool) -> None:
@@ -113,6 +126,8 @@ class DcpTarget(Target):
         """Scalars (0-d tensors) and non-tensor entries, written with file 0."""
         import torch
 
+        from ucp.dcp import form_key, optim_key
+
         ck = self._ck
         out = []
         for name in ck.params:
@@ -121,8 +136,9 @@ class DcpTarget(Target):
             for state, v in (meta.get("scalars") or {}).items():
                 dt = getattr(torch, dtypes[state]) if state in dtypes else \
                     (torch.float32 if isinstance(v, float) else torch.int64)
-                out.append((f"optim.state.{name}.{state}", [], [], torch.tensor(v, dtype=dt)))
-        for key, value in _non_tensor_entries(ck.metadata if isinstance(ck.metadata, dict) else {}):
+                out.append((form_key(optim_key(name, state), self.form), [], [], torch.tensor(v, dtype=dt)))
+        for key, value in _non_tensor_entries(ck, self.flat):
+            key = form_key(key, self.form)
             if isinstance(value, torch.Tensor):
                 out.append((key, [0] * value.dim(), list(value.shape), value))
             else:
@@ -131,14 +147,15 @@ class DcpTarget(Target):
 
     def finish(self, checkpoint) -> None:
         """Merge the units' indexes into DCP ``Metadata`` and write ``.metadata`` last."""
-        from ucp.dcp import is_flattened, planner_path
+        from ucp.dcp import canonical_key, planner_path
         from ucp.targets._distcp import build_metadata
 
         files = {f"__{r}_0.distcp": json.loads((self.dst / f"__{r}_0.distcp{INDEX_SUFFIX}").read_text())
                  for r in range(self.world)}
         md = checkpoint.metadata if isinstance(checkpoint.metadata, dict) else {}
-        paths, flat = md.get("dcp_paths"), is_flattened(md)
-        meta = build_metadata(files, planner_data=lambda k: planner_path(k, paths, flat), checkpoint_id=self.dst)
+        paths, flat = md.get("dcp_paths"), self.flat
+        meta = build_metadata(files, planner_data=lambda k: planner_path(canonical_key(k, self.form), paths, flat, self.form),
+                              checkpoint_id=self.dst)
         tmp = self.dst / ".metadata.tmp"
         self._written.append(tmp)
         with open(tmp, "wb") as f:
@@ -156,16 +173,17 @@ class DcpTarget(Target):
             self.dst.rmdir()
 
 
-def _non_tensor_entries(md: dict) -> list[tuple[str, Any]]:
+def _non_tensor_entries(ck, flattened: bool) -> list[tuple[str, Any]]:
     """``(key, value)`` of every non-tensor entry to write: param groups, the ``dcp`` entries,
-    then other metadata flattened with dots (the conversion record and the entries' saved paths,
-    ``dcp_paths``, left out)."""
-    from ucp.dcp import group_entries, is_flattened
+    then other metadata flattened with dots (the conversion record, the entries' saved paths,
+    ``dcp_paths``, and their form, ``dcp_keys``, left out); param groups ``flattened`` or not."""
+    from ucp.dcp import group_entries, listed_param_groups
 
-    out = group_entries((md.get("optimizer") or {}).get("param_groups") or [], is_flattened(md))
+    md = ck.metadata if isinstance(ck.metadata, dict) else {}
+    out = group_entries(listed_param_groups(ck, md), flattened)
     out += list((md.get("dcp") or {}).items())
     for key, value in md.items():
-        if key not in ("optimizer", "dcp", "dcp_paths", "source"):
+        if key not in ("optimizer", "dcp", "dcp_paths", "dcp_keys", "source"):
             out += _flatten(key, value)
     return out
 

@@ -1,0 +1,222 @@
+"""The other way DCP state dicts are laid out: model tensors at the top level, as torchtitan saves
+them (its CheckpointManager flattens the model's state dict into the top level, the optimizer's
+flattened state dict goes under ``optimizer``, beside ``lr_scheduler``, ``dataloader`` and
+``train_state``) and as a plain ``dcp.save(model.state_dict())`` does. The keys are what
+torchtitan's ``ModelWrapper`` / ``OptimizersContainer`` give: ``get_model_state_dict`` and
+``get_optimizer_state_dict(..., flatten_optimizer_state_dict=True)``; real ``dcp.save`` /
+``dcp.load`` / ``FileSystemReader`` / ``dcp_to_torch_save`` on every path."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, get_state_dict)
+
+import ucp
+from ucp.dcp import UniversalReader, UniversalWriter
+from ucp.demo_dcp import GPTConfig, build, optimizer, train_step
+from ucp.errors import UcpError
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(bits(a), bits(b)))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):   # JSON keeps a tuple (betas) as a list
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def trained(variant=GPTConfig(), steps=2, seed=0):
+    model = build(variant, seed=seed)
+    opt = optimizer(model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    for s in range(steps):
+        train_step(model, opt, s)
+        sched.step()
+    return model, opt, sched
+
+
+def titan(model, opt, sched, step=2) -> dict:
+    """The state dict torchtitan's CheckpointManager hands to ``dcp.save``."""
+    return {**get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt, options=FLAT),
+            "lr_scheduler": sched.state_dict(), "train_state": {"step": torch.tensor(step, dtype=torch.int32)}}
+
+
+def template_free(reader) -> dict:
+    """What ``dcp_to_torch_save``'s planner rebuilds from ``reader``, without a template."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    out: dict = {}
+    _load_state_dict(out, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return out
+
+
+def assert_same_tree(got, want, where="", extra=lambda where, key: False):
+    """Equal nested state dicts; ``extra(where, key)`` says which keys ``got`` may have beyond ``want``."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and want.keys() <= got.keys(), (where, sorted(set(want) - set(got)))
+        assert all(extra(where, k) for k in got.keys() - want.keys()), (where, sorted(set(got) - set(want)))
+        for k in want:
+            assert_same_tree(got[k], want[k], f"{where}.{k}", extra)
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same_tree(g, w, f"{where}[{i}]")
+    else:
+        assert same(got, want), where
+
+
+@pytest.fixture(scope="module")
+def titan_run(tmp_path_factory):
+    """A tied-embedding run saved the torchtitan way, with DCP's own writer and with UniversalWriter."""
+    root = tmp_path_factory.mktemp("titan")
+    model, opt, sched = trained(GPTConfig(tied=True))
+    sd = titan(model, opt, sched)
+    dcp.save(sd, checkpoint_id=root / "dcp")
+    dcp.save(titan(model, opt, sched), storage_writer=UniversalWriter(root / "live"))
+    ucp.convert(root / "dcp", root / "conv", source="dcp")
+    return root, model, opt, sched
+
+
+def test_model_tensors_at_the_top_level_are_the_parameters(titan_run):
+    """Converted or written live, the universal checkpoint's parameters are exactly the model's
+    state-dict keys, in model order; their values, the optimizer's state and the param groups
+    equal DCP's own consolidation (``dcp_to_torch_save``) bit for bit; the lr scheduler and train
+    state are kept as entries of their own."""
+    root, model, opt, _ = titan_run
+    dcp_to_torch_save(root / "dcp", root / "ref.pt")
+    ref = torch.load(root / "ref.pt", weights_only=False)
+    names = list(model.state_dict().keys())
+    for which in ("conv", "live"):
+        ck = ucp.open(root / which)
+        assert ck.params == names, which
+        for n in names:
+            want_param = ref[n]
+            if "param" in ck.states(n):
+                assert same(ck.read(n, "param"), want_param), (which, n)
+            else:     # the tied alias is stored once, through the tensor the optimizer steps
+                tied = ck.param_meta(n)["tied_to"]
+                assert same(ck.read(tied, "param"), want_param), (which, n)
+            for s in ("exp_avg", "exp_avg_sq"):
+                key = f"state.{n}.{s}"
+                if key in ref["optimizer"]:
+                    assert same(ck.read(n, s), ref["optimizer"][key]), (which, n, s)
+            if f"state.{n}.step" in ref["optimizer"]:
+                assert ck.param_meta(n)["scalars"]["step"] == ref["optimizer"][f"state.{n}.step"].item()
+        groups = ck.metadata["optimizer"]["param_groups"]
+        assert sorted(p for g in groups for p in g["params"]) == sorted(
+            k[len("param_groups."):-len(".lr")] for k in ref["optimizer"] if k.startswith("param_groups.") and k.endswith(".lr"))
+        assert ck.metadata["dcp"]["train_state.step"].item() == 2
+        assert ck.metadata["dcp"]["lr_scheduler.last_epoch"] == 2
+        assert ck.metadata["dcp_keys"] == "torchtitan"
+        assert not any(ck.param_meta(n).get("frozen") for n in names)
+
+
+@pytest.mark.parametrize("which", ["conv", "live"])
+def test_a_torchtitan_job_resumes_from_it(titan_run, which):
+    """``dcp.load`` of a fresh job's torchtitan state dict through UniversalReader gives back every
+    tensor and value that was saved, and the model and optimizer are set from it."""
+    root, model, opt, sched = titan_run
+    m2, o2, s2 = trained(GPTConfig(tied=True), steps=1, seed=7)
+    sd = titan(m2, o2, s2, step=0)
+    dcp.load(sd, storage_reader=UniversalReader(root / which))
+    want = titan(model, opt, sched)
+    assert_same_tree(sd, want)
+
+
+def test_the_form_served_is_the_saved_one_unless_asked(titan_run, tmp_path):
+    """A checkpoint remembers how its keys were laid out and serves that form by default (a
+    template-free load, as ``dcp_to_torch_save`` does it, gives back DCP's own nested dict, and the
+    param groups in their indexed form as well);
+    ``keys=`` serves the other: a get_state_dict job loads a torchtitan checkpoint, and a torchtitan
+    job loads one saved through get_state_dict (or converted from DeepSpeed)."""
+    root, model, opt, sched = titan_run
+    want = template_free(FileSystemReader(root / "dcp"))
+    for which in ("conv", "live"):   # the indexed param groups too, for a job that loads that form
+        assert_same_tree(template_free(UniversalReader(root / which)), want,
+                         extra=lambda where, k: where == ".optimizer" and k.split(".")[:2][-1].isdigit())
+
+    msd, osd = get_state_dict(model, opt)
+    m2, o2, _ = trained(GPTConfig(tied=True), steps=1, seed=7)
+    gsd = dict(zip(("model", "optim"), get_state_dict(m2, o2)))
+    dcp.load(gsd, storage_reader=UniversalReader(root / "live", keys="get_state_dict"))
+    assert_same_tree(gsd, {"model": msd, "optim": osd})
+
+    dcp.save({"model": msd, "optim": osd}, storage_writer=UniversalWriter(tmp_path / "gsd"))
+    assert "dcp_keys" not in (ucp.open(tmp_path / "gsd").metadata or {})
+    m3, o3, s3 = trained(GPTConfig(tied=True), steps=1, seed=7)
+    sd = {**get_model_state_dict(m3), "optimizer": get_optimizer_state_dict(m3, o3, options=FLAT)}
+    dcp.load(sd, storage_reader=UniversalReader(tmp_path / "gsd", keys="torchtitan"))
+    assert_same_tree(sd, {**get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt, options=FLAT)})
+
+    with pytest.raises(UcpError, match="keys='titan'.*get_state_dict.*torchtitan"):
+        UniversalReader(root / "live", keys="titan")
+
+
+def test_export_to_dcp_writes_the_saved_form_or_the_one_asked(titan_run, tmp_path):
+    """``ucp export --to dcp`` gives back stock DCP files in the checkpoint's own form (what
+    ``dcp_to_torch_save`` makes of them equals what it makes of the original files), or in the
+    form ``keys=`` names."""
+    root, model, opt, sched = titan_run
+    ucp.export(root / "conv", tmp_path / "back", "dcp", degrees={"dp": 2})
+    assert_same_tree(template_free(FileSystemReader(tmp_path / "back")), template_free(FileSystemReader(root / "dcp")))
+
+    ucp.export(root / "conv", tmp_path / "gsd", "dcp", keys="get_state_dict")
+    m2, o2, _ = trained(GPTConfig(tied=True), steps=1, seed=7)
+    gsd = dict(zip(("model", "optim"), get_state_dict(m2, o2)))
+    dcp.load(gsd, storage_reader=FileSystemReader(tmp_path / "gsd"))
+    msd, osd = get_state_dict(model, opt)
+    assert_same_tree(gsd, {"model": msd, "optim": osd})
+
+
+class _Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 4)
+        self.norm = nn.LayerNorm(4)
+
+
+class CausalLM(nn.Module):
+    """Keys as a Hugging Face ``*ForCausalLM`` names them: ``model.*`` beside ``lm_head.weight``."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = _Inner()
+        self.lm_head = nn.Linear(4, 11, bias=False)
+
+
+@pytest.mark.parametrize("writer", ["dcp", "live"])
+def test_a_plain_model_state_dict_keeps_its_names(tmp_path, writer):
+    """``dcp.save(model.state_dict())`` (torchtitan's model-only save, or any script's): every tensor
+    is a parameter under its own name. An HF-style model's ``model.*`` keys are not
+    get_state_dict's ``model.`` section: ``lm_head.weight`` beside them says so."""
+    torch.manual_seed(0)
+    lm = CausalLM()
+    sd = lm.state_dict()
+    if writer == "dcp":
+        dcp.save(sd, checkpoint_id=tmp_path / "dcp")
+        ucp.convert(tmp_path / "dcp", tmp_path / "u", source="dcp")
+    else:
+        dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "u"))
+    ck = ucp.open(tmp_path / "u")
+    assert ck.params == list(sd)
+    for n, t in sd.items():
+        assert same(ck.read(n, "param"), t)
+        assert not ck.param_meta(n).get("frozen")
+    back = {n: torch.zeros_like(t) for n, t in sd.items()}
+    dcp.load(back, storage_reader=UniversalReader(tmp_path / "u"))
+    assert_same_tree(back, sd)
