@@ -68,6 +68,7 @@ def saved(tmp_path_factory):
     for case in CASES:
         dcp_to_torch_save(out / case / "dcp", out / case / "ref.pt")
         ucp.convert(out / case / "dcp", out / case / "conv")
+    ucp.convert(out / "2d-plain" / "titan-dcp", out / "2d-plain" / "titan-conv")
     return out
 
 
@@ -124,11 +125,14 @@ def loaded(saved, deepspeed):
                       job("2d-uw-to-fsdp3", "plain", "2d-plain", "uw"),
                       job("2d-uwa-to-fsdp3", "plain", "2d-plain", "uwa"),
                       job("fsdp4-tf-uw-to-fsdp3", "tf", "fsdp-tf", "uw"),
-                      job("fsdp4-16k-to-fsdp3", "plain", "fsdp-plain", "uw16k")],
+                      job("fsdp4-16k-to-fsdp3", "plain", "fsdp-plain", "uw16k"),
+                      job("2d-titan-uw-to-fsdp3", "plain", "2d-plain", "titan-uw", "titan"),
+                      job("2d-titan-conv-to-fsdp3", "plain", "2d-plain", "titan-conv", "titan")],
         (4, "2d"): [job("tp2-to-2d4", "plain", "tpdp-plain", "conv"),
                     job("tp2-uw-to-2d4", "plain", "tpdp-plain", "uw"),
                     job("export-dp3-to-2d4", "plain", "fsdp-plain", "export3"),
                     job("fsdp4-16k-to-2d4", "plain", "fsdp-plain", "uw16k"),
+                    job("fsdp4-uw-as-titan-to-2d4", "plain", "fsdp-plain", "uw", "titan", "no-train-state"),
                     job("deepspeed-to-2d4", "ds", "ds", "conv")],
     }
     tags = {}
@@ -180,7 +184,28 @@ def test_ranks_given_different_paths_commit_nothing(saved):
 EXPECTED_WORLD = {"fsdp4-to-tp2": 2, "fsdp4-uw-to-tp2-resume": 2, "fsdp4-tf-to-tp2": 2, "2d-to-fsdp3": 3,
                   "2d-uw-to-fsdp3": 3, "2d-uwa-to-fsdp3": 3, "fsdp4-tf-uw-to-fsdp3": 3, "tp2-to-2d4": 4,
                   "tp2-uw-to-2d4": 4, "export-dp3-to-2d4": 4,
-                  "fsdp4-16k-to-tp2": 2, "fsdp4-16k-to-fsdp3": 3, "fsdp4-16k-to-2d4": 4}
+                  "fsdp4-16k-to-tp2": 2, "fsdp4-16k-to-fsdp3": 3, "fsdp4-16k-to-2d4": 4,
+                  # torchtitan's form: saved and converted that way, or served so from get_state_dict's
+                  "2d-titan-uw-to-fsdp3": 3, "2d-titan-conv-to-fsdp3": 3, "fsdp4-uw-as-titan-to-2d4": 4}
+
+
+def test_torchtitan_form_saves_the_same_checkpoint(saved):
+    """The 2-D state saved as torchtitan does (model keys at the top level, the flattened optimizer
+    under ``optimizer``), converted or written by UniversalWriter, is the checkpoint its
+    get_state_dict save gives: every array bit for bit, the same parameters and groups, and
+    torchtitan's ``train_state`` kept."""
+    base = ucp.open(saved / "2d-plain" / "conv")
+    for which in ("titan-conv", "titan-uw"):
+        ck = ucp.open(saved / "2d-plain" / which)
+        assert ck.params == base.params, which
+        assert ck.metadata["dcp_keys"] == "torchtitan" and ck.metadata["dcp"]["train_state.step"].item() == 2
+        assert ck.metadata["optimizer"]["flattened"]
+        for n in base.params:
+            assert ck.states(n) == base.states(n), (which, n)
+            for st in base.states(n):
+                assert _helpers().same(ck.read(n, st), base.read(n, st)), (which, n, st)
+            for key in ("scalars", "optimizer_group", "frozen", "tied_to"):
+                assert ck.param_meta(n).get(key) == base.param_meta(n).get(key), (which, n, key)
 
 
 @pytest.mark.parametrize("tag", sorted(EXPECTED_WORLD))

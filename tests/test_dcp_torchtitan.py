@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, get_state_dict)
 
 import ucp
+from ucp.cli import main
 from ucp.dcp import UniversalReader, UniversalWriter
 from ucp.demo_dcp import GPTConfig, build, optimizer, train_step
 from ucp.errors import UcpError
@@ -163,24 +164,31 @@ def test_the_form_served_is_the_saved_one_unless_asked(titan_run, tmp_path):
     dcp.load(sd, storage_reader=UniversalReader(tmp_path / "gsd", keys="torchtitan"))
     assert_same_tree(sd, {**get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt, options=FLAT)})
 
-    with pytest.raises(UcpError, match="keys='titan'.*get_state_dict.*torchtitan"):
+    with pytest.raises(UcpError, match="keys='titan': the key forms are 'get_state_dict', 'torchtitan'"):
         UniversalReader(root / "live", keys="titan")
 
 
 def test_export_to_dcp_writes_the_saved_form_or_the_one_asked(titan_run, tmp_path):
     """``ucp export --to dcp`` gives back stock DCP files in the checkpoint's own form (what
     ``dcp_to_torch_save`` makes of them equals what it makes of the original files), or in the
-    form ``keys=`` names."""
+    form ``--keys`` names; a form it does not know, or ``--keys`` for another target, is refused
+    before anything is written."""
     root, model, opt, sched = titan_run
     ucp.export(root / "conv", tmp_path / "back", "dcp", degrees={"dp": 2})
     assert_same_tree(template_free(FileSystemReader(tmp_path / "back")), template_free(FileSystemReader(root / "dcp")))
 
-    ucp.export(root / "conv", tmp_path / "gsd", "dcp", keys="get_state_dict")
+    assert main(["export", str(root / "conv"), str(tmp_path / "gsd"), "--to", "dcp", "--keys", "get_state_dict", "-q"]) == 0
     m2, o2, _ = trained(GPTConfig(tied=True), steps=1, seed=7)
     gsd = dict(zip(("model", "optim"), get_state_dict(m2, o2)))
     dcp.load(gsd, storage_reader=FileSystemReader(tmp_path / "gsd"))
     msd, osd = get_state_dict(model, opt)
     assert_same_tree(gsd, {"model": msd, "optim": osd})
+
+    with pytest.raises(UcpError, match="keys='titan': the key forms are 'get_state_dict', 'torchtitan'"):
+        ucp.export(root / "conv", tmp_path / "bad", "dcp", keys="titan")
+    with pytest.raises(UcpError, match=r"target 'hf' does not take keys \(--keys\)"):
+        ucp.export(root / "conv", tmp_path / "hf", "hf", keys="torchtitan")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "hf").exists()
 
 
 class _Inner(nn.Module):

@@ -19,6 +19,9 @@ optimizer state (``step`` included) and every hyper-parameter with ``REFERENCE``
   reference (bitwise, as integers);
 * plain tensors (replicated, scalars): equal to the reference bitwise.
 
+With ``:titan`` (and ``:no-train-state``, for a checkpoint saved otherwise) the job loads as torchtitan does (``UniversalReader(keys="torchtitan")``: the
+model's keys at the top level, the flattened optimizer under ``optimizer``, ``train_state``), sets
+the model and optimizer from it and compares their ``get_state_dict`` with ``REFERENCE``.
 With ``:resume`` the loaded state goes into the model and optimizer (``set_state_dict``) and
 training continues for the steps recorded in ``<UNIVERSAL>/../losses.json``. Rank 0 writes
 ``OUT/<TAG>.json``: every rank's mismatches, counts, bytes read / needed and losses.
@@ -32,7 +35,9 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     get_state_dict, set_model_state_dict, set_optimizer_state_dict,
+                                                     set_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from torch.distributed.checkpoint import FileSystemReader
@@ -140,6 +145,22 @@ def build_llama_2d():
     return model, opt
 
 
+def load_as_torchtitan(model, opt, reader, train_state: bool) -> list:
+    """torchtitan's resume: ``dcp.load`` of its state dict (``train_state`` too, unless excluded
+    from loading, as a checkpoint from elsewhere has none), then the model and the optimizer set
+    from it (flattened optimizer state dict). Returns what is wrong with ``train_state``."""
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    sd = {**get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt, options=flat)}
+    if train_state:
+        sd["train_state"] = {"step": torch.tensor(-1, dtype=torch.int32)}
+    dcp.load(sd, storage_reader=reader)
+    optim = sd.pop("optimizer")
+    step = sd.pop("train_state", {"step": torch.tensor(2, dtype=torch.int32)})["step"]
+    set_model_state_dict(model, sd)
+    set_optimizer_state_dict(model, opt, optim, options=flat)
+    return [] if step.dtype == torch.int32 and step.item() == 2 else [f"train_state.step: {step!r}"]
+
+
 def run_job(out: str, layout: str, job: str) -> dict:
     tag, spec = job.split("=", 1)
     variant, universal, reference, *flags = spec.split(":")
@@ -152,10 +173,18 @@ def run_job(out: str, layout: str, job: str) -> dict:
     msd, osd = get_state_dict(model, opt)
     sd = {"model": msd, "optim": osd}
     # a stock DCP directory (an export --to dcp) loads with DCP's own reader, for comparison
-    reader = FileSystemReader(universal) if is_dcp_dir(universal) else UniversalReader(universal)
-    dcp.load(sd, storage_reader=reader)
+    reader = FileSystemReader(universal) if is_dcp_dir(universal) else \
+        UniversalReader(universal, keys="torchtitan" if "titan" in flags else None)
+    extra = []
+    if "titan" in flags:
+        extra = load_as_torchtitan(model, opt, reader, train_state="no-train-state" not in flags)
+        msd, osd = get_state_dict(model, opt)
+        sd = {"model": msd, "optim": osd}
+    else:
+        dcp.load(sd, storage_reader=reader)
     ref = torch.load(reference, weights_only=True)
     bad, counts = compare(sd, ref)
+    bad += extra
     rep = {"bad": bad, "counts": counts, "bytes_read": getattr(reader, "bytes_read", None),
            "bytes_needed": getattr(reader, "bytes_needed", None)}
     if "resume" in flags:

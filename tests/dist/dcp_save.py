@@ -14,7 +14,10 @@ the same ``get_state_dict`` state is saved with
 * ``OUT/<case>/uw``   ``dcp.save`` with ``ucp.dcp.UniversalWriter``,
 * ``OUT/<case>/uwa``  ``dcp.async_save`` with ``UniversalWriter`` (fsdp-plain, 2d-plain),
 * ``OUT/fsdp-plain/uw16k``  ``UniversalWriter(chunk_bytes=16 KiB)``: fine chunks for the
-  bytes-read checks.
+  bytes-read checks,
+* ``OUT/2d-plain/titan-dcp`` and ``titan-uw``: the same state as torchtitan saves it (the
+  model's keys at the top level, the flattened optimizer under ``optimizer``, ``train_state``),
+  with ``FileSystemWriter`` and with ``UniversalWriter``.
 
 ``fsdp-plain`` then trains ``MORE`` steps more (the uninterrupted run) and rank 0 writes the
 losses to ``OUT/fsdp-plain/losses.json``. Last, a save where rank 1 alone holds an entry ucp
@@ -31,7 +34,8 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, get_state_dict)
 
 from ucp.dcp import UniversalWriter
 from ucp.demo_dcp import GPTConfig, build, optimizer, parallelize, train_step
@@ -55,12 +59,22 @@ def save_case(out: str, layout: str, variant: str) -> None:
     dcp.save(sd, storage_writer=UniversalWriter(f"{out}/{case}/uw"))
     if variant == "plain" and layout in ("fsdp", "2d"):
         dcp.async_save(sd, storage_writer=UniversalWriter(f"{out}/{case}/uwa")).result()
+    if case == "2d-plain":
+        dcp.save(titan_state(model, opt), checkpoint_id=f"{out}/{case}/titan-dcp")
+        dcp.save(titan_state(model, opt), storage_writer=UniversalWriter(f"{out}/{case}/titan-uw"))
     if case == "fsdp-plain":   # small chunks: loads into other layouts read only what they need
         dcp.save(sd, storage_writer=UniversalWriter(f"{out}/{case}/uw16k", chunk_bytes=16 << 10))
         losses = [train_step(model, opt, s, *dp) for s in range(STEPS, STEPS + MORE)]
         if dist.get_rank() == 0:
             with open(f"{out}/{case}/losses.json", "w") as f:
                 json.dump({"start": STEPS, "losses": losses}, f)
+
+
+def titan_state(model, opt) -> dict:
+    """The state dict torchtitan's CheckpointManager saves (``ModelWrapper``, ``OptimizersContainer``)."""
+    osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    return {**get_model_state_dict(model), "optimizer": osd,
+            "train_state": {"step": torch.tensor(STEPS, dtype=torch.int32)}}
 
 
 class NotStorable:
