@@ -23,6 +23,10 @@ the reader, the writer, the DCP source and the DCP target). With ``get_state_dic
   reads and exports give back that form;
 * anything else — ``metadata["dcp"][<key>]`` (values JSON-encoded, tensors as small arrays).
 
+torchtitan's form (the model's keys at the top level, the optimizer under ``optimizer.``; also a
+plain ``dcp.save(model.state_dict())``) is read into these keys at the edges
+(:func:`key_form`, :func:`canonical_key`) and written back from them (:func:`form_key`).
+
 A model tensor that is the same storage as another (tied embeddings) is stored once: the alias
 is a parameter with no arrays, ``tied_to`` the one the optimizer steps (and that one's shape
 and dtype), and the reader serves both keys from the one stored array. A model tensor that the
@@ -139,6 +143,7 @@ def key_form(keys: dict) -> str:
 
 
 def check_form(form: str, what: str) -> str:
+    """``form`` where it is one of :data:`KEY_FORMS`; a typo would otherwise serve keys no job asks for."""
     if form not in KEY_FORMS:
         raise UcpError(f"{what}={form!r}: the key forms are {', '.join(map(repr, KEY_FORMS))}")
     return form
@@ -298,10 +303,10 @@ class UniversalReader(StorageReader):
         for key, v in (md.get("dcp") or {}).items():
             value(key, v)
         paths, form = md.get("dcp_paths"), self.keys or md.get("dcp_keys") or "get_state_dict"
-        served = {k: form_key(k, form) for k in sdm}
-        return Metadata(state_dict_metadata={served[k]: v for k, v in sdm.items()},
-                        storage_data={MetadataIndex(served[i.fqn], i.offset): e for i, e in storage.items()},
-                        planner_data={served[k]: planner_path(k, paths, flat, form) for k in sdm},
+        spelt = {k: form_key(k, form) for k in sdm}
+        return Metadata(state_dict_metadata={spelt[k]: v for k, v in sdm.items()},
+                        storage_data={MetadataIndex(spelt[i.fqn], i.offset): e for i, e in storage.items()},
+                        planner_data={spelt[k]: planner_path(k, paths, flat, form) for k in sdm},
                         storage_meta=StorageMeta(checkpoint_id=str(self.path), load_id=self.load_id))
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
