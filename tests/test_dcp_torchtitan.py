@@ -7,6 +7,8 @@ torchtitan's ``ModelWrapper`` / ``OptimizersContainer`` give: ``get_model_state_
 ``dcp.load`` / ``FileSystemReader`` / ``dcp_to_torch_save`` on every path."""
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -51,9 +53,11 @@ def trained(variant=GPTConfig(), steps=2, seed=0):
 
 
 def titan(model, opt, sched, step=2) -> dict:
-    """The state dict torchtitan's CheckpointManager hands to ``dcp.save``."""
+    """The state dict torchtitan's CheckpointManager hands to ``dcp.save`` (its dataloader state is
+    the pickled position of each data-parallel rank's loader, ``bytes``)."""
     return {**get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt, options=FLAT),
-            "lr_scheduler": sched.state_dict(), "train_state": {"step": torch.tensor(step, dtype=torch.int32)}}
+            "lr_scheduler": sched.state_dict(), "train_state": {"step": torch.tensor(step, dtype=torch.int32)},
+            "dataloader": {"dp_rank_0": pickle.dumps({"sample": 16 * step}), "world_size": 1}}
 
 
 def template_free(reader) -> dict:

@@ -20,9 +20,10 @@ def write_items(path: Path, items: Iterable) -> list[list]:
     (fsync'ed) and return one record per item: ``[key, offsets, global size, dtype, start,
     length, local sizes]``.
 
-    ``value``: a tensor (saved contiguous, without the rest of a larger storage it views), a
-    non-tensor value (``torch.save``'d; offsets and size None) or ``bytes`` already serialised
-    by the caller (written as they are; offsets and size None). dtype None: not a tensor."""
+    ``value``: a tensor (saved contiguous, without the rest of a larger storage it views) or any
+    other value, ``bytes`` included, ``torch.save``'d as DCP saves every non-tensor entry (offsets
+    and size None): torchtitan's dataloader state is ``bytes``, and written raw it was no record
+    ``FileSystemReader`` could load. dtype None: not a tensor."""
     import torch
 
     records = []
@@ -36,7 +37,7 @@ def write_items(path: Path, items: Iterable) -> list[list]:
                 torch.save(t, f)
                 rec = [key, list(offsets), list(size), str(t.dtype).removeprefix("torch."), list(t.shape)]
             else:
-                f.write(value) if isinstance(value, (bytes, bytearray)) else torch.save(value, f)
+                torch.save(value, f)
                 rec = [key, None, None, None, None]
             records.append(rec[:4] + [start, f.tell() - start, rec[4]])
         f.flush()
@@ -83,7 +84,7 @@ class DistcpWriter:
         self.written: list[Path] = []
 
     def write(self, rel: str, items) -> None:
-        """``items``: (key, global size, offsets, tensor) or (key, None, None, bytes)."""
+        """``items``: (key, global size, offsets, tensor) or (key, None, None, value)."""
         path = self.root / rel
         self.written.append(path)
         self.files[rel] = write_items(path, ((k, offs, size, v) for k, size, offs, v in items))

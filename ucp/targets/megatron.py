@@ -291,7 +291,7 @@ class MegatronTarget(Target):
                 t = t.reshape((1,) * len(lead) + tuple(t.shape))       # the stacked leading axes
                 items.append((prefix + key, self._global_size(key), lead + start, t))
         if not any(unit.coords.values()):
-            items.extend((k, None, None, _saved(v)) for k, v in self._objects.items())
+            items.extend((k, None, None, v) for k, v in self._objects.items())
         self._files.write(unit.key, items)
 
     def _global_size(self, key: str) -> tuple:
@@ -312,15 +312,6 @@ class MegatronTarget(Target):
     def abort(self) -> None:
         for p in self._files.written + [self.dst / BACKEND_FILE, self.dst / COMMON_FILE]:
             p.unlink(missing_ok=True)
-
-
-def _saved(value) -> bytes:
-    """A ShardedObject's bytes: ``torch.save`` of its value, as torch_dist stores objects."""
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(value, buf)
-    return buf.getvalue()
 
 
 def _atomic(path: Path, data: bytes) -> None:
