@@ -232,3 +232,21 @@ def test_a_plain_model_state_dict_keeps_its_names(tmp_path, writer):
     back = {n: torch.zeros_like(t) for n, t in sd.items()}
     dcp.load(back, storage_reader=UniversalReader(tmp_path / "u"))
     assert_same_tree(back, sd)
+
+
+def test_an_entry_ucp_cannot_store_is_named_with_what_it_holds(tmp_path):
+    """torchtitan's TrainState once saved its loss history as ``io.BytesIO``, which DCP pickles. ucp
+    never unpickles such a thing (nor stores pickles): the refusal names the entry and the pickled
+    class, not torch's advice to load with ``weights_only=False`` (nor its terminal escapes), for
+    a live save and for a conversion of DCP's files alike."""
+    import io
+
+    sd = {"w": torch.arange(4.0), "train_state": {"step": torch.tensor(3), "log_steps": io.BytesIO(b"\x80\x04]")}}
+    want = r"'train_state\.log_steps'.*a pickled _io\.BytesIO, which ucp does not unpickle"
+    with pytest.raises(BaseException, match=want) as live:
+        dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "live"))
+    dcp.save(sd, checkpoint_id=tmp_path / "dcp")
+    with pytest.raises(UcpError, match=r"train_state\.log_steps.*a pickled _io\.BytesIO, which ucp does not unpickle") as conv:
+        ucp.convert(tmp_path / "dcp", tmp_path / "conv", source="dcp")
+    assert "\x1b" not in str(live.value) and "\x1b" not in str(conv.value) and "weights_only" not in str(conv.value)
+    assert not (tmp_path / "conv").exists() or not any((tmp_path / "conv").iterdir())

@@ -67,7 +67,7 @@ from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkSt
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, SavePlan, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 
-from ucp.errors import UcpError
+from ucp.errors import UcpError, unpickling_refusal
 # imported with this module, not on the first dcp.save / dcp.load: the format's modules take
 # about 0.1-0.3 s to import (more where bytecode is not cached), which a save or load that
 # imported them itself paid inside its own time, once per process
@@ -814,9 +814,8 @@ def _load_value(fqn: str, buf) -> Any:
         jsonmeta.encode(value, lambda t: "", f"state-dict entry {fqn!r}")   # fail here, on this rank
         return value
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UcpError(f"state-dict entry {fqn!r}: ucp stores non-tensor values as JSON and cannot "
-                       f"store this one ({first})") from None
+                       f"store this one ({unpickling_refusal(e)})") from None
 
 
 def _summarize_state_dict(state_dict: dict, summary: _RankSummary, form: str = "get_state_dict") -> None:

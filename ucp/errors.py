@@ -1,5 +1,7 @@
 """Exception hierarchy. Every error a user can cause names the file, parameter and problem."""
 
+import re
+
 
 class UcpError(Exception):
     """Base class of every error ucp raises on purpose."""
@@ -38,3 +40,14 @@ class DestinationNotEmptyError(UcpError):
 
 class MetadataEncodingError(UcpError, TypeError):
     """A non-tensor metadata value has no JSON encoding (ucp never pickles)."""
+
+
+def unpickling_refusal(e: BaseException) -> str:
+    """What torch's weights-only unpickler refused, in one line: the pickled class where its message
+    names one. The message itself starts with advice to load with ``weights_only=False`` (which ucp
+    never does) in terminal escapes, and names the class only further down."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it holds a pickled {found.group(1)}, which ucp does not unpickle"
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)

@@ -31,7 +31,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-from ucp.errors import UcpError
+from ucp.errors import UcpError, unpickling_refusal
 
 METADATA_FILE = ".metadata"
 DISTCP_SUFFIX = ".distcp"
@@ -260,7 +260,7 @@ class DcpFiles:
         try:
             return torch.load(view, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise DcpFileError(f"{where}: refused to unpickle: {str(e).splitlines()[0]}") from None
+            raise DcpFileError(f"{where}: refused to unpickle: {unpickling_refusal(e)}") from None
         except Exception as e:
             raise DcpFileError(f"{where}: unreadable item ({type(e).__name__}: {e})") from None
 
@@ -322,7 +322,7 @@ def _load_mapped(zf: zipfile.ZipFile, view: _MapView, where: str) -> torch.Tenso
     except DcpFileError:
         raise
     except pickle.UnpicklingError as e:
-        raise DcpFileError(f"{where}: refused to unpickle: {str(e).splitlines()[0]}") from None
+        raise DcpFileError(f"{where}: refused to unpickle: {unpickling_refusal(e)}") from None
     except Exception as e:   # a data.pkl that passed its CRC yet does not rebuild a tensor
         raise DcpFileError(f"{where}: unreadable item ({type(e).__name__}: {e})") from None
     if not isinstance(t, torch.Tensor):
