@@ -250,3 +250,15 @@ def test_an_entry_ucp_cannot_store_is_named_with_what_it_holds(tmp_path):
         ucp.convert(tmp_path / "dcp", tmp_path / "conv", source="dcp")
     assert "\x1b" not in str(live.value) and "\x1b" not in str(conv.value) and "weights_only" not in str(conv.value)
     assert not (tmp_path / "conv").exists() or not any((tmp_path / "conv").iterdir())
+
+
+def test_export_to_hf_of_names_no_spec_maps_says_so_first(titan_run, tmp_path):
+    """torchtitan's names (``tok_embeddings``, ``layers.N.attention.wq``) are neither HF's nor
+    Megatron's: ``ucp export --to hf`` says that, naming the checkpoint and its names, before it asks
+    for a config.json that would not help, and writes nothing."""
+    root, *_ = titan_run
+    assert main(["export", str(root / "conv"), str(tmp_path / "hf"), "--to", "hf", "-q"]) == 2
+    with pytest.raises(UcpError, match=rf"{root / 'conv'}: the parameter names are neither Hugging Face Llama names "
+                                       r"nor Megatron GPT names .*: embed\.weight, .*pass --spec"):
+        ucp.export(root / "conv", tmp_path / "hf", "hf")
+    assert not (tmp_path / "hf").exists()

@@ -105,7 +105,7 @@ class HFTarget(Target):
         md = checkpoint.metadata if isinstance(checkpoint.metadata, dict) else {}
         names = list(checkpoint.params)
         shapes = {n: tuple(checkpoint.array_info(n, "param").shape) for n in names}
-        views = self._views(names, shapes, md)
+        views = self._views(names, shapes, md, getattr(checkpoint, "path", checkpoint))
         self._config = self.config or hf_config(md, views)
         if not self._config:
             warnings.warn(f"{self.dst}: no config.json written: the checkpoint carries none "
@@ -134,8 +134,8 @@ class HFTarget(Target):
                        if k in {c.removesuffix(".json") for c in CARRIED_JSON} and k != "config"}
         return units
 
-    def _views(self, names, shapes, md) -> dict[str, tuple[tuple[int, ...], Segment]]:
-        """``{HF name: (shape, where it lies in a checkpoint tensor)}``."""
+    def _views(self, names, shapes, md, where) -> dict[str, tuple[tuple[int, ...], Segment]]:
+        """``{HF name: (shape, where it lies in a checkpoint tensor)}`` (``where``: the checkpoint, for errors)."""
         from ucp.lang import load
 
         if self.spec is None and _all_match(load(DEFAULT_SPEC), names):
@@ -143,6 +143,13 @@ class HFTarget(Target):
         spec = load(self.spec or DEFAULT_RENAME_SPEC)
         if not spec.renames and _all_match(spec, names):
             return {n: (shapes[n], Segment(n)) for n in names}
+        if self.spec is None and not any(_renamed_by(spec, n) for n in names):
+            raise HFTargetError(
+                f"{where}: the parameter names are neither Hugging Face Llama names nor Megatron GPT "
+                f"names (the default {DEFAULT_RENAME_SPEC} spec maps none of them): "
+                f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}; pass --spec with rename "
+                "rules to the HF names (a torchtitan Llama's q/k rows also differ from HF's rotary "
+                "order, which rename rules cannot express)")
         bound = spec.bind(constants=model_constants(md, spec, self.config, config_option=True))
         return split_views(bound, names, shapes)
 
@@ -201,6 +208,11 @@ def _fragment(hf_name: str, shape, seg: Segment, src_shape) -> Fragment:
     return Fragment(name=seg.name, local_name=hf_name, coords=(), local_shape=tuple(shape),
                     pieces=(Piece(Box(tuple(start), tuple(stop)), Box.full(shape)),),
                     global_shape=tuple(src_shape))
+
+
+def _renamed_by(spec, name: str) -> bool:
+    """Whether a rename rule of ``spec`` takes ``name`` as its source."""
+    return any(r.source.regex().fullmatch(name) for r in spec.renames)
 
 
 def _all_match(spec, names) -> bool:
