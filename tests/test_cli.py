@@ -26,6 +26,31 @@ def _make(path, scale=1.0, extra=False):
     return path
 
 
+def test_inspect_shows_a_tied_alias_stored_once(tmp_path, capsys):
+    """An alias stored once has no arrays; its row says what it is tied to, with its shape and dtype."""
+    import torch.distributed.checkpoint as dcp
+    from torch import nn
+
+    from ucp.dcp import UniversalWriter
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok_embeddings = nn.Embedding(8, 4)
+            self.output = nn.Linear(4, 8, bias=False)
+            self.output.weight = self.tok_embeddings.weight
+
+    dcp.save(Tied().state_dict(), storage_writer=UniversalWriter(tmp_path / "u"))
+    assert main(["inspect", str(tmp_path / "u")]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("output.weight"))
+    assert row.split() == ["output.weight", "-", "float32", "8x4", "-", "-", "tied->tok_embeddings.weight"]
+    assert "2 parameters, 1 arrays" in out
+    assert main(["inspect", str(tmp_path / "u"), "--json"]) == 0
+    alias = next(p for p in json.loads(capsys.readouterr().out)["params"] if p["name"] == "output.weight")
+    assert alias["states"] == [] and alias["shape"] == [8, 4] and alias["dtype"] == "float32"
+
+
 def test_inspect_table_and_json(tmp_path, capsys):
     p = _make(tmp_path / "a")
     assert main(["inspect", str(p)]) == 0

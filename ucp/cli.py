@@ -67,6 +67,11 @@ def cmd_inspect(args) -> int:
             flags.append("parts:" + ",".join(x["name"] for x in p["parts"]))
         if p.get("padding"):
             flags.append("padded")
+        if not p["states"]:   # a tied alias stored once: no arrays of its own, one row all the same
+            shape = p.get("shape")
+            rows.append([p["name"], "-", str(p.get("dtype") or "-"),
+                         "x".join(map(str, shape)) if shape else ("scalar" if shape == [] else "-"), "-", "-",
+                         " ".join(flags)])
         for i, st in enumerate(p["states"]):
             rows.append([p["name"] if i == 0 else "", st["state"], st["dtype"],
                          "x".join(map(str, st["shape"])) or "scalar",

@@ -34,6 +34,8 @@ def inspect_summary(ck) -> dict:
         meta = ck.param_meta(name)
         entry = {"name": name, "states": [_state_summary(ck, name, st) for st in ck.states(name)]}
         entry.update({k: meta[k] for k in SHOWN_META if meta.get(k) not in (None, False, [], {})})
+        if not entry["states"]:   # an alias stored once: its shape and dtype are in its metadata only
+            entry.update({k: meta[k] for k in ("shape", "dtype") if k in meta})
         params.append(entry)
     md = ck.metadata
     return {"path": str(ck.path), "params": params, "num_params": len(params),
