@@ -133,7 +133,8 @@ def loaded(saved, deepspeed):
                     job("export-dp3-to-2d4", "plain", "fsdp-plain", "export3"),
                     job("fsdp4-16k-to-2d4", "plain", "fsdp-plain", "uw16k"),
                     job("fsdp4-uw-as-titan-to-2d4", "plain", "fsdp-plain", "uw", "titan", "no-train-state"),
-                    job("deepspeed-to-2d4", "ds", "ds", "conv")],
+                    job("deepspeed-to-2d4", "ds", "ds", "conv"),
+                    job("deepspeed-as-titan-to-2d4", "ds", "ds", "conv", "titan", "no-train-state")],
     }
     tags = {}
     for (n, layout), jobs in launches.items():
@@ -234,12 +235,15 @@ def test_loads_read_about_the_bytes_each_rank_needs(saved, loaded, tag):
             assert got["bytes_read"] < 0.75 * total, got
 
 
-def test_deepspeed_converted_loads_into_2d(deepspeed, loaded):
+@pytest.mark.parametrize("tag", ["deepspeed-to-2d4", "deepspeed-as-titan-to-2d4"])
+def test_deepspeed_converted_loads_into_2d(deepspeed, loaded, tag):
     """A DeepSpeed ZeRO-2 checkpoint converted by ``ucp convert --from deepspeed`` -> ``dcp.load``
     through UniversalReader into the same Llama on a 2-D (dp2 x tp2) mesh: every rank holds exactly
     the local shards DeepSpeed's full tensors imply, every param and Adam state, ``step`` and each
-    group's hyper-parameters and members."""
-    rep = loaded["deepspeed-to-2d4"]
+    group's hyper-parameters and members. Also as torchtitan loads it (``keys="torchtitan"``, the
+    flattened optimizer state dict: each parameter's hyper-parameters from its group, which
+    DeepSpeed's files do not list but each parameter's ``optimizer_group`` gives)."""
+    rep = loaded[tag]
     ref = torch.load(deepspeed / "ref.pt", weights_only=True)
     n_tensors = len(ref["model"]) + sum(len(s) for s in ref["optim"]["state"].values())
     assert rep["world"] == 4 and len(ref["model"]) == 31
