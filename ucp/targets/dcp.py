@@ -60,14 +60,14 @@ class DcpTarget(Target):
 
     # -- plan --------------------------------------------------------------------------------
     def plan(self, checkpoint) -> list[TargetUnit]:
+        from ucp.dcp import is_flattened
+
         if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())):
             raise UcpError(f"{self.dst}: destination is not empty")
         self._ck = checkpoint
         units = [TargetUnit(key=f"__{r}_0.distcp", coords={"dp": r},
                             fragments=[f for n in checkpoint.params for f in self._fragments(checkpoint, n, r)])
                  for r in range(self.world)]
-        from ucp.dcp import is_flattened
-
         md = checkpoint.metadata if isinstance(checkpoint.metadata, dict) else {}
         self.form = self.keys or md.get("dcp_keys") or "get_state_dict"
         # param groups as saved, or as the form asked for saves them (torchtitan flattens them)
