@@ -262,3 +262,24 @@ def test_export_to_hf_of_names_no_spec_maps_says_so_first(titan_run, tmp_path):
                                        r"nor Megatron GPT names .*: embed\.weight, .*pass --spec"):
         ucp.export(root / "conv", tmp_path / "hf", "hf")
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("writer", ["dcp", "live"])
+def test_a_model_section_with_a_tensor_beside_it_stays_get_state_dicts(tmp_path, writer):
+    """``{"model": model.state_dict(), "rng": torch.get_rng_state()}``: the keys of the ``model``
+    section are its parameters, and the RNG state an entry beside them, as DCP's saved paths say
+    (``("model", fqn)`` against ``("rng",)``), although a tensor key lies outside ``model.``."""
+    torch.manual_seed(0)
+    lm = CausalLM()
+    sd = {"model": lm.state_dict(), "rng": torch.get_rng_state()}
+    if writer == "dcp":
+        dcp.save(sd, checkpoint_id=tmp_path / "dcp")
+        ucp.convert(tmp_path / "dcp", tmp_path / "u", source="dcp")
+    else:
+        dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "u"))
+    ck = ucp.open(tmp_path / "u")
+    assert ck.params == list(sd["model"])
+    assert "dcp_keys" not in ck.metadata and same(ck.metadata["dcp"]["rng"], sd["rng"])
+    back = {"model": {n: torch.zeros_like(t) for n, t in sd["model"].items()}, "rng": torch.zeros_like(sd["rng"])}
+    dcp.load(back, storage_reader=UniversalReader(tmp_path / "u"))
+    assert_same_tree(back, sd)

@@ -129,17 +129,26 @@ TITAN_OPTIM = "optimizer."
 TITAN_STATES = ("lr_scheduler.", "dataloader.", "train_state.")
 
 
-def key_form(keys: dict) -> str:
-    """The form of a state dict's keys (``{key: number of dims, None for a value}``): an
-    ``optim.`` section, or tensors all under ``model.``, say ``get_state_dict``; an optimizer under
-    ``optimizer.``, or tensors outside ``model.`` (a Hugging Face ``lm_head.weight`` beside its
-    ``model.*``), say ``torchtitan``."""
+def key_form(keys: dict, paths: Optional[dict] = None) -> str:
+    """The form of a state dict's keys (``{key: number of dims, None for a value}``): an ``optim.``
+    section says ``get_state_dict``, an optimizer under ``optimizer.`` says ``torchtitan``.
+    Without an optimizer, a ``model`` section says ``get_state_dict`` and tensors at the top
+    level say ``torchtitan``. ``paths`` (DCP's ``planner_data``: key -> nested path) tell the
+    section (``("model", fqn)``) from a top-level key that merely starts with ``model.`` (a
+    Hugging Face model's own ``model.*`` beside its ``lm_head.weight``); without them, tensors
+    all under ``model.`` say ``get_state_dict``."""
     if any(k.startswith("optim.") for k in keys):
         return "get_state_dict"
     if any(k.startswith((TITAN_OPTIM + "state.", TITAN_OPTIM + "param_groups.")) for k in keys):
         return "torchtitan"
     arrays = [k for k, nd in keys.items() if nd]
-    return "torchtitan" if arrays and not all(k.startswith(MODEL) for k in arrays) else "get_state_dict"
+    if not arrays:
+        return "get_state_dict"
+    if isinstance(paths, dict) and all(k in paths for k in arrays):
+        section = any(len(paths[k]) > 1 and paths[k][0] == MODEL[:-1] for k in arrays)
+    else:
+        section = all(k.startswith(MODEL) for k in arrays)
+    return "get_state_dict" if section else "torchtitan"
 
 
 def check_form(form: str, what: str) -> str:
@@ -536,7 +545,8 @@ class UniversalWriter(StorageWriter):
         ranks' boxes, and tell each rank its part number and the grids."""
         if self.path is None:
             raise UcpError("UniversalWriter: no path (pass it, or checkpoint_id= to dcp.save)")
-        self._form = key_form({item.index.fqn: _ndim(item) for p in plans for item in p.items})
+        self._form = key_form({item.index.fqn: _ndim(item) for p in plans for item in p.items},
+                              {k: v for p in plans if isinstance(p.planner_data, dict) for k, v in p.planner_data.items()})
         keys = [_parse(item.index.fqn, self._form) for p in plans for item in p.items]
         check_states_held(self.path, [k.name for k in keys if k.kind == "state"],
                           [k.name for k in keys if k.kind == "param"])

@@ -60,7 +60,7 @@ class DcpSource(Source):
 
         md = self.files().metadata
         saved = _key_order(md)
-        form = key_form({k: _ndim(md.state_dict_metadata[k]) for k in saved})
+        form = key_form({k: _ndim(md.state_dict_metadata[k]) for k in saved}, md.planner_data)
         canon = {k: canonical_key(k, form) for k in saved}
         keys = [canon[k] for k in saved]
         arrays, scalars, groups, extras = self._classify(canon, parse_key)
