@@ -108,6 +108,24 @@ def test_diff_equal_close_and_different(tmp_path, capsys):
     assert any(r["param"] == "extra" and r["status"] == "only in B" for r in rep["rows"])
 
 
+def test_diff_of_complex_tensors_compares_both_parts(tmp_path, capsys):
+    """A complex buffer (RoPE's ``freqs_cis``) that differs in its real or imaginary part differs:
+    ``ucp diff`` once cast complex values to integers, dropping the imaginary part and the fractions."""
+    def make(path, v):
+        with create_checkpoint(path) as w:
+            w.add_param("freqs")
+            w.write_tensor("freqs", "param", torch.tensor(v, dtype=torch.complex64))
+        return str(path)
+
+    a = make(tmp_path / "a", [0.1 + 0.2j, 1.0 + 0j])
+    for v, d in (([0.1 + 0.7j, 1.0 + 0j], 0.5), ([0.1 + 0.2j, 1.25 + 0j], 0.25)):
+        b = make(tmp_path / f"b{d}", v)
+        assert main(["diff", a, b, "--json"]) == 1
+        row = next(r for r in json.loads(capsys.readouterr().out)["rows"] if r["param"] == "freqs")
+        assert row["status"] == "differs" and abs(row["max_abs_diff"] - d) < 1e-6
+    assert main(["diff", a, make(tmp_path / "same", [0.1 + 0.2j, 1.0 + 0j])]) == 0
+
+
 def test_unknown_source_is_a_clear_error(tmp_path, capsys):
     """A checkpoint no registered source recognises, or a --from name nobody registered:
     one line that lists the registered sources, exit 2, nothing written."""

@@ -58,9 +58,11 @@ def row_blocks(shape, itemsize: int, budget: int = DIFF_BLOCK_BYTES) -> Iterator
 
 def _block_diff(ta, tb) -> tuple[float, bool]:
     """(max |a - b| over the block, whether NaN positions differ); equal infinities and NaN
-    against NaN count as no difference."""
+    against NaN count as no difference; complex numbers differ by their parts'."""
     import torch
 
+    if ta.dtype.is_complex or tb.dtype.is_complex:   # real and imaginary parts as floats (.long() drops both)
+        ta, tb = (torch.view_as_real(t) if t.dtype.is_complex else t for t in (ta, tb))
     if ta.dtype.is_floating_point or tb.dtype.is_floating_point:
         fa, fb = ta.double(), tb.double()
         na, nb = torch.isnan(fa), torch.isnan(fb)
