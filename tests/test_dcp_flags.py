@@ -354,3 +354,34 @@ def test_either_optimizer_form_loads_from_either_save(tmp_path, saved_flat):
         for p, q in zip(fresh.parameters(), model.parameters()):
             assert torch.equal(p, q) and torch.equal(fopt.state[p]["exp_avg_sq"], opt.state[q]["exp_avg_sq"])
     assert set(osd) <= set(template_free(UniversalReader(tmp_path / "u"))["optim"])
+
+
+@pytest.mark.parametrize("opt_factory,scalars", [
+    (lambda p: torch.optim.NAdam(p, lr=0.01), ("mu_product",)),
+    (lambda p: torch.optim.ASGD(p, lr=0.01), ("eta", "mu")),
+])
+def test_export_to_deepspeed_keeps_every_0d_optimizer_state(tmp_path, opt_factory, scalars):
+    """NAdam keeps ``mu_product`` beside ``step``, ASGD ``eta`` and ``mu``: a DeepSpeed flat group's
+    torch state must hold them too (its ``load_state_dict`` on resume needs every key), as the
+    tensors torch keeps, of their dtype. They were dropped, silently."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = opt_factory(model.parameters())
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, storage_writer=UniversalWriter(tmp_path / "u"))
+    ucp.export(tmp_path / "u", tmp_path / "ds", "deepspeed", degrees={"dp": 1}, zero_stage=2)
+    (optim_file,) = (tmp_path / "ds").glob("global_step*/*optim_states.pt")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler   # the objects DeepSpeed's file pickles
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        state = torch.load(optim_file, weights_only=True)["optimizer_state_dict"]["base_optimizer_state"]["state"][0]
+    want = osd["state"]["weight"]
+    assert set(state) == set(want)
+    for k in ("step", *scalars):
+        assert state[k].dtype == want[k].dtype and state[k].dim() == 0 and state[k].item() == want[k].item(), k

@@ -56,6 +56,7 @@ class Model:
     states: list[str]                          # optimizer states besides "param"
     steps: list[Any]                           # per group: Adam step (None if unknown)
     hyper: list[dict] = field(default_factory=list)
+    scalars: list[dict] = field(default_factory=list)   # per group: 0-d states besides step, {state: (value, dtype)}
 
     @staticmethod
     def of(ck) -> "Model":
@@ -78,10 +79,31 @@ class Model:
             raise UcpError(f"{ck.path}: optimizer state ({', '.join(states)}) but no optimizer hyper-parameters "
                            "(metadata optimizer.param_groups: lr, betas, ...), which DeepSpeed's files need")
         steps = [next((meta[n].get("scalars", {}).get("step") for n in grp), None) for grp in groups]
-        return Model(names, shapes, frozen, tied, groups, states, steps, hyper)
+        return Model(names, shapes, frozen, tied, groups, states, steps, hyper,
+                     [_group_scalars(meta, grp) for grp in groups])
 
     def numel(self, name: str) -> int:
         return math.prod(self.shapes[name])
+
+
+def _group_scalars(meta: dict, group: list[str]) -> dict:
+    """The 0-d optimizer states besides ``step`` (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``)
+    of a flat group: one torch state per flat buffer, so its first member's, as for ``step``.
+    Left out, the optimizer's ``load_state_dict`` on resume fails on the missing key."""
+    first = next((meta[n] for n in group if meta[n].get("scalars")), None)
+    if first is None:
+        return {}
+    dtypes = first.get("scalar_dtypes") or {}
+    return {k: (v, dtypes.get(k)) for k, v in first["scalars"].items() if k != "step"}
+
+
+def _scalar_tensor(value, dtype: str | None):
+    """A 0-d state as the tensor torch's optimizers keep it: its recorded dtype, else float32 / int64."""
+    import torch
+
+    if dtype is not None:
+        return torch.tensor(value, dtype=getattr(torch, dtype))
+    return torch.tensor(value, dtype=torch.float32 if isinstance(value, float) else torch.int64)
 
 
 # ------------------------------------------------------------------ DeepSpeed's partitioning
@@ -325,8 +347,10 @@ class DeepSpeedTarget(Target):
         if not self.model.states:
             return out
         for i, g in enumerate(groups):
-            step = self.model.steps[self._group_index(i)]
-            out[i] = {"step": torch.tensor(float(step or 0)),
+            gi = self._group_index(i)
+            scalars = self.model.scalars[gi] if gi < len(self.model.scalars) else {}
+            out[i] = {"step": torch.tensor(float(self.model.steps[gi] or 0)),
+                      **{st: _scalar_tensor(v, dt) for st, (v, dt) in scalars.items()},
                       **{st: buffer(tensors, st, g) for st in self.model.states}}
         return out
 
