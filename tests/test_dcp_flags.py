@@ -385,3 +385,29 @@ def test_export_to_deepspeed_keeps_every_0d_optimizer_state(tmp_path, opt_factor
     assert set(state) == set(want)
     for k in ("step", *scalars):
         assert state[k].dtype == want[k].dtype and state[k].dim() == 0 and state[k].item() == want[k].item(), k
+
+
+def test_a_list_valued_optimizer_state_is_refused_by_name(tmp_path):
+    """LBFGS keeps lists of tensors per parameter (``old_dirs``, ``ro``...), which DCP flattens to
+    ``optim.state.<fqn>.<state>.<i>``. ucp does not store them and says so, naming the state and
+    the parameter; it once told the user the model section lacked a parameter ``<fqn>.<state>``."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
+    x = torch.randn(8, 4)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd}
+    want = r"optimizer state '(al|old_dirs|old_stps|ro)' of (weight|bias) \(and \d+ more\) is a list of tensors"
+    with pytest.raises(BaseException, match=want):
+        dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "live"))
+    dcp.save(sd, checkpoint_id=tmp_path / "dcp")
+    with pytest.raises(UcpError, match=want):
+        ucp.convert(tmp_path / "dcp", tmp_path / "conv", source="dcp")

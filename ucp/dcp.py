@@ -1013,6 +1013,12 @@ def check_states_held(where, state_names, param_names) -> None:
     ``model.<fqn>`` entry (its ``param`` array), so state alone could be stored but never loaded
     or exported."""
     missing = sorted(set(state_names) - set(param_names))
+    listed = [n for n in missing if n.rpartition(".")[0] in set(param_names)]
+    if listed:   # optim.state.<fqn>.<state>.<i>: read as state <i> of a parameter "<fqn>.<state>"
+        name, _, state = listed[0].rpartition(".")
+        more = f" (and {len(listed) - 1} more)" if len(listed) > 1 else ""
+        raise UcpError(f"{where}: optimizer state {state!r} of {name}{more} is a list of tensors (keys "
+                       f"optim.state.{name}.{state}.<i>, as LBFGS keeps its history), which ucp does not store")
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
         raise UcpError(f"{where}: optimizer state for {', '.join(missing[:5])}{more}, which the model "
