@@ -411,3 +411,41 @@ def test_a_list_valued_optimizer_state_is_refused_by_name(tmp_path):
     dcp.save(sd, checkpoint_id=tmp_path / "dcp")
     with pytest.raises(UcpError, match=want):
         ucp.convert(tmp_path / "dcp", tmp_path / "conv", source="dcp")
+
+
+def test_factored_optimizer_states_convert_with_their_own_shapes(tmp_path):
+    """Adafactor keeps ``row_var`` (rows x 1) and ``col_var`` (1 x cols) for a matrix: converted from
+    DCP's files each state is an array of its own shape, equal to DCP's consolidation bit for bit,
+    and loads back through UniversalReader; the exports whose files shape every state as its
+    parameter (--to dcp, --to deepspeed) refuse it by name and write nothing."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.Adafactor(model.parameters(), lr=0.01)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp_path / "dcp")
+    ucp.convert(tmp_path / "dcp", tmp_path / "u", source="dcp")
+    dcp_to_torch_save(tmp_path / "dcp", tmp_path / "ref.pt")
+    ref = torch.load(tmp_path / "ref.pt", weights_only=True)["optim"]["state"]
+    ck = ucp.open(tmp_path / "u")
+    assert tuple(ck.array_info("weight", "row_var").shape) == (3, 1)
+    assert tuple(ck.array_info("weight", "col_var").shape) == (1, 4)
+    for n, states in ref.items():
+        for st, t in states.items():
+            if t.dim():
+                assert torch.equal(ck.read(n, st), t), (n, st)
+    back = {"model": {k: torch.zeros_like(v) for k, v in msd.items()},
+            "optim": {"state": {n: {st: torch.zeros_like(t) for st, t in s.items()} for n, s in osd["state"].items()},
+                      "param_groups": osd["param_groups"]}}
+    dcp.load(back, storage_reader=UniversalReader(tmp_path / "u"))
+    for n, states in osd["state"].items():
+        for st, t in states.items():
+            assert torch.equal(back["optim"]["state"][n][st], t), (n, st)
+    for target, kw in (("dcp", {}), ("deepspeed", {"degrees": {"dp": 1}, "zero_stage": 2})):
+        with pytest.raises(UcpError, match=r"state '(row|col)_var' of 'weight' has shape \[\d, \d\], not the "
+                                           r"parameter's \[3, 4\] \(a factored optimizer state"):
+            ucp.export(tmp_path / "u", tmp_path / f"to-{target}", target, **kw)
+        assert not (tmp_path / f"to-{target}").exists() or not any((tmp_path / f"to-{target}").iterdir())

@@ -100,13 +100,13 @@ def check_layout(layout) -> None:
         checked = set()
         for state in p.dtypes:
             frags = p.fragments_of(state)
-            if id(frags) not in checked:
-                check_coverage(p.name, p.shape, frags)
-                checked.add(id(frags))
+            if (id(frags), p.shape_of(state)) not in checked:
+                check_coverage(p.name, p.shape_of(state), frags)
+                checked.add((id(frags), p.shape_of(state)))
 
 
 def _volume(p) -> int:
-    return math.prod(p.shape) * len(p.dtypes)
+    return sum(math.prod(p.shape_of(state)) for state in p.dtypes)
 
 
 def _my_params(layout, job) -> set[str]:
@@ -161,9 +161,9 @@ def write_params(writer, source, layout, params, progress: bool = False) -> None
         for p in params:
             writer.add_param(p.name, meta=param_metadata(p, layout, source.name))
             for state, dtype in p.dtypes.items():
-                array = writer.add_array(p.name, state, tuple(p.shape), dtype)
+                array = writer.add_array(p.name, state, p.shape_of(state), dtype)
                 write_state(array, source, p, state, dtype, pipe, buffers)
-                pb.update(math.prod(p.shape))
+                pb.update(math.prod(p.shape_of(state)))
 
 
 #: A state is gathered (:func:`_gather`) in row bands of about this many bytes, each whole outer
@@ -195,7 +195,7 @@ def write_state(array, source, p, state: str, dtype, pipe=None, buffers=None) ->
     partitions = dedupe(p.fragments_of(state))
     if buffers is not None and pipe is not None and hasattr(source, "read_into") \
             and all(len(r) == 1 for r in partitions):
-        bands = gather_bands(tuple(p.shape), dtype.itemsize, getattr(array, "chunks", None))
+        bands = gather_bands(p.shape_of(state), dtype.itemsize, getattr(array, "chunks", None))
         if bands is not None:
             fragments = [r[0][0] for r in partitions]
             for band in bands:

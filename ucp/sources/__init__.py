@@ -48,10 +48,16 @@ class SourceParam:
     scalars: Mapping[str, Any] = field(default_factory=dict)   # e.g. {"step": 3}
     meta: Mapping[str, Any] = field(default_factory=dict)      # FORMAT.md keys: rule, parts, padding,
     #     frozen, tied_to; other JSON keys are kept as given (the engine adds fragmentation and scalars)
+    state_shapes: Mapping[str, tuple] = field(default_factory=dict)   # state -> shape, where not ``shape``
 
     def fragments_of(self, state: str) -> Sequence[Any]:
         """The fragments that hold ``state`` of this parameter."""
         return self.state_fragments.get(state, self.fragments)
+
+    def shape_of(self, state: str) -> tuple[int, ...]:
+        """The shape of ``state``: the parameter's, but for a state an optimizer keeps in another
+        (Adafactor's factored ``row_var`` / ``col_var``)."""
+        return tuple(self.state_shapes.get(state, self.shape))
 
 
 @dataclass(frozen=True)

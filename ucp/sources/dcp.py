@@ -114,10 +114,12 @@ class DcpSource(Source):
         meta = dict(flags)
         if scalars:
             meta["scalar_dtypes"] = {s: str(dt).removeprefix("torch.") for s, (_, dt) in scalars.items()}
+        shapes = {s: tuple(arrays[(name, s)][1].size) for s in states}
         return SourceParam(name=name, shape=tuple(tmd.size),
                            dtypes={s: arrays[(name, s)][1].properties.dtype for s in states},
                            fragments=frags["param"], state_fragments={s: f for s, f in frags.items() if s != "param"},
-                           scalars={s: v for s, (v, _) in scalars.items()}, meta=meta)
+                           scalars={s: v for s, (v, _) in scalars.items()}, meta=meta,
+                           state_shapes={s: shp for s, shp in shapes.items() if shp != tuple(tmd.size)})
 
     def _alias(self, name: str, arrays: dict, flags: dict) -> SourceParam:
         """A tied alias: no arrays, read through its ``tied_to`` (stored once)."""

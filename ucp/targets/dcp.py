@@ -89,6 +89,13 @@ class DcpTarget(Target):
                 raise UcpError(f"{getattr(ck, 'path', ck)}: parameter {name!r} has no 'param' array")
             self._aliases[name] = name
         shape = tuple(ck.array_info(holder, "param").shape)
+        for state in ck.states(name):
+            other = tuple(ck.array_info(name, state).shape)
+            if other != shape:    # one set of row chunks serves every state of a parameter here
+                raise UcpError(f"{getattr(ck, 'path', ck)}: state {state!r} of {name!r} has shape {list(other)}, not "
+                               f"the parameter's {list(shape)} (a factored optimizer state, as Adafactor's): "
+                               "--to dcp writes states shaped as their parameter; UniversalReader loads this "
+                               "checkpoint as it is")
         whole = Box.full(shape)
         if not shape or whole.empty:
             boxes = [whole] if rank == 0 else []
