@@ -195,6 +195,17 @@ def test_export_to_dcp_writes_the_saved_form_or_the_one_asked(titan_run, tmp_pat
     assert not (tmp_path / "bad").exists() and not (tmp_path / "hf").exists()
 
 
+def save_universal(sd: dict, tmp_path, writer: str):
+    """``sd`` as a universal checkpoint at ``tmp_path / "u"``: saved by DCP and converted (``dcp``),
+    or saved through UniversalWriter (``live``); opened."""
+    if writer == "dcp":
+        dcp.save(sd, checkpoint_id=tmp_path / "dcp")
+        ucp.convert(tmp_path / "dcp", tmp_path / "u", source="dcp")
+    else:
+        dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "u"))
+    return ucp.open(tmp_path / "u")
+
+
 class _Inner(nn.Module):
     def __init__(self):
         super().__init__()
@@ -219,12 +230,7 @@ def test_a_plain_model_state_dict_keeps_its_names(tmp_path, writer):
     torch.manual_seed(0)
     lm = CausalLM()
     sd = lm.state_dict()
-    if writer == "dcp":
-        dcp.save(sd, checkpoint_id=tmp_path / "dcp")
-        ucp.convert(tmp_path / "dcp", tmp_path / "u", source="dcp")
-    else:
-        dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "u"))
-    ck = ucp.open(tmp_path / "u")
+    ck = save_universal(sd, tmp_path, writer)
     assert ck.params == list(sd)
     for n, t in sd.items():
         assert same(ck.read(n, "param"), t)
@@ -272,12 +278,7 @@ def test_a_model_section_with_a_tensor_beside_it_stays_get_state_dicts(tmp_path,
     torch.manual_seed(0)
     lm = CausalLM()
     sd = {"model": lm.state_dict(), "rng": torch.get_rng_state()}
-    if writer == "dcp":
-        dcp.save(sd, checkpoint_id=tmp_path / "dcp")
-        ucp.convert(tmp_path / "dcp", tmp_path / "u", source="dcp")
-    else:
-        dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "u"))
-    ck = ucp.open(tmp_path / "u")
+    ck = save_universal(sd, tmp_path, writer)
     assert ck.params == list(sd["model"])
     assert "dcp_keys" not in ck.metadata and same(ck.metadata["dcp"]["rng"], sd["rng"])
     back = {"model": {n: torch.zeros_like(t) for n, t in sd["model"].items()}, "rng": torch.zeros_like(sd["rng"])}
