@@ -228,7 +228,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _torch_dtype(name: str) -> torch.dtype:
+def scalar_dtype(value, name: Optional[str] = None) -> torch.dtype:
+    """The dtype of a per-parameter scalar (``scalars``, FORMAT.md §6.1) as the 0-d tensor torch's
+    optimizers keep it: its ``scalar_dtypes`` entry ``name``, else float32 for a float and int64
+    for an int (a scalar recorded without its dtype). One rule for the reader and the exports."""
+    if name is None:
+        return torch.float32 if isinstance(value, float) else torch.int64
     dt = getattr(torch, str(name), None)
     if not isinstance(dt, torch.dtype):
         raise UcpError(f"unknown torch dtype {name!r} in scalar_dtypes")
@@ -449,8 +454,7 @@ def _describe_param(ck, name: str, tensor) -> None:
             tensor(optim_key(name, st), info.shape, info.dtype, ("array", name, st))
     dtypes = meta.get("scalar_dtypes") or {}
     for st, v in (meta.get("scalars") or {}).items():
-        dt = _torch_dtype(dtypes[st]) if st in dtypes else \
-            (torch.float32 if isinstance(v, float) else torch.int64)
+        dt = scalar_dtype(v, dtypes.get(st))
         tensor(optim_key(name, st), (), dt, ("scalar", v, dt))
 
 

@@ -133,7 +133,7 @@ class DcpTarget(Target):
         """Scalars (0-d tensors) and non-tensor entries, written with file 0."""
         import torch
 
-        from ucp.dcp import form_key, optim_key
+        from ucp.dcp import form_key, optim_key, scalar_dtype
 
         ck = self._ck
         out = []
@@ -141,9 +141,8 @@ class DcpTarget(Target):
             meta = ck.param_meta(name)
             dtypes = meta.get("scalar_dtypes") or {}
             for state, v in (meta.get("scalars") or {}).items():
-                dt = getattr(torch, dtypes[state]) if state in dtypes else \
-                    (torch.float32 if isinstance(v, float) else torch.int64)
-                out.append((form_key(optim_key(name, state), self.form), [], [], torch.tensor(v, dtype=dt)))
+                out.append((form_key(optim_key(name, state), self.form), [], [],
+                            torch.tensor(v, dtype=scalar_dtype(v, dtypes.get(state)))))
         for key, value in _non_tensor_entries(ck, self.flat):
             key = form_key(key, self.form)
             if isinstance(value, torch.Tensor):

@@ -103,15 +103,6 @@ def _group_scalars(meta: dict, group: list[str]) -> dict:
     return {k: (v, dtypes.get(k)) for k, v in first["scalars"].items() if k != "step"}
 
 
-def _scalar_tensor(value, dtype: str | None):
-    """A 0-d state as the tensor torch's optimizers keep it: its recorded dtype, else float32 / int64."""
-    import torch
-
-    if dtype is not None:
-        return torch.tensor(value, dtype=getattr(torch, dtype))
-    return torch.tensor(value, dtype=torch.float32 if isinstance(value, float) else torch.int64)
-
-
 # ------------------------------------------------------------------ DeepSpeed's partitioning
 @dataclass
 class FlatGroup:
@@ -349,6 +340,8 @@ class DeepSpeedTarget(Target):
         """Torch optimizer state per flat buffer (skipped when the checkpoint has no moments)."""
         import torch
 
+        from ucp.dcp import scalar_dtype
+
         out = {}
         if not self.model.states:
             return out
@@ -356,7 +349,7 @@ class DeepSpeedTarget(Target):
             gi = self._group_index(i)
             scalars = self.model.scalars[gi] if gi < len(self.model.scalars) else {}
             out[i] = {"step": torch.tensor(float(self.model.steps[gi] or 0)),
-                      **{st: _scalar_tensor(v, dt) for st, (v, dt) in scalars.items()},
+                      **{st: torch.tensor(v, dtype=scalar_dtype(v, dt)) for st, (v, dt) in scalars.items()},
                       **{st: buffer(tensors, st, g) for st in self.model.states}}
         return out
 
