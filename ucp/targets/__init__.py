@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
+from ucp.errors import UcpError
 from ucp.plugins import Plugin, Registry
 
 
@@ -75,6 +76,21 @@ class Target(Plugin):
 
 
 Target.registry = Registry(__name__, "target")
+
+
+def check_states_shaped_as_params(ck, names, why: str) -> None:
+    """Every state of parameters ``names`` has its parameter's shape, for targets whose files lay
+    every state out as its parameter (``why`` says how); a state an optimizer keeps in another
+    shape (Adafactor's factored ``row_var`` / ``col_var``) is refused by name, before anything is
+    written."""
+    for name in names:
+        shape = tuple(ck.array_info(name, "param").shape)
+        for state in ck.states(name):
+            other = tuple(ck.array_info(name, state).shape)
+            if other != shape:
+                raise UcpError(f"{getattr(ck, 'path', ck)}: state {state!r} of {name!r} has shape {list(other)}, "
+                               f"not the parameter's {list(shape)} (a factored optimizer state, as Adafactor's): "
+                               f"{why}")
 
 
 def targets() -> dict[str, type[Target]]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ucp.errors import UcpError
-from ucp.targets import Target, TargetUnit
+from ucp.targets import Target, TargetUnit, check_states_shaped_as_params
 
 INDEX_SUFFIX = ".ucp-index.json"
 
@@ -65,6 +65,10 @@ class DcpTarget(Target):
         if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())):
             raise UcpError(f"{self.dst}: destination is not empty")
         self._ck = checkpoint
+        # one set of row chunks serves every state of a parameter here (an alias has no states)
+        check_states_shaped_as_params(checkpoint, [n for n in checkpoint.params if checkpoint.states(n)],
+                                      "--to dcp writes states shaped as their parameter; UniversalReader "
+                                      "loads this checkpoint as it is")
         units = [TargetUnit(key=f"__{r}_0.distcp", coords={"dp": r},
                             fragments=[f for n in checkpoint.params for f in self._fragments(checkpoint, n, r)])
                  for r in range(self.world)]
@@ -89,13 +93,6 @@ class DcpTarget(Target):
                 raise UcpError(f"{getattr(ck, 'path', ck)}: parameter {name!r} has no 'param' array")
             self._aliases[name] = name
         shape = tuple(ck.array_info(holder, "param").shape)
-        for state in ck.states(name):
-            other = tuple(ck.array_info(name, state).shape)
-            if other != shape:    # one set of row chunks serves every state of a parameter here
-                raise UcpError(f"{getattr(ck, 'path', ck)}: state {state!r} of {name!r} has shape {list(other)}, not "
-                               f"the parameter's {list(shape)} (a factored optimizer state, as Adafactor's): "
-                               "--to dcp writes states shaped as their parameter; UniversalReader loads this "
-                               "checkpoint as it is")
         whole = Box.full(shape)
         if not shape or whole.empty:
             boxes = [whole] if rank == 0 else []

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 from ucp.errors import UcpError
 from ucp.sources.deepspeed import flat_fragment, whole_fragment, zero3_buffer, zero3_partition
-from ucp.targets import Target, TargetUnit
+from ucp.targets import Target, TargetUnit, check_states_shaped_as_params
 
 #: --dtype -> the torch dtype's name (the run's model dtype)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -75,12 +75,8 @@ class Model:
         count = max([len(hyper), 1] + [int(meta[n].get("optimizer_group", 0)) + 1 for n in trainable])
         groups = [[n for n in trainable if int(meta[n].get("optimizer_group", 0)) == g] for g in range(count)]
         states = sorted({st for n in trainable for st in ck.states(n)} - {"param"})
-        for n in trainable:
-            for st in ck.states(n):
-                if tuple(ck.array_info(n, st).shape) != shapes[n]:   # DeepSpeed flattens every state as its param
-                    raise UcpError(f"{ck.path}: state {st!r} of {n!r} has shape {list(ck.array_info(n, st).shape)}, "
-                                   f"not the parameter's {list(shapes[n])} (a factored optimizer state, as "
-                                   "Adafactor's): DeepSpeed's flat buffers hold states shaped as their parameters")
+        check_states_shaped_as_params(ck, trainable, "DeepSpeed's flat buffers hold states shaped as their "
+                                                    "parameters")
         if states and not hyper:
             raise UcpError(f"{ck.path}: optimizer state ({', '.join(states)}) but no optimizer hyper-parameters "
                            "(metadata optimizer.param_groups: lr, betas, ...), which DeepSpeed's files need")
