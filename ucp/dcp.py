@@ -1016,8 +1016,9 @@ def check_states_held(where, state_names, param_names) -> None:
     """Optimizer state must come with its model tensor: a universal parameter is made from its
     ``model.<fqn>`` entry (its ``param`` array), so state alone could be stored but never loaded
     or exported."""
-    missing = sorted(set(state_names) - set(param_names))
-    listed = [n for n in missing if n.rpartition(".")[0] in set(param_names)]
+    held = set(param_names)
+    missing = sorted(set(state_names) - held)
+    listed = [n for n in missing if n.rpartition(".")[0] in held]
     if listed:   # optim.state.<fqn>.<state>.<i>: read as state <i> of a parameter "<fqn>.<state>"
         name, _, state = listed[0].rpartition(".")
         more = f" (and {len(listed) - 1} more)" if len(listed) > 1 else ""

@@ -143,13 +143,15 @@ class HFTarget(Target):
         spec = load(self.spec or DEFAULT_RENAME_SPEC)
         if not spec.renames and _all_match(spec, names):
             return {n: (shapes[n], Segment(n)) for n in names}
-        if self.spec is None and not any(_renamed_by(spec, n) for n in names):
-            raise HFTargetError(
-                f"{where}: the parameter names are neither Hugging Face Llama names nor Megatron GPT "
-                f"names (the default {DEFAULT_RENAME_SPEC} spec maps none of them): "
-                f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}; pass --spec with rename "
-                "rules to the HF names (a torchtitan Llama's q/k rows also differ from HF's rotary "
-                "order, which rename rules cannot express)")
+        if self.spec is None:   # the default rename rules: do they take any of these names?
+            sources = [r.source.regex() for r in spec.renames]
+            if not any(rx.fullmatch(n) for rx in sources for n in names):
+                raise HFTargetError(
+                    f"{where}: the parameter names are neither Hugging Face Llama names nor Megatron GPT "
+                    f"names (the default {DEFAULT_RENAME_SPEC} spec maps none of them): "
+                    f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}; pass --spec with rename "
+                    "rules to the HF names (a torchtitan Llama's q/k rows also differ from HF's rotary "
+                    "order, which rename rules cannot express)")
         bound = spec.bind(constants=model_constants(md, spec, self.config, config_option=True))
         return split_views(bound, names, shapes)
 
@@ -208,11 +210,6 @@ def _fragment(hf_name: str, shape, seg: Segment, src_shape) -> Fragment:
     return Fragment(name=seg.name, local_name=hf_name, coords=(), local_shape=tuple(shape),
                     pieces=(Piece(Box(tuple(start), tuple(stop)), Box.full(shape)),),
                     global_shape=tuple(src_shape))
-
-
-def _renamed_by(spec, name: str) -> bool:
-    """Whether a rename rule of ``spec`` takes ``name`` as its source."""
-    return any(r.source.regex().fullmatch(name) for r in spec.renames)
 
 
 def _all_match(spec, names) -> bool:
