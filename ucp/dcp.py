@@ -549,7 +549,7 @@ class UniversalWriter(StorageWriter):
         ranks' boxes, and tell each rank its part number and the grids."""
         if self.path is None:
             raise UcpError("UniversalWriter: no path (pass it, or checkpoint_id= to dcp.save)")
-        self._form = key_form({item.index.fqn: _ndim(item) for p in plans for item in p.items},
+        self._form = key_form({item.index.fqn: saved_ndim(item.tensor_data) for p in plans for item in p.items},
                               {k: v for p in plans if isinstance(p.planner_data, dict) for k, v in p.planner_data.items()})
         keys = [_parse(item.index.fqn, self._form) for p in plans for item in p.items]
         check_states_held(self.path, [k.name for k in keys if k.kind == "state"],
@@ -1068,9 +1068,11 @@ def _parse(fqn: str, form: str) -> DcpKey:
     return parse_key(canonical_key(fqn, form))
 
 
-def _ndim(item) -> Optional[int]:
-    """Dims of a saved item's tensor; None for a value (``key_form``)."""
-    return None if item.type == WriteItemType.BYTE_IO or item.tensor_data is None else len(item.tensor_data.size)
+def saved_ndim(meta) -> Optional[int]:
+    """Dims of a saved tensor from its metadata (a ``TensorStorageMetadata``, or a write item's
+    ``tensor_data``); None for a value, whose metadata has no size (``key_form``)."""
+    size = getattr(meta, "size", None)
+    return None if size is None else len(size)
 
 
 def _group_order(item):

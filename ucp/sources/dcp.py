@@ -56,11 +56,11 @@ class DcpSource(Source):
 
     def layout(self) -> SourceLayout:
         from ucp.dcp import (canonical_key, canonical_paths, check_states_held, key_form, non_tensor_metadata,
-                             param_flags, param_group_of, parse_key, regroup)
+                             param_flags, param_group_of, parse_key, regroup, saved_ndim)
 
         md = self.files().metadata
         saved = _key_order(md)
-        form = key_form({k: _ndim(md.state_dict_metadata[k]) for k in saved}, md.planner_data)
+        form = key_form({k: saved_ndim(md.state_dict_metadata[k]) for k in saved}, md.planner_data)
         canon = {k: canonical_key(k, form) for k in saved}
         keys = [canon[k] for k in saved]
         arrays, scalars, groups, extras = self._classify(canon, parse_key)
@@ -251,12 +251,6 @@ def _file_rank(rel: str) -> int:
     name = rel.rsplit("/", 1)[-1]
     head = name.removeprefix("__").split("_", 1)[0]
     return int(head) if name.startswith("__") and head.isdigit() else _NO_RANK
-
-
-def _ndim(tmd):
-    """Dims of a saved tensor; None for a value (``key_form``)."""
-    size = getattr(tmd, "size", None)
-    return None if size is None else len(size)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
