@@ -15,13 +15,14 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from ucp.dcp import MAX_RANK_THREADS, UniversalReader, rank_threads
 from ucp.errors import CorruptChunkError
 from ucp.format import create_checkpoint, open_checkpoint
+from ucp.format.staging import _row_pieces, read_regions
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes as integers: equal means bit-exact (NaN and -0.0 included)."""
-    return t.contiguous().view(torch.uint8)
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def column_block_checkpoint(path, tensors: dict, shard_rows: int, cols: int):
@@ -159,6 +160,55 @@ def test_dcp_load_fills_in_place_and_stages_the_rest(tmp_path):
     assert sd["model.c"].dtype == torch.float64 and torch.equal(sd["model.c"], c.double())
     need = (a.numel() + b.numel()) * 4 + c.numel() * 8
     assert reader.bytes_needed == need
+
+
+@SETTINGS
+@given(rows=st.integers(1, 30), cols=st.integers(1, 20), stage=st.integers(1, 600), seed=st.integers(0, 2**31))
+def test_read_regions_fills_any_destination_through_small_buffers(tmp_path_factory, rows, cols, stage, seed):
+    """``read_regions`` with host buffers of a few bytes to a few hundred (regions split by rows,
+    single rows larger than a buffer, batches of many pieces): destinations of the stored dtype
+    read in place, transposed views, another dtype and slices of a larger tensor all end equal to
+    the boxes of the source (a cast where the destination's dtype differs)."""
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    src = {"w": torch.randn(rows, cols, generator=g), "v": torch.randn(rows, 2, cols, generator=g).bfloat16()}
+    path = tmp_path_factory.mktemp("regions") / "ck"
+    column_block_checkpoint(path, src, max(1, rows // 3), max(1, cols // 2))
+    ck = open_checkpoint(path, workers=2)
+    regions, want = [], []
+    for _ in range(6):
+        name = rnd.choice(sorted(src))
+        a, b = random_box(src[name].shape, rnd)
+        shape = [e - s for s, e in zip(a, b)]
+        kind = rnd.choice(["inplace", "transposed", "cast", "slice"])
+        if kind == "transposed" and len(shape) == 2:
+            target = torch.zeros(shape[::-1], dtype=src[name].dtype).T
+        elif kind == "cast":
+            target = torch.zeros(shape, dtype=torch.float64)
+        elif kind == "slice":
+            target = torch.zeros([n + 2 for n in shape], dtype=src[name].dtype)[(slice(1, -1),) * len(shape)]
+        else:
+            target = torch.zeros(shape, dtype=src[name].dtype)
+        regions.append((name, "param", a, b, target))
+        want.append(select(src[name], a, b).to(target.dtype))
+    read_regions(ck, regions, stage_bytes=stage)
+    for (name, _, a, b, target), w in zip(regions, want):
+        assert torch.equal(bits(target), bits(w)), (name, a, b, target.dtype, target.stride())
+    ck.close()
+
+
+@given(rows=st.integers(1, 50), row_elems=st.integers(1, 30), limit=st.integers(1, 2000))
+def test_row_pieces_cover_the_region_within_the_limit(rows, row_elems, limit):
+    """A region's pieces tile it by consecutive whole rows, each within the buffer size unless it
+    is one row; each piece's target is its rows of the region's target."""
+    target = torch.zeros(rows, row_elems)
+    pieces = _row_pieces("n", "param", [5, 0], [5 + rows, row_elems], target, torch.float32, limit)
+    at = 5
+    for _n, _s, a, b, t, _d in pieces:
+        assert a == [at, 0] and b[1] == row_elems and t.data_ptr() == target[at - 5].data_ptr()
+        assert (b[0] - a[0]) * row_elems * 4 <= limit or b[0] - a[0] == 1 or len(pieces) == 1
+        at = b[0]
+    assert at == 5 + rows
 
 
 def test_reader_threads_share_the_cores_among_local_ranks(monkeypatch, tmp_path):

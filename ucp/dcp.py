@@ -74,6 +74,7 @@ from ucp.errors import UcpError, unpickling_refusal
 from ucp.format import (aligned_chunks, commit_parts, create_checkpoint, default_chunks, jsonmeta, layout,
                         open_checkpoint)
 from ucp.format.parts import part_rel
+from ucp.format.staging import read_regions
 from ucp.format.store import MANIFEST, make_store
 from ucp.format.writer import clear_to_overwrite
 
@@ -334,10 +335,11 @@ class UniversalReader(StorageReader):
 
     def read_data(self, plan: LoadPlan, planner) -> Future:
         """Serve every ``ReadItem`` by reading exactly its region of the universal array. All the
-        array regions go to :meth:`Checkpoint.read_boxes` at once (its one pool reads their chunks,
-        straight into the destination tensors DCP resolves); the planner is called from this
-        thread only."""
-        boxes, staged, done = [], [], []
+        array regions go to :func:`read_regions` at once: one pool reads their chunks straight
+        into the destination tensors DCP resolves where they are contiguous CPU tensors of the
+        stored dtype, and through reused host buffers otherwise (CUDA tensors: pinned, the copy of
+        one batch overlapping the read of the next). The planner is called from this thread only."""
+        regions, done = [], []
         for req in plan.items:
             entry = self.storage_data.get(req.storage_index)
             if entry is None:
@@ -356,13 +358,10 @@ class UniversalReader(StorageReader):
             stop = [o + int(n) for o, n in zip(start, req.lengths)]
             if entry[0] != "array":
                 _fill_value(entry, start, stop, target)
-                continue
-            out = self._destination(entry, target, staged)
-            boxes.append((entry[1], entry[2], start, stop, out))
-        if boxes:
-            self._checkpoint().read_boxes(boxes)
-        for target, out in staged:
-            target.copy_(out)
+            else:
+                regions.append((entry[1], entry[2], start, stop, target))
+        if regions:
+            read_regions(self._checkpoint(), regions)
         for req, target in done:
             planner.commit_tensor(req, target)
         fut = Future()
@@ -370,16 +369,6 @@ class UniversalReader(StorageReader):
         return fut
 
     # -- internals --------------------------------------------------------------------------
-    def _destination(self, entry, target: torch.Tensor, staged: list) -> torch.Tensor:
-        """Where a region is read: the DCP destination itself when it is a contiguous CPU tensor of
-        the stored dtype, else a buffer copied into it afterwards (noted in ``staged``)."""
-        dtype = self._checkpoint().array_info(entry[1], entry[2]).dtype
-        if target.dtype == dtype and target.is_contiguous() and target.device.type == "cpu":
-            return target
-        out = torch.empty(target.shape, dtype=dtype)
-        staged.append((target, out))
-        return out
-
     def _checkpoint(self):
         if self._ck is None:
             if self.path is None:
