@@ -80,3 +80,22 @@ def test_resume_through_deepspeed_universal(trained, dp, stage):
     assert got["step"] == want["step"]
     expected = json.loads((trained / "losses.json").read_text())[-MORE:]
     assert losses[0] == pytest.approx(expected[0], rel=1e-5, abs=1e-6)
+
+
+def test_resume_clips_as_the_run_did_when_its_config_left_clipping_out(tmp_path):
+    """A run whose config leaves ``gradient_clipping`` out clips at DeepSpeed's default; ZeRO-1/2
+    optimizer files carry the clipping and DeepSpeed's load takes it from them over the config,
+    so an export that wrote 0.0 turned clipping off in the resumed run (losses parted from the
+    second step on, once the gradient norm passed 1). The loading run's optimizer clips as the
+    saving run's did."""
+    import ucp
+
+    run_ds(2, "--out", tmp_path / "z2", "--stage", 2, "--dtype", "fp32", "--steps", 1, "--clipping", "default",
+           "--ref", tmp_path / "ref.pt", cwd=tmp_path)
+    ucp.convert(str(tmp_path / "z2"), str(tmp_path / "universal"), source="deepspeed")
+    ucp.export(str(tmp_path / "universal"), str(tmp_path / "z1"), "deepspeed", degrees={"dp": 2}, zero_stage=1)
+    run_ds(2, "--load", tmp_path / "z1", "--stage", 1, "--dtype", "fp32", "--clipping", "default",
+           "--ref", tmp_path / "got.pt", cwd=tmp_path)
+    want = torch.load(tmp_path / "ref.pt", weights_only=True)["clip_grad"]
+    assert want > 0
+    assert torch.load(tmp_path / "got.pt", weights_only=True)["clip_grad"] == want

@@ -65,8 +65,9 @@ def ds_config(args, world):
                                                       "weight_decay": 0.1, "torch_adam": True}},
            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 3e-3,
                                                           "warmup_num_steps": 10}},
-           "zero_optimization": {"stage": args.stage},
-           "gradient_clipping": 1.0, "wall_clock_breakdown": False}
+           "zero_optimization": {"stage": args.stage}, "wall_clock_breakdown": False}
+    if args.clipping != "default":
+        cfg["gradient_clipping"] = float(args.clipping)
     if args.stage == 3:
         cfg["zero_optimization"].update({"sub_group_size": args.sub_group_size,
                                          "stage3_param_persistence_threshold": 0})
@@ -108,12 +109,13 @@ def train(engine, start, n, rank):
 
 
 def dump_reference(engine, model, path, rank):
-    """DeepSpeed's own gather of every trainable parameter's fp32 master and Adam states, and the
-    optimizer's step per param group (collective: every rank calls it, rank 0 saves)."""
+    """DeepSpeed's own gather of every trainable parameter's fp32 master and Adam states, the
+    optimizer's step per param group and the clipping it applies (collective: every rank calls
+    it, rank 0 saves)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     opt = engine.optimizer
-    out = {"param": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": {}}
+    out = {"param": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": {}, "clip_grad": float(opt.clip_grad)}
     for gi, g in enumerate(param_groups(model)):
         if hasattr(opt, "_hp_optimizer_states_linked"):  # ZeRO-1/2 link states lazily per group
             opt._hp_optimizer_states_linked = False
@@ -148,6 +150,8 @@ def main():
     ap.add_argument("--frozen", action="store_true")
     ap.add_argument("--sub-group-size", type=int, default=1000)
     ap.add_argument("--load")
+    ap.add_argument("--clipping", default="1.0",
+                    help="gradient_clipping of the config; 'default': left out (DeepSpeed's default applies)")
     ap.add_argument("--universal", action="store_true")
     ap.add_argument("--more", type=int, default=0)
     ap.add_argument("--second-save", type=int, default=0, help="train K more steps and save a second tag")

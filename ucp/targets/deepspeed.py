@@ -232,6 +232,17 @@ class DeepSpeedTarget(Target):
             cfg["zero_optimization"]["sub_group_size"] = int(self.options["sub_group_size"])
         return cfg
 
+    def _clip_grad(self) -> float:
+        """The gradient clipping the ZeRO-1/2 optimizer files carry: DeepSpeed's load takes it from
+        them over the loading run's config. The source run's own value where recorded, else the
+        config's, else DeepSpeed's default (1.0 in 0.19: a config that leaves it out still clips)."""
+        from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
+
+        recorded = (self.md.get("deepspeed") or {}).get("clip_grad")
+        if recorded is None:
+            recorded = self.config.get("gradient_clipping")
+        return float(GRADIENT_CLIPPING_DEFAULT if recorded is None else recorded)
+
     def _model_units(self) -> list[TargetUnit]:
         m = self.model
         if self.stage < 3:
@@ -319,7 +330,7 @@ class DeepSpeedTarget(Target):
             sd = {"zero_stage": ZeroStageEnum.weights, **common, "partition_count": self.dp,
                   "optimizer_state_dict": base, "fp32_flat_groups": fp32}
         else:
-            sd = {**common, "clip_grad": float(self.config.get("gradient_clipping") or 0.0),
+            sd = {**common, "clip_grad": self._clip_grad(),
                   "base_optimizer_state": base, "single_partition_of_fp32_groups": fp32,
                   "zero_stage": ZeroStageEnum.gradients if self.stage == 2 else ZeroStageEnum.optimizer_states,
                   "group_paddings": [g.padding for g in groups],
@@ -468,7 +479,7 @@ class DeepSpeedUniversalTarget(DeepSpeedTarget):
             return {"zero_stage": ZeroStageEnum.weights, **common, "partition_count": self.dp,
                     "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups},
                     "param_groups": groups}
-        return {**common, "clip_grad": float(self.config.get("gradient_clipping") or 0.0),
+        return {**common, "clip_grad": self._clip_grad(),
                 "zero_stage": ZeroStageEnum.gradients if self.stage == 2 else ZeroStageEnum.optimizer_states,
                 "partition_count": [self.dp] * len(groups), "ds_version": __version__, "param_groups": groups}
 
