@@ -206,6 +206,56 @@ def test_export_errors_are_clear(tmp_path, capsys):
     assert not (tmp_path / "y").exists()
 
 
+def test_sources_and_targets_take_file_urls_and_refuse_other_urls(tmp_path, capsys, monkeypatch):
+    """Framework files are read and written locally: a ``file://`` URL is its path, any other URL
+    is refused by name before anything is written (``Path("s3://b/x")`` is the local folder
+    ``s3:/b/x``: an export there reported success and left the bucket empty)."""
+    from ucp.demo import DEMO_SPEC
+    from ucp.targets.ranks import save_ranks
+
+    monkeypatch.chdir(tmp_path)
+    states = {"param": {"model.norm.weight": torch.ones(8), "lm_head.weight": torch.ones(10, 8)}}
+    save_ranks(states, tmp_path / "src", spec_text=DEMO_SPEC, degrees={"tp": 2})
+    assert main(["convert", f"file://{tmp_path / 'src'}", str(tmp_path / "u"), "-q"]) == 0
+    assert main(["export", str(tmp_path / "u"), f"file://{tmp_path / 'x'}", "--to", "ranks", "--tp", "2", "-q"]) == 0
+    assert main(["convert", str(tmp_path / "x"), str(tmp_path / "u2"), "-q"]) == 0
+    assert main(["diff", str(tmp_path / "u"), str(tmp_path / "u2"), "--ignore-metadata"]) == 0
+    capsys.readouterr()
+    for args in (["convert", "s3://bucket/src", str(tmp_path / "v")],
+                 ["convert", "memory://src", str(tmp_path / "v"), "--from", "ranks"],
+                 ["export", str(tmp_path / "u"), "s3://bucket/out", "--to", "ranks", "--tp", "2"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "local files only" in err and args[1 if args[0] == "convert" else 2] in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "u", "u2", "x"]
+
+
+def test_numeric_options_and_tags_out_of_range_are_refused(tmp_path, capsys):
+    """Degrees, thread counts and sizes below 1, a negative or NaN tolerance and a DeepSpeed tag
+    that is not one folder name are usage errors naming the option; nothing is written (``--dp 0``
+    wrote a single-rank checkpoint, ``--tag ../x`` a folder beside the destination)."""
+    u = _make(tmp_path / "u")
+    cases = [(["export", str(u), str(tmp_path / "x"), "--to", "ranks", "--dp", "0"], "--dp"),
+             (["export", str(u), str(tmp_path / "x"), "--to", "ranks", "--tp", "-2"], "--tp"),
+             (["export", str(u), str(tmp_path / "x"), "--to", "deepspeed", "--zero-stage", "3",
+               "--sub-group-size", "-5"], "--sub-group-size"),
+             (["convert", str(u), str(tmp_path / "x"), "--workers", "0"], "--workers"),
+             (["diff", str(u), str(u), "--atol", "-1"], "--atol"),
+             (["diff", str(u), str(u), "--atol", "nan"], "--atol")]
+    for tag in ("../escaped", "/abs", "a/b", ".."):
+        cases.append((["export", str(u), str(tmp_path / "x"), "--to", "deepspeed", "--zero-stage", "2",
+                       "--tag", tag], "--tag"))
+    for args, flag in cases:
+        try:
+            code = main(args)
+        except SystemExit as e:      # argparse's usage error
+            code = e.code
+        assert code == 2, args
+        assert flag in capsys.readouterr().err, args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["u"]
+    assert main(["diff", str(u), str(u), "--atol", "0.5"]) == 0
+
+
 def test_from_and_to_help_come_from_the_registries(capsys):
     """Every registered source and target appears in the help with its description, so a
     plug-in needs no change to the CLI."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ucp.lang import load
-from ucp.plan import (assemble, check_coverage, mesh_coords, plan_reads, apply_reads, rank_fragments,
+from ucp.plan import (assemble, check_coverage, plan_reads, apply_reads, rank_fragments,
                       split)
 
 L, H, KV, HD, F, V, E = 4, 6, 2, 5, 22, 101, 4

@@ -1,7 +1,6 @@
 """Syntax and semantic errors: SpecError with file:line:col, an 'expected' hint and a caret."""
 import warnings
 import re
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings

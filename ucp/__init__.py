@@ -53,13 +53,13 @@ def convert(src, dst, source="auto", spec=None, *, storage_options=None, distrib
 
 
 def _detected(src) -> str:
-    from pathlib import Path
-
+    from ucp.plugins import local_path
     from ucp.sources import detect
 
-    if "://" not in str(src) and not Path(src).exists():
+    path = local_path(src, "framework checkpoints are read from")
+    if not path.exists():
         raise UcpError(f"{src}: no such file or directory")
-    return detect(src)
+    return detect(path)
 
 
 def export(src, dst, target, degrees=None, spec=None, *, storage_options=None, progress=False, distributed=None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import sys
 
@@ -191,6 +192,30 @@ def cmd_demo(args) -> int:
     return EXIT_OK if run_demo(args.dir, quiet=args.quiet) else EXIT_DIFF
 
 
+def _positive(text: str) -> int:
+    """argparse type of degrees, thread counts and sizes: an integer of at least 1 (``--dp 0``
+    wrote a single-rank checkpoint, ``--workers 0`` was taken as the default)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _tolerance(text: str) -> float:
+    """argparse type of ``--atol``: a finite number of at least 0 (a negative or NaN one made
+    identical checkpoints differ)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(x) or x < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return x
+
+
 def _plugin_help(registry: dict) -> str:
     return "; ".join(f"{name} ({cls.description})" if cls.description else name
                      for name, cls in sorted(registry.items()))
@@ -220,7 +245,7 @@ def _add_convert(sub) -> None:
     sp.add_argument("--from", default="auto", metavar="SOURCE",
                     help="auto (detect from file names) or one of: " + _plugin_help(sources()))
     sp.add_argument("--spec", help="a converters/*.ucp name or a spec file")
-    sp.add_argument("--workers", type=int, default=None, help="writer threads")
+    sp.add_argument("--workers", type=_positive, default=None, help="writer threads")
     sp.add_argument("--resume", action="store_true", help="finish an interrupted conversion into DST")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     _single_process(sp)
@@ -237,12 +262,12 @@ def _add_export(sub) -> None:
     sp.add_argument("--to", required=True, metavar="TARGET", help="one of: " + _plugin_help(targets()))
     for ax, what in (("tp", "tensor"), ("pp", "pipeline"), ("vp", "virtual-pipeline (interleaved)"),
                      ("dp", "data"), ("ep", "expert")):
-        sp.add_argument(f"--{ax}", type=int, default=None, help=f"{what}-parallel degree to write")
+        sp.add_argument(f"--{ax}", type=_positive, default=None, help=f"{what}-parallel degree to write")
     sp.add_argument("--zero-stage", type=int, default=None, help="ZeRO stage to write (targets that take it)")
     sp.add_argument("--max-shard-size", default=None, help="largest file to write, e.g. 5GB (targets that take it)")
     sp.add_argument("--spec", help="a converters/*.ucp name or a spec file (targets that take one)")
     sp.add_argument("--dtype", default=None, help="weights dtype of the run to write, e.g. bf16 (targets that take it)")
-    sp.add_argument("--sub-group-size", type=int, default=None,
+    sp.add_argument("--sub-group-size", type=_positive, default=None,
                     help="ZeRO-3 sub_group_size of the run to write (targets that take it)")
     sp.add_argument("--tag", default=None, help="checkpoint tag folder to write (targets that take it)")
     sp.add_argument("--config", default=None,
@@ -271,7 +296,7 @@ def _add_inspection(sub) -> None:
     sp = sub.add_parser("diff", help="per-parameter max abs difference; exit 1 beyond --atol")
     sp.add_argument("a")
     sp.add_argument("b")
-    sp.add_argument("--atol", type=float, default=0.0)
+    sp.add_argument("--atol", type=_tolerance, default=0.0)
     sp.add_argument("--all", action="store_true", help="show equal arrays too")
     sp.add_argument("--ignore-metadata", action="store_true")
     _common(sp, json_flag=True)

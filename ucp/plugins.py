@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 from typing import ClassVar
 
 from ucp.errors import UcpError
@@ -65,3 +66,19 @@ class Plugin:
             flags = ", ".join(f"{k} (--{k.replace('_', '-')})" for k in extra)
             takes = ", ".join(sorted(allowed)) or "no other options"
             raise UcpError(f"{self.registry.kind} {self.name!r} does not take {flags}; it takes {takes}")
+
+
+def local_path(path, role: str) -> Path:
+    """``path`` as a local ``Path`` for a plug-in that reads or writes local files only (``role``
+    names it in the error). A ``file://`` URL is its path; any other URL is refused: ``Path``
+    would quietly turn ``s3://bucket/x`` into the local folder ``s3:/bucket/x``, and an export
+    there reported success while writing nothing to the bucket."""
+    text = str(path)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return Path(path)
+    if scheme == "file":
+        return Path(rest)
+    raise UcpError(f"{text}: {role} local files only; copy the checkpoint between the store and a local "
+                   "folder with the store's own tools (only universal checkpoints are read and written "
+                   "at URLs)")

@@ -13,7 +13,7 @@ import crc32c
 import numpy as np
 import torch
 
-from ucp.errors import CorruptChunkError, FormatError, NotFoundError, UcpError
+from ucp.errors import CorruptChunkError, NotFoundError, UcpError
 from ucp.format import dtypes, jsonmeta, layout, manifest, shard as _shard
 from ucp.format.layout import CRC_BYTES, chunk_key
 from ucp.format.manifest import ManifestArray

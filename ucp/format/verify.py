@@ -7,7 +7,7 @@ import crc32c
 
 from ucp.errors import FormatError
 from ucp.format import manifest as _manifest, shard as _shard
-from ucp.format.layout import CRC_BYTES, chunk_key
+from ucp.format.layout import CRC_BYTES
 from ucp.format.manifest import ManifestArray, key_index
 from ucp.format.store import MANIFEST, make_store
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 from ucp.errors import UcpError
-from ucp.plugins import Plugin, Registry
+from ucp.plugins import Plugin, Registry, local_path
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class Source(Plugin):
     priority: ClassVar[int] = 100
 
     def __init__(self, path, *, spec: Optional[str] = None, storage_options=None, **options):
-        self.path = path
+        self.path = local_path(path, f"the {self.name} source reads")
         self.spec = spec
         self.storage_options = storage_options
         self.options = options

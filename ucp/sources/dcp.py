@@ -24,7 +24,6 @@ items as memory-mapped tensors, so the engine's box reads touch only the pages t
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ucp.errors import UcpError
@@ -38,7 +37,7 @@ class DcpSource(Source):
     priority = 20
 
     def __init__(self, path, *, spec=None, storage_options=None, **options):
-        super().__init__(Path(path), spec=spec, storage_options=storage_options, **options)
+        super().__init__(path, spec=spec, storage_options=storage_options, **options)
         self.reject_options()
         if spec is not None:
             raise UcpError(f"{path}: a DCP checkpoint describes its own layout; --spec is not used")

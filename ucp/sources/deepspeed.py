@@ -258,7 +258,7 @@ class DeepSpeedSource(Source):
     def __init__(self, path, **kw):
         super().__init__(path, **kw)
         self.reject_options()
-        self.folder = tag_dir(path)
+        self.folder = tag_dir(self.path)
         self.files = RankFiles.scan(self.folder)
         self._open_files()
 

@@ -48,7 +48,7 @@ class DeepSpeedUniversalSource(DeepSpeedSource):
     def __init__(self, path, **kw):
         super(DeepSpeedSource, self).__init__(path, **kw)
         self.reject_options()
-        self.folder = universal_dir(path)
+        self.folder = universal_dir(self.path)
         self.zero = self.folder / "zero"
         self.files = RankFiles.scan(self.folder)
         self._open_files()

@@ -90,7 +90,7 @@ class HFSource(Source):
     priority = 90
 
     def __init__(self, path, *, spec=None, storage_options=None, **options):
-        super().__init__(Path(path), spec=spec, storage_options=storage_options, **options)
+        super().__init__(path, spec=spec, storage_options=storage_options, **options)
         self.reject_options()
         self._files: dict[str, str] = {}
         self._handles: dict[str, Any] = {}

@@ -251,7 +251,7 @@ class MegatronSource(Source):
     priority = 10          # before plain DCP (20): a torch_dist checkpoint is a DCP directory too
 
     def __init__(self, path, *, spec=None, storage_options=None, constants=None, **options):
-        super().__init__(Path(path), spec=spec, storage_options=storage_options, **options)
+        super().__init__(path, spec=spec, storage_options=storage_options, **options)
         self.reject_options()
         self.constants = dict(constants or {})
         self._files = None

@@ -71,7 +71,7 @@ class RanksSource(Source):
     priority = 10
 
     def __init__(self, path, *, spec=None, storage_options=None, **options):
-        super().__init__(Path(path), spec=spec, storage_options=storage_options, **options)
+        super().__init__(path, spec=spec, storage_options=storage_options, **options)
         self.reject_options()
         self._files: dict[str, dict] = {}
         self._lock = threading.Lock()

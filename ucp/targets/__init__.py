@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 from ucp.errors import UcpError
-from ucp.plugins import Plugin, Registry
+from ucp.plugins import Plugin, Registry, local_path
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Target(Plugin):
 
     def __init__(self, dst, *, degrees: Mapping[str, int] | None = None, spec: Optional[str] = None,
                  storage_options=None, **options):
-        self.dst = dst
+        self.dst = local_path(dst, f"the {self.name} target writes")
         self.degrees = dict(degrees or {})
         self.spec = spec
         self.storage_options = storage_options

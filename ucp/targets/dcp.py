@@ -41,7 +41,7 @@ class DcpTarget(Target):
     def __init__(self, dst, *, degrees=None, spec=None, storage_options=None, **options):
         from ucp.dcp import check_form
 
-        super().__init__(Path(dst), degrees=degrees, spec=spec, storage_options=storage_options, **options)
+        super().__init__(dst, degrees=degrees, spec=spec, storage_options=storage_options, **options)
         self.reject_options(allowed=("keys",))
         keys = self.options.get("keys")
         self.keys = None if keys is None else check_form(keys, "keys")

@@ -179,7 +179,7 @@ class DeepSpeedTarget(Target):
     description = "DeepSpeed ZeRO 1/2/3 checkpoint for --dp N --zero-stage S (engine.load_checkpoint)"
 
     def __init__(self, dst, *, degrees=None, spec=None, storage_options=None, **options):
-        super().__init__(Path(dst), degrees=degrees, spec=spec, storage_options=storage_options, **options)
+        super().__init__(dst, degrees=degrees, spec=spec, storage_options=storage_options, **options)
         self.reject_options(allowed=("zero_stage", "dtype", "sub_group_size", "tag"))
         self.stage = int(options.get("zero_stage") or 0)
         if self.stage not in (1, 2, 3):
@@ -190,6 +190,10 @@ class DeepSpeedTarget(Target):
         self.dp = int(self.degrees.get("dp", 1))
         if self.dp < 1:
             raise DeepSpeedTargetError(f"--dp must be at least 1 (got {self.dp})")
+        tag = options.get("tag")
+        if tag is not None and (not str(tag) or str(tag) in (".", "..") or any(c in str(tag) for c in "/\\")):
+            raise DeepSpeedTargetError(f"--tag {tag!r}: a tag is one folder name inside the destination (no "
+                                       "'/', '\\', '.' or '..')")
         self._written: list[Path] = []
         self._made_dst = False
 

@@ -91,7 +91,6 @@ class HFTarget(Target):
         self.reject_options()
         self.max_shard = parse_size(max_shard_size) if max_shard_size is not None else DEFAULT_MAX_SHARD
         self.config = _given_config(config)
-        self.dst = Path(dst)
         self._written: list[Path] = []
         self._index: dict[str, str] = {}
         self._config: dict | None = None

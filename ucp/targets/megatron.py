@@ -123,7 +123,6 @@ class MegatronTarget(Target):
         self.tp, self.pp = int(self.degrees.get("tp") or 1), int(self.degrees.get("pp") or 1)
         self.ep = int(self.degrees.get("ep") or 1)
         self.vp = int(self.degrees.get("vp") or 1)   # virtual pipeline: model chunks per stage
-        self.dst = Path(dst)
         self._files = DistcpWriter(self.dst)
         self._objects: dict[str, Any] = {}
         self._common: dict[str, Any] = {}

@@ -25,7 +25,7 @@ class RanksTarget(Target):
     description = "one torch.save file per rank + layout.json, for any mesh a spec declares"
 
     def __init__(self, dst, *, degrees=None, spec=None, storage_options=None, **options):
-        super().__init__(Path(dst), degrees=degrees, spec=spec, storage_options=storage_options, **options)
+        super().__init__(dst, degrees=degrees, spec=spec, storage_options=storage_options, **options)
         self.reject_options(allowed=("constants",))
         self._bound = None
         self._states: list[str] = []
