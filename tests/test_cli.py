@@ -256,6 +256,41 @@ def test_numeric_options_and_tags_out_of_range_are_refused(tmp_path, capsys):
     assert main(["diff", str(u), str(u), "--atol", "0.5"]) == 0
 
 
+def _limited_ucp(args, cwd, max_bytes):
+    """``ucp ARGS`` in a process that may write files of at most ``max_bytes`` (RLIMIT_FSIZE:
+    the write fails with EFBIG, as a full disk fails with ENOSPC; Python ignores SIGXFSZ)."""
+    import resource
+
+    def limit():
+        if max_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return subprocess.run([sys.executable, "-m", "ucp", *args], cwd=cwd, capture_output=True, text=True,
+                          preexec_fn=limit)
+
+
+def test_a_write_that_fails_is_one_line_naming_the_file_and_resume_finishes(tmp_path):
+    """A destination that takes no more bytes (size limit, full disk) ends ``convert`` and
+    ``export`` with one error line naming the file and no traceback; ``convert --resume`` then
+    finishes the conversion, and the failed export left nothing behind."""
+    from ucp.demo import DEMO_SPEC
+    from ucp.targets.ranks import save_ranks
+
+    states = {"param": {"model.norm.weight": torch.ones(8), "lm_head.weight": torch.randn(300, 256)}}
+    save_ranks(states, tmp_path / "src", spec_text=DEMO_SPEC, degrees={"tp": 2})
+    got = _limited_ucp(["convert", "src", "u", "-q"], tmp_path, 100 * 1024)
+    assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
+    assert "File too large" in got.stderr and str(tmp_path / "u") in got.stderr and "--resume" in got.stderr
+    assert main(["verify", str(tmp_path / "u"), "-q"]) == 1
+    got = _limited_ucp(["convert", "src", "u", "-q", "--resume"], tmp_path, None)
+    assert got.returncode == 0, got.stderr
+    assert main(["verify", str(tmp_path / "u"), "-q"]) == 0
+    got = _limited_ucp(["export", "u", "x", "--to", "ranks", "--tp", "1", "-q"], tmp_path, 100 * 1024)
+    assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
+    assert "x: writing rank.pt failed" in got.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_from_and_to_help_come_from_the_registries(capsys):
     """Every registered source and target appears in the help with its description, so a
     plug-in needs no change to the CLI."""

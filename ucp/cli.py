@@ -345,6 +345,12 @@ def main(argv=None) -> int:
         rc = EXIT_ERROR
     except BrokenPipeError:
         rc = EXIT_OK
+    except OSError as e:     # a full disk, a read-only or size-limited destination: one line, not a traceback
+        if _dist_rank()[0] == 0:
+            hint = ("; nothing was committed: once that is fixed, the same command with --resume finishes the "
+                    "conversion" if args.cmd == "convert" else "")
+            print(f"ucp {args.cmd}: error: {e}{hint}", file=sys.stderr)
+        rc = EXIT_ERROR
     if _dist_rank()[1] > 1:
         # torchrun job: leave together, and skip interpreter teardown (gloo aborts there now and then)
         import torch.distributed as dist

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from ucp.errors import UcpError
+
 
 def open_universal(checkpoint, storage_options: Mapping[str, Any] | None = None):
     """``checkpoint`` itself when it is already a reader (anything with ``read_box``), else
@@ -57,7 +59,14 @@ def write_units(ck, target, units, progress: bool = False) -> None:
     with bar(total=len(units), desc=f"export {target.name}", unit="file",
              enabled=None if progress else False) as pb:
         for unit in units:
-            target.write_unit(unit, unit_tensors(ck, unit))
+            tensors = unit_tensors(ck, unit)
+            try:
+                target.write_unit(unit, tensors)
+            except UcpError:
+                raise
+            except Exception as e:   # a full disk, a file-size limit: torch.save / safetensors say it their way
+                raise UcpError(f"{target.dst}: writing {unit.key} failed ({type(e).__name__}: {e}); nothing "
+                               "complete is left there") from e
             pb.update(1)
 
 

@@ -17,6 +17,14 @@ from ucp.errors import FormatError, UcpError
 MANIFEST = "ucp.manifest.json"
 
 
+def named(e: OSError, path) -> OSError:
+    """``e`` naming ``path`` (an error of write(2) on a descriptor names no file: a full disk said
+    only "[Errno 28] No space left on device")."""
+    if e.filename is not None:
+        return e
+    return type(e)(e.errno, e.strerror, str(path))
+
+
 @runtime_checkable
 class Store(Protocol):
     """The files of one root. ``rel`` paths use ``/`` and never leave the root.
@@ -375,6 +383,8 @@ class LocalStore(FileBuffers):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, data)
+        except OSError as e:
+            raise named(e, path) from None
         finally:
             os.close(fd)
 
@@ -442,6 +452,12 @@ class LocalStore(FileBuffers):
         return self.direct and nbytes >= DIRECT_MIN
 
     def put(self, rel, buffers, fsync=False):
+        try:
+            self._put(rel, buffers, fsync)
+        except OSError as e:
+            raise named(e, self._p(rel)) from None
+
+    def _put(self, rel, buffers, fsync):
         mvs, total = [], 0
         for b in buffers:  # a loop, not a list and a sum over generators: three puts per small array
             m = memoryview(b).cast("B")
