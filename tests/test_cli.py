@@ -196,6 +196,11 @@ def test_export_errors_are_clear(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--resume" in err and "--overwrite" in err
     assert (tmp_path / "full" / "keep.txt").exists()
+    # the command line speaks its own flags, not the Python API's keywords
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "full"), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "not a ucp checkpoint" in err and "--overwrite replaces only" in err and "overwrite=True" not in err
+    assert (tmp_path / "full" / "keep.txt").exists()
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "u"), "--overwrite", "-q"]) == 0
     assert main(["verify", str(tmp_path / "u"), "-q"]) == 0
     # a spec with a syntax error names file:line:col

@@ -173,6 +173,26 @@ def test_detect_latest_and_tag_folder(ds_runs):
     assert detect(ck / "global_step3") == "deepspeed"
 
 
+def test_cli_names_a_deepspeed_folder_and_a_missing_tag(ds_runs, tmp_path, capsys):
+    """``ucp inspect`` of a DeepSpeed folder says what it holds and that ``ucp convert`` makes a
+    universal checkpoint of it; a ``latest`` naming a tag that is not there is DeepSpeed's error
+    (the tag named), not "cannot tell which framework"."""
+    import shutil
+
+    from ucp.cli import main
+
+    ck = ds_runs["z3-bf16"][0]
+    assert main(["inspect", str(ck)]) == 2
+    err = capsys.readouterr().err
+    assert "it holds a deepspeed checkpoint" in err and f"ucp convert {ck}" in err
+    moved = tmp_path / "moved"
+    shutil.copytree(ck, moved)
+    (moved / "latest").write_text("nosuch")
+    assert main(["convert", str(moved), str(tmp_path / "u")]) == 2
+    assert "names tag 'nosuch'" in capsys.readouterr().err
+    assert not (tmp_path / "u").exists()
+
+
 def test_reads_without_deepspeed(ds_runs, tmp_path):
     """The conversion imports nothing from DeepSpeed: it runs with `import deepspeed` blocked."""
     code = ("import sys; sys.modules['deepspeed'] = None\n"

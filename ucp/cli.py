@@ -324,6 +324,35 @@ def build_parser() -> argparse.ArgumentParser:
 TORCH_FREE_COMMANDS = frozenset({"convert", "verify"})
 
 
+#: the Python API's spellings in error messages, and the command line's
+_FLAGS = {"overwrite=True": "--overwrite", "resume=True": "--resume"}
+
+
+def _as_flags(message: str) -> str:
+    """An error raised by the Python API, in the command line's words (``overwrite=True`` is
+    ``--overwrite`` there)."""
+    for api, flag in _FLAGS.items():
+        message = message.replace(api, flag)
+    return message
+
+
+def _framework_hint(e: UcpError) -> str:
+    """For a folder read as a universal checkpoint that holds a framework's checkpoint instead:
+    which one, and that ``ucp convert`` makes a universal checkpoint of it."""
+    from ucp.errors import NotCommittedError
+
+    path = getattr(e, "path", None)
+    if not isinstance(e, NotCommittedError) or path is None or "://" in str(path):
+        return ""
+    try:
+        from ucp.sources import detect
+
+        name = detect(path)
+    except (UcpError, OSError):
+        return ""
+    return f"; it holds a {name} checkpoint: `ucp convert {path} DST` makes a universal one of it"
+
+
 def main(argv=None) -> int:
     """Run one ``ucp`` command; returns the exit code (0 ok, 1 differences found, 2 error)."""
     args = build_parser().parse_args(argv)   # --help, --version, usage errors: done, without torch
@@ -341,7 +370,7 @@ def main(argv=None) -> int:
     except UcpError as e:
         rank, world = _dist_rank()
         if rank == 0:  # under torchrun every rank raises the same error: say it once
-            print(f"ucp {args.cmd}: error: {e}", file=sys.stderr)
+            print(f"ucp {args.cmd}: error: {_as_flags(str(e))}{_framework_hint(e)}", file=sys.stderr)
         rc = EXIT_ERROR
     except BrokenPipeError:
         rc = EXIT_OK

@@ -87,7 +87,9 @@ def load_verified(raw: bytes, where: str):
 
 
 def not_committed(path, why="no ucp.manifest.json (incomplete or still being written)") -> NotCommittedError:
-    return NotCommittedError(f"{path} is not a committed ucp checkpoint: {why}")
+    err = NotCommittedError(f"{path} is not a committed ucp checkpoint: {why}")
+    err.path = path
+    return err
 
 
 # -------------------------------------------------------------------------------------- field checks

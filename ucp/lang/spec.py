@@ -11,6 +11,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 from ucp.plan import ops as O
 from ucp.plan import placement as P
 from ucp.plan.errors import PlanError
+from ucp.errors import UcpError
 from ucp.lang import ast as A
 from ucp.lang.errors import Pos, SpecError, SpecWarning, UnmatchedError, caret_snippet
 from ucp.lang.parser import CONVERTERS, SpecData, parse_data
@@ -664,7 +665,6 @@ def load(path: Union[str, Path]) -> Spec:
         found = next((c for c in cands if c.is_file()), None)
         if found is None:
             known = ", ".join(sorted(x.stem for x in CONVERTERS.glob("*.ucp")))
-            raise SpecError(Pos(s, 1, 1), f"no spec file {s!r}: expected a path or one of the "
-                                          f"bundled specs ({known})")
+            raise UcpError(f"no spec file {s!r}: expected a path or one of the bundled specs ({known})")
         p = found
     return parse(p.read_text(), str(p))

@@ -250,10 +250,9 @@ class DeepSpeedSource(Source):
         p = Path(path)
         if not p.is_dir():
             return False
-        if any(p.glob("*model_states.pt")):
-            return True
-        latest = p / "latest"
-        return latest.is_file() and any((p / latest.read_text().strip()).glob("*model_states.pt"))
+        # a ``latest`` file is DeepSpeed's alone (Megatron writes latest_checkpointed_iteration.txt,
+        # ds_to_universal latest_universal): one naming a missing tag is DeepSpeed's to report
+        return any(p.glob("*model_states.pt")) or (p / "latest").is_file()
 
     def __init__(self, path, **kw):
         super().__init__(path, **kw)
