@@ -129,9 +129,11 @@ def cmd_diff(args) -> int:
         print(_table([[r["param"], r["state"], r["status"],
                        f"{r['max_abs_diff']:.3g}" if "max_abs_diff" in r else "-"] for r in shown],
                      ["parameter", "state", "status", "max|a-b|"]))
-    worst = max((r.get("max_abs_diff", 0.0) for r in rows), default=0.0)
-    print(f"{len(rows)} arrays compared, {len(bad)} differ beyond atol={args.atol:g}; "
-          f"max |a-b| = {worst:.3g}; metadata "
+    both = [r["max_abs_diff"] for r in rows if "max_abs_diff" in r]
+    only = sum(1 for r in rows if r["status"].startswith("only in"))
+    print(f"{len(rows)} arrays compared, {len(bad)} differ beyond atol={args.atol:g}"
+          + (f" ({only} only in one checkpoint)" if only else "")
+          + (f"; max |a-b| = {max(both):.3g}" if both else "; no array in both") + "; metadata "
           + ("equal" if rep["metadata_equal"] else "differs at " + ", ".join(md_diffs[:8])
              + (f" (+{len(md_diffs) - 8} more)" if len(md_diffs) > 8 else "")))
     return EXIT_OK if rep["equal"] else EXIT_DIFF
