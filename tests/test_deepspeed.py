@@ -280,6 +280,24 @@ def test_truncated_file(ds_runs, tmp_path):
     assert str(f) in msg and "truncated" in msg
 
 
+def test_flipped_bytes_in_a_tensor_record_are_refused(ds_runs, tmp_path):
+    """Bytes changed inside a tensor record of a rank file (its size intact, so every structural
+    check passes, and ``torch.load`` reads it without a word) fail the record's zip CRC-32: the
+    error names the file and the record, and nothing is committed."""
+    import zipfile
+
+    ck = copy_ck(ds_runs, "z2-bf16", tmp_path)
+    f = ck / "global_step3" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    with zipfile.ZipFile(f) as z:
+        rec = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(f.read_bytes())
+    at = rec.header_offset + 30 + len(rec.filename.encode()) + len(rec.extra) + 100
+    raw[at:at + 8] = bytes(255 - b for b in raw[at:at + 8])
+    f.write_bytes(bytes(raw))
+    msg = convert_error(ck, tmp_path)
+    assert str(f) in msg and rec.filename in msg and "CRC-32" in msg and "corrupt" in msg
+
+
 class RunsCode:
     """Unpickling this would run a shell command (``os.system``)."""
 
