@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from ucp.dcp import MAX_RANK_THREADS, UniversalReader, rank_threads
 from ucp.errors import CorruptChunkError
 from ucp.format import create_checkpoint, open_checkpoint
-from ucp.format.staging import _row_pieces, read_regions
+from ucp.format.staging import _pieces, read_regions
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -163,12 +163,22 @@ def test_dcp_load_fills_in_place_and_stages_the_rest(tmp_path):
 
 
 @SETTINGS
-@given(rows=st.integers(1, 30), cols=st.integers(1, 20), stage=st.integers(1, 600), seed=st.integers(0, 2**31))
-def test_read_regions_fills_any_destination_through_small_buffers(tmp_path_factory, rows, cols, stage, seed):
-    """``read_regions`` with host buffers of a few bytes to a few hundred (regions split by rows,
-    single rows larger than a buffer, batches of many pieces): destinations of the stored dtype
-    read in place, transposed views, another dtype and slices of a larger tensor all end equal to
-    the boxes of the source (a cast where the destination's dtype differs)."""
+@given(rows=st.integers(1, 30), cols=st.integers(1, 20), stage=st.integers(1, 600), seed=st.integers(0, 2**31),
+       min_block=st.sampled_from([1, 1024]))
+def test_read_regions_fills_any_destination_through_small_buffers(tmp_path_factory, rows, cols, stage, seed,
+                                                                  min_block):
+    """``read_regions`` with host buffers of a few bytes to a few hundred (regions split by rows and,
+    with ``MIN_BLOCK_BYTES`` 1, cut into column blocks read straight into the buffer; single rows
+    larger than a buffer, batches of many pieces): destinations of the stored dtype read in place,
+    transposed views, another dtype and slices of a larger tensor all end equal to the boxes of the
+    source (a cast where the destination's dtype differs)."""
+    from unittest import mock
+
+    with mock.patch("ucp.format.staging.MIN_BLOCK_BYTES", min_block):
+        _read_regions_case(tmp_path_factory, rows, cols, stage, seed)
+
+
+def _read_regions_case(tmp_path_factory, rows, cols, stage, seed):
     rnd = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     src = {"w": torch.randn(rows, cols, generator=g), "v": torch.randn(rows, 2, cols, generator=g).bfloat16()}
@@ -197,18 +207,59 @@ def test_read_regions_fills_any_destination_through_small_buffers(tmp_path_facto
     ck.close()
 
 
-@given(rows=st.integers(1, 50), row_elems=st.integers(1, 30), limit=st.integers(1, 2000))
-def test_row_pieces_cover_the_region_within_the_limit(rows, row_elems, limit):
-    """A region's pieces tile it by consecutive whole rows, each within the buffer size unless it
-    is one row; each piece's target is its rows of the region's target."""
-    target = torch.zeros(rows, row_elems)
-    pieces = _row_pieces("n", "param", [5, 0], [5 + rows, row_elems], target, torch.float32, limit)
-    at = 5
-    for _n, _s, a, b, t, _d in pieces:
-        assert a == [at, 0] and b[1] == row_elems and t.data_ptr() == target[at - 5].data_ptr()
-        assert (b[0] - a[0]) * row_elems * 4 <= limit or b[0] - a[0] == 1 or len(pieces) == 1
-        at = b[0]
-    assert at == 5 + rows
+@given(shape=st.tuples(st.integers(1, 40), st.integers(1, 6000)), chunk=st.tuples(st.integers(1, 9), st.integers(1, 7000)),
+       limit=st.integers(1, 40000), data=st.data())
+def test_pieces_tile_the_region_along_chunk_edges(shape, chunk, limit, data):
+    """A staged region's pieces tile it exactly; where the array has column-block inner chunks of
+    at least ``MIN_BLOCK_BYTES``, no piece crosses a block edge; every row edge inside the region is
+    a multiple of the chunk's rows; a piece exceeds ``limit`` only when it is one chunk row high;
+    each piece's target is its part of the region's target."""
+    from types import SimpleNamespace
+
+    from ucp.format.staging import MIN_BLOCK_BYTES
+
+    start = [data.draw(st.integers(0, n - 1)) for n in shape]
+    stop = [data.draw(st.integers(a + 1, n)) for a, n in zip(start, shape)]
+    chunk = tuple(min(c, n) for c, n in zip(chunk, shape))
+    info = SimpleNamespace(dtype=torch.float32, shape=shape, chunks=(chunk[0], shape[1]), inner_chunks=chunk)
+    target = torch.zeros([b - a for a, b in zip(start, stop)])
+    cover = torch.zeros_like(target, dtype=torch.int32)
+    cut = chunk[1] < shape[1] and chunk[0] * chunk[1] * 4 >= MIN_BLOCK_BYTES
+    for _n, _s, a, b, part, _d in _pieces("n", "param", start, stop, target, info, limit):
+        assert part.data_ptr() == target[a[0] - start[0], a[1] - start[1]].data_ptr()
+        assert tuple(part.shape) == (b[0] - a[0], b[1] - a[1])
+        cover[a[0] - start[0]:b[0] - start[0], a[1] - start[1]:b[1] - start[1]] += 1
+        if cut:
+            assert a[1] // chunk[1] == (b[1] - 1) // chunk[1]
+        for r in (a[0], b[0]):
+            assert r in (start[0], stop[0]) or r % chunk[0] == 0
+        assert (b[0] - a[0]) * (b[1] - a[1]) * 4 <= limit or b[0] - a[0] <= chunk[0]
+    assert bool((cover == 1).all())
+
+
+def test_a_column_block_read_on_its_own_goes_straight_to_the_output(tmp_path):
+    """Boxes of whole inner chunks one column block wide (as a staged CUDA load cuts them) are read
+    into the output with no scratch copy (``chunks_direct``) and equal the source; a flipped byte in
+    such a chunk is still reported by its crc32c."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(12, 40, generator=g)
+    column_block_checkpoint(tmp_path / "ck", {"w": w}, 4, 8)
+    ck = open_checkpoint(tmp_path / "ck", workers=1)
+    outs = [torch.empty(8, 8) for _ in range(5)]
+    ck.read_boxes([("w", "param", [4, c], [12, c + 8], o) for c, o in zip(range(0, 40, 8), outs)])
+    for c, o in zip(range(0, 40, 8), outs):
+        assert torch.equal(bits(o), bits(w[4:12, c:c + 8]))
+    assert ck.chunks_direct == 10
+    ck.close()
+    shard = tmp_path / "ck" / "w" / "param" / "c" / "1" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[8 * 4 * 4 + 5] ^= 0xFF            # in the second inner chunk's data (4 rows x 8 cols x 4 bytes each)
+    shard.write_bytes(bytes(raw))
+    ck = open_checkpoint(tmp_path / "ck", workers=1)
+    with pytest.raises(CorruptChunkError, match="inner chunk"):
+        ck.read_boxes([("w", "param", [4, 0], [8, 8], torch.empty(4, 8)), ("w", "param", [4, 8], [8, 16],
+                                                                            torch.empty(4, 8))])
+    ck.close()
 
 
 def test_reader_threads_share_the_cores_among_local_ranks(monkeypatch, tmp_path):

@@ -13,11 +13,15 @@ finished). Host memory stays at two buffers whatever the plan's size.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
 #: bytes of one host buffer (two are used in turn); a region larger than this is split by rows
 STAGE_BYTES = 64 << 20
+#: a region is cut into column blocks only where the array's inner chunks are at least this large:
+#: each is then a read of its own (smaller ones are read many to a call through the scratch buffer)
+MIN_BLOCK_BYTES = 64 << 10
 _ALIGN = 64
 
 
@@ -29,11 +33,11 @@ def read_regions(ck, regions, stage_bytes: int = STAGE_BYTES) -> None:
     returns every target holds its data (device copies included)."""
     direct, staged = [], []
     for name, state, start, stop, target in regions:
-        dtype = ck.array_info(name, state).dtype
-        if target.dtype == dtype and target.is_contiguous() and target.device.type == "cpu":
+        info = ck.array_info(name, state)
+        if target.dtype == info.dtype and target.is_contiguous() and target.device.type == "cpu":
             direct.append((name, state, start, stop, target))
         else:
-            staged += _row_pieces(name, state, start, stop, target, dtype, stage_bytes)
+            staged += _pieces(name, state, list(start), list(stop), target, info, stage_bytes)
     if direct:
         ck.read_boxes(direct)
     if staged:
@@ -49,18 +53,33 @@ def _piece_bytes(piece) -> int:
     return _nbytes([b - a for a, b in zip(start, stop)], dtype)
 
 
-def _row_pieces(name, state, start, stop, target, dtype, limit):
-    """The region as pieces of whole leading-dim rows of at most ``limit`` bytes each (one piece
-    when it fits, or when it has no rows to split: a piece of a single row may exceed ``limit``)."""
+def _pieces(name, state, start, stop, target, info, limit):
+    """The region cut where the array's chunks are, each piece ``(name, state, start, stop, its
+    part of target, dtype)``: along the last dim at the edges of column-block inner chunks (a piece
+    one block wide has each chunk's bytes as one run of its buffer, read there with no copy:
+    ``Checkpoint._read_direct``; the device then scatters the block into place), and along the
+    first into bands of at most ``limit`` bytes whose edges are multiples of the chunks' rows (a
+    band of a single chunk row may exceed ``limit``)."""
+    dtype = info.dtype
     shape = [b - a for a, b in zip(start, stop)]
-    if not shape or _nbytes(shape, dtype) <= limit:
+    if not shape or not math.prod(shape):
         return [(name, state, list(start), list(stop), target, dtype)]
-    rows = max(1, limit // max(1, _nbytes(shape[1:], dtype)))
+    chunk = info.inner_chunks or info.chunks
+    cols = [(start[-1], stop[-1])]
+    k = chunk[-1]
+    if len(shape) >= 2 and k < info.shape[-1] and _nbytes(chunk, dtype) >= MIN_BLOCK_BYTES:
+        edges = [start[-1], *range((start[-1] // k + 1) * k, stop[-1], k), stop[-1]]
+        cols = list(zip(edges[:-1], edges[1:]))
     pieces = []
-    for r in range(0, shape[0], rows):
-        n = min(rows, shape[0] - r)
-        pieces.append((name, state, [start[0] + r, *start[1:]], [start[0] + r + n, *stop[1:]],
-                       target[r:r + n], dtype))
+    for c0, c1 in cols:
+        row = _nbytes([*shape[1:-1], c1 - c0], dtype)
+        step = max(1, limit // row) // chunk[0] * chunk[0] or chunk[0]
+        for b in range(start[0] // step * step, stop[0], step):
+            r0, r1 = max(start[0], b), min(stop[0], b + step)
+            part = target[(slice(r0 - start[0], r1 - start[0]),) + (slice(None),) * (len(shape) - 2)
+                          + ((slice(c0 - start[-1], c1 - start[-1]),) if len(shape) >= 2 else ())]
+            pieces.append((name, state, [r0, *start[1:-1], c0] if len(shape) >= 2 else [r0],
+                           [r1, *stop[1:-1], c1] if len(shape) >= 2 else [r1], part, dtype))
     return pieces
 
 
@@ -82,6 +101,12 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
+#: pinned buffers kept between loads (``STAGE_BYTES`` each, at most two): pinning fresh memory costs
+#: a fault and a registration per page, more than reading into memory already pinned
+_SPARE: list[torch.Tensor] = []
+_SPARE_LOCK = threading.Lock()
+
+
 class _HostBuffer:
     """One reusable host buffer and the device events its last copies recorded."""
 
@@ -90,13 +115,30 @@ class _HostBuffer:
         self.data = None            # allocated on first use: a plan of one batch needs one buffer
         self.events: list = []
 
+    def _allocate(self, need: int) -> torch.Tensor:
+        if self.pin:
+            with _SPARE_LOCK:
+                for i, t in enumerate(_SPARE):
+                    if t.numel() >= need:
+                        return _SPARE.pop(i)
+        return torch.empty(max(need, self.nbytes), dtype=torch.uint8, pin_memory=self.pin)
+
+    def release(self) -> None:
+        """Wait for the buffer's copies, then keep it for the next load (pinned, of the usual size)."""
+        self.wait()
+        data, self.data = self.data, None
+        if data is not None and self.pin and data.numel() == STAGE_BYTES:
+            with _SPARE_LOCK:
+                if len(_SPARE) < 2:
+                    _SPARE.append(data)
+
     def views(self, batch) -> list[torch.Tensor]:
         """A view per piece, each of its box's shape and stored dtype; a buffer too small for the
         batch (one oversized piece) is replaced by a larger one."""
         shapes = [([b - a for a, b in zip(p[2], p[3])], p[5]) for p in batch]
         need = sum(_aligned(_nbytes(s, d)) for s, d in shapes)
         if self.data is None or need > self.data.numel():
-            self.data = torch.empty(max(need, self.nbytes), dtype=torch.uint8, pin_memory=self.pin)
+            self.data = self._allocate(need)
         out, off = [], 0
         for shape, dtype in shapes:
             n = _nbytes(shape, dtype)
@@ -119,7 +161,7 @@ class _HostBuffer:
 def _read_staged(ck, pieces, limit) -> None:
     pin = torch.cuda.is_available() and any(p[4].device.type == "cuda" for p in pieces)
     total = sum(_aligned(_piece_bytes(p)) for p in pieces)
-    buffers = [_HostBuffer(min(limit, total), pin) for _ in range(2)]
+    buffers = [_HostBuffer(limit if pin else min(limit, total), pin) for _ in range(2)]
     try:
         for i, batch in enumerate(_batches(pieces, limit)):
             buf = buffers[i % 2]
@@ -131,4 +173,4 @@ def _read_staged(ck, pieces, limit) -> None:
             buf.copied([p[4] for p in batch])
     finally:
         for buf in buffers:
-            buf.wait()
+            buf.release()

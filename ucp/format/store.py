@@ -882,6 +882,27 @@ class _LocalRanges:
                 want -= n
         return got, self.size
 
+    def read_vec(self, offset, bufs) -> tuple[int, int | None]:
+        """Bytes from ``offset`` on into ``bufs`` (byte memoryviews) one after the other (``preadv``:
+        one call puts a chunk's data in place and its crc32c word beside it); (bytes read, file size)."""
+        if self.size is None:
+            self.size = os.fstat(self.fd).st_size
+        mvs = list(bufs)
+        got = 0
+        while mvs:
+            n = os.preadv(self.fd, mvs, offset + got)
+            if n == 0:
+                break
+            got += n
+            while n and mvs:
+                if n >= len(mvs[0]):
+                    n -= len(mvs[0])
+                    mvs.pop(0)
+                else:
+                    mvs[0] = mvs[0][n:]
+                    n = 0
+        return got, self.size
+
     def cached(self, start, stop):
         """As ``LocalStore.cached``, on the open file."""
         return resident(self.fd, start, stop)
