@@ -275,8 +275,9 @@ def _add_export(sub) -> None:
     sp.add_argument("--config", default=None,
                     help="the model's config file to write with it, e.g. HF config.json (targets that take one)")
     sp.add_argument("--keys", default=None, metavar="FORM",
-                    help="state-dict key form to write: get_state_dict, or torchtitan (model keys at the top "
-                         "level, optimizer under optimizer.); default: the form saved (targets that take it: dcp)")
+                    help="state-dict key form to write: get_state_dict, torchtitan (model keys at the top "
+                         "level, optimizer under optimizer.) or model_optimizer, each optionally under one top-level "
+                         "key as FORM@KEY (get_state_dict@app); default: the form saved (targets that take it: dcp)")
     _single_process(sp)
     _common(sp)
     sp.set_defaults(fn=cmd_export)

@@ -118,63 +118,118 @@ def parse_key(fqn: str) -> DcpKey:
     return DcpKey("extra", fqn)
 
 
-#: How a DCP state dict lays out its keys. ``get_state_dict``: ``{"model": ..., "optim": ...}``
-#: (the keys above). ``torchtitan``: the model's keys at the top level and the optimizer's state
-#: dict under ``optimizer`` (flattened there by torchtitan), beside torchtitan's other states
-#: (:data:`TITAN_STATES`); a plain ``dcp.save(model.state_dict())`` has this form too.
-#: Inside ucp every key is in the first form (:func:`canonical_key`); a checkpoint of the other
-#: records it (``metadata["dcp_keys"]``) and is read and exported in it (:func:`form_key`).
-KEY_FORMS = ("get_state_dict", "torchtitan")
+#: How a DCP state dict lays out its keys: where the model's section and the optimizer's are.
+#: ``get_state_dict``: ``{"model": ..., "optim": ...}`` (the keys above). ``torchtitan``: the
+#: model's keys at the top level and the optimizer's state dict under ``optimizer`` (flattened
+#: there by torchtitan), beside torchtitan's other states (:data:`TITAN_STATES`); a plain
+#: ``dcp.save(model.state_dict())`` has this form too. ``model_optimizer``: ``{"model": ...,
+#: "optimizer": ...}``. Any of them may sit under one top-level key, as the DCP tutorial's
+#: ``{"app": AppState(model, optimizer)}`` puts them: the form is then spelt ``<form>@<key>``
+#: (``get_state_dict@app``: keys ``app.model.<fqn>``, ``app.optim.state...``); entries beside
+#: the sections keep their keys as saved. Inside ucp every key is in the ``get_state_dict`` form
+#: (:func:`canonical_key`); a checkpoint of another records it (``metadata["dcp_keys"]``) and is
+#: read and exported in it (:func:`form_key`).
+KEY_FORMS = ("get_state_dict", "torchtitan", "model_optimizer")
+#: the sections' prefixes of each form: (model, optimizer)
+_SECTIONS = {"get_state_dict": (MODEL, "optim."), "torchtitan": ("", "optimizer."),
+             "model_optimizer": (MODEL, "optimizer.")}
 TITAN_OPTIM = "optimizer."
 #: the other states torchtitan's CheckpointManager saves beside the model and the optimizer
 TITAN_STATES = ("lr_scheduler.", "dataloader.", "train_state.")
 
 
+def form_parts(form: str) -> tuple[str, str, str]:
+    """(model section prefix, optimizer section prefix, wrapper prefix) of ``form``; the wrapper
+    ends with its dot (``"app."``), or is empty."""
+    name, _, wrapper = form.partition("@")
+    model, optim = _SECTIONS[name]
+    return model, optim, (wrapper + "." if wrapper else "")
+
+
 def key_form(keys: dict, paths: Optional[dict] = None) -> str:
     """The form of a state dict's keys (``{key: number of dims, None for a value}``): an ``optim.``
-    section says ``get_state_dict``, an optimizer under ``optimizer.`` says ``torchtitan``.
-    Without an optimizer, a ``model`` section says ``get_state_dict`` and tensors at the top
-    level say ``torchtitan``. ``paths`` (DCP's ``planner_data``: key -> nested path) tell the
-    section (``("model", fqn)``) from a top-level key that merely starts with ``model.`` (a
-    Hugging Face model's own ``model.*`` beside its ``lm_head.weight``); without them, tensors
-    all under ``model.`` say ``get_state_dict``."""
-    if any(k.startswith("optim.") for k in keys):
-        return "get_state_dict"
-    if any(k.startswith((TITAN_OPTIM + "state.", TITAN_OPTIM + "param_groups.")) for k in keys):
-        return "torchtitan"
+    section says ``get_state_dict``; an optimizer under ``optimizer.`` says ``model_optimizer``
+    beside a ``model`` section, else ``torchtitan``. Without an optimizer, a ``model`` section says
+    ``get_state_dict`` and tensors at the top level say ``torchtitan``. ``paths`` (DCP's
+    ``planner_data``: key -> nested path) tell the section (``("model", fqn)``) from a top-level key
+    that merely starts with ``model.`` (a Hugging Face model's own ``model.*`` beside its
+    ``lm_head.weight``), and the sections under one top-level key (``("app", "model", fqn)``:
+    ``get_state_dict@app``); without them, tensors all under ``model.`` say ``get_state_dict``."""
+    wrapper = _wrapper(keys, paths)
+    if wrapper:
+        cut = len(wrapper) + 1
+        inner = {k[cut:]: nd for k, nd in keys.items() if k.startswith(wrapper + ".")}
+        inner_paths = {k[cut:]: tuple(v)[1:] for k, v in paths.items() if k.startswith(wrapper + ".")}
+        return f"{key_form(inner, inner_paths)}@{wrapper}"
     arrays = [k for k, nd in keys.items() if nd]
-    if not arrays:
-        return "get_state_dict"
     if isinstance(paths, dict) and all(k in paths for k in arrays):
         section = any(len(paths[k]) > 1 and paths[k][0] == MODEL[:-1] for k in arrays)
     else:
-        section = all(k.startswith(MODEL) for k in arrays)
+        section = bool(arrays) and all(k.startswith(MODEL) for k in arrays)
+    if any(k.startswith("optim.") for k in keys):
+        return "get_state_dict"
+    if any(k.startswith((TITAN_OPTIM + "state.", TITAN_OPTIM + "param_groups.")) for k in keys):
+        return "model_optimizer" if section else "torchtitan"
+    if not arrays:
+        return "get_state_dict"
     return "get_state_dict" if section else "torchtitan"
 
 
+def _wrapper(keys, paths) -> str:
+    """The one top-level key the model and optimizer sections sit under (``app`` of the DCP
+    tutorial's ``{"app": AppState(...)}``), or ``""``: known from the nested paths only, and only
+    where no section is at the top level."""
+    if not isinstance(paths, dict):
+        return ""
+    tops, sections = set(), ("model", "optim", "optimizer")
+    for k in keys:
+        path = paths.get(k)
+        if path is None or len(path) < 2:
+            continue
+        if path[0] in sections:
+            return ""
+        if len(path) > 2 and path[1] in sections and k.startswith(f"{path[0]}.{path[1]}."):
+            tops.add(path[0])
+    if len(tops) != 1:
+        return ""
+    top = tops.pop()
+    return top if "." not in top else ""
+
+
 def check_form(form: str, what: str) -> str:
-    """``form`` where it is one of :data:`KEY_FORMS`; a typo would otherwise serve keys no job asks for."""
-    if form not in KEY_FORMS:
-        raise UcpError(f"{what}={form!r}: the key forms are {', '.join(map(repr, KEY_FORMS))}")
+    """``form`` where it names one of :data:`KEY_FORMS` (optionally ``@<key>``); a typo would
+    otherwise serve keys no job asks for."""
+    name, at, wrapper = form.partition("@")
+    if name not in KEY_FORMS or (at and (not wrapper or "." in wrapper)):
+        raise UcpError(f"{what}={form!r}: the key forms are {', '.join(map(repr, KEY_FORMS))}, each optionally "
+                       "under one top-level key as <form>@<key>")
     return form
 
 
 def canonical_key(fqn: str, form: str) -> str:
-    """``fqn`` of a state dict in ``form`` as the ``get_state_dict`` form spells it."""
-    if form == "get_state_dict" or fqn.startswith(TITAN_STATES):
+    """``fqn`` of a state dict in ``form`` as the ``get_state_dict`` form spells it. Entries outside
+    the model and optimizer sections keep their keys."""
+    model, optim, wrapper = form_parts(form)
+    if wrapper:
+        if not fqn.startswith(wrapper):
+            return fqn
+        inner = canonical_key(fqn[len(wrapper):], form.partition("@")[0])
+        return inner if inner.startswith((MODEL, "optim.")) else fqn
+    if fqn.startswith(optim):
+        return "optim." + fqn[len(optim):]
+    if model:
         return fqn
-    if fqn.startswith(TITAN_OPTIM):
-        return "optim." + fqn[len(TITAN_OPTIM):]
-    return MODEL + fqn
+    return fqn if fqn.startswith(TITAN_STATES) else MODEL + fqn
 
 
 def form_key(key: str, form: str) -> str:
     """A ``get_state_dict`` key as ``form`` spells it (:func:`canonical_key` undone)."""
-    if form == "get_state_dict":
-        return key
+    model, optim, wrapper = form_parts(form)
     if key.startswith(MODEL):
-        return key[len(MODEL):]
-    return TITAN_OPTIM + key[len("optim."):] if key.startswith("optim.") else key
+        return wrapper + model + key[len(MODEL):]
+    if key.startswith("optim."):
+        return wrapper + optim + key[len("optim."):]
+    return key
 
 
 def model_key(name: str) -> str:
@@ -194,15 +249,17 @@ def planner_path(fqn: str, paths: Optional[dict] = None, flattened: bool = False
     (``metadata["dcp_paths"]``, :func:`extra_paths`). ``flattened``: the optimizer state dict was
     saved flattened, one level of dotted keys (``state.<fqn>.<state>``)."""
     k = parse_key(fqn)
-    optim = "optim" if form == "get_state_dict" else TITAN_OPTIM[:-1]
+    model, optim, wrapper = form_parts(form)
+    top = (wrapper[:-1],) if wrapper else ()
+    sec = top + (optim[:-1],)
     if k.kind == "param":
-        return ("model", k.name) if form == "get_state_dict" else (k.name,)
+        return top + ((model[:-1], k.name) if model else (k.name,))
     if k.kind == "hyper" or (k.kind in ("state", "group") and flattened):
-        return (optim, fqn[len("optim."):])
+        return sec + (fqn[len("optim."):],)
     if k.kind == "state":
-        return (optim, "state", k.name, k.state)
+        return sec + ("state", k.name, k.state)
     if k.kind == "group":
-        return (optim, "param_groups", k.group, k.state)
+        return sec + ("param_groups", k.group, k.state)
     saved = (paths or {}).get(fqn)
     return tuple(saved) if saved else tuple(form_key(fqn, form).split("."))
 
@@ -259,10 +316,11 @@ class UniversalReader(StorageReader):
         path: the universal checkpoint (local path or fsspec URL).
         storage_options: fsspec options for remote paths.
         workers: reader threads of the underlying ``Checkpoint`` (default: :func:`rank_threads`).
-        keys: the form of the keys to serve (:data:`KEY_FORMS`: ``"get_state_dict"``, or
+        keys: the form of the keys to serve (:data:`KEY_FORMS`: ``"get_state_dict"``,
             ``"torchtitan"``: the model's keys at the top level, the optimizer under
-            ``optimizer.``); default: the form the checkpoint was saved in (``get_state_dict``
-            for checkpoints from other frameworks).
+            ``optimizer.``, or ``"model_optimizer"``; ``"<form>@<key>"`` under one top-level key);
+            default: the form the checkpoint was saved in (``get_state_dict`` for checkpoints
+            from other frameworks).
     """
 
     def __init__(self, path=None, *, storage_options=None, workers: Optional[int] = None,

@@ -75,7 +75,7 @@ class DcpTarget(Target):
         md = checkpoint.metadata if isinstance(checkpoint.metadata, dict) else {}
         self.form = self.keys or md.get("dcp_keys") or "get_state_dict"
         # param groups as saved, or as the form asked for saves them (torchtitan flattens them)
-        self.flat = is_flattened(md) if self.keys is None else self.keys == "torchtitan"
+        self.flat = is_flattened(md) if self.keys is None else self.keys.partition("@")[0] == "torchtitan"
         self._made_dst = not self.dst.exists()
         self.dst.mkdir(parents=True, exist_ok=True)
         return units
