@@ -358,3 +358,23 @@ def test_sections_under_a_wrapper_or_an_optimizer_key_are_read_as_such(tmp_path,
     assert main(["export", str(tmp_path / "u"), str(tmp_path / "exp"), "--to", "dcp", "-q"]) == 0
     dcp_to_torch_save(tmp_path / "exp", tmp_path / "exp.pt")
     assert_same_tree(torch.load(tmp_path / "exp.pt", weights_only=False), ref)
+
+
+@pytest.mark.parametrize("writer", ["dcp", "live"])
+def test_numpy_values_beside_the_model_are_kept(tmp_path, writer):
+    """A state dict's numpy values (a ``best_loss`` kept as ``np.float64``, an ``np.ndarray`` of
+    history) are stored, not refused: DCP pickles them, ucp loads those pickles with numpy's
+    reconstructors allowed and nothing else. An array loads back as a numpy array, a scalar as the
+    number it holds."""
+    import numpy as np
+
+    sd = {"model": {"w": torch.arange(4.0)}, "best": np.float64(1.5), "hist": np.arange(3, dtype=np.int32),
+          "n": np.int64(7)}
+    ck = save_universal(sd, tmp_path, writer)
+    assert ck.params == ["w"]
+    back = {"model": {"w": torch.zeros(4)}, "best": None, "hist": None, "n": None}
+    dcp.load(back, storage_reader=UniversalReader(tmp_path / "u"))
+    assert same(back["model"]["w"], sd["model"]["w"])
+    assert back["best"] == 1.5 and back["n"] == 7
+    assert isinstance(back["hist"], np.ndarray) and back["hist"].dtype == np.int32
+    assert back["hist"].tolist() == [0, 1, 2]

@@ -67,7 +67,7 @@ from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkSt
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, SavePlan, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 
-from ucp.errors import UcpError, unpickling_refusal
+from ucp.errors import UcpError, numpy_value_globals, unpickling_refusal
 # imported with this module, not on the first dcp.save / dcp.load: the format's modules take
 # about 0.1-0.3 s to import (more where bytecode is not cached), which a save or load that
 # imported them itself paid inside its own time, once per process
@@ -871,7 +871,8 @@ def _load_value(fqn: str, buf) -> Any:
     stores JSON, never pickles, and refuses what it cannot store faithfully."""
     buf.seek(0)
     try:
-        value = torch.load(buf, weights_only=True)
+        with torch.serialization.safe_globals(numpy_value_globals()):
+            value = torch.load(buf, weights_only=True)
         jsonmeta.encode(value, lambda t: "", f"state-dict entry {fqn!r}")   # fail here, on this rank
         return value
     except Exception as e:

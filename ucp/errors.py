@@ -51,3 +51,17 @@ def unpickling_refusal(e: BaseException) -> str:
     if found:
         return f"it holds a pickled {found.group(1)}, which ucp does not unpickle"
     return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+
+
+def numpy_value_globals() -> list:
+    """What a ``torch.save``'d numpy scalar or numeric array names when pickled (its reconstructor,
+    ``ndarray`` and its dtype's class), for ``torch.serialization.safe_globals``: DCP pickles a
+    state dict's non-tensor values, and a ``best_loss`` kept as ``np.float64`` is common. Numeric and
+    bool dtypes only: an object array would carry arbitrary pickles."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    kinds = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")
+             and n not in ("ObjectDType", "VoidDType", "StrDType", "BytesDType", "StringDType",
+                           "DateTime64DType", "TimeDelta64DType")]
+    return [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype, *kinds]

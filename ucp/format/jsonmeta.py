@@ -3,8 +3,8 @@
 Encoding: dict with str keys -> object (a dict with a non-str key, or a key starting with '$',
 becomes {"$dict": [[key, value], ...]}); list/tuple -> array; None/bool/int/str as is;
 float -> number, non-finite as {"$float": "nan"|"inf"|"-inf"}; numpy/torch scalars -> Python
-numbers; bytes -> {"$bytes": base64}; torch.Tensor / numpy.ndarray -> {"$tensor": "_ucp/meta/<n>"}
-stored as a small array; torch.dtype (or ``dtypes.Dtype``) -> {"$dtype": name}. Encoding never
+numbers; bytes -> {"$bytes": base64}; torch.Tensor -> {"$tensor": "_ucp/meta/<n>"} stored as a small
+array, numpy.ndarray -> {"$ndarray": ...} stored the same way and read back as numpy; torch.dtype (or ``dtypes.Dtype``) -> {"$dtype": name}. Encoding never
 imports torch: where it is not imported, no value is a torch object.
 """
 from __future__ import annotations
@@ -37,8 +37,10 @@ def encode(obj, add_tensor, where="metadata"):
         return int(obj)
     if isinstance(obj, float):
         return _float(float(obj))
+    if isinstance(obj, np.ndarray):
+        return {"$ndarray": add_tensor(obj)}
     torch = sys.modules.get("torch")
-    if isinstance(obj, np.ndarray) or (torch is not None and isinstance(obj, torch.Tensor)):
+    if torch is not None and isinstance(obj, torch.Tensor):
         return {"$tensor": add_tensor(obj)}
     if isinstance(obj, np.bool_):
         return bool(obj)
@@ -79,13 +81,14 @@ def _wrapper(k, v, get_tensor, where):
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             return float(v)
         raise FormatError(f"{where}: $float {str(v)[:40]!r} is not 'nan', 'inf', '-inf' or a number")
-    if k == "$tensor":
+    if k in ("$tensor", "$ndarray"):
         try:
             if not isinstance(v, str):
                 raise LookupError(v)
-            return get_tensor(v)
+            t = get_tensor(v)
         except LookupError:
-            raise FormatError(f"{where}: $tensor {str(v)[:80]!r} names no metadata array of the manifest") from None
+            raise FormatError(f"{where}: {k} {str(v)[:80]!r} names no metadata array of the manifest") from None
+        return t if k == "$tensor" or isinstance(t, np.ndarray) else t.numpy()
     if k == "$bytes":
         try:
             return base64.b64decode(v, validate=True)

@@ -31,7 +31,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-from ucp.errors import UcpError, unpickling_refusal
+from ucp.errors import UcpError, numpy_value_globals, unpickling_refusal
 
 METADATA_FILE = ".metadata"
 DISTCP_SUFFIX = ".distcp"
@@ -258,7 +258,8 @@ class DcpFiles:
 
         view, where = self._view(index)
         try:
-            return torch.load(view, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(numpy_value_globals()):
+                return torch.load(view, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise DcpFileError(f"{where}: refused to unpickle: {unpickling_refusal(e)}") from None
         except Exception as e:
