@@ -378,3 +378,17 @@ def test_numpy_values_beside_the_model_are_kept(tmp_path, writer):
     assert back["best"] == 1.5 and back["n"] == 7
     assert isinstance(back["hist"], np.ndarray) and back["hist"].dtype == np.int32
     assert back["hist"].tolist() == [0, 1, 2]
+
+
+def test_the_reader_names_stock_dcp_files_alone_or_beside_a_universal_checkpoint(tmp_path):
+    """``UniversalReader`` on DCP's own files says so and how to read them (not only that a manifest
+    is missing); on a directory where ``FileSystemWriter`` saved over a universal checkpoint (it
+    clears nothing) it refuses to pick one of the two, naming both."""
+    sd = {"model": {"w": torch.arange(4.0)}}
+    dcp.save(sd, checkpoint_id=tmp_path / "stock")
+    with pytest.raises(BaseException, match=r"stock DCP checkpoint .*FileSystemReader.*ucp convert"):
+        dcp.load({"model": {"w": torch.zeros(4)}}, storage_reader=UniversalReader(tmp_path / "stock"))
+    dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "both"))
+    dcp.save({"model": {"w": torch.full((4,), 7.0)}}, checkpoint_id=tmp_path / "both")
+    with pytest.raises(BaseException, match=r"holds both a universal checkpoint .* and DCP's own files"):
+        dcp.load({"model": {"w": torch.zeros(4)}}, storage_reader=UniversalReader(tmp_path / "both"))

@@ -57,6 +57,7 @@ import math
 import os
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -431,6 +432,7 @@ class UniversalReader(StorageReader):
         if self._ck is None:
             if self.path is None:
                 raise UcpError("UniversalReader: no path (pass it, or checkpoint_id= to dcp.load)")
+            _check_not_stock_dcp(self.path)
             workers = self.workers or rank_threads(self.path, self.storage_options)
             self._ck = open_checkpoint(self.path, storage_options=self.storage_options, workers=workers)
         return self._ck
@@ -443,6 +445,25 @@ class UniversalReader(StorageReader):
         if self._ck is not None:
             self._ck.close()
             self._ck = None
+
+
+def _check_not_stock_dcp(path) -> None:
+    """Refuse a local directory that holds DCP's own files (``.metadata`` + ``*.distcp``): alone, it
+    is no universal checkpoint (say what it is and how to read it, not only that a manifest is
+    missing); beside a universal checkpoint, ``FileSystemWriter`` saved over one (it clears
+    nothing), and which of the two a job should load is not for ucp to guess."""
+    if "://" in str(path):
+        return
+    from ucp.sources._dcpfiles import is_dcp_dir
+
+    if not is_dcp_dir(path):
+        return
+    if not (Path(path) / MANIFEST).is_file():
+        raise UcpError(f"{path} is a stock DCP checkpoint (.metadata + *.distcp), not a universal one: load it "
+                       f"with FileSystemReader, or make it universal with `ucp convert {path} DST`")
+    raise UcpError(f"{path} holds both a universal checkpoint ({MANIFEST}) and DCP's own files (.metadata + "
+                   "*.distcp, which FileSystemWriter leaves beside what it finds): load the DCP files with "
+                   "FileSystemReader, or move one of the two out")
 
 
 #: threads per rank of a UniversalReader or UniversalWriter at most (and on object stores)
