@@ -298,6 +298,22 @@ def test_flipped_bytes_in_a_tensor_record_are_refused(ds_runs, tmp_path):
     assert str(f) in msg and rec.filename in msg and "CRC-32" in msg and "corrupt" in msg
 
 
+def test_export_keeps_the_runs_tag(ds_runs, tmp_path):
+    """A run saved under its own tag (``save_checkpoint(tag="mytag")``) is exported under that tag
+    (``latest`` names it), unless ``--tag`` asks for another."""
+    import ucp
+
+    ck = copy_ck(ds_runs, "z2-bf16", tmp_path)
+    (ck / "global_step3").rename(ck / "mytag")
+    (ck / "latest").write_text("mytag")
+    ucp.convert(str(ck), str(tmp_path / "u"), source="deepspeed")
+    ucp.export(str(tmp_path / "u"), str(tmp_path / "out"), "deepspeed", degrees={"dp": 2}, zero_stage=1)
+    assert (tmp_path / "out" / "latest").read_text() == "mytag" and (tmp_path / "out" / "mytag").is_dir()
+    ucp.export(str(tmp_path / "u"), str(tmp_path / "out2"), "deepspeed", degrees={"dp": 2}, zero_stage=1,
+               tag="other")
+    assert (tmp_path / "out2" / "latest").read_text() == "other"
+
+
 class RunsCode:
     """Unpickling this would run a shell command (``os.system``)."""
 

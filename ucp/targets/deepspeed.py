@@ -174,7 +174,8 @@ def frozen3_fragments(model: Model, dp: int, rank: int) -> list:
 class DeepSpeedTarget(Target):
     """Options: ``zero_stage`` (1-3, required), ``dtype`` (model dtype; default the recorded
     DeepSpeed config's, else fp32), ``sub_group_size`` (ZeRO-3; default the recorded config's,
-    else DeepSpeed's 1e9), ``tag`` (default ``global_step<iteration>``)."""
+    else DeepSpeed's 1e9), ``tag`` (default: the source run's tag where recorded, else
+    ``global_step<iteration>``)."""
     name = "deepspeed"
     description = "DeepSpeed ZeRO 1/2/3 checkpoint for --dp N --zero-stage S (engine.load_checkpoint)"
 
@@ -207,7 +208,8 @@ class DeepSpeedTarget(Target):
         self.md = checkpoint.metadata if isinstance(checkpoint.metadata, dict) else {}
         self.config = self._config()
         self.dtype = getattr(torch, DTYPES[self._dtype_name()])
-        self.tag = str(self.options.get("tag") or f"global_step{self.md.get('iteration') or 0}")
+        recorded = (self.md.get("deepspeed") or {}).get("tag")
+        self.tag = str(self.options.get("tag") or recorded or f"global_step{self.md.get('iteration') or 0}")
         if self.stage == 3:
             sub = self.options.get("sub_group_size") or (self.config["zero_optimization"].get("sub_group_size"))
             self.subgroups = zero3_subgroups(self.model, self.dp, int(sub or 1_000_000_000))
