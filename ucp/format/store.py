@@ -25,6 +25,18 @@ def named(e: OSError, path) -> OSError:
     return type(e)(e.errno, e.strerror, str(path))
 
 
+def _consume(mvs: list, n: int) -> None:
+    """Drop the first ``n`` bytes from the buffers ``mvs`` (in place) after a vectored read or write
+    that moved only ``n``: the call is then repeated on what is left."""
+    while n and mvs:
+        if n >= len(mvs[0]):
+            n -= len(mvs[0])
+            mvs.pop(0)
+        else:
+            mvs[0] = mvs[0][n:]
+            n = 0
+
+
 @runtime_checkable
 class Store(Protocol):
     """The files of one root. ``rel`` paths use ``/`` and never leave the root.
@@ -469,14 +481,7 @@ class LocalStore(FileBuffers):
         fd = self._create(self._p(rel))
         try:
             while mvs:  # writev in batches (IOV_MAX is 1024 on Linux), resuming after short writes
-                n = os.writev(fd, mvs[:1024])
-                while n and mvs:
-                    if n >= len(mvs[0]):
-                        n -= len(mvs[0])
-                        mvs.pop(0)
-                    else:
-                        mvs[0] = mvs[0][n:]
-                        n = 0
+                _consume(mvs, os.writev(fd, mvs[:1024]))
             if fsync:
                 os.fsync(fd)
         finally:
@@ -894,13 +899,7 @@ class _LocalRanges:
             if n == 0:
                 break
             got += n
-            while n and mvs:
-                if n >= len(mvs[0]):
-                    n -= len(mvs[0])
-                    mvs.pop(0)
-                else:
-                    mvs[0] = mvs[0][n:]
-                    n = 0
+            _consume(mvs, n)
         return got, self.size
 
     def cached(self, start, stop):
