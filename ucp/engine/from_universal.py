@@ -62,9 +62,9 @@ def write_units(ck, target, units, progress: bool = False) -> None:
             tensors = unit_tensors(ck, unit)
             try:
                 target.write_unit(unit, tensors)
-            except UcpError:
+            except (UcpError, OSError):   # an OSError names its file (the CLI prints it as an error)
                 raise
-            except Exception as e:   # a full disk, a file-size limit: torch.save / safetensors say it their way
+            except Exception as e:   # a full disk, a file-size limit, as torch.save / safetensors say it
                 raise UcpError(f"{target.dst}: writing {unit.key} failed ({type(e).__name__}: {e}); nothing "
                                "complete is left there") from e
             pb.update(1)
