@@ -386,9 +386,76 @@ def test_the_reader_names_stock_dcp_files_alone_or_beside_a_universal_checkpoint
     clears nothing) it refuses to pick one of the two, naming both."""
     sd = {"model": {"w": torch.arange(4.0)}}
     dcp.save(sd, checkpoint_id=tmp_path / "stock")
-    with pytest.raises(BaseException, match=r"stock DCP checkpoint .*FileSystemReader.*ucp convert"):
-        dcp.load({"model": {"w": torch.zeros(4)}}, storage_reader=UniversalReader(tmp_path / "stock"))
+    for path in (tmp_path / "stock", f"file://{tmp_path / 'stock'}"):
+        with pytest.raises(BaseException, match=r"stock DCP checkpoint .*FileSystemReader.*ucp convert"):
+            dcp.load({"model": {"w": torch.zeros(4)}}, storage_reader=UniversalReader(path))
     dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "both"))
     dcp.save({"model": {"w": torch.full((4,), 7.0)}}, checkpoint_id=tmp_path / "both")
     with pytest.raises(BaseException, match=r"holds both a universal checkpoint .* and DCP's own files"):
         dcp.load({"model": {"w": torch.zeros(4)}}, storage_reader=UniversalReader(tmp_path / "both"))
+
+
+@pytest.mark.parametrize("writer", ["dcp", "live"])
+@pytest.mark.parametrize("case", ["ema_beside", "two_levels", "two_apps"])
+def test_the_wrapper_is_the_path_holding_the_model_with_its_optimizer(tmp_path, writer, case):
+    """Model sections under other keys beside the app (an EMA copy ``{"ema": {"model": ...}}``) are
+    entries beside it: the wrapper is the path whose model comes with an optimizer, found at any
+    depth (``{"run": {"app": ...}}``: ``get_state_dict@run/app``); two models each with an
+    optimizer are refused by name, not read as torchtitan's form (optimizer states stored as
+    parameters, as they were)."""
+    model, opt, _ = trained()
+    msd, osd = get_state_dict(model, opt)
+    if case == "ema_beside":
+        sd = {"app": _stateful(AppState(model, opt)), "ema": {"model": {k: v * 0.5 for k, v in msd.items()}}}
+        form = "get_state_dict@app"
+    elif case == "two_levels":
+        sd = {"run": {"app": {"model": msd, "optim": osd}}}
+        form = "get_state_dict@run/app"
+    else:
+        model2, opt2, _ = trained(seed=3)
+        sd = {"a": _stateful(AppState(model, opt)), "b": _stateful(AppState(model2, opt2))}
+        with pytest.raises(BaseException, match=r"model sections under several keys \(a, b\)"):
+            save_universal(sd, tmp_path, writer)
+        return
+    dcp.save(sd, checkpoint_id=tmp_path / "ref_dcp")
+    dcp_to_torch_save(tmp_path / "ref_dcp", tmp_path / "ref.pt")
+    ref = torch.load(tmp_path / "ref.pt", weights_only=False)
+    ck = save_universal(sd, tmp_path, writer)
+    assert ck.params == list(msd) and ck.metadata["dcp_keys"] == form
+    for n in msd:
+        assert same(ck.read(n, "param"), msd[n]) and same(ck.read(n, "exp_avg"), osd["state"][n]["exp_avg"])
+    got = template_free(UniversalReader(tmp_path / "u"))
+    assert_same_tree(got, ref, extra=lambda where, k: where.endswith(".optim") and k.startswith("param_groups."))
+
+
+@pytest.mark.parametrize("writer", ["dcp", "live"])
+def test_a_submodule_called_optim_in_torchtitans_form_is_a_model_tensor(tmp_path, writer):
+    """torchtitan's form of a model with a submodule named ``optim``: its ``optim.*`` tensors are the
+    model's (their saved paths are one level), not get_state_dict's optimizer section (every tensor
+    went to the metadata as an entry, with no parameter left)."""
+    class WithOptim(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.optim = nn.Linear(4, 4)
+
+    torch.manual_seed(0)
+    m = WithOptim()
+    opt = torch.optim.AdamW(m.parameters())
+    m.optim(m.emb(torch.tensor([1, 2]))).sum().backward()
+    opt.step()
+    sd = {**get_model_state_dict(m), "optimizer": get_optimizer_state_dict(m, opt, options=FLAT)}
+    ck = save_universal(sd, tmp_path, writer)
+    assert ck.params == ["emb.weight", "optim.weight", "optim.bias"] and ck.metadata["dcp_keys"] == "torchtitan"
+    assert same(ck.read("optim.bias", "exp_avg"), opt.state[m.optim.bias]["exp_avg"])
+
+
+def test_a_numpy_object_array_is_refused_naming_its_dtype(tmp_path):
+    """An object or string numpy array would need arbitrary pickles: refused, naming the entry and
+    the numpy dtype class (not torch's advice to load with ``weights_only=False``)."""
+    import numpy as np
+
+    sd = {"model": {"w": torch.arange(4.0)}, "v": np.array([1, "a"], dtype=object)}
+    with pytest.raises(BaseException, match=r"'v'.*a pickled numpy\.dtypes\.ObjectDType, which ucp does not unpickle"):
+        dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "u"))
+    assert not (tmp_path / "u" / "ucp.manifest.json").exists()

@@ -139,71 +139,104 @@ TITAN_OPTIM = "optimizer."
 TITAN_STATES = ("lr_scheduler.", "dataloader.", "train_state.")
 
 
-def form_parts(form: str) -> tuple[str, str, str]:
-    """(model section prefix, optimizer section prefix, wrapper prefix) of ``form``; the wrapper
-    ends with its dot (``"app."``), or is empty."""
+def form_parts(form: str) -> tuple[str, str, tuple]:
+    """(model section prefix, optimizer section prefix, wrapper path) of ``form``: the wrapper is
+    the nested path the sections sit under, written after ``@`` with ``/`` between its levels
+    (``get_state_dict@app``, ``get_state_dict@run/app``), ``()`` for none."""
     name, _, wrapper = form.partition("@")
     model, optim = _SECTIONS[name]
-    return model, optim, (wrapper + "." if wrapper else "")
+    return model, optim, tuple(wrapper.split("/")) if wrapper else ()
+
+
+def _dotted(path: tuple) -> str:
+    """The flattened-key prefix of a wrapper path (``("run", "app")`` -> ``"run.app."``)."""
+    return "".join(f"{p}." for p in path)
 
 
 def key_form(keys: dict, paths: Optional[dict] = None) -> str:
-    """The form of a state dict's keys (``{key: number of dims, None for a value}``): an ``optim.``
-    section says ``get_state_dict``; an optimizer under ``optimizer.`` says ``model_optimizer``
+    """The form of a state dict's keys (``{key: number of dims, None for a value}``): an ``optim``
+    section says ``get_state_dict``; an optimizer under ``optimizer`` says ``model_optimizer``
     beside a ``model`` section, else ``torchtitan``. Without an optimizer, a ``model`` section says
     ``get_state_dict`` and tensors at the top level say ``torchtitan``. ``paths`` (DCP's
-    ``planner_data``: key -> nested path) tell the section (``("model", fqn)``) from a top-level key
-    that merely starts with ``model.`` (a Hugging Face model's own ``model.*`` beside its
-    ``lm_head.weight``), and the sections under one top-level key (``("app", "model", fqn)``:
-    ``get_state_dict@app``); without them, tensors all under ``model.`` say ``get_state_dict``."""
+    ``planner_data``: key -> nested path) tell a section (``("model", fqn)``, ``("optim", ...)``)
+    from a top-level key that merely starts with its name (a Hugging Face model's own ``model.*``
+    beside its ``lm_head.weight``, a submodule called ``optim``), and find sections nested under
+    other keys (``("app", "model", fqn)``: ``get_state_dict@app``, :func:`_wrapper`); without
+    them, keys starting with ``optim.`` are an optimizer section and tensors all under ``model.``
+    say ``get_state_dict``."""
     wrapper = _wrapper(keys, paths)
     if wrapper:
-        cut = len(wrapper) + 1
-        inner = {k[cut:]: nd for k, nd in keys.items() if k.startswith(wrapper + ".")}
-        inner_paths = {k[cut:]: tuple(v)[1:] for k, v in paths.items() if k.startswith(wrapper + ".")}
-        return f"{key_form(inner, inner_paths)}@{wrapper}"
+        dotted, depth = _dotted(wrapper), len(wrapper)
+        inner = {k[len(dotted):]: nd for k, nd in keys.items() if k.startswith(dotted)}
+        inner_paths = {k[len(dotted):]: tuple(v)[depth:] for k, v in paths.items() if k.startswith(dotted)}
+        return f"{key_form(inner, inner_paths)}@{'/'.join(wrapper)}"
+    known = isinstance(paths, dict)
+
+    def section(k, name):
+        if not k.startswith(name + "."):
+            return False
+        if not known or k not in paths:
+            return True
+        return len(paths[k]) > 1 and paths[k][0] == name
+
     arrays = [k for k, nd in keys.items() if nd]
-    if isinstance(paths, dict) and all(k in paths for k in arrays):
-        section = any(len(paths[k]) > 1 and paths[k][0] == MODEL[:-1] for k in arrays)
+    if known and all(k in paths for k in arrays):
+        model = any(section(k, "model") for k in arrays)
     else:
-        section = bool(arrays) and all(k.startswith(MODEL) for k in arrays)
-    if any(k.startswith("optim.") for k in keys):
+        model = bool(arrays) and all(k.startswith(MODEL) for k in arrays)
+    if any(section(k, "optim") for k in keys):
         return "get_state_dict"
-    if any(k.startswith((TITAN_OPTIM + "state.", TITAN_OPTIM + "param_groups.")) for k in keys):
-        return "model_optimizer" if section else "torchtitan"
+    if any(section(k, "optimizer") and k.startswith((TITAN_OPTIM + "state.", TITAN_OPTIM + "param_groups."))
+           for k in keys):
+        return "model_optimizer" if model else "torchtitan"
     if not arrays:
         return "get_state_dict"
-    return "get_state_dict" if section else "torchtitan"
+    return "get_state_dict" if model else "torchtitan"
 
 
-def _wrapper(keys, paths) -> str:
-    """The one top-level key the model and optimizer sections sit under (``app`` of the DCP
-    tutorial's ``{"app": AppState(...)}``), or ``""``: known from the nested paths only, and only
-    where no section is at the top level."""
+_SECTION_NAMES = ("model", "optim", "optimizer")
+
+
+def _wrapper(keys, paths) -> tuple:
+    """The nested path the model and optimizer sections sit under (``("app",)`` of the DCP
+    tutorial's ``{"app": AppState(...)}``), or ``()``: known from the saved paths only, and only
+    where no section is at the top level. Sections under several paths (an EMA model's
+    ``{"ema": {"model": ...}}`` beside the app) are told apart by the optimizer: the wrapper is the
+    one path with a model section and an optimizer section, the others are entries beside it; where
+    that leaves more than one (or none of several), which model to keep is not ucp's to guess."""
     if not isinstance(paths, dict):
-        return ""
-    tops, sections = set(), ("model", "optim", "optimizer")
+        return ()
+    found: dict[tuple, set] = {}
     for k in keys:
         path = paths.get(k)
         if path is None or len(path) < 2:
             continue
-        if path[0] in sections:
-            return ""
-        if len(path) > 2 and path[1] in sections and k.startswith(f"{path[0]}.{path[1]}."):
-            tops.add(path[0])
-    if len(tops) != 1:
-        return ""
-    top = tops.pop()
-    return top if "." not in top else ""
+        path = tuple(str(x) for x in path)
+        for i, name in enumerate(path[:-1]):
+            if name in _SECTION_NAMES and k.startswith(_dotted(path[:i + 1])):
+                if i == 0:
+                    return ()
+                if name != "model" or keys[k] is not None:    # a model section holds tensors
+                    found.setdefault(path[:i], set()).add(name)
+                break
+    models = [w for w, names in found.items() if "model" in names]
+    with_optim = [w for w in models if found[w] & {"optim", "optimizer"}]
+    pick = with_optim if with_optim else models
+    if len(pick) == 1 and not any("/" in x or "@" in x for x in pick[0]):
+        return pick[0]
+    if not pick:
+        return ()
+    raise UcpError(f"model sections under several keys ({', '.join('/'.join(w) for w in pick)}): ucp keeps one model and "
+                   "its optimizer; save the others apart, or give the model with the optimizer its own key")
 
 
 def check_form(form: str, what: str) -> str:
-    """``form`` where it names one of :data:`KEY_FORMS` (optionally ``@<key>``); a typo would
-    otherwise serve keys no job asks for."""
+    """``form`` where it names one of :data:`KEY_FORMS`, optionally under a wrapper path
+    (``<form>@<key>[/<key>...]``); a typo would otherwise serve keys no job asks for."""
     name, at, wrapper = form.partition("@")
-    if name not in KEY_FORMS or (at and (not wrapper or "." in wrapper)):
+    if name not in KEY_FORMS or (at and (not wrapper or "@" in wrapper or "" in wrapper.split("/"))):
         raise UcpError(f"{what}={form!r}: the key forms are {', '.join(map(repr, KEY_FORMS))}, each optionally "
-                       "under one top-level key as <form>@<key>")
+                       "under the keys of a wrapper as <form>@<key>[/<key>...]")
     return form
 
 
@@ -212,9 +245,10 @@ def canonical_key(fqn: str, form: str) -> str:
     the model and optimizer sections keep their keys."""
     model, optim, wrapper = form_parts(form)
     if wrapper:
-        if not fqn.startswith(wrapper):
+        dotted = _dotted(wrapper)
+        if not fqn.startswith(dotted):
             return fqn
-        inner = canonical_key(fqn[len(wrapper):], form.partition("@")[0])
+        inner = canonical_key(fqn[len(dotted):], form.partition("@")[0])
         return inner if inner.startswith((MODEL, "optim.")) else fqn
     if fqn.startswith(optim):
         return "optim." + fqn[len(optim):]
@@ -227,9 +261,9 @@ def form_key(key: str, form: str) -> str:
     """A ``get_state_dict`` key as ``form`` spells it (:func:`canonical_key` undone)."""
     model, optim, wrapper = form_parts(form)
     if key.startswith(MODEL):
-        return wrapper + model + key[len(MODEL):]
+        return _dotted(wrapper) + model + key[len(MODEL):]
     if key.startswith("optim."):
-        return wrapper + optim + key[len("optim."):]
+        return _dotted(wrapper) + optim + key[len("optim."):]
     return key
 
 
@@ -250,8 +284,7 @@ def planner_path(fqn: str, paths: Optional[dict] = None, flattened: bool = False
     (``metadata["dcp_paths"]``, :func:`extra_paths`). ``flattened``: the optimizer state dict was
     saved flattened, one level of dotted keys (``state.<fqn>.<state>``)."""
     k = parse_key(fqn)
-    model, optim, wrapper = form_parts(form)
-    top = (wrapper[:-1],) if wrapper else ()
+    model, optim, top = form_parts(form)
     sec = top + (optim[:-1],)
     if k.kind == "param":
         return top + ((model[:-1], k.name) if model else (k.name,))
@@ -452,7 +485,10 @@ def _check_not_stock_dcp(path) -> None:
     is no universal checkpoint (say what it is and how to read it, not only that a manifest is
     missing); beside a universal checkpoint, ``FileSystemWriter`` saved over one (it clears
     nothing), and which of the two a job should load is not for ucp to guess."""
-    if "://" in str(path):
+    text = str(path)
+    if text.startswith("file://"):
+        path = text[len("file://"):]
+    elif "://" in text:
         return
     from ucp.sources._dcpfiles import is_dcp_dir
 

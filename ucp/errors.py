@@ -47,7 +47,7 @@ def unpickling_refusal(e: BaseException) -> str:
     names one. The message itself starts with advice to load with ``weights_only=False`` (which ucp
     never does) in terminal escapes, and names the class only further down."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"but got <class '([^']+)'>", text)
     if found:
         return f"it holds a pickled {found.group(1)}, which ucp does not unpickle"
     return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
