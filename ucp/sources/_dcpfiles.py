@@ -28,6 +28,7 @@ import pickle
 import struct
 import threading
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -202,6 +203,7 @@ class DcpFiles:
         self.metadata = metadata if metadata is not None else load_metadata(self.path, extra_globals)
         self._maps: dict[str, mmap.mmap] = {}
         self._lock = threading.Lock()
+        self._checked: set[tuple[str, int]] = set()   # items whose records passed their CRC-32
 
     # ---------------------------------------------------------------- lookup
     def storage_info(self, index):
@@ -249,8 +251,25 @@ class DcpFiles:
         except Exception as e:   # BadZipFile, or what a corrupt directory trips (UnicodeDecodeError, ...)
             raise DcpFileError(f"{where}: not a torch.save archive ({type(e).__name__}: {e}); only DCP's "
                                "default torch_save serialization is supported") from None
+        info = self.storage_info(index)
+        item = (info.relative_path, info.offset)
+
+        def check(start: int, rec: zipfile.ZipInfo) -> None:
+            """The record's CRC-32 (the zip directory's) over its bytes, once per item: neither
+            ``torch.load`` nor DCP's FileSystemReader checks it, and a flipped byte would convert
+            into a wrong value without a word."""
+            if not rec.CRC or item in self._checked:
+                return
+            with memoryview(view._buf) as mv:
+                got = zlib.crc32(mv[start:start + rec.file_size])
+            if got != rec.CRC:
+                raise DcpFileError(f"{where}: corrupt zip record {rec.filename}: its bytes' CRC-32 is {got:#010x}, "
+                                   f"the zip directory says {rec.CRC:#010x}")
+            with self._lock:
+                self._checked.add(item)
+
         with zf:
-            return _load_mapped(zf, view, where)
+            return _load_mapped(zf, view, where, check)
 
     def obj(self, index) -> Any:
         """A non-tensor item (``BytesStorageMetadata``), through ``torch.load(weights_only=True)``."""
@@ -281,7 +300,9 @@ class DcpFiles:
         self.close()
 
 
-def _load_mapped(zf: zipfile.ZipFile, view: _MapView, where: str) -> torch.Tensor:
+def _load_mapped(zf: zipfile.ZipFile, view: _MapView, where: str, check=None) -> torch.Tensor:
+    """The tensor of one torch.save archive inside a mapped ``.distcp`` item, over the map;
+    ``check(start, record)`` is called on each storage record before it is used."""
     import torch
 
     names = zf.namelist()
@@ -310,6 +331,8 @@ def _load_mapped(zf: zipfile.ZipFile, view: _MapView, where: str) -> torch.Tenso
             raise DcpFileError(f"{where}: storage record data/{key} holds {rec.file_size} bytes, "
                                f"{nbytes} expected")
         start = base + _record_data_offset(view, rec, where)
+        if check is not None:
+            check(start, rec)
         raw = torch.frombuffer(view._buf, dtype=torch.uint8, count=nbytes, offset=start) if nbytes else \
             torch.empty(0, dtype=torch.uint8)
         return torch.storage.TypedStorage(wrap_storage=raw.untyped_storage(), dtype=dtype, _internal=True)
