@@ -247,7 +247,7 @@ def test_numeric_options_and_tags_out_of_range_are_refused(tmp_path, capsys):
              (["convert", str(u), str(tmp_path / "x"), "--workers", "0"], "--workers"),
              (["diff", str(u), str(u), "--atol", "-1"], "--atol"),
              (["diff", str(u), str(u), "--atol", "nan"], "--atol")]
-    for tag in ("../escaped", "/abs", "a/b", ".."):
+    for tag in ("../escaped", "/abs", "a/b", "..", "gs3 ", " ", "latest", "latest.tmp", "latest_universal"):
         cases.append((["export", str(u), str(tmp_path / "x"), "--to", "deepspeed", "--zero-stage", "2",
                        "--tag", tag], "--tag"))
     for args, flag in cases:

@@ -312,6 +312,10 @@ def test_export_keeps_the_runs_tag(ds_runs, tmp_path):
     ucp.export(str(tmp_path / "u"), str(tmp_path / "out2"), "deepspeed", degrees={"dp": 2}, zero_stage=1,
                tag="other")
     assert (tmp_path / "out2" / "latest").read_text() == "other"
+    # a tag folder given as ".." (converted from inside it) records its own name, not ".."
+    (ck / "mytag" / "sub").mkdir()
+    ucp.convert(str(ck / "mytag" / "sub" / ".."), str(tmp_path / "u3"), source="deepspeed")
+    assert ucp.open(str(tmp_path / "u3")).metadata["deepspeed"]["tag"] == "mytag"
 
 
 class RunsCode:

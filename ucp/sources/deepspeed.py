@@ -691,7 +691,7 @@ class DeepSpeedSource(Source):
             "optimizer": {"param_groups": groups},
             "deepspeed": {
                 "zero_stage": self.stage, "dp_world_size": self.dp, "ds_version": m.get("ds_version"),
-                "tag": self.folder.name,
+                "tag": self.folder.resolve().name,   # the folder's own name, also when given as ".."
                 "ds_config": m.get("ds_config"), "global_steps": m.get("global_steps"),
                 "global_samples": m.get("global_samples"), "skipped_steps": m.get("skipped_steps"),
                 "loss_scaler": scaler.to_json() if isinstance(scaler, LossScalerState) else None,

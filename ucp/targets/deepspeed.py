@@ -171,6 +171,25 @@ def frozen3_fragments(model: Model, dp: int, rank: int) -> list:
 
 
 # ------------------------------------------------------------------ the target
+#: names DeepSpeed itself uses beside the tag folders
+_RESERVED_TAGS = ("latest", "latest_universal", "zero_to_fp32.py")
+
+
+def bad_tag(tag: str, raise_as: str | None = None) -> str:
+    """Why ``tag`` cannot name a tag folder ("" when it can): it must be one folder name inside
+    the destination (``../x`` wrote beside it), without surrounding spaces (DeepSpeed strips
+    ``latest``'s text, so ``"gs3 "`` never loads), and none of the names DeepSpeed writes beside
+    its tags. ``raise_as``: raise a ``DeepSpeedTargetError`` naming that option instead."""
+    why = ("it is empty" if not tag else
+           "it is '.' or '..'" if tag in (".", "..") else
+           "it holds '/' or '\\'" if any(c in tag for c in "/\\") else
+           "it starts or ends with white space" if tag != tag.strip() else
+           f"DeepSpeed writes {tag!r} beside its tags" if tag in _RESERVED_TAGS or tag.endswith(".tmp") else "")
+    if why and raise_as:
+        raise DeepSpeedTargetError(f"{raise_as} {tag!r}: a tag is one folder name inside the destination; {why}")
+    return why
+
+
 class DeepSpeedTarget(Target):
     """Options: ``zero_stage`` (1-3, required), ``dtype`` (model dtype; default the recorded
     DeepSpeed config's, else fp32), ``sub_group_size`` (ZeRO-3; default the recorded config's,
@@ -191,10 +210,8 @@ class DeepSpeedTarget(Target):
         self.dp = int(self.degrees.get("dp", 1))
         if self.dp < 1:
             raise DeepSpeedTargetError(f"--dp must be at least 1 (got {self.dp})")
-        tag = options.get("tag")
-        if tag is not None and (not str(tag) or str(tag) in (".", "..") or any(c in str(tag) for c in "/\\")):
-            raise DeepSpeedTargetError(f"--tag {tag!r}: a tag is one folder name inside the destination (no "
-                                       "'/', '\\', '.' or '..')")
+        if options.get("tag") is not None:
+            bad_tag(str(options["tag"]), raise_as="--tag")
         self._written: list[Path] = []
         self._made_dst = False
 
@@ -209,6 +226,8 @@ class DeepSpeedTarget(Target):
         self.config = self._config()
         self.dtype = getattr(torch, DTYPES[self._dtype_name()])
         recorded = (self.md.get("deepspeed") or {}).get("tag")
+        if recorded is not None and bad_tag(str(recorded)):
+            recorded = None     # converted from a path such as ".." (its folder name is no tag)
         self.tag = str(self.options.get("tag") or recorded or f"global_step{self.md.get('iteration') or 0}")
         if self.stage == 3:
             sub = self.options.get("sub_group_size") or (self.config["zero_optimization"].get("sub_group_size"))
