@@ -318,6 +318,19 @@ def test_export_keeps_the_runs_tag(ds_runs, tmp_path):
     assert ucp.open(str(tmp_path / "u3")).metadata["deepspeed"]["tag"] == "mytag"
 
 
+@pytest.mark.parametrize("stage, dp, why", [(2, 10**7, "too few for 10000000 ranks"),
+                                          (3, 10**8, "fewer than ranks")])
+def test_a_degree_the_model_cannot_spread_over_is_refused_first(converted, tmp_path, stage, dp, why):
+    """``--dp`` beyond what the model can be spread over is refused before any per-rank work (a
+    typo of ten million ranks ran for minutes and took gigabytes before the last rank's check)."""
+    import ucp
+    from ucp.errors import UcpError
+
+    with pytest.raises(UcpError, match=why):
+        ucp.export(converted["z2-bf16"].path, str(tmp_path / "out"), "deepspeed", degrees={"dp": dp}, zero_stage=stage)
+    assert not (tmp_path / "out").exists()
+
+
 class RunsCode:
     """Unpickling this would run a shell command (``os.system``)."""
 

@@ -200,7 +200,13 @@ def _positive(text: str) -> int:
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        try:    # 1e9, as DeepSpeed configs write sub_group_size
+            x = float(text)
+        except ValueError:
+            x = math.nan
+        if not (math.isfinite(x) and x == int(x)):
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        n = int(x)
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
     return n

@@ -229,11 +229,24 @@ class DeepSpeedTarget(Target):
         if recorded is not None and bad_tag(str(recorded)):
             recorded = None     # converted from a path such as ".." (its folder name is no tag)
         self.tag = str(self.options.get("tag") or recorded or f"global_step{self.md.get('iteration') or 0}")
+        self._check_degree()
         if self.stage == 3:
             sub = self.options.get("sub_group_size") or (self.config["zero_optimization"].get("sub_group_size"))
             self.subgroups = zero3_subgroups(self.model, self.dp, int(sub or 1_000_000_000))
         self._made_dst = not self.dst.exists()
         return self._model_units() + self._optim_units()  # folders are made when written (torchrun-safe)
+
+    def _check_degree(self) -> None:
+        """Refuse a data-parallel degree the model cannot be spread over before any per-rank work
+        (``--dp 10000000`` ran for minutes and took gigabytes before the last rank's check): at
+        ZeRO-1/2 the last rank's partition of a group must not be all padding, at ZeRO-3 there must
+        be at least one trainable element per rank."""
+        if self.stage < 3:
+            zero12_groups(self.model, self.dp, self.dp - 1)
+            return
+        total = sum(self.model.numel(n) for names in self.model.groups for n in names)
+        if self.dp > total:
+            raise DeepSpeedTargetError(f"--dp {self.dp}: the model has {total} trainable elements, fewer than ranks")
 
     def _dtype_name(self) -> str:
         given = self.options.get("dtype")
