@@ -165,3 +165,22 @@ def test_cli_convert_to_s3_verify_and_export_back(s3, tmp_path, capsys):
     for st in states:
         for n, t in states[st].items():
             assert torch.equal(back[st][n], t), (st, n)
+
+
+def test_an_unreachable_store_is_one_error_line(tmp_path):
+    """An object store that cannot be reached (a loopback port nothing listens on) ends the command
+    with one error line naming the store client's error, exit 2, not a botocore traceback."""
+    import json
+
+    from ucp.demo import DEMO_SPEC
+    from ucp.targets.ranks import save_ranks
+
+    port = free_port()              # a port just freed: nothing listens there
+    save_ranks({"param": {"model.norm.weight": torch.ones(8), "lm_head.weight": torch.ones(10, 8)}},
+               tmp_path / "src", spec_text=DEMO_SPEC, degrees={"tp": 2})
+    opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s",
+            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
+    got = subprocess.run([sys.executable, "-m", "ucp", "convert", "-q", str(tmp_path / "src"), "s3://bkt/u",
+                          "--storage-options", json.dumps(opts)], capture_output=True, text=True, timeout=300)
+    assert got.returncode == 2, got.stderr
+    assert "Traceback" not in got.stderr and got.stderr.startswith("ucp convert: error: EndpointConnectionError")

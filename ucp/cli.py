@@ -333,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
 TORCH_FREE_COMMANDS = frozenset({"convert", "verify"})
 
 
+#: the packages an fsspec store's errors come from (their failures are the store's, not ucp's)
+_STORE_CLIENTS = frozenset({"botocore", "aiobotocore", "s3fs", "fsspec", "aiohttp", "gcsfs", "adlfs"})
+
 #: the Python API's spellings in error messages, and the command line's
 _FLAGS = {"overwrite=True": "--overwrite", "resume=True": "--resume"}
 
@@ -388,6 +391,12 @@ def main(argv=None) -> int:
             hint = ("; nothing was committed: once that is fixed, the same command with --resume finishes the "
                     "conversion" if args.cmd == "convert" else "")
             print(f"ucp {args.cmd}: error: {e}{hint}", file=sys.stderr)
+        rc = EXIT_ERROR
+    except Exception as e:
+        if type(e).__module__.split(".")[0] not in _STORE_CLIENTS:
+            raise            # a bug: its traceback is what to report
+        if _dist_rank()[0] == 0:     # an object store that cannot be reached, refuses the credentials, ...
+            print(f"ucp {args.cmd}: error: {type(e).__name__}: {e}", file=sys.stderr)
         rc = EXIT_ERROR
     if _dist_rank()[1] > 1:
         # torchrun job: leave together, and skip interpreter teardown (gloo aborts there now and then)
