@@ -291,7 +291,8 @@ def test_flipped_bytes_in_a_tensor_record_are_refused(ds_runs, tmp_path):
     with zipfile.ZipFile(f) as z:
         rec = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
     raw = bytearray(f.read_bytes())
-    at = rec.header_offset + 30 + len(rec.filename.encode()) + len(rec.extra) + 100
+    at = rec.header_offset   # the local header's own name and extra lengths (torch pads the extra field)
+    at += 30 + int.from_bytes(raw[at + 26:at + 28], "little") + int.from_bytes(raw[at + 28:at + 30], "little") + 100
     raw[at:at + 8] = bytes(255 - b for b in raw[at:at + 8])
     f.write_bytes(bytes(raw))
     msg = convert_error(ck, tmp_path)

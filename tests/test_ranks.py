@@ -160,6 +160,25 @@ def test_truncated_rank_file(saved, tmp_path):
     assert not (tmp_path / "out" / "ucp.manifest.json").exists()
 
 
+def test_a_changed_byte_in_a_rank_file_is_named(saved, tmp_path):
+    """A byte changed inside a tensor record of a rank file (size intact: ``torch.load`` maps it
+    without a word) fails the record's zip CRC-32, naming the file and the record; nothing is
+    committed."""
+    import zipfile
+
+    f = saved / "rank-tp1-dp1.pt"
+    with zipfile.ZipFile(f) as z:
+        rec = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(f.read_bytes())
+    at = rec.header_offset   # the local header's own name and extra lengths (torch pads the extra field)
+    data = at + 30 + int.from_bytes(raw[at + 26:at + 28], "little") + int.from_bytes(raw[at + 28:at + 30], "little")
+    raw[data + 7] ^= 0x40
+    f.write_bytes(bytes(raw))
+    with pytest.raises(UcpError, match=rf"rank-tp1-dp1\.pt: {rec.filename} is corrupt: its bytes' CRC-32"):
+        ucp.convert(saved, tmp_path / "out")
+    assert not (tmp_path / "out" / "ucp.manifest.json").exists()
+
+
 def test_shape_mismatch_names_file_and_param(saved, tmp_path):
     f = saved / "rank-tp0-dp0.pt"
     d = torch.load(f, weights_only=True)

@@ -7,7 +7,8 @@ plug-in of CONTRIBUTING.md: the spec alone (no framework code) says which fragme
 file holds; the engine does the rest. ``ucp.targets.ranks`` writes the same layout.
 
 Rank files are read with ``torch.load(weights_only=True, mmap=True)``: no pickled code runs,
-and a rank's file is paged in only where its fragments are read.
+and the tensors are sliced through a memory map; every zip record is first checked against its
+CRC-32, which ``torch.load`` never does.
 """
 from __future__ import annotations
 
@@ -53,9 +54,15 @@ def load_rank_file(path: Path) -> dict:
 
     from ucp.format.store import readahead
 
+    from ucp.sources.torchfile import TorchFileError, check_records
+
     if not path.is_file():
         raise RanksError(f"{path}: rank file is missing")
     readahead(path)  # the tensors are sliced through a memory map: read the file ahead of the faults
+    try:
+        check_records(path)    # torch.load maps the tensors unchecked: a changed byte would convert as read
+    except TorchFileError as e:
+        raise RanksError(str(e)) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for truncated or hostile files
