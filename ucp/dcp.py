@@ -465,7 +465,7 @@ class UniversalReader(StorageReader):
         if self._ck is None:
             if self.path is None:
                 raise UcpError("UniversalReader: no path (pass it, or checkpoint_id= to dcp.load)")
-            _check_not_stock_dcp(self.path)
+            _check_not_stock_dcp(self.path, self.storage_options)
             workers = self.workers or rank_threads(self.path, self.storage_options)
             self._ck = open_checkpoint(self.path, storage_options=self.storage_options, workers=workers)
         return self._ck
@@ -480,17 +480,18 @@ class UniversalReader(StorageReader):
             self._ck = None
 
 
-def _check_not_stock_dcp(path) -> None:
+def _check_not_stock_dcp(path, storage_options=None) -> None:
     """Refuse a local directory that holds DCP's own files (``.metadata`` + ``*.distcp``): alone, it
     is no universal checkpoint (say what it is and how to read it, not only that a manifest is
     missing); beside a universal checkpoint, ``FileSystemWriter`` saved over one (it clears
     nothing), and which of the two a job should load is not for ucp to guess."""
-    text = str(path)
-    if text.startswith("file://"):
-        path = text[len("file://"):]
-    elif "://" in text:
-        return
+    from ucp.format.store import LocalStore
     from ucp.sources._dcpfiles import is_dcp_dir
+
+    store = make_store(str(path), storage_options)     # its rule for what is local (a file:// URL is)
+    if not isinstance(store, LocalStore):
+        return
+    path = store.root
 
     if not is_dcp_dir(path):
         return

@@ -64,7 +64,7 @@ def write_units(ck, target, units, progress: bool = False) -> None:
                 target.write_unit(unit, tensors)
             except (UcpError, OSError):   # an OSError names its file (the CLI prints it as an error)
                 raise
-            except Exception as e:   # a full disk, a file-size limit, as torch.save / safetensors say it
+            except Exception as e:   # a full disk, a file-size limit, as a target's file writer says it
                 full = " (torch's zip writer says this when the disk is full or a file-size limit is hit)" \
                     if "unexpected pos" in str(e) else ""
                 raise UcpError(f"{target.dst}: writing {unit.key} failed ({type(e).__name__}: {e}){full}; nothing "

@@ -4,8 +4,9 @@ Encoding: dict with str keys -> object (a dict with a non-str key, or a key star
 becomes {"$dict": [[key, value], ...]}); list/tuple -> array; None/bool/int/str as is;
 float -> number, non-finite as {"$float": "nan"|"inf"|"-inf"}; numpy/torch scalars -> Python
 numbers; bytes -> {"$bytes": base64}; torch.Tensor -> {"$tensor": "_ucp/meta/<n>"} stored as a small
-array, numpy.ndarray -> {"$ndarray": ...} stored the same way and read back as numpy; torch.dtype (or ``dtypes.Dtype``) -> {"$dtype": name}. Encoding never
-imports torch: where it is not imported, no value is a torch object.
+array, numpy.ndarray -> {"$ndarray": ...} stored the same way and read back as numpy; torch.dtype
+(or ``dtypes.Dtype``) -> {"$dtype": name}. Encoding never imports torch: where it is not
+imported, no value is a torch object.
 """
 from __future__ import annotations
 
