@@ -332,7 +332,7 @@ def test_ranks_write_their_arrays_from_staggered_starts_and_report_them_in_plan_
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorProperties
     from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-    from ucp.dcp import _write_arrays
+    from ucp.dcp.writer import _write_arrays
     from ucp.format import commit_parts, create_checkpoint
 
     path = tmp_path / "u"
@@ -368,7 +368,8 @@ def test_array_documents_are_spread_over_the_ranks_that_write_the_arrays(tmp_pat
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorProperties
     from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
-    from ucp.dcp import _doc_writers, _saved_arrays, _write_arrays
+    from ucp.dcp.saveplan import doc_writers as _doc_writers, saved_arrays as _saved_arrays
+    from ucp.dcp.writer import _write_arrays
     from ucp.format import commit_parts, create_checkpoint, store
 
     puts, real = [], store.LocalStore.put

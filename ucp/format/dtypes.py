@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+from typing import Optional
 
 import numpy as np
 
@@ -87,6 +88,27 @@ def is_supported(dtype) -> bool:
     except UcpError:
         return False
     return True
+
+
+def scalar_dtype_name(dtype) -> str:
+    """The name ``scalar_dtypes`` records for the torch dtype of a per-parameter scalar (FORMAT.md
+    §6.1): any torch dtype, as a scalar is a JSON number and no array."""
+    return str(dtype).removeprefix("torch.")
+
+
+def scalar_dtype(value, name: Optional[str] = None):
+    """The torch dtype of a per-parameter scalar (``scalars``, FORMAT.md §6.1) as the 0-d tensor
+    torch's optimizers keep it: its ``scalar_dtypes`` entry ``name``, else float32 for a float and
+    int64 for an int (a scalar recorded without its dtype). One rule for the reader and the
+    exports."""
+    import torch
+
+    if name is None:
+        return torch.float32 if isinstance(value, float) else torch.int64
+    dt = getattr(torch, str(name), None)
+    if not isinstance(dt, torch.dtype):
+        raise FormatError(f"unknown torch dtype {name!r} in scalar_dtypes")
+    return dt
 
 
 def torch_dtype(name: str):

@@ -16,7 +16,7 @@ Frozen and tied parameters: a model tensor that the optimizer of the checkpoint 
 state for nor lists in a param group is either a tied alias (DCP stores it again under its own
 key; the optimizer knows it under one name) or frozen. It is tied to a trained model tensor of
 the same shape, dtype and chunking whose saved bytes are identical — read once at ``layout()``
-time, for those candidates only — and frozen otherwise (``ucp.dcp.param_flags``). A tied alias
+time, for those candidates only — and frozen otherwise (``ucp.dcp.metadata.param_flags``). A tied alias
 is stored once: a parameter with no arrays, ``tied_to`` the trained one.
 
 Files are read through ``ucp.sources._dcpfiles``: metadata through an allow-list unpickler,
@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from ucp.errors import UcpError
+from ucp.format.dtypes import dtype_name, scalar_dtype_name
 from ucp.sources import Source, SourceLayout, SourceParam
 from ucp.sources._dcpfiles import DcpFiles, chunk_box, is_dcp_dir
 
@@ -54,8 +55,8 @@ class DcpSource(Source):
         return self._files
 
     def layout(self) -> SourceLayout:
-        from ucp.dcp import (canonical_key, canonical_paths, check_states_held, key_form, non_tensor_metadata,
-                             param_flags, param_group_of, parse_key, regroup, saved_ndim)
+        from ucp.dcp.keys import canonical_key, canonical_paths, key_form, parse_key, saved_ndim
+        from ucp.dcp.metadata import check_states_held, non_tensor_metadata, param_flags, param_group_of, regroup
 
         md = self.files().metadata
         saved = _key_order(md)
@@ -112,7 +113,7 @@ class DcpSource(Source):
         fqn, tmd = arrays[(name, "param")]
         meta = dict(flags)
         if scalars:
-            meta["scalar_dtypes"] = {s: str(dt).removeprefix("torch.") for s, (_, dt) in scalars.items()}
+            meta["scalar_dtypes"] = {s: scalar_dtype_name(dt) for s, (_, dt) in scalars.items()}
         shapes = {s: tuple(arrays[(name, s)][1].size) for s in states}
         return SourceParam(name=name, shape=tuple(tmd.size),
                            dtypes={s: arrays[(name, s)][1].properties.dtype for s in states},
@@ -125,7 +126,7 @@ class DcpSource(Source):
         _, tmd = arrays[(name, "param")]
         return SourceParam(name=name, shape=tuple(tmd.size), dtypes={}, fragments=[],
                            meta={**flags, "shape": list(tmd.size),
-                                 "dtype": str(tmd.properties.dtype).removeprefix("torch.")})
+                                 "dtype": dtype_name(tmd.properties.dtype)})
 
     def _fragments(self, name: str, fqn: str, tmd) -> list:
         from ucp.plan import Box, Fragment, Piece
@@ -146,7 +147,7 @@ class DcpSource(Source):
         (``listed``) whose saved chunks are bytewise those of a model tensor it trains (same shape,
         dtype and chunk boxes): DCP saves a tied tensor under each of its names, the optimizer
         knows it under one."""
-        from ucp.dcp import stepped_params
+        from ucp.dcp.metadata import stepped_params
 
         trained = stepped_params(keys) | set(listed)
         if not trained:

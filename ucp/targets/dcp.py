@@ -39,7 +39,7 @@ class DcpTarget(Target):
     description = "torch DCP directory (.metadata + __<r>_0.distcp), get_state_dict or --keys torchtitan keys; --dp N files"
 
     def __init__(self, dst, *, degrees=None, spec=None, storage_options=None, **options):
-        from ucp.dcp import check_form
+        from ucp.dcp.keys import check_form
 
         super().__init__(dst, degrees=degrees, spec=spec, storage_options=storage_options, **options)
         self.reject_options(allowed=("keys",))
@@ -60,7 +60,7 @@ class DcpTarget(Target):
 
     # -- plan --------------------------------------------------------------------------------
     def plan(self, checkpoint) -> list[TargetUnit]:
-        from ucp.dcp import is_flattened
+        from ucp.dcp.metadata import is_flattened
 
         if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())):
             raise UcpError(f"{self.dst}: destination is not empty")
@@ -103,7 +103,7 @@ class DcpTarget(Target):
 
     # -- writing -------------------------------------------------------------------------------
     def write_unit(self, unit: TargetUnit, tensors: Mapping[str, Mapping[str, Any]]) -> None:
-        from ucp.dcp import form_key, optim_key
+        from ucp.dcp.keys import form_key, optim_key
 
         frags = {f.local_name: f for f in unit.fragments}
         items = []
@@ -130,7 +130,8 @@ class DcpTarget(Target):
         """Scalars (0-d tensors) and non-tensor entries, written with file 0."""
         import torch
 
-        from ucp.dcp import form_key, optim_key, scalar_dtype
+        from ucp.dcp.keys import form_key, optim_key
+        from ucp.format.dtypes import scalar_dtype
 
         ck = self._ck
         out = []
@@ -150,7 +151,7 @@ class DcpTarget(Target):
 
     def finish(self, checkpoint) -> None:
         """Merge the units' indexes into DCP ``Metadata`` and write ``.metadata`` last."""
-        from ucp.dcp import canonical_key, planner_path
+        from ucp.dcp.keys import canonical_key, planner_path
         from ucp.targets._distcp import build_metadata
 
         files = {f"__{r}_0.distcp": json.loads((self.dst / f"__{r}_0.distcp{INDEX_SUFFIX}").read_text())
@@ -180,7 +181,7 @@ def _non_tensor_entries(ck, flattened: bool) -> list[tuple[str, Any]]:
     """``(key, value)`` of every non-tensor entry to write: param groups, the ``dcp`` entries,
     then other metadata flattened with dots (the conversion record, the entries' saved paths,
     ``dcp_paths``, and their form, ``dcp_keys``, left out); param groups ``flattened`` or not."""
-    from ucp.dcp import group_entries, listed_param_groups
+    from ucp.dcp.metadata import group_entries, listed_param_groups
 
     md = ck.metadata if isinstance(ck.metadata, dict) else {}
     out = group_entries(listed_param_groups(ck, md), flattened)

@@ -385,7 +385,7 @@ class DeepSpeedTarget(Target):
         """Torch optimizer state per flat buffer (skipped when the checkpoint has no moments)."""
         import torch
 
-        from ucp.dcp import scalar_dtype
+        from ucp.format.dtypes import scalar_dtype
 
         out = {}
         if not self.model.states:
