@@ -422,6 +422,26 @@ def test_convert_equals_dcp_to_torch_save(tied_frozen, tmp_path):
     assert md["source"]["format"] == "dcp" and same(md["dcp"]["extra.rng"], sd["extra"]["rng"])
 
 
+def test_source_ties_only_what_equal_bytes_can_show(tmp_path):
+    """Stock DCP saves a tied tensor under each of its names, so the source finds ties by equal
+    bytes. A tensor of one repeated value shows nothing: BatchNorm's buffers start as ones and
+    zeros, the very bytes of a fresh LayerNorm's weight and bias, and must not become their
+    aliases; a real tie (random values) still does."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(7, 4), torch.nn.LayerNorm(4), torch.nn.BatchNorm1d(4),
+                                torch.nn.Linear(4, 7, bias=False))
+    model[3].weight = model[0].weight
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp_path / "dcp")
+    ucp.convert(tmp_path / "dcp", tmp_path / "u")
+    ck = ucp.open(tmp_path / "u")
+    tied = {n: ck.param_meta(n)["tied_to"] for n in ck.params if "tied_to" in ck.param_meta(n)}
+    assert tied == {"3.weight": "0.weight"}
+    for n in ("2.running_var", "2.running_mean"):
+        assert same(ck.read(n, "param"), msd[n]), n
+
+
 def test_source_refuses_a_spec_and_unknown_options(tied_frozen):
     root, _, _ = tied_frozen
     with pytest.raises(UcpError, match="describes its own layout"):

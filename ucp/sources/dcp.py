@@ -63,22 +63,27 @@ class DcpSource(Source):
         form = key_form({k: saved_ndim(md.state_dict_metadata[k]) for k in saved}, md.planner_data)
         canon = {k: canonical_key(k, form) for k in saved}
         keys = [canon[k] for k in saved]
-        arrays, scalars, groups, extras = self._classify(canon, parse_key)
+        arrays, scalars, groups, extras = self._classify(canon)
         names = [k.name for k in (parse_key(x) for x in keys) if k.kind == "param"]
+        states: dict[str, list] = {}
+        for name, state in arrays:
+            states.setdefault(name, []).append(state)
         check_states_held(self.path, [n for n, _ in arrays] + list(scalars), names)
         groups, extras, flattened = regroup(groups, extras, names)
         listed = param_group_of(groups)
         flags = param_flags(names, keys, self._ties(names, keys, arrays, listed), listed)
         params = [self._alias(n, arrays, flags[n]) if "tied_to" in flags[n] else
-                  self._param(n, arrays, scalars.get(n, {}), flags[n]) for n in names]
+                  self._param(n, arrays, states[n], scalars.get(n, {}), flags[n]) for n in names]
         paths = canonical_paths(md.planner_data, form)
         return SourceLayout(params=params, metadata=non_tensor_metadata(groups, extras, paths, flattened, form))
 
-    def _classify(self, canon: dict, parse_key):
+    def _classify(self, canon: dict):
         """``arrays[(name, state)] = (saved key, TensorStorageMetadata)``, per-parameter scalars
         ``{name: {state: (value, dtype)}}``, param-group values and other entries (under their
         ``get_state_dict`` keys: ``canon`` maps each saved key to it)."""
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        from ucp.dcp.keys import parse_key
 
         files, sdm = self.files(), self.files().metadata.state_dict_metadata
         arrays, scalars, groups, extras = {}, {}, {}, {}
@@ -107,8 +112,8 @@ class DcpSource(Source):
             out[tuple(slice(a, b) for a, b in zip(start, stop))] = self.files().tensor(_index(fqn, ch.offsets, k))
         return out
 
-    def _param(self, name: str, arrays: dict, scalars: dict, flags: dict) -> SourceParam:
-        states = ["param"] + sorted(s for n, s in arrays if n == name and s != "param")
+    def _param(self, name: str, arrays: dict, saved_states: list, scalars: dict, flags: dict) -> SourceParam:
+        states = ["param"] + sorted(s for s in saved_states if s != "param")
         frags = {s: self._fragments(name, *arrays[(name, s)]) for s in states}
         fqn, tmd = arrays[(name, "param")]
         meta = dict(flags)
@@ -144,39 +149,45 @@ class DcpSource(Source):
 
     def _ties(self, names, keys, arrays, listed) -> dict:
         """``alias -> target`` for model tensors the optimizer neither keeps state for nor lists
-        (``listed``) whose saved chunks are bytewise those of a model tensor it trains (same shape,
-        dtype and chunk boxes): DCP saves a tied tensor under each of its names, the optimizer
-        knows it under one."""
+        (``listed``) whose saved chunks are bytewise those of exactly one model tensor it trains
+        (same shape, dtype and chunk boxes): DCP saves a tied tensor under each of its names, the
+        optimizer knows it under one. A tensor of one repeated value is never an alias: equal
+        bytes show nothing there (BatchNorm's buffers start as the ones and zeros of a fresh
+        LayerNorm's weight and bias)."""
         from ucp.dcp.metadata import stepped_params
 
         trained = stepped_params(keys) | set(listed)
         if not trained:
             return {}
+        by_layout: dict[tuple, list] = {}    # the trained tensors by shape, dtype and chunk boxes
+        for n in names:
+            if n in trained:
+                by_layout.setdefault(_saved_layout(arrays[(n, "param")][1]), []).append(n)
         ties = {}
         for alias in (n for n in names if n not in trained):
-            for target in (n for n in names if n in trained):
-                if self._same_chunks(arrays[(alias, "param")], arrays[(target, "param")]):
-                    ties[alias] = target
-                    break
+            saved = arrays[(alias, "param")]
+            same = [t for t in by_layout.get(_saved_layout(saved[1]), []) if self._same_chunks(saved, arrays[(t, "param")])]
+            if len(same) == 1 and not self._constant(saved):   # read only when it matters
+                ties[alias] = same[0]
         return ties
 
-    def _same_chunks(self, a, b) -> bool:
+    def _chunk(self, saved, k: int):
+        """Saved chunk ``k`` of ``saved`` (``(key, TensorStorageMetadata)``), memory-mapped."""
+        fqn, tmd = saved
+        return self.files().tensor(_index(fqn, tmd.chunks[k].offsets, k))
+
+    def _constant(self, saved) -> bool:
         import torch
 
-        (fa, ta), (fb, tb) = a, b
-        if (tuple(ta.size), ta.properties.dtype) != (tuple(tb.size), tb.properties.dtype):
-            return False
-        ca = sorted((chunk_box(c), k) for k, c in enumerate(ta.chunks))
-        cb = sorted((chunk_box(c), k) for k, c in enumerate(tb.chunks))
-        if [x for x, _ in ca] != [x for x, _ in cb]:
-            return False
-        files = self.files()
-        for ((_, ka), (_, kb)) in zip(ca, cb):
-            x = files.tensor(_index(fa, ta.chunks[ka].offsets, ka))
-            y = files.tensor(_index(fb, tb.chunks[kb].offsets, kb))
-            if not torch.equal(_bits(x), _bits(y)):
-                return False
-        return True
+        chunks = [t.reshape(-1) for t in (self._chunk(saved, k) for k in range(len(saved[1].chunks))) if t.numel()]
+        return all(torch.equal(_bits(t), _bits(chunks[0][:1].expand_as(t))) for t in chunks)
+
+    def _same_chunks(self, a, b) -> bool:
+        """Whether two saved tensors of one :func:`_saved_layout` hold the same bytes."""
+        import torch
+
+        return all(torch.equal(_bits(self._chunk(a, ka)), _bits(self._chunk(b, kb)))
+                   for (_, ka), (_, kb) in zip(_chunk_order(a[1]), _chunk_order(b[1])))
 
     def describe(self, fragment, state: str) -> str:
         idx = self._items.get(fragment.local_name)
@@ -257,3 +268,13 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     import torch
 
     return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _chunk_order(tmd) -> list:
+    """``[(box, chunk index)]`` of a saved tensor's chunks, in box order."""
+    return sorted((chunk_box(c), k) for k, c in enumerate(tmd.chunks))
+
+
+def _saved_layout(tmd) -> tuple:
+    """Shape, dtype and chunk boxes of a saved tensor: what two copies of one tensor share."""
+    return tuple(tmd.size), tmd.properties.dtype, tuple(box for box, _ in _chunk_order(tmd))
