@@ -78,6 +78,28 @@ def test_metadata_refuses_other_globals_by_name(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+class TrustedPlannerData:
+    """A class a job pickles into its .metadata (a custom planner's data)."""
+
+    def __init__(self, n):
+        self.n = n
+
+
+def test_metadata_admits_what_torch_safe_globals_admits_at_each_load(tied_frozen, tmp_path):
+    """The allow-list takes torch's safe globals as they are at each load: a class registered after
+    an earlier load is admitted, and the refusal says how to register one."""
+    root, _, _ = tied_frozen
+    load_metadata(root / "dcp")     # an earlier load, before the class is registered
+    md = FileSystemReader(root / "dcp").read_metadata()
+    md.planner_data = {"custom": TrustedPlannerData(3)}
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(md))
+    with pytest.raises(DcpFileError, match=r"TrustedPlannerData'.*torch\.serialization\.add_safe_globals"):
+        load_metadata(tmp_path / "ck")
+    with torch.serialization.safe_globals([TrustedPlannerData]):
+        assert load_metadata(tmp_path / "ck").planner_data["custom"].n == 3
+
+
 def test_metadata_truncated_or_missing_names_the_file(tied_frozen, tmp_path):
     root, _, _ = tied_frozen
     raw = (root / "dcp" / ".metadata").read_bytes()

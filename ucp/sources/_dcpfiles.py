@@ -1,7 +1,7 @@
 """Reading the files of a torch DCP checkpoint safely: ``.metadata`` and ``*.distcp`` items.
 
-Shared by the DCP source (``ucp.sources.dcp``), the DCP ``StorageReader`` tools and the
-Megatron ``torch_dist`` source, which writes the same files.
+Shared by the DCP source (``ucp.sources.dcp``) and the Megatron ``torch_dist`` source, whose
+files are DCP's; ``ucp.dcp``'s reader asks :func:`is_dcp_dir` to refuse a stock DCP directory.
 
 Why not ``pickle.load`` as DCP's own ``FileSystemReader`` does: a checkpoint is input, and
 unpickling input runs whatever callables it names. Here:
@@ -57,29 +57,38 @@ def metadata_globals(extra: Iterable[Any] = ()) -> dict[str, Any]:
     """``"module.qualname" -> object`` for every global a DCP ``.metadata`` may name: DCP's
     metadata classes, ``torch.Size``, torch dtypes / layouts / memory formats, pathlib paths
     (``StorageMeta.checkpoint_id``), ``collections.OrderedDict``, plus ``extra`` and torch's
-    user-registered safe globals."""
+    user-registered safe globals as they are now (a job may register its classes at any time)."""
+    import torch
+
+    if not _FIXED_GLOBALS:
+        _FIXED_GLOBALS.update(_named(_fixed_globals()))
+    return {**_FIXED_GLOBALS, **_named([*torch.serialization.get_safe_globals(), *extra])}
+
+
+#: the allow-list's part that never changes (computed on first use: it walks torch's namespace)
+_FIXED_GLOBALS: dict[str, Any] = {}
+
+
+def _fixed_globals() -> list[Any]:
     import collections
     import pathlib
     import torch
 
-    allowed: dict[str, Any] = {}
     objs = _metadata_classes() + [collections.OrderedDict, pathlib.PosixPath, pathlib.PurePosixPath,
                                   pathlib.WindowsPath, pathlib.PureWindowsPath]
-    objs += list(torch.serialization.get_safe_globals()) + list(extra)
+    return objs + [(v, f"torch.{name}") for name, v in vars(torch).items()
+                   if isinstance(v, (torch.dtype, torch.layout, torch.memory_format))]
+
+
+def _named(objs) -> dict[str, Any]:
+    """``"module.qualname" -> object``; ``(obj, "module.name")`` pairs as torch's safe_globals allows."""
+    out = {}
     for obj in objs:
-        if isinstance(obj, tuple):          # (obj, "module.name") as torch's safe_globals allows
-            allowed[obj[1]] = obj[0]
+        if isinstance(obj, tuple):
+            out[obj[1]] = obj[0]
         elif hasattr(obj, "__module__") and hasattr(obj, "__qualname__"):
-            allowed[f"{obj.__module__}.{obj.__qualname__}"] = obj
-    for name in dir(torch):
-        value = getattr(torch, name, None)
-        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
-            allowed[f"torch.{name}"] = value
-    return allowed
-
-
-#: the allow-list used when the caller adds nothing (computed on first use)
-METADATA_GLOBALS: dict[str, Any] = {}
+            out[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return out
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -94,8 +103,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         full = f"{module}.{name}"
         if full not in self._allowed:
             raise DcpFileError(f"{self._where}: refusing to unpickle global {full!r}: it is not one of "
-                               "DCP's metadata classes (ucp never unpickles arbitrary objects; pass "
-                               "extra_globals=... if you trust it)")
+                               "DCP's metadata classes (ucp never unpickles arbitrary objects; if you trust "
+                               "it, register it with torch.serialization.add_safe_globals([...]))")
         return self._allowed[full]
 
     def persistent_load(self, pid):
@@ -115,10 +124,7 @@ def load_metadata(path, extra_globals: Iterable[Any] = ()):
     if not file.is_file():
         raise DcpFileError(f"{file}: no DCP metadata file (a DCP checkpoint directory holds "
                            f"{METADATA_FILE} and *{DISTCP_SUFFIX} files)")
-    extra = list(extra_globals)
-    if not extra and not METADATA_GLOBALS:
-        METADATA_GLOBALS.update(metadata_globals())
-    allowed = metadata_globals(extra) if extra else METADATA_GLOBALS
+    allowed = metadata_globals(extra_globals)
     try:
         with open(file, "rb") as f:
             md = _RestrictedUnpickler(f, allowed, str(file)).load()
