@@ -472,6 +472,17 @@ def test_source_refuses_a_spec_and_unknown_options(tied_frozen):
         ucp.convert(root / "dcp", root / "x", source="dcp", zero_stage=2)
 
 
+@pytest.mark.parametrize("target", ["dcp", "ranks"])
+@pytest.mark.parametrize("degree", [0, -2, 1.5, "2"])
+def test_export_refuses_a_degree_that_is_no_whole_number_of_at_least_1(tied_frozen, tmp_path, target, degree):
+    """From Python as from the command line (which refuses --dp 0 itself): ``dp=0`` was read as 1."""
+    root, _, _ = tied_frozen
+    ucp.convert(root / "dcp", tmp_path / "u")
+    with pytest.raises(UcpError, match=rf"degree dp={re.escape(repr(degree))}: .*whole number of at least 1"):
+        ucp.export(tmp_path / "u", tmp_path / "out", target, degrees={"dp": degree})
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("dp", [1, 3])
 def test_export_to_dcp_loads_with_filesystem_reader(tied_frozen, tmp_path, dp):
     root, sd, ref = tied_frozen

@@ -407,3 +407,29 @@ def test_storage_and_persistent_id_checks(tmp_path):
         torchfile._rebuild_tensor(storage, 3, (2, 4), (4, 1))
     with pytest.raises(pickle.UnpicklingError, match="not a storage"):
         torchfile._rebuild_tensor("bytes", 0, (2,), (1,))
+
+
+@pytest.mark.parametrize("field, value", [("offset", -12), ("size", -4), ("stride", -1)])
+def test_negative_offsets_sizes_and_strides_are_refused_as_torch_load_refuses_them(tmp_path, field, value):
+    """A crafted ``data.pkl`` whose tensor has a negative storage offset would read the bytes
+    before its record (the zip headers) as values; torch.load refuses it, and so must we."""
+    import pickletools
+    import zipfile
+
+    torch.save({"t": torch.arange(16, dtype=torch.float32)[4:8]}, tmp_path / "orig.pt")
+    with zipfile.ZipFile(tmp_path / "orig.pt") as z:
+        records = {i.filename: z.read(i.filename) for i in z.infolist()}
+    pkl = next(n for n in records if n.endswith("data.pkl"))
+    data = records[pkl]
+    small = {"offset": 4, "size": 4, "stride": 1}[field]       # offset 4, size (4,), stride (1,)
+    ops = [(op.name, arg, pos) for op, arg, pos in pickletools.genops(data)]
+    i = [k for k, (name, arg, _) in enumerate(ops) if name == "BININT1" and arg == small]
+    pos = ops[i[{"offset": 0, "size": 1, "stride": -1}[field]]][2]
+    records[pkl] = data[:pos] + b"J" + value.to_bytes(4, "little", signed=True) + data[pos + 2:]
+    with zipfile.ZipFile(tmp_path / "bad.pt", "w", zipfile.ZIP_STORED) as z:
+        for name, raw in records.items():
+            z.writestr(name, raw)
+    with pytest.raises(Exception):
+        torch.load(tmp_path / "bad.pt", weights_only=True)
+    with pytest.raises(TorchFileError, match=r"bad\.pt: cannot be unpickled.*negative"):
+        TorchFile(tmp_path / "bad.pt")

@@ -142,6 +142,9 @@ class SavedTensor:
 def _rebuild_tensor(storage, storage_offset, size, stride, *rest):
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError("a tensor rebuilt from something that is not a storage")
+    if storage_offset < 0 or min((*size, *stride), default=0) < 0:
+        raise pickle.UnpicklingError(f"a tensor with a negative storage offset, size or stride (offset "
+                                     f"{storage_offset}, size {tuple(size)}, stride {tuple(stride)})")
     t = SavedTensor(storage, storage_offset, size, stride)
     if t.numel() and storage_offset + t.extent() > storage.numel:
         raise pickle.UnpicklingError(f"a tensor of shape {t.shape} runs past its storage of {storage.numel} "

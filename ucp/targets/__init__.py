@@ -54,7 +54,7 @@ class Target(Plugin):
     def __init__(self, dst, *, degrees: Mapping[str, int] | None = None, spec: Optional[str] = None,
                  storage_options=None, **options):
         self.dst = local_path(dst, f"the {self.name} target writes")
-        self.degrees = dict(degrees or {})
+        self.degrees = checked_degrees(degrees)
         self.spec = spec
         self.storage_options = storage_options
         self.options = options
@@ -76,6 +76,19 @@ class Target(Plugin):
 
 
 Target.registry = Registry(__name__, "target")
+
+
+def checked_degrees(degrees: Mapping[str, Any] | None) -> dict[str, int]:
+    """The degrees to write (``None`` values: not given), each a whole number of at least 1: the
+    one check for every target, those that bind no spec included."""
+    out = {}
+    for axis, d in (degrees or {}).items():
+        if d is None:
+            continue
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise UcpError(f"degree {axis}={d!r}: a degree is a whole number of at least 1 (1: no split along {axis})")
+        out[axis] = d
+    return out
 
 
 def check_states_shaped_as_params(ck, names, why: str) -> None:

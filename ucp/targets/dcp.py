@@ -47,13 +47,11 @@ class DcpTarget(Target):
         self.keys = None if keys is None else check_form(keys, "keys")
         if spec is not None:
             raise UcpError("--to dcp takes no --spec: DCP files describe their own layout")
-        others = sorted(a for a, d in self.degrees.items() if a != "dp" and int(d or 1) > 1)
+        others = sorted(a for a, d in self.degrees.items() if a != "dp" and d > 1)
         if others:
             raise UcpError(f"--to dcp writes FSDP2-style files over --dp N; DCP reshards on load, so "
                            f"{', '.join('--' + a for a in others)} is not needed")
-        self.world = int(self.degrees.get("dp") or 1)
-        if self.world < 1:
-            raise UcpError(f"--dp must be >= 1, got {self.world}")
+        self.world = self.degrees.get("dp", 1)
         self._aliases: dict[str, str] = {}     # local name of a tied alias without arrays -> its name
         self._written: list[Path] = []
         self._made_dst = False

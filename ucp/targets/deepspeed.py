@@ -207,7 +207,7 @@ class DeepSpeedTarget(Target):
         other = {a: d for a, d in self.degrees.items() if a != "dp" and int(d) > 1}
         if other:
             raise DeepSpeedTargetError(f"--to {self.name} writes data-parallel ZeRO only; cannot take {other}")
-        self.dp = int(self.degrees.get("dp", 1))
+        self.dp = self.degrees.get("dp", 1)
         if self.dp < 1:
             raise DeepSpeedTargetError(f"--dp must be at least 1 (got {self.dp})")
         if options.get("tag") is not None:

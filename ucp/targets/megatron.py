@@ -120,9 +120,8 @@ class MegatronTarget(Target):
         if unknown:
             raise MegatronTargetError(f"--to megatron takes --tp, --pp, --ep and vp; not {', '.join(unknown)} "
                                       "(data-parallel ranks hold replicas in torch_dist)")
-        self.tp, self.pp = int(self.degrees.get("tp") or 1), int(self.degrees.get("pp") or 1)
-        self.ep = int(self.degrees.get("ep") or 1)
-        self.vp = int(self.degrees.get("vp") or 1)   # virtual pipeline: model chunks per stage
+        self.tp, self.pp, self.ep = (self.degrees.get(a, 1) for a in ("tp", "pp", "ep"))
+        self.vp = self.degrees.get("vp", 1)   # virtual pipeline: model chunks per stage
         self._files = DistcpWriter(self.dst)
         self._objects: dict[str, Any] = {}
         self._common: dict[str, Any] = {}
