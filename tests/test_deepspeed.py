@@ -185,6 +185,8 @@ def test_cli_names_a_deepspeed_folder_and_a_missing_tag(ds_runs, tmp_path, capsy
     assert main(["inspect", str(ck)]) == 2
     err = capsys.readouterr().err
     assert "it holds a deepspeed checkpoint" in err and f"ucp convert {ck}" in err
+    assert main(["inspect", f"file://{ck}"]) == 2          # a file:// URL is that folder
+    assert "it holds a deepspeed checkpoint" in capsys.readouterr().err
     moved = tmp_path / "moved"
     shutil.copytree(ck, moved)
     (moved / "latest").write_text("nosuch")

@@ -353,13 +353,15 @@ def _framework_hint(e: UcpError) -> str:
     which one, and that ``ucp convert`` makes a universal checkpoint of it."""
     from ucp.errors import NotCommittedError
 
+    from ucp.plugins import local_path
+
     path = getattr(e, "path", None)
-    if not isinstance(e, NotCommittedError) or path is None or "://" in str(path):
+    if not isinstance(e, NotCommittedError) or path is None:
         return ""
     try:
         from ucp.sources import detect
 
-        name = detect(path)
+        name = detect(local_path(path, "a framework's folder is"))
     except (UcpError, OSError):
         return ""
     return f"; it holds a {name} checkpoint: `ucp convert {path} DST` makes a universal one of it"

@@ -73,12 +73,11 @@ def local_path(path, role: str) -> Path:
     names it in the error). A ``file://`` URL is its path; any other URL is refused: ``Path``
     would quietly turn ``s3://bucket/x`` into the local folder ``s3:/bucket/x``, and an export
     there reported success while writing nothing to the bucket."""
-    text = str(path)
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        return Path(path)
-    if scheme == "file":
-        return Path(rest)
-    raise UcpError(f"{text}: {role} local files only; copy the checkpoint between the store and a local "
+    from ucp.format.store import local_root
+
+    root = local_root(path)
+    if root is not None:
+        return Path(root)
+    raise UcpError(f"{path}: {role} local files only; copy the checkpoint between the store and a local "
                    "folder with the store's own tools (only universal checkpoints are read and written "
                    "at URLs)")

@@ -97,14 +97,25 @@ def _is_url(path: str) -> bool:
     return "://" in str(path)
 
 
+def local_root(path) -> str | None:
+    """The local path that ``path`` names: itself, or a ``file://`` URL's path; None for a URL of
+    any other store. The one rule for what is local."""
+    path = os.fspath(path) if not isinstance(path, str) else path
+    if path.startswith("file://"):
+        return path[len("file://"):] or "/"
+    return None if _is_url(path) else path
+
+
 def make_store(path, storage_options=None) -> Store:
     """The store of ``path``: a local path or ``file://`` URL (without storage options) is a
     ``LocalStore``, so ``durable=True`` fsyncs there too; any other URL goes through fsspec."""
     path = os.fspath(path) if not isinstance(path, str) else path
-    if path.startswith("file://") and not storage_options:
-        return LocalStore(path[len("file://"):] or "/", url=path)
-    if _is_url(path):
+    root = local_root(path)
+    is_file_url = root is not None and root != path
+    if root is None or (is_file_url and storage_options):
         return FsspecStore(path, storage_options or {})
+    if is_file_url:
+        return LocalStore(root, url=path)
     if storage_options:
         raise UcpError(f"storage_options given for the local path {path!r}; use a URL (file://, s3://)")
     return LocalStore(path)
