@@ -230,6 +230,7 @@ def test_flattened_optimizer_state_maps_to_param_groups_and_loads_back_in_its_fo
 
     model, opt, sd, flat = flat_trained(tmp_path)
     ucp.export(tmp_path / "live", tmp_path / "back", "dcp")
+    ucp.export(tmp_path / "live", tmp_path / "named", "dcp", keys="get_state_dict")   # the form named: still flattened
     for path in ("live", "conv"):
         ck = ucp.open(tmp_path / path)
         groups = ck.metadata["optimizer"]["param_groups"]
@@ -239,7 +240,7 @@ def test_flattened_optimizer_state_maps_to_param_groups_and_loads_back_in_its_fo
         assert {n: ck.param_meta(n)["optimizer_group"] for n in ck.params} == \
             {"0.weight": 0, "1.weight": 0, "0.bias": 1, "1.bias": 1}
     for reader in (UniversalReader(tmp_path / "live"), UniversalReader(tmp_path / "conv"),
-                   FileSystemReader(tmp_path / "back")):
+                   FileSystemReader(tmp_path / "back"), FileSystemReader(tmp_path / "named")):
         torch.manual_seed(1)
         fresh = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
         fopt = torch.optim.AdamW([{"params": [fresh[0].weight, fresh[1].weight]},

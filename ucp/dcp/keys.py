@@ -88,6 +88,17 @@ def form_parts(form: str) -> tuple[str, str, tuple]:
     return model, optim, tuple(wrapper.split("/")) if wrapper else ()
 
 
+#: the forms whose jobs save the optimizer flattened by default (torchtitan's CheckpointManager)
+_FLATTENED_FORMS = ("torchtitan",)
+
+
+def saves_flattened(form: str) -> bool:
+    """Whether a job saving in ``form`` flattens its optimizer state dict by default
+    (``optim.param_groups.<fqn>.<key>``): torchtitan always does; ``get_state_dict`` only with
+    ``flatten_optimizer_state_dict=True``."""
+    return form.partition("@")[0] in _FLATTENED_FORMS
+
+
 def _dotted(path: tuple) -> str:
     """The flattened-key prefix of a wrapper path (``("run", "app")`` -> ``"run.app."``)."""
     return "".join(f"{p}." for p in path)

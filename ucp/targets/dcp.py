@@ -58,6 +58,7 @@ class DcpTarget(Target):
 
     # -- plan --------------------------------------------------------------------------------
     def plan(self, checkpoint) -> list[TargetUnit]:
+        from ucp.dcp.keys import saves_flattened
         from ucp.dcp.metadata import is_flattened
 
         if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())):
@@ -71,9 +72,11 @@ class DcpTarget(Target):
                             fragments=[f for n in checkpoint.params for f in self._fragments(checkpoint, n, r)])
                  for r in range(self.world)]
         md = checkpoint.metadata if isinstance(checkpoint.metadata, dict) else {}
-        self.form = self.keys or md.get("dcp_keys") or "get_state_dict"
-        # param groups as saved, or as the form asked for saves them (torchtitan flattens them)
-        self.flat = is_flattened(md) if self.keys is None else self.keys.partition("@")[0] == "torchtitan"
+        saved = md.get("dcp_keys") or "get_state_dict"
+        self.form = self.keys or saved
+        # param groups as saved for a job of the saved form (which loads them as it saved them),
+        # as another form's jobs do by default (torchtitan's flattened, the others indexed)
+        self.flat = is_flattened(md) if self.form == saved else saves_flattened(self.form)
         self._made_dst = not self.dst.exists()
         self.dst.mkdir(parents=True, exist_ok=True)
         return units
