@@ -116,7 +116,7 @@ class _HostBuffer:
         """Wait for the buffer's copies, then keep it for the next load (pinned, of the usual size)."""
         self.wait()
         data, self.data = self.data, None
-        if data is not None and self.pin and data.numel() == STAGE_BYTES:
+        if data is not None and self.pin and data.numel() == self.nbytes:   # not one grown for an oversized piece
             with _SPARE_LOCK:
                 if len(_SPARE) < 2:
                     _SPARE.append(data)

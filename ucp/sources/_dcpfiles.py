@@ -209,7 +209,7 @@ class DcpFiles:
         self.metadata = metadata if metadata is not None else load_metadata(self.path, extra_globals)
         self._maps: dict[str, mmap.mmap] = {}
         self._lock = threading.Lock()
-        self._checked: set[tuple[str, int]] = set()   # items whose records passed their CRC-32
+        self._checked: set[tuple[str, str]] = set()   # (item, record) that passed its CRC-32
 
     # ---------------------------------------------------------------- lookup
     def storage_info(self, index):
@@ -257,14 +257,12 @@ class DcpFiles:
         except Exception as e:   # BadZipFile, or what a corrupt directory trips (UnicodeDecodeError, ...)
             raise DcpFileError(f"{where}: not a torch.save archive ({type(e).__name__}: {e}); only DCP's "
                                "default torch_save serialization is supported") from None
-        info = self.storage_info(index)
-        item = (info.relative_path, info.offset)
-
         def check(start: int, rec: zipfile.ZipInfo) -> None:
-            """The record's CRC-32 (the zip directory's) over its bytes, once per item: neither
+            """The record's CRC-32 (the zip directory's) over its bytes, once per record: neither
             ``torch.load`` nor DCP's FileSystemReader checks it, and a flipped byte would convert
             into a wrong value without a word."""
-            if not rec.CRC or item in self._checked:
+            record = (where, rec.filename)
+            if not rec.CRC or record in self._checked:
                 return
             with memoryview(view._buf) as mv:
                 got = zlib.crc32(mv[start:start + rec.file_size])
@@ -272,7 +270,7 @@ class DcpFiles:
                 raise DcpFileError(f"{where}: corrupt zip record {rec.filename}: its bytes' CRC-32 is {got:#010x}, "
                                    f"the zip directory says {rec.CRC:#010x}")
             with self._lock:
-                self._checked.add(item)
+                self._checked.add(record)
 
         with zf:
             return _load_mapped(zf, view, where, check)
