@@ -472,6 +472,18 @@ def test_source_refuses_a_spec_and_unknown_options(tied_frozen):
         ucp.convert(root / "dcp", root / "x", source="dcp", zero_stage=2)
 
 
+@pytest.mark.parametrize("target, options", [("dcp", {}), ("deepspeed", {"zero_stage": 2}), ("ranks", {})])
+def test_export_into_a_folder_that_holds_anything_is_refused_and_leaves_it_alone(tied_frozen, tmp_path, target,
+                                                                                  options):
+    root, _, _ = tied_frozen
+    ucp.convert(root / "dcp", tmp_path / "u")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(UcpError, match=r"out: destination is not empty"):
+        ucp.export(tmp_path / "u", tmp_path / "out", target, **options)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+
 @pytest.mark.parametrize("target", ["dcp", "ranks"])
 @pytest.mark.parametrize("degree", [0, -2, 1.5, "2"])
 def test_export_refuses_a_degree_that_is_no_whole_number_of_at_least_1(tied_frozen, tmp_path, target, degree):

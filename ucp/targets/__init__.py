@@ -63,6 +63,13 @@ class Target(Plugin):
         """The units to write, for the universal ``checkpoint`` (a ``ucp.format`` reader)."""
         raise NotImplementedError
 
+    def check_destination(self) -> None:
+        """Refuse a destination that holds anything, before anything is written: an export never
+        mixes its files with others' (a framework would read them as one checkpoint), and
+        :meth:`abort` can then remove exactly what it wrote."""
+        if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())):
+            raise UcpError(f"{self.dst}: destination is not empty; export writes into a new or empty folder")
+
     def write_unit(self, unit: TargetUnit, tensors: Mapping[str, Mapping[str, Any]]) -> None:
         """Write one unit; ``tensors`` is ``{state: {local_name: tensor}}`` as
         ``ucp.loading.fill_locals`` builds it (padding positions zero)."""

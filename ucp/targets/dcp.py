@@ -61,8 +61,7 @@ class DcpTarget(Target):
         from ucp.dcp.keys import saves_flattened
         from ucp.dcp.metadata import is_flattened
 
-        if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())):
-            raise UcpError(f"{self.dst}: destination is not empty")
+        self.check_destination()
         self._ck = checkpoint
         # one set of row chunks serves every state of a parameter here (an alias has no states)
         check_states_shaped_as_params(checkpoint, [n for n in checkpoint.params if checkpoint.states(n)],

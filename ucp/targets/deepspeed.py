@@ -219,8 +219,7 @@ class DeepSpeedTarget(Target):
     def plan(self, checkpoint) -> list[TargetUnit]:
         import torch
 
-        if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())):
-            raise DeepSpeedTargetError(f"{self.dst}: destination is not empty")
+        self.check_destination()
         self.model = Model.of(checkpoint)
         self.md = checkpoint.metadata if isinstance(checkpoint.metadata, dict) else {}
         self.config = self._config()

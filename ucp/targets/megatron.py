@@ -129,8 +129,7 @@ class MegatronTarget(Target):
 
     # ------------------------------------------------------------------ planning
     def plan(self, checkpoint):
-        if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())):
-            raise MegatronTargetError(f"{self.dst}: destination is not empty")
+        self.check_destination()
         md = checkpoint.metadata if isinstance(checkpoint.metadata, dict) else {}
         names = list(checkpoint.params)
         shapes = {n: tuple(checkpoint.array_info(n, "param").shape) for n in names}

@@ -35,8 +35,7 @@ class RanksTarget(Target):
     def plan(self, checkpoint) -> list[TargetUnit]:
         from ucp.engine import bind_layout
 
-        if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())):
-            raise RanksError(f"{self.dst}: destination is not empty")
+        self.check_destination()
         spec, constants = self._spec_of(checkpoint)
         names = list(checkpoint.params)
         shapes = {n: tuple(checkpoint.array_info(n, "param").shape) for n in names}
