@@ -79,6 +79,12 @@ TITAN_OPTIM = "optimizer."
 TITAN_STATES = ("lr_scheduler.", "dataloader.", "train_state.")
 
 
+def is_array(k: DcpKey, size) -> bool:
+    """Model tensors and optimizer states of at least one dimension are arrays; 0-d optimizer
+    states are scalars; the rest is metadata."""
+    return k.kind == "param" or (k.kind == "state" and len(size) > 0)
+
+
 def form_parts(form: str) -> tuple[str, str, tuple]:
     """(model section prefix, optimizer section prefix, wrapper path) of ``form``: the wrapper is
     the nested path the sections sit under, written after ``@`` with ``/`` between its levels

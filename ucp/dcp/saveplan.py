@@ -8,7 +8,7 @@ from typing import Optional
 
 from torch.distributed.checkpoint.planner import SavePlan
 
-from ucp.dcp.keys import DcpKey, parse_in_form
+from ucp.dcp.keys import is_array, parse_in_form
 from ucp.format import aligned_chunks, default_chunks, layout
 
 
@@ -103,12 +103,6 @@ def _column_blocks(shard, itemsize: int) -> int:
         if shard[-1] % k == 0 and shard[-1] // k * itemsize >= layout.MIN_COL_BYTES:
             return k
     return 1
-
-
-def is_array(k: DcpKey, size) -> bool:
-    """Model tensors and optimizer states of at least one dimension are arrays; 0-d optimizer
-    states are scalars; the rest is metadata."""
-    return k.kind == "param" or (k.kind == "state" and len(size) > 0)
 
 
 def writes_nothing(td) -> bool:

@@ -15,10 +15,10 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Stora
 from torch.distributed.checkpoint.planner import SavePlan, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
-from ucp.dcp.keys import canonical_key, canonical_paths, key_form, parse_in_form, parse_key, saved_ndim
+from ucp.dcp.keys import canonical_key, canonical_paths, is_array, key_form, parse_in_form, parse_key, saved_ndim
 from ucp.dcp.metadata import (check_states_held, non_tensor_metadata, param_flags, param_group_of, regroup,
                               tied_aliases)
-from ucp.dcp.saveplan import chunk_grids, doc_writers, is_array, saved_arrays, writes_nothing
+from ucp.dcp.saveplan import chunk_grids, doc_writers, saved_arrays, writes_nothing
 from ucp.dcp.threads import rank_threads
 from ucp.errors import UcpError, numpy_value_globals, unpickling_refusal
 # imported with this module, not on the first dcp.save: see ucp.dcp.reader

@@ -83,7 +83,7 @@ class DcpSource(Source):
         ``get_state_dict`` keys: ``canon`` maps each saved key to it)."""
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        from ucp.dcp.keys import parse_key
+        from ucp.dcp.keys import is_array, parse_key
 
         files, sdm = self.files(), self.files().metadata.state_dict_metadata
         arrays, scalars, groups, extras = {}, {}, {}, {}
@@ -93,7 +93,7 @@ class DcpSource(Source):
                 value = files.obj(_index(fqn))
                 (groups.__setitem__((k.group, k.state), value) if k.kind == "group"
                  else extras.__setitem__(key, value))
-            elif k.kind == "param" or (k.kind == "state" and len(tmd.size)):
+            elif is_array(k, tmd.size):
                 arrays[(k.name, k.state)] = (fqn, tmd)
             elif k.kind == "state":
                 t = files.tensor(_index(fqn, tmd.chunks[0].offsets, 0))

@@ -11,8 +11,31 @@ units are written by several processes can hand them to the one that writes ``.m
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+METADATA_FILE = ".metadata"
+
+
+def distcp_name(rank: int) -> str:
+    """The file ``FileSystemWriter`` gives rank ``rank`` (one file per rank, its default)."""
+    return f"__{rank}_0.distcp"
+
+
+def write_metadata(dst: Path, metadata) -> None:
+    """Write DCP's ``.metadata`` into ``dst``, last, atomically and fsync'ed: it is what makes the
+    ``.distcp`` files a checkpoint for DCP and Megatron, so a crash leaves none or a whole one."""
+    tmp = dst / (METADATA_FILE + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            pickle.dump(metadata, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dst / METADATA_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_items(path: Path, items: Iterable) -> list[list]:

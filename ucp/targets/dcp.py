@@ -23,13 +23,12 @@ written by several processes); ``finish`` merges and deletes them.
 from __future__ import annotations
 
 import json
-import os
-import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
 from ucp.errors import UcpError
 from ucp.targets import Target, TargetUnit, check_states_shaped_as_params
+from ucp.targets._distcp import distcp_name
 
 INDEX_SUFFIX = ".ucp-index.json"
 
@@ -67,7 +66,7 @@ class DcpTarget(Target):
         check_states_shaped_as_params(checkpoint, [n for n in checkpoint.params if checkpoint.states(n)],
                                       "--to dcp writes states shaped as their parameter; UniversalReader "
                                       "loads this checkpoint as it is")
-        units = [TargetUnit(key=f"__{r}_0.distcp", coords={"dp": r},
+        units = [TargetUnit(key=distcp_name(r), coords={"dp": r},
                             fragments=[f for n in checkpoint.params for f in self._fragments(checkpoint, n, r)])
                  for r in range(self.world)]
         md = checkpoint.metadata if isinstance(checkpoint.metadata, dict) else {}
@@ -152,23 +151,17 @@ class DcpTarget(Target):
     def finish(self, checkpoint) -> None:
         """Merge the units' indexes into DCP ``Metadata`` and write ``.metadata`` last."""
         from ucp.dcp.keys import canonical_key, planner_path
-        from ucp.targets._distcp import build_metadata
+        from ucp.targets._distcp import build_metadata, write_metadata
 
-        files = {f"__{r}_0.distcp": json.loads((self.dst / f"__{r}_0.distcp{INDEX_SUFFIX}").read_text())
+        files = {distcp_name(r): json.loads((self.dst / f"{distcp_name(r)}{INDEX_SUFFIX}").read_text())
                  for r in range(self.world)}
         md = checkpoint.metadata if isinstance(checkpoint.metadata, dict) else {}
         paths, flat = md.get("dcp_paths"), self.flat
         meta = build_metadata(files, planner_data=lambda k: planner_path(canonical_key(k, self.form), paths, flat, self.form),
                               checkpoint_id=self.dst)
-        tmp = self.dst / ".metadata.tmp"
-        self._written.append(tmp)
-        with open(tmp, "wb") as f:
-            pickle.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dst / ".metadata")
+        write_metadata(self.dst, meta)
         for r in range(self.world):
-            (self.dst / f"__{r}_0.distcp{INDEX_SUFFIX}").unlink(missing_ok=True)
+            (self.dst / f"{distcp_name(r)}{INDEX_SUFFIX}").unlink(missing_ok=True)
 
     def abort(self) -> None:
         for path in self._written:

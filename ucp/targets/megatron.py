@@ -44,7 +44,6 @@ import io
 import itertools
 import json
 import os
-import pickle
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -55,7 +54,7 @@ from ucp.plan.renames import fused_views, translate
 from ucp.sources.megatron import (BACKEND_FILE, CARRIED_KEY, COMMON_FILE, OPTIMIZER_PREFIX, STACKED,
                                   STACKED_PREFIX, restrict)
 from ucp.targets import Target, TargetUnit
-from ucp.targets._distcp import DistcpWriter
+from ucp.targets._distcp import DistcpWriter, distcp_name, write_metadata
 
 DEFAULT_SPEC = "megatron_gpt"
 RENAME_SPEC = "megatron_to_hf_llama"
@@ -203,7 +202,7 @@ class MegatronTarget(Target):
                 expert = any(rn.axis == "ep" for rn in rule.renumber)
                 if (expert or e == 0) and placed.holds(n, coords):
                     frags.extend(self._chunk_fragments(n, whole[n], rule, r, views[n][1], shapes))
-            units.append(TargetUnit(key=f"__{(s * self.ep + e) * self.tp + r}_0.distcp", coords=coords,
+            units.append(TargetUnit(key=distcp_name((s * self.ep + e) * self.tp + r), coords=coords,
                                     fragments=frags, states=["param", *self._optim]))
         lead = (int(constants.get("layers", 0)), int(constants.get("experts", 0)))
         self._global = {}
@@ -304,7 +303,7 @@ class MegatronTarget(Target):
         buf = io.BytesIO()
         torch.save(self._common, buf)
         _atomic(self.dst / COMMON_FILE, buf.getvalue())
-        _atomic(self.dst / ".metadata", pickle.dumps(self._files.metadata()))
+        write_metadata(self.dst, self._files.metadata())
 
     def abort(self) -> None:
         for p in self._files.written + [self.dst / BACKEND_FILE, self.dst / COMMON_FILE]:
