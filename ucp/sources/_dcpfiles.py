@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import mmap
 import pickle
-import struct
 import threading
 import zipfile
 import zlib
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from ucp.errors import UcpError, numpy_value_globals, unpickling_refusal
+from ucp.sources.torchfile import LOCAL_HEADER, record_data_start
 
 METADATA_FILE = ".metadata"
 DISTCP_SUFFIX = ".distcp"
@@ -177,11 +177,9 @@ def _record_data_offset(view: _MapView, info: zipfile.ZipInfo, where: str) -> in
     if info.compress_type != zipfile.ZIP_STORED:
         raise DcpFileError(f"{where}: record {info.filename} is compressed; torch.save stores tensors raw")
     view.seek(info.header_offset)
-    head = view.read(30)
-    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+    start = record_data_start(view.read(LOCAL_HEADER), info)
+    if start is None:
         raise DcpFileError(f"{where}: bad zip local header for {info.filename}")
-    name_len, extra_len = struct.unpack("<HH", head[26:30])
-    start = info.header_offset + 30 + name_len + extra_len
     if start + info.file_size > view._len:
         raise DcpFileError(f"{where}: corrupt zip record {info.filename}: its {info.file_size} bytes at "
                            f"{start} lie beyond the item ({view._len} bytes)")

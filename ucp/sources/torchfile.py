@@ -241,11 +241,9 @@ class TorchFile:
         if info.compress_type != zipfile.ZIP_STORED:
             raise TorchFileError(f"{self.path}: {info.filename} is compressed (torch.save stores its "
                                  f"tensors uncompressed)")
-        head = os.pread(self._fd, 30, info.header_offset)
-        if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        offset = record_data_start(os.pread(self._fd, LOCAL_HEADER, info.header_offset), info)
+        if offset is None:
             raise TorchFileError(f"{self.path}: no zip entry header for {info.filename}, truncated or corrupt?")
-        name_len, extra_len = struct.unpack("<HH", head[26:30])
-        offset = info.header_offset + 30 + name_len + extra_len
         if numel * dtype.itemsize > info.file_size or offset + info.file_size > self.size:
             raise TorchFileError(f"{self.path}: truncated: storage {info.filename} needs "
                                  f"{numel * dtype.itemsize} bytes at byte {offset}, the file has {self.size}")
@@ -343,6 +341,21 @@ class TorchFile:
             self._fd = None
 
 
+#: bytes of a zip local file header, before the record's name and extra field
+LOCAL_HEADER = 30
+
+
+def record_data_start(head: bytes, info: zipfile.ZipInfo) -> Optional[int]:
+    """Where the bytes of the zip record ``info`` start, from its local header ``head`` (the
+    :data:`LOCAL_HEADER` bytes at ``info.header_offset``): after the name and the extra field, whose
+    lengths only that header gives (torch pads the extra field to align tensor data, so the central
+    directory's copy does not tell). None where ``head`` is no local header."""
+    if len(head) != LOCAL_HEADER or head[:4] != b"PK\x03\x04":
+        return None
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    return info.header_offset + LOCAL_HEADER + name_len + extra_len
+
+
 def check_record(fd: int, offset: int, size: int, crc: int, path, name: str) -> None:
     """The ``size`` bytes at ``offset`` of open file ``fd`` (zip record ``name`` of ``path``) against
     the CRC-32 ``crc`` of the zip directory, read ``CRC_BLOCK`` at a time; raises naming both."""
@@ -370,12 +383,10 @@ def check_records(path) -> None:
             for info in z.infolist():
                 if not info.CRC or info.compress_type != zipfile.ZIP_STORED:
                     continue
-                head = os.pread(fd, 30, info.header_offset)
-                if len(head) != 30 or head[:4] != b"PK\x03\x04":
+                start = record_data_start(os.pread(fd, LOCAL_HEADER, info.header_offset), info)
+                if start is None:
                     raise TorchFileError(f"{path}: no zip entry header for {info.filename}, truncated or corrupt?")
-                name_len, extra_len = struct.unpack("<HH", head[26:30])
-                check_record(fd, info.header_offset + 30 + name_len + extra_len, info.file_size, info.CRC, path,
-                             info.filename)
+                check_record(fd, start, info.file_size, info.CRC, path, info.filename)
     except zipfile.BadZipFile as e:
         raise TorchFileError(f"{path}: not a zip torch.save file, truncated or corrupt? ({e})") from None
 
