@@ -174,8 +174,7 @@ def cmd_export(args) -> int:
     """`ucp export`: universal -> a target's files; degrees and target options."""
     import ucp
 
-    degrees = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("vp", args.vp), ("dp", args.dp),
-                                                 ("ep", args.ep)) if v}
+    degrees = {ax: getattr(args, ax) for ax, _ in _DEGREES if getattr(args, ax)}
     ucp.export(args.src, args.dst, args.to, degrees=degrees, spec=args.spec, zero_stage=args.zero_stage,
                max_shard_size=args.max_shard_size, config=args.config, dtype=args.dtype,
                sub_group_size=args.sub_group_size, tag=args.tag, keys=args.keys, progress=not args.quiet,
@@ -261,15 +260,20 @@ def _add_convert(sub) -> None:
     sp.set_defaults(fn=cmd_convert)
 
 
+#: the degrees ``ucp export`` takes, and what each splits
+_DEGREES = (("tp", "tensor"), ("pp", "pipeline"), ("vp", "virtual-pipeline (interleaved)"), ("dp", "data"),
+            ("ep", "expert"))
+
+
 def _add_export(sub) -> None:
+    from ucp.dcp.keys import KEY_FORMS
     from ucp.targets import targets
 
     sp = sub.add_parser("export", help="universal checkpoint -> framework layout at any parallelism")
     sp.add_argument("src")
     sp.add_argument("dst")
     sp.add_argument("--to", required=True, metavar="TARGET", help="one of: " + _plugin_help(targets()))
-    for ax, what in (("tp", "tensor"), ("pp", "pipeline"), ("vp", "virtual-pipeline (interleaved)"),
-                     ("dp", "data"), ("ep", "expert")):
+    for ax, what in _DEGREES:
         sp.add_argument(f"--{ax}", type=_positive, default=None, help=f"{what}-parallel degree to write")
     sp.add_argument("--zero-stage", type=int, default=None, help="ZeRO stage to write (targets that take it)")
     sp.add_argument("--max-shard-size", default=None, help="largest file to write, e.g. 5GB (targets that take it)")
@@ -281,9 +285,9 @@ def _add_export(sub) -> None:
     sp.add_argument("--config", default=None,
                     help="the model's config file to write with it, e.g. HF config.json (targets that take one)")
     sp.add_argument("--keys", default=None, metavar="FORM",
-                    help="state-dict key form to write: get_state_dict, torchtitan (model keys at the top "
-                         "level, optimizer under optimizer.) or model_optimizer, each optionally under one top-level "
-                         "key as FORM@KEY (get_state_dict@app); default: the form saved (targets that take it: dcp)")
+                    help=f"state-dict key form to write: one of {', '.join(KEY_FORMS)} (torchtitan: model keys at "
+                         "the top level, optimizer under optimizer.), each optionally under a wrapper's keys as "
+                         "FORM@KEY[/KEY...] (get_state_dict@app); default: the form saved (targets that take it: dcp)")
     _single_process(sp)
     _common(sp)
     sp.set_defaults(fn=cmd_export)
@@ -367,6 +371,14 @@ def _framework_hint(e: UcpError) -> str:
     return f"; it holds a {name} checkpoint: `ucp convert {path} DST` makes a universal one of it"
 
 
+def _error(cmd: str, text: str) -> int:
+    """Print one error line (once: under torchrun every rank raises the same error) and give the
+    exit code of an error."""
+    if _dist_rank()[0] == 0:
+        print(f"ucp {cmd}: error: {text}", file=sys.stderr)
+    return EXIT_ERROR
+
+
 def main(argv=None) -> int:
     """Run one ``ucp`` command; returns the exit code (0 ok, 1 differences found, 2 error)."""
     args = build_parser().parse_args(argv)   # --help, --version, usage errors: done, without torch
@@ -382,24 +394,17 @@ def main(argv=None) -> int:
     try:
         rc = args.fn(args)
     except UcpError as e:
-        rank, world = _dist_rank()
-        if rank == 0:  # under torchrun every rank raises the same error: say it once
-            print(f"ucp {args.cmd}: error: {_as_flags(str(e))}{_framework_hint(e)}", file=sys.stderr)
-        rc = EXIT_ERROR
+        rc = _error(args.cmd, f"{_as_flags(str(e))}{_framework_hint(e)}")
     except BrokenPipeError:
         rc = EXIT_OK
     except OSError as e:     # a full disk, a read-only or size-limited destination: one line, not a traceback
-        if _dist_rank()[0] == 0:
-            hint = ("; nothing was committed: once that is fixed, the same command with --resume finishes the "
-                    "conversion" if args.cmd == "convert" else "")
-            print(f"ucp {args.cmd}: error: {e}{hint}", file=sys.stderr)
-        rc = EXIT_ERROR
+        hint = ("; nothing was committed: once that is fixed, the same command with --resume finishes the "
+                "conversion" if args.cmd == "convert" else "")
+        rc = _error(args.cmd, f"{e}{hint}")
     except Exception as e:
         if type(e).__module__.split(".")[0] not in _STORE_CLIENTS:
             raise            # a bug: its traceback is what to report
-        if _dist_rank()[0] == 0:     # an object store that cannot be reached, refuses the credentials, ...
-            print(f"ucp {args.cmd}: error: {type(e).__name__}: {e}", file=sys.stderr)
-        rc = EXIT_ERROR
+        rc = _error(args.cmd, f"{type(e).__name__}: {e}")   # a store that cannot be reached, refuses credentials
     if _dist_rank()[1] > 1:
         # torchrun job: leave together, and skip interpreter teardown (gloo aborts there now and then)
         import torch.distributed as dist

@@ -58,9 +58,19 @@ from __future__ import annotations
 
 from ucp.dcp.keys import (KEY_FORMS, MODEL, OPTIM_STATE, PARAM_GROUPS, DcpKey, canonical_key, check_form, form_key,
                           key_form, model_key, optim_key, parse_key, planner_path)
-from ucp.dcp.reader import UniversalReader
-from ucp.dcp.threads import MAX_RANK_THREADS, rank_threads
-from ucp.dcp.writer import UniversalWriter
+
+#: the storage classes, imported on first use: ``ucp.dcp.keys`` (pure string rules) serves the
+#: command line's help without importing torch
+_LAZY = {"UniversalReader": "reader", "UniversalWriter": "writer", "rank_threads": "threads",
+         "MAX_RANK_THREADS": "threads"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"ucp.dcp.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'ucp.dcp' has no attribute {name!r}")
 
 __all__ = ["UniversalReader", "UniversalWriter", "rank_threads", "MAX_RANK_THREADS", "KEY_FORMS", "DcpKey",
            "parse_key", "key_form", "check_form", "canonical_key", "form_key", "model_key", "optim_key",
