@@ -210,8 +210,8 @@ def _describe_param(ck, name: str, tensor) -> None:
     shape, dtype, entry)``. A tied alias stored without arrays reads its ``tied_to``'s."""
     meta = ck.param_meta(name)
     states = ck.states(name)
-    holder = name if "param" in states else meta.get("tied_to")
-    if holder is None or "param" not in ck.states(holder):
+    holder = ck.holder(name)
+    if "param" not in ck.states(holder):
         raise UcpError(f"{ck.path}: parameter {name!r} has no 'param' array (and no tied_to that has one)")
     info = ck.array_info(holder, "param")
     tensor(model_key(name), info.shape, info.dtype, ("array", holder, "param"))

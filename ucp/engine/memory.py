@@ -53,6 +53,11 @@ class MemoryCheckpoint:
         t = self._tensor(name, state)
         return MemoryArrayInfo(name, state, tuple(t.shape), t.dtype)
 
+    def holder(self, name: str) -> str:
+        """Every parameter here holds its own tensors (``ucp.format``'s reader: an alias stored
+        once is held by its ``tied_to``)."""
+        return name
+
     def param_meta(self, name: str) -> dict:
         """Per-parameter metadata given for ``name``, with its scalars."""
         meta = dict(self._param_meta.get(name, {}))

@@ -116,6 +116,15 @@ class Checkpoint:
     def param_meta(self, name) -> dict:
         return jsonmeta.decode(self._param(name).meta, _no_tensor, where=f"param {name!r} meta")
 
+    def holder(self, name) -> str:
+        """The parameter whose arrays hold ``name``'s values: ``name`` itself, or for an alias
+        stored once its ``tied_to`` (FORMAT.md §6.1); reads of the alias are served from it."""
+        p = self._param(name)
+        holder = p.meta.get("tied_to") if not p.states else None
+        if isinstance(holder, str) and holder in self._params and self._params[holder].states:
+            return holder
+        return name
+
     def _array(self, name, state) -> _Array:
         a = self._arrays.get((name, state))
         if a is not None:
@@ -123,11 +132,10 @@ class Checkpoint:
         if state is None and isinstance(name, str) and name.startswith("_ucp/meta/"):
             rec = self.catalog.meta_arrays[name]
         else:
-            p = self._param(name)
-            st = p.states
-            holder = p.meta.get("tied_to") if not st else None
-            if isinstance(holder, str) and holder in self._params and self._params[holder].states:
+            holder = self.holder(name)
+            if holder != name:
                 return self._array(holder, state)  # an alias stored once reads its holder (FORMAT.md 6.1)
+            st = self._param(name).states
             if state not in st:
                 close = difflib.get_close_matches(str(state), st, n=5) or list(st)
                 raise NotFoundError(f"{self.path}: parameter {name!r} has no state {state!r}; "

@@ -51,7 +51,7 @@ class DcpTarget(Target):
             raise UcpError(f"--to dcp writes FSDP2-style files over --dp N; DCP reshards on load, so "
                            f"{', '.join('--' + a for a in others)} is not needed")
         self.world = self.degrees.get("dp", 1)
-        self._aliases: dict[str, str] = {}     # local name of a tied alias without arrays -> its name
+        self._aliases: set[str] = set()     # tied aliases stored without arrays (their holder's are read)
         self._written: list[Path] = []
         self._made_dst = False
 
@@ -85,12 +85,12 @@ class DcpTarget(Target):
         from ucp.format import split_boxes
         from ucp.plan import Box, Fragment, Piece
 
-        holder = name
-        if "param" not in ck.states(name):
-            holder = ck.param_meta(name).get("tied_to")
-            if holder is None or "param" not in ck.states(holder):
-                raise UcpError(f"{getattr(ck, 'path', ck)}: parameter {name!r} has no 'param' array")
-            self._aliases[name] = name
+        holder = ck.holder(name)
+        if "param" not in ck.states(holder):
+            raise UcpError(f"{getattr(ck, 'path', ck)}: parameter {name!r} has no 'param' array (and no tied_to "
+                           "that has one)")
+        if holder != name:
+            self._aliases.add(name)
         shape = tuple(ck.array_info(holder, "param").shape)
         whole = Box.full(shape)
         if not shape or whole.empty:
