@@ -221,5 +221,5 @@ def _describe_param(ck, name: str, tensor) -> None:
             tensor(optim_key(name, st), info.shape, info.dtype, ("array", name, st))
     dtypes = meta.get("scalar_dtypes") or {}
     for st, v in (meta.get("scalars") or {}).items():
-        dt = scalar_dtype(v, dtypes.get(st))
+        dt = scalar_dtype(v, dtypes.get(st), f"{ck.path}: scalar_dtypes[{st!r}] of {name!r}")
         tensor(optim_key(name, st), (), dt, ("scalar", v, dt))

@@ -96,18 +96,18 @@ def scalar_dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def scalar_dtype(value, name: Optional[str] = None):
+def scalar_dtype(value, name: Optional[str] = None, where: str = "scalar_dtypes"):
     """The torch dtype of a per-parameter scalar (``scalars``, FORMAT.md §6.1) as the 0-d tensor
     torch's optimizers keep it: its ``scalar_dtypes`` entry ``name``, else float32 for a float and
     int64 for an int (a scalar recorded without its dtype). One rule for the reader and the
-    exports."""
+    exports. ``where`` names the entry in an error (checkpoint, parameter, state)."""
     import torch
 
     if name is None:
         return torch.float32 if isinstance(value, float) else torch.int64
     dt = getattr(torch, str(name), None)
     if not isinstance(dt, torch.dtype):
-        raise FormatError(f"unknown torch dtype {name!r} in scalar_dtypes")
+        raise FormatError(f"{where}: unknown torch dtype {name!r}")
     return dt
 
 

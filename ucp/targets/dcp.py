@@ -139,7 +139,8 @@ class DcpTarget(Target):
             dtypes = meta.get("scalar_dtypes") or {}
             for state, v in (meta.get("scalars") or {}).items():
                 out.append((form_key(optim_key(name, state), self.form), [], [],
-                            torch.tensor(v, dtype=scalar_dtype(v, dtypes.get(state)))))
+                            torch.tensor(v, dtype=scalar_dtype(v, dtypes.get(state),
+                                                                   f"{ck.path}: scalar_dtypes[{state!r}] of {name!r}"))))
         for key, value in _non_tensor_entries(ck, self.flat):
             key = form_key(key, self.form)
             if isinstance(value, torch.Tensor):
