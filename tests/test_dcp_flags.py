@@ -251,9 +251,9 @@ def test_flattened_optimizer_state_maps_to_param_groups_and_loads_back_in_its_fo
         target = {"model": msd, "optim": osd}
         dcp.load(target, storage_reader=reader)
         assert target["optim"].keys() == sd["optim"].keys()
-        for k, v in sd["optim"].items():   # tuples (betas) come back as lists, as in the indexed form
+        for k, v in sd["optim"].items():   # tuples (betas) come back as tuples
             got = target["optim"][k]
-            assert torch.equal(got, v) if isinstance(v, torch.Tensor) else got == (list(v) if isinstance(v, tuple) else v), k
+            assert torch.equal(got, v) if isinstance(v, torch.Tensor) else (got == v and type(got) is type(v)), k
         set_state_dict(fresh, fopt, model_state_dict=target["model"], optim_state_dict=target["optim"], options=flat)
         assert [(g["lr"], g["weight_decay"]) for g in fopt.param_groups] == [(0.1, 0.1), (0.5, 0.0)]
         for p, q in zip(fresh.parameters(), model.parameters()):
@@ -450,3 +450,40 @@ def test_factored_optimizer_states_convert_with_their_own_shapes(tmp_path):
                                            r"parameter's \[3, 4\] \(a factored optimizer state"):
             ucp.export(tmp_path / "u", tmp_path / f"to-{target}", target, **kw)
         assert not (tmp_path / f"to-{target}").exists() or not any((tmp_path / f"to-{target}").iterdir())
+
+
+@pytest.mark.parametrize("route", ["live", "convert", "export"])
+def test_tuples_come_back_as_tuples_so_a_python_rng_state_resumes(tmp_path, route):
+    """The usual resume pattern saves ``random.getstate()`` (a tuple holding a tuple) and numpy's
+    state beside the model; ``random.setstate`` takes nothing but a tuple. Whatever the route
+    (UniversalWriter -> UniversalReader, stock DCP -> convert -> UniversalReader, UniversalWriter ->
+    export --to dcp -> FileSystemReader), they come back as FileSystemReader gives them back."""
+    import random
+
+    import numpy as np
+    from torch.distributed.checkpoint import FileSystemReader
+
+    random.seed(3)
+    np.random.seed(3)
+    model = nn.Linear(3, 2)
+    saved = {"model": model.state_dict(),
+             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "pair": (1, (2, "a"))}}
+    want_py, want_np = random.random(), np.random.rand()
+    if route == "convert":
+        dcp.save(saved, checkpoint_id=tmp_path / "dcp")
+        ucp.convert(tmp_path / "dcp", tmp_path / "u")
+    else:
+        dcp.save(saved, storage_writer=UniversalWriter(tmp_path / "u"))
+    if route == "export":
+        ucp.export(tmp_path / "u", tmp_path / "back", "dcp")
+        reader = FileSystemReader(tmp_path / "back")
+    else:
+        reader = UniversalReader(tmp_path / "u")
+    random.seed(9)
+    target = {"model": nn.Linear(3, 2).state_dict(),
+              "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "pair": None}}
+    dcp.load(target, storage_reader=reader)
+    assert target["rng"]["pair"] == (1, (2, "a")) and type(target["rng"]["pair"][1]) is tuple
+    random.setstate(target["rng"]["python"])
+    np.random.set_state(target["rng"]["numpy"])
+    assert (random.random(), np.random.rand()) == (want_py, want_np)

@@ -43,7 +43,8 @@ def test_metadata_roundtrip(tmp_path, check_manifest):
     ck = ucp.open(tmp_path / "ck")
     m = ck.metadata
     assert m["iteration"] == 1000
-    assert m["args"]["betas"] == [0.9, 0.999] and m["args"]["nested"] == [[1, 2], [3, [4]]]
+    assert m["args"]["betas"] == (0.9, 0.999) and m["args"]["nested"] == ((1, 2), [3, (4,)])   # tuples stay tuples
+    assert type(m["args"]["nested"][1]) is list and type(m["args"]["nested"][1][1]) is tuple
     assert math.isnan(m["floats"][0]) and m["floats"][1:3] == [math.inf, -math.inf]
     assert math.copysign(1, m["floats"][3]) == -1 and m["floats"][4] == 1e-300
     assert m["np"] == {"i": 7, "f": 0.5, "b": True, "nan": m["np"]["nan"]} and math.isnan(m["np"]["nan"])
@@ -86,11 +87,11 @@ trees = st.recursive(scalars, lambda ch: st.one_of(st.lists(ch, max_size=3), st.
 
 
 def _norm(x):
-    """Expected decoded form: tuples become lists; NaN compared by identity of kind."""
+    """Expected decoded form: lists stay lists and tuples tuples; NaN compared by identity of kind."""
     if isinstance(x, float) and math.isnan(x):
         return "NaN"
     if isinstance(x, (list, tuple)):
-        return [_norm(v) for v in x]
+        return type(x)(_norm(v) for v in x)
     if isinstance(x, dict):
         return {(_norm(k) if not isinstance(k, tuple) else k): _norm(v) for k, v in x.items()}
     return x

@@ -1,7 +1,8 @@
 """Non-tensor state <-> JSON (never pickle).
 
 Encoding: dict with str keys -> object (a dict with a non-str key, or a key starting with '$',
-becomes {"$dict": [[key, value], ...]}); list/tuple -> array; None/bool/int/str as is;
+becomes {"$dict": [[key, value], ...]}); list -> array; tuple (torch.Size too) -> {"$tuple":
+array}, read back as a tuple (``random.getstate()`` must come back a tuple); None/bool/int/str as is;
 float -> number, non-finite as {"$float": "nan"|"inf"|"-inf"}; numpy/torch scalars -> Python
 numbers; bytes -> {"$bytes": base64}; torch.Tensor -> {"$tensor": "_ucp/meta/<n>"} stored as a small
 array, numpy.ndarray -> {"$ndarray": ...} stored the same way and read back as numpy; torch.dtype
@@ -60,7 +61,9 @@ def encode(obj, add_tensor, where="metadata"):
             return {k: encode(v, add_tensor, f"{where}.{k}") for k, v in obj.items()}
         return {"$dict": [[encode(k, add_tensor, f"{where}[key]"), encode(v, add_tensor, f"{where}[{k!r}]")]
                           for k, v in obj.items()]}
-    if isinstance(obj, (list, tuple)):   # torch.Size is a tuple
+    if isinstance(obj, tuple):   # torch.Size is one
+        return {"$tuple": [encode(v, add_tensor, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
         return [encode(v, add_tensor, f"{where}[{i}]") for i, v in enumerate(obj)]
     raise MetadataEncodingError(
         f"{where}: cannot store a {type(obj).__module__}.{type(obj).__qualname__} in ucp metadata "
@@ -100,6 +103,10 @@ def _wrapper(k, v, get_tensor, where):
             raise FormatError(f"{where}: $dtype {str(v)[:40]!r} is not a ucp dtype (FORMAT.md §4.1: "
                               f"{', '.join(dtypes.SUPPORTED)})")
         return dtypes.torch_dtype(v)
+    if k == "$tuple":
+        if not isinstance(v, list):
+            raise FormatError(f"{where}: $tuple is not an array")
+        return tuple(decode(x, get_tensor, f"{where}[{i}]") for i, x in enumerate(v))
     if k == "$dict":
         if not isinstance(v, list) or not all(isinstance(p, list) and len(p) == 2 for p in v):
             raise FormatError(f"{where}: $dict is not a list of [key, value] pairs")
