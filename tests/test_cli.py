@@ -354,3 +354,15 @@ def test_verify_runs_without_torch(tmp_path):
     bad = verify()
     assert bad.returncode == 1 and chunk.relative_to(tmp_path / "ck").parts[0] in bad.stdout + bad.stderr, \
         bad.stdout[-2000:] + bad.stderr[-2000:]
+
+
+def test_demo_refuses_a_folder_holding_files_it_did_not_write(tmp_path, capsys):
+    """``ucp demo .`` in a project folder replaced the user's ``universal/`` checkpoint (the name
+    every example converts into) without a word; it now takes only a new, empty or earlier demo's
+    folder, and leaves everything else alone."""
+    (tmp_path / "universal").mkdir()
+    (tmp_path / "universal" / "ucp.manifest.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", str(tmp_path), "-q"]) == 2
+    assert "holds files no demo wrote" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["notes.txt", "ucp.manifest.json", "universal"]

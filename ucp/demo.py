@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ucp.errors import UcpError
+
 DEMO_SPEC = """\
 # Demo layout: Megatron-style tensor parallelism with ZeRO-3 flat partitions over dp.
 spec demo_tp_zero3
@@ -191,15 +193,32 @@ def chapters() -> list:
     return [m for m in mods if m.available()]
 
 
+#: the file that marks a folder as the demo's own, so that a later demo may clear it
+DEMO_MARK = ".ucp-demo"
+
+
+def _claim(root: Path) -> None:
+    """Make ``root`` the demo's: new, empty, or marked by an earlier demo (whose folders it then
+    clears). A folder holding anything else is refused: the demo's folder names (``universal``,
+    the one every example converts into) would otherwise replace a user's checkpoint."""
+    if root.exists() and not root.is_dir():
+        raise UcpError(f"{root}: not a folder")
+    if root.is_dir() and any(root.iterdir()) and not (root / DEMO_MARK).is_file():
+        raise UcpError(f"{root}: the folder holds files no demo wrote, which the demo would replace; "
+                       "give it a new or empty folder (or none: a temporary one)")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / DEMO_MARK).write_text("made by `ucp demo`: a later `ucp demo` here replaces everything in this folder\n")
+    for sub in root.iterdir():
+        if sub.is_dir():
+            shutil.rmtree(sub)
+
+
 def run_demo(directory=None, quiet=False) -> bool:
-    """Run the demo in ``directory`` (a temporary one, removed on success, by default);
-    True when every check of every chapter passed."""
+    """Run the demo in ``directory`` (a temporary one, removed on success, by default), which must
+    be new, empty or an earlier demo's; True when every check of every chapter passed."""
     own = directory is None
     root = Path(tempfile.mkdtemp(prefix="ucp-demo-")) if own else Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    for sub in ("tp2-dp2", "universal", "tp3"):
-        if (root / sub).exists():
-            shutil.rmtree(root / sub)
+    _claim(root)
     step = _Steps()
     _say(quiet, f"ucp demo in {root}")
     ok = _core_story(root, quiet, step)
