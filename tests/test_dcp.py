@@ -483,6 +483,21 @@ def test_export_into_a_folder_that_holds_anything_is_refused_and_leaves_it_alone
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
 
 
+def test_neither_command_writes_over_or_into_what_it_reads(tied_frozen, tmp_path):
+    """``convert SRC DST --overwrite`` with SRC inside DST deleted SRC while reading it; an export into
+    a folder inside its universal checkpoint left stray files there. Both are refused up front."""
+    root, _, _ = tied_frozen
+    ucp.convert(root / "dcp", tmp_path / "u")
+    with pytest.raises(UcpError, match=r"u/sub: the destination lies inside the universal checkpoint"):
+        ucp.export(tmp_path / "u", tmp_path / "u" / "sub", "dcp")
+    ucp.export(tmp_path / "u", tmp_path / "d", "dcp")
+    ucp.convert(tmp_path / "d", tmp_path / "u2")
+    (tmp_path / "d").rename(tmp_path / "u2" / "src")
+    with pytest.raises(UcpError, match=r"u2: overwrite would delete the source .*u2/src, which lies inside it"):
+        ucp.convert(tmp_path / "u2" / "src", tmp_path / "u2", overwrite=True)
+    assert (tmp_path / "u2" / "src" / ".metadata").is_file() and verify(tmp_path / "u") == []
+
+
 @pytest.mark.parametrize("target", ["dcp", "ranks"])
 @pytest.mark.parametrize("degree", [0, -2, 1.5, "2"])
 def test_export_refuses_a_degree_that_is_no_whole_number_of_at_least_1(tied_frozen, tmp_path, target, degree):

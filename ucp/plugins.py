@@ -68,6 +68,18 @@ class Plugin:
             raise UcpError(f"{self.registry.kind} {self.name!r} does not take {flags}; it takes {takes}")
 
 
+def lies_within(inner, outer) -> bool:
+    """Whether the local path ``inner`` is ``outer`` or lies inside it (links resolved); False
+    where either is a URL of another store."""
+    from ucp.format.store import local_root
+
+    a, b = local_root(inner), local_root(outer)
+    if a is None or b is None:
+        return False
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or b in a.parents
+
+
 def local_path(path, role: str) -> Path:
     """``path`` as a local ``Path`` for a plug-in that reads or writes local files only (``role``
     names it in the error). A ``file://`` URL is its path; any other URL is refused: ``Path``

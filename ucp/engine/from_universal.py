@@ -33,7 +33,12 @@ def export(checkpoint, target, *, progress: bool = False,
     once every unit is written; a failure anywhere makes every process abort and raise.
     Returns the target's destination."""
     from ucp.engine.jobs import torchrun_rank
+    from ucp.plugins import lies_within
 
+    where = getattr(checkpoint, "path", checkpoint)
+    if lies_within(target.dst, where):
+        raise UcpError(f"{target.dst}: the destination lies inside the universal checkpoint {where} it is "
+                       "exported from; export into another folder")
     job = torchrun_rank(distributed)
     if job is None:
         _export_alone(open_universal(checkpoint, storage_options), target, progress)

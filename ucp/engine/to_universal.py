@@ -17,6 +17,7 @@ import numpy as np
 
 from ucp.engine.pipeline import BUDGET_BYTES
 from ucp.errors import UcpError
+from ucp.plugins import lies_within
 
 #: Per-parameter metadata lists each fragment's boxes up to this many fragments; beyond it
 #: the spec (kept in the checkpoint's metadata) and the degrees reproduce them through the
@@ -44,6 +45,9 @@ def convert(source, dst, *, workers: int | None = None, resume: bool = False, ov
         # no cyclic GC while the layout's many small acyclic objects (fragments, boxes, pieces)
         # are built and the boxes stream: its collections cost more than building them
         with gc_paused():
+            if overwrite and lies_within(getattr(source, "path", ""), dst):
+                raise UcpError(f"{dst}: overwrite would delete the source {source.path}, which lies inside it; "
+                               "convert into another folder")
             layout = _describe(source, job)
             mine = _my_params(layout, job)
             writer = _open_writer(dst, job, workers=workers, resume=resume, overwrite=overwrite,
