@@ -380,6 +380,24 @@ def test_universal_source_equals_deepspeed_source(cell, ds_runs, converted, tmp_
             assert got.param_meta(n).get(key) == want.param_meta(n).get(key), (n, key)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_own_deepspeed_universal_export_converts_back(converted, tmp_path, stage):
+    """ucp reads back what ``--to deepspeed-universal`` writes (which DeepSpeed's ``load_universal``
+    loads, tests/test_deepspeed_resume.py): at ZeRO-3 its ``fp32.pt`` holds the parameter's shape,
+    where ``ds_to_universal`` writes it flat, and the source took only the flat form."""
+    import ucp
+
+    want = converted["z3-bf16"]
+    ucp.export(str(want.path), str(tmp_path / "dsu"), "deepspeed-universal", degrees={"dp": 2}, zero_stage=stage)
+    ucp.convert(str(tmp_path / "dsu"), str(tmp_path / "u"))
+    got = ucp.open(str(tmp_path / "u"))
+    assert list(got.params) == list(want.params)
+    for n in want.params:
+        assert got.states(n) == want.states(n), n
+        for st in want.states(n):
+            assert same(got.read(n, st), want.read(n, st)), (n, st)
+
+
 def test_export_under_torchrun_equals_one_process(converted, tmp_path):
     """`torchrun -m ucp export --to deepspeed` (units split over 2 processes) writes the same
     checkpoint as one process: read back, every tensor, step and record is equal."""

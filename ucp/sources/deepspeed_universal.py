@@ -2,7 +2,8 @@
 
 Layout: ``zero/<param>/fp32.pt`` (and ``exp_avg.pt``, ``exp_avg_sq.pt``, ...), each either
 ``{"param": tensor of the parameter's shape, "cat_dim": ...}`` (ZeRO-1/2) or a flat 1-D tensor
-of the parameter's ``numel`` (ZeRO-3); ``step.pt`` per parameter at ZeRO-1/2 only (ZeRO-3 keeps
+of the parameter's ``numel`` (ZeRO-3, as ``ds_to_universal`` writes it; ucp's own target writes the
+parameter's shape there too, which DeepSpeed's loader also takes); ``step.pt`` per parameter at ZeRO-1/2 only (ZeRO-3 keeps
 the step in ``zero/optimizer_state.pt``); ``zero/optimizer_state.pt`` with the param groups and
 the loss scaler; and the original run's ``*model_states.pt`` files, copied, which give the shapes,
 groups, tied and frozen parameters (``ds_to_universal`` drops frozen weights from ``zero/``; they
@@ -129,6 +130,8 @@ class DeepSpeedUniversalSource(DeepSpeedSource):
         path = self.zero / fragment.local_name / f"{stem}.pt"  # a tied name reads its partner's files
         held = self._file(path)
         t = held["param"] if isinstance(held, dict) else held
+        if len(fragment.local_shape) == 1 and t.ndim > 1 and math.prod(t.shape) == fragment.local_shape[0]:
+            t = t.reshape(-1)    # ZeRO-3 reads it flat; ds_to_universal writes it so, ucp's target whole
         if tuple(t.shape) != tuple(fragment.local_shape):
             raise DeepSpeedError(f"{path}: shape {tuple(t.shape)}, the model states record "
                                  f"{tuple(fragment.local_shape)} for {fragment.name}")
