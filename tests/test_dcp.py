@@ -138,8 +138,23 @@ def test_non_tensor_item_refuses_pickled_objects(tmp_path):
     dcp.save({"w": torch.ones(3), "obj": {"when": __import__("datetime").date(2024, 1, 2)}},
              checkpoint_id=tmp_path / "ck")
     files = DcpFiles(tmp_path / "ck")
-    with pytest.raises(DcpFileError, match=r"__0_0\.distcp .*obj\.when.*refused to unpickle"):
+    with pytest.raises(DcpFileError, match=r"__0_0\.distcp .*obj\.when.*refused to unpickle.*datetime\.date"):
         files.obj(MetadataIndex("obj.when"))
+
+
+class _Runs:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_a_refused_global_is_named_whatever_torch_calls_it(tmp_path):
+    """torch words a global of a blocked module ("Trying to load unsupported GLOBAL posix.system whose
+    module posix is blocked") otherwise than any other ("Unsupported global: GLOBAL ..."); the error
+    names it either way, and never passes on torch's advice to load with weights_only=False."""
+    dcp.save({"w": torch.ones(3), "obj": _Runs()}, checkpoint_id=tmp_path / "ck")
+    with pytest.raises(DcpFileError, match=r"obj.*refused to unpickle: it holds a pickled posix\.system") as e:
+        DcpFiles(tmp_path / "ck").obj(MetadataIndex("obj"))
+    assert "weights_only" not in str(e.value)
 
 
 def _corrupt_zip_record(root, fqn: str, record: str, where: str) -> tuple[str, int, int]:

@@ -47,10 +47,13 @@ def unpickling_refusal(e: BaseException) -> str:
     names one. The message itself starts with advice to load with ``weights_only=False`` (which ucp
     never does) in terminal escapes, and names the class only further down."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"but got <class '([^']+)'>", text)
+    # "Unsupported global: GLOBAL x", and for a blocked module "Trying to load unsupported GLOBAL x whose
+    # module m is blocked"
+    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", text) or re.search(r"but got <class '([^']+)'>", text)
     if found:
         return f"it holds a pickled {found.group(1)}, which ucp does not unpickle"
-    return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
+    return lines[0] if lines else type(e).__name__
 
 
 def numpy_value_globals() -> list:
