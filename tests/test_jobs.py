@@ -176,3 +176,33 @@ def test_an_incomplete_torchrun_environment_is_named(monkeypatch, env, says):
     with pytest.raises(UcpError, match=says):
         torchrun_rank()
     assert torchrun_rank(False) is None
+
+
+def _listening(port: int) -> bool:
+    """Whether a socket listens on ``port`` (/proc/net/tcp and tcp6, state 0A), without connecting."""
+    rows = [r for f in ("tcp", "tcp6") for r in Path(f"/proc/net/{f}").read_text().splitlines()[1:]]
+    return any(r.split()[1].endswith(f":{port:04X}") and r.split()[3] == "0A" for r in rows)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_while_waiting_for_partners_ends_at_once_in_one_line(ckpt, signame):
+    """Process 0 of a job whose partners never come waits at the roll call (here up to 600 s);
+    Ctrl-C or a scheduler's SIGTERM there used to wait out the whole wait (torch's store waits
+    without returning to Python) and then print a traceback. It now ends at once: exit 130, one
+    line with what to do, nothing written; the conversion then runs."""
+    import signal
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ucp", "convert", str(ckpt / "src"), str(ckpt / "u"), "-q"],
+                            env=_torchrun_env(0, 2, port, **{ROLLCALL_TIMEOUT_ENV: 600}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not _listening(port):      # the event: process 0 hosts the roll call's store
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        os.sched_yield()
+    proc.send_signal(getattr(signal, signame))
+    _, err = proc.communicate(timeout=60)   # timeout: a safety net only (the wait left is 600 s)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("ucp convert: "), err[-3000:]
+    assert ("terminated (SIGTERM)" if signame == "SIGTERM" else "interrupted") in err and "--resume" in err
+    assert main(["convert", str(ckpt / "src"), str(ckpt / "u"), "-q", "--resume"]) == 0
+    assert main(["diff", str(ckpt / "uni"), str(ckpt / "u"), "-q", "--ignore-metadata"]) == 0

@@ -17,6 +17,7 @@ import sys
 from ucp.errors import UcpError
 
 EXIT_OK, EXIT_DIFF, EXIT_ERROR = 0, 1, 2
+EXIT_INTERRUPTED = 130      # as a shell reports a command ended by Ctrl-C
 
 
 def _fmt_bytes(n: int) -> str:
@@ -379,8 +380,67 @@ def _error(cmd: str, text: str) -> int:
     return EXIT_ERROR
 
 
+class _Interrupts:
+    """While active, Ctrl-C (SIGINT) and SIGTERM (what schedulers send) raise KeyboardInterrupt in
+    the main thread and are remembered: the engine's clean-up runs on the way out (an export
+    removes what it wrote; a conversion keeps its checked chunks for --resume), and the command
+    ends with one line even where a library turned the interrupt into an error of its own."""
+
+    def __init__(self):
+        self.signal = None
+        self._saved = {}
+
+    def _on(self, signum, frame):
+        self.signal = signum
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._on)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _stopped(cmd: str, signum) -> int:
+    import signal
+
+    what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    hint = ("; nothing was committed: the same command with --resume finishes the conversion, keeping "
+            "what was written and checked" if cmd == "convert" else
+            "; what it wrote was removed" if cmd == "export" else "")
+    if _dist_rank()[0] == 0:
+        print(f"ucp {cmd}: {what}{hint}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _failed(cmd: str, e: Exception) -> int:
+    """The exit code of a command that raised ``e``, after one error line; called while ``e`` is
+    handled, so that a bug is re-raised with its traceback."""
+    if isinstance(e, UcpError):
+        return _error(cmd, f"{_as_flags(str(e))}{_framework_hint(e)}")
+    if isinstance(e, BrokenPipeError):
+        return EXIT_OK
+    if isinstance(e, OSError):     # a full disk, a read-only or size-limited destination: one line
+        hint = ("; nothing was committed: once that is fixed, the same command with --resume finishes the "
+                "conversion" if cmd == "convert" else "")
+        return _error(cmd, f"{e}{hint}")
+    if type(e).__module__.split(".")[0] in _STORE_CLIENTS:   # a store that cannot be reached, refuses credentials
+        return _error(cmd, f"{type(e).__name__}: {e}")
+    raise e      # a bug: its traceback is what to report
+
+
 def main(argv=None) -> int:
-    """Run one ``ucp`` command; returns the exit code (0 ok, 1 differences found, 2 error)."""
+    """Run one ``ucp`` command; returns the exit code (0 ok, 1 differences found, 2 error, 130 interrupted)."""
     args = build_parser().parse_args(argv)   # --help, --version, usage errors: done, without torch
     # Torch (imported by no plug-in module, so that the parser is quick) is ~170k objects that
     # live until exit. Freezing them keeps each later full collection from walking them all (a
@@ -391,21 +451,18 @@ def main(argv=None) -> int:
     if args.cmd not in TORCH_FREE_COMMANDS:
         import torch  # noqa: F401
     gc.freeze()
+    interrupted = _Interrupts()
     try:
-        rc = args.fn(args)
-    except UcpError as e:
-        rc = _error(args.cmd, f"{_as_flags(str(e))}{_framework_hint(e)}")
-    except BrokenPipeError:
-        rc = EXIT_OK
-    except OSError as e:     # a full disk, a read-only or size-limited destination: one line, not a traceback
-        hint = ("; nothing was committed: once that is fixed, the same command with --resume finishes the "
-                "conversion" if args.cmd == "convert" else "")
-        rc = _error(args.cmd, f"{e}{hint}")
+        with interrupted:
+            rc = args.fn(args)
+    except KeyboardInterrupt:
+        rc = _stopped(args.cmd, interrupted.signal)
     except Exception as e:
-        if type(e).__module__.split(".")[0] not in _STORE_CLIENTS:
-            raise            # a bug: its traceback is what to report
-        rc = _error(args.cmd, f"{type(e).__name__}: {e}")   # a store that cannot be reached, refuses credentials
-    if _dist_rank()[1] > 1:
+        if interrupted.signal is not None:      # torch's zip writer turns it into "unexpected pos"
+            rc = _stopped(args.cmd, interrupted.signal)
+        else:
+            rc = _failed(args.cmd, e)
+    if _dist_rank()[1] > 1 and rc != EXIT_INTERRUPTED:
         # torchrun job: leave together, and skip interpreter teardown (gloo aborts there now and then)
         import torch.distributed as dist
 

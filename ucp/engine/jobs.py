@@ -186,8 +186,8 @@ def _roll_call(store, addr: str, port: int, rank: int, world: int, deadline: flo
     try:
         if store.add(_JOINED_KEY, 1) >= world:
             store.set(_ALL_JOINED_KEY, "1")
-        store.wait([_ALL_JOINED_KEY], timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
-        return
+        if _wait_in_slices(store, deadline):
+            return
     except dist.DistError:
         pass
     try:
@@ -199,6 +199,23 @@ def _roll_call(store, addr: str, port: int, rank: int, world: int, deadline: flo
                    "environment says every process of the job converts a share. Start every process with "
                    f"torchrun (torchrun --nproc_per_node {world} -m ucp ...), {_ALONE_FIX}. "
                    f"{ROLLCALL_TIMEOUT_ENV} sets the wait in seconds")
+
+
+def _wait_in_slices(store, deadline: float, slice_s: float = 1.0) -> bool:
+    """Wait for every process to join, a second at a time: a wait inside the store does not return
+    to Python, so Ctrl-C on a process whose partners never come would otherwise wait out the whole
+    deadline. False at the deadline, or at once where the store fails other than by timing out."""
+    import torch.distributed as dist
+
+    while True:
+        wait = max(min(deadline - time.monotonic(), slice_s), 0.001)
+        began = time.monotonic()
+        try:
+            store.wait([_ALL_JOINED_KEY], timedelta(seconds=wait))
+            return True
+        except dist.DistError:
+            if time.monotonic() >= deadline or time.monotonic() - began < wait / 2:
+                return False
 
 
 def agree(failure: str | None, what: str) -> None:
