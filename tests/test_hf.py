@@ -134,6 +134,29 @@ def test_index_naming_a_missing_shard_is_refused(hf_models, tmp_path):
         ucp.convert(tmp_path / "c", tmp_path / "u", source="hf")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "header", "binary config", "binary index"])
+def test_damaged_files_are_one_error_naming_the_file(hf_models, tmp_path, damage, capsys):
+    """A truncated or header-damaged safetensors file, or a config / index that is no text, is one
+    error line naming the file (it was safetensors' own exception or a UnicodeDecodeError, exit 1)."""
+    import shutil
+
+    from ucp.cli import main
+
+    kind = "tied-bias-sharded" if damage == "binary index" else "untied-nobias-single"
+    src, _ = hf_models[kind]
+    shutil.copytree(src, tmp_path / "c")
+    name = {"truncated": "model.safetensors", "header": "model.safetensors", "binary config": "config.json",
+            "binary index": "model.safetensors.index.json"}[damage]
+    f = tmp_path / "c" / name
+    raw = f.read_bytes()
+    f.write_bytes({"truncated": raw[: len(raw) // 2], "header": raw[:8] + b"\xff" * 16 + raw[24:],
+                   "binary config": b"\x80\x81{}", "binary index": b"\xfe\xff\x00{"}[damage])
+    assert main(["convert", str(tmp_path / "c"), str(tmp_path / "u"), "--from", "hf", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ucp convert: error: ") and len(err.strip().splitlines()) == 1 and f"c/{name}" in err, err
+    assert not (tmp_path / "u" / "ucp.manifest.json").exists()
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_shard_size": "lots"}, "max-shard-size"),
     ({"degrees": {"tp": 2}}, "degrees"),

@@ -46,9 +46,22 @@ class HFError(UcpError):
 def read_json(path: Path) -> Any:
     """A small JSON file, with an error naming the file and the position."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise HFError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise HFError(f"{path}: not a JSON text file (byte {e.start} is not UTF-8)") from None
+
+
+def open_safetensors(path: Path):
+    """``safe_open`` of one file, its header checked (a truncated file or a damaged header is an
+    error naming the file, not safetensors' own exception)."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error type for bad headers
+        raise HFError(f"{path}: not a readable safetensors file, truncated or damaged? ({e})") from None
 
 
 def shard_files(path: Path) -> dict[str, str]:
@@ -65,9 +78,7 @@ def shard_files(path: Path) -> dict[str, str]:
         return dict(wmap)
     single = path / SINGLE_FILE
     if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as fh:
+        with open_safetensors(single) as fh:
             return {k: SINGLE_FILE for k in fh.keys()}
     raise HFError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE}; not a Hugging Face checkpoint")
 
@@ -103,12 +114,7 @@ class HFSource(Source):
     def _handle(self, fname: str):
         h = self._handles.get(fname)
         if h is None:
-            from safetensors import safe_open
-
-            try:
-                h = self._handles[fname] = safe_open(str(self.path / fname), framework="pt")
-            except Exception as e:  # safetensors raises its own error type for bad headers
-                raise HFError(f"{self.path / fname}: not a readable safetensors file ({e})") from None
+            h = self._handles[fname] = open_safetensors(self.path / fname)
         return h
 
     def layout(self) -> SourceLayout:
