@@ -487,3 +487,32 @@ def test_tuples_come_back_as_tuples_so_a_python_rng_state_resumes(tmp_path, rout
     random.setstate(target["rng"]["python"])
     np.random.set_state(target["rng"]["numpy"])
     assert (random.random(), np.random.rand()) == (want_py, want_np)
+
+
+def test_names_longer_than_a_file_name_can_be_are_saved_and_loaded(tmp_path):
+    """A parameter's node is its name, percent-encoded; file systems take 255 bytes a name, and a
+    270-character FQN (nested wrappers, LoRA) failed the save with a bare OSError. Long encodings end
+    in '~' and the name's hash (FORMAT.md §3): saved, verified, loaded and exported like any other."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from ucp.format import verify
+
+    model = nn.Sequential()
+    inner = model
+    for i in range(9):        # 9 nested modules with 28-character names: the FQN is 270+ characters
+        child = nn.Sequential()
+        inner.add_module(f"wrapper_with_a_long_name_{i:03d}", child)
+        inner = child
+    inner.add_module("proj", nn.Linear(3, 2))
+    inner.add_module("proj/with%slash", nn.Linear(2, 2))
+    names = list(model.state_dict())
+    assert min(map(len, names)) > 255
+    dcp.save({"model": model.state_dict()}, storage_writer=UniversalWriter(tmp_path / "u"))
+    assert verify(tmp_path / "u") == [] and list(ucp.open(tmp_path / "u").params) == names
+    target = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
+    dcp.load(target, storage_reader=UniversalReader(tmp_path / "u"))
+    assert all(torch.equal(target["model"][k], v) for k, v in model.state_dict().items())
+    ucp.export(tmp_path / "u", tmp_path / "back", "dcp")
+    again = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
+    dcp.load(again, storage_reader=FileSystemReader(tmp_path / "back"))
+    assert all(torch.equal(again["model"][k], v) for k, v in model.state_dict().items())

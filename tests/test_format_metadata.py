@@ -120,6 +120,20 @@ def test_param_name_encoding(name):
     assert names.decode_param(enc) == name
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=8), st.integers(min_value=40, max_value=400), st.text(max_size=3))
+def test_long_names_get_a_short_distinct_node(tail, repeat, other):
+    """A name whose encoding exceeds names.MAX_NODE bytes keeps a head, '~' and its hash: short enough
+    for any file system, never another name's node, and two names that differ only at the end (past
+    the head) still get different nodes."""
+    name = "layer." + "ü/" * repeat + tail
+    enc = names.encode_param(name)
+    assert len(enc.encode()) <= names.MAX_NODE and enc.count("~") == 1
+    assert not re.search(r"%[0-9A-F]?~", enc)     # no escape cut in two
+    assert names.encode_param(name + other) != enc or other == ""
+    assert names.encode_param("layer.short") == "layer.short"
+
+
 @pytest.mark.parametrize("obj", [
     {"b": [1, 2.5, None], "a": {"z": "é\u2028", "y": True}},
     {"path": "m.w/param", "layout": {"shape": [3, 0], "dtype": "bfloat16", "chunks": [3, 1], "inner_chunks": None}},

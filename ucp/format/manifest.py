@@ -96,7 +96,8 @@ def not_committed(path, why="no ucp.manifest.json (incomplete or still being wri
 # Possessive quantifiers (``*+``): a segment ends at "/" or "\n", which no class holds, so giving characters
 # back could never make a match; without them the matcher keeps backtracking state for every repetition
 # (measured: 4000 paths joined, 1.1-2.0 ms -> 0.45 ms).
-_SEG = re.compile(r"[A-Za-z0-9_%-][A-Za-z0-9._%-]*+|\.[A-Za-z0-9_%-][A-Za-z0-9._%-]*+|\.\.[A-Za-z0-9._%-]++")
+# ("~" only inside a segment: it joins a long parameter name's kept head to its hash, FORMAT.md §3)
+_SEG = re.compile(r"[A-Za-z0-9_%-][A-Za-z0-9._%~-]*+|\.[A-Za-z0-9_%-][A-Za-z0-9._%~-]*+|\.\.[A-Za-z0-9._%~-]++")
 _KEY = re.compile(r"c(/[0-9]+)*")
 _REL = re.compile(rf"(?:{_SEG.pattern})(?:/(?:{_SEG.pattern}))*+")  # segments joined by "/": one regex call
 LISTED_CHUNKS = 4096  # grids up to this many chunks have their keys and file sizes listed once (cached)

@@ -1,6 +1,7 @@
 """Parameter and state names <-> zarr node names."""
 from __future__ import annotations
 
+import hashlib
 import re
 
 from ucp.errors import UcpError
@@ -8,6 +9,9 @@ from ucp.errors import UcpError
 _SAFE = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _PLAIN = re.compile(r"[A-Za-z0-9._-]+")
 RESERVED_FILES = {"zarr.json", "ucp.manifest.json", "ucp.manifest.json.tmp"}
+#: the longest node name encoding keeps whole: file systems allow 255 bytes a name (NAME_MAX)
+MAX_NODE = 200
+_KEPT = 160     # bytes of a longer encoding kept before "~" and the name's hash
 
 
 def check_param_name(name: str) -> None:
@@ -28,6 +32,9 @@ def encode_param(name: str) -> str:
         enc = "%2E" * len(enc)
     if enc in RESERVED_FILES:
         enc = enc.replace(".", "%2E")
+    if len(enc) > MAX_NODE:   # "~" is never in an encoding otherwise: no name's node is another's
+        head = re.sub(r"%[0-9A-F]?$", "", enc[:_KEPT])
+        enc = f"{head}~{hashlib.sha256(name.encode('utf-8')).hexdigest()[:32]}"
     return enc
 
 
@@ -42,7 +49,7 @@ def all_encode_to_themselves(names) -> bool:
     manifest's parameter paths are almost always their names, and one ``encode_param`` call each costs
     more at open than this whole check (2000 names: 1.4 -> 0.2 ms)."""
     names = list(names)
-    if not names or set(map(type, names)) != {str}:
+    if not names or set(map(type, names)) != {str} or max(map(len, names)) > MAX_NODE:
         return False
     joined = "\n".join(names)
     return (joined.count("\n") == len(names) - 1 and RESERVED_FILES.isdisjoint(names)
