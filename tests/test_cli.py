@@ -365,4 +365,6 @@ def test_demo_refuses_a_folder_holding_files_it_did_not_write(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["demo", str(tmp_path), "-q"]) == 2
     assert "holds files no demo wrote" in capsys.readouterr().err
+    assert main(["demo", f"file://{tmp_path}", "-q"]) == 2          # a file:// URL is that folder
+    assert "holds files no demo wrote" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["notes.txt", "ucp.manifest.json", "universal"]

@@ -513,6 +513,20 @@ def test_neither_command_writes_over_or_into_what_it_reads(tied_frozen, tmp_path
     assert (tmp_path / "u2" / "src" / ".metadata").is_file() and verify(tmp_path / "u") == []
 
 
+@pytest.mark.parametrize("options, message", [({"zero_stage": True}, "zero_stage"), ({"zero_stage": "2"}, "zero_stage"),
+                                              ({"zero_stage": 2.0}, "zero_stage"),
+                                              ({"zero_stage": 2, "sub_group_size": 0}, "sub_group_size"),
+                                              ({"zero_stage": 2, "sub_group_size": -5}, "sub_group_size")])
+def test_deepspeed_options_from_python_are_checked_as_the_command_line_checks_them(tied_frozen, tmp_path, options,
+                                                                                   message):
+    """``zero_stage=True`` wrote a ZeRO-1 checkpoint; ``sub_group_size=-5`` went into ds_config."""
+    root, _, _ = tied_frozen
+    ucp.convert(root / "dcp", tmp_path / "u")
+    with pytest.raises(UcpError, match=message):
+        ucp.export(tmp_path / "u", tmp_path / "out", "deepspeed", **options)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("target", ["dcp", "ranks"])
 @pytest.mark.parametrize("degree", [0, -2, 1.5, "2"])
 def test_export_refuses_a_degree_that_is_no_whole_number_of_at_least_1(tied_frozen, tmp_path, target, degree):

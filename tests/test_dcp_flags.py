@@ -516,3 +516,25 @@ def test_names_longer_than_a_file_name_can_be_are_saved_and_loaded(tmp_path):
     again = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
     dcp.load(again, storage_reader=FileSystemReader(tmp_path / "back"))
     assert all(torch.equal(again["model"][k], v) for k, v in model.state_dict().items())
+
+
+def test_a_flat_state_dict_with_values_converts(tmp_path):
+    """``dcp.save({"w": t, "step": 5, ...})``: the top level is the model's section (torchtitan's
+    form), and a value there is an entry, not a tensor. ``ucp convert`` failed with a bare KeyError."""
+    import random
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = {"w": torch.arange(6.0).reshape(2, 3), "step": 5, "rng": [random.getstate()], "cfg": {"$a": 1}}
+    dcp.save(saved, checkpoint_id=tmp_path / "dcp")
+    ucp.convert(tmp_path / "dcp", tmp_path / "u")
+    assert list(ucp.open(tmp_path / "u").params) == ["w"]
+    for reader in (UniversalReader(tmp_path / "u"), ):
+        target = {"w": torch.zeros(2, 3), "step": 0, "rng": [None], "cfg": {"$a": 0}}
+        dcp.load(target, storage_reader=reader)
+        assert torch.equal(target["w"], saved["w"]) and target["step"] == 5 and target["cfg"] == {"$a": 1}
+        assert target["rng"] == saved["rng"] and type(target["rng"][0]) is tuple
+    ucp.export(tmp_path / "u", tmp_path / "back", "dcp")
+    target = {"w": torch.zeros(2, 3), "step": 0, "rng": [None], "cfg": {"$a": 0}}
+    dcp.load(target, storage_reader=FileSystemReader(tmp_path / "back"))
+    assert target["step"] == 5 and target["rng"] == saved["rng"]

@@ -157,6 +157,16 @@ def test_damaged_files_are_one_error_naming_the_file(hf_models, tmp_path, damage
     assert not (tmp_path / "u" / "ucp.manifest.json").exists()
 
 
+def test_a_config_that_is_no_json_object_is_refused_at_convert(hf_models, tmp_path):
+    import shutil
+
+    src, _ = hf_models["untied-nobias-single"]
+    shutil.copytree(src, tmp_path / "c")
+    (tmp_path / "c" / "config.json").write_text("[1, 2]")
+    with pytest.raises(UcpError, match=r"c/config\.json: holds a JSON list, not the object"):
+        ucp.convert(tmp_path / "c", tmp_path / "u")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_shard_size": "lots"}, "max-shard-size"),
     ({"degrees": {"tp": 2}}, "degrees"),

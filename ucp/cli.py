@@ -388,9 +388,12 @@ class _Interrupts:
 
     def __init__(self):
         self.signal = None
+        self.done = False
         self._saved = {}
 
     def _on(self, signum, frame):
+        if self.done:
+            return
         self.signal = signum
         raise KeyboardInterrupt
 
@@ -448,13 +451,14 @@ def main(argv=None) -> int:
     # leave torch out: ``verify`` reads bytes and checksums only, and ``convert`` leaves it to its
     # source (the DeepSpeed source reads without it: 1.5-2 s saved; the engine pauses collections
     # while it converts).
-    if args.cmd not in TORCH_FREE_COMMANDS:
-        import torch  # noqa: F401
-    gc.freeze()
     interrupted = _Interrupts()
     try:
-        with interrupted:
+        with interrupted:      # from here on: the import of torch takes a second or two
+            if args.cmd not in TORCH_FREE_COMMANDS:
+                import torch  # noqa: F401
+            gc.freeze()
             rc = args.fn(args)
+            interrupted.done = True    # a signal now comes after the work: the command succeeded
     except KeyboardInterrupt:
         rc = _stopped(args.cmd, interrupted.signal)
     except Exception as e:

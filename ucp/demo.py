@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ucp.errors import UcpError
+from ucp.plugins import local_path
 
 DEMO_SPEC = """\
 # Demo layout: Megatron-style tensor parallelism with ZeRO-3 flat partitions over dp.
@@ -217,7 +218,7 @@ def run_demo(directory=None, quiet=False) -> bool:
     """Run the demo in ``directory`` (a temporary one, removed on success, by default), which must
     be new, empty or an earlier demo's; True when every check of every chapter passed."""
     own = directory is None
-    root = Path(tempfile.mkdtemp(prefix="ucp-demo-")) if own else Path(directory)
+    root = Path(tempfile.mkdtemp(prefix="ucp-demo-")) if own else local_path(directory, "ucp demo writes")
     _claim(root)
     step = _Steps()
     _say(quiet, f"ucp demo in {root}")

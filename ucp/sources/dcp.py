@@ -64,7 +64,8 @@ class DcpSource(Source):
         canon = {k: canonical_key(k, form) for k in saved}
         keys = [canon[k] for k in saved]
         arrays, scalars, groups, extras = self._classify(canon)
-        names = [k.name for k in (parse_key(x) for x in keys) if k.kind == "param"]
+        # a model-section key holding a value (a flat {"w": t, "step": 5}) is an entry, not a tensor
+        names = [k.name for k in (parse_key(x) for x in keys) if k.kind == "param" and (k.name, "param") in arrays]
         states: dict[str, list] = {}
         for name, state in arrays:
             states.setdefault(name, []).append(state)

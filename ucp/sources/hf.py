@@ -144,7 +144,10 @@ class HFSource(Source):
         hf: dict[str, Any] = {}
         for fname in CARRIED_JSON:
             if (self.path / fname).is_file():
-                hf[fname.removesuffix(".json")] = read_json(self.path / fname)
+                doc = hf[fname.removesuffix(".json")] = read_json(self.path / fname)
+                if not isinstance(doc, dict):
+                    raise HFError(f"{self.path / fname}: holds a JSON {type(doc).__name__}, not the object "
+                                  "save_pretrained writes")
         config = hf.get("config", {})
         tie = config.get("tie_word_embeddings", False) if isinstance(config, dict) else False
         tied = {head: emb for head, emb in TIED_PAIRS.items() if head not in names and emb in names}

@@ -201,9 +201,12 @@ class DeepSpeedTarget(Target):
     def __init__(self, dst, *, degrees=None, spec=None, storage_options=None, **options):
         super().__init__(dst, degrees=degrees, spec=spec, storage_options=storage_options, **options)
         self.reject_options(allowed=("zero_stage", "dtype", "sub_group_size", "tag"))
-        self.stage = int(options.get("zero_stage") or 0)
-        if self.stage not in (1, 2, 3):
-            raise DeepSpeedTargetError(f"--to {self.name} needs --zero-stage 1, 2 or 3 (got {options.get('zero_stage')})")
+        stage, sub = options.get("zero_stage"), options.get("sub_group_size")
+        if isinstance(stage, bool) or stage not in (1, 2, 3) or not isinstance(stage, int):
+            raise DeepSpeedTargetError(f"--to {self.name} needs --zero-stage 1, 2 or 3 (zero_stage=; got {stage!r})")
+        if sub is not None and (isinstance(sub, bool) or not isinstance(sub, int) or sub < 1):
+            raise DeepSpeedTargetError(f"--sub-group-size (sub_group_size=) is a whole number of at least 1, got {sub!r}")
+        self.stage = stage
         other = {a: d for a, d in self.degrees.items() if a != "dp" and int(d) > 1}
         if other:
             raise DeepSpeedTargetError(f"--to {self.name} writes data-parallel ZeRO only; cannot take {other}")
