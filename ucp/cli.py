@@ -357,7 +357,6 @@ def _framework_hint(e: UcpError) -> str:
     """For a folder read as a universal checkpoint that holds a framework's checkpoint instead:
     which one, and that ``ucp convert`` makes a universal checkpoint of it."""
     from ucp.errors import NotCommittedError
-
     from ucp.plugins import local_path
 
     path = getattr(e, "path", None)
@@ -372,11 +371,20 @@ def _framework_hint(e: UcpError) -> str:
     return f"; it holds a {name} checkpoint: `ucp convert {path} DST` makes a universal one of it"
 
 
-def _error(cmd: str, text: str) -> int:
-    """Print one error line (once: under torchrun every rank raises the same error) and give the
-    exit code of an error."""
+def _say_once(text: str) -> None:
+    """One line on stderr, from process 0 only: under torchrun every rank ends the same way."""
     if _dist_rank()[0] == 0:
-        print(f"ucp {cmd}: error: {text}", file=sys.stderr)
+        print(text, file=sys.stderr)
+
+
+#: what a convert that stopped part-way leaves, and how to finish it
+_RESUME_HINT = "nothing was committed: the same command with --resume finishes the conversion, keeping what " \
+               "was written and checked"
+
+
+def _error(cmd: str, text: str) -> int:
+    """Print one error line and give the exit code of an error."""
+    _say_once(f"ucp {cmd}: error: {text}")
     return EXIT_ERROR
 
 
@@ -418,11 +426,8 @@ def _stopped(cmd: str, signum) -> int:
     import signal
 
     what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
-    hint = ("; nothing was committed: the same command with --resume finishes the conversion, keeping "
-            "what was written and checked" if cmd == "convert" else
-            "; what it wrote was removed" if cmd == "export" else "")
-    if _dist_rank()[0] == 0:
-        print(f"ucp {cmd}: {what}{hint}", file=sys.stderr)
+    hint = (f"; {_RESUME_HINT}" if cmd == "convert" else "; what it wrote was removed" if cmd == "export" else "")
+    _say_once(f"ucp {cmd}: {what}{hint}")
     return EXIT_INTERRUPTED
 
 
@@ -434,8 +439,7 @@ def _failed(cmd: str, e: Exception) -> int:
     if isinstance(e, BrokenPipeError):
         return EXIT_OK
     if isinstance(e, OSError):     # a full disk, a read-only or size-limited destination: one line
-        hint = ("; nothing was committed: once that is fixed, the same command with --resume finishes the "
-                "conversion" if cmd == "convert" else "")
+        hint = f"; once that is fixed: {_RESUME_HINT}" if cmd == "convert" else ""
         return _error(cmd, f"{e}{hint}")
     if type(e).__module__.split(".")[0] in _STORE_CLIENTS:   # a store that cannot be reached, refuses credentials
         return _error(cmd, f"{type(e).__name__}: {e}")

@@ -113,7 +113,7 @@ class _HostBuffer:
         return torch.empty(max(need, self.nbytes), dtype=torch.uint8, pin_memory=self.pin)
 
     def release(self) -> None:
-        """Wait for the buffer's copies, then keep it for the next load (pinned, of the usual size)."""
+        """Wait for the buffer's copies, then keep it for the next load (pinned, of the size asked for)."""
         self.wait()
         data, self.data = self.data, None
         if data is not None and self.pin and data.numel() == self.nbytes:   # not one grown for an oversized piece

@@ -53,7 +53,6 @@ def load_rank_file(path: Path) -> dict:
     import torch
 
     from ucp.format.store import readahead
-
     from ucp.sources.torchfile import TorchFileError, check_records
 
     if not path.is_file():

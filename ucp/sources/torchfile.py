@@ -241,9 +241,7 @@ class TorchFile:
         if info.compress_type != zipfile.ZIP_STORED:
             raise TorchFileError(f"{self.path}: {info.filename} is compressed (torch.save stores its "
                                  f"tensors uncompressed)")
-        offset = record_data_start(os.pread(self._fd, LOCAL_HEADER, info.header_offset), info)
-        if offset is None:
-            raise TorchFileError(f"{self.path}: no zip entry header for {info.filename}, truncated or corrupt?")
+        offset = _record_offset(self._fd, info, self.path)
         if numel * dtype.itemsize > info.file_size or offset + info.file_size > self.size:
             raise TorchFileError(f"{self.path}: truncated: storage {info.filename} needs "
                                  f"{numel * dtype.itemsize} bytes at byte {offset}, the file has {self.size}")
@@ -356,6 +354,14 @@ def record_data_start(head: bytes, info: zipfile.ZipInfo) -> Optional[int]:
     return info.header_offset + LOCAL_HEADER + name_len + extra_len
 
 
+def _record_offset(fd: int, info: zipfile.ZipInfo, path) -> int:
+    """Where the bytes of zip record ``info`` start in the open file ``fd`` (``path``)."""
+    start = record_data_start(os.pread(fd, LOCAL_HEADER, info.header_offset), info)
+    if start is None:
+        raise TorchFileError(f"{path}: no zip entry header for {info.filename}, truncated or corrupt?")
+    return start
+
+
 def check_record(fd: int, offset: int, size: int, crc: int, path, name: str) -> None:
     """The ``size`` bytes at ``offset`` of open file ``fd`` (zip record ``name`` of ``path``) against
     the CRC-32 ``crc`` of the zip directory, read ``CRC_BLOCK`` at a time; raises naming both."""
@@ -383,10 +389,7 @@ def check_records(path) -> None:
             for info in z.infolist():
                 if not info.CRC or info.compress_type != zipfile.ZIP_STORED:
                     continue
-                start = record_data_start(os.pread(fd, LOCAL_HEADER, info.header_offset), info)
-                if start is None:
-                    raise TorchFileError(f"{path}: no zip entry header for {info.filename}, truncated or corrupt?")
-                check_record(fd, start, info.file_size, info.CRC, path, info.filename)
+                check_record(fd, _record_offset(fd, info, path), info.file_size, info.CRC, path, info.filename)
     except zipfile.BadZipFile as e:
         raise TorchFileError(f"{path}: not a zip torch.save file, truncated or corrupt? ({e})") from None
 

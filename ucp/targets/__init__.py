@@ -85,6 +85,12 @@ class Target(Plugin):
 Target.registry = Registry(__name__, "target")
 
 
+def is_count(value) -> bool:
+    """Whether ``value`` is a whole number of at least 1 (an ``int``, not a ``bool``): what a degree or
+    a size given from Python must be, as the command line's ``_positive`` makes them."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def checked_degrees(degrees: Mapping[str, Any] | None) -> dict[str, int]:
     """The degrees to write (``None`` values: not given), each a whole number of at least 1: the
     one check for every target, those that bind no spec included."""
@@ -92,7 +98,7 @@ def checked_degrees(degrees: Mapping[str, Any] | None) -> dict[str, int]:
     for axis, d in (degrees or {}).items():
         if d is None:
             continue
-        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        if not is_count(d):
             raise UcpError(f"degree {axis}={d!r}: a degree is a whole number of at least 1 (1: no split along {axis})")
         out[axis] = d
     return out

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 from ucp.errors import UcpError
 from ucp.sources.deepspeed import flat_fragment, whole_fragment, zero3_buffer, zero3_partition
-from ucp.targets import Target, TargetUnit, check_states_shaped_as_params
+from ucp.targets import Target, TargetUnit, check_states_shaped_as_params, is_count
 
 #: --dtype -> the torch dtype's name (the run's model dtype)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -202,17 +202,15 @@ class DeepSpeedTarget(Target):
         super().__init__(dst, degrees=degrees, spec=spec, storage_options=storage_options, **options)
         self.reject_options(allowed=("zero_stage", "dtype", "sub_group_size", "tag"))
         stage, sub = options.get("zero_stage"), options.get("sub_group_size")
-        if isinstance(stage, bool) or stage not in (1, 2, 3) or not isinstance(stage, int):
+        if not is_count(stage) or stage > 3:
             raise DeepSpeedTargetError(f"--to {self.name} needs --zero-stage 1, 2 or 3 (zero_stage=; got {stage!r})")
-        if sub is not None and (isinstance(sub, bool) or not isinstance(sub, int) or sub < 1):
+        if sub is not None and not is_count(sub):
             raise DeepSpeedTargetError(f"--sub-group-size (sub_group_size=) is a whole number of at least 1, got {sub!r}")
         self.stage = stage
-        other = {a: d for a, d in self.degrees.items() if a != "dp" and int(d) > 1}
+        other = {a: d for a, d in self.degrees.items() if a != "dp" and d > 1}
         if other:
             raise DeepSpeedTargetError(f"--to {self.name} writes data-parallel ZeRO only; cannot take {other}")
         self.dp = self.degrees.get("dp", 1)
-        if self.dp < 1:
-            raise DeepSpeedTargetError(f"--dp must be at least 1 (got {self.dp})")
         if options.get("tag") is not None:
             bad_tag(str(options["tag"]), raise_as="--tag")
         self._written: list[Path] = []
