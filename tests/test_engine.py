@@ -195,6 +195,8 @@ class RecordingTarget(Target, register=False):
 
     def abort(self):
         self.calls.append("abort")
+        if self.options.get("abort_fails"):
+            raise FileNotFoundError("the folder went away: another process of the job removed it")
 
 
 def test_target_plugin_gets_each_units_tensors_in_order(tmp_path):
@@ -211,6 +213,16 @@ def test_target_plugin_gets_each_units_tensors_in_order(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         export(tmp_path / "uni", bad)
     assert [c if isinstance(c, str) else c[0] for c in bad.calls] == ["plan", "u0", "abort"]
+
+
+def test_a_failing_cleanup_does_not_hide_the_failure(tmp_path):
+    """The cleanup after a failed export fails too (in a torchrun job another process may be
+    removing the same folder): the user still reads the failure that stopped the export."""
+    convert(TwoLayoutSource("<memory>", full=_full(1)), tmp_path / "uni")
+    bad = RecordingTarget(tmp_path / "out", fail_at="u1", abort_fails=True)
+    with pytest.raises(OSError, match="disk full") as got:
+        export(tmp_path / "uni", bad)
+    assert bad.calls[-1] == "abort" and "another process" in "".join(getattr(got.value, "__notes__", []))
 
 
 def test_failed_export_leaves_no_complete_rank_files(tmp_path):

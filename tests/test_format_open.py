@@ -224,8 +224,8 @@ def test_an_array_path_of_max_path_characters_is_refused_at_once_too(varied):
     p = next(p for p in doc["params"] if p["name"] == "layers.1.w")
     name = "x" * (M.MAX_PATH - len("/exp_avg"))
     p["name"] = p["path"] = name
-    for st, rec in p["states"].items():
-        rec["path"] = f"{name}/{st}"
+    for state, rec in p["states"].items():
+        rec["path"] = f"{name}/{state}"
     assert max(len(r["path"]) for r in p["states"].values()) == M.MAX_PATH and M.safe_rel(name)
     for at_once in (True, False):
         with pytest.raises(FormatError, match=r"unsafe or unexpected array path|has path '.*', expected '.*~"):

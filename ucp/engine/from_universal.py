@@ -52,9 +52,21 @@ def _export_alone(ck, target, progress: bool) -> None:
     try:
         write_units(ck, target, units, progress)
         target.finish(ck)
-    except BaseException:
-        target.abort()
+    except BaseException as e:
+        abort_after(target, e)
         raise
+
+
+def abort_after(target, failure: BaseException) -> None:
+    """Run ``target.abort()`` after ``failure``; a cleanup that fails too (in a job another
+    process may be removing the same folder) is noted on ``failure``, which is what the user
+    must read, never raised in its place."""
+    from ucp.engine.jobs import failure_text
+
+    try:
+        target.abort()
+    except Exception as e:
+        failure.add_note(f"(cleaning up after it also failed: {failure_text(e)})")
 
 
 def write_units(ck, target, units, progress: bool = False) -> None:
@@ -118,8 +130,8 @@ def _export_shared(opened, target, job, progress: bool) -> None:
             failure = failure_text(e)
         try:
             agree(failure, f"export to {target.name} ({step})")
-        except BaseException:
-            target.abort()
+        except BaseException as e:
+            abort_after(target, e)
             raise
 
 

@@ -29,10 +29,13 @@ import threading
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional, TYPE_CHECKING
 
 from ucp.errors import UcpError, numpy_value_globals, unpickling_refusal
 from ucp.sources.torchfile import LOCAL_HEADER, record_data_start
+
+if TYPE_CHECKING:
+    import torch
 
 METADATA_FILE = ".metadata"
 DISTCP_SUFFIX = ".distcp"

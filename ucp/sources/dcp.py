@@ -24,12 +24,15 @@ items as memory-mapped tensors, so the engine's box reads touch only the pages t
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from ucp.errors import UcpError
 from ucp.format.dtypes import dtype_name, scalar_dtype_name
 from ucp.sources import Source, SourceLayout, SourceParam
 from ucp.sources._dcpfiles import DcpFiles, chunk_box, is_dcp_dir
+
+if TYPE_CHECKING:
+    import torch
 
 
 class DcpSource(Source):

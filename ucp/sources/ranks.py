@@ -15,10 +15,13 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, TYPE_CHECKING
 
 from ucp.errors import UcpError
 from ucp.sources import Source, SourceLayout, SourceParam
+
+if TYPE_CHECKING:
+    import torch
 
 LAYOUT_FILE = "layout.json"
 META_FILE = "meta.pt"
@@ -159,8 +162,6 @@ class RanksSource(Source):
 def load_ranks_full(src) -> dict[str, dict[str, torch.Tensor]]:
     """Assemble rank files back into full tensors ``{state: {name: tensor}}``: coverage checked
     once by the engine's rule, replicas averaged by the one rule (``ucp.plan.assemble``)."""
-    import torch
-
     from ucp.engine import check_layout
     from ucp.plan import assemble
 

@@ -16,6 +16,7 @@ lazily), one module in ``ucp.sources`` and one spec in ``ucp/converters/``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 from ucp.errors import UcpError
@@ -50,6 +51,8 @@ class Target(Plugin):
     #: under torchrun, every process plans and writes a share of the units, process 0 then
     #: calls ``finish``; False: process 0 runs the whole export while the others wait
     split_under_torchrun: ClassVar[bool] = True
+    #: the destination did not exist when planned: :meth:`remove_written` removes it if left empty
+    made_dst: bool = False
 
     def __init__(self, dst, *, degrees: Mapping[str, int] | None = None, spec: Optional[str] = None,
                  storage_options=None, **options):
@@ -69,6 +72,18 @@ class Target(Plugin):
         :meth:`abort` can then remove exactly what it wrote."""
         if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())):
             raise UcpError(f"{self.dst}: destination is not empty; export writes into a new or empty folder")
+
+    def remove_written(self, paths: Sequence[Path], folders: Sequence[Path] = ()) -> None:
+        """What :meth:`abort` does: unlink ``paths``, then remove each of ``folders`` and the
+        destination (when :attr:`made_dst`) that is left empty. Under torchrun every process
+        removes the same folders at the same moment, so a folder gone or not empty is no error."""
+        for path in paths:
+            path.unlink(missing_ok=True)
+        for folder in [*folders, *([self.dst] if self.made_dst else [])]:
+            try:
+                folder.rmdir()
+            except OSError:     # gone, not empty (another's files), or not a folder
+                pass
 
     def write_unit(self, unit: TargetUnit, tensors: Mapping[str, Mapping[str, Any]]) -> None:
         """Write one unit; ``tensors`` is ``{state: {local_name: tensor}}`` as

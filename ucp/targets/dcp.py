@@ -53,7 +53,6 @@ class DcpTarget(Target):
         self.world = self.degrees.get("dp", 1)
         self._aliases: set[str] = set()     # tied aliases stored without arrays (their holder's are read)
         self._written: list[Path] = []
-        self._made_dst = False
 
     # -- plan --------------------------------------------------------------------------------
     def plan(self, checkpoint) -> list[TargetUnit]:
@@ -75,7 +74,7 @@ class DcpTarget(Target):
         # param groups as saved for a job of the saved form (which loads them as it saved them),
         # as another form's jobs do by default (torchtitan's flattened, the others indexed)
         self.flat = is_flattened(md) if self.form == saved else saves_flattened(self.form)
-        self._made_dst = not self.dst.exists()
+        self.made_dst = not self.dst.exists()
         self.dst.mkdir(parents=True, exist_ok=True)
         return units
 
@@ -165,10 +164,7 @@ class DcpTarget(Target):
             (self.dst / f"{distcp_name(r)}{INDEX_SUFFIX}").unlink(missing_ok=True)
 
     def abort(self) -> None:
-        for path in self._written:
-            path.unlink(missing_ok=True)
-        if self._made_dst and self.dst.is_dir() and not any(self.dst.iterdir()):
-            self.dst.rmdir()
+        self.remove_written(self._written)
 
 
 def _non_tensor_entries(ck, flattened: bool) -> list[tuple[str, Any]]:

@@ -29,11 +29,14 @@ import shutil
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TYPE_CHECKING
 
 from ucp.errors import UcpError
 from ucp.sources.deepspeed import flat_fragment, whole_fragment, zero3_buffer, zero3_partition
 from ucp.targets import Target, TargetUnit, check_states_shaped_as_params, is_count
+
+if TYPE_CHECKING:
+    import torch
 
 #: --dtype -> the torch dtype's name (the run's model dtype)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -214,7 +217,6 @@ class DeepSpeedTarget(Target):
         if options.get("tag") is not None:
             bad_tag(str(options["tag"]), raise_as="--tag")
         self._written: list[Path] = []
-        self._made_dst = False
 
     # -- planning
     def plan(self, checkpoint) -> list[TargetUnit]:
@@ -233,7 +235,7 @@ class DeepSpeedTarget(Target):
         if self.stage == 3:
             sub = self.options.get("sub_group_size") or (self.config["zero_optimization"].get("sub_group_size"))
             self.subgroups = zero3_subgroups(self.model, self.dp, int(sub or 1_000_000_000))
-        self._made_dst = not self.dst.exists()
+        self.made_dst = not self.dst.exists()
         return self._model_units() + self._optim_units()  # folders are made when written (torchrun-safe)
 
     def _check_degree(self) -> None:
@@ -441,13 +443,8 @@ class DeepSpeedTarget(Target):
         os.replace(tmp, self.dst / "latest")
 
     def abort(self) -> None:
-        for path in self._written:
-            path.unlink(missing_ok=True)
-        tagdir = self.dst / getattr(self, "tag", "")
-        if getattr(self, "tag", None) and tagdir.is_dir() and not any(tagdir.iterdir()):
-            tagdir.rmdir()
-        if self._made_dst and self.dst.is_dir() and not any(self.dst.iterdir()):
-            shutil.rmtree(self.dst)
+        tag = getattr(self, "tag", None)
+        self.remove_written(self._written, [self.dst / tag] if tag else [])
 
 
 def buffer(tensors, state: str, group: FlatGroup) -> torch.Tensor:
@@ -523,6 +520,6 @@ class DeepSpeedUniversalTarget(DeepSpeedTarget):
 
     def abort(self) -> None:
         zero = self.dst / getattr(self, "tag", "") / "zero"
-        if getattr(self, "tag", None) and zero.is_dir():
-            shutil.rmtree(zero)
+        if getattr(self, "tag", None):
+            shutil.rmtree(zero, ignore_errors=True)   # every process of a job removes it at once
         super().abort()

@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, TYPE_CHECKING
 
 from ucp.sources.ranks import FORMAT_NAME, LAYOUT_FILE, META_FILE, RanksError, rank_file_name
 from ucp.targets import Target, TargetUnit
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RanksTarget(Target):
@@ -30,7 +33,6 @@ class RanksTarget(Target):
         self._bound = None
         self._states: list[str] = []
         self._written: list[Path] = []
-        self._made_dst = False
 
     def plan(self, checkpoint) -> list[TargetUnit]:
         from ucp.engine import bind_layout
@@ -46,7 +48,7 @@ class RanksTarget(Target):
         units = [TargetUnit(key=rank_file_name(c), coords=c, fragments=self._bound.rank_fragments(shapes, c),
                             state_fragments={st: self._bound.rank_fragments(shapes, c, st) for st in own})
                  for c in self._bound.mesh()]
-        self._made_dst = not self.dst.exists()
+        self.made_dst = not self.dst.exists()
         self.dst.mkdir(parents=True, exist_ok=True)
         return units
 
@@ -104,10 +106,7 @@ class RanksTarget(Target):
         os.replace(tmp, self.dst / LAYOUT_FILE)
 
     def abort(self) -> None:
-        for path in self._written:
-            path.unlink(missing_ok=True)
-        if self._made_dst and self.dst.is_dir() and not any(self.dst.iterdir()):
-            self.dst.rmdir()
+        self.remove_written(self._written)
 
 
 def save_ranks(states: Mapping[str, Mapping[str, torch.Tensor]], dst, *, spec_text: str,
