@@ -201,6 +201,11 @@ def test_export_errors_are_clear(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not a ucp checkpoint" in err and "--overwrite replaces only" in err and "overwrite=True" not in err
     assert (tmp_path / "full" / "keep.txt").exists()
+    # --resume finishes only an interrupted conversion: a folder of other files is not adopted
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "full"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no interrupted ucp write (it holds keep.txt)" in err and "--resume continues only" in err
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["keep.txt"]
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "u"), "--overwrite", "-q"]) == 0
     assert main(["verify", str(tmp_path / "u"), "-q"]) == 0
     # a spec with a syntax error names file:line:col

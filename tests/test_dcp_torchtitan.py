@@ -380,6 +380,46 @@ def test_numpy_values_beside_the_model_are_kept(tmp_path, writer):
     assert back["hist"].tolist() == [0, 1, 2]
 
 
+@pytest.mark.parametrize("writer", ["dcp", "live"])
+def test_empty_bytes_are_kept_like_any_bytes(tmp_path, writer):
+    """torchtitan keeps each data-parallel rank's dataloader state as ``bytes``, which may be
+    empty; ``torch.save`` pickles ``b""`` as a call of ``bytes()``, a global weights-only loading
+    refuses: ucp allows that call with no arguments (``bytes(n)`` would allocate n bytes) and
+    nothing more."""
+    sd = {"model": {"w": torch.arange(4.0)}, "dataloader": {"dp_rank_0": b"", "dp_rank_1": b"\x00ab"}}
+    save_universal(sd, tmp_path, writer)
+    back = {"model": {"w": torch.zeros(4)}, "dataloader": {"dp_rank_0": None, "dp_rank_1": None}}
+    dcp.load(back, storage_reader=UniversalReader(tmp_path / "u"))
+    assert back["dataloader"] == {"dp_rank_0": b"", "dp_rank_1": b"\x00ab"}
+
+
+def test_a_pickled_bytes_call_with_arguments_is_refused():
+    """``bytes(10**12)`` in a hostile pickle would allocate a terabyte: only ``bytes()`` loads."""
+    import io
+    import zipfile
+
+    from ucp.errors import value_globals
+
+    good = io.BytesIO()
+    torch.save(b"", good)
+    with zipfile.ZipFile(io.BytesIO(good.getvalue())) as z:
+        pkl = next(n for n in z.namelist() if n.endswith("data.pkl"))
+        files = {n: z.read(n) for n in z.namelist()}
+    files[pkl] = files[pkl].replace(b")R", b"\x8a\x05\x00\x10\xa5\xd4\xe8\x85R")   # bytes((10**12,)), as a pickle says it
+    hostile = io.BytesIO()
+    with zipfile.ZipFile(hostile, "w") as z:
+        for n, data in files.items():
+            z.writestr(n, data)
+    for buf, want in ((good, b""), (hostile, None)):
+        buf.seek(0)
+        with torch.serialization.safe_globals(value_globals()):
+            if want is not None:
+                assert torch.load(buf, weights_only=True) == want
+            else:
+                with pytest.raises(Exception, match="bytes"):
+                    torch.load(buf, weights_only=True)
+
+
 def test_the_reader_names_stock_dcp_files_alone_or_beside_a_universal_checkpoint(tmp_path):
     """``UniversalReader`` on DCP's own files says so and how to read them (not only that a manifest
     is missing); on a directory where ``FileSystemWriter`` saved over a universal checkpoint (it
@@ -459,3 +499,10 @@ def test_a_numpy_object_array_is_refused_naming_its_dtype(tmp_path):
     with pytest.raises(BaseException, match=r"'v'.*a pickled numpy\.dtypes\.ObjectDType, which ucp does not unpickle"):
         dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "u"))
     assert not (tmp_path / "u" / "ucp.manifest.json").exists()
+    # saving again there: the message says what the folder holds, and overwrite=True replaces it
+    fixed = {"model": {"w": torch.arange(4.0)}, "v": [1, 2]}
+    with pytest.raises(BaseException, match=r"holds an unfinished ucp save \(nothing committed\); pass "
+                                            r"UniversalWriter\(path, overwrite=True\)"):
+        dcp.save(fixed, storage_writer=UniversalWriter(tmp_path / "u"))
+    dcp.save(fixed, storage_writer=UniversalWriter(tmp_path / "u", overwrite=True))
+    assert ucp.open(tmp_path / "u").params == ["w"]

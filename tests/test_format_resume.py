@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from ucp.errors import UcpError
 from ucp.format import ResumeMismatchError, create_checkpoint, open_checkpoint, source_fingerprint, verify
 
 
@@ -79,3 +80,22 @@ def test_resume_without_a_journal_adopts_nothing(tmp_path):
     a = w.add_array("w", "param", t.shape, t.dtype)
     assert len(a.pending()) == a.nchunks == 4
     w.abort()
+
+
+@pytest.mark.parametrize("leftover", [["notes.txt"], ["_ucp/", "notes.txt"], ["data/", "notes.txt"]])
+def test_resume_refuses_a_folder_no_ucp_write_left(tmp_path, leftover):
+    """``resume=True`` continues what an interrupted ucp write left, and nothing else: a folder of
+    someone's files (even beside a ``_ucp`` folder) is refused naming them, and left as it was."""
+    dst = tmp_path / "ck"
+    for name in leftover:
+        (dst / name.rstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (dst / name.rstrip("/")).mkdir() if name.endswith("/") else (dst / name).write_text("mine")
+    before = sorted(p.relative_to(dst) for p in dst.rglob("*"))
+    with pytest.raises(UcpError, match=r"ck (holds no interrupted ucp write \(it holds|holds files that).*"
+                                       r"resume=True continues only"):
+        create_checkpoint(dst, resume=True, durable=False)
+    assert sorted(p.relative_to(dst) for p in dst.rglob("*")) == before
+    # one of several writers (a torchrun job), resuming or not, refuses someone's files the same way
+    for resume in (True, False):
+        with pytest.raises(UcpError, match=r"ck holds (no interrupted ucp write|files that).*notes\.txt"):
+            create_checkpoint(dst, rank=1, world_size=2, resume=resume, durable=False)

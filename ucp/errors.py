@@ -56,15 +56,26 @@ def unpickling_refusal(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def numpy_value_globals() -> list:
-    """What a ``torch.save``'d numpy scalar or numeric array names when pickled (its reconstructor,
-    ``ndarray`` and its dtype's class), for ``torch.serialization.safe_globals``: DCP pickles a
-    state dict's non-tensor values, and a ``best_loss`` kept as ``np.float64`` is common. Numeric and
-    bool dtypes only: an object array would carry arbitrary pickles."""
+def value_globals() -> list:
+    """What ``torch.save``'d plain values name when pickled, beyond what weights-only loading
+    allows, for ``torch.serialization.safe_globals``: DCP pickles a state dict's non-tensor
+    values. ``b""`` is pickled as a call of ``bytes()`` (torchtitan's dataloader state may be
+    empty); a ``best_loss`` kept as ``np.float64`` names numpy's reconstructor, ``ndarray`` and
+    its dtype's class. Numeric and bool dtypes only: an object array would carry arbitrary
+    pickles."""
     import numpy as np
 
     core = getattr(np, "_core", None) or np.core
     kinds = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")
              and n not in ("ObjectDType", "VoidDType", "StrDType", "BytesDType", "StringDType",
                            "DateTime64DType", "TimeDelta64DType")]
-    return [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype, *kinds]
+    return [(_empty_bytes, "builtins.bytes"),
+            core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype, *kinds]
+
+
+def _empty_bytes(*args) -> bytes:
+    """``bytes()`` as a pickle of ``b""`` calls it; any argument is refused (``bytes(10**12)``
+    would allocate a terabyte)."""
+    if args:
+        raise UcpError(f"a pickled call of bytes{args!r}: only bytes() (an empty bytes value) is loaded")
+    return b""

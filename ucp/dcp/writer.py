@@ -20,7 +20,7 @@ from ucp.dcp.metadata import (check_states_held, non_tensor_metadata, param_flag
                               tied_aliases)
 from ucp.dcp.saveplan import chunk_grids, doc_writers, saved_arrays, writes_nothing
 from ucp.dcp.threads import rank_threads
-from ucp.errors import UcpError, numpy_value_globals, unpickling_refusal
+from ucp.errors import UcpError, value_globals, unpickling_refusal
 # imported with this module, not on the first dcp.save: see ucp.dcp.reader
 from ucp.format import commit_parts, create_checkpoint, jsonmeta
 from ucp.format.dtypes import dtype_name, scalar_dtype_name
@@ -216,8 +216,10 @@ def _prepare_destination(path, overwrite: bool, storage_options) -> None:
     if store.is_empty():
         return
     if not overwrite:
-        what = "a committed ucp checkpoint" if store.exists(MANIFEST) else "not empty"
-        raise UcpError(f"{path} is {what}; pass UniversalWriter(path, overwrite=True) to replace it")
+        what = ("is a committed ucp checkpoint" if store.exists(MANIFEST) else
+                "holds an unfinished ucp save (nothing committed)" if store.top_level().get("_ucp") else
+                "is not empty")
+        raise UcpError(f"{path} {what}; pass UniversalWriter(path, overwrite=True) to replace it")
     clear_to_overwrite(store, path)
 
 
@@ -291,7 +293,7 @@ def _load_value(fqn: str, buf) -> Any:
     stores JSON, never pickles, and refuses what it cannot store faithfully."""
     buf.seek(0)
     try:
-        with torch.serialization.safe_globals(numpy_value_globals()):
+        with torch.serialization.safe_globals(value_globals()):
             value = torch.load(buf, weights_only=True)
         jsonmeta.encode(value, lambda t: "", f"state-dict entry {fqn!r}")   # fail here, on this rank
         return value

@@ -22,7 +22,7 @@ from ucp.format.journal import journal_rel
 from ucp.format.layout import chunk_key
 from ucp.format.manifest import ManifestArray, ManifestParam, key_index
 from ucp.format.store import MANIFEST, make_store
-from ucp.format.writer import CheckpointWriter, now, writer_version
+from ucp.format.writer import CheckpointWriter, now, refuse_foreign_root, writer_version
 from ucp.plan.grid import volume
 
 PARTS = "_ucp/parts"
@@ -69,6 +69,8 @@ class PartWriter(CheckpointWriter):
         if self.store.exists(MANIFEST):
             raise UcpError(f"{self.path} is already a committed ucp checkpoint: rank {self.rank} cannot add a "
                            "part to it")
+        refuse_foreign_root(self.store, self.path, (), "resume=True continues only" if self.resume else
+                            "several writers write only into a new folder or")
         # a stale part record of an earlier run must never be committed with this run's data
         self.store.delete(part_rel(self.rank))
         self.store.delete_tree(stage_rel(self.rank))

@@ -41,23 +41,31 @@ def clear_to_overwrite(store, path, keep=()) -> None:
     files it writes, and users carry the flag over: a project directory, or stock DCP files, handed
     to a ucp writer by mistake is refused, not wiped. ``keep``: top-level names the writer holds
     (its lock), neither evidence nor cleared."""
+    if refuse_foreign_root(store, path, keep, "overwrite=True replaces only a ucp checkpoint or"):
+        store.clear(keep=keep)
+
+
+def refuse_foreign_root(store, path, keep, flag: str) -> bool:
+    """Refuse a root holding anything but a ucp checkpoint or what an interrupted ucp write left,
+    naming what it holds: ``overwrite`` would delete it, ``resume`` would write beside it (``flag``
+    says which, as "overwrite=True replaces only ... or"). False: the root is empty."""
     entries = store.top_level(ignore=keep)
     if not entries:
-        return
+        return False
 
     def some(names):
         names = sorted(names)
         return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
+    what = "is not a ucp checkpoint" if flag.startswith("overwrite") else "holds no interrupted ucp write"
     if not (MANIFEST in entries or LOCK in entries or entries.get("_ucp")):
-        raise UcpError(f"{path} is not a ucp checkpoint (it holds {some(entries)}); overwrite=True replaces "
-                       "only a ucp checkpoint or what an interrupted ucp write left: empty it yourself or "
-                       "choose another directory")
+        raise UcpError(f"{path} {what} (it holds {some(entries)}); {flag} what an interrupted ucp write "
+                       "left: empty it yourself or choose another directory")
     foreign = [n for n, is_dir in entries.items() if not is_dir and n not in ROOT_FILES]
     if foreign:
         raise UcpError(f"{path} holds files that a ucp checkpoint does not have at its root ({some(foreign)}); "
-                       "overwrite=True replaces only a ucp checkpoint: move them first")
-    store.clear(keep=keep)
+                       f"{flag} what an interrupted ucp write left: move them first")
+    return True
 
 
 def _no_tensor(_t):
@@ -161,6 +169,8 @@ class CheckpointWriter:
             if self.store.exists(MANIFEST):
                 raise UcpError(f"{self.path} is already a committed ucp checkpoint"
                                + (": nothing to resume" if self.resume else ""))
+            if self.resume:
+                refuse_foreign_root(self.store, self.path, (LOCK,), "resume=True continues only")
             return
         if not self.store.is_empty(ignore=(LOCK,)):
             if not overwrite:

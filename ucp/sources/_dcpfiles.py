@@ -31,7 +31,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, TYPE_CHECKING
 
-from ucp.errors import UcpError, numpy_value_globals, unpickling_refusal
+from ucp.errors import UcpError, value_globals, unpickling_refusal
 from ucp.sources.torchfile import LOCAL_HEADER, record_data_start
 
 if TYPE_CHECKING:
@@ -282,7 +282,7 @@ class DcpFiles:
 
         view, where = self._view(index)
         try:
-            with torch.serialization.safe_globals(numpy_value_globals()):
+            with torch.serialization.safe_globals(value_globals()):
                 return torch.load(view, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise DcpFileError(f"{where}: refused to unpickle: {unpickling_refusal(e)}") from None
