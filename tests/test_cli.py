@@ -373,3 +373,25 @@ def test_demo_refuses_a_folder_holding_files_it_did_not_write(tmp_path, capsys):
     assert main(["demo", f"file://{tmp_path}", "-q"]) == 2          # a file:// URL is that folder
     assert "holds files no demo wrote" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["notes.txt", "ucp.manifest.json", "universal"]
+
+
+def test_a_signal_after_the_command_succeeded_leaves_it_succeeded(tmp_path):
+    """Torch takes a second or so to tear down after ``converted ...`` is printed; a Ctrl-C or a
+    scheduler's SIGTERM then must not turn the success into a kill (exit -15) or a traceback:
+    ``python -m ucp`` ignores signals once the command is over. Synchronised on the child's own
+    words: an exit hook (run in teardown) says ``teardown`` and waits until the test closes stdin."""
+    import signal
+
+    _make(tmp_path / "a")
+    hook = ("import atexit, runpy, sys\n"
+            "atexit.register(lambda: (print('teardown', flush=True), sys.stdin.read()))\n"
+            "sys.argv = ['ucp', 'verify', sys.argv[1], '-q']\n"
+            "runpy.run_module('ucp', run_name='__main__')\n")
+    p = subprocess.Popen([sys.executable, "-c", hook, str(tmp_path / "a")], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    said = [p.stdout.readline().strip() for _ in range(2)]
+    assert said[0].endswith("OK (every chunk re-read and checksummed)") and said[1] == "teardown", said
+    p.send_signal(signal.SIGTERM)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)   # closes stdin: the hook returns
+    assert p.returncode == 0 and "Traceback" not in err, (p.returncode, err)

@@ -1,5 +1,3 @@
-import sys
+from ucp.cli import run
 
-from ucp.cli import main
-
-sys.exit(main())
+run()

@@ -482,5 +482,17 @@ def main(argv=None) -> int:
     return rc
 
 
+def run() -> None:
+    """The ``ucp`` command (console script and ``python -m ucp``): :func:`main`, then exit with
+    Ctrl-C and SIGTERM ignored. The outcome is decided and reported; a signal during the second
+    or so torch takes to tear down must not turn it into a kill or a traceback."""
+    import signal
+
+    rc = main()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
