@@ -111,6 +111,31 @@ def test_optimizer_state_without_its_model_entry_is_refused_before_anything_is_w
         ucp.convert(tmp_path / "dcp", tmp_path / "conv", source="dcp")
 
 
+@pytest.mark.parametrize("mistake", ["optimizer.state_dict()", "compiled model.state_dict()"])
+def test_the_two_usual_mismatches_of_model_and_optimizer_keys_are_named(tmp_path, mistake):
+    """The two usual ways the sections' names disagree, each said with its fix: the optimizer's own
+    ``state_dict()`` (states numbered, not named) and a ``torch.compile``'d module's
+    ``state_dict()`` (its keys hold ``_orig_mod.``; the optimizer's name the parameters without)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt)
+    if mistake == "optimizer.state_dict()":
+        sd, want = {"model": msd, "optim": opt.state_dict()}, \
+            r"optimizer state for 0, 1, 2, 3.*numbers.*get_optimizer_state_dict\(model, optimizer\)"
+    else:
+        compiled = torch.compile(model, backend="eager")
+        sd, want = {"model": compiled.state_dict(), "optim": osd}, \
+            r"optimizer state for 0\.bias.*'_orig_mod\.'.*get_model_state_dict\(model\)"
+    with pytest.raises(BaseException, match=want):
+        dcp.save(sd, storage_writer=UniversalWriter(tmp_path / "u"))
+    dcp.save(sd, checkpoint_id=tmp_path / "dcp")
+    with pytest.raises(UcpError, match=want):
+        ucp.convert(tmp_path / "dcp", tmp_path / "conv", source="dcp")
+
+
 def test_overwrite_replaces_a_ucp_checkpoint_and_refuses_other_directories(tmp_path):
     """DCP's FileSystemWriter(overwrite=True) only replaces the files it writes, and users carry the
     flag over: UniversalWriter(overwrite=True) must not wipe a project directory or stock DCP files.

@@ -158,8 +158,21 @@ def check_states_held(where, state_names, param_names) -> None:
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
         raise UcpError(f"{where}: optimizer state for {', '.join(missing[:5])}{more}, which the model "
-                       "section (model.<fqn>) does not hold: save the model's state dict with the "
-                       "optimizer's ({'model': ..., 'optim': ...} of get_state_dict(model, optimizer))")
+                       f"section (model.<fqn>) does not hold: {_why_unheld(missing, held)}")
+
+
+def _why_unheld(missing: list[str], held: set[str]) -> str:
+    """The fix for optimizer state named otherwise than the model's tensors, naming the two usual
+    causes where the names show them."""
+    if all(n.isdigit() for n in missing):
+        return ("its names are numbers, as the optimizer's own state_dict() gives them: save "
+                "get_optimizer_state_dict(model, optimizer), which names each state by its parameter")
+    compiled = {h.replace("_orig_mod.", ""): h for h in held if "_orig_mod." in h}
+    if any(n in compiled for n in missing):
+        return ("the model's keys hold '_orig_mod.' (the state_dict() of a torch.compile'd module) and "
+                "the optimizer's do not: save get_model_state_dict(model), which leaves it out")
+    return ("save the model's state dict with the optimizer's ({'model': ..., 'optim': ...} of "
+            "get_state_dict(model, optimizer))")
 
 
 def non_tensor_metadata(groups: dict, extras: dict, planner_data=None, flattened: bool = False,
