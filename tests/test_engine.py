@@ -286,3 +286,69 @@ def test_torchrun_export_failure_leaves_nothing(tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
     assert r.returncode != 0 and "l2" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("target,flags", [
+    ("megatron", ["--tp", "2", "--pp", "2"]), ("dcp", ["--dp", "3"]), ("hf", ["--max-shard-size", "200KB"]),
+    ("deepspeed", ["--dp", "2", "--zero-stage", "3"])])
+def test_every_targets_torchrun_export_equals_its_single_process_export(tmp_path, target, flags):
+    """Each target's units are shared among the processes of a job and process 0 finishes: what it
+    indexes (Megatron's and DCP's ``.metadata``, HF's index, DeepSpeed's files) must cover the
+    units every process wrote. Megatron's ``.metadata`` indexed process 0's files only."""
+    import pickle
+
+    from tests.test_megatron_hf import make_llama_fp32
+
+    make_llama_fp32(tmp_path / "hf")
+    ucp.convert(tmp_path / "hf", tmp_path / "u")
+    ucp.export(tmp_path / "u", tmp_path / "one", target, **_export_args(flags))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "ucp", "export",
+                        str(tmp_path / "u"), str(tmp_path / "two"), "--to", target, *flags, "-q"],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert one == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    for rel in one:
+        a, b = (tmp_path / "one" / rel).read_bytes(), (tmp_path / "two" / rel).read_bytes()
+        if rel.name == ".metadata":    # DCP's pickle: the same entries, maybe in another order
+            a, b = pickle.loads(a), pickle.loads(b)
+            assert (a.state_dict_metadata, a.storage_data) == (b.state_dict_metadata, b.storage_data), rel
+        else:
+            assert a == b, rel
+    ucp.convert(tmp_path / "two", tmp_path / "back")   # and it reads back as a whole checkpoint
+    assert verify(tmp_path / "back") == []
+
+
+def _export_args(flags: list[str]) -> dict:
+    """ucp.export's keywords for the command line's export flags."""
+    degrees, options = {}, {}
+    for flag, value in zip(flags[::2], flags[1::2]):
+        name = flag.removeprefix("--").replace("-", "_")
+        if name in ("tp", "pp", "dp"):
+            degrees[name] = int(value)
+        else:
+            options[name] = int(value) if value.isdigit() else value
+    return {"degrees": degrees, **options}
+
+
+def test_an_interrupted_torchrun_export_removes_every_process_files(tmp_path):
+    """Ctrl-C or SIGTERM during a job's export: the interrupted process removes what it wrote (the
+    handler's KeyboardInterrupt passed the job's clean-up by), and a process that loses its partner
+    says so in one line (it printed gloo's traceback), removes its own files and fails."""
+    g = torch.Generator().manual_seed(7)
+    states = {"param": {f"l{i}": torch.randn(40, 6, generator=g) for i in range(4)}}
+    save_ranks(states, tmp_path / "src", spec_text=SHARDED, degrees={"tp": 2})
+    ucp.convert(tmp_path / "src", tmp_path / "uni")
+    script = os.path.join(os.path.dirname(__file__), "dist", "export_interrupted.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script,
+                        str(tmp_path / "uni"), str(tmp_path / "out")],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert "rank 0: exit 130" in r.stdout and "ucp export: interrupted; what it wrote was removed" in r.stderr, \
+        r.stdout + r.stderr[-3000:]
+    worker_said = r.stderr.split("Traceback (most recent call last)")[0]   # then torchrun's own
+    assert "[rank1]" not in r.stderr and "RuntimeError" not in r.stderr, r.stderr[-3000:]
+    if "rank 1: exit 2" in r.stdout:      # it saw its partner go before torchrun stopped it
+        assert "another process of the job stopped or cannot be reached" in worker_said, worker_said
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

@@ -128,6 +128,9 @@ def _export_shared(opened, target, job, progress: bool) -> None:
             run()
         except Exception as e:
             failure = failure_text(e)
+        except BaseException as e:   # Ctrl-C or SIGTERM: remove what this process wrote, and go
+            abort_after(target, e)
+            raise
         try:
             agree(failure, f"export to {target.name} ({step})")
         except BaseException as e:

@@ -223,8 +223,11 @@ def agree(failure: str | None, what: str) -> None:
     process's failure (``failure``: this one's, or None), so none goes on alone."""
     import torch.distributed as dist
 
+    from ucp.format.distributed import partners
+
     statuses: list = [None] * dist.get_world_size()
-    dist.all_gather_object(statuses, None if failure is None else f"rank {dist.get_rank()}: {failure}")
+    with partners(f"{what} failed"):
+        dist.all_gather_object(statuses, None if failure is None else f"rank {dist.get_rank()}: {failure}")
     failed = [s for s in statuses if s]
     if failed:
         raise UcpError(f"{what} failed:\n  " + "\n  ".join(failed))

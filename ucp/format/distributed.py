@@ -7,7 +7,30 @@ rank's failure to every rank, so that no rank believes in a checkpoint that was 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from ucp.errors import UcpError
+
+
+class PartnerLostError(UcpError):
+    """A collective of a job failed because another process is gone (killed, interrupted, out of
+    memory): the transport's error, in one line."""
+
+
+@contextmanager
+def partners(what: str):
+    """Around a job's collectives: a process that stopped shows in the others as the transport's
+    ``RuntimeError`` (gloo: "Connection closed by peer ... GLHF!"), which the command line took for
+    a bug and printed with its traceback; it is :class:`PartnerLostError`, naming ``what`` failed."""
+    try:
+        yield
+    except RuntimeError as e:    # DistBackendError and gloo's own errors are RuntimeErrors
+        words = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if words.startswith("[") and "] " in words:      # gloo's "[.../pair.cc:537] Read error ..."
+            words = words.split("] ", 1)[1]
+        words = words.split(". This is typically")[0]
+        raise PartnerLostError(f"{what}: another process of the job stopped or cannot be reached "
+                               f"({words})") from e
 
 
 def _dist():
@@ -54,7 +77,8 @@ def commit_distributed(writer, metadata=None, group=None, coordinator=0, failure
         except Exception:
             pass
     statuses = [None] * world
-    dist.all_gather_object(statuses, status, group=group)
+    with partners("checkpoint not committed"):
+        dist.all_gather_object(statuses, status, group=group)
     failed = [s for s in statuses if s]
     if failed:
         raise UcpError("checkpoint not committed, ranks failed:\n  " + "\n  ".join(failed))
@@ -66,7 +90,8 @@ def commit_distributed(writer, metadata=None, group=None, coordinator=0, failure
         except Exception as e:
             msg = f"coordinator rank {rank}: {type(e).__name__}: {e}"
     box = [msg]
-    dist.broadcast_object_list(box, src=coordinator, group=group)
+    with partners("checkpoint not committed" if rank != coordinator else "commit not confirmed to every process"):
+        dist.broadcast_object_list(box, src=coordinator, group=group)
     if box[0]:
         raise UcpError("checkpoint not committed: " + box[0])
     return result

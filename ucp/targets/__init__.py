@@ -76,14 +76,22 @@ class Target(Plugin):
     def remove_written(self, paths: Sequence[Path], folders: Sequence[Path] = ()) -> None:
         """What :meth:`abort` does: unlink ``paths``, then remove each of ``folders`` and the
         destination (when :attr:`made_dst`) that is left empty. Under torchrun every process
-        removes the same folders at the same moment, so a folder gone or not empty is no error."""
+        removes the same folders at the same moment, so a folder gone or not empty is no error. A
+        file that cannot be removed (a folder turned read-only) does not stop the others' removal;
+        the first such error is raised after them."""
+        failed = None
         for path in paths:
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                failed = failed or e
         for folder in [*folders, *([self.dst] if self.made_dst else [])]:
             try:
                 folder.rmdir()
             except OSError:     # gone, not empty (another's files), or not a folder
                 pass
+        if failed:
+            raise failed
 
     def write_unit(self, unit: TargetUnit, tensors: Mapping[str, Mapping[str, Any]]) -> None:
         """Write one unit; ``tensors`` is ``{state: {local_name: tensor}}`` as

@@ -4,18 +4,21 @@ writes them, and the ``.metadata`` (DCP's own ``Metadata`` classes) that indexes
 DCP's ``FileSystemReader`` — and Megatron-Core's ``torch_dist`` loader on top of it — reads
 them as their own.
 
-A file's index is a list of JSON-able records (:func:`write_items`), so that a target whose
-units are written by several processes can hand them to the one that writes ``.metadata``
-(:func:`build_metadata`); :class:`DistcpWriter` keeps them in memory for a single process.
+A file's index is a list of JSON-able records (:func:`write_items`), written beside it, so that a
+target whose units are written by several processes hands them to the one that writes
+``.metadata`` (:class:`DistcpWriter`).
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 METADATA_FILE = ".metadata"
+#: beside each written file until ``.metadata`` is: its records (:func:`write_items`), JSON
+INDEX_SUFFIX = ".ucp-index.json"
 
 
 def distcp_name(rank: int) -> str:
@@ -98,19 +101,36 @@ def build_metadata(files: Mapping[str, list], planner_data=None, checkpoint_id=N
 
 
 class DistcpWriter:
-    """Items written as DCP's ``FileSystemWriter`` writes them, in one process; :meth:`metadata`
-    is the ``.metadata`` that indexes them."""
+    """Items written file by file as DCP's ``FileSystemWriter`` writes them, by the processes of a
+    job or by one: each file's index goes to a JSON file beside it (:data:`INDEX_SUFFIX`), and the
+    process that finishes merges every file's into the ``.metadata`` (:meth:`finish`), whichever
+    process wrote it. An index kept in memory indexed only the finishing process's own files."""
 
     def __init__(self, root: Path):
         self.root = root
-        self.files: dict[str, list] = {}
         self.written: list[Path] = []
 
-    def write(self, rel: str, items) -> None:
-        """``items``: (key, global size, offsets, tensor) or (key, None, None, value)."""
-        path = self.root / rel
-        self.written.append(path)
-        self.files[rel] = write_items(path, ((k, offs, size, v) for k, size, offs, v in items))
+    def _index(self, rel: str) -> Path:
+        return self.root / (rel + INDEX_SUFFIX)
 
-    def metadata(self):
-        return build_metadata(self.files)
+    def write(self, rel: str, items) -> None:
+        """``items``: (key, offsets, global size, tensor) or (key, None, None, value)."""
+        path, index = self.root / rel, self._index(rel)
+        self.written += [path, index]
+        index.write_text(json.dumps(write_items(path, items)))
+
+    def finish(self, rels: Iterable[str], planner_data=None, checkpoint_id=None) -> None:
+        """Write the ``.metadata`` of the files ``rels`` (every file of the checkpoint), last, and
+        remove their indexes."""
+        from ucp.errors import UcpError
+
+        files = {}
+        for rel in rels:
+            try:
+                files[rel] = json.loads(self._index(rel).read_text())
+            except FileNotFoundError:
+                raise UcpError(f"{self._index(rel)}: the index of {rel} is missing: was it written by every "
+                               "process, into the same folder?") from None
+        write_metadata(self.root, build_metadata(files, planner_data, checkpoint_id))
+        for rel in files:
+            self._index(rel).unlink(missing_ok=True)

@@ -22,15 +22,12 @@ written by several processes); ``finish`` merges and deletes them.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Mapping
 
 from ucp.errors import UcpError
 from ucp.targets import Target, TargetUnit, check_states_shaped_as_params
-from ucp.targets._distcp import distcp_name
+from ucp.targets._distcp import DistcpWriter, distcp_name
 
-INDEX_SUFFIX = ".ucp-index.json"
 
 
 class DcpTarget(Target):
@@ -52,7 +49,7 @@ class DcpTarget(Target):
                            f"{', '.join('--' + a for a in others)} is not needed")
         self.world = self.degrees.get("dp", 1)
         self._aliases: set[str] = set()     # tied aliases stored without arrays (their holder's are read)
-        self._written: list[Path] = []
+        self._files = DistcpWriter(self.dst)
 
     # -- plan --------------------------------------------------------------------------------
     def plan(self, checkpoint) -> list[TargetUnit]:
@@ -115,14 +112,7 @@ class DcpTarget(Target):
         self._write_file(unit.key, items, extra=unit.coords.get("dp", 0) == 0)
 
     def _write_file(self, rel: str, items: list, extra: bool) -> None:
-        """Write the items (``_distcp.write_items``); their records go to the unit's JSON index,
-        which ``finish`` merges (units may be written by other processes)."""
-        from ucp.targets._distcp import write_items
-
-        path = self.dst / rel
-        self._written += [path, path.with_name(path.name + INDEX_SUFFIX)]
-        records = write_items(path, items + (self._extra_items() if extra else []))
-        path.with_name(path.name + INDEX_SUFFIX).write_text(json.dumps(records))
+        self._files.write(rel, items + (self._extra_items() if extra else []))
 
     def _extra_items(self) -> list:
         """Scalars (0-d tensors) and non-tensor entries, written with file 0."""
@@ -151,20 +141,14 @@ class DcpTarget(Target):
     def finish(self, checkpoint) -> None:
         """Merge the units' indexes into DCP ``Metadata`` and write ``.metadata`` last."""
         from ucp.dcp.keys import canonical_key, planner_path
-        from ucp.targets._distcp import build_metadata, write_metadata
 
-        files = {distcp_name(r): json.loads((self.dst / f"{distcp_name(r)}{INDEX_SUFFIX}").read_text())
-                 for r in range(self.world)}
         md = checkpoint.metadata if isinstance(checkpoint.metadata, dict) else {}
         paths, flat = md.get("dcp_paths"), self.flat
-        meta = build_metadata(files, planner_data=lambda k: planner_path(canonical_key(k, self.form), paths, flat, self.form),
-                              checkpoint_id=self.dst)
-        write_metadata(self.dst, meta)
-        for r in range(self.world):
-            (self.dst / f"{distcp_name(r)}{INDEX_SUFFIX}").unlink(missing_ok=True)
+        self._files.finish([distcp_name(r) for r in range(self.world)], checkpoint_id=self.dst,
+                           planner_data=lambda k: planner_path(canonical_key(k, self.form), paths, flat, self.form))
 
     def abort(self) -> None:
-        self.remove_written(self._written)
+        self.remove_written(self._files.written)
 
 
 def _non_tensor_entries(ck, flattened: bool) -> list[tuple[str, Any]]:

@@ -105,7 +105,7 @@ class HFTarget(Target):
         shapes = {n: tuple(checkpoint.array_info(n, "param").shape) for n in names}
         views = self._views(names, shapes, md, getattr(checkpoint, "path", checkpoint))
         self._config = self.config or hf_config(md, views)
-        if not self._config:
+        if not self._config and os.environ.get("RANK", "0") == "0":    # once in a torchrun job
             warnings.warn(f"{self.dst}: no config.json written: the checkpoint carries none "
                           f"({md.get('source', {}).get('format', 'unknown')} source); pass config= "
                           "(--config) with the model's config.json for from_pretrained to load it",
@@ -130,6 +130,7 @@ class HFTarget(Target):
         self._total = sum(sizes.values())
         self._extra = {k: v for k, v in md.get("hf", {}).items()
                        if k in {c.removesuffix(".json") for c in CARRIED_JSON} and k != "config"}
+        self.made_dst = not self.dst.exists()
         return units
 
     def _views(self, names, shapes, md, where) -> dict[str, tuple[tuple[int, ...], Segment]]:
@@ -177,8 +178,10 @@ class HFTarget(Target):
             _write_json(self.dst / INDEX_FILE, {"metadata": {"total_size": self._total}, "weight_map": self._index})
 
     def abort(self) -> None:
-        for p in self._written:
-            p.unlink(missing_ok=True)
+        # the destination was empty when planned: its files of these names are this export's
+        done = [self.dst / f for f in set(self._index.values())] + \
+            [self.dst / n for n in ("config.json", INDEX_FILE, *(f"{x}.json" for x in self._extra))]
+        self.remove_written(self._written + done + [p.with_name(p.name + PARTIAL) for p in done])
 
 
 def _given_config(config) -> dict | None:

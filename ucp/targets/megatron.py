@@ -54,7 +54,7 @@ from ucp.plan.renames import fused_views, translate
 from ucp.sources.megatron import (BACKEND_FILE, CARRIED_KEY, COMMON_FILE, OPTIMIZER_PREFIX, STACKED,
                                   STACKED_PREFIX, restrict)
 from ucp.targets import Target, TargetUnit
-from ucp.targets._distcp import DistcpWriter, distcp_name, write_metadata
+from ucp.targets._distcp import DistcpWriter, distcp_name
 
 DEFAULT_SPEC = "megatron_gpt"
 RENAME_SPEC = "megatron_to_hf_llama"
@@ -141,6 +141,8 @@ class MegatronTarget(Target):
         units = self._units(views, meg_shapes, shapes, constants)
         self._objects = self._carried_objects(md, constants)
         self._common = self._common_state(md, constants, meg_shapes)
+        self._rels = [u.key for u in units]    # .metadata indexes them all, whoever wrote each
+        self.made_dst = not self.dst.exists()
         return units
 
     @staticmethod
@@ -285,7 +287,7 @@ class MegatronTarget(Target):
             for state, prefix in prefixes:
                 t = tensors[state][f.local_name]
                 t = t.reshape((1,) * len(lead) + tuple(t.shape))       # the stacked leading axes
-                items.append((prefix + key, self._global_size(key), lead + start, t))
+                items.append((prefix + key, lead + start, self._global_size(key), t))
         if not any(unit.coords.values()):
             items.extend((k, None, None, v) for k, v in self._objects.items())
         self._files.write(unit.key, items)
@@ -303,11 +305,10 @@ class MegatronTarget(Target):
         buf = io.BytesIO()
         torch.save(self._common, buf)
         _atomic(self.dst / COMMON_FILE, buf.getvalue())
-        write_metadata(self.dst, self._files.metadata())
+        self._files.finish(self._rels)
 
     def abort(self) -> None:
-        for p in self._files.written + [self.dst / BACKEND_FILE, self.dst / COMMON_FILE]:
-            p.unlink(missing_ok=True)
+        self.remove_written(self._files.written + [self.dst / BACKEND_FILE, self.dst / COMMON_FILE])
 
 
 def _atomic(path: Path, data: bytes) -> None:
