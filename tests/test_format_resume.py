@@ -99,3 +99,20 @@ def test_resume_refuses_a_folder_no_ucp_write_left(tmp_path, leftover):
     for resume in (True, False):
         with pytest.raises(UcpError, match=r"ck holds (no interrupted ucp write|files that).*notes\.txt"):
             create_checkpoint(dst, rank=1, world_size=2, resume=resume, durable=False)
+
+
+def test_one_writer_finishing_a_jobs_interrupted_write_leaves_no_part_files(tmp_path):
+    """A job of two writers was interrupted; one process resumes alone and commits: the job's part
+    records, journals and locks are no part of the checkpoint (``verify --strict`` called them
+    stray files)."""
+    src = source(tmp_path, 1)
+    dst = tmp_path / "ck"
+    for rank in (0, 1):
+        w = create_checkpoint(dst, rank=rank, world_size=2, fingerprint=source_fingerprint(src), chunk_bytes=128,
+                              durable=False)
+        t = torch.load(src / f"layer{rank}.pt", weights_only=True)["w"]
+        w.write_tensor(f"layers.{rank}.w", "param", t)
+        w.commit() if rank == 0 else w.abort()     # rank 1 stopped before its part record
+    convert(src, dst, 6, resume=True)
+    assert verify(dst, strict=True) == []
+    assert not (dst / "_ucp" / "parts").exists()

@@ -22,8 +22,12 @@ class ResumeMismatchError(UcpError):
     """``resume=True`` found an interrupted write of another source or of another layout."""
 
 
+#: the parts of a job's writers (FORMAT.md §13): their records, journals and locks
+PARTS = "_ucp/parts"
+
+
 def journal_rel(rank=None) -> str:
-    return RUN if rank is None else f"_ucp/parts/{int(rank)}.run.json"
+    return RUN if rank is None else f"{PARTS}/{int(rank)}.run.json"
 
 
 def source_fingerprint(path) -> dict:

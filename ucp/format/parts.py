@@ -18,14 +18,13 @@ import numpy as np
 from ucp.errors import FormatError, IncompleteCheckpointError, OverlapError, UcpError
 from ucp.format import manifest
 from ucp.format.array_writer import fmt_box
-from ucp.format.journal import journal_rel
+from ucp.format.journal import PARTS, journal_rel
 from ucp.format.layout import chunk_key
 from ucp.format.manifest import ManifestArray, ManifestParam, key_index
 from ucp.format.store import MANIFEST, make_store
 from ucp.format.writer import CheckpointWriter, now, refuse_foreign_root, writer_version
 from ucp.plan.grid import volume
 
-PARTS = "_ucp/parts"
 PART_FORMAT = "ucp-part"
 _MAX_LINES = 20
 
@@ -68,7 +67,7 @@ class PartWriter(CheckpointWriter):
     def prepare_root(self, overwrite) -> None:
         if self.store.exists(MANIFEST):
             raise UcpError(f"{self.path} is already a committed ucp checkpoint: rank {self.rank} cannot add a "
-                           "part to it")
+                           "part to it; write into another folder, or remove it first")
         refuse_foreign_root(self.store, self.path, (), "resume=True continues only" if self.resume else
                             "several writers write only into a new folder or")
         # a stale part record of an earlier run must never be committed with this run's data

@@ -12,7 +12,7 @@ from ucp import __version__
 from ucp.errors import DestinationNotEmptyError, IncompleteCheckpointError, UcpError
 from ucp.format import dtypes, jsonmeta, layout, manifest, names
 from ucp.format.array_writer import FSYNC_MIN, ArrayWriter
-from ucp.format.journal import RunJournal, journal_rel
+from ucp.format.journal import PARTS, RunJournal, journal_rel
 from ucp.format.lock import LOCK, WriterLock
 from ucp.format.manifest import Manifest, ManifestParam
 from ucp.format.store import MANIFEST, make_store
@@ -417,6 +417,8 @@ class CheckpointWriter:
         self.store.put_atomic(MANIFEST, body, fsync=self.durable)
         self.committed = True
         self.journal.remove()
+        if not self.coordinator:    # a job's parts, left when one writer finished its interrupted write
+            self.store.delete_tree(PARTS)
         self._shutdown()
 
     def abort(self) -> None:
