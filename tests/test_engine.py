@@ -352,3 +352,57 @@ def test_an_interrupted_torchrun_export_removes_every_process_files(tmp_path):
     if "rank 1: exit 2" in r.stdout:      # it saw its partner go before torchrun stopped it
         assert "another process of the job stopped or cannot be reached" in worker_said, worker_said
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_second_export_into_a_folder_being_exported_to_is_refused(tmp_path):
+    """Two exports into one folder: the second is refused naming the first's holder, and removes
+    nothing of the first's (its clean-up deleted the other's files, or both 'succeeded' into one
+    folder of mixed rank files). An export's lock is gone when it ends, and one left by a killed
+    export is taken over."""
+    import json
+    import socket
+    import threading
+
+    from ucp.engine.from_universal import EXPORT_LOCK
+    from ucp.targets.ranks import RanksTarget
+
+    writing, go = threading.Event(), threading.Event()
+
+    class Held(RanksTarget, register=False):
+        """Rank files whose first unit waits for ``go`` after saying ``writing``: caught mid-way."""
+
+        def write_unit(self, unit, tensors):
+            writing.set()
+            assert go.wait(60)
+            super().write_unit(unit, tensors)
+
+    g = torch.Generator().manual_seed(8)
+    states = {"param": {f"l{i}": torch.randn(12, 6, generator=g) for i in range(3)}}
+    save_ranks(states, tmp_path / "src", spec_text=SHARDED, degrees={"tp": 2})
+    ucp.convert(tmp_path / "src", tmp_path / "uni")
+    out, errors = tmp_path / "out", []
+
+    def first_export():
+        try:
+            export(tmp_path / "uni", Held(out, degrees={"tp": 2}))
+        except BaseException as e:
+            errors.append(e)
+
+    first = threading.Thread(target=first_export)
+    first.start()
+    assert writing.wait(60)
+    for tp in (2, 3):
+        with pytest.raises(UcpError, match=r"out: another export is writing into this folder: writer .*pid \d+"):
+            ucp.export(tmp_path / "uni", out, "ranks", degrees={"tp": tp})
+    go.set()
+    first.join()
+    assert errors == []
+    assert sorted(p.name for p in out.iterdir()) == ["layout.json", "rank-tp0.pt", "rank-tp1.pt"]
+    assert all(torch.equal(load_ranks_full(out)["param"][k], v) for k, v in states["param"].items())
+    # a lock left by an export that was killed (its process is gone) does not block the next one
+    (tmp_path / "again").mkdir()
+    dead = {"writer_id": "x", "host": socket.gethostname(), "pid": 2 ** 22 + 12345, "created": "then"}
+    (tmp_path / "again" / EXPORT_LOCK).write_text(json.dumps(dead))
+    ucp.export(tmp_path / "uni", tmp_path / "again", "ranks", degrees={"tp": 3})
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["layout.json", "rank-tp0.pt", "rank-tp1.pt",
+                                                                        "rank-tp2.pt"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ucp.errors import UcpError
+from ucp.targets import EXPORT_LOCK
 
 
 def open_universal(checkpoint, storage_options: Mapping[str, Any] | None = None):
@@ -47,14 +48,52 @@ def export(checkpoint, target, *, progress: bool = False,
     return target.dst
 
 
+class ExportLock:
+    """One export at a time per destination: the lock file :data:`EXPORT_LOCK` in it while an export
+    writes (``ucp.format.lock``'s, so that one left by a killed export is taken over). Two exports
+    into one folder each found it empty, mixed their files, and the one that failed removed the
+    other's. Released with the folder itself when the lock made it and it is left empty."""
+
+    closed = False    # the lock's owner, live while the export runs (``WriterLock``'s staleness test)
+
+    def __init__(self, dst):
+        from ucp.format.lock import WriterLock, WriterLockedError, describe
+        from ucp.format.store import make_store
+
+        self.dst = dst
+        self.made = not dst.exists()
+        dst.mkdir(parents=True, exist_ok=True)
+        self.lock = WriterLock(make_store(str(dst)), EXPORT_LOCK, dst, self)
+        try:
+            self.lock.acquire()
+        except WriterLockedError:
+            holder = self.lock.holder()
+            self.release()
+            raise UcpError(f"{dst}: another export is writing into this folder: {describe(holder or {})} "
+                           f"({dst / EXPORT_LOCK}); wait for it to end, or export into another folder") from None
+
+    def release(self) -> None:
+        self.closed = True
+        self.lock.release()
+        if self.made:
+            try:
+                self.dst.rmdir()
+            except OSError:   # not empty: the export's files
+                pass
+
+
 def _export_alone(ck, target, progress: bool) -> None:
-    units = list(target.plan(ck))
+    lock = ExportLock(target.dst)
     try:
-        write_units(ck, target, units, progress)
-        target.finish(ck)
-    except BaseException as e:
-        abort_after(target, e)
-        raise
+        units = list(target.plan(ck))
+        try:
+            write_units(ck, target, units, progress)
+            target.finish(ck)
+        except BaseException as e:
+            abort_after(target, e)
+            raise
+    finally:
+        lock.release()
 
 
 def abort_after(target, failure: BaseException) -> None:
@@ -105,7 +144,11 @@ def _export_shared(opened, target, job, progress: bool) -> None:
 
     rank, world = job
     split = bool(getattr(target, "split_under_torchrun", True))
-    ck, planned = None, []
+    ck, planned, locked = None, [], []
+
+    def lock():
+        if rank == 0:
+            locked.append(ExportLock(target.dst))
 
     def plan():
         nonlocal ck
@@ -122,20 +165,24 @@ def _export_shared(opened, target, job, progress: bool) -> None:
         if rank == 0:
             target.finish(ck)
 
-    for step, run in (("planning", plan), ("writing", write), ("finishing", finish)):
-        failure = None
-        try:
-            run()
-        except Exception as e:
-            failure = failure_text(e)
-        except BaseException as e:   # Ctrl-C or SIGTERM: remove what this process wrote, and go
-            abort_after(target, e)
-            raise
-        try:
-            agree(failure, f"export to {target.name} ({step})")
-        except BaseException as e:
-            abort_after(target, e)
-            raise
+    try:
+        for step, run in (("locking", lock), ("planning", plan), ("writing", write), ("finishing", finish)):
+            failure = None
+            try:
+                run()
+            except Exception as e:
+                failure = failure_text(e)
+            except BaseException as e:   # Ctrl-C or SIGTERM: remove what this process wrote, and go
+                abort_after(target, e)
+                raise
+            try:
+                agree(failure, f"export to {target.name} ({step})")
+            except BaseException as e:
+                abort_after(target, e)
+                raise
+    finally:
+        for held in locked:
+            held.release()
 
 
 def unit_states(ck, unit) -> list[str]:

@@ -37,6 +37,10 @@ class TargetUnit:
         return self.state_fragments.get(state, self.fragments)
 
 
+#: the lock an export holds in its destination while it writes (``ucp.engine.from_universal``)
+EXPORT_LOCK = ".ucp-export.lock"
+
+
 class Target(Plugin):
     """Base class of every target. Subclasses set ``name`` / ``description`` and implement
     :meth:`plan`, :meth:`write_unit` and :meth:`finish`.
@@ -70,7 +74,7 @@ class Target(Plugin):
         """Refuse a destination that holds anything, before anything is written: an export never
         mixes its files with others' (a framework would read them as one checkpoint), and
         :meth:`abort` can then remove exactly what it wrote."""
-        if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())):
+        if self.dst.exists() and (not self.dst.is_dir() or any(p.name != EXPORT_LOCK for p in self.dst.iterdir())):
             raise UcpError(f"{self.dst}: destination is not empty; export writes into a new or empty folder")
 
     def remove_written(self, paths: Sequence[Path], folders: Sequence[Path] = ()) -> None:
