@@ -116,3 +116,22 @@ def test_one_writer_finishing_a_jobs_interrupted_write_leaves_no_part_files(tmp_
     convert(src, dst, 6, resume=True)
     assert verify(dst, strict=True) == []
     assert not (dst / "_ucp" / "parts").exists()
+
+
+@pytest.mark.parametrize("how", ["resume", "overwrite"])
+def test_one_writer_refuses_a_root_a_jobs_process_is_still_writing(tmp_path, how):
+    """A job's processes lock only their parts, not the root: one writer resuming or overwriting it
+    meanwhile wrote the same chunk files as the job, which then failed at its commit. It is refused,
+    naming the live part's lock; once that process ends, the resume goes ahead."""
+    from ucp.format import WriterLockedError
+
+    dst = tmp_path / "ck"
+    live = create_checkpoint(dst, rank=1, world_size=2, durable=False)
+    live.write_tensor("w", "param", torch.ones(4))
+    with pytest.raises(WriterLockedError, match=r"a job's process is still writing into it: .*_ucp/parts/1\.lock"):
+        create_checkpoint(dst, durable=False, **{how: True})
+    live.abort()
+    w = create_checkpoint(dst, durable=False, **{how: True})
+    w.write_tensor("w", "param", torch.ones(4))
+    w.commit()
+    assert verify(dst, strict=True) == []

@@ -73,7 +73,9 @@ class WriterLock:
         except ValueError:
             return {}
 
-    def _stale(self, holder: dict) -> bool:
+    def stale(self, holder: dict) -> bool:
+        """Whether ``holder`` (a lock file's content) is gone: a dead process of this host, or an
+        abandoned or closed writer of this process."""
         if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
             return False
         if holder["pid"] != os.getpid():
@@ -93,7 +95,7 @@ class WriterLock:
             holder = self.holder()
             if holder is None:
                 continue  # released meanwhile
-            if not self._stale(holder):
+            if not self.stale(holder):
                 raise WriterLockedError(
                     f"{self.path}: another writer holds this checkpoint: {describe(holder)} "
                     f"({self.store.url}/{self.rel}). Wait for it to commit or abort; if it is gone for good "

@@ -13,7 +13,7 @@ from ucp.errors import DestinationNotEmptyError, IncompleteCheckpointError, UcpE
 from ucp.format import dtypes, jsonmeta, layout, manifest, names
 from ucp.format.array_writer import FSYNC_MIN, ArrayWriter
 from ucp.format.journal import PARTS, RunJournal, journal_rel
-from ucp.format.lock import LOCK, WriterLock
+from ucp.format.lock import LOCK, WriterLock, WriterLockedError, describe
 from ucp.format.manifest import Manifest, ManifestParam
 from ucp.format.store import MANIFEST, make_store
 
@@ -171,12 +171,30 @@ class CheckpointWriter:
                                + (": nothing to resume" if self.resume else ""))
             if self.resume:
                 refuse_foreign_root(self.store, self.path, (LOCK,), "resume=True continues only")
+                self._refuse_a_live_job()
             return
         if not self.store.is_empty(ignore=(LOCK,)):
             if not overwrite:
                 raise DestinationNotEmptyError(f"{self.path} is not empty; pass overwrite=True to replace it")
+            self._refuse_a_live_job()
             clear_to_overwrite(self.store, self.path, keep=(LOCK,))
         self.store.sole_writer()  # locked and empty: every directory under the root is ours to make
+
+    def _refuse_a_live_job(self) -> None:
+        """A job's writers lock only their own parts (§13), not the root: one writer resuming or
+        clearing the root must find their locks and refuse a live one (both wrote the same chunk
+        files at once)."""
+        if not self.store.exists("_ucp"):
+            return
+        for rel in self.store.list_files():
+            if not (rel.startswith(PARTS + "/") and rel.endswith(".lock")):
+                continue
+            probe = WriterLock(self.store, rel, self.path, self)
+            holder = probe.holder()
+            probe.release()
+            if holder is not None and not probe.stale(holder):
+                raise WriterLockedError(f"{self.path}: a job's process is still writing into it: {describe(holder)} "
+                                        f"({self.store.url}/{rel}); wait for the job to end")
 
     # -- declaring ---------------------------------------------------------------------------
     def add_param(self, name, meta=None) -> None:
