@@ -406,3 +406,32 @@ def test_a_second_export_into_a_folder_being_exported_to_is_refused(tmp_path):
     ucp.export(tmp_path / "uni", tmp_path / "again", "ranks", degrees={"tp": 3})
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["layout.json", "rank-tp0.pt", "rank-tp1.pt",
                                                                         "rank-tp2.pt"]
+
+
+@pytest.mark.parametrize("target", ["megatron", "hf"])
+def test_a_torchrun_export_refused_by_anothers_lock_removes_nothing(tmp_path, target):
+    """A job's export into a folder another export holds: refused in its first step, and no process
+    of the job cleans up there (Megatron's and HF's clean-up removed the other export's
+    metadata.json, common.pt, config.json by name)."""
+    import json
+    import socket
+
+    from tests.test_megatron_hf import make_llama_fp32
+    from ucp.engine.from_universal import EXPORT_LOCK
+
+    make_llama_fp32(tmp_path / "hf")
+    ucp.convert(tmp_path / "hf", tmp_path / "u")
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = {"writer_id": "first", "host": socket.gethostname(), "pid": os.getpid(), "created": "now"}
+    theirs = {EXPORT_LOCK: json.dumps(holder), "metadata.json": "{}", "common.pt": "x", "config.json": "{}",
+              "model.safetensors": "x"}
+    for name, text in theirs.items():
+        (out / name).write_text(text)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "ucp", "export",
+                        str(tmp_path / "u"), str(out), "--to", target, "-q"],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "another export is writing into this folder: writer first" in r.stderr, \
+        r.stderr[-3000:]
+    assert {p.name: p.read_text() for p in out.iterdir()} == theirs

@@ -173,12 +173,14 @@ def _export_shared(opened, target, job, progress: bool) -> None:
             except Exception as e:
                 failure = failure_text(e)
             except BaseException as e:   # Ctrl-C or SIGTERM: remove what this process wrote, and go
-                abort_after(target, e)
+                if step != "locking":
+                    abort_after(target, e)
                 raise
             try:
                 agree(failure, f"export to {target.name} ({step})")
             except BaseException as e:
-                abort_after(target, e)
+                if step != "locking":    # refused by another export's lock: nothing here is this one's
+                    abort_after(target, e)
                 raise
     finally:
         for held in locked:

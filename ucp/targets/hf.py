@@ -167,6 +167,7 @@ class HFTarget(Target):
 
     def finish(self, checkpoint) -> None:
         self.dst.mkdir(parents=True, exist_ok=True)
+        self._finishing = True
         if self._config:
             _write_json(self.dst / "config.json", self._config)
         for name, doc in self._extra.items():
@@ -178,9 +179,10 @@ class HFTarget(Target):
             _write_json(self.dst / INDEX_FILE, {"metadata": {"total_size": self._total}, "weight_map": self._index})
 
     def abort(self) -> None:
-        # the destination was empty when planned: its files of these names are this export's
-        done = [self.dst / f for f in set(self._index.values())] + \
-            [self.dst / n for n in ("config.json", INDEX_FILE, *(f"{x}.json" for x in self._extra))]
+        done = []
+        if getattr(self, "_finishing", False):   # the folder was empty when planned: these are this export's
+            done = [self.dst / f for f in set(self._index.values())] + \
+                [self.dst / n for n in ("config.json", INDEX_FILE, *(f"{x}.json" for x in self._extra))]
         self.remove_written(self._written + done + [p.with_name(p.name + PARTIAL) for p in done])
 
 

@@ -301,6 +301,7 @@ class MegatronTarget(Target):
         import torch
 
         self.dst.mkdir(parents=True, exist_ok=True)
+        self._files.written += [self.dst / BACKEND_FILE, self.dst / COMMON_FILE]
         _atomic(self.dst / BACKEND_FILE, json.dumps(BACKEND).encode())
         buf = io.BytesIO()
         torch.save(self._common, buf)
@@ -308,7 +309,7 @@ class MegatronTarget(Target):
         self._files.finish(self._rels)
 
     def abort(self) -> None:
-        self.remove_written(self._files.written + [self.dst / BACKEND_FILE, self.dst / COMMON_FILE])
+        self.remove_written(self._files.written + [p.with_name(p.name + ".partial") for p in self._files.written])
 
 
 def _atomic(path: Path, data: bytes) -> None:
