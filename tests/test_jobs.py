@@ -206,3 +206,18 @@ def test_ctrl_c_while_waiting_for_partners_ends_at_once_in_one_line(ckpt, signam
     assert ("terminated (SIGTERM)" if signame == "SIGTERM" else "interrupted") in err and "--resume" in err
     assert main(["convert", str(ckpt / "src"), str(ckpt / "u"), "-q", "--resume"]) == 0
     assert main(["diff", str(ckpt / "uni"), str(ckpt / "u"), "-q", "--ignore-metadata"]) == 0
+
+
+def test_a_process_interrupted_tells_its_partners_so_not_what_torch_made_of_it(monkeypatch):
+    """SIGTERM while torch's zip writer writes turns into its "unexpected pos" error, which a job's
+    other processes printed as a full disk: once the command line's handler saw the signal, the
+    failure a process reports is that it was interrupted."""
+    import signal
+
+    from ucp import errors
+    from ucp.engine.jobs import failure_text
+
+    torn = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    assert failure_text(torn).startswith("RuntimeError: [enforce fail")
+    monkeypatch.setattr(errors, "interrupted_by", signal.SIGTERM)
+    assert failure_text(torn) == "interrupted (SIGTERM)"

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 
+from ucp import errors
 from ucp.errors import UcpError
 
 EXIT_OK, EXIT_DIFF, EXIT_ERROR = 0, 1, 2
@@ -400,15 +401,16 @@ class _Interrupts:
         self._saved = {}
 
     def _on(self, signum, frame):
-        if self.done:
+        if self.done or self.signal is not None:   # after the outcome, or while the clean-up runs
             return
-        self.signal = signum
+        self.signal = errors.interrupted_by = signum    # what this process tells its job's others
         raise KeyboardInterrupt
 
     def __enter__(self):
         import signal
         import threading
 
+        errors.interrupted_by = None
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._saved[sig] = signal.signal(sig, self._on)
@@ -456,32 +458,35 @@ def main(argv=None) -> int:
     # source (the DeepSpeed source reads without it: 1.5-2 s saved; the engine pauses collections
     # while it converts).
     interrupted = _Interrupts()
-    try:
-        with interrupted:      # from here on: the import of torch takes a second or two
-            if args.cmd not in TORCH_FREE_COMMANDS:
+    with interrupted:
+        try:
+            if args.cmd not in TORCH_FREE_COMMANDS:   # from here on: torch's import takes a second or two
                 import torch  # noqa: F401
             gc.freeze()
             rc = args.fn(args)
             interrupted.done = True    # a signal now comes after the work: the command succeeded
-    except KeyboardInterrupt:
-        rc = _stopped(args.cmd, interrupted.signal)
-    except Exception as e:
-        if interrupted.signal is not None:      # torch's zip writer turns it into "unexpected pos"
+        except KeyboardInterrupt:
+            interrupted.done = True
             rc = _stopped(args.cmd, interrupted.signal)
-        else:
-            rc = _failed(args.cmd, e)
-    if _dist_rank()[1] > 1 and rc != EXIT_INTERRUPTED:
-        # torchrun job: leave together, and skip interpreter teardown (gloo aborts there now and then)
-        import torch.distributed as dist
+        except Exception as e:
+            interrupted.done = True
+            if interrupted.signal is not None:      # torch's zip writer turns it into "unexpected pos"
+                rc = _stopped(args.cmd, interrupted.signal)
+            else:
+                rc = _failed(args.cmd, e)
+        # the outcome is decided and said: signals are ignored from here to the exit (handlers kept)
+        if _dist_rank()[1] > 1 and rc != EXIT_INTERRUPTED:
+            # torchrun job: leave together, and skip interpreter teardown (gloo aborts there now and then)
+            import torch.distributed as dist
 
-        try:
-            dist.barrier()
-        except RuntimeError:     # a partner is gone: what this process did is said already
-            pass
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
+            try:
+                dist.barrier()
+            except RuntimeError:     # a partner is gone: what this process did is said already
+                pass
+            dist.destroy_process_group()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
     return rc
 
 

@@ -34,6 +34,11 @@ class NotFoundError(UcpError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+#: the signal that interrupted this process, set by the command line's handler: a job's other
+#: processes are told that, not the error torch's zip writer makes of it ("unexpected pos")
+interrupted_by: int | None = None
+
+
 class DestinationNotEmptyError(UcpError):
     """``create_checkpoint`` refused a non-empty destination without ``overwrite=True``."""
 

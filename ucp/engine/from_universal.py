@@ -179,12 +179,28 @@ def _export_shared(opened, target, job, progress: bool) -> None:
             try:
                 agree(failure, f"export to {target.name} ({step})")
             except BaseException as e:
-                if step != "locking":    # refused by another export's lock: nothing here is this one's
+                if _cleans_up(step, rank, e):
                     abort_after(target, e)
                 raise
     finally:
         for held in locked:
             held.release()
+
+
+def _cleans_up(step: str, rank: int, e: BaseException) -> bool:
+    """Whether a process of a job's export removes what it wrote after ``e`` ended ``step``'s
+    agreement. Not after the locking step: refused, nothing there is this export's. In the
+    finishing step a process other than 0 does only when process 0 said its finish failed:
+    interrupted, or with process 0 gone, it cannot tell whether the checkpoint was completed, and
+    removing its files from a complete one (it happened) is worse than leaving them beside an
+    incomplete one, which no framework takes (its index is what process 0 writes last)."""
+    from ucp.format.distributed import PartnerLostError
+
+    if step == "locking":
+        return False
+    if step == "finishing" and rank != 0:
+        return isinstance(e, UcpError) and not isinstance(e, PartnerLostError)
+    return True
 
 
 def unit_states(ck, unit) -> list[str]:

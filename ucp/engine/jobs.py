@@ -234,5 +234,13 @@ def agree(failure: str | None, what: str) -> None:
 
 
 def failure_text(e: BaseException) -> str:
-    """One line for another process to read: the exception's type and message."""
+    """One line for another process to read: the exception's type and message, or that this
+    process was interrupted (torch's zip writer turns the interrupt into "unexpected pos", which
+    the others read as a full disk)."""
+    from ucp import errors
+
+    if errors.interrupted_by is not None:
+        import signal
+
+        return f"interrupted ({signal.Signals(errors.interrupted_by).name})"
     return f"{type(e).__name__}: {e}"
