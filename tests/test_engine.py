@@ -285,7 +285,7 @@ def test_torchrun_export_failure_leaves_nothing(tmp_path):
                         str(tmp_path / "uni"), str(tmp_path / "out"), "--to", "ranks", "--tp", "4", "-q"],
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
     assert r.returncode != 0 and "l2" in r.stderr, r.stderr[-2000:]
-    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()    # the folder the job made, too
 
 
 @pytest.mark.parametrize("target,flags", [
@@ -351,7 +351,7 @@ def test_an_interrupted_torchrun_export_removes_every_process_files(tmp_path):
     assert "[rank1]" not in r.stderr and "RuntimeError" not in r.stderr, r.stderr[-3000:]
     if "rank 1: exit 2" in r.stdout:      # it saw its partner go before torchrun stopped it
         assert "another process of the job stopped or cannot be reached" in worker_said, worker_said
-    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()    # the folder the job made, too
 
 
 def test_a_second_export_into_a_folder_being_exported_to_is_refused(tmp_path):

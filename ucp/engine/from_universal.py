@@ -40,11 +40,12 @@ def export(checkpoint, target, *, progress: bool = False,
     if lies_within(target.dst, where):
         raise UcpError(f"{target.dst}: the destination lies inside the universal checkpoint {where} it is "
                        "exported from; export into another folder")
+    new = not target.dst.exists()   # before a job's roll call, so every process sees the same
     job = torchrun_rank(distributed)
     if job is None:
         _export_alone(open_universal(checkpoint, storage_options), target, progress)
     else:
-        _export_shared(lambda: open_universal(checkpoint, storage_options), target, job, progress)
+        _export_shared(lambda: open_universal(checkpoint, storage_options), target, job, progress, new)
     return target.dst
 
 
@@ -56,12 +57,12 @@ class ExportLock:
 
     closed = False    # the lock's owner, live while the export runs (``WriterLock``'s staleness test)
 
-    def __init__(self, dst):
+    def __init__(self, dst, new: bool | None = None):
         from ucp.format.lock import WriterLock, WriterLockedError, describe
         from ucp.format.store import make_store
 
         self.dst = dst
-        self.made = not dst.exists()
+        self.made = not dst.exists() if new is None else new
         dst.mkdir(parents=True, exist_ok=True)
         self.lock = WriterLock(make_store(str(dst)), EXPORT_LOCK, dst, self)
         try:
@@ -76,10 +77,14 @@ class ExportLock:
         self.closed = True
         self.lock.release()
         if self.made:
-            try:
-                self.dst.rmdir()
-            except OSError:   # not empty: the export's files
-                pass
+            remove_if_empty(self.dst)
+
+
+def remove_if_empty(folder) -> None:
+    try:
+        folder.rmdir()
+    except OSError:   # not empty (an export's files, or another process's still), or gone
+        pass
 
 
 def _export_alone(ck, target, progress: bool) -> None:
@@ -133,7 +138,7 @@ def _unit_volume(unit) -> int:
     return sum(f.numel for f in frags)
 
 
-def _export_shared(opened, target, job, progress: bool) -> None:
+def _export_shared(opened, target, job, progress: bool, new: bool) -> None:
     """One process of a job's export: open the checkpoint (``opened()``) and plan everywhere
     (every plan checked before anything is written), write this process's share of the
     units, then finish on process 0. After each step the processes agree; on any failure
@@ -148,7 +153,7 @@ def _export_shared(opened, target, job, progress: bool) -> None:
 
     def lock():
         if rank == 0:
-            locked.append(ExportLock(target.dst))
+            locked.append(ExportLock(target.dst, new))
 
     def plan():
         nonlocal ck
@@ -182,6 +187,10 @@ def _export_shared(opened, target, job, progress: bool) -> None:
                 if _cleans_up(step, rank, e):
                     abort_after(target, e)
                 raise
+    except BaseException:
+        if new and step != "locking":   # a folder the job made: whichever process cleans up last removes it
+            remove_if_empty(target.dst)
+        raise
     finally:
         for held in locked:
             held.release()
