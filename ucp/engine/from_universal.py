@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ucp.errors import UcpError
-from ucp.targets import EXPORT_LOCK
+from ucp.targets import EXPORT_LOCK, remove_if_empty
 
 
 def open_universal(checkpoint, storage_options: Mapping[str, Any] | None = None):
@@ -78,13 +78,6 @@ class ExportLock:
         self.lock.release()
         if self.made:
             remove_if_empty(self.dst)
-
-
-def remove_if_empty(folder) -> None:
-    try:
-        folder.rmdir()
-    except OSError:   # not empty (an export's files, or another process's still), or gone
-        pass
 
 
 def _export_alone(ck, target, progress: bool) -> None:

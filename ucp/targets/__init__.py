@@ -41,6 +41,15 @@ class TargetUnit:
 EXPORT_LOCK = ".ucp-export.lock"
 
 
+def remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` if it is empty: no check first, since a job's processes clean up the same
+    folders at the same moment (checking, then removing, raced)."""
+    try:
+        folder.rmdir()
+    except OSError:   # not empty (an export's files, another process's still), gone, or no folder
+        pass
+
+
 class Target(Plugin):
     """Base class of every target. Subclasses set ``name`` / ``description`` and implement
     :meth:`plan`, :meth:`write_unit` and :meth:`finish`.
@@ -90,10 +99,7 @@ class Target(Plugin):
             except OSError as e:
                 failed = failed or e
         for folder in [*folders, *([self.dst] if self.made_dst else [])]:
-            try:
-                folder.rmdir()
-            except OSError:     # gone, not empty (another's files), or not a folder
-                pass
+            remove_if_empty(folder)
         if failed:
             raise failed
 
