@@ -43,7 +43,7 @@ def export(checkpoint, target, *, progress: bool = False,
     new = not target.dst.exists()   # before a job's roll call, so every process sees the same
     job = torchrun_rank(distributed)
     if job is None:
-        _export_alone(open_universal(checkpoint, storage_options), target, progress)
+        _export_alone(open_universal(checkpoint, storage_options), target, progress, new)
     else:
         _export_shared(lambda: open_universal(checkpoint, storage_options), target, job, progress, new)
     return target.dst
@@ -53,16 +53,17 @@ class ExportLock:
     """One export at a time per destination: the lock file :data:`EXPORT_LOCK` in it while an export
     writes (``ucp.format.lock``'s, so that one left by a killed export is taken over). Two exports
     into one folder each found it empty, mixed their files, and the one that failed removed the
-    other's. Released with the folder itself when the lock made it and it is left empty."""
+    other's. Released with the folder itself when it was ``new`` (the export made it) and is left
+    empty."""
 
     closed = False    # the lock's owner, live while the export runs (``WriterLock``'s staleness test)
 
-    def __init__(self, dst, new: bool | None = None):
+    def __init__(self, dst, new: bool):
         from ucp.format.lock import WriterLock, WriterLockedError, describe
         from ucp.format.store import make_store
 
         self.dst = dst
-        self.made = not dst.exists() if new is None else new
+        self.made = new
         dst.mkdir(parents=True, exist_ok=True)
         self.lock = WriterLock(make_store(str(dst)), EXPORT_LOCK, dst, self)
         try:
@@ -80,8 +81,8 @@ class ExportLock:
             remove_if_empty(self.dst)
 
 
-def _export_alone(ck, target, progress: bool) -> None:
-    lock = ExportLock(target.dst)
+def _export_alone(ck, target, progress: bool, new: bool) -> None:
+    lock = ExportLock(target.dst, new)
     try:
         units = list(target.plan(ck))
         try:
@@ -167,14 +168,10 @@ def _export_shared(opened, target, job, progress: bool, new: bool) -> None:
         for step, run in (("locking", lock), ("planning", plan), ("writing", write), ("finishing", finish)):
             failure = None
             try:
-                run()
-            except Exception as e:
-                failure = failure_text(e)
-            except BaseException as e:   # Ctrl-C or SIGTERM: remove what this process wrote, and go
-                if step != "locking":
-                    abort_after(target, e)
-                raise
-            try:
+                try:
+                    run()
+                except Exception as e:     # told to the others; Ctrl-C or SIGTERM: this process goes now
+                    failure = failure_text(e)
                 agree(failure, f"export to {target.name} ({step})")
             except BaseException as e:
                 if _cleans_up(step, rank, e):
@@ -190,9 +187,9 @@ def _export_shared(opened, target, job, progress: bool, new: bool) -> None:
 
 
 def _cleans_up(step: str, rank: int, e: BaseException) -> bool:
-    """Whether a process of a job's export removes what it wrote after ``e`` ended ``step``'s
-    agreement. Not after the locking step: refused, nothing there is this export's. In the
-    finishing step a process other than 0 does only when process 0 said its finish failed:
+    """Whether a process of a job's export removes what it wrote after ``e`` ended ``step`` (its
+    work or its agreement). Not after the locking step: refused, nothing there is this export's.
+    In the finishing step a process other than 0 does only when process 0 said its finish failed:
     interrupted, or with process 0 gone, it cannot tell whether the checkpoint was completed, and
     removing its files from a complete one (it happened) is worse than leaving them beside an
     incomplete one, which no framework takes (its index is what process 0 writes last)."""

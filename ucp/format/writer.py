@@ -41,14 +41,16 @@ def clear_to_overwrite(store, path, keep=()) -> None:
     files it writes, and users carry the flag over: a project directory, or stock DCP files, handed
     to a ucp writer by mistake is refused, not wiped. ``keep``: top-level names the writer holds
     (its lock), neither evidence nor cleared."""
-    if refuse_foreign_root(store, path, keep, "overwrite=True replaces only a ucp checkpoint or"):
+    if refuse_foreign_root(store, path, keep, "overwrite=True replaces only a ucp checkpoint or",
+                           what="is not a ucp checkpoint"):
         store.clear(keep=keep)
 
 
-def refuse_foreign_root(store, path, keep, flag: str) -> bool:
+def refuse_foreign_root(store, path, keep, flag: str, what: str = "holds no interrupted ucp write") -> bool:
     """Refuse a root holding anything but a ucp checkpoint or what an interrupted ucp write left,
-    naming what it holds: ``overwrite`` would delete it, ``resume`` would write beside it (``flag``
-    says which, as "overwrite=True replaces only ... or"). False: the root is empty."""
+    naming what it holds: ``overwrite`` would delete it, ``resume`` would write beside it. ``flag``
+    says what the caller's flag takes ("overwrite=True replaces only ... or"), ``what`` what the
+    root is not. False: the root is empty."""
     entries = store.top_level(ignore=keep)
     if not entries:
         return False
@@ -57,7 +59,6 @@ def refuse_foreign_root(store, path, keep, flag: str) -> bool:
         names = sorted(names)
         return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
-    what = "is not a ucp checkpoint" if flag.startswith("overwrite") else "holds no interrupted ucp write"
     if not (MANIFEST in entries or LOCK in entries or entries.get("_ucp")):
         raise UcpError(f"{path} {what} (it holds {some(entries)}); {flag} what an interrupted ucp write "
                        "left: empty it yourself or choose another directory")

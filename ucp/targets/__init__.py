@@ -64,8 +64,6 @@ class Target(Plugin):
     #: under torchrun, every process plans and writes a share of the units, process 0 then
     #: calls ``finish``; False: process 0 runs the whole export while the others wait
     split_under_torchrun: ClassVar[bool] = True
-    #: the destination did not exist when planned: :meth:`remove_written` removes it if left empty
-    made_dst: bool = False
 
     def __init__(self, dst, *, degrees: Mapping[str, int] | None = None, spec: Optional[str] = None,
                  storage_options=None, **options):
@@ -87,8 +85,8 @@ class Target(Plugin):
             raise UcpError(f"{self.dst}: destination is not empty; export writes into a new or empty folder")
 
     def remove_written(self, paths: Sequence[Path], folders: Sequence[Path] = ()) -> None:
-        """What :meth:`abort` does: unlink ``paths``, then remove each of ``folders`` and the
-        destination (when :attr:`made_dst`) that is left empty. Under torchrun every process
+        """What :meth:`abort` does: unlink ``paths``, then remove each of ``folders`` left empty (the
+        destination itself is the engine's: it made it, and removes it). Under torchrun every process
         removes the same folders at the same moment, so a folder gone or not empty is no error. A
         file that cannot be removed (a folder turned read-only) does not stop the others' removal;
         the first such error is raised after them."""
@@ -98,7 +96,7 @@ class Target(Plugin):
                 path.unlink(missing_ok=True)
             except OSError as e:
                 failed = failed or e
-        for folder in [*folders, *([self.dst] if self.made_dst else [])]:
+        for folder in folders:
             remove_if_empty(folder)
         if failed:
             raise failed

@@ -71,7 +71,6 @@ class DcpTarget(Target):
         # param groups as saved for a job of the saved form (which loads them as it saved them),
         # as another form's jobs do by default (torchtitan's flattened, the others indexed)
         self.flat = is_flattened(md) if self.form == saved else saves_flattened(self.form)
-        self.made_dst = not self.dst.exists()
         self.dst.mkdir(parents=True, exist_ok=True)
         return units
 

@@ -235,7 +235,6 @@ class DeepSpeedTarget(Target):
         if self.stage == 3:
             sub = self.options.get("sub_group_size") or (self.config["zero_optimization"].get("sub_group_size"))
             self.subgroups = zero3_subgroups(self.model, self.dp, int(sub or 1_000_000_000))
-        self.made_dst = not self.dst.exists()
         return self._model_units() + self._optim_units()  # folders are made when written (torchrun-safe)
 
     def _check_degree(self) -> None:

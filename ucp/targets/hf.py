@@ -96,6 +96,7 @@ class HFTarget(Target):
         self._config: dict | None = None
         self._extra: dict[str, Any] = {}
         self._total = 0
+        self._finishing = False
 
     # ------------------------------------------------------------------ planning
     def plan(self, checkpoint):
@@ -130,7 +131,6 @@ class HFTarget(Target):
         self._total = sum(sizes.values())
         self._extra = {k: v for k, v in md.get("hf", {}).items()
                        if k in {c.removesuffix(".json") for c in CARRIED_JSON} and k != "config"}
-        self.made_dst = not self.dst.exists()
         return units
 
     def _views(self, names, shapes, md, where) -> dict[str, tuple[tuple[int, ...], Segment]]:
@@ -180,7 +180,7 @@ class HFTarget(Target):
 
     def abort(self) -> None:
         done = []
-        if getattr(self, "_finishing", False):   # the folder was empty when planned: these are this export's
+        if self._finishing:   # the folder was empty when planned: these are this export's
             done = [self.dst / f for f in set(self._index.values())] + \
                 [self.dst / n for n in ("config.json", INDEX_FILE, *(f"{x}.json" for x in self._extra))]
         self.remove_written(self._written + done + [p.with_name(p.name + PARTIAL) for p in done])

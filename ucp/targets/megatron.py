@@ -142,7 +142,6 @@ class MegatronTarget(Target):
         self._objects = self._carried_objects(md, constants)
         self._common = self._common_state(md, constants, meg_shapes)
         self._rels = [u.key for u in units]    # .metadata indexes them all, whoever wrote each
-        self.made_dst = not self.dst.exists()
         return units
 
     @staticmethod

@@ -48,7 +48,6 @@ class RanksTarget(Target):
         units = [TargetUnit(key=rank_file_name(c), coords=c, fragments=self._bound.rank_fragments(shapes, c),
                             state_fragments={st: self._bound.rank_fragments(shapes, c, st) for st in own})
                  for c in self._bound.mesh()]
-        self.made_dst = not self.dst.exists()
         self.dst.mkdir(parents=True, exist_ok=True)
         return units
 
