@@ -143,6 +143,17 @@ def param_group_of(groups: dict) -> dict[str, int]:
             for p in v if isinstance(p, str)}
 
 
+def param_holder(ck, name: str) -> str:
+    """The parameter whose ``param`` array is ``name``'s model tensor in the universal checkpoint
+    ``ck``: ``name``, or the holder of a tied alias stored without arrays (``ck.holder``). Every
+    ``model.<fqn>`` DCP entry is made from one; an error names the parameter that has none."""
+    holder = ck.holder(name)
+    if "param" not in ck.states(holder):
+        raise UcpError(f"{getattr(ck, 'path', ck)}: parameter {name!r} has no 'param' array (and no tied_to "
+                       "that has one)")
+    return holder
+
+
 def check_states_held(where, state_names, param_names) -> None:
     """Optimizer state must come with its model tensor: a universal parameter is made from its
     ``model.<fqn>`` entry (its ``param`` array), so state alone could be stored but never loaded

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
 from torch.distributed.checkpoint.storage import StorageReader
 
 from ucp.dcp.keys import check_form, form_key, model_key, optim_key, planner_path
-from ucp.dcp.metadata import group_entries, is_flattened, listed_param_groups
+from ucp.dcp.metadata import group_entries, is_flattened, listed_param_groups, param_holder
 from ucp.dcp.threads import rank_threads
 from ucp.errors import UcpError
 # imported with this module, not on the first dcp.load: the format's modules take about
@@ -210,9 +210,7 @@ def _describe_param(ck, name: str, tensor) -> None:
     shape, dtype, entry)``. A tied alias stored without arrays reads its ``tied_to``'s."""
     meta = ck.param_meta(name)
     states = ck.states(name)
-    holder = ck.holder(name)
-    if "param" not in ck.states(holder):
-        raise UcpError(f"{ck.path}: parameter {name!r} has no 'param' array (and no tied_to that has one)")
+    holder = param_holder(ck, name)
     info = ck.array_info(holder, "param")
     tensor(model_key(name), info.shape, info.dtype, ("array", holder, "param"))
     for st in states:

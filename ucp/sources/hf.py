@@ -149,7 +149,7 @@ class HFSource(Source):
                     raise HFError(f"{self.path / fname}: holds a JSON {type(doc).__name__}, not the object "
                                   "save_pretrained writes")
         config = hf.get("config", {})
-        tie = config.get("tie_word_embeddings", False) if isinstance(config, dict) else False
+        tie = config.get("tie_word_embeddings", False)
         tied = {head: emb for head, emb in TIED_PAIRS.items() if head not in names and emb in names}
         if tied and not tie and config:
             raise HFError(f"{self.path}: {', '.join(tied)} missing from the files but config.json does "

@@ -80,10 +80,9 @@ class DcpTarget(Target):
         from ucp.format import split_boxes
         from ucp.plan import Box, Fragment, Piece
 
-        holder = ck.holder(name)
-        if "param" not in ck.states(holder):
-            raise UcpError(f"{getattr(ck, 'path', ck)}: parameter {name!r} has no 'param' array (and no tied_to "
-                           "that has one)")
+        from ucp.dcp.metadata import param_holder
+
+        holder = param_holder(ck, name)
         if holder != name:
             self._aliases.add(name)
         shape = tuple(ck.array_info(holder, "param").shape)
